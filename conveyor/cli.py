@@ -1,0 +1,407 @@
+"""`conveyor`: one CLI for the whole pipeline. Stage commands are what dvc.yaml runs."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from conveyor.paths import ProjectNotFoundError, ProjectPaths
+from conveyor.settings import ConfigError, DomainShift, Settings, load_settings
+from conveyor.tracking import TrackingUnavailableError
+
+app = typer.Typer(help="Conveyor: MLOps for YOLO object detection.", no_args_is_help=True, add_completion=False)
+data_app = typer.Typer(help="Make, import and version the dataset.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from pipelines.data import DataVersionError
+    from pipelines.lineage_report import ModelRefError
+    from pipelines.registry import PromotionRefusedError
+    from pipelines.validate import DataValidationError
+
+    return (
+        PromotionRefusedError,
+        ModelRefError,
+        ConfigError,
+        ProjectNotFoundError,
+        TrackingUnavailableError,
+        DataValidationError,
+        DataVersionError,
+        FileNotFoundError,
+        FileExistsError,
+    )
+
+
+def friendly_errors(fn: F) -> F:
+    """Expected failures (bad params, bad data, an unreachable server) end with their message, not a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except _known_errors() as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _project() -> tuple[ProjectPaths, Settings]:
+    paths = ProjectPaths.discover()
+    return paths, load_settings(paths.params)
+
+
+# --- data --------------------------------------------------------------------------------------------------------
+
+
+@data_app.command("synth")
+@friendly_errors
+def data_synth(
+    out: Annotated[Path | None, typer.Option(help="write here instead of data/ (not recorded by DVC)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing dataset")] = False,
+    brightness: Annotated[float | None, typer.Option(help="domain shift: lighting factor (<1 darker)")] = None,
+    blur: Annotated[float | None, typer.Option(help="domain shift: Gaussian blur sigma in pixels")] = None,
+    background: Annotated[str | None, typer.Option(help="domain shift: metal|fabric|wood|concrete")] = None,
+    defect_scale: Annotated[float | None, typer.Option(help="domain shift: defect size factor")] = None,
+) -> None:
+    """Generate the seeded synthetic surface-defect dataset (params.yaml `synth`), optionally domain-shifted."""
+    from pipelines import data
+
+    paths, settings = _project()
+    overrides = {
+        k: v
+        for k, v in {
+            "brightness": brightness,
+            "blur_sigma": blur,
+            "background": background,
+            "defect_scale": defect_scale,
+        }.items()
+        if v is not None
+    }
+    synth_settings = settings.synth
+    if overrides:
+        try:
+            shift = DomainShift.model_validate({**synth_settings.shift.model_dump(), **overrides})
+        except ValueError as exc:
+            raise ConfigError(f"domain shift options: {exc}") from None
+        synth_settings = synth_settings.model_copy(update={"shift": shift})
+    summary = data.synthesize(paths, synth_settings, out, overwrite=overwrite)
+    table = Table(title=f"synthetic dataset in {summary.root}")
+    for column in ("split", "images", "boxes", "background"):
+        table.add_column(column)
+    for split, n in summary.images.items():
+        table.add_row(split, str(n), str(summary.boxes[split]), str(summary.background_images[split]))
+    console.print(table)
+    if out is None:
+        console.print("recorded with `dvc add data`: commit data.dvc to name this version")
+
+
+@data_app.command("import")
+@friendly_errors
+def data_import(
+    source: Annotated[Path, typer.Argument(help="a YOLO dataset folder with data.yaml, images/ and labels/")],
+    replace: Annotated[bool, typer.Option(help="replace the current dataset (its version stays in DVC)")] = False,
+) -> None:
+    """Bring your own YOLO-format dataset into data/ and record it with DVC."""
+    from pipelines import data
+
+    paths, _ = _project()
+    summary = data.import_dataset(paths, source, replace=replace)
+    console.print(
+        f"imported {sum(summary.images.values())} images, {sum(summary.labels.values())} label files, "
+        f"classes {summary.names}; commit data.dvc, then `dvc repro` (validation reports bad files)"
+    )
+
+
+@data_app.command("pull")
+@friendly_errors
+def data_pull() -> None:
+    """Make data/ exactly the version data.dvc names (DVC remote, the shipped demo remote, or regeneration)."""
+    from pipelines import data
+
+    paths, settings = _project()
+    md5 = data.ensure_data_version(paths, settings.synth, console)
+    console.print(f"data/ is {md5}, as data.dvc names")
+
+
+@data_app.command("status")
+@friendly_errors
+def data_status_cmd() -> None:
+    """Whether data/ is the version data.dvc names."""
+    from pipelines import data
+
+    paths, _ = _project()
+    status = data.data_status(paths)
+    state = (
+        "in sync"
+        if status.in_sync
+        else ("missing: run `conveyor data pull`" if status.actual is None else f"modified ({status.actual})")
+    )
+    console.print(f"data.dvc names {status.expected}; data/ is {state}")
+    if not status.in_sync:
+        raise typer.Exit(1)
+
+
+# --- stages (dvc.yaml runs these) ---------------------------------------------------------------------------------
+
+
+@app.command()
+@friendly_errors
+def validate() -> None:
+    """Stage: check every image and label; write the report and the manifest of accepted files."""
+    from pipelines import validate as step
+
+    paths, settings = _project()
+    report = step.run(paths.data, settings.validate_, paths.validation)
+    step.print_report(report, console)
+
+
+@app.command()
+@friendly_errors
+def train() -> None:
+    """Stage: train YOLO on the validated data, tracked in MLflow."""
+    from pipelines import train as step
+
+    paths, settings = _project()
+    result = step.run(paths, settings, console)
+    console.print(f"trained {result.epochs_run} epochs in {result.seconds:.0f} s -> {result.weights}")
+
+
+@app.command()
+@friendly_errors
+def evaluate() -> None:
+    """Stage: evaluate the trained model on the held-out split."""
+    from pipelines import evaluate as step
+
+    paths, settings = _project()
+    step.run(paths, settings, console)
+
+
+@app.command("export")
+@friendly_errors
+def export_cmd() -> None:
+    """Stage: export to ONNX / OpenVINO (/ TensorRT on a GPU) and measure parity and latency."""
+    from pipelines import export as step
+
+    paths, settings = _project()
+    step.run(paths, settings, console)
+
+
+# --- the main job ---------------------------------------------------------------------------------------------------
+
+
+@app.command()
+@friendly_errors
+def run(
+    reason: Annotated[str, typer.Option(help="why this run happens: manual, schedule, drift")] = "manual",
+    warm_start: Annotated[
+        str | None, typer.Option(help="'champion' or a local .pt checkpoint to warm-start training from")
+    ] = None,
+) -> None:
+    """The main job: the training flow end to end (data, stages, gates, registry, push), then a summary."""
+    from conveyor.summary import print_summary
+    from flows.training import TrainingBusyError, training_flow
+
+    paths = ProjectPaths.discover()
+    load_settings(paths.params)  # bad params fail here, before a flow run is created
+    started = time.perf_counter()
+    try:
+        outcome = training_flow(reason=reason, warm_start=warm_start, project_dir=str(paths.root))
+    except TrainingBusyError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    print_summary(paths, console, title=f"Conveyor run ({time.perf_counter() - started:.0f} s): {outcome['message']}")
+
+
+@app.command()
+@friendly_errors
+def gate() -> None:
+    """Stage: apply the validation gates (thresholds, no regression vs the champion, export parity, latency)."""
+    from pipelines import gate as step
+
+    paths, settings = _project()
+    step.run(paths, settings, console)
+
+
+# --- registry -------------------------------------------------------------------------------------------------------
+
+
+def _registry() -> tuple[ProjectPaths, Settings, Any]:
+    from conveyor.tracking import Tracker
+
+    paths, settings = _project()
+    return paths, settings, Tracker.client_for(paths)
+
+
+@app.command()
+@friendly_errors
+def models() -> None:
+    """Registered versions with their aliases, gate status and test metrics."""
+    from pipelines import registry
+
+    _, settings, client = _registry()
+    name = settings.registry.model_name
+    table = Table(title=f"registered model {name}")
+    for column in ("version", "aliases", "gates", "test mAP50-95", "data", "created", "run"):
+        table.add_column(column)
+    for v in registry.versions(client, name):
+        metrics = client.get_run(v.run_id).data.metrics
+        gates = "pass" if registry.gates_passed(v) else f"FAIL ({v.tags.get('conveyor.gates.failed', '?')})"
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000))
+        table.add_row(
+            v.version,
+            ", ".join(v.aliases) or "-",
+            gates,
+            f"{metrics.get('test/mAP50-95', float('nan')):.3f}",
+            v.tags.get("conveyor.data_md5", "?")[:12],
+            created,
+            str(v.run_id)[:12],
+        )
+    console.print(table)
+
+
+@app.command()
+@friendly_errors
+def promote(
+    version: Annotated[str, typer.Argument(help="the version to make champion")],
+    reason: Annotated[str, typer.Option(help="why (recorded in the history)")],
+    force: Annotated[bool, typer.Option(help="promote even though its gates failed (recorded)")] = False,
+) -> None:
+    """Make a version the champion (refused if its gates failed, unless --force)."""
+    from pipelines import registry
+
+    _, settings, client = _registry()
+    move = registry.promote(client, settings.registry.model_name, version.lstrip("v"), reason=reason, force=force)
+    console.print(f"champion: v{move.from_version or '-'} -> v{move.to_version} ({move.kind}: {move.reason})")
+
+
+@app.command()
+@friendly_errors
+def rollback(reason: Annotated[str, typer.Option(help="why (recorded in the history)")]) -> None:
+    """Move the champion back to the previous champion."""
+    from pipelines import registry
+
+    _, settings, client = _registry()
+    move = registry.rollback(client, settings.registry.model_name, reason=reason)
+    console.print(f"champion: v{move.from_version} -> v{move.to_version} (rollback: {move.reason})")
+
+
+@app.command()
+@friendly_errors
+def history() -> None:
+    """Every alias move: from, to, when, why, by whom."""
+    from pipelines import registry
+
+    _, settings, client = _registry()
+    table = Table(title=f"alias history of {settings.registry.model_name}")
+    for column in ("#", "when", "alias", "from", "to", "kind", "by", "reason"):
+        table.add_column(column)
+    for m in registry.history(client, settings.registry.model_name):
+        table.add_row(
+            str(m.seq),
+            m.at,
+            m.alias,
+            f"v{m.from_version}" if m.from_version else "-",
+            f"v{m.to_version}",
+            m.kind,
+            m.actor,
+            m.reason,
+        )
+    console.print(table)
+
+
+@app.command()
+@friendly_errors
+def lineage(
+    ref: Annotated[str, typer.Argument(help="models:/NAME@alias, models:/NAME/VERSION, @champion or a version")] = (
+        "@champion"
+    ),
+    data: Annotated[str | None, typer.Option("--data", help="list the versions trained on this data md5")] = None,
+) -> None:
+    """Where a model came from (data, code, params, runs, gates, exports), or what a data version produced."""
+    from pipelines import lineage_report
+
+    paths, settings, client = _registry()
+    name = settings.registry.model_name
+    if data:
+        found = lineage_report.versions_for_data(client, name, data)
+        table = Table(title=f"versions of {name} trained on data {data}")
+        for column in ("version", "aliases", "gates", "run"):
+            table.add_column(column)
+        for v in found:
+            table.add_row(v.version, ", ".join(v.aliases) or "-", v.tags.get("conveyor.gates.passed", "?"), v.run_id)
+        console.print(table if found else f"no version of {name} was trained on data {data}")
+        return
+    result = lineage_report.lineage(client, paths, name, ref)
+    table = Table(
+        title=f"{result.model} v{result.version} ({', '.join(result.aliases) or 'no alias'})", show_header=False
+    )
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in result.rows:
+        table.add_row(key, value)
+    console.print(table)
+
+
+@app.command()
+@friendly_errors
+def summary() -> None:
+    """Print the summary of the last pipeline run."""
+    from conveyor.summary import print_summary
+
+    print_summary(ProjectPaths.discover(), console)
+
+
+@app.command()
+@friendly_errors
+def ui(
+    port: Annotated[int, typer.Option(help="port for the MLflow UI")] = 5000,
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+) -> None:
+    """Open the MLflow UI on the embedded store (SQLite + local artifacts)."""
+    from conveyor.tracking import tracking_uri
+
+    paths = ProjectPaths.discover()
+    uri = tracking_uri(paths)
+    if uri.startswith("http"):
+        console.print(f"tracking server in use: open {uri}")
+        return
+    console.print(f"MLflow UI on http://{host}:{port} (Ctrl-C to stop)")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    os.execvpe(
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            uri,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env,
+    )
+
+
+if __name__ == "__main__":
+    app()

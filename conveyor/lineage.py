@@ -1,0 +1,64 @@
+"""Where a model came from: the data version (data.dvc), the code version (git) and the exact params."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+
+@dataclass(frozen=True)
+class DataVersion:
+    md5: str  # DVC's directory hash, e.g. "3f2c...e1.dir"
+    files: int | None
+    size: int | None
+
+
+def data_version(data_dvc: Path) -> DataVersion:
+    """The data version that data.dvc names (what `dvc checkout` puts in data/)."""
+    if not data_dvc.is_file():
+        raise FileNotFoundError(f"{data_dvc} is missing: track the dataset with `dvc add data`")
+    spec = yaml.safe_load(data_dvc.read_text()) or {}
+    outs = spec.get("outs") or [{}]
+    out = outs[0]
+    if "md5" not in out:
+        raise ValueError(f"{data_dvc} names no md5 for its output")
+    return DataVersion(str(out["md5"]), out.get("nfiles"), out.get("size"))
+
+
+@dataclass(frozen=True)
+class GitState:
+    commit: str
+    dirty: bool
+
+
+def git_state(root: Path) -> GitState:
+    """The commit and whether tracked code differs from it.
+
+    dvc.lock and metrics/ are written by the pipeline itself, so they do not make the tree dirty.
+    """
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                ":(exclude)dvc.lock",
+                ":(exclude)metrics",
+            ],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return GitState("unknown", True)
+    return GitState(commit, bool(status.strip()))

@@ -1,0 +1,89 @@
+"""Keep the ML stack offline and quiet: no downloads, update checks, auto-installs or telemetry.
+
+A factory line has no internet, and a pipeline that phones home (or waits on a DNS timeout) is a pipeline that hangs.
+`configure()` must run before Ultralytics is imported: Ultralytics decides ONLINE and reads its settings at import.
+Importing the `conveyor` package calls it, so every entry point (CLI, DVC stages, Prefect flows) is covered.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+# Environment switches, each honoured by the library named.
+OFFLINE_ENV: dict[str, str] = {
+    "YOLO_OFFLINE": "1",  # Ultralytics: skip the DNS online probe, no hub, no update checks
+    "YOLO_AUTOINSTALL": "0",  # Ultralytics: never pip-install a missing package mid-run
+    "YOLO_VERBOSE": "False",  # Ultralytics: our own progress and tables instead of its console banners
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",  # honoured by MLflow and several others
+    "DVC_NO_ANALYTICS": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "HF_HUB_OFFLINE": "1",
+}
+
+# Ultralytics settings: integrations off (we track MLflow ourselves and fail loudly), no sync to its hub.
+ULTRALYTICS_SETTINGS: dict[str, object] = {
+    "sync": False,
+    "mlflow": False,
+    "dvc": False,
+    "clearml": False,
+    "comet": False,
+    "raytune": False,
+    "tensorboard": False,
+    "wandb": False,
+    "vscode_msg": False,
+    "openvino_msg": False,
+}
+
+_FONTS = ("Arial.ttf", "Arial.Unicode.ttf")
+
+
+def ultralytics_config_dir() -> Path:
+    """Ultralytics' settings and fonts live per user, not in the project, so many checkouts share one."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "conveyor" / "ultralytics"
+
+
+def configure() -> None:
+    """Set the offline switches for this process and its children. Idempotent and cheap (no heavy imports)."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(ultralytics_config_dir()))
+    _install_fonts(Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics")
+    _decline_openvino_telemetry()
+
+
+def _install_fonts(target: Path) -> None:
+    """Ultralytics downloads Arial for its plots unless the file is in its config dir; matplotlib ships DejaVu Sans."""
+    if all((target / name).exists() for name in _FONTS):
+        return
+    import matplotlib
+
+    source = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    target.mkdir(parents=True, exist_ok=True)
+    for name in _FONTS:
+        if not (target / name).exists():
+            shutil.copyfile(source, target / name)
+
+
+def _decline_openvino_telemetry() -> None:
+    """OpenVINO sends usage data unless the user's consent file says no; record a 'no' where none is recorded."""
+    consent = Path.home() / "intel" / "openvino_telemetry"
+    if consent.exists():
+        return
+    try:
+        consent.parent.mkdir(parents=True, exist_ok=True)
+        consent.write_text("0")  # the format OpenVINO's own `opt_in_out --opt_out` writes
+    except OSError:  # read-only home: OpenVINO then cannot record consent either, and sends nothing
+        pass
+
+
+def apply_ultralytics_settings() -> None:
+    """Turn off Ultralytics' integrations and hub sync. Imports Ultralytics, so call it where it is needed."""
+    from ultralytics.utils import SETTINGS
+
+    stale = {k: v for k, v in ULTRALYTICS_SETTINGS.items() if SETTINGS.get(k) != v}
+    if stale:
+        SETTINGS.update(stale)

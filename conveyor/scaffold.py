@@ -1,0 +1,43 @@
+"""Create a throwaway Conveyor project from this checkout: used by the tests and the benchmark."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def create_project(root: Path, params: dict[str, Any] | None = None, demo_remote: Path | None = None) -> Path:
+    """This repo's pipeline (dvc.yaml, params.yaml updated by `params`, stage code) in its own git + DVC repo,
+    without data. The stage code is copied so DVC can hash it; the installed package is what runs."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy2(REPO / name, root / name)
+    shutil.copytree(REPO / "pipelines", root / "pipelines", ignore=shutil.ignore_patterns("__pycache__"))
+    full = deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), params or {})
+    (root / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
+    for args in (
+        ["git", "init", "-q", "-b", "main"],
+        ["git", "config", "user.email", "conveyor@localhost"],
+        ["git", "config", "user.name", "Conveyor"],
+        [sys.executable, "-m", "dvc", "init", "-q"],
+    ):
+        subprocess.run(args, cwd=root, check=True, capture_output=True)
+    # The same remotes as this repo; the demo remote is relative, so point it at this checkout's (or `demo_remote`).
+    config = (REPO / ".dvc" / "config").read_text()
+    demo = demo_remote or REPO / "infra" / "demo-remote"
+    (root / ".dvc" / "config").write_text(config.replace("../infra/demo-remote", str(demo)))
+    return root

@@ -1,0 +1,232 @@
+"""Typed settings: params.yaml, loaded once and checked, with errors that name the bad key.
+
+params.yaml is the one configuration source. Each DVC stage declares only its own section as a dependency,
+so changing `train.epochs` re-runs train and what follows, never validate.
+Environment variables are read only for endpoints and secrets (MLFLOW_TRACKING_URI, ...), never here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SPLITS = ("train", "val", "test")
+Split = Literal["train", "val", "test"]
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message names the file and the bad key."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo like `epoch:` must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DomainShift(_Section):
+    """Knobs that move the synthetic domain away from the training data (used to exercise drift checks)."""
+
+    brightness: float = Field(1.0, gt=0, description="multiplies the lighting; < 1 is darker")
+    blur_sigma: float = Field(0.0, ge=0, description="Gaussian blur applied to the whole frame, in pixels")
+    background: Literal["metal", "fabric", "wood", "concrete"] | None = Field(
+        None, description="force one background texture; 'concrete' never appears in the default domain"
+    )
+    defect_scale: float = Field(1.0, gt=0, description="multiplies defect sizes")
+
+
+class SynthSettings(_Section):
+    seed: int = 7
+    image_size: int = Field(320, ge=64, le=2048)
+    counts: dict[str, int] = Field(default_factory=lambda: {"train": 240, "val": 60, "test": 60})
+    background_fraction: float = Field(0.1, ge=0, le=1, description="share of images with no defect")
+    max_defects: int = Field(3, ge=1, le=20)
+    jpeg_quality: int = Field(92, ge=50, le=100)
+    shift: DomainShift = DomainShift()
+
+    @model_validator(mode="after")
+    def _every_split_counted(self) -> SynthSettings:
+        missing = [s for s in SPLITS if s not in self.counts]
+        unknown = sorted(set(self.counts) - set(SPLITS))
+        if missing or unknown:
+            raise ValueError(
+                f"counts must give exactly the splits {list(SPLITS)}; missing {missing}, unknown {unknown}"
+            )
+        if any(n < 0 for n in self.counts.values()):
+            raise ValueError("counts must not be negative")
+        return self
+
+
+class ValidateSettings(_Section):
+    on_error: Literal["fail", "skip"] = Field(
+        "fail", description="fail: stop the pipeline on any bad file; skip: leave bad files out and list them"
+    )
+    allow_background: bool = Field(True, description="images without a label file count as background images")
+
+
+class TrainSettings(_Section):
+    model: str = Field("yolo11n.yaml", description="an Ultralytics model YAML (architecture, trained from scratch)")
+    weights: Path | None = Field(None, description="a local .pt checkpoint to warm-start from (e.g. the champion)")
+    epochs: int = Field(40, ge=1)
+    imgsz: int = Field(320, ge=32)
+    batch: int = Field(8, ge=1)
+    seed: int = 0
+    patience: int = Field(100, ge=0)
+    workers: int = Field(0, ge=0, description="dataloader workers; 0 keeps memory low on small machines")
+    device: str = Field("auto", description="'auto' (first GPU, else CPU), 'cpu', or a CUDA index like '0'")
+    close_mosaic: int = Field(10, ge=0)
+    extra: dict[str, Any] = Field(default_factory=dict, description="further Ultralytics train arguments")
+
+
+class EvaluateSettings(_Section):
+    split: Split = "test"
+    batch: int = Field(16, ge=1)
+    conf: float = Field(0.001, gt=0, lt=1)
+    iou: float = Field(0.7, gt=0, lt=1)
+
+
+class LatencySettings(_Section):
+    warmup: int = Field(3, ge=0)
+    runs: int = Field(20, ge=1)
+
+
+ExportFormat = Literal["onnx", "onnx_dynamic", "openvino", "tensorrt"]
+DEFAULT_EXPORT_FORMATS: tuple[ExportFormat, ...] = ("onnx", "onnx_dynamic", "openvino", "tensorrt")
+
+
+class ExportSettings(_Section):
+    formats: list[ExportFormat] = Field(default_factory=lambda: list(DEFAULT_EXPORT_FORMATS))
+    fp16: bool = Field(False, description="also export an FP16 ONNX (and FP16 TensorRT engine)")
+    int8: bool = Field(False, description="also export an INT8 ONNX (dynamic quantisation)")
+    parity_images: int = Field(8, ge=1, description="test images whose raw outputs are compared across runtimes")
+    latency: LatencySettings = LatencySettings()
+
+    @model_validator(mode="after")
+    def _no_duplicates(self) -> ExportSettings:
+        if len(set(self.formats)) != len(self.formats):
+            raise ValueError("formats lists a format twice")
+        return self
+
+
+class TrackingSettings(_Section):
+    experiment: str = Field("conveyor", min_length=1)
+
+
+ServingFormat = Literal["onnx", "onnx_dynamic", "openvino", "tensorrt"]
+DEFAULT_SERVING_FORMATS: tuple[ServingFormat, ...] = ("onnx_dynamic", "openvino")
+
+
+class GateSettings(_Section):
+    """What a challenger must show before it may become the champion."""
+
+    min_map50_95: float = Field(0.3, ge=0, le=1)
+    min_map50: float = Field(0.6, ge=0, le=1)
+    min_class_recall: float = Field(0.3, ge=0, le=1, description="every class, not the mean")
+    regression_tolerance: float = Field(0.02, ge=0, le=1, description="challenger mAP50-95 >= champion - this")
+    parity_max_delta: float = Field(0.01, ge=0, le=1, description="|ΔmAP50-95| of each served export vs PyTorch")
+    serving_formats: list[ServingFormat] = Field(default_factory=lambda: list(DEFAULT_SERVING_FORMATS))
+    serving_runtime: ServingFormat = "openvino"
+    latency_budget_ms: float = Field(50.0, gt=0, description="p95 per image on the serving runtime")
+
+
+class RegistrySettings(_Section):
+    model_name: str = Field("conveyor-defect-detector", min_length=1)
+
+
+class OrchestrationSettings(_Section):
+    """The Prefect deployment of the training flow."""
+
+    deployment: str = Field("scheduled-training", min_length=1)
+    work_pool: str = Field("conveyor", min_length=1)
+    cron: str = Field("0 3 * * 1", description="when the scheduled training runs (default: Mondays 03:00)")
+    timezone: str = "UTC"
+    on_overlap: Literal["wait", "reject"] = Field(
+        "wait", description="a training run started while another runs: wait for it, or be rejected"
+    )
+    stage_retries: int = Field(1, ge=0, description="retries of a stage after a transient failure")
+    push: bool = Field(True, description="push data and artifacts to the DVC remote after a run")
+
+
+class Settings(_Section):
+    synth: SynthSettings = SynthSettings()
+    validate_: ValidateSettings = Field(ValidateSettings(), alias="validate")
+    train: TrainSettings = TrainSettings()
+    evaluate: EvaluateSettings = EvaluateSettings()
+    export: ExportSettings = ExportSettings()
+    tracking: TrackingSettings = TrackingSettings()
+    gates: GateSettings = GateSettings()
+    registry: RegistrySettings = RegistrySettings()
+    orchestration: OrchestrationSettings = OrchestrationSettings()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def section_hash(self, *sections: str) -> str:
+        """A short, stable hash of the named sections (all when none): tags runs with the exact params."""
+        dumped = self.model_dump(mode="json", by_alias=True)
+        chosen = {k: dumped[k] for k in (sections or tuple(dumped))}
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed at the place `loc` points into (for 'did you mean' hints)."""
+    model: Any = Settings
+    for part in loc:
+        field = next((f for n, f in model.model_fields.items() if part in (n, f.alias)), None)
+        model = field.annotation if field else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+    return [f.alias or n for n, f in model.model_fields.items()]
+
+
+def _describe(error: dict[str, Any]) -> str:
+    location = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(error["loc"][-1]), _known_keys(error["loc"][:-1]), n=1)
+        return f"{location}: unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
+    got = f" (got {error['input']!r})" if "input" in error and not isinstance(error["input"], dict) else ""
+    return f"{location}: {error['msg']}{got}"
+
+
+def set_param(path: Path, key: tuple[str, ...], value: Any) -> None:
+    """Change one value in params.yaml, keeping its comments and layout, and check the result still loads."""
+    from ruamel.yaml import YAML
+
+    editor = YAML()
+    editor.preserve_quotes = True
+    document = editor.load(path.read_text(encoding="utf-8"))
+    node = document
+    for part in key[:-1]:
+        node = node[part]
+    original = path.read_text(encoding="utf-8")
+    node[key[-1]] = value
+    with path.open("w", encoding="utf-8") as f:
+        editor.dump(document, f)
+    try:
+        load_settings(path)
+    except ConfigError:
+        path.write_text(original, encoding="utf-8")  # never leave an invalid params.yaml behind
+        raise
+
+
+def load_settings(path: Path) -> Settings:
+    """Read and check params.yaml. Raises ConfigError naming the file and every bad key."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: not found") from exc
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        problems = "\n".join(f"  - {_describe(dict(e))}" for e in exc.errors())
+        raise ConfigError(f"{path}: invalid settings\n{problems}") from None

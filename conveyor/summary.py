@@ -1,0 +1,78 @@
+"""The end-of-job summary: what data, which run, how good, what was exported, and where to look."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from conveyor.lineage import data_version
+from conveyor.paths import ProjectPaths
+from conveyor.tracking import RunRecord, is_embedded
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def ui_command(paths: ProjectPaths, record: RunRecord | None) -> str:
+    if record and not is_embedded(record.tracking_uri):
+        return f"open {record.tracking_uri}"
+    return "conveyor ui   (MLflow UI on http://127.0.0.1:5000)"
+
+
+def summary_rows(paths: ProjectPaths) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    data = data_version(paths.data_dvc)
+    validation = _read(paths.validation / "report.json")
+    counts = validation.get("counts", {})
+    split_text = ", ".join(f"{s} {c.get('accepted', 0)}" for s, c in counts.items())
+    rows.append(("data version", f"{data.md5} ({split_text} images)"))
+    record = RunRecord.load(paths.run_record) if paths.run_record.is_file() else None
+    if record:
+        rows.append(("MLflow run", f"{record.run_id} (experiment {record.experiment_id}, {record.tracking_uri})"))
+    evaluation = _read(paths.metrics / "evaluate.json")
+    if evaluation:
+        rows.append(
+            (
+                f"{evaluation['split']} metrics",
+                f"mAP50 {evaluation['mAP50']:.3f}  mAP50-95 {evaluation['mAP50-95']:.3f}  "
+                f"precision {evaluation['precision']:.3f}  recall {evaluation['recall']:.3f}",
+            )
+        )
+        per_class = evaluation.get("per_class", {})
+        rows.append(
+            (
+                "per-class AP50-95",
+                "  ".join(
+                    f"{name} {'-' if v is None else format(v['AP50-95'], '.3f')}" for name, v in per_class.items()
+                ),
+            )
+        )
+    export = _read(paths.export / "export.json")
+    if export:
+        rows.append(("pytorch", f"artifacts/train/weights/best.pt  {export['pytorch_latency_ms']:.1f} ms/image"))
+        for name, r in export.get("exports", {}).items():
+            rows.append(
+                (
+                    name,
+                    f"{r['path']}  {r['size_mb']:.1f} MB  {r['latency_ms']:.1f} ms/image  "
+                    f"max|Δ| {r['max_abs_diff']:.2g}  ΔmAP50-95 {r['delta_map50_95']:+.4f}",
+                )
+            )
+        for name, why in export.get("skipped", {}).items():
+            rows.append((name, f"skipped: {why}"))
+    rows.append(("MLflow UI", ui_command(paths, record)))
+    return rows
+
+
+def print_summary(paths: ProjectPaths, console: Console, title: str = "Conveyor run") -> None:
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in summary_rows(paths):
+        table.add_row(key, value)
+    console.print(table)

@@ -1,0 +1,177 @@
+"""MLflow tracking shared by the stages: one run per pipeline run, opened by train, resumed by evaluate and export.
+
+Default store: embedded (SQLite file and artifact folder in the project). MLFLOW_TRACKING_URI switches to a server.
+Unlike Ultralytics' own MLflow callback, a tracking failure here stops the stage: a run that was not logged
+must not look like one that was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from conveyor.lineage import data_version, git_state
+from conveyor.paths import ProjectPaths
+from conveyor.settings import Settings
+
+TAG_PREFIX = "conveyor."
+_ILLEGAL = re.compile(r"[^A-Za-z0-9_\-. /:]")
+_MAX_BATCH = 1000  # MLflow's log_batch limit for metrics per call
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The tracking server cannot be reached; the message names the URI."""
+
+
+def tracking_uri(paths: ProjectPaths) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.mlflow_db}"
+
+
+def is_embedded(uri: str) -> bool:
+    return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail at once, naming the URI, when a tracking server does not answer its health check."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except (urllib.error.URLError, OSError) as exc:
+        problem = str(getattr(exc, "reason", exc))
+    raise TrackingUnavailableError(f"MLflow tracking server {uri} is unreachable ({problem})")
+
+
+def metric_name(name: str) -> str:
+    """An MLflow-legal metric name: Ultralytics' 'metrics/mAP50-95(B)' becomes 'metrics/mAP50-95'."""
+    return _ILLEGAL.sub("_", name.replace("(B)", ""))
+
+
+def flatten(prefix: str, value: Any) -> dict[str, str]:
+    """Nested settings as MLflow params: {'train': {'epochs': 3}} -> {'train.epochs': '3'}."""
+    if isinstance(value, Mapping):
+        out: dict[str, str] = {}
+        for key, inner in value.items():
+            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), inner))
+        return out
+    return {prefix: json.dumps(value) if isinstance(value, list | tuple) else str(value)}
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """Written by train beside the weights, read by the later stages to log into the same run."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> RunRecord:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: run the train stage first (`conveyor train`)")
+        return cls(**json.loads(path.read_text()))
+
+
+class Tracker:
+    """A thin, explicit handle on one MLflow run (no global 'active run' state)."""
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+
+    @classmethod
+    def start(cls, paths: ProjectPaths, settings: Settings, run_name: str) -> Tracker:
+        uri = tracking_uri(paths)
+        check_reachable(uri)
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name(settings.tracking.experiment)
+        if experiment is None:
+            location = paths.mlflow_artifacts.as_uri() if is_embedded(uri) else None
+            experiment_id = client.create_experiment(settings.tracking.experiment, artifact_location=location)
+        else:
+            experiment_id = experiment.experiment_id
+        run = client.create_run(experiment_id, run_name=run_name, tags=lineage_tags(paths, settings))
+        tracker = cls(client, run.info.run_id)
+        RunRecord(run.info.run_id, experiment_id, uri).save(paths.run_record)
+        return tracker
+
+    @staticmethod
+    def client_for(paths: ProjectPaths) -> MlflowClient:
+        """A client on the project's tracking URI, after checking it answers."""
+        uri = tracking_uri(paths)
+        check_reachable(uri)
+        return MlflowClient(uri)
+
+    @classmethod
+    def resume(cls, paths: ProjectPaths) -> Tracker:
+        record = RunRecord.load(paths.run_record)
+        uri = tracking_uri(paths)
+        if uri != record.tracking_uri:
+            raise TrackingUnavailableError(
+                f"the trained model's run {record.run_id} lives on {record.tracking_uri}, but the tracking URI is now "
+                f"{uri}: set MLFLOW_TRACKING_URI back, or re-run training (`dvc repro --force train`)"
+            )
+        check_reachable(uri)
+        client = MlflowClient(uri)
+        client.get_run(record.run_id)  # fails clearly if the run is gone
+        return cls(client, record.run_id)
+
+    @property
+    def run_url(self) -> str:
+        run = self.client.get_run(self.run_id)
+        uri = self.client.tracking_uri
+        base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
+        return f"{base.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{self.run_id}"
+
+    def log_params(self, params: Mapping[str, str]) -> None:
+        batch = [Param(k, v[:6000]) for k, v in params.items()]
+        for i in range(0, len(batch), 100):  # MLflow's limit for params per call
+            self.client.log_batch(self.run_id, params=batch[i : i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        """All metrics in as few calls as MLflow allows (one per 1000), not one call per metric."""
+        now = int(time.time() * 1000)
+        batch = [Metric(metric_name(k), float(v), now, step) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(batch), _MAX_BATCH):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + _MAX_BATCH])
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+def lineage_tags(paths: ProjectPaths, settings: Settings) -> dict[str, str]:
+    data = data_version(paths.data_dvc)
+    git = git_state(paths.root)
+    tags = {
+        f"{TAG_PREFIX}data_md5": data.md5,
+        f"{TAG_PREFIX}git_commit": git.commit,
+        f"{TAG_PREFIX}git_dirty": str(git.dirty).lower(),
+        f"{TAG_PREFIX}params_hash": settings.section_hash(),
+    }
+    flow_run = os.environ.get("CONVEYOR_FLOW_RUN_ID")  # set by the Prefect flow for its stages
+    if flow_run:
+        tags[f"{TAG_PREFIX}prefect_flow_run_id"] = flow_run
+    return tags

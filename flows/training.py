@@ -1,0 +1,208 @@
+"""The training flow: the dvc.yaml stages as coarse Prefect tasks, then registration and promotion, then push.
+
+The DAG is defined once, in dvc.yaml: each task runs `dvc repro --single-item <stage>`, so a stage whose inputs did
+not change is a no-op here exactly as under `dvc repro`. Only one training run at a time per project (a file lock,
+which the OS releases if the process dies) and per deployment (Prefect's concurrency limit).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+import conveyor  # noqa: F401  (offline switches first)
+from conveyor.paths import ProjectPaths
+from conveyor.settings import Settings, load_settings, set_param
+from conveyor.tracking import Tracker, check_reachable, tracking_uri
+from pipelines import data as data_step
+from pipelines import promotion, registry
+from pipelines.gate import GateReport
+
+
+class TrainingBusyError(RuntimeError):
+    """Another training run holds this project and the policy is to reject, not wait."""
+
+
+def pipeline_stages(paths: ProjectPaths) -> list[str]:
+    """Stage names in dvc.yaml order (the file lists them in dependency order)."""
+    spec = yaml.safe_load((paths.root / "dvc.yaml").read_text())
+    return list(spec["stages"])
+
+
+@contextmanager
+def training_lock(paths: ProjectPaths, on_overlap: str) -> Iterator[None]:
+    paths.scratch.mkdir(parents=True, exist_ok=True)
+    with (paths.scratch / "training.lock").open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_overlap == "reject":
+                raise TrainingBusyError(
+                    f"another training run is in progress in {paths.root} (orchestration.on_overlap: reject)"
+                ) from None
+            get_run_logger().info("another training run is in progress in this project: waiting for it")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _stage_env(flow_run_id: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if flow_run_id:
+        env["CONVEYOR_FLOW_RUN_ID"] = flow_run_id  # lineage: the train stage tags its MLflow run with it
+    return env
+
+
+@task(name="preflight")
+def preflight(root: str) -> str:
+    """Fail at once, before anything is written, if the tracking server is unreachable; then get the data."""
+    paths = ProjectPaths(Path(root))
+    settings = load_settings(paths.params)
+    check_reachable(tracking_uri(paths))
+    md5 = data_step.ensure_data_version(paths, settings.synth)
+    get_run_logger().info("data version %s", md5)
+    return md5
+
+
+@task(name="stage")
+def run_stage(root: str, stage: str, flow_run_id: str | None) -> float:
+    """One dvc.yaml stage; its output becomes this task's log."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro", "--single-item", stage],
+        cwd=root,
+        env=_stage_env(flow_run_id),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.strip():
+            logger.info(line.rstrip())
+    if process.wait() != 0:
+        raise RuntimeError(f"stage '{stage}' failed (exit {process.returncode}); its output is in this task's log")
+    return time.perf_counter() - started
+
+
+@task(name="register and promote")
+def register_and_promote(root: str, flow_run_id: str | None, reason: str) -> dict[str, Any]:
+    paths = ProjectPaths(Path(root))
+    settings = load_settings(paths.params)
+    tracker = Tracker.resume(paths)
+    actor = f"prefect:flow-run/{flow_run_id}" if flow_run_id else registry.default_actor()
+    report = GateReport.load(paths.gate / "report.json")
+    version, new = promotion.register(paths, settings, tracker, report, flow_run_id, actor)
+    try:
+        outcome = promotion.decide(tracker.client, settings, version, new, report, actor, reason)
+    except promotion.StaleGateError as stale:
+        get_run_logger().warning("%s; re-running the gate against the current champion", stale)
+        subprocess.run(
+            [sys.executable, "-m", "dvc", "repro", "--force", "--single-item", "gate"],
+            cwd=root,
+            env=_stage_env(flow_run_id),
+            check=True,
+        )
+        report = GateReport.load(paths.gate / "report.json")
+        tracker.client.set_model_version_tag(
+            settings.registry.model_name, version.version, "conveyor.gates.passed", str(report.passed).lower()
+        )
+        outcome = promotion.decide(tracker.client, settings, version, new, report, actor, reason)
+    get_run_logger().info(outcome.message)
+    return {
+        **outcome.__dict__,
+        "gates_passed": report.passed,
+        "failed_gates": report.failed,
+        "run_id": tracker.run_id,
+        "report_markdown": report.to_markdown(),
+    }
+
+
+@task(name="push to DVC remote", retries=2, retry_delay_seconds=5)
+def push(root: str) -> None:
+    """Data and every cached stage output to the default DVC remote, so the run can be reproduced elsewhere."""
+    result = data_step.dvc(Path(root), "push", check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"dvc push failed: {result.stderr.strip()[-2000:]}")
+
+
+def summary_markdown(
+    settings: Settings, md5: str, stage_seconds: dict[str, float], outcome: dict[str, Any], tracking: str, reason: str
+) -> str:
+    champion = f"v{outcome['champion']}" if outcome["champion"] else "none"
+    stage_rows = "\n".join(f"| {stage} | {seconds:.1f} |" for stage, seconds in stage_seconds.items())
+    return (
+        f"## Conveyor training run ({reason})\n\n"
+        f"- data version: `{md5}`\n"
+        f"- MLflow run: `{outcome['run_id']}` on {tracking}\n"
+        f"- model: {settings.registry.model_name} v{outcome['version']}"
+        f"{' (new)' if outcome['newly_registered'] else ''}\n"
+        f"- outcome: **{outcome['message']}**; champion: {champion}\n\n"
+        f"| stage | seconds |\n|---|---|\n{stage_rows}\n\n{outcome['report_markdown']}"
+    )
+
+
+@flow(name="conveyor-training")
+def training_flow(
+    reason: str = "manual", warm_start: str | None = None, project_dir: str | None = None
+) -> dict[str, Any]:
+    """Train, evaluate, export, gate, register, promote if earned, push.
+
+    reason: why this run happens (schedule, manual, drift): recorded with the promotion.
+    warm_start: a local checkpoint, or "champion" for the current champion's weights; written to params.yaml's
+        train.weights like any other parameter change (so DVC and the lineage see it).
+    project_dir: the Conveyor project (default: the working directory's).
+    """
+    paths = ProjectPaths.discover(Path(project_dir) if project_dir else None)
+    settings = load_settings(paths.params)
+    logger = get_run_logger()
+    run_id = flow_run.id
+    root = str(paths.root)
+    with training_lock(paths, settings.orchestration.on_overlap):
+        md5 = preflight(root)
+        if warm_start:
+            set_warm_start(paths, settings, warm_start)
+        stage_seconds: dict[str, float] = {}
+        retries = settings.orchestration.stage_retries
+        for stage in pipeline_stages(paths):
+            stage_seconds[stage] = run_stage.with_options(
+                name=f"stage {stage}", retries=retries, retry_delay_seconds=5
+            )(root, stage, run_id)
+        outcome = register_and_promote(root, run_id, reason)
+        if settings.orchestration.push:
+            push(root)
+    markdown = summary_markdown(settings, md5, stage_seconds, outcome, tracking_uri(paths), reason)
+    create_markdown_artifact(markdown, key="conveyor-training-summary", description="Conveyor training run")
+    logger.info(outcome["message"])
+    return {**outcome, "data_md5": md5, "stage_seconds": stage_seconds}
+
+
+def set_warm_start(paths: ProjectPaths, settings: Settings, warm_start: str) -> None:
+    """Point train.weights at the checkpoint (the champion's, downloaded, or a local file) in params.yaml."""
+    if warm_start == "champion":
+        tracker_client = Tracker.client_for(paths)
+        champion = registry.current_champion(tracker_client, settings.registry.model_name)
+        if champion is None:
+            raise FileNotFoundError("warm_start=champion, but there is no champion yet")
+        weights = registry.download_weights(tracker_client, champion, paths.scratch / "warm-start" / champion.version)
+    else:
+        weights = Path(warm_start).resolve()
+        if not weights.is_file():
+            raise FileNotFoundError(f"warm-start checkpoint {warm_start} not found")
+    set_param(paths.params, ("train", "weights"), os.path.relpath(weights, paths.root))

@@ -1,0 +1,140 @@
+"""After the gate: register this run's model as a version (alias `challenger`), and make it champion only if every
+gate passed and the champion it was compared with is still the champion."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.tracking import MlflowClient
+
+from conveyor.lineage import data_version
+from conveyor.paths import ProjectPaths
+from conveyor.settings import Settings
+from conveyor.tracking import Tracker
+from pipelines import registry
+from pipelines.gate import GateReport
+
+PYFUNC_REQUIREMENTS = ["ultralytics", "onnxruntime", "opencv-python", "pandas", "numpy"]
+
+
+@dataclass(frozen=True)
+class PromotionOutcome:
+    version: str
+    newly_registered: bool
+    promoted: bool
+    champion: str | None
+    message: str
+
+
+def _serving_bundle(paths: ProjectPaths, settings: Settings, staging: Path) -> dict[str, str]:
+    """What serving needs, as pyfunc artifacts: ONNX and OpenVINO exports, PyTorch weights, class names, input size
+    and preprocessing."""
+    export = json.loads((paths.export / "export.json").read_text())
+    manifest = json.loads((paths.validation / "manifest.json").read_text())
+    staging.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "names": manifest["names"],
+        "imgsz": export["imgsz"],
+        "preprocessing": "letterbox to imgsz x imgsz (gray 114 padding), BGR->RGB, CHW, float32 / 255",
+        "output": "raw (1, 4 + classes, anchors): cx, cy, w, h in input pixels, then class scores; NMS iou "
+        f"{settings.evaluate.iou}",
+        "conf": 0.25,
+    }
+    (staging / "metadata.json").write_text(json.dumps(metadata, indent=2))
+    artifacts = {"metadata": str(staging / "metadata.json"), "weights": str(paths.train / "weights" / "best.pt")}
+    exports = export["exports"]
+    onnx_name = "onnx_dynamic" if "onnx_dynamic" in exports else "onnx"
+    if onnx_name not in exports:
+        raise FileNotFoundError("the pyfunc serves the ONNX export, and export produced none (add onnx to formats)")
+    artifacts["onnx"] = str(paths.root / exports[onnx_name]["path"])
+    if "openvino" in exports:
+        artifacts["openvino"] = str(paths.root / exports["openvino"]["path"])
+    return artifacts
+
+
+def register(
+    paths: ProjectPaths, settings: Settings, tracker: Tracker, report: GateReport, flow_run_id: str | None, actor: str
+) -> tuple[ModelVersion, bool]:
+    """This run's model as a registry version (idempotent: a run is registered once), with alias challenger."""
+    import mlflow
+
+    from pipelines.pyfunc_model import ConveyorDetector
+
+    client = tracker.client
+    name = settings.registry.model_name
+    registry.ensure_registered_model(client, name)
+    existing = registry.version_for_run(client, name, tracker.run_id)
+    if existing is not None:
+        return existing, False
+    staging = paths.scratch / "pyfunc"
+    shutil.rmtree(staging, ignore_errors=True)
+    artifacts = _serving_bundle(paths, settings, staging)
+    mlflow.set_tracking_uri(client.tracking_uri)
+    with mlflow.start_run(run_id=tracker.run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=ConveyorDetector(),
+            artifacts=artifacts,
+            pip_requirements=PYFUNC_REQUIREMENTS,
+        )
+    tags = {
+        "conveyor.gates.passed": str(report.passed).lower(),
+        "conveyor.gates.failed": ",".join(report.failed) or "-",
+        "conveyor.data_md5": data_version(paths.data_dvc).md5,
+        "conveyor.git_commit": client.get_run(tracker.run_id).data.tags.get("conveyor.git_commit", "unknown"),
+        "conveyor.prefect_flow_run_id": flow_run_id or "-",
+        "conveyor.run_id": tracker.run_id,
+    }
+    version = client.create_model_version(name, source=info.model_uri, run_id=tracker.run_id, tags=tags)
+    registry.move_alias(
+        client,
+        name,
+        registry.CHALLENGER,
+        version.version,
+        kind="register",
+        reason=f"registered by run {tracker.run_id}",
+        actor=actor,
+    )
+    return client.get_model_version(name, version.version), True
+
+
+def decide(
+    client: MlflowClient,
+    settings: Settings,
+    version: ModelVersion,
+    newly_registered: bool,
+    report: GateReport,
+    actor: str,
+    reason: str,
+) -> PromotionOutcome:
+    name = settings.registry.model_name
+    champion = registry.current_champion(client, name)
+    champion_now = champion.version if champion else None
+    if not newly_registered:
+        return PromotionOutcome(
+            version.version, False, False, champion_now, f"already registered as v{version.version}; champion unchanged"
+        )
+    if not report.passed:
+        return PromotionOutcome(
+            version.version,
+            True,
+            False,
+            champion_now,
+            f"v{version.version} failed gates: {', '.join(report.failed)}; champion unchanged",
+        )
+    if champion_now != report.champion_version:
+        # The champion moved after the gate compared against it: that comparison no longer holds.
+        raise StaleGateError(champion_now, report.champion_version)
+    registry.promote(client, name, version.version, reason=f"gates passed ({reason})", actor=actor)
+    return PromotionOutcome(version.version, True, True, version.version, f"v{version.version} is the new champion")
+
+
+class StaleGateError(RuntimeError):
+    def __init__(self, now: str | None, gated: str | None) -> None:
+        super().__init__(f"the champion is v{now} but the gate compared against v{gated}: re-run the gate")
+        self.now = now
+        self.gated = gated

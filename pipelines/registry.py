@@ -1,0 +1,175 @@
+"""The MLflow Model Registry with a memory: versions, `challenger` / `champion` aliases, and the history of every
+alias move (MLflow keeps none), kept as tags on the registered model so every client sees the same history.
+
+Rules: a new version gets `challenger`; `champion` moves only when every gate passed, or by an explicit human
+command (`--force` needs a reason, and is recorded). Rollback walks back along the champion's promotions and never
+returns to a version it rolled back from.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+HISTORY_PREFIX = "conveyor.alias_history."
+GATES_PASSED = "conveyor.gates.passed"
+
+
+class PromotionRefusedError(RuntimeError):
+    """The version may not become champion (gates failed and no --force, or it does not exist)."""
+
+
+@dataclass(frozen=True)
+class AliasMove:
+    seq: int
+    alias: str
+    from_version: str | None
+    to_version: str
+    at: str
+    kind: str  # register | promote | force | rollback
+    reason: str
+    actor: str  # a Prefect flow run, or user:NAME
+
+    def to_tag(self) -> tuple[str, str]:
+        return f"{HISTORY_PREFIX}{self.seq:06d}", json.dumps(asdict(self), sort_keys=True)
+
+
+def default_actor() -> str:
+    try:
+        return f"user:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "user:unknown"
+
+
+def ensure_registered_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        client.create_registered_model(name, description="YOLO defect detector trained by Conveyor")
+
+
+def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def current_champion(client: MlflowClient, name: str) -> ModelVersion | None:
+    return version_by_alias(client, name, CHAMPION)
+
+
+def history(client: MlflowClient, name: str) -> list[AliasMove]:
+    """Every recorded alias move, oldest first."""
+    try:
+        tags = client.get_registered_model(name).tags
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return []
+        raise
+    moves = [AliasMove(**json.loads(v)) for k, v in tags.items() if k.startswith(HISTORY_PREFIX)]
+    return sorted(moves, key=lambda m: m.seq)
+
+
+def move_alias(
+    client: MlflowClient, name: str, alias: str, version: str, *, kind: str, reason: str, actor: str
+) -> AliasMove:
+    """Point `alias` at `version` and record the move (the record first: a move is never unrecorded)."""
+    previous = version_by_alias(client, name, alias)
+    past = history(client, name)
+    move = AliasMove(
+        seq=(past[-1].seq + 1) if past else 1,
+        alias=alias,
+        from_version=previous.version if previous else None,
+        to_version=str(version),
+        at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        kind=kind,
+        reason=reason,
+        actor=actor,
+    )
+    client.set_registered_model_tag(name, *move.to_tag())
+    client.set_registered_model_alias(name, alias, str(version))
+    return move
+
+
+def gates_passed(version: ModelVersion) -> bool:
+    return version.tags.get(GATES_PASSED) == "true"
+
+
+def promote(
+    client: MlflowClient, name: str, version: str, *, reason: str, actor: str | None = None, force: bool = False
+) -> AliasMove:
+    """Make `version` the champion. Refused when its gates failed, unless forced with a reason (recorded)."""
+    if not reason.strip():
+        raise PromotionRefusedError("a promotion needs a reason (--reason)")
+    try:
+        target = client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        raise PromotionRefusedError(f"{name} has no version {version}") from exc
+    passed = gates_passed(target)
+    if not passed and not force:
+        failed = target.tags.get("conveyor.gates.failed", "not gated")
+        raise PromotionRefusedError(
+            f"{name} v{version} did not pass its gates ({failed}); use --force with a --reason to override"
+        )
+    champion = current_champion(client, name)
+    if champion is not None and champion.version == str(version):
+        raise PromotionRefusedError(f"{name} v{version} is already the champion")
+    kind = "promote" if passed else "force"
+    return move_alias(client, name, CHAMPION, str(version), kind=kind, reason=reason, actor=actor or default_actor())
+
+
+def rollback_target(moves: list[AliasMove], current: str | None) -> str | None:
+    """The champion before the current one, skipping versions that were rolled back from."""
+    champion_moves = [m for m in moves if m.alias == CHAMPION]
+    rolled_back = {m.from_version for m in champion_moves if m.kind == "rollback"}
+    seen: list[str] = []
+    for move in champion_moves:  # the order in which versions became champion
+        if move.kind != "rollback" and move.to_version not in seen:
+            seen.append(move.to_version)
+    if current not in seen:
+        return seen[-1] if seen else None
+    earlier = seen[: seen.index(current)]
+    candidates = [v for v in earlier if v not in rolled_back and v != current]
+    return candidates[-1] if candidates else None
+
+
+def rollback(client: MlflowClient, name: str, *, reason: str, actor: str | None = None) -> AliasMove:
+    if not reason.strip():
+        raise PromotionRefusedError("a rollback needs a reason (--reason)")
+    champion = current_champion(client, name)
+    target = rollback_target(history(client, name), champion.version if champion else None)
+    if target is None:
+        raise PromotionRefusedError(f"{name} has no earlier champion to roll back to")
+    return move_alias(client, name, CHAMPION, target, kind="rollback", reason=reason, actor=actor or default_actor())
+
+
+def versions(client: MlflowClient, name: str) -> list[ModelVersion]:
+    found = client.search_model_versions(f"name = '{name}'", max_results=1000)
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def version_for_run(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:
+    return next((v for v in versions(client, name) if v.run_id == run_id), None)
+
+
+def download_weights(client: MlflowClient, version: ModelVersion, dest: Path) -> Path:
+    """The PyTorch weights of a registered version, from its run's artifacts."""
+    dest.mkdir(parents=True, exist_ok=True)
+    if not version.run_id:
+        raise FileNotFoundError(f"{version.name} v{version.version} has no MLflow run to take its weights from")
+    local = client.download_artifacts(version.run_id, "weights/best.pt", str(dest))
+    return Path(local)

@@ -1,0 +1,129 @@
+"""Train a YOLO detector on the validated data, tracked in MLflow (params, per-epoch metrics, weights, plots)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from conveyor.paths import ProjectPaths, available_cores
+from conveyor.settings import Settings
+from conveyor.tracking import Tracker, flatten
+from conveyor.yolo import load_yolo, resolve_device
+from pipelines.dataset_view import class_names, load_manifest, materialize
+
+# Ultralytics files worth keeping in MLflow beside the weights.
+PLOT_SUFFIXES = (".png", ".jpg")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_id: str
+    weights: Path
+    epochs_run: int
+    seconds: float
+    final_metrics: dict[str, float]
+
+
+class EpochReporter:
+    """One line per epoch for people, one batched MLflow call per epoch for the record."""
+
+    def __init__(self, tracker: Tracker, epochs: int, console: Console) -> None:
+        self.tracker = tracker
+        self.epochs = epochs
+        self.console = console
+        self.started = time.perf_counter()
+        self.last: dict[str, float] = {}
+
+    def on_fit_epoch_end(self, trainer: Any) -> None:
+        metrics: dict[str, float] = {
+            **trainer.label_loss_items(trainer.tloss, prefix="train"),
+            **trainer.metrics,
+            **trainer.lr,
+        }
+        metrics = {k: float(v) for k, v in metrics.items()}
+        self.tracker.log_metrics(metrics, step=trainer.epoch + 1)
+        self.last = metrics
+        elapsed = time.perf_counter() - self.started
+        self.console.print(
+            f"epoch {trainer.epoch + 1:>3}/{self.epochs}  "
+            f"box {metrics.get('train/box_loss', float('nan')):.3f}  "
+            f"cls {metrics.get('train/cls_loss', float('nan')):.3f}  "
+            f"val mAP50 {metrics.get('metrics/mAP50(B)', 0.0):.3f}  "
+            f"mAP50-95 {metrics.get('metrics/mAP50-95(B)', 0.0):.3f}  "
+            f"[{elapsed:.0f} s]",
+            highlight=False,
+        )
+
+
+def run(paths: ProjectPaths, settings: Settings, console: Console | None = None) -> TrainResult:
+    """The train stage: YOLO from a model YAML (or warm start from a checkpoint) on train/val of the manifest."""
+    console = console or Console()
+    cfg = settings.train
+    manifest_path = paths.validation / "manifest.json"
+    manifest = load_manifest(manifest_path)
+    if cfg.weights is not None and not (paths.root / cfg.weights).is_file():
+        raise FileNotFoundError(f"train.weights: checkpoint {cfg.weights} not found (relative to {paths.root})")
+    data_yaml = materialize(manifest_path, paths.data, paths.scratch / "views" / "train", ("train", "val"))
+
+    paths.train.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker.start(paths, settings, run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}")
+    splits = manifest["splits"]
+    assert isinstance(splits, dict)
+    tracker.log_params(
+        {
+            **flatten("train", settings.train.model_dump(mode="json")),
+            "data.classes": ",".join(class_names(manifest)),
+            **{f"data.{split}_images": str(len(files)) for split, files in splits.items()},
+        }
+    )
+
+    model = load_yolo(str(paths.root / cfg.weights) if cfg.weights else cfg.model)
+    reporter = EpochReporter(tracker, cfg.epochs, console)
+    model.add_callback("on_fit_epoch_end", reporter.on_fit_epoch_end)
+    device = resolve_device(cfg.device)
+    console.print(
+        f"training {cfg.weights or cfg.model} for {cfg.epochs} epochs at {cfg.imgsz} px on "
+        f"{'CPU x' + str(available_cores()) if device == 'cpu' else 'CUDA:' + device}; MLflow run {tracker.run_id}"
+    )
+    started = time.perf_counter()
+    model.train(
+        data=str(data_yaml),
+        epochs=cfg.epochs,
+        imgsz=cfg.imgsz,
+        batch=cfg.batch,
+        seed=cfg.seed,
+        deterministic=True,
+        patience=cfg.patience,
+        workers=cfg.workers,
+        device=device,
+        close_mosaic=cfg.close_mosaic,
+        project=str(paths.artifacts),
+        name=paths.train.name,
+        exist_ok=True,
+        plots=True,
+        verbose=False,
+        **cfg.extra,
+    )
+    seconds = time.perf_counter() - started
+    weights = paths.train / "weights" / "best.pt"
+    if not weights.is_file():
+        raise RuntimeError(f"training finished without {weights}")
+
+    epochs_run = len(_read_epochs(paths.train / "results.csv"))  # early stopping may end before cfg.epochs
+    tracker.log_metrics({"stage_seconds/train": seconds, "train/epochs_run": epochs_run})
+    tracker.log_artifact(paths.train / "weights", "weights")
+    for path in sorted(paths.train.iterdir()):
+        if path.suffix in PLOT_SUFFIXES:
+            tracker.log_artifact(path, "train_plots")
+        elif path.name in ("results.csv", "args.yaml"):
+            tracker.log_artifact(path, "train")
+    return TrainResult(tracker.run_id, weights, epochs_run, seconds, reporter.last)
+
+
+def _read_epochs(results_csv: Path) -> list[str]:
+    lines = results_csv.read_text().splitlines() if results_csv.is_file() else []
+    return lines[1:]

@@ -1,0 +1,136 @@
+"""Shared fixtures: real servers (MLflow), throwaway Conveyor projects, and the network guard."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conveyor.scaffold import create_project
+
+VENV_BIN = Path(sys.executable).parent
+NETGUARD = Path(__file__).parent / "netguard"
+
+# Tiny but complete: every stage runs, in about a minute on 2 cores.
+TINY_PARAMS: dict[str, object] = {
+    "synth": {"seed": 3, "image_size": 96, "counts": {"train": 16, "val": 8, "test": 8}},
+    "train": {"epochs": 2, "imgsz": 96, "batch": 8, "close_mosaic": 0},
+    "evaluate": {"batch": 8},
+    "export": {"parity_images": 4, "latency": {"warmup": 1, "runs": 3}},
+    "tracking": {"experiment": "conveyor-tests"},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+def stop_tree(process: subprocess.Popen[bytes]) -> None:
+    """Servers spawn workers: end the whole process group, not only the parent."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=15)
+    except ProcessLookupError:
+        pass
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real MLflow tracking server (SQLite backend, proxied local artifacts), lean: one worker, no job runner."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = (root / "server.log").open("wb")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=base_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true"),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", 90, process)
+        yield url
+    finally:
+        stop_tree(process)
+        log.close()
+
+
+def run_cmd(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
+def make_project(root: Path, params: dict[str, object] | None = None) -> Path:
+    """A fresh Conveyor project with tiny params, its own git and DVC repos, and no data yet.
+    Its demo remote is its own (tests push to it), never this checkout's."""
+    return create_project(root, TINY_PARAMS if params is None else params, demo_remote=root.parent / "demo-remote")
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return make_project(tmp_path / "project")
+
+
+@pytest.fixture
+def netguard_env(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """Environment whose Python processes refuse and record any non-loopback network attempt."""
+    log = tmp_path / "netguard.log"
+    log.touch()
+    env = base_env(PYTHONPATH=str(NETGUARD), CONVEYOR_NETGUARD_LOG=str(log))
+    return env, log

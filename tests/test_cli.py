@@ -1,0 +1,83 @@
+"""The CLI: commands exist, and expected failures end with a clear message and exit code 1, not a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conveyor.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_the_commands() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("data", "validate", "train", "evaluate", "export", "run", "ui", "summary"):
+        assert command in result.stdout
+
+
+def test_data_help() -> None:
+    result = runner.invoke(app, ["data", "--help"])
+    assert result.exit_code == 0
+    for command in ("synth", "import", "pull", "status"):
+        assert command in result.stdout
+
+
+def test_outside_a_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["validate"])
+    assert result.exit_code == 1
+    assert "no Conveyor project" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bad_params_name_the_key(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(project)
+    (project / "params.yaml").write_text("train:\n  epochs: zero\n")
+    result = runner.invoke(app, ["validate"])
+    assert result.exit_code == 1
+    assert "train.epochs" in result.output and "'zero'" in result.output
+
+
+def test_synth_then_validate_then_status(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(project)
+    result = runner.invoke(app, ["data", "synth"])
+    assert result.exit_code == 0, result.output
+    assert "commit data.dvc" in result.output
+    assert runner.invoke(app, ["data", "status"]).exit_code == 0
+    result = runner.invoke(app, ["validate"])
+    assert result.exit_code == 0, result.output
+    assert (project / "artifacts/validation/manifest.json").is_file()
+
+
+def test_validation_failure_is_reported_not_raised(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(project)
+    assert runner.invoke(app, ["data", "synth"]).exit_code == 0
+    (project / "data/labels/test/test_00000.txt").write_text("0 0.5\n")
+    result = runner.invoke(app, ["validate"])
+    assert result.exit_code == 1
+    assert "data/labels/test/test_00000.txt:1: expected 5 fields" in result.output
+    status = runner.invoke(app, ["data", "status"])
+    assert status.exit_code == 1 and "modified" in status.output
+
+
+def test_synth_to_a_folder_with_a_domain_shift(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(project)
+    result = runner.invoke(
+        app, ["data", "synth", "--out", "shifted", "--brightness", "0.5", "--background", "concrete"]
+    )
+    assert result.exit_code == 0, result.output
+    assert (project / "shifted/images/test").is_dir()
+    assert not (project / "data.dvc").exists()  # a side dataset is not recorded as the data version
+    bad = runner.invoke(app, ["data", "synth", "--out", "x", "--background", "marble"])
+    assert bad.exit_code == 1 and "background" in bad.output
+
+
+def test_train_before_validate_says_what_to_run(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(project)
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 1
+    assert "conveyor validate" in result.output
