@@ -29,6 +29,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    from flows.deploy import PrefectServerMissingError
     from pipelines.data import DataVersionError
     from pipelines.lineage_report import ModelRefError
     from pipelines.registry import PromotionRefusedError
@@ -37,6 +38,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return (
         PromotionRefusedError,
         ModelRefError,
+        PrefectServerMissingError,
         ConfigError,
         ProjectNotFoundError,
         TrackingUnavailableError,
@@ -259,13 +261,15 @@ def models() -> None:
     table = Table(title=f"registered model {name}")
     for column in ("version", "aliases", "gates", "test mAP50-95", "data", "created", "run"):
         table.add_column(column)
-    for v in registry.versions(client, name):
+    found = registry.versions(client, name)
+    aliases = registry.aliases_by_version(client, name) if found else {}
+    for v in found:
         metrics = client.get_run(v.run_id).data.metrics
         gates = "pass" if registry.gates_passed(v) else f"FAIL ({v.tags.get('conveyor.gates.failed', '?')})"
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000))
         table.add_row(
-            v.version,
-            ", ".join(v.aliases) or "-",
+            str(v.version),
+            ", ".join(sorted(aliases.get(str(v.version), []))) or "-",
             gates,
             f"{metrics.get('test/mAP50-95', float('nan')):.3f}",
             v.tags.get("conveyor.data_md5", "?")[:12],
@@ -334,7 +338,7 @@ def lineage(
     data: Annotated[str | None, typer.Option("--data", help="list the versions trained on this data md5")] = None,
 ) -> None:
     """Where a model came from (data, code, params, runs, gates, exports), or what a data version produced."""
-    from pipelines import lineage_report
+    from pipelines import lineage_report, registry
 
     paths, settings, client = _registry()
     name = settings.registry.model_name
@@ -343,8 +347,14 @@ def lineage(
         table = Table(title=f"versions of {name} trained on data {data}")
         for column in ("version", "aliases", "gates", "run"):
             table.add_column(column)
+        aliases = registry.aliases_by_version(client, name) if found else {}
         for v in found:
-            table.add_row(v.version, ", ".join(v.aliases) or "-", v.tags.get("conveyor.gates.passed", "?"), v.run_id)
+            table.add_row(
+                str(v.version),
+                ", ".join(sorted(aliases.get(str(v.version), []))) or "-",
+                v.tags.get("conveyor.gates.passed", "?"),
+                str(v.run_id),
+            )
         console.print(table if found else f"no version of {name} was trained on data {data}")
         return
     result = lineage_report.lineage(client, paths, name, ref)
@@ -356,6 +366,62 @@ def lineage(
     for key, value in result.rows:
         table.add_row(key, value)
     console.print(table)
+
+
+# --- orchestration ----------------------------------------------------------------------------------------------
+
+
+@app.command()
+@friendly_errors
+def deploy() -> None:
+    """Register the scheduled training deployment (cron from params.yaml) on a process work pool."""
+    from flows.deploy import deploy as register_deployment
+
+    paths, settings = _project()
+    info = register_deployment(paths, settings)
+    console.print(
+        f"deployment {info.name} ({info.id}): cron '{info.cron}' {info.timezone}, pool '{info.work_pool}', "
+        f"one run at a time ({info.on_overlap} on overlap). Start a worker: `conveyor worker`"
+    )
+
+
+@app.command()
+@friendly_errors
+def worker() -> None:
+    """Run a Prefect worker for the training work pool (it runs the scheduled and triggered trainings)."""
+    from flows.deploy import require_server
+
+    _, settings = _project()
+    require_server()
+    prefect = str(Path(sys.executable).parent / "prefect")
+    os.execv(
+        prefect,
+        [
+            prefect,
+            "worker",
+            "start",
+            "--pool",
+            settings.orchestration.work_pool,
+            "--type",
+            "process",
+            "--install-policy",
+            "never",
+        ],
+    )
+
+
+@app.command()
+@friendly_errors
+def server(
+    port: Annotated[int, typer.Option(help="port for the Prefect API and UI")] = 4200,
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+) -> None:
+    """Run a Prefect server (API and UI) on this machine, with the same database `conveyor run` records into."""
+    console.print(
+        f"Prefect UI on http://{host}:{port}; in other shells: export PREFECT_API_URL=http://{host}:{port}/api"
+    )
+    prefect = str(Path(sys.executable).parent / "prefect")
+    os.execv(prefect, [prefect, "server", "start", "--host", host, "--port", str(port)])
 
 
 @app.command()

@@ -20,7 +20,15 @@ OFFLINE_ENV: dict[str, str] = {
     "DO_NOT_TRACK": "1",  # honoured by MLflow and several others
     "DVC_NO_ANALYTICS": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # With no PREFECT_API_URL, Prefect starts a temporary local server; a fresh database takes ~21 s on 2 cores,
+    # past Prefect's 20 s default.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "HF_HUB_OFFLINE": "1",
+    # MLflow retries an unreachable server for ~4 minutes by default; a pipeline should say so within seconds.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # tqdm bars would flood the Prefect task logs
 }
 
 # Ultralytics settings: integrations off (we track MLflow ourselves and fail loudly), no sync to its hub.

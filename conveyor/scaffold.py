@@ -21,12 +21,14 @@ def deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def create_project(root: Path, params: dict[str, Any] | None = None, demo_remote: Path | None = None) -> Path:
-    """This repo's pipeline (dvc.yaml, params.yaml updated by `params`, stage code) in its own git + DVC repo,
-    without data. The stage code is copied so DVC can hash it; the installed package is what runs."""
+    """This repo's pipeline (dvc.yaml, params.yaml updated by `params`, stage and flow code) in its own git + DVC
+    repo, without data. The code is copied so DVC can hash it and a deployment can point at it; the installed
+    package is what the stages import."""
     root.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy2(REPO / name, root / name)
-    shutil.copytree(REPO / "pipelines", root / "pipelines", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("pipelines", "flows"):
+        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     full = deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), params or {})
     (root / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
     for args in (

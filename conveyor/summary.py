@@ -65,6 +65,11 @@ def summary_rows(paths: ProjectPaths) -> list[tuple[str, str]]:
             )
         for name, why in export.get("skipped", {}).items():
             rows.append((name, f"skipped: {why}"))
+    gate = _read(paths.gate / "report.json")
+    if gate:
+        verdict = "passed" if gate["passed"] else f"FAILED: {', '.join(gate['failed'])}"
+        champion = f"champion v{gate['champion_version']}" if gate.get("champion_version") else "no champion then"
+        rows.append(("gates", f"{verdict} (compared with {champion}); artifacts/gate/report.md"))
     rows.append(("MLflow UI", ui_command(paths, record)))
     return rows
 

@@ -13,7 +13,8 @@ import re
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,19 @@ class Tracker:
         uri = self.client.tracking_uri
         base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
         return f"{base.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{self.run_id}"
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """A stage's work in this run: timed (`stage_seconds/<name>`), and the run's status says how it ended."""
+        self.client.update_run(self.run_id, status="RUNNING")
+        started = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            self.client.set_terminated(self.run_id, "FAILED")
+            raise
+        self.log_metrics({f"stage_seconds/{name}": time.perf_counter() - started})
+        self.client.set_terminated(self.run_id, "FINISHED")
 
     def log_params(self, params: Mapping[str, str]) -> None:
         batch = [Param(k, v[:6000]) for k, v in params.items()]

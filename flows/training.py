@@ -63,6 +63,7 @@ def training_lock(paths: ProjectPaths, on_overlap: str) -> Iterator[None]:
 def _stage_env(flow_run_id: str | None) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("COLUMNS", "120")  # the stages' tables, read in the Prefect UI, not a narrow pipe
     if flow_run_id:
         env["CONVEYOR_FLOW_RUN_ID"] = flow_run_id  # lineage: the train stage tags its MLflow run with it
     return env
@@ -121,7 +122,7 @@ def register_and_promote(root: str, flow_run_id: str | None, reason: str) -> dic
         )
         report = GateReport.load(paths.gate / "report.json")
         tracker.client.set_model_version_tag(
-            settings.registry.model_name, version.version, "conveyor.gates.passed", str(report.passed).lower()
+            settings.registry.model_name, str(version.version), "conveyor.gates.passed", str(report.passed).lower()
         )
         outcome = promotion.decide(tracker.client, settings, version, new, report, actor, reason)
     get_run_logger().info(outcome.message)
@@ -200,7 +201,9 @@ def set_warm_start(paths: ProjectPaths, settings: Settings, warm_start: str) -> 
         champion = registry.current_champion(tracker_client, settings.registry.model_name)
         if champion is None:
             raise FileNotFoundError("warm_start=champion, but there is no champion yet")
-        weights = registry.download_weights(tracker_client, champion, paths.scratch / "warm-start" / champion.version)
+        weights = registry.download_weights(
+            tracker_client, champion, paths.scratch / "warm-start" / str(champion.version)
+        )
     else:
         weights = Path(warm_start).resolve()
         if not weights.is_file():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -144,18 +143,17 @@ def run(paths: ProjectPaths, settings: Settings, console: Console | None = None)
     view = materialize(
         paths.validation / "manifest.json", paths.data, paths.scratch / "views" / "evaluate", (cfg.split,)
     )
-    shutil.rmtree(paths.evaluate, ignore_errors=True)
-    started = time.perf_counter()
-    evaluation = evaluate_checkpoint(weights, view, cfg.split, cfg, paths.evaluate)
-    seconds = time.perf_counter() - started
+    with tracker.stage("evaluate"):
+        shutil.rmtree(paths.evaluate, ignore_errors=True)
+        evaluation = evaluate_checkpoint(weights, view, cfg.split, cfg, paths.evaluate)
 
-    (paths.evaluate / "evaluation.json").write_text(json.dumps(evaluation.to_json(), indent=2))
-    paths.metrics.mkdir(parents=True, exist_ok=True)
-    (paths.metrics / "evaluate.json").write_text(json.dumps(dvc_metrics(evaluation), indent=2) + "\n")
-    tracker.log_metrics({**metrics_for_tracking(evaluation, cfg.split), "stage_seconds/evaluate": seconds})
-    tracker.log_artifact(paths.evaluate, "evaluate")
-    print_evaluation(evaluation, console)
-    return evaluation
+        (paths.evaluate / "evaluation.json").write_text(json.dumps(evaluation.to_json(), indent=2))
+        paths.metrics.mkdir(parents=True, exist_ok=True)
+        (paths.metrics / "evaluate.json").write_text(json.dumps(dvc_metrics(evaluation), indent=2) + "\n")
+        tracker.log_metrics(metrics_for_tracking(evaluation, cfg.split))
+        tracker.log_artifact(paths.evaluate, "evaluate")
+        print_evaluation(evaluation, console)
+        return evaluation
 
 
 def dvc_metrics(evaluation: Evaluation) -> dict[str, Any]:

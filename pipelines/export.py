@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,14 +132,17 @@ def _size_mb(path: Path) -> float:
 
 
 def run(paths: ProjectPaths, settings: Settings, console: Console | None = None) -> ExportReport:
-    """The export stage."""
-    console = console or Console()
-    cfg = settings.export
+    """The export stage, logged into the training run."""
     tracker = Tracker.resume(paths)
+    with tracker.stage("export"):
+        return _export(paths, settings, tracker, console or Console())
+
+
+def _export(paths: ProjectPaths, settings: Settings, tracker: Tracker, console: Console) -> ExportReport:
+    cfg = settings.export
     weights = paths.train / "weights" / "best.pt"
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing: run the train stage first (`conveyor train`)")
-    started = time.perf_counter()
     imgsz = trained_imgsz(weights)
     view = materialize(
         paths.validation / "manifest.json", paths.data, paths.scratch / "views" / "export", ("test", "val")
@@ -210,7 +212,7 @@ def run(paths: ProjectPaths, settings: Settings, console: Console | None = None)
     (paths.export / "export.json").write_text(json.dumps(report.to_json(), indent=2))
     paths.metrics.mkdir(parents=True, exist_ok=True)
     (paths.metrics / "export.json").write_text(json.dumps(dvc_metrics(report), indent=2) + "\n")
-    tracker.log_metrics({**metrics_for_tracking(report), "stage_seconds/export": time.perf_counter() - started})
+    tracker.log_metrics(metrics_for_tracking(report))
     tracker.set_tags({f"conveyor.export.{name}": f"skipped: {why}" for name, why in report.skipped.items()})
     tracker.log_artifact(paths.export / "export.json", "export")
     print_report(report, console)

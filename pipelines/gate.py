@@ -20,6 +20,7 @@ from rich.table import Table
 from conveyor.paths import ProjectPaths
 from conveyor.settings import GateSettings, Settings
 from conveyor.tracking import Tracker
+from pipelines import registry
 from pipelines.dataset_view import materialize
 from pipelines.evaluate import Evaluation, evaluate_checkpoint
 
@@ -172,13 +173,20 @@ def export_gates(export: dict[str, Any], cfg: GateSettings) -> list[GateResult]:
 
 
 def evaluate_gates(
-    paths: ProjectPaths, settings: Settings, champion_weights: Path | None, champion_version: str | None, run_id: str
+    paths: ProjectPaths,
+    settings: Settings,
+    champion_weights: Path | None,
+    champion_version: str | None,
+    run_id: str,
+    *,
+    champion_is_challenger: bool = False,
 ) -> GateReport:
     """Every gate, from this run's evaluation and export reports and (if any) the champion re-scored here."""
     cfg = settings.gates
     evaluation = Evaluation.from_json(json.loads((paths.evaluate / "evaluation.json").read_text()))
     export = json.loads((paths.export / "export.json").read_text())
-    champion_score: float | None = None
+    # A re-run of the champion's own pipeline compares the model with itself: same split, same score.
+    champion_score: float | None = evaluation.map50_95 if champion_is_challenger else None
     if champion_weights is not None:
         view = materialize(
             paths.validation / "manifest.json", paths.data, paths.scratch / "views" / "gate", (settings.evaluate.split,)
@@ -212,22 +220,31 @@ def print_gate_report(report: GateReport, console: Console) -> None:
 
 def run(paths: ProjectPaths, settings: Settings, console: Console | None = None) -> GateReport:
     """The gate stage: score the champion on this split, apply every gate, write and log the report."""
-    from pipelines import registry
-
     console = console or Console()
     tracker = Tracker.resume(paths)
-    started = time.perf_counter()
+    with tracker.stage("gate"):
+        return _gate(paths, settings, tracker, console)
+
+
+def _gate(paths: ProjectPaths, settings: Settings, tracker: Tracker, console: Console) -> GateReport:
     champion = registry.current_champion(tracker.client, settings.registry.model_name)
     weights = None
     if champion is not None and champion.run_id != tracker.run_id:
         weights = registry.download_weights(tracker.client, champion, paths.scratch / "champion")
-    report = evaluate_gates(paths, settings, weights, champion.version if champion else None, tracker.run_id)
+    report = evaluate_gates(
+        paths,
+        settings,
+        weights,
+        str(champion.version) if champion else None,
+        tracker.run_id,
+        champion_is_challenger=champion is not None and champion.run_id == tracker.run_id,
+    )
     write_report(report, paths.gate)
     tracker.log_artifact(paths.gate, "gate")
     tracker.set_tags(
         {"conveyor.gates.passed": str(report.passed).lower(), "conveyor.gates.failed": ",".join(report.failed) or "-"}
     )
-    tracker.log_metrics({"stage_seconds/gate": time.perf_counter() - started, "gates/passed": float(report.passed)})
+    tracker.log_metrics({"gates/passed": float(report.passed)})
     print_gate_report(report, console)
     return report
 

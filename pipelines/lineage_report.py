@@ -50,7 +50,7 @@ def dvc_location(paths: ProjectPaths, md5: str) -> str:
         for line in dvc(paths.root, "remote", "list", check=False).stdout.splitlines()
         if line.strip()
     )
-    url = remotes.get(default, "").strip()
+    url = remotes.get(default, "").replace("(default)", "").strip()
     if not url:
         return f"(no default DVC remote) md5 {md5}"
     if "://" not in url and not Path(url).is_absolute():
@@ -103,7 +103,7 @@ def lineage(client: MlflowClient, paths: ProjectPaths, default_name: str, ref: s
         ("exports", ", ".join(exports) or "-"),
         ("model source", str(version.source)),
     ]
-    return Lineage(version.name, version.version, list(version.aliases), rows)
+    return Lineage(version.name, str(version.version), list(version.aliases), rows)
 
 
 def versions_for_data(client: MlflowClient, name: str, md5: str) -> list[ModelVersion]:

@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from conveyor.lineage import data_version
 from conveyor.paths import ProjectPaths
+from conveyor.scaffold import REPO
 from conveyor.settings import Settings
 from conveyor.tracking import Tracker
 from pipelines import registry
@@ -62,7 +63,7 @@ def register(
     """This run's model as a registry version (idempotent: a run is registered once), with alias challenger."""
     import mlflow
 
-    from pipelines.pyfunc_model import ConveyorDetector
+    from pipelines import pyfunc_model
 
     client = tracker.client
     name = settings.registry.model_name
@@ -73,33 +74,42 @@ def register(
     staging = paths.scratch / "pyfunc"
     shutil.rmtree(staging, ignore_errors=True)
     artifacts = _serving_bundle(paths, settings, staging)
+    # log_model reads the process-wide tracking URI, not the client's.
     mlflow.set_tracking_uri(client.tracking_uri)
-    with mlflow.start_run(run_id=tracker.run_id):
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=ConveyorDetector(),
-            artifacts=artifacts,
-            pip_requirements=PYFUNC_REQUIREMENTS,
-        )
+    run = client.get_run(tracker.run_id)
+    logged = client.create_logged_model(
+        experiment_id=run.info.experiment_id, name="model", source_run_id=tracker.run_id
+    )
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        model_id=logged.model_id,
+        python_model=pyfunc_model.__file__,
+        artifacts=artifacts,
+        # The model's own code travels with it, so it loads where Conveyor is not installed.
+        code_paths=[str(REPO / "conveyor"), str(REPO / "pipelines")],
+        pip_requirements=PYFUNC_REQUIREMENTS,  # explicit: inference would take seconds and guess
+    )
     tags = {
         "conveyor.gates.passed": str(report.passed).lower(),
         "conveyor.gates.failed": ",".join(report.failed) or "-",
         "conveyor.data_md5": data_version(paths.data_dvc).md5,
-        "conveyor.git_commit": client.get_run(tracker.run_id).data.tags.get("conveyor.git_commit", "unknown"),
+        "conveyor.git_commit": run.data.tags.get("conveyor.git_commit", "unknown"),
         "conveyor.prefect_flow_run_id": flow_run_id or "-",
         "conveyor.run_id": tracker.run_id,
     }
-    version = client.create_model_version(name, source=info.model_uri, run_id=tracker.run_id, tags=tags)
+    version = client.create_model_version(
+        name, source=info.model_uri, run_id=tracker.run_id, tags=tags, model_id=info.model_id
+    )
     registry.move_alias(
         client,
         name,
         registry.CHALLENGER,
-        version.version,
+        str(version.version),
         kind="register",
         reason=f"registered by run {tracker.run_id}",
         actor=actor,
     )
-    return client.get_model_version(name, version.version), True
+    return client.get_model_version(name, str(version.version)), True
 
 
 def decide(
@@ -113,14 +123,18 @@ def decide(
 ) -> PromotionOutcome:
     name = settings.registry.model_name
     champion = registry.current_champion(client, name)
-    champion_now = champion.version if champion else None
+    champion_now = str(champion.version) if champion else None
     if not newly_registered:
         return PromotionOutcome(
-            version.version, False, False, champion_now, f"already registered as v{version.version}; champion unchanged"
+            str(version.version),
+            False,
+            False,
+            champion_now,
+            f"already registered as v{version.version}; champion unchanged",
         )
     if not report.passed:
         return PromotionOutcome(
-            version.version,
+            str(version.version),
             True,
             False,
             champion_now,
@@ -129,8 +143,10 @@ def decide(
     if champion_now != report.champion_version:
         # The champion moved after the gate compared against it: that comparison no longer holds.
         raise StaleGateError(champion_now, report.champion_version)
-    registry.promote(client, name, version.version, reason=f"gates passed ({reason})", actor=actor)
-    return PromotionOutcome(version.version, True, True, version.version, f"v{version.version} is the new champion")
+    registry.promote(client, name, str(version.version), reason=f"gates passed ({reason})", actor=actor)
+    return PromotionOutcome(
+        str(version.version), True, True, str(version.version), f"v{version.version} is the new champion"
+    )
 
 
 class StaleGateError(RuntimeError):

@@ -52,11 +52,10 @@ def default_actor() -> str:
 
 def ensure_registered_model(client: MlflowClient, name: str) -> None:
     try:
-        client.get_registered_model(name)
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
         client.create_registered_model(name, description="YOLO defect detector trained by Conveyor")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
 
 
 def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
@@ -93,7 +92,7 @@ def move_alias(
     move = AliasMove(
         seq=(past[-1].seq + 1) if past else 1,
         alias=alias,
-        from_version=previous.version if previous else None,
+        from_version=str(previous.version) if previous else None,
         to_version=str(version),
         at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         kind=kind,
@@ -126,7 +125,7 @@ def promote(
             f"{name} v{version} did not pass its gates ({failed}); use --force with a --reason to override"
         )
     champion = current_champion(client, name)
-    if champion is not None and champion.version == str(version):
+    if champion is not None and str(champion.version) == str(version):
         raise PromotionRefusedError(f"{name} v{version} is already the champion")
     kind = "promote" if passed else "force"
     return move_alias(client, name, CHAMPION, str(version), kind=kind, reason=reason, actor=actor or default_actor())
@@ -151,7 +150,7 @@ def rollback(client: MlflowClient, name: str, *, reason: str, actor: str | None 
     if not reason.strip():
         raise PromotionRefusedError("a rollback needs a reason (--reason)")
     champion = current_champion(client, name)
-    target = rollback_target(history(client, name), champion.version if champion else None)
+    target = rollback_target(history(client, name), str(champion.version) if champion else None)
     if target is None:
         raise PromotionRefusedError(f"{name} has no earlier champion to roll back to")
     return move_alias(client, name, CHAMPION, target, kind="rollback", reason=reason, actor=actor or default_actor())
@@ -160,6 +159,14 @@ def rollback(client: MlflowClient, name: str, *, reason: str, actor: str | None 
 def versions(client: MlflowClient, name: str) -> list[ModelVersion]:
     found = client.search_model_versions(f"name = '{name}'", max_results=1000)
     return sorted(found, key=lambda v: int(v.version))
+
+
+def aliases_by_version(client: MlflowClient, name: str) -> dict[str, list[str]]:
+    """Version -> its aliases (version searches do not return aliases; the registered model does)."""
+    out: dict[str, list[str]] = {}
+    for alias, version in client.get_registered_model(name).aliases.items():
+        out.setdefault(str(version), []).append(alias)
+    return out
 
 
 def version_for_run(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:

@@ -71,57 +71,58 @@ def run(paths: ProjectPaths, settings: Settings, console: Console | None = None)
 
     paths.train.mkdir(parents=True, exist_ok=True)
     tracker = Tracker.start(paths, settings, run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}")
-    splits = manifest["splits"]
-    assert isinstance(splits, dict)
-    tracker.log_params(
-        {
-            **flatten("train", settings.train.model_dump(mode="json")),
-            "data.classes": ",".join(class_names(manifest)),
-            **{f"data.{split}_images": str(len(files)) for split, files in splits.items()},
-        }
-    )
+    with tracker.stage("train"):
+        splits = manifest["splits"]
+        assert isinstance(splits, dict)
+        tracker.log_params(
+            {
+                **flatten("train", settings.train.model_dump(mode="json")),
+                "data.classes": ",".join(class_names(manifest)),
+                **{f"data.{split}_images": str(len(files)) for split, files in splits.items()},
+            }
+        )
 
-    model = load_yolo(str(paths.root / cfg.weights) if cfg.weights else cfg.model)
-    reporter = EpochReporter(tracker, cfg.epochs, console)
-    model.add_callback("on_fit_epoch_end", reporter.on_fit_epoch_end)
-    device = resolve_device(cfg.device)
-    console.print(
-        f"training {cfg.weights or cfg.model} for {cfg.epochs} epochs at {cfg.imgsz} px on "
-        f"{'CPU x' + str(available_cores()) if device == 'cpu' else 'CUDA:' + device}; MLflow run {tracker.run_id}"
-    )
-    started = time.perf_counter()
-    model.train(
-        data=str(data_yaml),
-        epochs=cfg.epochs,
-        imgsz=cfg.imgsz,
-        batch=cfg.batch,
-        seed=cfg.seed,
-        deterministic=True,
-        patience=cfg.patience,
-        workers=cfg.workers,
-        device=device,
-        close_mosaic=cfg.close_mosaic,
-        project=str(paths.artifacts),
-        name=paths.train.name,
-        exist_ok=True,
-        plots=True,
-        verbose=False,
-        **cfg.extra,
-    )
-    seconds = time.perf_counter() - started
-    weights = paths.train / "weights" / "best.pt"
-    if not weights.is_file():
-        raise RuntimeError(f"training finished without {weights}")
+        model = load_yolo(str(paths.root / cfg.weights) if cfg.weights else cfg.model)
+        reporter = EpochReporter(tracker, cfg.epochs, console)
+        model.add_callback("on_fit_epoch_end", reporter.on_fit_epoch_end)
+        device = resolve_device(cfg.device)
+        console.print(
+            f"training {cfg.weights or cfg.model} for {cfg.epochs} epochs at {cfg.imgsz} px on "
+            f"{'CPU x' + str(available_cores()) if device == 'cpu' else 'CUDA:' + device}; MLflow run {tracker.run_id}"
+        )
+        started = time.perf_counter()
+        model.train(
+            data=str(data_yaml),
+            epochs=cfg.epochs,
+            imgsz=cfg.imgsz,
+            batch=cfg.batch,
+            seed=cfg.seed,
+            deterministic=True,
+            patience=cfg.patience,
+            workers=cfg.workers,
+            device=device,
+            close_mosaic=cfg.close_mosaic,
+            project=str(paths.artifacts),
+            name=paths.train.name,
+            exist_ok=True,
+            plots=True,
+            verbose=False,
+            **cfg.extra,
+        )
+        seconds = time.perf_counter() - started
+        weights = paths.train / "weights" / "best.pt"
+        if not weights.is_file():
+            raise RuntimeError(f"training finished without {weights}")
 
-    epochs_run = len(_read_epochs(paths.train / "results.csv"))  # early stopping may end before cfg.epochs
-    tracker.log_metrics({"stage_seconds/train": seconds, "train/epochs_run": epochs_run})
-    tracker.log_artifact(paths.train / "weights", "weights")
-    for path in sorted(paths.train.iterdir()):
-        if path.suffix in PLOT_SUFFIXES:
-            tracker.log_artifact(path, "train_plots")
-        elif path.name in ("results.csv", "args.yaml"):
-            tracker.log_artifact(path, "train")
-    return TrainResult(tracker.run_id, weights, epochs_run, seconds, reporter.last)
+        epochs_run = len(_read_epochs(paths.train / "results.csv"))  # early stopping may end before cfg.epochs
+        tracker.log_metrics({"train/epochs_run": epochs_run})
+        tracker.log_artifact(paths.train / "weights", "weights")
+        for path in sorted(paths.train.iterdir()):
+            if path.suffix in PLOT_SUFFIXES:
+                tracker.log_artifact(path, "train_plots")
+            elif path.name in ("results.csv", "args.yaml"):
+                tracker.log_artifact(path, "train")
+        return TrainResult(tracker.run_id, weights, epochs_run, seconds, reporter.last)
 
 
 def _read_epochs(results_csv: Path) -> list[str]:
