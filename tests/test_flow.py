@@ -1,0 +1,290 @@
+"""The training flow against a real Prefect server and a real MLflow server.
+
+A good model comes from warm-starting on a checkpoint trained by Conveyor's own demo run (tests/assets, 5 MB);
+a deliberately weaker one is trained from scratch for one epoch. Covers: first run promotes; a weaker model is
+rejected by the regression gate and the champion does not move; a forced promotion and a rollback, all recorded;
+the pyfunc predicts; lineage; the scheduled deployment and a run through a worker; an unreachable MLflow server;
+overlapping runs (rejected, or waiting); a run killed mid-training, after which the next run completes cleanly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conveyor.scaffold import REPO
+from pipelines import registry
+from tests.conftest import VENV_BIN, base_env, free_port, make_project, stop_tree
+
+pytestmark = pytest.mark.slow
+
+CHECKPOINT = REPO / "tests" / "assets" / "yolo11n-defects-320.pt"
+
+
+def flow_params(model_name: str) -> dict[str, Any]:
+    return {
+        "synth": {"seed": 3, "image_size": 320, "counts": {"train": 16, "val": 8, "test": 16}},
+        "train": {
+            "weights": str(CHECKPOINT),
+            "epochs": 1,
+            "imgsz": 320,
+            "batch": 8,
+            "close_mosaic": 0,
+            # A gentle fine-tune that keeps what the checkpoint knows.
+            "extra": {"optimizer": "SGD", "lr0": 0.0001, "warmup_epochs": 0, "mosaic": 0.0},
+        },
+        "evaluate": {"batch": 8},
+        "export": {"formats": ["onnx_dynamic", "openvino"], "parity_images": 4, "latency": {"warmup": 1, "runs": 5}},
+        # Only the regression gate can fail in these tests: the tiny models say nothing about real thresholds.
+        "gates": {
+            "min_map50_95": 0.0,
+            "min_map50": 0.0,
+            "min_class_recall": 0.0,
+            "regression_tolerance": 0.05,
+            "parity_max_delta": 0.05,
+            "latency_budget_ms": 5000,
+        },
+        "registry": {"model_name": model_name},
+        "tracking": {"experiment": "flow-tests"},
+    }
+
+
+@pytest.fixture
+def flow_project(tmp_path: Path) -> tuple[Path, str]:
+    name = f"defects-{uuid.uuid4().hex[:8]}"
+    project = make_project(tmp_path / "project", flow_params(name))
+    env = base_env()
+    subprocess.run(["conveyor", "data", "synth"], cwd=project, env=env, check=True, capture_output=True)
+    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
+    subprocess.run(["git", "commit", "-qm", "data"], cwd=project, check=True)
+    return project, name
+
+
+def servers_env(mlflow_server: str, prefect_server: str, **extra: str) -> dict[str, str]:
+    return base_env(MLFLOW_TRACKING_URI=mlflow_server, PREFECT_API_URL=prefect_server, **extra)
+
+
+def conveyor(project: Path, env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(["conveyor", *args], cwd=project, env=env, capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"conveyor {' '.join(args)} failed:\n{result.stdout[-5000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def set_params(project: Path, **sections: dict[str, Any]) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def champion_version(client: MlflowClient, name: str) -> str | None:
+    champion = registry.current_champion(client, name)
+    return str(champion.version) if champion else None
+
+
+def test_promote_reject_force_rollback(flow_project: tuple[Path, str], mlflow_server: str, prefect_server: str) -> None:
+    project, name = flow_project
+    env = servers_env(mlflow_server, prefect_server)
+    client = MlflowClient(mlflow_server)
+
+    first = conveyor(project, env, "run")
+    assert "v1 is the new champion" in first.stdout
+    assert champion_version(client, name) == "1"
+    v1 = client.get_model_version(name, "1")
+    assert v1.run_id is not None
+    assert v1.tags["conveyor.gates.passed"] == "true"
+    assert v1.tags["conveyor.prefect_flow_run_id"] not in ("", "-")
+    score_v1 = client.get_run(v1.run_id).data.metrics["test/mAP50-95"]
+    assert score_v1 > 0.1, "the warm-started model should detect defects"
+
+    # The champion predicts through the registry's pyfunc.
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_server)
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    images = sorted((project / "data/images/test").glob("*.jpg"))[:3]
+    detections = model.predict(pd.DataFrame({"image": [str(p) for p in images]}))
+    assert list(detections.columns) == ["image_index", "class_id", "class_name", "confidence", "x0", "y0", "x1", "y1"]
+    assert len(detections) > 0 and set(detections["class_name"]) <= {"scratch", "dent", "stain"}
+
+    # A second run with nothing changed is a no-op that keeps the champion.
+    again = conveyor(project, env, "run")
+    assert "already registered as v1; champion unchanged" in again.stdout
+    assert len(registry.versions(client, name)) == 1
+
+    # A deliberately weaker model (from scratch, one epoch) fails the regression gate.
+    set_params(project, train={"weights": None})
+    second = conveyor(project, env, "run")
+    assert "v2 failed gates: no regression vs champion" in second.stdout
+    assert champion_version(client, name) == "1"
+    aliases = registry.aliases_by_version(client, name)
+    assert aliases == {"1": ["champion"], "2": ["challenger"]}
+    report = json.loads((project / "artifacts/gate/report.json").read_text())
+    assert report["failed"] == ["no regression vs champion"] and report["champion_version"] == "1"
+    gate_artifacts = {a.path for a in client.list_artifacts(str(client.get_model_version(name, "2").run_id), "gate")}
+    assert "gate/report.md" in gate_artifacts
+
+    # A human may override, with a reason; then roll back.
+    refused = conveyor(project, env, "promote", "2", "--reason", "try it", check=False)
+    assert refused.returncode == 1 and "did not pass its gates" in refused.stderr + refused.stdout
+    conveyor(project, env, "promote", "2", "--force", "--reason", "line 4 needs the new model now")
+    assert champion_version(client, name) == "2"
+    conveyor(project, env, "rollback", "--reason", "v2 misses scratches")
+    assert champion_version(client, name) == "1"
+    champion_moves = [
+        (m.from_version, m.to_version, m.kind) for m in registry.history(client, name) if m.alias == registry.CHAMPION
+    ]
+    assert champion_moves == [(None, "1", "promote"), ("1", "2", "force"), ("2", "1", "rollback")]
+    history = conveyor(project, {**env, "COLUMNS": "250"}, "history").stdout
+    assert "line 4 needs the new model now" in history and "v2 misses scratches" in history
+
+    lineage = conveyor(project, {**env, "COLUMNS": "200"}, "lineage", f"models:/{name}@champion").stdout
+    data_md5 = yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"]
+    assert data_md5 in lineage and v1.run_id in lineage and v1.tags["conveyor.prefect_flow_run_id"] in lineage
+    assert ".dvc-remote/files/md5/" in lineage
+    by_data = conveyor(project, {**env, "COLUMNS": "200"}, "lineage", "--data", data_md5).stdout
+    assert v1.run_id in by_data
+
+
+def test_deployment_schedule_and_worker_run(
+    flow_project: tuple[Path, str], mlflow_server: str, prefect_server: str
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy
+    from prefect.deployments import run_deployment
+
+    project, _ = flow_project
+    pool = f"pool-{uuid.uuid4().hex[:6]}"
+    set_params(project, orchestration={"work_pool": pool, "cron": "15 4 * * 2", "on_overlap": "reject"})
+    env = servers_env(mlflow_server, prefect_server)
+    conveyor(project, env, "deploy")
+    os.environ["PREFECT_API_URL"] = prefect_server  # this process's Prefect client
+    try:
+        with get_client(sync_client=True) as client:
+            deployment = client.read_deployment_by_name("conveyor-training/scheduled-training")
+            assert [s.schedule.cron for s in deployment.schedules] == ["15 4 * * 2"]  # type: ignore[union-attr]
+            assert deployment.work_pool_name == pool
+            assert deployment.global_concurrency_limit is not None
+            assert deployment.global_concurrency_limit.limit == 1
+            assert deployment.concurrency_options is not None
+            assert deployment.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
+        worker_env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
+        worker = subprocess.Popen(
+            ["conveyor", "worker"],
+            cwd=project,
+            env=worker_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            run = run_deployment(
+                "conveyor-training/scheduled-training", parameters={"reason": "manual"}, timeout=900, poll_interval=2
+            )
+            assert not inspect.isawaitable(run)
+            assert run.state is not None and run.state.is_completed(), run.state
+        finally:
+            stop_tree(worker)
+        with get_client(sync_client=True) as client:
+            from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+            artifacts = client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["conveyor-training-summary"]))
+            )
+            assert any(a.flow_run_id == run.id and "Gate report" in str(a.data) for a in artifacts)
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+
+
+def test_unreachable_mlflow_fails_at_once_and_writes_nothing(
+    flow_project: tuple[Path, str], prefect_server: str
+) -> None:
+    project, _ = flow_project
+    dead = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    result = conveyor(project, servers_env(dead, prefect_server), "run", check=False)
+    assert result.returncode != 0
+    assert f"MLflow tracking server {dead} is unreachable" in result.stdout + result.stderr
+    assert time.monotonic() - started < 60
+    assert not (project / "artifacts").exists()  # no stage ran, nothing half-registered
+
+
+def _wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def test_overlap_kill_and_recovery(flow_project: tuple[Path, str], mlflow_server: str, prefect_server: str) -> None:
+    """A runs; B is rejected; C waits; A is killed mid-training; C then completes cleanly, and the champion only
+    ever points at gated versions."""
+    project, name = flow_project
+    env = servers_env(mlflow_server, prefect_server)
+    client = MlflowClient(mlflow_server)
+    set_params(project, train={"epochs": 30})  # long enough to be killed mid-training
+    logs = project.parent
+    a_log = (logs / "a.log").open("w")
+    a = subprocess.Popen(
+        ["conveyor", "run"], cwd=project, env=env, stdout=a_log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    c: subprocess.Popen[bytes] | None = None
+    try:
+        _wait_for(lambda: "epoch   1/30" in (logs / "a.log").read_text(), 600, "A to be training")
+
+        set_params(project, orchestration={"on_overlap": "reject"})
+        b = conveyor(project, env, "run", check=False)
+        assert b.returncode == 1 and "another training run is in progress" in b.stdout + b.stderr
+
+        set_params(project, orchestration={"on_overlap": "wait"}, train={"epochs": 1})
+        c_log = (logs / "c.log").open("w")
+        c = subprocess.Popen(
+            ["conveyor", "run"], cwd=project, env=env, stdout=c_log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        _wait_for(lambda: "waiting for it" in (logs / "c.log").read_text(), 120, "C to wait")
+        assert c.poll() is None
+
+        os.killpg(a.pid, signal.SIGKILL)  # the machine dies mid-training
+        a.wait(timeout=30)
+        assert c.wait(timeout=900) == 0, (logs / "c.log").read_text()[-5000:]
+    finally:
+        for process in (a, c):
+            if process is not None and process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+        a_log.close()
+    assert "is the new champion" in (logs / "c.log").read_text()
+    for move in registry.history(client, name):
+        if move.alias == registry.CHAMPION:
+            assert registry.gates_passed(client.get_model_version(name, move.to_version))
+    champion = registry.current_champion(client, name)
+    assert champion is not None and registry.gates_passed(champion)
+    assert json.loads((project / "artifacts/train/run.json").read_text())["run_id"] == champion.run_id
+
+
+def test_flow_code_is_importable_without_prefect_server() -> None:
+    """The flow module imports cleanly (the deployment's entrypoint is loaded by file path by the worker)."""
+    result = subprocess.run(
+        [sys.executable, "-c", "import flows.training, flows.deploy"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=base_env(),
+    )
+    assert result.returncode == 0, result.stderr
+    assert (VENV_BIN / "prefect").exists()
