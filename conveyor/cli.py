@@ -222,11 +222,19 @@ def run(
     paths = ProjectPaths.discover()
     load_settings(paths.params)  # bad params fail here, before a flow run is created
     started = time.perf_counter()
+    expected: tuple[type[BaseException], ...] = (*_known_errors(), TrainingBusyError, RuntimeError)
     try:
         outcome = training_flow(reason=reason, warm_start=warm_start, project_dir=str(paths.root))
-    except TrainingBusyError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
+    except expected as exc:
+        # The flow's log above holds the details (a failed stage's own output included).
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+    stages = " + ".join(f"{name} {seconds:.0f}" for name, seconds in outcome["stage_seconds"].items())
+    console.print(
+        f"flow {outcome['flow_seconds']:.1f} s = stages {sum(outcome['stage_seconds'].values()):.1f} s ({stages}) "
+        f"+ orchestration {outcome['overhead_seconds']:.1f} s (preflight, registry, push, Prefect)",
+        highlight=False,
+    )
     print_summary(paths, console, title=f"Conveyor run ({time.perf_counter() - started:.0f} s): {outcome['message']}")
 
 

@@ -81,12 +81,12 @@ def preflight(root: str) -> str:
 
 
 @task(name="stage")
-def run_stage(root: str, stage: str, flow_run_id: str | None) -> float:
-    """One dvc.yaml stage; its output becomes this task's log."""
+def run_stage(root: str, stage: str, flow_run_id: str | None, force: bool = False) -> float:
+    """One dvc.yaml stage (skipped by DVC when its inputs did not change); its output becomes this task's log."""
     logger = get_run_logger()
     started = time.perf_counter()
     process = subprocess.Popen(
-        [sys.executable, "-m", "dvc", "repro", "--single-item", stage],
+        [sys.executable, "-m", "dvc", "repro", "--single-item", *(["--force"] if force else []), stage],
         cwd=root,
         env=_stage_env(flow_run_id),
         stdout=subprocess.PIPE,
@@ -114,16 +114,10 @@ def register_and_promote(root: str, flow_run_id: str | None, reason: str) -> dic
         outcome = promotion.decide(tracker.client, settings, version, new, report, actor, reason)
     except promotion.StaleGateError as stale:
         get_run_logger().warning("%s; re-running the gate against the current champion", stale)
-        subprocess.run(
-            [sys.executable, "-m", "dvc", "repro", "--force", "--single-item", "gate"],
-            cwd=root,
-            env=_stage_env(flow_run_id),
-            check=True,
-        )
+        run_stage.fn(root, "gate", flow_run_id, force=True)
         report = GateReport.load(paths.gate / "report.json")
-        tracker.client.set_model_version_tag(
-            settings.registry.model_name, str(version.version), "conveyor.gates.passed", str(report.passed).lower()
-        )
+        for key, value in report.tags().items():
+            tracker.client.set_model_version_tag(settings.registry.model_name, str(version.version), key, value)
         outcome = promotion.decide(tracker.client, settings, version, new, report, actor, reason)
     get_run_logger().info(outcome.message)
     return {
@@ -170,6 +164,7 @@ def training_flow(
         train.weights like any other parameter change (so DVC and the lineage see it).
     project_dir: the Conveyor project (default: the working directory's).
     """
+    started = time.perf_counter()
     paths = ProjectPaths.discover(Path(project_dir) if project_dir else None)
     settings = load_settings(paths.params)
     logger = get_run_logger()
@@ -188,10 +183,22 @@ def training_flow(
         outcome = register_and_promote(root, run_id, reason)
         if settings.orchestration.push:
             push(root)
+    flow_seconds = time.perf_counter() - started
+    # Orchestration overhead: everything that is not a pipeline stage (preflight and data check, registry, push,
+    # Prefect's own bookkeeping).
+    overhead = flow_seconds - sum(stage_seconds.values())
+    timing = {"flow_seconds": flow_seconds, "stage_seconds": stage_seconds, "overhead_seconds": overhead}
     markdown = summary_markdown(settings, md5, stage_seconds, outcome, tracking_uri(paths), reason)
+    markdown += f"\nFlow {flow_seconds:.1f} s, of which stages {sum(stage_seconds.values()):.1f} s.\n"
     create_markdown_artifact(markdown, key="conveyor-training-summary", description="Conveyor training run")
-    logger.info(outcome["message"])
-    return {**outcome, "data_md5": md5, "stage_seconds": stage_seconds}
+    logger.info(
+        "%s (flow %.1f s, stages %.1f s, overhead %.1f s)",
+        outcome["message"],
+        flow_seconds,
+        sum(stage_seconds.values()),
+        overhead,
+    )
+    return {**outcome, "data_md5": md5, **timing}
 
 
 def set_warm_start(paths: ProjectPaths, settings: Settings, warm_start: str) -> None:

@@ -46,6 +46,13 @@ class GateReport:
     def failed(self) -> list[str]:
         return [g.gate for g in self.gates if not g.passed]
 
+    def tags(self) -> dict[str, str]:
+        """The verdict as MLflow tags, on the run and on the registered version."""
+        return {
+            "conveyor.gates.passed": str(self.passed).lower(),
+            "conveyor.gates.failed": ",".join(self.failed) or "-",
+        }
+
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "failed": self.failed}
 
@@ -241,9 +248,7 @@ def _gate(paths: ProjectPaths, settings: Settings, tracker: Tracker, console: Co
     )
     write_report(report, paths.gate)
     tracker.log_artifact(paths.gate, "gate")
-    tracker.set_tags(
-        {"conveyor.gates.passed": str(report.passed).lower(), "conveyor.gates.failed": ",".join(report.failed) or "-"}
-    )
+    tracker.set_tags(report.tags())
     tracker.log_metrics({"gates/passed": float(report.passed)})
     print_gate_report(report, console)
     return report

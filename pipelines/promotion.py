@@ -90,8 +90,7 @@ def register(
         pip_requirements=PYFUNC_REQUIREMENTS,  # explicit: inference would take seconds and guess
     )
     tags = {
-        "conveyor.gates.passed": str(report.passed).lower(),
-        "conveyor.gates.failed": ",".join(report.failed) or "-",
+        **report.tags(),
         "conveyor.data_md5": data_version(paths.data_dvc).md5,
         "conveyor.git_commit": run.data.tags.get("conveyor.git_commit", "unknown"),
         "conveyor.prefect_flow_run_id": flow_run_id or "-",
