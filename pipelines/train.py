@@ -37,8 +37,26 @@ class EpochReporter:
         self.console = console
         self.started = time.perf_counter()
         self.last: dict[str, float] = {}
+        self.in_epoch = False  # Ultralytics also fires on_fit_epoch_end once after training, for best.pt
+
+    def _final_eval(self, trainer: Any) -> None:
+        """best.pt re-validated after the last epoch: logged as best/* (no step), not as an extra epoch."""
+        best = {f"best/{k}": float(v) for k, v in trainer.metrics.items()}
+        self.tracker.log_metrics(best)
+        self.console.print(
+            f"best.pt on val: mAP50 {best.get('best/metrics/mAP50(B)', 0.0):.3f}  "
+            f"mAP50-95 {best.get('best/metrics/mAP50-95(B)', 0.0):.3f}",
+            highlight=False,
+        )
+
+    def on_train_epoch_end(self, trainer: Any) -> None:
+        self.in_epoch = True
 
     def on_fit_epoch_end(self, trainer: Any) -> None:
+        if not self.in_epoch:
+            self._final_eval(trainer)
+            return
+        self.in_epoch = False
         metrics: dict[str, float] = {
             **trainer.label_loss_items(trainer.tloss, prefix="train"),
             **trainer.metrics,
@@ -84,6 +102,7 @@ def run(paths: ProjectPaths, settings: Settings, console: Console | None = None)
 
         model = load_yolo(str(paths.root / cfg.weights) if cfg.weights else cfg.model)
         reporter = EpochReporter(tracker, cfg.epochs, console)
+        model.add_callback("on_train_epoch_end", reporter.on_train_epoch_end)
         model.add_callback("on_fit_epoch_end", reporter.on_fit_epoch_end)
         device = resolve_device(cfg.device)
         console.print(

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
@@ -126,7 +126,7 @@ def _check_image(path: Path) -> str | None:
         with Image.open(path) as im:
             im.load()
             width, height = im.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except Exception as exc:  # decoders raise many types (and Ultralytics patches PIL's opener)
         return f"unreadable image ({exc})"
     if min(width, height) < MIN_IMAGE_SIDE:
         return f"image too small ({width}x{height}, minimum side {MIN_IMAGE_SIDE})"

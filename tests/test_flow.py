@@ -172,8 +172,10 @@ def test_deployment_schedule_and_worker_run(
     set_params(project, orchestration={"work_pool": pool, "cron": "15 4 * * 2", "on_overlap": "reject"})
     env = servers_env(mlflow_server, prefect_server)
     conveyor(project, env, "deploy")
-    os.environ["PREFECT_API_URL"] = prefect_server  # this process's Prefect client
-    try:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    # Prefect reads its settings at import: point this process's client at the test server explicitly.
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
         with get_client(sync_client=True) as client:
             deployment = client.read_deployment_by_name("conveyor-training/scheduled-training")
             assert [s.schedule.cron for s in deployment.schedules] == ["15 4 * * 2"]  # type: ignore[union-attr]
@@ -206,8 +208,6 @@ def test_deployment_schedule_and_worker_run(
                 artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["conveyor-training-summary"]))
             )
             assert any(a.flow_run_id == run.id and "Gate report" in str(a.data) for a in artifacts)
-    finally:
-        os.environ.pop("PREFECT_API_URL", None)
 
 
 def test_unreachable_mlflow_fails_at_once_and_writes_nothing(

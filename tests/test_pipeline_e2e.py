@@ -70,6 +70,7 @@ def test_dvc_repro_end_to_end(project: Path, mlflow_server: str, netguard_env: t
     history = client.get_metric_history(run_id, "metrics/mAP50-95")
     assert [m.step for m in history] == [1, 2]
     assert "train/box_loss" in run.data.metrics
+    assert "best/metrics/mAP50-95" in run.data.metrics  # best.pt re-validated, not logged as an extra epoch
     assert "test/mAP50-95" in run.data.metrics  # evaluate logged into the same run
     assert "export/onnx/delta_mAP50-95" in run.data.metrics  # so did export
     assert "latency_ms/openvino" in run.data.metrics
