@@ -28,8 +28,9 @@ from rich.console import Console
 from rich.table import Table
 
 import conveyor  # noqa: F401  (offline switches before the ML imports)
-from conveyor.paths import available_cores
+from conveyor.paths import ProjectPaths, available_cores
 from conveyor.scaffold import REPO, create_project
+from flows.training import pipeline_stages
 from pipelines import runtimes
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -40,7 +41,6 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
     "demo": {},
 }
-STAGES = ("validate", "train", "evaluate", "export")
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str]) -> float:
@@ -54,7 +54,7 @@ def _run(args: list[str], cwd: Path, env: dict[str, str]) -> float:
 def stage_times(project: Path, env: dict[str, str], console: Console) -> dict[str, float]:
     conveyor_bin = str(Path(sys.executable).parent / "conveyor")
     times = {"data synth": _run([conveyor_bin, "data", "synth"], project, env)}
-    for stage in STAGES:
+    for stage in pipeline_stages(ProjectPaths(project)):  # dvc.yaml's order, as the flow runs them
         console.print(f"stage {stage} ...")
         times[stage] = _run([conveyor_bin, stage], project, env)
     # Record the stages in dvc.lock (`dvc commit`), then time what a user sees when nothing changed.
@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--runs", type=int, default=30, help="timed runs per latency cell")
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=120)  # the tables are the point: do not wrap them in a log
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     with tempfile.TemporaryDirectory(prefix="conveyor-bench-") as tmp:

@@ -87,7 +87,8 @@ class OpenVinoRuntime:
         self._compiled = core.compile_model(
             model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": available_cores()}
         )
-        self.precision = str(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
+        hint = self._compiled.get_property("INFERENCE_PRECISION_HINT")
+        self.precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)  # e.g. "bf16"
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self._compiled(batch)[0])
