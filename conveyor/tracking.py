@@ -134,13 +134,6 @@ class Tracker:
         client.get_run(record.run_id)  # fails clearly if the run is gone
         return cls(client, record.run_id)
 
-    @property
-    def run_url(self) -> str:
-        run = self.client.get_run(self.run_id)
-        uri = self.client.tracking_uri
-        base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
-        return f"{base.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{self.run_id}"
-
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """A stage's work in this run: timed (`stage_seconds/<name>`), and the run's status says how it ended."""
