@@ -20,7 +20,7 @@ from conveyor.tracking import Tracker
 from conveyor.yolo import load_yolo
 from pipelines import runtimes
 from pipelines.dataset_view import materialize
-from pipelines.evaluate import evaluate_checkpoint, trained_imgsz
+from pipelines.evaluate import Evaluation, evaluate_checkpoint, trained_imgsz
 
 
 @dataclass(frozen=True)
@@ -157,16 +157,13 @@ def _export(paths: ProjectPaths, settings: Settings, tracker: Tracker, console: 
     reference_runtime = runtimes.TorchRuntime(weights)
     reference = reference_runtime.infer(inputs)
     reference_latency = runtimes.measure_latency(reference_runtime, inputs[:1], cfg.latency.warmup, cfg.latency.runs)
-    reference_eval = evaluate_checkpoint(
-        weights,
-        view,
-        "test",
-        settings.evaluate,
-        paths.scratch / "export-eval" / "pytorch",
-        imgsz=imgsz,
-        batch=1,
-        plots=False,
-    )
+
+    def score(model: Path, name: str) -> Evaluation:
+        """mAP on the test split with identical settings for every runtime (batch 1: static exports need it)."""
+        save_dir = paths.scratch / "export-eval" / name
+        return evaluate_checkpoint(model, view, "test", settings.evaluate, save_dir, imgsz=imgsz, batch=1, plots=False)
+
+    reference_eval = score(weights, "pytorch")
     report = ExportReport(
         imgsz=imgsz,
         pytorch_map50_95=reference_eval.map50_95,
@@ -186,16 +183,7 @@ def _export(paths: ProjectPaths, settings: Settings, tracker: Tracker, console: 
         runtime = _open_runtime(variant, artifact)
         diff = runtimes.max_abs_diff(runtime, reference, inputs)
         latency = runtimes.measure_latency(runtime, inputs[:1], cfg.latency.warmup, cfg.latency.runs)
-        evaluation = evaluate_checkpoint(
-            artifact,
-            view,
-            "test",
-            settings.evaluate,
-            paths.scratch / "export-eval" / variant.name,
-            imgsz=imgsz,
-            batch=1,
-            plots=False,
-        )
+        evaluation = score(artifact, variant.name)
         report.exports[variant.name] = ExportResult(
             name=variant.name,
             path=artifact.relative_to(paths.root).as_posix(),
