@@ -63,6 +63,12 @@ def friendly_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _exec(tool: str, *args: str) -> None:
+    """Replace this process with a command-line tool of this environment (a server or worker runs in the foreground)."""
+    path = str(Path(sys.executable).parent / tool)
+    os.execv(path, [path, *args])
+
+
 def _project() -> tuple[ProjectPaths, Settings]:
     paths = ProjectPaths.discover()
     return paths, load_settings(paths.params)
@@ -277,7 +283,7 @@ def models() -> None:
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000))
         table.add_row(
             str(v.version),
-            ", ".join(sorted(aliases.get(str(v.version), []))) or "-",
+            registry.alias_text(aliases, v.version),
             gates,
             f"{metrics.get('test/mAP50-95', float('nan')):.3f}",
             v.tags.get("conveyor.data_md5", "?")[:12],
@@ -359,7 +365,7 @@ def lineage(
         for v in found:
             table.add_row(
                 str(v.version),
-                ", ".join(sorted(aliases.get(str(v.version), []))) or "-",
+                registry.alias_text(aliases, v.version),
                 v.tags.get("conveyor.gates.passed", "?"),
                 str(v.run_id),
             )
@@ -401,20 +407,16 @@ def worker() -> None:
 
     _, settings = _project()
     require_server()
-    prefect = str(Path(sys.executable).parent / "prefect")
-    os.execv(
-        prefect,
-        [
-            prefect,
-            "worker",
-            "start",
-            "--pool",
-            settings.orchestration.work_pool,
-            "--type",
-            "process",
-            "--install-policy",
-            "never",
-        ],
+    _exec(
+        "prefect",
+        "worker",
+        "start",
+        "--pool",
+        settings.orchestration.work_pool,
+        "--type",
+        "process",
+        "--install-policy",
+        "never",
     )
 
 
@@ -428,8 +430,7 @@ def server(
     console.print(
         f"Prefect UI on http://{host}:{port}; in other shells: export PREFECT_API_URL=http://{host}:{port}/api"
     )
-    prefect = str(Path(sys.executable).parent / "prefect")
-    os.execv(prefect, [prefect, "server", "start", "--host", host, "--port", str(port)])
+    _exec("prefect", "server", "start", "--host", host, "--port", str(port))
 
 
 @app.command()
@@ -456,25 +457,8 @@ def ui(
         console.print(f"tracking server in use: open {uri}")
         return
     console.print(f"MLflow UI on http://{host}:{port} (Ctrl-C to stop)")
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    os.execvpe(
-        sys.executable,
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            uri,
-            "--host",
-            host,
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        env,
-    )
+    os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # a lean server: no job runner
+    _exec("mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1")
 
 
 if __name__ == "__main__":

@@ -184,18 +184,19 @@ def training_flow(
         if settings.orchestration.push:
             push(root)
     flow_seconds = time.perf_counter() - started
+    stages_total = sum(stage_seconds.values())
     # Orchestration overhead: everything that is not a pipeline stage (preflight and data check, registry, push,
     # Prefect's own bookkeeping).
-    overhead = flow_seconds - sum(stage_seconds.values())
+    overhead = flow_seconds - stages_total
     timing = {"flow_seconds": flow_seconds, "stage_seconds": stage_seconds, "overhead_seconds": overhead}
     markdown = summary_markdown(settings, md5, stage_seconds, outcome, tracking_uri(paths), reason)
-    markdown += f"\nFlow {flow_seconds:.1f} s, of which stages {sum(stage_seconds.values()):.1f} s.\n"
+    markdown += f"\nFlow {flow_seconds:.1f} s, of which stages {stages_total:.1f} s.\n"
     create_markdown_artifact(markdown, key="conveyor-training-summary", description="Conveyor training run")
     logger.info(
         "%s (flow %.1f s, stages %.1f s, overhead %.1f s)",
         outcome["message"],
         flow_seconds,
-        sum(stage_seconds.values()),
+        stages_total,
         overhead,
     )
     return {**outcome, "data_md5": md5, **timing}

@@ -169,6 +169,11 @@ def aliases_by_version(client: MlflowClient, name: str) -> dict[str, list[str]]:
     return out
 
 
+def alias_text(aliases: dict[str, list[str]], version: str | int) -> str:
+    """A version's aliases for a table cell, from `aliases_by_version`."""
+    return ", ".join(sorted(aliases.get(str(version), []))) or "-"
+
+
 def version_for_run(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:
     return next((v for v in versions(client, name) if v.run_id == run_id), None)
 
