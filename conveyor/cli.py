@@ -31,11 +31,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _known_errors() -> tuple[type[BaseException], ...]:
     from flows.deploy import PrefectServerMissingError
     from pipelines.data import DataVersionError
+    from serving.batch import SourceError
+    from serving.server import PortInUseError
+    from serving.source import RuntimeUnavailableError
     from pipelines.lineage_report import ModelRefError
     from pipelines.registry import PromotionRefusedError
     from pipelines.validate import DataValidationError
 
     return (
+        SourceError,
+        PortInUseError,
+        RuntimeUnavailableError,
         PromotionRefusedError,
         ModelRefError,
         PrefectServerMissingError,
@@ -460,6 +466,9 @@ def ui(
     os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # a lean server: no job runner
     _exec("mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1")
 
+
+# The serving command group registers itself on `app` (imported last: it imports this module's helpers).
+from conveyor import cli_serving  # noqa: E402, F401
 
 if __name__ == "__main__":
     app()

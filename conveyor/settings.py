@@ -152,6 +152,39 @@ class OrchestrationSettings(_Section):
     push: bool = Field(True, description="push data and artifacts to the DVC remote after a run")
 
 
+ServeRuntime = Literal["openvino", "onnx", "tensorrt"]
+
+
+class PredictionLogSettings(_Section):
+    """What the server remembers of each image for drift checks: a small record, never the image."""
+
+    enabled: bool = True
+    directory: Path | None = Field(None, description="default: .conveyor/predictions in the project")
+    queue_size: int = Field(10_000, ge=1, description="records waiting for the writer; past it they are dropped")
+    flush_seconds: float = Field(5.0, gt=0, description="how often buffered records are written")
+    keep_hours: int = Field(24 * 14, ge=1, description="hourly files older than this are deleted")
+
+
+class ServeSettings(_Section):
+    """`conveyor serve`: the online server (Triton's protocol, batching and metrics through PyTriton)."""
+
+    model: str | None = Field(None, description="models:/NAME@alias or a version; default the champion")
+    runtime: ServeRuntime = Field("openvino", description="openvino (fastest on CPU here) | onnx | tensorrt")
+    host: str = Field("127.0.0.1", description="interface to listen on; 0.0.0.0 exposes the server")
+    port: int = Field(8080, ge=1, le=65535, description="HTTP: /predict, /v2 (Open Inference Protocol), /metrics")
+    grpc_port: int = Field(8081, ge=1, le=65535, description="gRPC: the Open Inference Protocol (tritonclient)")
+    workers: int = Field(1, ge=1, le=64, description="model instances, each with its share of the cores")
+    max_batch_size: int = Field(8, ge=1, description="dynamic batching: the largest batch; 1 turns batching off")
+    max_queue_delay_ms: float = Field(2.0, ge=0, description="dynamic batching: the longest wait for a fuller batch")
+    max_queue_size: int = Field(64, ge=1, description="requests waiting; past it the answer is 503 + Retry-After")
+    poll_seconds: float = Field(10.0, gt=0, description="how often the registry is asked whether the model moved")
+    max_image_bytes: int = Field(20_000_000, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1, description="larger images are refused (decompression bombs)")
+    max_images_per_request: int = Field(32, ge=1)
+    conf: float = Field(0.25, gt=0, lt=1, description="minimum confidence of a returned detection")
+    prediction_log: PredictionLogSettings = PredictionLogSettings()
+
+
 class Settings(_Section):
     synth: SynthSettings = SynthSettings()
     validate_: ValidateSettings = Field(ValidateSettings(), alias="validate")
@@ -162,6 +195,7 @@ class Settings(_Section):
     gates: GateSettings = GateSettings()
     registry: RegistrySettings = RegistrySettings()
     orchestration: OrchestrationSettings = OrchestrationSettings()
+    serve: ServeSettings = ServeSettings()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

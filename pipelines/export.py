@@ -118,14 +118,6 @@ def _unavailable_reason(variant: Variant) -> str | None:
     return None
 
 
-def _open_runtime(variant: Variant, artifact: Path) -> runtimes.Runtime:
-    if variant.format == "onnx":
-        return runtimes.OnnxRuntime(artifact, variant.name)
-    if variant.format == "openvino":
-        return runtimes.OpenVinoRuntime(artifact, variant.name)
-    return runtimes.TensorRTRuntime(artifact)
-
-
 def _size_mb(path: Path) -> float:
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     return sum(f.stat().st_size for f in files) / 1e6
@@ -180,7 +172,7 @@ def _export(paths: ProjectPaths, settings: Settings, tracker: Tracker, console: 
             continue
         console.print(f"exporting {variant.name} ...")
         artifact = export_variant(weights, variant, imgsz, paths.export, view)
-        runtime = _open_runtime(variant, artifact)
+        runtime = runtimes.open_runtime(variant.format, artifact, variant.name)
         diff = runtimes.max_abs_diff(runtime, reference, inputs)
         latency = runtimes.measure_latency(runtime, inputs[:1], cfg.latency.warmup, cfg.latency.runs)
         evaluation = score(artifact, variant.name)

@@ -44,6 +44,7 @@ def _serving_bundle(paths: ProjectPaths, settings: Settings, staging: Path) -> d
         "output": "raw (1, 4 + classes, anchors): cx, cy, w, h in input pixels, then class scores; NMS iou "
         f"{settings.evaluate.iou}",
         "conf": 0.25,
+        "iou": settings.evaluate.iou,
     }
     (staging / "metadata.json").write_text(json.dumps(metadata, indent=2))
     artifacts = {"metadata": str(staging / "metadata.json"), "weights": str(paths.train / "weights" / "best.pt")}
@@ -61,10 +62,6 @@ def register(
     paths: ProjectPaths, settings: Settings, tracker: Tracker, report: GateReport, flow_run_id: str | None, actor: str
 ) -> tuple[ModelVersion, bool]:
     """This run's model as a registry version (idempotent: a run is registered once), with alias challenger."""
-    import mlflow
-
-    from pipelines import pyfunc_model
-
     client = tracker.client
     name = settings.registry.model_name
     registry.ensure_registered_model(client, name)
@@ -74,21 +71,7 @@ def register(
     staging = paths.scratch / "pyfunc"
     shutil.rmtree(staging, ignore_errors=True)
     artifacts = _serving_bundle(paths, settings, staging)
-    # log_model reads the process-wide tracking URI, not the client's.
-    mlflow.set_tracking_uri(client.tracking_uri)
     run = client.get_run(tracker.run_id)
-    logged = client.create_logged_model(
-        experiment_id=run.info.experiment_id, name="model", source_run_id=tracker.run_id
-    )
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        model_id=logged.model_id,
-        python_model=pyfunc_model.__file__,
-        artifacts=artifacts,
-        # The model's own code travels with it, so it loads where Conveyor is not installed.
-        code_paths=[str(REPO / "conveyor"), str(REPO / "pipelines")],
-        pip_requirements=PYFUNC_REQUIREMENTS,  # explicit: inference would take seconds and guess
-    )
     tags = {
         **report.tags(),
         "conveyor.data_md5": data_version(paths.data_dvc).md5,
@@ -96,9 +79,7 @@ def register(
         "conveyor.prefect_flow_run_id": flow_run_id or "-",
         "conveyor.run_id": tracker.run_id,
     }
-    version = client.create_model_version(
-        name, source=info.model_uri, run_id=tracker.run_id, tags=tags, model_id=info.model_id
-    )
+    version = log_model_version(client, name, tracker.run_id, artifacts, tags)
     registry.move_alias(
         client,
         name,
@@ -109,6 +90,30 @@ def register(
         actor=actor,
     )
     return client.get_model_version(name, str(version.version)), True
+
+
+def log_model_version(
+    client: MlflowClient, name: str, run_id: str, artifacts: dict[str, str], tags: dict[str, str]
+) -> ModelVersion:
+    """Log the pyfunc (with the serving artifacts) into the run and register it as a new version of `name`."""
+    import mlflow
+
+    from pipelines import pyfunc_model
+
+    # log_model reads the process-wide tracking URI, not the client's.
+    mlflow.set_tracking_uri(client.tracking_uri)
+    run = client.get_run(run_id)
+    logged = client.create_logged_model(experiment_id=run.info.experiment_id, name="model", source_run_id=run_id)
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        model_id=logged.model_id,
+        python_model=pyfunc_model.__file__,
+        artifacts=artifacts,
+        # The model's own code travels with it, so it loads where Conveyor is not installed.
+        code_paths=[str(REPO / "conveyor"), str(REPO / "pipelines")],
+        pip_requirements=PYFUNC_REQUIREMENTS,  # explicit: inference would take seconds and guess
+    )
+    return client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)
 
 
 def decide(

@@ -1,13 +1,12 @@
 """The registered model as an MLflow pyfunc: `mlflow.pyfunc.load_model("models:/NAME@champion").predict(images)`.
 
 Input: a pandas DataFrame with an `image` column (file paths or encoded image bytes). Output: one row per detection
-(image index, class id and name, confidence, box in pixels of the original image). Runs the ONNX export with the
-preprocessing (letterbox to the trained size) and non-maximum suppression the model was evaluated with.
+(image index, class id and name, confidence, box in pixels of the original image). Runs the ONNX export through
+`pipelines.inference.Detector` (the server's code), with the preprocessing (letterbox to the trained size) and non-maximum suppression the model was evaluated with.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,40 +19,34 @@ DETECTION_COLUMNS = ["image_index", "class_id", "class_name", "confidence", "x0"
 
 
 def _decode(item: Any) -> np.ndarray:
-    import cv2
+    from pipelines.inference import decode_image
 
     if isinstance(item, np.ndarray):
         return item
-    if isinstance(item, bytes | bytearray):
-        image = cv2.imdecode(np.frombuffer(item, np.uint8), cv2.IMREAD_COLOR)
-    else:
-        image = cv2.imread(str(item))
-    if image is None:
-        raise ValueError(f"cannot decode image {str(item)[:80]!r}")
-    return np.asarray(image)
+    data = bytes(item) if isinstance(item, bytes | bytearray) else Path(str(item)).read_bytes()
+    return decode_image(data)
 
 
 class ConveyorDetector(PythonModel):
     def load_context(self, context: PythonModelContext) -> None:
         import conveyor  # noqa: F401  (offline switches before Ultralytics)
-        from conveyor.yolo import load_yolo
+        from pipelines.inference import Detector, ModelCard
+        from pipelines.runtimes import OnnxRuntime
 
-        self.metadata = json.loads(Path(context.artifacts["metadata"]).read_text())
-        self.model = load_yolo(context.artifacts["onnx"])
+        self.card = ModelCard.load(Path(context.artifacts["metadata"]))
+        self.detector = Detector(OnnxRuntime(Path(context.artifacts["onnx"])), self.card)
 
     def predict(
         self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
         if "image" not in model_input.columns:
             raise ValueError("expected a DataFrame with an 'image' column of file paths or encoded image bytes")
-        items = list(model_input["image"])
-        conf = float((params or {}).get("conf", self.metadata.get("conf", 0.25)))
+        conf = float((params or {}).get("conf", self.card.conf))
+        images = [_decode(item) for item in model_input["image"]]
         rows = []
-        for index, item in enumerate(items):
-            result: Any = self.model.predict(_decode(item), imgsz=self.metadata["imgsz"], conf=conf, verbose=False)
-            boxes = result[0].boxes
-            for cls, score, xyxy in zip(boxes.cls.tolist(), boxes.conf.tolist(), boxes.xyxy.tolist(), strict=True):
-                rows.append([index, int(cls), self.metadata["names"][int(cls)], float(score), *map(float, xyxy)])
+        for index, found in enumerate(self.detector.detect(images, conf)):
+            for d in found:
+                rows.append([index, d.class_id, d.class_name, d.confidence, *d.box])
         return pd.DataFrame(rows, columns=DETECTION_COLUMNS)
 
 

@@ -52,11 +52,11 @@ class TorchRuntime:
 
 
 class OnnxRuntime:
-    def __init__(self, model: Path, name: str = "onnxruntime") -> None:
+    def __init__(self, model: Path, name: str = "onnxruntime", threads: int | None = None) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = available_cores()
+        options.intra_op_num_threads = threads or available_cores()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         self.name = name
         self._session = ort.InferenceSession(str(model), options, providers=providers)
@@ -74,7 +74,7 @@ class OnnxRuntime:
 class OpenVinoRuntime:
     """OpenVINO on the CPU with the hardware's default precision (bf16 where AMX is present, else f32)."""
 
-    def __init__(self, model_dir: Path, name: str = "openvino") -> None:
+    def __init__(self, model_dir: Path, name: str = "openvino", threads: int | None = None) -> None:
         import openvino as ov
 
         xml = next(model_dir.glob("*.xml"), None)
@@ -85,7 +85,7 @@ class OpenVinoRuntime:
         model = core.read_model(xml)
         self.max_batch: int | None = None if model.inputs[0].get_partial_shape()[0].is_dynamic else 1
         self._compiled = core.compile_model(
-            model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": available_cores()}
+            model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads or available_cores()}
         )
         hint = self._compiled.get_property("INFERENCE_PRECISION_HINT")
         self.precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)  # e.g. "bf16"
@@ -112,6 +112,17 @@ class TensorRTRuntime:
         return np.asarray(first.float().cpu().numpy())
 
 
+def open_runtime(fmt: str, artifact: Path, name: str | None = None) -> Runtime:
+    """The runtime for an exported artifact: `fmt` is Ultralytics' export format (onnx, openvino, engine)."""
+    if fmt == "onnx":
+        return OnnxRuntime(artifact, name or "onnxruntime")
+    if fmt == "openvino":
+        return OpenVinoRuntime(artifact, name or "openvino")
+    if fmt == "engine":
+        return TensorRTRuntime(artifact)
+    raise ValueError(f"no runtime for export format {fmt!r}")
+
+
 def tensorrt_unavailable_reason() -> str | None:
     """Why a TensorRT engine cannot be built on this machine, or None when it can.
 
@@ -126,21 +137,31 @@ def tensorrt_unavailable_reason() -> str | None:
     return None
 
 
-def load_images(paths: Sequence[Path], imgsz: int) -> np.ndarray:
-    """Letterboxed float32 NCHW RGB in [0, 1], exactly as Ultralytics preprocesses for a square static input."""
-    import cv2
+def letterbox(images: Sequence[np.ndarray], imgsz: int) -> np.ndarray:
+    """Letterboxed float32 NCHW RGB in [0, 1] from BGR frames, exactly as Ultralytics preprocesses for a square
+    static input (the evaluation's preprocessing)."""
     from ultralytics.data.augment import LetterBox
 
-    letterbox = LetterBox((imgsz, imgsz), auto=False, stride=32)
+    boxer = LetterBox((imgsz, imgsz), auto=False, stride=32)
+    frames = []
+    for image in images:
+        boxed = boxer(image=image)
+        assert isinstance(boxed, np.ndarray)
+        frames.append(boxed[..., ::-1].transpose(2, 0, 1))
+    return np.ascontiguousarray(np.stack(frames), dtype=np.float32) / 255.0
+
+
+def load_images(paths: Sequence[Path], imgsz: int) -> np.ndarray:
+    """Image files, letterboxed (see `letterbox`)."""
+    import cv2
+
     frames = []
     for path in paths:
         image = cv2.imread(str(path))
         if image is None:
             raise ValueError(f"cannot read image {path}")
-        boxed = letterbox(image=image)
-        assert isinstance(boxed, np.ndarray)
-        frames.append(boxed[..., ::-1].transpose(2, 0, 1))
-    return np.ascontiguousarray(np.stack(frames), dtype=np.float32) / 255.0
+        frames.append(image)
+    return letterbox(frames, imgsz)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,114 @@
+"""`conveyor serve | predict | bundle`: the serving command group (registered on the main CLI)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from conveyor.cli import _project, _registry, app, console, friendly_errors
+
+ModelOption = Annotated[
+    str | None,
+    typer.Option("--model", help="models:/NAME@alias, models:/NAME/VERSION, @alias or a version (default: champion)"),
+]
+
+
+@app.command()
+@friendly_errors
+def serve(
+    model: ModelOption = None,
+    host: Annotated[str | None, typer.Option(help="interface (default serve.host, 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port (default serve.port)")] = None,
+    grpc_port: Annotated[int | None, typer.Option(help="gRPC port (default serve.grpc_port)")] = None,
+    workers: Annotated[int | None, typer.Option(help="model instances (default serve.workers)")] = None,
+    runtime: Annotated[str | None, typer.Option(help="openvino | onnx | tensorrt (default serve.runtime)")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(help="dynamic batching limit; 1 turns batching off")] = None,
+) -> None:
+    """Serve the registry's champion (or --model): POST /predict, the Open Inference Protocol over HTTP and gRPC,
+    /metrics; follows the registry and hot-swaps when the alias moves. Token: CONVEYOR_SERVE_TOKEN."""
+    from serving.server import ServeOptions
+    from serving.server import serve as run_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pytriton").setLevel(logging.WARNING)
+    paths, settings = _project()
+    options = ServeOptions(model, host, port, grpc_port, workers, runtime, max_batch_size)
+    run_server(paths, settings, options)
+
+
+@app.command()
+@friendly_errors
+def predict(
+    source: Annotated[str, typer.Argument(help="a folder of images, a glob ('parts/*.jpg') or a list file")],
+    out: Annotated[Path, typer.Option(help="JSONL output; re-running skips images already in it")] = Path(
+        "predictions.jsonl"
+    ),
+    model: ModelOption = None,
+    runtime: Annotated[str | None, typer.Option(help="openvino | onnx | tensorrt (default serve.runtime)")] = None,
+) -> None:
+    """Batch prediction: detections for every image into JSONL, with the server's model, runtime and code."""
+    from pipelines.inference import ImageLimits
+    from serving import batch
+    from serving import source as registry_source
+    from serving.server import check_runtime, model_cache
+
+    paths, settings, client = _registry()
+    cfg = settings.serve
+    runtime = runtime or cfg.runtime
+    check_runtime(runtime)
+    images = batch.list_images(source)
+    name = settings.registry.model_name
+    version = registry_source.resolve_version(client, name, model or cfg.model)
+    console.print(f"{len(images)} images; model {name} v{version.version} on {runtime}")
+    files = registry_source.fetch(client, version, model_cache(paths))
+    loaded = registry_source.load(files, runtime, 1, cfg.conf)
+    summary = batch.predict(
+        loaded, images, out, cfg.max_batch_size, ImageLimits(cfg.max_image_bytes, cfg.max_image_pixels), console
+    )
+    table = Table(title=f"predictions -> {summary.out}")
+    for column in ("images", "skipped (done before)", "failed", "detections", "seconds", "images/s"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        str(summary.images),
+        str(summary.skipped),
+        str(summary.failed),
+        str(summary.detections),
+        f"{summary.seconds:.1f}",
+        f"{summary.images_per_second:.1f}",
+    )
+    console.print(table)
+    if summary.failed:
+        console.print(f"[yellow]{summary.failed} images could not be read: see their 'error' lines in {out}[/]")
+
+
+@app.command()
+@friendly_errors
+def bundle(
+    ref: Annotated[str, typer.Argument(help="models:/NAME@alias, models:/NAME/VERSION, @alias or a version")] = (
+        "@champion"
+    ),
+    out: Annotated[Path, typer.Option(help="the bundle folder (a .tar.gz is written beside it)")] = Path("edge-bundle"),
+    overwrite: Annotated[bool, typer.Option(help="replace an existing bundle folder")] = False,
+) -> None:
+    """An edge bundle: OpenVINO + ONNX models, class names, preprocessing, checksums and a runner that needs only
+    numpy, OpenCV and one runtime."""
+    from serving import bundle as edge
+    from serving import source
+    from serving.server import model_cache
+
+    paths, settings, client = _registry()
+    version = source.resolve_version(client, settings.registry.model_name, ref)
+    files = source.fetch(client, version, model_cache(paths))
+    built = edge.build(files, out, overwrite=overwrite)
+    console.print(
+        f"bundle of {files.name} v{files.version}: {built.directory} ({built.files} files, {built.size_mb} MB) and "
+        f"{built.archive}\non the device: pip install -r requirements.txt && python run.py --verify IMAGE..."
+    )
+
+
+
+

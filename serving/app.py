@@ -1,0 +1,321 @@
+"""The server's HTTP face: the image API (`POST /predict`), the Open Inference Protocol under `/v2` (passed through
+to Triton unchanged, binary tensors included), health, and `/metrics`.
+
+Every inference, from `/predict` or `/v2`, goes through Triton: one batching queue, one set of counters. This layer
+adds what Triton does not do: image uploads as JSON detections, readiness that means "a model is loaded", a bearer
+token, `Retry-After` when the queue is full, and the served version and last load error in `/v2/models/{name}`.
+Bad input is a 4xx JSON error naming the problem; nothing from a request is unpickled or loaded as a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import generate_latest
+
+from pipelines.inference import ImageError, ImageLimits, check_image_bytes
+from serving.metrics import ServingMetrics
+from serving.model import IMAGE_INPUT, detections_from_outputs
+from serving.swap import ModelSlot
+from serving.triton import TENSOR_SUFFIX, TritonPorts
+
+HEALTH_ROUTES = ("/v2/health/live", "/v2/health/ready")
+IMAGE_TYPES = ("image/jpeg", "image/png", "application/octet-stream")
+RETRY_AFTER_SECONDS = "1"
+# Triton checks restricted gRPC protocols against this metadata key (its prefix + PyTriton's token header).
+GRPC_TOKEN_HEADER = "triton-grpc-protocol-triton-access-token"
+# Headers that describe one hop of a connection, not the message: never passed through a proxy.
+HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "content-encoding"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    model_name: str
+    ports: TritonPorts
+    limits: ImageLimits
+    max_images: int
+    max_batch_size: int
+    token: str | None
+
+
+def create_app(config: ApiConfig, slot: ModelSlot, metrics: ServingMetrics) -> FastAPI:
+    grpc_url = f"{'127.0.0.1' if config.ports.grpc_host in ('0.0.0.0', '::') else config.ports.grpc_host}:{config.ports.grpc}"
+    triton_http = f"http://127.0.0.1:{config.ports.http}"
+    triton_metrics = f"http://127.0.0.1:{config.ports.metrics}/metrics"
+    state: dict[str, Any] = {}
+    names = {config.model_name, config.model_name + TENSOR_SUFFIX}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        import tritonclient.grpc.aio as grpcclient
+
+        state["grpc"] = grpcclient.InferenceServerClient(grpc_url)
+        state["http"] = httpx.AsyncClient(base_url=triton_http, timeout=60)
+        try:
+            yield
+        finally:
+            await state["grpc"].close()
+            await state["http"].aclose()
+
+    app = FastAPI(
+        title="Conveyor model server",
+        description="YOLO detections over HTTP: POST /predict with images, or the Open Inference Protocol under /v2.",
+        version="1",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        route = _route_label(request.url.path)
+        try:
+            if config.token and request.url.path not in HEALTH_ROUTES:
+                _check_token(request, config.token)
+            response = await call_next(request)
+        except ApiError as exc:
+            response = JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+        metrics.requests.labels(route, str(response.status_code)).inc()
+        metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+        return response
+
+    def require_ready() -> None:
+        if slot.current is None:
+            raise ApiError(503, f"not ready: {slot.state.reason}", {"Retry-After": RETRY_AFTER_SECONDS})
+
+    # --- health -------------------------------------------------------------------------------------------------
+
+    @app.get("/v2/health/live", tags=["health"])
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready", tags=["health"])
+    async def ready() -> JSONResponse:
+        if slot.current is None:
+            return JSONResponse({"ready": False, "reason": slot.state.reason}, status_code=503)
+        return JSONResponse({"ready": True, "model": config.model_name, "version": slot.current.version})
+
+    # --- the image API ----------------------------------------------------------------------------------------------
+
+    @app.post(
+        "/predict",
+        tags=["predict"],
+        openapi_extra={
+            "requestBody": {
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                        }
+                    },
+                    "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+                    "image/png": {"schema": {"type": "string", "format": "binary"}},
+                },
+                "required": True,
+            }
+        },
+    )
+    async def predict(request: Request) -> JSONResponse:
+        """Images (multipart `files`, or one image as the body) → detections per image, boxes in image pixels."""
+        uploads = await _read_uploads(request, config)
+        sizes = []
+        for filename, data in uploads:
+            try:
+                sizes.append(check_image_bytes(data, config.limits))
+            except ImageError as exc:
+                raise ApiError(400, f"{filename}: {exc}") from None
+        require_ready()
+        chunks = [uploads[i : i + config.max_batch_size] for i in range(0, len(uploads), config.max_batch_size)]
+        results = await asyncio.gather(*(_infer(state["grpc"], config.model_name, chunk, config.token) for chunk in chunks))
+        model = slot.current
+        card_names = model.card.names if model else None
+        images: list[dict[str, Any]] = []
+        versions = set()
+        for chunk, (table, counts, chunk_versions, errors) in zip(chunks, results, strict=True):
+            for (filename, _), found, version, error in zip(
+                chunk, detections_from_outputs(table, counts, card_names), chunk_versions, errors, strict=True
+            ):
+                if error:
+                    raise ApiError(400, f"{filename}: {error}")
+                versions.add(version)
+                images.append({"index": len(images), "filename": filename, "detections": found})
+        for image, (width, height) in zip(images, sizes, strict=True):
+            image["width"], image["height"] = width, height
+        version = ",".join(sorted(versions))
+        return JSONResponse(
+            {"model": {"name": config.model_name, "version": version}, "images": images},
+            headers={"X-Model-Name": config.model_name, "X-Model-Version": version},
+        )
+
+    # --- the Open Inference Protocol (Triton's, passed through) ------------------------------------------------
+
+    @app.get("/v2/models/{name}/ready", tags=["v2"])
+    async def model_ready(name: str) -> JSONResponse:
+        if name not in names:
+            raise ApiError(404, f"unknown model '{name}': this server serves {sorted(names)}")
+        if slot.current is None:
+            return JSONResponse({"name": name, "ready": False, "reason": slot.state.reason}, status_code=503)
+        return JSONResponse({"name": name, "ready": True})
+
+    @app.get("/v2/models/{name}", tags=["v2"])
+    async def model_metadata(name: str) -> Response:
+        """Triton's model metadata, plus `conveyor`: the registry version served, its state and the last load error."""
+        if name not in names:
+            raise ApiError(404, f"unknown model '{name}': this server serves {sorted(names)}")
+        upstream = await state["http"].get(f"/v2/models/{name}", headers=_forward_headers(request_headers={}))
+        body = upstream.json()
+        body["conveyor"] = slot.describe()
+        return JSONResponse(body, status_code=upstream.status_code)
+
+    @app.api_route(
+        "/v2/{path:path}",
+        methods=["GET", "POST"],
+        tags=["v2"],
+        openapi_extra={
+            "requestBody": {
+                "content": {"application/json": {"schema": {"type": "object"}}},
+                "required": False,
+            }
+        },
+    )
+    async def v2_passthrough(path: str, request: Request) -> Response:
+        """The rest of the protocol (server metadata, infer with JSON or binary tensors), forwarded to Triton."""
+        if request.method == "POST" and path.endswith("/infer"):
+            require_ready()
+        body = await request.body()
+        try:
+            upstream = await state["http"].request(
+                request.method,
+                f"/v2/{path}",
+                content=body,
+                params=request.query_params,
+                headers=_forward_headers(dict(request.headers)),
+            )
+        except (httpx.InvalidURL, UnicodeError, ValueError) as exc:
+            raise ApiError(400, f"malformed request path /v2/{path[:80]!r}: {exc}") from None
+        except httpx.HTTPError as exc:
+            raise ApiError(503, f"Triton is not answering: {exc}", {"Retry-After": RETRY_AFTER_SECONDS}) from None
+        headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS}
+        if upstream.status_code == 503:
+            headers["Retry-After"] = RETRY_AFTER_SECONDS
+        status = upstream.status_code
+        if status >= 500 and status != 503:
+            # Triton answers 500 for a malformed request it could not parse; that is the client's error.
+            status = 400
+        return Response(upstream.content, status_code=status, headers=headers)
+
+    # --- metrics ------------------------------------------------------------------------------------------------
+
+    @app.get("/metrics", tags=["metrics"])
+    async def metrics_page() -> Response:
+        """Conveyor's metrics, then Triton's (`nv_inference_*`), in Prometheus' text format."""
+        ours = generate_latest(metrics.registry).decode()
+        try:
+            triton = (await state["http"].get(triton_metrics, timeout=2)).text
+        except httpx.HTTPError as exc:
+            triton = f"# triton metrics unavailable: {exc}\n"
+        return Response(ours + triton, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def _forward_headers(request_headers: dict[str, str]) -> dict[str, str]:
+        headers = {k: v for k, v in request_headers.items() if k.lower() not in HOP_HEADERS | {"authorization"}}
+        if config.token:
+            headers["triton-access-token"] = config.token
+        return headers
+
+    return app
+
+
+def _check_token(request: Request, token: str) -> None:
+    given = request.headers.get("authorization", "")
+    scheme, _, value = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+        raise ApiError(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+
+
+def _route_label(path: str) -> str:
+    if path in ("/predict", "/metrics", *HEALTH_ROUTES):
+        return path
+    if path.startswith("/v2/models/") and path.endswith("/infer"):
+        return "/v2/models/{name}/infer"
+    if path.startswith("/v2/models/"):
+        return "/v2/models/{name}"
+    return "/v2" if path.startswith("/v2") else "other"
+
+
+async def _read_uploads(request: Request, config: ApiConfig) -> list[tuple[str, bytes]]:
+    """The images of a /predict request, with the limits checked before anything large is held."""
+    limit = config.limits.max_bytes * config.max_images
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise ApiError(413, f"body of {length} bytes is over the limit of {limit}")
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        try:
+            form = await request.form(max_files=config.max_images, max_part_size=config.limits.max_bytes)
+        except Exception as exc:  # malformed multipart, too many files or a part over the limit
+            raise ApiError(400, f"could not read the multipart body: {exc}") from None
+        uploads = []
+        for key, value in form.multi_items():
+            if isinstance(value, str):
+                raise ApiError(400, f"form field '{key}' is text: send images as file parts")
+            uploads.append((value.filename or key, await value.read()))
+        if not uploads:
+            raise ApiError(400, "no images in the multipart body: send one or more file parts")
+        return uploads
+    if content_type in IMAGE_TYPES:
+        body = bytearray()
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > config.limits.max_bytes:
+                raise ApiError(413, f"image is over the limit of {config.limits.max_bytes} bytes")
+        return [("body", bytes(body))]
+    raise ApiError(
+        415, f"content type '{content_type or 'none'}': send multipart/form-data with image files, or image/jpeg|png"
+    )
+
+
+async def _infer(
+    client: Any, model_name: str, chunk: list[tuple[str, bytes]], token: str | None
+) -> tuple[Any, Any, list[str], list[str]]:
+    import tritonclient.grpc.aio as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    tensor = grpcclient.InferInput(IMAGE_INPUT, [len(chunk), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[data] for _, data in chunk], dtype=object))
+    try:
+        result = await client.infer(
+            model_name,
+            [tensor],
+            parameters={"sent_at": json.dumps(time.time())},
+            headers={GRPC_TOKEN_HEADER: token} if token else None,
+        )
+    except InferenceServerException as exc:
+        if "queue" in str(exc.message()).lower():  # Triton: "Exceeds maximum queue size"
+            raise ApiError(503, f"server busy: {exc.message()}", {"Retry-After": RETRY_AFTER_SECONDS}) from None
+        raise ApiError(502, f"inference failed: {exc.message()}") from None
+    versions = [v.decode() for v in result.as_numpy("model_version").reshape(-1)]
+    errors = [e.decode() for e in result.as_numpy("error").reshape(-1)]
+    return result.as_numpy("detections"), result.as_numpy("num_detections"), versions, errors

@@ -1,0 +1,135 @@
+"""`conveyor predict SOURCE`: batch prediction over a folder, a glob or a list file of images, into JSONL.
+
+The same model, runtime and post-processing as the server (`serving.source` + `pipelines.inference.Detector`).
+Resumable: images already in the output file are skipped, and a line cut short by a crash is dropped and redone.
+A bad image becomes an `error` line and the run goes on; the summary counts them.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from pipelines.inference import ImageError, ImageLimits, decode_image
+from serving.source import LoadedModel
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+
+class SourceError(ValueError):
+    """The SOURCE names no images (or a kind of source this command does not read); the message says which."""
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    images: int
+    skipped: int  # already in the output from an earlier run
+    failed: int
+    detections: int
+    seconds: float
+    out: Path
+    version: str
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def list_images(source: str) -> list[Path]:
+    """A folder (recursively), a glob pattern, or a text file listing one image path per line."""
+    if source.startswith("s3://"):
+        raise SourceError(f"{source}: S3 sources need the production stack's storage settings (not configured)")
+    path = Path(source)
+    if path.is_dir():
+        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    elif any(ch in source for ch in "*?["):
+        found = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+    elif path.is_file() and path.suffix.lower() not in IMAGE_SUFFIXES:
+        base = path.parent
+        lines = [line.strip() for line in path.read_text().splitlines()]
+        found = [(base / line) if not Path(line).is_absolute() else Path(line) for line in lines if line]
+    elif path.is_file():
+        found = [path]
+    else:
+        raise SourceError(f"{source}: no such folder, image, list file or matching glob")
+    if not found:
+        raise SourceError(f"{source}: no .jpg, .jpeg or .png images found")
+    return found
+
+
+def done_images(out: Path) -> set[str]:
+    """Images already predicted in `out`; a torn last line (a crash mid-write) is removed so it is redone."""
+    if not out.is_file():
+        return set()
+    done = set()
+    good_bytes = 0
+    with out.open("rb") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                break
+            if not line.endswith(b"\n"):
+                break
+            done.add(record["image"])
+            good_bytes += len(line)
+    if good_bytes != out.stat().st_size:
+        with out.open("r+b") as f:
+            f.truncate(good_bytes)
+    return done
+
+
+def _chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def predict(
+    model: LoadedModel, images: list[Path], out: Path, batch_size: int, limits: ImageLimits, console: Console
+) -> BatchSummary:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = done_images(out)
+    todo = [p for p in images if str(p) not in done]
+    detector = model.detectors[0]
+    failed = detections = 0
+    started = time.perf_counter()
+    with (
+        out.open("a", encoding="utf-8") as sink,
+        Progress(
+            TextColumn("[bold]predict[/]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
+        ) as progress,
+    ):
+        task = progress.add_task("images", total=len(todo))
+        for chunk in _chunks(todo, batch_size):
+            lines: dict[Path, dict[str, object]] = {}
+            frames = []
+            for path in chunk:
+                try:
+                    frames.append((path, decode_image(path.read_bytes(), limits)))
+                except (ImageError, OSError) as exc:
+                    lines[path] = {"image": str(path), "error": str(exc), "version": model.version}
+                    failed += 1
+            for (path, frame), found in zip(frames, detector.detect([f for _, f in frames]), strict=True):
+                detections += len(found)
+                lines[path] = {
+                    "image": str(path),
+                    "model": model.name,
+                    "version": model.version,
+                    "width": frame.shape[1],
+                    "height": frame.shape[0],
+                    "detections": [d.to_json() for d in found],
+                }
+            for path in chunk:  # in input order; each line is written whole
+                sink.write(json.dumps(lines[path]) + "\n")
+            sink.flush()
+            progress.advance(task, len(chunk))
+    return BatchSummary(
+        len(todo), len(images) - len(todo), failed, detections, time.perf_counter() - started, out, model.version
+    )

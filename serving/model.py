@@ -1,0 +1,176 @@
+"""The served model, as an inference server wants it: a load step and a batch-in, batch-out step.
+
+Same shape as Triton's Python backend (`initialize` / `execute`) and KServe's `Model` (`load` / `predict`): the
+server around it (here PyTriton, in a cluster Triton itself) owns the protocol, the batching queue and the
+transport; this class only turns a batch of requests into a batch of responses with the model in the slot.
+
+Tensors (the Open Inference Protocol view):
+- image model `NAME`: input `image` BYTES [1] (an encoded JPEG or PNG);
+- tensor model `NAME_preprocessed`: input `images` FP32 [3, S, S] (letterboxed RGB in [0, 1], S = the model's size).
+Both answer, per image: `detections` FP32 [N, 6] = x0, y0, x1, y1, confidence, class id (boxes in original-image
+pixels; for tensors in input pixels), padded with rows of -1 to the batch's largest N; `num_detections` INT32 [1];
+`model_version` BYTES [1]; `error` BYTES [1], empty unless that image was refused (one bad image in a batch never
+fails the other requests batched with it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipelines.inference import Detection, ImageError, ImageLimits, decode_image, postprocess
+from serving.metrics import ServingMetrics
+from serving.predlog import Pending, PredictionLog, thumbnail
+from serving.swap import ModelSlot
+
+IMAGE_INPUT = "image"
+TENSOR_INPUT = "images"
+OUTPUTS = ("detections", "num_detections", "model_version", "error")
+
+
+class NoModelError(RuntimeError):
+    """No model is loaded yet (no champion): the request cannot be served now, but may be later."""
+
+
+@dataclass
+class BatchItem:
+    request: int  # which request of the batch this image belongs to
+    image: np.ndarray | None
+    error: str
+
+
+class ServedModel:
+    """One model instance (worker) of the server: detector `index` of whatever model the slot holds."""
+
+    def __init__(
+        self,
+        slot: ModelSlot,
+        index: int,
+        metrics: ServingMetrics,
+        predlog: PredictionLog | None,
+        limits: ImageLimits,
+    ) -> None:
+        self.slot = slot
+        self.index = index
+        self.metrics = metrics
+        self.predlog = predlog
+        self.limits = limits
+
+    def execute_images(
+        self, encoded: Sequence[np.ndarray], sent_at: Sequence[float | None] = ()
+    ) -> list[dict[str, np.ndarray]]:
+        """One batch of image requests: `encoded[i]` holds request i's images as BYTES, any shape."""
+        model = self._model()  # taken once: the whole batch runs on the model it started with
+        self._observe_queue(sent_at)
+        started = time.perf_counter()
+        items: list[BatchItem] = []
+        for r, tensor in enumerate(encoded):
+            for raw in np.asarray(tensor, dtype=object).reshape(-1):
+                try:
+                    items.append(BatchItem(r, decode_image(bytes(raw), self.limits), ""))
+                except ImageError as exc:
+                    items.append(BatchItem(r, None, str(exc)))
+        good = [item for item in items if item.image is not None]
+        detector = model.detectors[self.index % len(model.detectors)]
+        found = iter(detector.detect([item.image for item in good if item.image is not None]))
+        per_item = [next(found) if item.image is not None else [] for item in items]
+        self._account(model.version, items, per_item, time.perf_counter() - started)
+        return self._responses(len(encoded), items, per_item, model.version)
+
+    def execute_tensors(self, tensors: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """One batch of preprocessed requests: `tensors[i]` is request i's FP32 [n, 3, S, S]."""
+        model = self._model()
+        started = time.perf_counter()
+        card = model.card
+        expected = (3, card.imgsz, card.imgsz)
+        items: list[BatchItem] = []
+        frames: list[np.ndarray] = []
+        for r, tensor in enumerate(tensors):
+            for frame in np.asarray(tensor, dtype=np.float32).reshape(-1, *tensor.shape[-3:]):
+                if frame.shape != expected:
+                    items.append(BatchItem(r, None, f"tensor shape {list(frame.shape)}, expected {list(expected)}"))
+                else:
+                    items.append(BatchItem(r, frame, ""))
+                    frames.append(frame)
+        per_item: list[list[Detection]] = [[] for _ in items]
+        if frames:
+            detector = model.detectors[self.index % len(model.detectors)]
+            raw = detector.runtime.infer(np.ascontiguousarray(np.stack(frames)))
+            found = iter(postprocess(raw, [(card.imgsz, card.imgsz)] * len(frames), card))
+            per_item = [next(found) if item.image is not None else [] for item in items]
+        self.metrics.inference_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(items))
+        return self._responses(len(tensors), items, per_item, model.version)
+
+    def _model(self) -> Any:
+        model = self.slot.current
+        if model is None:
+            raise NoModelError(self.slot.state.reason)
+        return model
+
+    def _observe_queue(self, sent_at: Sequence[float | None]) -> None:
+        now = time.time()
+        for sent in sent_at:
+            if sent:
+                self.metrics.queue_seconds.observe(max(0.0, now - sent))
+
+    def _account(self, version: str, items: list[BatchItem], per_item: list[list[Detection]], seconds: float) -> None:
+        m = self.metrics
+        m.inference_seconds.observe(seconds)
+        m.batch_size.observe(len(items))
+        now = time.time()
+        for item, detections in zip(items, per_item, strict=True):
+            if item.image is None:
+                m.images.labels("refused").inc()
+                continue
+            m.images.labels("ok").inc()
+            m.detections_per_image.observe(len(detections))
+            for d in detections:
+                m.confidence.observe(d.confidence)
+                m.detections.labels(d.class_name).inc()
+            if self.predlog is not None:
+                height, width = item.image.shape[:2]
+                self.predlog.offer(Pending(now, version, width, height, thumbnail(item.image), detections))
+
+    @staticmethod
+    def _responses(
+        n_requests: int, items: list[BatchItem], per_item: list[list[Detection]], version: str
+    ) -> list[dict[str, np.ndarray]]:
+        width = max([len(d) for d in per_item] + [1])
+        grouped: list[list[tuple[BatchItem, list[Detection]]]] = [[] for _ in range(n_requests)]
+        for item, detections in zip(items, per_item, strict=True):
+            grouped[item.request].append((item, detections))
+        responses = []
+        for group in grouped:
+            table = np.full((len(group), width, 6), -1.0, dtype=np.float32)
+            for row, (_, detections) in enumerate(group):
+                for k, d in enumerate(detections):
+                    table[row, k] = (*d.box, d.confidence, d.class_id)
+            responses.append(
+                {
+                    "detections": table,
+                    "num_detections": np.array([[len(d)] for _, d in group], dtype=np.int32).reshape(-1, 1),
+                    "model_version": np.array([[version.encode()] for _ in group], dtype=object).reshape(-1, 1),
+                    "error": np.array([[item.error.encode()] for item, _ in group], dtype=object).reshape(-1, 1),
+                }
+            )
+        return responses
+
+
+def detections_from_outputs(
+    table: np.ndarray, counts: np.ndarray, names: Sequence[str] | None = None
+) -> list[list[dict[str, Any]]]:
+    """The v2 outputs (`detections`, `num_detections`) of a batch back as JSON detections, one list per image."""
+    out = []
+    for rows, count in zip(table, np.asarray(counts).reshape(-1), strict=True):
+        found = []
+        for x0, y0, x1, y1, conf, cls in rows[: int(count)].tolist():
+            found.append(
+                Detection(int(cls), names[int(cls)] if names else str(int(cls)), conf, (x0, y0, x1, y1)).to_json()
+            )
+        out.append(found)
+    return out

@@ -1,0 +1,157 @@
+"""`conveyor serve`: the registry's model behind Triton (gRPC), the HTTP API in front of it, and the watcher that
+hot-swaps the model when its alias moves. Runs in the foreground until Ctrl-C or SIGTERM, then stops cleanly."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from conveyor.paths import ProjectPaths
+from conveyor.settings import ServeSettings, Settings
+from conveyor.tracking import Tracker
+from pipelines import runtimes
+from pipelines.inference import ImageLimits
+from serving.app import ApiConfig, create_app
+from serving.metrics import ServingMetrics
+from serving.model import ServedModel
+from serving.predlog import PredictionLog
+from serving.source import RuntimeUnavailableError
+from serving.swap import ModelSlot, RegistryWatcher
+from serving.triton import TritonPorts, start_triton
+
+LOG = logging.getLogger("conveyor.serving")
+TOKEN_ENV = "CONVEYOR_SERVE_TOKEN"
+
+
+class PortInUseError(RuntimeError):
+    """A port the server needs is taken; the message names it."""
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """The command line's overrides of params.yaml's `serve` section."""
+
+    model: str | None = None
+    host: str | None = None
+    port: int | None = None
+    grpc_port: int | None = None
+    workers: int | None = None
+    runtime: str | None = None
+    max_batch_size: int | None = None
+
+    def apply(self, cfg: ServeSettings) -> ServeSettings:
+        given = {k: v for k, v in self.__dict__.items() if v is not None}
+        return ServeSettings.model_validate({**cfg.model_dump(), **given})
+
+
+def prediction_log_dir(paths: ProjectPaths, cfg: ServeSettings) -> Path:
+    directory = cfg.prediction_log.directory
+    if directory is None:
+        return paths.scratch / "predictions"
+    return directory if directory.is_absolute() else paths.root / directory
+
+
+def model_cache(paths: ProjectPaths) -> Path:
+    return paths.scratch / "serving" / "models"
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _check_port(host: str, port: int, what: str) -> None:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise PortInUseError(f"{what} port {host}:{port} is not free ({exc.strerror}): pick another") from None
+
+
+def check_runtime(runtime: str) -> None:
+    """Refuse at start, with the reason, a runtime this machine cannot run."""
+    if runtime == "tensorrt":
+        reason = runtimes.tensorrt_unavailable_reason()
+        if reason:
+            raise RuntimeUnavailableError(f"cannot serve on tensorrt: {reason}; use serve.runtime openvino or onnx")
+
+
+def serve(paths: ProjectPaths, settings: Settings, options: ServeOptions) -> None:
+    import uvicorn
+
+    cfg = options.apply(settings.serve)
+    check_runtime(cfg.runtime)
+    _check_port(cfg.host, cfg.port, "HTTP")
+    _check_port(cfg.host, cfg.grpc_port, "gRPC")
+    token = os.environ.get(TOKEN_ENV) or None
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not token:
+        LOG.warning("serving on %s without a token: set %s to require a bearer token", cfg.host, TOKEN_ENV)
+
+    metrics = ServingMetrics()
+    metrics.model_ready.set(0)
+    slot = ModelSlot()
+    limits = ImageLimits(cfg.max_image_bytes, cfg.max_image_pixels)
+    log_cfg = cfg.prediction_log
+    predlog = (
+        PredictionLog(
+            prediction_log_dir(paths, cfg),
+            log_cfg.queue_size,
+            log_cfg.flush_seconds,
+            log_cfg.keep_hours,
+            on_written=metrics.log_written.inc,
+            on_dropped=metrics.log_dropped.inc,
+        ).start()
+        if log_cfg.enabled
+        else None
+    )
+    name = settings.registry.model_name
+    watcher = RegistryWatcher(
+        lambda: Tracker.client_for(paths),
+        name,
+        cfg.model,
+        model_cache(paths),
+        cfg.runtime,
+        cfg.workers,
+        cfg.conf,
+        cfg.poll_seconds,
+        slot,
+        metrics,
+    )
+    watcher.check()  # the current version, before the first request (or the reason there is none)
+    ports = TritonPorts(http=_free_port(), grpc=cfg.grpc_port, metrics=_free_port(), grpc_host=cfg.host)
+    instances = [ServedModel(slot, i, metrics, predlog, limits) for i in range(cfg.workers)]
+    triton: Any = None
+    try:
+        triton = start_triton(
+            name,
+            instances,
+            ports,
+            max_batch_size=cfg.max_batch_size,
+            max_queue_delay_ms=cfg.max_queue_delay_ms,
+            max_queue_size=cfg.max_queue_size,
+            access_token=token,
+        )
+        watcher.start()
+        app = create_app(
+            ApiConfig(name, ports, limits, cfg.max_images_per_request, cfg.max_batch_size, token), slot, metrics
+        )
+        print(  # noqa: T201  (the one line a user needs, before uvicorn's own log)
+            f"serving {name} ({slot.state.reason}) on http://{cfg.host}:{cfg.port} (/predict, /v2, /metrics) "
+            f"and grpc {cfg.host}:{cfg.grpc_port}",
+            flush=True,
+        )
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        watcher.stop()
+        if predlog is not None:
+            predlog.close()
+        if triton is not None:
+            triton.stop()

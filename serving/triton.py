@@ -1,0 +1,135 @@
+"""Triton Inference Server (through PyTriton) around the served model: the Open Inference Protocol over HTTP and
+gRPC, dynamic batching with a bounded queue, one model instance per worker, and Triton's Prometheus metrics.
+
+Why PyTriton (measured, see README "Serving"): it resolves in one environment with Prefect 3.8 and MLflow 3, while
+MLServer needs FastAPI < 0.116; tritonclient's binary tensors work over both protocols (MLServer's REST rejects them);
+and a cluster runs the same `ServedModel` in Triton's Python backend.
+"""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from serving.model import IMAGE_INPUT, TENSOR_INPUT, ServedModel
+
+TENSOR_SUFFIX = "_preprocessed"
+
+
+@dataclass(frozen=True)
+class TritonPorts:
+    http: int  # internal: the API in front proxies /v2 here
+    grpc: int  # public: tritonclient.grpc talks to it directly
+    metrics: int  # internal: appended to the API's /metrics
+    grpc_host: str
+
+
+def _python_backend_library_path() -> None:
+    """Triton's Python backend stub links libpython; left alone it may load the system's copy, which breaks a
+    different interpreter build's stdlib. Put this interpreter's library directory first (PyTriton passes the
+    environment to the server)."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    current = os.environ.get("LD_LIBRARY_PATH", "")
+    if libdir and not current.startswith(str(libdir)):
+        os.environ["LD_LIBRARY_PATH"] = f"{libdir}:{current}" if current else str(libdir)
+
+
+def start_triton(
+    model_name: str,
+    instances: list[ServedModel],
+    ports: TritonPorts,
+    *,
+    max_batch_size: int,
+    max_queue_delay_ms: float,
+    max_queue_size: int,
+    access_token: str | None,
+) -> Any:
+    """Start Triton with the image model and the preprocessed-tensor model bound; returns the running server."""
+    from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor
+    from pytriton.model_config.common import TimeoutAction
+    from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
+
+    _python_backend_library_path()
+    protected = ["shared-memory", "model-repository", "statistics", "trace", "logging"]
+    if access_token:  # clients must send `triton-access-token` (gRPC metadata; the HTTP API checks a bearer token)
+        protected += ["inference", "metadata", "model-config"]
+    triton = Triton(
+        config=TritonConfig(
+            http_address="127.0.0.1",
+            http_port=ports.http,
+            grpc_address=ports.grpc_host,
+            grpc_port=ports.grpc,
+            metrics_address="127.0.0.1",
+            metrics_port=ports.metrics,
+            allow_cpu_metrics=True,
+            exit_timeout_secs=5,
+            log_verbose=0,
+        ),
+        security_config=TritonSecurityConfig(access_token=access_token, restricted_endpoints=protected),
+    )
+
+    batching = max_batch_size > 1
+    config = ModelConfig(
+        batching=batching,
+        max_batch_size=max_batch_size if batching else 0,
+        batcher=DynamicBatcher(
+            max_queue_delay_microseconds=int(max_queue_delay_ms * 1000),
+            default_queue_policy=QueuePolicy(
+                timeout_action=TimeoutAction.REJECT, max_queue_size=max_queue_size, allow_timeout_override=True
+            ),
+        )
+        if batching
+        else None,
+    )
+    outputs = [
+        Tensor(name="detections", dtype=np.float32, shape=(-1, 6)),
+        Tensor(name="num_detections", dtype=np.int32, shape=(1,)),
+        Tensor(name="model_version", dtype=bytes, shape=(1,)),
+        Tensor(name="error", dtype=bytes, shape=(1,)),
+    ]
+    dims = (1,) if batching else (-1, 1)
+    tensor_dims = (3, -1, -1) if batching else (-1, 3, -1, -1)
+
+    def image_fn(served: ServedModel) -> Any:
+        def infer(requests: list[Any]) -> list[dict[str, np.ndarray]]:
+            sent = [_sent_at(r) for r in requests]
+            return served.execute_images([r[IMAGE_INPUT] for r in requests], sent)
+
+        return infer
+
+    def tensor_fn(served: ServedModel) -> Any:
+        def infer(requests: list[Any]) -> list[dict[str, np.ndarray]]:
+            return served.execute_tensors([r[TENSOR_INPUT] for r in requests])
+
+        return infer
+
+    triton.bind(
+        model_name=model_name,
+        infer_func=[image_fn(s) for s in instances],
+        inputs=[Tensor(name=IMAGE_INPUT, dtype=bytes, shape=dims)],
+        outputs=outputs,
+        config=config,
+        strict=False,
+    )
+    triton.bind(
+        model_name=model_name + TENSOR_SUFFIX,
+        infer_func=[tensor_fn(s) for s in instances],
+        inputs=[Tensor(name=TENSOR_INPUT, dtype=np.float32, shape=tensor_dims)],
+        outputs=outputs,
+        config=config,
+        strict=False,
+    )
+    triton.run()
+    return triton
+
+
+def _sent_at(request: Any) -> float | None:
+    value = (getattr(request, "parameters", None) or {}).get("sent_at")
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
