@@ -31,12 +31,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _known_errors() -> tuple[type[BaseException], ...]:
     from flows.deploy import PrefectServerMissingError
     from pipelines.data import DataVersionError
-    from serving.batch import SourceError
-    from serving.server import PortInUseError
-    from serving.source import RuntimeUnavailableError
     from pipelines.lineage_report import ModelRefError
     from pipelines.registry import PromotionRefusedError
     from pipelines.validate import DataValidationError
+    from serving.batch import SourceError
+    from serving.server import PortInUseError
+    from serving.source import RuntimeUnavailableError
 
     return (
         SourceError,

@@ -108,7 +108,3 @@ def bundle(
         f"bundle of {files.name} v{files.version}: {built.directory} ({built.files} files, {built.size_mb} MB) and "
         f"{built.archive}\non the device: pip install -r requirements.txt && python run.py --verify IMAGE..."
     )
-
-
-
-

@@ -158,7 +158,7 @@ class Detector:
         for i in range(0, len(images), step):
             chunk = images[i : i + step]
             raw = self.runtime.infer(letterbox(chunk, self.card.imgsz))
-            results.extend(postprocess(raw, [im.shape[:2] for im in chunk], self.card, conf))
+            results.extend(postprocess(raw, [(im.shape[0], im.shape[1]) for im in chunk], self.card, conf))
         return results
 
     def warm_up(self) -> None:

@@ -2,7 +2,8 @@
 
 Input: a pandas DataFrame with an `image` column (file paths or encoded image bytes). Output: one row per detection
 (image index, class id and name, confidence, box in pixels of the original image). Runs the ONNX export through
-`pipelines.inference.Detector` (the server's code), with the preprocessing (letterbox to the trained size) and non-maximum suppression the model was evaluated with.
+`pipelines.inference.Detector`, the server's code: the letterbox and non-maximum suppression the model was evaluated
+with.
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ def _scratch(rng: np.random.Generator, img: np.ndarray, scale: float) -> tuple[f
     points = np.stack([xs, ys], 1).round().astype(np.int32)
     mask = np.zeros(img.shape[:2], np.float32)
     thickness = int(rng.integers(2, 5))
-    cv2.polylines(mask, [points], False, 1.0, thickness=thickness, lineType=cv2.LINE_AA)
+    cv2.polylines(mask, [points], False, (1.0,), thickness=thickness, lineType=cv2.LINE_AA)
     bright = rng.random() < 0.5  # a scratch through paint shines; one in dirt is dark
     shade = rng.uniform(70, 110) * (1 if bright else -1)
     img += shade * mask[..., None]
@@ -133,7 +133,7 @@ def _stain(rng: np.random.Generator, img: np.ndarray, scale: float) -> tuple[flo
     radii = radius * rng.uniform(0.55, 1.25, n)
     xs, ys = cx + radii * np.cos(angles), cy + radii * np.sin(angles)
     outline = np.zeros(img.shape[:2], np.float32)
-    cv2.fillPoly(outline, [np.stack([xs, ys], 1).round().astype(np.int32)], 1.0, lineType=cv2.LINE_AA)
+    cv2.fillPoly(outline, [np.stack([xs, ys], 1).round().astype(np.int32)], (1.0,), lineType=cv2.LINE_AA)
     mask = cv2.GaussianBlur(outline, (0, 0), 1.5)  # soft edges, as a liquid leaves
     color = rng.uniform([10, 40, 50], [60, 90, 110])  # oily browns and rust (BGR)
     alpha = rng.uniform(0.6, 0.85)

@@ -58,7 +58,9 @@ class ApiConfig:
 
 
 def create_app(config: ApiConfig, slot: ModelSlot, metrics: ServingMetrics) -> FastAPI:
-    grpc_url = f"{'127.0.0.1' if config.ports.grpc_host in ('0.0.0.0', '::') else config.ports.grpc_host}:{config.ports.grpc}"
+    grpc_url = (
+        f"{'127.0.0.1' if config.ports.grpc_host in ('0.0.0.0', '::') else config.ports.grpc_host}:{config.ports.grpc}"
+    )
     triton_http = f"http://127.0.0.1:{config.ports.http}"
     triton_metrics = f"http://127.0.0.1:{config.ports.metrics}/metrics"
     state: dict[str, Any] = {}
@@ -149,7 +151,9 @@ def create_app(config: ApiConfig, slot: ModelSlot, metrics: ServingMetrics) -> F
                 raise ApiError(400, f"{filename}: {exc}") from None
         require_ready()
         chunks = [uploads[i : i + config.max_batch_size] for i in range(0, len(uploads), config.max_batch_size)]
-        results = await asyncio.gather(*(_infer(state["grpc"], config.model_name, chunk, config.token) for chunk in chunks))
+        results = await asyncio.gather(
+            *(_infer(state["grpc"], config.model_name, chunk, config.token) for chunk in chunks)
+        )
         model = slot.current
         card_names = model.card.names if model else None
         images: list[dict[str, Any]] = []

@@ -19,7 +19,11 @@ class ServingMetrics:
             "conveyor_http_requests", "HTTP requests by route and status", ["route", "status"], registry=r
         )
         self.request_seconds = Histogram(
-            "conveyor_request_seconds", "HTTP request latency, end to end", ["route"], buckets=LATENCY_BUCKETS, registry=r
+            "conveyor_request_seconds",
+            "HTTP request latency, end to end",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_seconds = Histogram(
             "conveyor_queue_seconds",
@@ -54,6 +58,8 @@ class ServingMetrics:
         )
         self.model_ready = Gauge("conveyor_model_ready", "1 when a model is loaded and serving", registry=r)
         self.log_dropped = Counter(
-            "conveyor_prediction_log_dropped", "Prediction-log records dropped (the writer could not keep up)", registry=r
+            "conveyor_prediction_log_dropped",
+            "Prediction-log records dropped (the writer could not keep up)",
+            registry=r,
         )
         self.log_written = Counter("conveyor_prediction_log_written", "Prediction-log records written", registry=r)

@@ -161,9 +161,9 @@ class PredictionLog:
         cutoff = datetime.now(UTC) - timedelta(hours=self.keep_hours)
         for folder in self.directory.glob("date=*/hour=*"):
             try:
-                hour = datetime.strptime(
-                    f"{folder.parent.name[5:]} {folder.name[5:]}", "%Y-%m-%d %H"
-                ).replace(tzinfo=UTC)
+                hour = datetime.strptime(f"{folder.parent.name[5:]} {folder.name[5:]}", "%Y-%m-%d %H").replace(
+                    tzinfo=UTC
+                )
             except ValueError:
                 continue
             if hour < cutoff - timedelta(hours=1):

@@ -141,7 +141,7 @@ def serve(paths: ProjectPaths, settings: Settings, options: ServeOptions) -> Non
         app = create_app(
             ApiConfig(name, ports, limits, cfg.max_images_per_request, cfg.max_batch_size, token), slot, metrics
         )
-        print(  # noqa: T201  (the one line a user needs, before uvicorn's own log)
+        print(
             f"serving {name} ({slot.state.reason}) on http://{cfg.host}:{cfg.port} (/predict, /v2, /metrics) "
             f"and grpc {cfg.host}:{cfg.grpc_port}",
             flush=True,

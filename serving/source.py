@@ -39,7 +39,9 @@ class ModelFiles:
 
     def artifact(self, key: str) -> Path:
         if key not in self.artifacts:
-            raise FileNotFoundError(f"{self.name} v{self.version} has no '{key}' artifact (it has {sorted(self.artifacts)})")
+            raise FileNotFoundError(
+                f"{self.name} v{self.version} has no '{key}' artifact (it has {sorted(self.artifacts)})"
+            )
         return self.artifacts[key]
 
 

@@ -86,9 +86,9 @@ class RunningServer:
         return self.log.read_text(errors="replace")[-4000:]
 
 
-def start_server(root: Path, mlflow_server: str, name: str, serve: dict[str, Any] | None = None) -> RunningServer:
+def start_server(root: Path, mlflow_server: str, name: str, serve: dict[str, object] | None = None) -> RunningServer:
     port, grpc_port = free_port(), free_port()
-    params = {
+    params: dict[str, object] = {
         "registry": {"model_name": name},
         "serve": {"port": port, "grpc_port": grpc_port, "poll_seconds": 1, **(serve or {})},
     }

@@ -116,7 +116,8 @@ class Model:
 
     def detect(self, image: np.ndarray, conf: float | None = None) -> list[dict]:
         raw = self._infer(letterbox(image, self.card["imgsz"])[None])
-        return postprocess(raw[0], image.shape[:2], self.card, self.card.get("conf", 0.25) if conf is None else conf)
+        height, width = image.shape[:2]
+        return postprocess(raw[0], (height, width), self.card, self.card.get("conf", 0.25) if conf is None else conf)
 
 
 def main(argv: list[str] | None = None) -> int:
