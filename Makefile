@@ -11,12 +11,12 @@ STAMP := $(VENV)/.synced-$(shell cat uv.lock pyproject.toml | cksum | cut -d' ' 
 export UV_PYTHON := $(PYTHON)
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: run test lint env bench ui clean
+.PHONY: run test lint env bench bench-serving ui clean prometheus
 
 run: $(STAMP)
 	$(VENV)/bin/conveyor run
 
-test: $(STAMP) lint
+test: $(STAMP) lint prometheus
 	$(VENV)/bin/pytest
 
 lint: $(STAMP)
@@ -26,6 +26,18 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench.pipeline
+
+bench-serving: $(STAMP)
+	$(VENV)/bin/python -m bench.serving
+
+# The serving tests scrape the server with a real Prometheus (Debian's package). Installed when this user can
+# (root with apt); otherwise that one test says why it skipped.
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) \
+	      >/dev/null 2>&1 || echo "could not install prometheus with apt-get: its test will skip"; \
+	  else echo "prometheus is not installed (apt-get install prometheus): its test will skip"; fi; }
 
 ui: $(STAMP)
 	$(VENV)/bin/conveyor ui

@@ -252,14 +252,14 @@ def main() -> None:
         "workers_gain_c8": round(
             find("batching, 2 workers", "/predict", 8).rps / find("batching, 1 worker", "/predict", 8).rps, 3
         ),
-        "errors": sum(c.errors for c in cells),
+        "errors": sum(cell.errors for cell in cells),
     }
     table = Table(title=f"serving benchmark (OpenVINO, {available_cores()} cores; raw p50 {raw_p50:.1f} ms)")
     for column in ("configuration", "path", "concurrency", "requests", "p50 ms", "p99 ms", "req/s", "errors"):
         table.add_column(column, justify="left" if column in ("configuration", "path") else "right")
-    for c in cells:
-        table.add_row(c.config, c.path, str(c.concurrency), str(c.requests), f"{c.p50_ms:.1f}", f"{c.p99_ms:.1f}",
-                      f"{c.rps:.1f}", str(c.errors))  # fmt: skip
+    for cell in cells:
+        table.add_row(cell.config, cell.path, str(cell.concurrency), str(cell.requests), f"{cell.p50_ms:.1f}",
+                      f"{cell.p99_ms:.1f}", f"{cell.rps:.1f}", str(cell.errors))  # fmt: skip
     console.print(table)
     console.print(headline)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -269,7 +269,7 @@ def main() -> None:
                 **headline,
                 "machine": {"cores": available_cores(), "platform": platform.platform()},
                 "raw_p50_ms": round(raw_p50, 2),
-                "cells": [asdict(c) for c in cells],
+                "cells": [asdict(cell) for cell in cells],
             },
             indent=2,
         )

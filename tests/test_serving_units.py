@@ -1,0 +1,147 @@
+"""Serving's pieces without a server: image checks, the edge runner against Conveyor's own pre- and post-processing,
+the prediction log's bounded queue, batch prediction's inputs and resume, and the serve settings."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import time
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from conveyor.settings import ServeSettings
+from pipelines.inference import Detection, ImageError, ImageLimits, ModelCard, check_image_bytes, postprocess
+from pipelines.runtimes import letterbox
+from serving import batch
+from serving.predlog import Pending, PredictionLog, read_log
+from serving.server import ServeOptions
+
+EDGE = Path(__file__).resolve().parents[1] / "serving" / "edge" / "run.py"
+
+
+def encoded(fmt: str, size: tuple[int, int] = (64, 48)) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), np.uint8)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def edge_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("edge_run", EDGE)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_image_checks_name_the_problem() -> None:
+    limits = ImageLimits(max_bytes=100_000, max_pixels=10_000)
+    assert check_image_bytes(encoded("JPEG"), limits) == (64, 48)
+    assert check_image_bytes(encoded("PNG"), limits) == (64, 48)
+    jpeg = encoded("JPEG")
+    cases = {
+        b"": "empty body",
+        b"GIF89a" + b"\0" * 20: "not a JPEG or PNG",
+        jpeg[: len(jpeg) // 2]: "truncated JPEG",
+        encoded("PNG", (200, 100)): "over the limit of 10000",
+        b"\xff\xd8\xff" + b"0" * 100_001: "over the limit of 100000",
+        b"\x89PNG\r\n\x1a\n" + b"\0" * 30: "not a decodable image",
+    }
+    for data, message in cases.items():
+        with pytest.raises(ImageError, match=message):
+            check_image_bytes(data, limits)
+
+
+def test_edge_letterbox_is_ultralytics_letterbox() -> None:
+    edge = edge_module()
+    image = np.random.default_rng(1).integers(0, 255, (237, 411, 3), np.uint8)
+    assert np.array_equal(edge.letterbox(image, 320)[None], letterbox([image], 320))
+
+
+def test_edge_postprocess_gives_conveyors_detections() -> None:
+    """Random raw outputs with a few confident, overlapping boxes: the numpy NMS keeps what Ultralytics' NMS keeps."""
+    edge = edge_module()
+    rng = np.random.default_rng(2)
+    card = ModelCard(names=["scratch", "dent", "stain"], imgsz=320, conf=0.25, iou=0.7)
+    anchors = 2100
+    raw = np.zeros((1, 7, anchors), np.float32)
+    raw[0, 0:2] = rng.uniform(20, 300, (2, anchors))
+    raw[0, 2:4] = rng.uniform(10, 80, (2, anchors))
+    raw[0, 4:] = rng.uniform(0, 0.2, (3, anchors))
+    hot = rng.choice(anchors, 60, replace=False)
+    raw[0, 4:, hot] = rng.uniform(0.1, 0.99, (60, 3))
+    raw[0, 0:2, hot[:20]] = 150  # a cluster: NMS must suppress inside it
+    for shape in ((320, 320), (360, 480)):
+        expected = [d.to_json() for d in postprocess(raw.copy(), [shape], card)[0]]
+        got = edge.postprocess(raw[0].copy(), shape, card.to_json(), card.conf)
+        assert [d["class_id"] for d in got] == [d["class_id"] for d in expected]
+        assert np.allclose([d["box"] for d in got], [d["box"] for d in expected], atol=0.02)
+        assert np.allclose([d["confidence"] for d in got], [d["confidence"] for d in expected], atol=1e-5)
+
+
+def pending(version: str = "1") -> Pending:
+    detection = Detection(0, "scratch", 0.9, (1.0, 2.0, 11.0, 12.0))
+    return Pending(time.time(), version, 64, 48, np.full((48, 64), 100, np.uint8), [detection])
+
+
+def test_prediction_log_writes_hourly_parquet_and_drops_when_full(tmp_path: Path) -> None:
+    dropped: list[int] = []
+    log = PredictionLog(tmp_path / "log", queue_size=3, flush_seconds=60, keep_hours=1, on_dropped=dropped.append)
+    log.directory.mkdir()
+    for _ in range(5):  # the writer is not running: the queue holds 3, the rest are dropped and counted
+        log.offer(pending())
+    assert log.dropped == 2 and sum(dropped) == 2
+    log.flush()
+    frame = read_log(tmp_path / "log")
+    assert len(frame) == 3 and list(frame["detections"]) == [1, 1, 1]
+    assert frame["brightness"].iloc[0] == pytest.approx(100) and frame["contrast"].iloc[0] == pytest.approx(0)
+    assert json.loads(frame["class_counts"].iloc[0]) == {"scratch": 1}
+    assert frame["mean_box_area"].iloc[0] == pytest.approx(100 / (64 * 48))
+    assert len(list((tmp_path / "log").glob("date=*/hour=*/part-*.parquet"))) == 1
+
+
+def test_prediction_log_survives_an_unwritable_disk(tmp_path: Path) -> None:
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the log directory should be")
+    log = PredictionLog(blocked, queue_size=10, flush_seconds=60, keep_hours=1)
+    log.offer(pending())
+    log.flush()  # logs the error, counts the loss, raises nothing
+    assert log.dropped == 1 and log.written == 0
+
+
+def test_batch_sources(tmp_path: Path) -> None:
+    folder = tmp_path / "images" / "line-2"
+    folder.mkdir(parents=True)
+    for name in ("b.jpg", "a.png", "notes.txt"):
+        (folder / name).write_bytes(b"x")
+    assert [p.name for p in batch.list_images(str(tmp_path / "images"))] == ["a.png", "b.jpg"]
+    assert [p.name for p in batch.list_images(str(folder / "*.jpg"))] == ["b.jpg"]
+    listing = tmp_path / "list.txt"
+    listing.write_text("images/line-2/b.jpg\n\n")
+    assert batch.list_images(str(listing)) == [tmp_path / "images/line-2/b.jpg"]
+    for source, message in ((tmp_path / "nope", "no such folder"), (tmp_path / "empty.txt", "no .jpg")):
+        if source.suffix:
+            source.write_text("")
+        with pytest.raises(batch.SourceError, match=message):
+            batch.list_images(str(source))
+
+
+def test_resume_drops_a_torn_last_line(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"image": "a.jpg"}\n{"image": "b.jpg"}\n{"image": "c.j')
+    assert batch.done_images(out) == {"a.jpg", "b.jpg"}
+    assert out.read_text() == '{"image": "a.jpg"}\n{"image": "b.jpg"}\n'
+
+
+def test_serve_options_are_checked_like_params() -> None:
+    cfg = ServeOptions(port=9000, workers=2).apply(ServeSettings())
+    assert (cfg.port, cfg.workers, cfg.runtime) == (9000, 2, "openvino")
+    with pytest.raises(ValidationError, match="workers"):
+        ServeOptions(workers=0).apply(ServeSettings())
+    with pytest.raises(ValidationError, match="runtime"):
+        ServeOptions(runtime="tflite").apply(ServeSettings())
