@@ -16,7 +16,6 @@ from rich.table import Table
 
 from conveyor.paths import ProjectNotFoundError, ProjectPaths
 from conveyor.settings import ConfigError, DomainShift, Settings, load_settings
-from conveyor.tracking import TrackingUnavailableError
 
 app = typer.Typer(help="Conveyor: MLOps for YOLO object detection.", no_args_is_help=True, add_completion=False)
 data_app = typer.Typer(help="Make, import and version the dataset.", no_args_is_help=True)
@@ -29,6 +28,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    # Imported here, not at the top: MLflow takes seconds to import, and `--help` or `validate` need none of it.
+    from conveyor.tracking import TrackingUnavailableError
     from flows.deploy import PrefectServerMissingError
     from pipelines.data import DataVersionError
     from pipelines.lineage_report import ModelRefError

@@ -108,3 +108,25 @@ def bundle(
         f"bundle of {files.name} v{files.version}: {built.directory} ({built.files} files, {built.size_mb} MB) and "
         f"{built.archive}\non the device: pip install -r requirements.txt && python run.py --verify IMAGE..."
     )
+
+
+@app.command("triton-repository")
+@friendly_errors
+def triton_repository(
+    ref: Annotated[str, typer.Argument(help="models:/NAME@alias, models:/NAME/VERSION, @alias or a version")] = (
+        "@champion"
+    ),
+    out: Annotated[Path, typer.Option(help="the model repository folder")] = Path("triton-models"),
+    overwrite: Annotated[bool, typer.Option(help="replace the model's folder in an existing repository")] = False,
+) -> None:
+    """A Triton model repository serving this version with Conveyor's model code in Triton's Python backend (for a
+    cluster: `tritonserver --model-repository DIR` in an image with Conveyor installed)."""
+    from serving import source
+    from serving import triton_repository as repository
+    from serving.server import model_cache
+
+    paths, settings, client = _registry()
+    version = source.resolve_version(client, settings.registry.model_name, ref)
+    files = source.fetch(client, version, model_cache(paths))
+    written = repository.write(files, out, settings.serve, overwrite=overwrite)
+    console.print(f"{files.name} v{files.version} -> {written}; serve with: tritonserver --model-repository {out}")

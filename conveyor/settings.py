@@ -102,7 +102,9 @@ DEFAULT_EXPORT_FORMATS: tuple[ExportFormat, ...] = ("onnx", "onnx_dynamic", "ope
 class ExportSettings(_Section):
     formats: list[ExportFormat] = Field(default_factory=lambda: list(DEFAULT_EXPORT_FORMATS))
     fp16: bool = Field(False, description="also export an FP16 ONNX (and FP16 TensorRT engine)")
-    int8: bool = Field(False, description="also export an INT8 ONNX (dynamic quantisation)")
+    int8: bool = Field(
+        False, description="also INT8 exports: ONNX, and OpenVINO quantised with NNCF (calibrated on the val split)"
+    )
     parity_images: int = Field(8, ge=1, description="test images whose raw outputs are compared across runtimes")
     latency: LatencySettings = LatencySettings()
 
@@ -117,7 +119,7 @@ class TrackingSettings(_Section):
     experiment: str = Field("conveyor", min_length=1)
 
 
-ServingFormat = Literal["onnx", "onnx_dynamic", "openvino", "tensorrt"]
+ServingFormat = Literal["onnx", "onnx_dynamic", "openvino", "openvino_int8", "tensorrt"]
 DEFAULT_SERVING_FORMATS: tuple[ServingFormat, ...] = ("onnx_dynamic", "openvino")
 
 
@@ -152,7 +154,7 @@ class OrchestrationSettings(_Section):
     push: bool = Field(True, description="push data and artifacts to the DVC remote after a run")
 
 
-ServeRuntime = Literal["openvino", "onnx", "tensorrt"]
+ServeRuntime = Literal["openvino", "openvino_int8", "onnx", "tensorrt"]
 
 
 class PredictionLogSettings(_Section):
@@ -169,13 +171,15 @@ class ServeSettings(_Section):
     """`conveyor serve`: the online server (Triton's protocol, batching and metrics through PyTriton)."""
 
     model: str | None = Field(None, description="models:/NAME@alias or a version; default the champion")
-    runtime: ServeRuntime = Field("openvino", description="openvino (fastest on CPU here) | onnx | tensorrt")
+    runtime: ServeRuntime = Field(
+        "openvino", description="openvino (fastest on CPU here) | openvino_int8 (export.int8) | onnx | tensorrt"
+    )
     host: str = Field("127.0.0.1", description="interface to listen on; 0.0.0.0 exposes the server")
     port: int = Field(8080, ge=1, le=65535, description="HTTP: /predict, /v2 (Open Inference Protocol), /metrics")
     grpc_port: int = Field(8081, ge=1, le=65535, description="gRPC: the Open Inference Protocol (tritonclient)")
     workers: int = Field(1, ge=1, le=64, description="model instances, each with its share of the cores")
     max_batch_size: int = Field(8, ge=1, description="dynamic batching: the largest batch; 1 turns batching off")
-    max_queue_delay_ms: float = Field(2.0, ge=0, description="dynamic batching: the longest wait for a fuller batch")
+    max_queue_delay_ms: float = Field(0.0, ge=0, description="dynamic batching: the longest wait for a fuller batch")
     max_queue_size: int = Field(64, ge=1, description="requests waiting; past it the answer is 503 + Retry-After")
     poll_seconds: float = Field(10.0, gt=0, description="how often the registry is asked whether the model moved")
     max_image_bytes: int = Field(20_000_000, ge=1)

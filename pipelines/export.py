@@ -43,6 +43,8 @@ VARIANTS: dict[str, Variant] = {
     "onnx_int8": Variant("onnx_int8", "onnx", quantize=8),
     # OpenVINO with a dynamic batch: one artifact serves single frames and batches.
     "openvino": Variant("openvino", "openvino", dynamic=True),
+    # Post-training INT8 with NNCF, calibrated on the val split (Ultralytics' recipe: mixed preset, head kept float).
+    "openvino_int8": Variant("openvino_int8", "openvino", dynamic=True, quantize=8),
     "tensorrt": Variant("tensorrt", "engine"),
     "tensorrt_fp16": Variant("tensorrt_fp16", "engine", quantize=16),
 }
@@ -83,6 +85,8 @@ def wanted_variants(cfg: ExportSettings) -> list[Variant]:
             names.append("onnx_fp16")
         if fmt == "onnx" and cfg.int8:
             names.append("onnx_int8")
+        if fmt == "openvino" and cfg.int8:
+            names.append("openvino_int8")
         if fmt == "tensorrt" and cfg.fp16:
             names.append("tensorrt_fp16")
     return [VARIANTS[n] for n in names]

@@ -46,6 +46,8 @@ def build(files: ModelFiles, out: Path, *, overwrite: bool = False) -> Bundle:
     shutil.copyfile(files.artifact("metadata"), staging / "model" / "metadata.json")
     shutil.copyfile(files.artifact("onnx"), staging / "model" / "model.onnx")
     shutil.copytree(files.artifact("openvino"), staging / "model" / "openvino")
+    if "openvino_int8" in files.artifacts:  # passed the parity gate at registration
+        shutil.copytree(files.artifact("openvino_int8"), staging / "model" / "openvino_int8")
     shutil.copyfile(EDGE_RUNNER, staging / "run.py")
     (staging / "requirements.txt").write_text(REQUIREMENTS)
     listed = sorted(p for p in staging.rglob("*") if p.is_file())

@@ -101,9 +101,13 @@ def read_model_dir(root: Path, name: str, version: str) -> ModelFiles:
 
 def open_runtime(files: ModelFiles, runtime: str, threads: int | None = None) -> runtimes.Runtime:
     """The version's export for `runtime`; TensorRT builds its engine here, on the GPU that will run it."""
-    if runtime == "openvino":
-        directory = files.artifact("openvino")
-        return runtimes.OpenVinoRuntime(directory, threads=threads)
+    if runtime in ("openvino", "openvino_int8"):
+        if runtime not in files.artifacts:
+            raise FileNotFoundError(
+                f"{files.name} v{files.version} has no '{runtime}' artifact"
+                + (" (export.int8 off, or it failed the parity gate)" if runtime == "openvino_int8" else "")
+            )
+        return runtimes.OpenVinoRuntime(files.artifact(runtime), runtime, threads=threads)
     if runtime == "onnx":
         return runtimes.OnnxRuntime(files.artifact("onnx"), threads=threads)
     if runtime == "tensorrt":
@@ -111,7 +115,7 @@ def open_runtime(files: ModelFiles, runtime: str, threads: int | None = None) ->
         if reason:
             raise RuntimeUnavailableError(f"runtime tensorrt: {reason}")
         return runtimes.TensorRTRuntime(build_engine(files))
-    raise RuntimeUnavailableError(f"unknown runtime {runtime!r}: openvino, onnx or tensorrt")
+    raise RuntimeUnavailableError(f"unknown runtime {runtime!r}: openvino, openvino_int8, onnx or tensorrt")
 
 
 def build_engine(files: ModelFiles) -> Path:

@@ -72,18 +72,16 @@ def start_triton(
         security_config=TritonSecurityConfig(access_token=access_token, restricted_endpoints=protected),
     )
 
-    batching = max_batch_size > 1
+    # Always through the dynamic batcher: with max_batch_size 1 it does not batch, but its queue stays bounded.
     config = ModelConfig(
-        batching=batching,
-        max_batch_size=max_batch_size if batching else 0,
+        batching=True,
+        max_batch_size=max_batch_size,
         batcher=DynamicBatcher(
-            max_queue_delay_microseconds=int(max_queue_delay_ms * 1000),
+            max_queue_delay_microseconds=int(max_queue_delay_ms * 1000) if max_batch_size > 1 else 0,
             default_queue_policy=QueuePolicy(
                 timeout_action=TimeoutAction.REJECT, max_queue_size=max_queue_size, allow_timeout_override=True
             ),
-        )
-        if batching
-        else None,
+        ),
     )
     outputs = [
         Tensor(name="detections", dtype=np.float32, shape=(-1, 6)),
@@ -91,8 +89,6 @@ def start_triton(
         Tensor(name="model_version", dtype=bytes, shape=(1,)),
         Tensor(name="error", dtype=bytes, shape=(1,)),
     ]
-    dims = (1,) if batching else (-1, 1)
-    tensor_dims = (3, -1, -1) if batching else (-1, 3, -1, -1)
 
     def image_fn(served: ServedModel) -> Any:
         def infer(requests: list[Any]) -> list[dict[str, np.ndarray]]:
@@ -110,7 +106,7 @@ def start_triton(
     triton.bind(
         model_name=model_name,
         infer_func=[image_fn(s) for s in instances],
-        inputs=[Tensor(name=IMAGE_INPUT, dtype=bytes, shape=dims)],
+        inputs=[Tensor(name=IMAGE_INPUT, dtype=bytes, shape=(1,))],
         outputs=outputs,
         config=config,
         strict=False,
@@ -118,7 +114,7 @@ def start_triton(
     triton.bind(
         model_name=model_name + TENSOR_SUFFIX,
         infer_func=[tensor_fn(s) for s in instances],
-        inputs=[Tensor(name=TENSOR_INPUT, dtype=np.float32, shape=tensor_dims)],
+        inputs=[Tensor(name=TENSOR_INPUT, dtype=np.float32, shape=(3, -1, -1))],
         outputs=outputs,
         config=config,
         strict=False,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import subprocess
 import time
 from pathlib import Path
 from types import ModuleType
@@ -145,3 +146,48 @@ def test_serve_options_are_checked_like_params() -> None:
         ServeOptions(workers=0).apply(ServeSettings())
     with pytest.raises(ValidationError, match="runtime"):
         ServeOptions(runtime="tflite").apply(ServeSettings())
+
+
+def test_serve_refuses_tensorrt_without_a_gpu_and_a_taken_port(tmp_path: Path) -> None:
+    import socket
+
+    from pipelines.runtimes import tensorrt_unavailable_reason
+    from tests.conftest import base_env, make_project
+
+    if tensorrt_unavailable_reason() is None:
+        pytest.skip("this machine can run TensorRT: nothing to refuse")
+    project = make_project(tmp_path / "project")
+    refused = subprocess.run(
+        ["conveyor", "serve", "--runtime", "tensorrt"], cwd=project, env=base_env(), capture_output=True, text=True
+    )
+    assert refused.returncode == 1 and "cannot serve on tensorrt" in refused.stderr, refused.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = subprocess.run(
+            ["conveyor", "serve", "--port", str(port)], cwd=project, env=base_env(), capture_output=True, text=True
+        )
+    assert busy.returncode == 1 and f"HTTP port 127.0.0.1:{port} is not free" in busy.stderr, busy.stderr
+
+
+@pytest.mark.parametrize(("delta", "served"), [(-0.004, True), (-0.025, False)])
+def test_int8_is_bundled_only_within_the_parity_limit(tmp_path: Path, delta: float, served: bool) -> None:
+    """OpenVINO INT8 goes into the registry version only if its ΔmAP50-95 passes the parity limit (-0.025 is what
+    NNCF's INT8 measured on the demo checkpoint here: refused with the default limit of 0.01)."""
+    from conveyor.paths import ProjectPaths
+    from conveyor.settings import Settings
+    from pipelines.promotion import _serving_bundle
+
+    paths = ProjectPaths(tmp_path)
+    exports = {
+        name: {"path": f"artifacts/export/{name}/model", "delta_map50_95": d}
+        for name, d in (("onnx_dynamic", 0.0), ("openvino", 0.0), ("openvino_int8", delta))
+    }
+    paths.export.mkdir(parents=True)
+    (paths.export / "export.json").write_text(json.dumps({"imgsz": 320, "exports": exports}))
+    paths.validation.mkdir(parents=True)
+    (paths.validation / "manifest.json").write_text(json.dumps({"names": ["scratch", "dent", "stain"]}))
+    artifacts = _serving_bundle(paths, Settings(), tmp_path / "staging")
+    assert ("openvino_int8" in artifacts) is served
+    assert {"metadata", "weights", "onnx", "openvino"} <= set(artifacts)

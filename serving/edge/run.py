@@ -99,10 +99,10 @@ def postprocess(raw: np.ndarray, shape: tuple[int, int], card: dict, conf: float
 class Model:
     def __init__(self, runtime: str, root: Path = HERE) -> None:
         self.card = json.loads((root / "model" / "metadata.json").read_text())
-        if runtime == "openvino":
+        if runtime in ("openvino", "openvino_int8"):
             import openvino as ov
 
-            xml = next((root / "model" / "openvino").glob("*.xml"))
+            xml = next((root / "model" / runtime).glob("*.xml"))
             self._compiled = ov.Core().compile_model(xml, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
             self._infer = lambda x: np.asarray(self._compiled(x)[0])
         elif runtime == "onnx":
@@ -112,7 +112,7 @@ class Model:
             name = session.get_inputs()[0].name
             self._infer = lambda x: np.asarray(session.run(None, {name: x})[0])
         else:
-            raise SystemExit(f"unknown runtime {runtime!r}: openvino or onnx")
+            raise SystemExit(f"unknown runtime {runtime!r}: openvino, openvino_int8 (if bundled) or onnx")
 
     def detect(self, image: np.ndarray, conf: float | None = None) -> list[dict]:
         raw = self._infer(letterbox(image, self.card["imgsz"])[None])
@@ -123,7 +123,7 @@ class Model:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+", type=Path)
-    parser.add_argument("--runtime", default="openvino", choices=["openvino", "onnx"])
+    parser.add_argument("--runtime", default="openvino", choices=["openvino", "openvino_int8", "onnx"])
     parser.add_argument("--conf", type=float, default=None)
     parser.add_argument("--verify", action="store_true", help="check the manifest's checksums first")
     args = parser.parse_args(argv)
