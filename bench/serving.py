@@ -223,7 +223,7 @@ def main() -> None:
                     factories = clients(server, image)
                     for path, factory in factories.items():
                         for c in CONCURRENCY:
-                            drive(factory, c, 2 * c, 10)  # warm-up: connections, batch shapes
+                            drive(factory, c, max(24, 2 * c), 15)  # warm-up: connections, caches, batch shapes
                             latencies, errors, seconds = drive(factory, c, max(args.requests, c), args.max_seconds)
                             cell = Cell(config, path, c, len(latencies), errors, statistics.median(latencies),
                                         percentile(latencies, 0.99), len(latencies) / seconds)  # fmt: skip
@@ -248,6 +248,9 @@ def main() -> None:
         ),
         "batching_gain_c8_grpc": round(
             find("batching, 1 worker", "v2 gRPC", 8).rps / find("no batching, 1 worker", "v2 gRPC", 8).rps, 3
+        ),
+        "batching_gain_c32": round(
+            find("batching, 1 worker", "/predict", 32).rps / find("no batching, 1 worker", "/predict", 32).rps, 3
         ),
         "workers_gain_c8": round(
             find("batching, 2 workers", "/predict", 8).rps / find("batching, 1 worker", "/predict", 8).rps, 3

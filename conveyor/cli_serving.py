@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
+if TYPE_CHECKING:
+    from conveyor.settings import Settings
+    from serving.source import ModelFiles
+
 from conveyor.cli import _project, _registry, app, console, friendly_errors
 
+RefArgument = Annotated[
+    str, typer.Argument(help="models:/NAME@alias, models:/NAME/VERSION, @alias or a version (default @champion)")
+]
 ModelOption = Annotated[
     str | None,
     typer.Option("--model", help="models:/NAME@alias, models:/NAME/VERSION, @alias or a version (default: champion)"),
@@ -54,17 +61,14 @@ def predict(
     from pipelines.inference import ImageLimits
     from serving import batch
     from serving import source as registry_source
-    from serving.server import check_runtime, model_cache
+    from serving.server import check_runtime
 
-    paths, settings, client = _registry()
+    images = batch.list_images(source)  # a wrong SOURCE fails before anything is downloaded
+    settings, files = _version_files(model)
     cfg = settings.serve
     runtime = runtime or cfg.runtime
     check_runtime(runtime)
-    images = batch.list_images(source)
-    name = settings.registry.model_name
-    version = registry_source.resolve_version(client, name, model or cfg.model)
-    console.print(f"{len(images)} images; model {name} v{version.version} on {runtime}")
-    files = registry_source.fetch(client, version, model_cache(paths))
+    console.print(f"{len(images)} images; model {files.name} v{files.version} on {runtime}")
     loaded = registry_source.load(files, runtime, 1, cfg.conf)
     summary = batch.predict(
         loaded, images, out, cfg.max_batch_size, ImageLimits(cfg.max_image_bytes, cfg.max_image_pixels), console
@@ -85,24 +89,28 @@ def predict(
         console.print(f"[yellow]{summary.failed} images could not be read: see their 'error' lines in {out}[/]")
 
 
+def _version_files(ref: str | None) -> tuple[Settings, ModelFiles]:
+    """A registry version's files, downloaded once into the project's model cache."""
+    from serving import source
+    from serving.server import model_cache
+
+    paths, settings, client = _registry()
+    version = source.resolve_version(client, settings.registry.model_name, ref or settings.serve.model)
+    return settings, source.fetch(client, version, model_cache(paths))
+
+
 @app.command()
 @friendly_errors
 def bundle(
-    ref: Annotated[str, typer.Argument(help="models:/NAME@alias, models:/NAME/VERSION, @alias or a version")] = (
-        "@champion"
-    ),
+    ref: RefArgument = "@champion",
     out: Annotated[Path, typer.Option(help="the bundle folder (a .tar.gz is written beside it)")] = Path("edge-bundle"),
     overwrite: Annotated[bool, typer.Option(help="replace an existing bundle folder")] = False,
 ) -> None:
     """An edge bundle: OpenVINO + ONNX models, class names, preprocessing, checksums and a runner that needs only
     numpy, OpenCV and one runtime."""
     from serving import bundle as edge
-    from serving import source
-    from serving.server import model_cache
 
-    paths, settings, client = _registry()
-    version = source.resolve_version(client, settings.registry.model_name, ref)
-    files = source.fetch(client, version, model_cache(paths))
+    _, files = _version_files(ref)
     built = edge.build(files, out, overwrite=overwrite)
     console.print(
         f"bundle of {files.name} v{files.version}: {built.directory} ({built.files} files, {built.size_mb} MB) and "
@@ -113,20 +121,14 @@ def bundle(
 @app.command("triton-repository")
 @friendly_errors
 def triton_repository(
-    ref: Annotated[str, typer.Argument(help="models:/NAME@alias, models:/NAME/VERSION, @alias or a version")] = (
-        "@champion"
-    ),
+    ref: RefArgument = "@champion",
     out: Annotated[Path, typer.Option(help="the model repository folder")] = Path("triton-models"),
     overwrite: Annotated[bool, typer.Option(help="replace the model's folder in an existing repository")] = False,
 ) -> None:
     """A Triton model repository serving this version with Conveyor's model code in Triton's Python backend (for a
     cluster: `tritonserver --model-repository DIR` in an image with Conveyor installed)."""
-    from serving import source
     from serving import triton_repository as repository
-    from serving.server import model_cache
 
-    paths, settings, client = _registry()
-    version = source.resolve_version(client, settings.registry.model_name, ref)
-    files = source.fetch(client, version, model_cache(paths))
+    settings, files = _version_files(ref)
     written = repository.write(files, out, settings.serve, overwrite=overwrite)
     console.print(f"{files.name} v{files.version} -> {written}; serve with: tritonserver --model-repository {out}")
