@@ -209,7 +209,7 @@ def create_app(config: ApiConfig, slot: ModelSlot, metrics: ServingMetrics) -> F
         """The rest of the protocol (server metadata, infer with JSON or binary tensors), forwarded to Triton."""
         if request.method == "POST" and path.endswith("/infer"):
             require_ready()
-        body = await request.body()
+        body = await _read_body(request, config.limits.max_bytes * config.max_images)
         try:
             upstream = await state["http"].request(
                 request.method,
@@ -269,6 +269,16 @@ def _route_label(path: str) -> str:
     return "/v2" if path.startswith("/v2") else "other"
 
 
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes (never held whole beyond it)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise ApiError(413, f"body is over the limit of {limit} bytes")
+    return bytes(body)
+
+
 async def _read_uploads(request: Request, config: ApiConfig) -> list[tuple[str, bytes]]:
     """The images of a /predict request, with the limits checked before anything large is held."""
     limit = config.limits.max_bytes * config.max_images
@@ -290,12 +300,7 @@ async def _read_uploads(request: Request, config: ApiConfig) -> list[tuple[str, 
             raise ApiError(400, "no images in the multipart body: send one or more file parts")
         return uploads
     if content_type in IMAGE_TYPES:
-        body = bytearray()
-        async for chunk in request.stream():
-            body.extend(chunk)
-            if len(body) > config.limits.max_bytes:
-                raise ApiError(413, f"image is over the limit of {config.limits.max_bytes} bytes")
-        return [("body", bytes(body))]
+        return [("body", await _read_body(request, config.limits.max_bytes))]
     raise ApiError(
         415, f"content type '{content_type or 'none'}': send multipart/form-data with image files, or image/jpeg|png"
     )

@@ -33,8 +33,9 @@ from tests.serving_support import NAMES, RunningServer, export_checkpoint, regis
 
 pytestmark = pytest.mark.slow
 
+MAX_IMAGE_BYTES = 2_000_000
 SERVE_PARAMS = {
-    "max_image_bytes": 2_000_000,
+    "max_image_bytes": MAX_IMAGE_BYTES,
     "max_image_pixels": 1_000_000,
     "max_batch_size": 4,
     "prediction_log": {"flush_seconds": 0.5},
@@ -261,6 +262,13 @@ def test_bad_v2_request_is_a_4xx(server: RunningServer, test_images: list[Path],
     path = f"/v2/models/{model.format(name=server.name)}/infer"
     status, answer = post_raw(server, path, json.dumps(request).encode(), "application/json")
     assert status == expected and answer.get("error"), answer
+    assert post_images(server, test_images[:1])[0] == 200
+
+
+def test_v2_body_over_the_limit_is_a_413(server: RunningServer, test_images: list[Path]) -> None:
+    limit = MAX_IMAGE_BYTES * 32  # max_images_per_request's default
+    status, answer = post_raw(server, f"/v2/models/{server.name}/infer", b"{" + b" " * limit + b"}", "application/json")
+    assert status == 413 and "over the limit" in answer["error"]
     assert post_images(server, test_images[:1])[0] == 200
 
 
