@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.inference import Detection, ImageError, ImageLimits, decode_image, postprocess
+from pipelines.inference import Detection, Detector, ImageError, ImageLimits, decode_image, postprocess
 from serving.metrics import ServingMetrics
 from serving.predlog import Pending, PredictionLog, thumbnail
+from serving.source import LoadedModel
 from serving.swap import ModelSlot
 
 IMAGE_INPUT = "image"
@@ -74,10 +75,8 @@ class ServedModel:
                     items.append(BatchItem(r, decode_image(bytes(raw), self.limits), ""))
                 except ImageError as exc:
                     items.append(BatchItem(r, None, str(exc)))
-        good = [item for item in items if item.image is not None]
-        detector = model.detectors[self.index % len(model.detectors)]
-        found = iter(detector.detect([item.image for item in good if item.image is not None]))
-        per_item = [next(found) if item.image is not None else [] for item in items]
+        detector = self._detector(model)
+        per_item = _scatter(items, detector.detect([item.image for item in items if item.image is not None]))
         self._account(model.version, items, per_item, time.perf_counter() - started)
         return self._responses(len(encoded), items, per_item, model.version)
 
@@ -96,21 +95,23 @@ class ServedModel:
                 else:
                     items.append(BatchItem(r, frame, ""))
                     frames.append(frame)
-        per_item: list[list[Detection]] = [[] for _ in items]
+        found: list[list[Detection]] = []
         if frames:
-            detector = model.detectors[self.index % len(model.detectors)]
-            raw = detector.runtime.infer(np.ascontiguousarray(np.stack(frames)))
-            found = iter(postprocess(raw, [(card.imgsz, card.imgsz)] * len(frames), card))
-            per_item = [next(found) if item.image is not None else [] for item in items]
+            raw = self._detector(model).runtime.infer(np.ascontiguousarray(np.stack(frames)))
+            found = postprocess(raw, [(card.imgsz, card.imgsz)] * len(frames), card)
+        per_item = _scatter(items, found)
         self.metrics.inference_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(items))
         return self._responses(len(tensors), items, per_item, model.version)
 
-    def _model(self) -> Any:
+    def _model(self) -> LoadedModel:
         model = self.slot.current
         if model is None:
             raise NoModelError(self.slot.state.reason)
         return model
+
+    def _detector(self, model: LoadedModel) -> Detector:
+        return model.detectors[self.index % len(model.detectors)]
 
     def _observe_queue(self, sent_at: Sequence[float | None]) -> None:
         now = time.time()
@@ -159,6 +160,12 @@ class ServedModel:
                 }
             )
         return responses
+
+
+def _scatter(items: list[BatchItem], found: list[list[Detection]]) -> list[list[Detection]]:
+    """Detections of the decoded images back beside every item of the batch (refused items get none)."""
+    results = iter(found)
+    return [next(results) if item.image is not None else [] for item in items]
 
 
 def detections_from_outputs(
