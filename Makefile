@@ -11,7 +11,7 @@ STAMP := $(VENV)/.synced-$(shell cat uv.lock pyproject.toml | cksum | cut -d' ' 
 export UV_PYTHON := $(PYTHON)
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: run test lint env bench bench-serving ui clean prometheus
+.PHONY: run test lint env bench bench-serving bench-monitoring ui clean prometheus
 
 run: $(STAMP)
 	$(VENV)/bin/conveyor run
@@ -29,6 +29,9 @@ bench: $(STAMP)
 
 bench-serving: $(STAMP)
 	$(VENV)/bin/python -m bench.serving
+
+bench-monitoring: $(STAMP)
+	$(VENV)/bin/python -m bench.monitoring
 
 # The serving tests scrape the server with a real Prometheus (Debian's package). Installed when this user can
 # (root with apt); otherwise that one test says why it skipped.

@@ -143,6 +143,30 @@ def data_import(
     )
 
 
+@data_app.command("add")
+@friendly_errors
+def data_add(
+    source: Annotated[Path, typer.Argument(help="a YOLO dataset folder (data.yaml, images/, labels/) to append")],
+    commit: Annotated[bool, typer.Option(help="git-commit data.dvc with the new version")] = False,
+) -> None:
+    """Append a batch of labelled images to the current dataset (checked first) and record it with DVC."""
+    from pipelines import data
+
+    paths, _ = _project()
+    summary = data.add_dataset(paths, source, commit=commit)
+    table = Table(title=f"added {summary.batch}")
+    for column in ("split", "images", "label files"):
+        table.add_column(column)
+    for split, n in summary.images.items():
+        table.add_row(split, str(n), str(summary.labels[split]))
+    console.print(table)
+    step = "data.dvc committed" if summary.committed else "commit data.dvc (or pass --commit)"
+    console.print(
+        f"classes {summary.names}; data is now {summary.md5}: {step}, then `conveyor run` retrains on it",
+        highlight=False,
+    )
+
+
 @data_app.command("pull")
 @friendly_errors
 def data_pull() -> None:
@@ -249,6 +273,30 @@ def run(
         highlight=False,
     )
     print_summary(paths, console, title=f"Conveyor run ({time.perf_counter() - started:.0f} s): {outcome['message']}")
+
+
+@app.command()
+@friendly_errors
+def profile(
+    model: Annotated[
+        str | None,
+        typer.Option(help="an older registered version to profile on the data it was trained on (data/ must be it)"),
+    ] = None,
+) -> None:
+    """Stage: the reference profile for drift checks (features, predictions, embeddings of train and val images)."""
+    if model is None:
+        from pipelines import profile as step
+
+        paths, settings = _project()
+        step.run(paths, settings, console)
+        return
+    from monitoring.reference import compute_reference
+    from serving.source import resolve_version
+
+    paths, settings, client = _registry()
+    version = resolve_version(client, settings.registry.model_name, model)
+    reference = compute_reference(client, paths, settings, version, console)
+    console.print(f"v{version.version}: profile of {len(reference.frame)} images logged to run {version.run_id}")
 
 
 @app.command()
@@ -395,14 +443,22 @@ def lineage(
 @app.command()
 @friendly_errors
 def deploy() -> None:
-    """Register the scheduled training deployment (cron from params.yaml) on a process work pool."""
+    """Register the scheduled training and drift-check deployments and the drift -> retraining automation."""
     from flows.deploy import deploy as register_deployment
 
     paths, settings = _project()
     info = register_deployment(paths, settings)
     console.print(
         f"deployment {info.name} ({info.id}): cron '{info.cron}' {info.timezone}, pool '{info.work_pool}', "
-        f"one run at a time ({info.on_overlap} on overlap). Start a worker: `conveyor worker`"
+        f"one run at a time ({info.on_overlap} on overlap)\n"
+        f"deployment {info.monitoring}: drift check, cron '{info.monitoring_cron}' {info.timezone}\n"
+        + (
+            f"automation '{info.automation}': conveyor.drift.detected -> {info.name} (reason=drift, warm start)\n"
+            if info.automation
+            else "no drift -> retraining automation (monitor.retrain_on_drift: false)\n"
+        )
+        + "Start a worker: `conveyor worker`",
+        highlight=False,
     )
 
 
@@ -414,6 +470,8 @@ def worker() -> None:
 
     _, settings = _project()
     require_server()
+    # How soon a triggered run (a drift retraining) starts: the worker asks for work this often (Prefect's default 10).
+    os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", str(settings.orchestration.worker_poll_seconds))
     _exec(
         "prefect",
         "worker",
@@ -468,8 +526,9 @@ def ui(
     _exec("mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1")
 
 
-# The serving command group registers itself on `app` (imported last: it imports this module's helpers).
-from conveyor import cli_serving  # noqa: E402, F401
+# The serving and monitoring command groups register themselves on `app` (imported last: they import this module's
+# helpers).
+from conveyor import cli_monitoring, cli_serving  # noqa: E402, F401
 
 if __name__ == "__main__":
     app()

@@ -89,6 +89,11 @@ class ProjectPaths:
         return self.root / ".conveyor"
 
     @property
+    def monitoring(self) -> Path:
+        """Drift checks' reports, gauges and cached profiles."""
+        return self.scratch / "monitoring"
+
+    @property
     def mlflow_db(self) -> Path:
         return self.root / "mlflow.db"
 

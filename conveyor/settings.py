@@ -152,6 +152,7 @@ class OrchestrationSettings(_Section):
     )
     stage_retries: int = Field(1, ge=0, description="retries of a stage after a transient failure")
     push: bool = Field(True, description="push data and artifacts to the DVC remote after a run")
+    worker_poll_seconds: float = Field(5.0, gt=0, description="how often `conveyor worker` asks for runs to start")
 
 
 ServeRuntime = Literal["openvino", "openvino_int8", "onnx", "tensorrt"]
@@ -189,6 +190,41 @@ class ServeSettings(_Section):
     prediction_log: PredictionLogSettings = PredictionLogSettings()
 
 
+class ColumnTest(_Section):
+    """One feature's drift test where Evidently's default (K-S below 1000 rows, Wasserstein above) is wrong for it."""
+
+    method: str = Field(..., description="an Evidently stat test: ks, wasserstein, psi, jensenshannon, anderson, ...")
+    threshold: float | None = Field(None, gt=0, description="the test's threshold (its own default when absent)")
+
+
+class MonitorSettings(_Section):
+    """`conveyor drift` and the monitoring flow: what counts as drift, and when drift may start a retraining."""
+
+    window_hours: float = Field(24.0, gt=0, description="the current window: prediction-log records of the last T h")
+    window_records: int | None = Field(None, ge=1, description="or only the last N records of that window")
+    min_samples: int = Field(
+        30, ge=2, description="fewer current (or reference) rows than this: 'insufficient data', never 'drift'"
+    )
+    drift_share: float = Field(
+        0.3, gt=0, le=1, description="drift when at least this share of the features drifted (the embedding counts)"
+    )
+    columns: dict[str, ColumnTest] = Field(default_factory=dict, description="per-feature test and threshold")
+    exclude: list[str] = Field(default_factory=list, description="features not tested")
+    embeddings: bool = Field(True, description="backbone embeddings: logged by the server, tested by Evidently")
+    embedding_dims: int = Field(16, ge=2, le=256, description="the fixed random projection's size")
+    embedding_threshold: float = Field(
+        0.55, gt=0.5, lt=1, description="Evidently's domain-classifier ROC AUC above which embeddings drifted"
+    )
+    cooldown_hours: float = Field(
+        6.0, ge=0, description="after a drift alert started a retraining, no new alert for this long"
+    )
+    dedupe_hours: float = Field(24.0, ge=0, description="one alert per model version and drifted features per this")
+    schedule: str = Field("0 * * * *", description="cron of the monitoring deployment (default: hourly)")
+    deployment: str = Field("drift-check", min_length=1)
+    retrain_on_drift: bool = Field(True, description="`conveyor deploy` creates the drift -> retraining automation")
+    experiment: str = Field("conveyor-monitoring", min_length=1, description="MLflow experiment of the checks")
+
+
 class Settings(_Section):
     synth: SynthSettings = SynthSettings()
     validate_: ValidateSettings = Field(ValidateSettings(), alias="validate")
@@ -200,6 +236,7 @@ class Settings(_Section):
     registry: RegistrySettings = RegistrySettings()
     orchestration: OrchestrationSettings = OrchestrationSettings()
     serve: ServeSettings = ServeSettings()
+    monitor: MonitorSettings = MonitorSettings()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -57,6 +57,15 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     raise TrackingUnavailableError(f"MLflow tracking server {uri} is unreachable ({problem})")
 
 
+def ensure_experiment(client: MlflowClient, paths: ProjectPaths, name: str) -> str:
+    """The experiment's id, created when missing (artifacts in the project's folder on the embedded store)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    location = paths.mlflow_artifacts.as_uri() if is_embedded(client.tracking_uri) else None
+    return str(client.create_experiment(name, artifact_location=location))
+
+
 def metric_name(name: str) -> str:
     """An MLflow-legal metric name: Ultralytics' 'metrics/mAP50-95(B)' becomes 'metrics/mAP50-95'."""
     return _ILLEGAL.sub("_", name.replace("(B)", ""))
@@ -102,12 +111,7 @@ class Tracker:
         uri = tracking_uri(paths)
         check_reachable(uri)
         client = MlflowClient(uri)
-        experiment = client.get_experiment_by_name(settings.tracking.experiment)
-        if experiment is None:
-            location = paths.mlflow_artifacts.as_uri() if is_embedded(uri) else None
-            experiment_id = client.create_experiment(settings.tracking.experiment, artifact_location=location)
-        else:
-            experiment_id = experiment.experiment_id
+        experiment_id = ensure_experiment(client, paths, settings.tracking.experiment)
         run = client.create_run(experiment_id, run_name=run_name, tags=lineage_tags(paths, settings))
         tracker = cls(client, run.info.run_id)
         RunRecord(run.info.run_id, experiment_id, uri).save(paths.run_record)

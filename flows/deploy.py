@@ -1,5 +1,8 @@
-"""Register the training flow as a Prefect deployment: a cron schedule from params.yaml, on a process work pool,
-one run at a time. A worker (`conveyor worker`) picks the runs up; no Docker, the code runs from this checkout."""
+"""Declare Conveyor's Prefect objects: the training deployment (cron from params.yaml, one run at a time), the
+monitoring deployment (monitor.schedule), and the automation that answers a drift event by running the training
+deployment with reason=drift and a warm start from the champion. All on a process work pool: a worker
+(`conveyor worker`) picks the runs up; no Docker, the code runs from this checkout. Re-running `conveyor deploy`
+updates them in place."""
 
 from __future__ import annotations
 
@@ -7,12 +10,15 @@ import contextlib
 import inspect
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from conveyor.paths import ProjectPaths
 from conveyor.settings import Settings
 
 FLOW_NAME = "conveyor-training"
 ENTRYPOINT = "flows/training.py:training_flow"
+MONITORING_FLOW_NAME = "conveyor-monitoring"
+MONITORING_ENTRYPOINT = "flows/drift_check.py:monitoring_flow"
 
 
 class PrefectServerMissingError(RuntimeError):
@@ -27,6 +33,9 @@ class DeploymentInfo:
     cron: str
     timezone: str
     on_overlap: str
+    monitoring: str = ""  # flow/deployment of the drift check
+    monitoring_cron: str = ""
+    automation: str | None = None  # the drift -> retraining automation's name (None: monitor.retrain_on_drift off)
 
 
 def require_server() -> str:
@@ -74,6 +83,78 @@ def deploy(paths: ProjectPaths, settings: Settings) -> DeploymentInfo:
         print_next_steps=False,
         ignore_warnings=True,
     )
-    return DeploymentInfo(
-        str(deployment_id), f"{FLOW_NAME}/{cfg.deployment}", cfg.work_pool, cfg.cron, cfg.timezone, cfg.on_overlap
+    monitor = settings.monitor
+    monitoring = flow.from_source(source=str(paths.root), entrypoint=MONITORING_ENTRYPOINT)
+    assert not inspect.isawaitable(monitoring)
+    monitoring.deploy(
+        name=monitor.deployment,
+        work_pool_name=cfg.work_pool,
+        schedules=[Cron(monitor.schedule, timezone=cfg.timezone)],
+        parameters={"project_dir": str(paths.root)},
+        # One check at a time: a check started while another runs (a manual one beside the schedule) waits for it.
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
+        tags=["conveyor"],
+        description="Conveyor drift check of the serving model's recent traffic; emits conveyor.drift.detected.",
+        print_next_steps=False,
+        ignore_warnings=True,
     )
+    automation = ensure_drift_automation(paths, settings, deployment_id) if monitor.retrain_on_drift else None
+    if not monitor.retrain_on_drift:
+        remove_automation(automation_name(settings))
+    return DeploymentInfo(
+        str(deployment_id),
+        f"{FLOW_NAME}/{cfg.deployment}",
+        cfg.work_pool,
+        cfg.cron,
+        cfg.timezone,
+        cfg.on_overlap,
+        f"{MONITORING_FLOW_NAME}/{monitor.deployment}",
+        monitor.schedule,
+        automation,
+    )
+
+
+def automation_name(settings: Settings) -> str:
+    return f"conveyor: retrain {settings.registry.model_name} on drift"
+
+
+def remove_automation(name: str) -> None:
+    from prefect.automations import Automation
+
+    with contextlib.suppress(ValueError):
+        existing = Automation.read(name=name)
+        assert not inspect.isawaitable(existing)  # sync context
+        existing.delete()
+
+
+def ensure_drift_automation(paths: ProjectPaths, settings: Settings, training_deployment_id: Any) -> str:
+    """conveyor.drift.detected for this model -> the training deployment, reason=drift, warm start from champion."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.events.actions import RunDeployment
+    from prefect.events.schemas.automations import EventTrigger, Posture
+
+    from flows.drift_check import DRIFT_EVENT, model_resource
+
+    name = automation_name(settings)
+    remove_automation(name)  # re-deploying replaces it, never duplicates it
+    Automation(
+        name=name,
+        description="A drift alert from the monitoring flow starts a retraining that goes through every gate.",
+        trigger=EventTrigger(
+            expect={DRIFT_EVENT},
+            match={"prefect.resource.id": model_resource(settings.registry.model_name)},
+            posture=Posture.Reactive,
+            threshold=1,
+            within=timedelta(0),
+        ),
+        actions=[
+            RunDeployment(
+                source="selected",
+                deployment_id=training_deployment_id,
+                parameters={"reason": "drift", "warm_start": "champion", "project_dir": str(paths.root)},
+            )
+        ],
+    ).create()
+    return name

@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from datetime import UTC, datetime
+from pathlib import Path, PurePath
 
 import yaml
 from rich.console import Console
 
 from conveyor.lineage import data_version
 from conveyor.paths import ProjectPaths
-from conveyor.settings import SPLITS, SynthSettings
+from conveyor.settings import SPLITS, SynthSettings, load_settings
 from pipelines import synth
-from pipelines.validate import IMAGE_SUFFIXES, read_class_names
+from pipelines.validate import IMAGE_SUFFIXES, DataValidationError, read_class_names, validate_dataset
 
 DEMO_REMOTE = "demo"  # read-only remote shipped in the repository (infra/demo-remote)
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+BATCH_SEPARATOR = "__"  # data/images/<split>/<batch>__<original name>: files added by `conveyor data add`
+BASE_BATCH = "base"  # what batch_of says for files that came with the dataset itself (synth, import, pull)
+_BATCH_PREFIX = re.compile(r"^(add-\d{8}-\d{6}-[a-z0-9-]+)" + BATCH_SEPARATOR)
 
 
 class DataVersionError(RuntimeError):
@@ -194,3 +200,222 @@ def import_dataset(paths: ProjectPaths, source: Path, *, replace: bool = False) 
         shutil.rmtree(staging, ignore_errors=True)
     record_version(paths)
     return ImportSummary(images, labels, names)
+
+
+@dataclass(frozen=True)
+class AddSummary:
+    batch: str  # add-<UTC YYYYmmdd-HHMMSS>-<slug of the folder name>, the prefix of every added file
+    images: dict[str, int]  # per split, only splits the batch has
+    labels: dict[str, int]
+    names: list[str]
+    md5: str  # the new data version, as data.dvc now names it
+    committed: bool  # data.dvc committed to git
+
+    @property
+    def total_images(self) -> int:
+        return sum(self.images.values())
+
+
+def batch_of(image_name: str) -> str:
+    """The batch a file of data/ came from: `add-20250101-120000-line-3` for one added by `conveyor data add`
+    (named `<batch>__<original name>`), or "base" for one that came with the dataset (synth, import, pull).
+
+    Takes a file name or a path (only its last part counts), of an image or of its label. Only a prefix of the form
+    `conveyor data add` writes counts as a batch, so an original file name that happens to hold `__` is "base".
+    """
+    match = _BATCH_PREFIX.match(PurePath(image_name).name)
+    return match.group(1) if match else BASE_BATCH
+
+
+def batch_id(folder_name: str, now: datetime | None = None) -> str:
+    """`add-<UTC YYYYmmdd-HHMMSS>-<slug>`: the slug is the folder name lowercased, runs of anything but [a-z0-9]
+    made one '-' (so it never holds the `__` separator)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", folder_name.lower()).strip("-") or "batch"
+    return f"add-{(now or datetime.now(UTC)).strftime('%Y%m%d-%H%M%S')}-{slug}"
+
+
+def _stage_batch(
+    split_dirs: dict[str, Path], staging: Path, batch: str
+) -> tuple[dict[str, int], dict[str, int], dict[str, Path]]:
+    """Copy the batch's images and .txt labels into staging (images/<split>, labels/<split>), each file renamed
+    `<batch>__<name>`. Returns images and labels per split, and the source file of each staged path."""
+    images: dict[str, int] = {}
+    labels: dict[str, int] = {}
+    origin: dict[str, Path] = {}
+    for split, image_dir in split_dirs.items():
+        label_dir = _label_dir(image_dir)
+        images[split] = labels[split] = 0
+        image_files = [p for p in sorted(image_dir.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        label_files = sorted(p for p in label_dir.rglob("*.txt") if p.is_file()) if label_dir.is_dir() else []
+        for kind, folder, files in (("images", image_dir, image_files), ("labels", label_dir, label_files)):
+            for path in files:
+                rel = path.relative_to(folder)
+                dest = staging / kind / split / rel.parent / f"{batch}{BATCH_SEPARATOR}{rel.name}"
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, dest)
+                origin[dest.relative_to(staging).as_posix()] = path
+                if kind == "images":
+                    images[split] += 1
+                else:
+                    labels[split] += 1
+    return images, labels, origin
+
+
+def _check_batch(paths: ProjectPaths, staging: Path, origin: dict[str, Path], source: Path) -> None:
+    """Validate the staged batch as the validate stage would, plus leakage against data/; raise on any error."""
+
+    def shown(rel: str) -> str:
+        return origin[rel].relative_to(source).as_posix() if rel in origin else rel
+
+    report, _ = validate_dataset(staging, load_settings(paths.params).validate_, shown_root=staging)
+    # A batch may bring only some splits; that the whole batch is not empty is checked before.
+    errors = [p for p in report.errors if "split is empty" not in p.reason]
+    messages = []
+    for p in errors:
+        reason = p.reason
+        for rel in (r for r in origin if r in reason):  # another file named in the reason (leakage, duplicates)
+            reason = reason.replace(rel, shown(rel))
+        messages.append(f"{shown(p.file)}{f':{p.line}' if p.line is not None else ''}: {reason}")
+    existing: dict[str, tuple[str, str]] = {}  # content hash of data/'s images -> (split, path)
+    for split in SPLITS:
+        for path in sorted((paths.data / "images" / split).rglob("*")):
+            if path.is_file():
+                existing.setdefault(hashlib.sha256(path.read_bytes()).hexdigest(), (split, path.name))
+    for rel in (r for r in origin if r.startswith("images/")):
+        split = rel.split("/")[1]
+        other = existing.get(hashlib.sha256((staging / rel).read_bytes()).hexdigest())
+        if other and other[0] != split:
+            messages.append(
+                f"{shown(rel)}: same image as data/images/{other[0]}/{other[1]} (leakage between {other[0]} and "
+                f"{split})"
+            )
+    if messages:
+        listed = "\n".join(f"  {m}" for m in messages[:50])
+        more = f"\n  ... and {len(messages) - 50} more" if len(messages) > 50 else ""
+        raise DataValidationError(
+            f"{source}: {len(messages)} error(s), nothing was added (data/ is unchanged):\n{listed}{more}"
+        )
+
+
+def _place(staging: Path, data_root: Path) -> tuple[list[Path], list[Path]]:
+    """Move the staged images/ and labels/ files into data_root. On any failure take back what was placed and
+    raise; else return the files placed and the folders made (to take them back later)."""
+    placed: list[Path] = []
+    made: list[Path] = []
+    try:
+        for kind in ("images", "labels"):
+            for path in sorted(p for p in (staging / kind).rglob("*") if p.is_file()):
+                target = data_root / path.relative_to(staging)
+                missing = [d for d in (target.parent, *target.parent.parents) if not d.exists()]
+                for folder in reversed(missing):
+                    folder.mkdir()
+                    made.append(folder)
+                shutil.move(path, target)
+                placed.append(target)
+    except BaseException:
+        _take_back(placed, made)
+        raise
+    return placed, made
+
+
+def _take_back(placed: list[Path], made: list[Path]) -> None:
+    """Best effort: remove the files placed, then the folders made for them (deepest first)."""
+    for path in placed:
+        path.unlink(missing_ok=True)
+    for folder in reversed(made):
+        with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
+            folder.rmdir()
+
+
+def _git_commit(root: Path, message: str) -> None:
+    """Commit data.dvc alone (other staged changes stay staged)."""
+    for args in (["git", "add", "data.dvc"], ["git", "commit", "-q", "-m", message, "--", "data.dvc"]):
+        try:
+            result = subprocess.run(args, cwd=root, capture_output=True, text=True, check=False)
+        except OSError as exc:
+            output, failed = str(exc), True
+        else:
+            output, failed = (result.stderr or result.stdout).strip(), result.returncode != 0
+        if failed:
+            raise DataVersionError(
+                f"`{' '.join(args[:2])}` failed ({output}). The batch is in data/ and recorded in data.dvc; "
+                "commit data.dvc yourself"
+            )
+
+
+def add_dataset(paths: ProjectPaths, source: Path, *, commit: bool = False) -> AddSummary:
+    """Append a batch of labelled images (a YOLO dataset folder, as `import_dataset` reads) to the current dataset,
+    and record the new version with DVC (and commit data.dvc to git if `commit`).
+
+    The batch is checked before data/ changes, and refused whole on any error: its class names must be the current
+    dataset's, in the same order; it must hold images; it must pass the validate stage's checks (whatever the
+    `on_error` policy) and not repeat an image of data/ in another split; no file may exist already. Only images and
+    .txt labels are added, renamed `<batch>__<name>` (see `batch_of`). They are staged first, then moved in; a
+    failure while moving or recording takes back what was moved. The source is only read.
+    """
+    source = source.resolve()
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source}: no such folder (expected a YOLO dataset: data.yaml, images/, labels/)")
+    if not (source / "data.yaml").is_file():
+        raise FileNotFoundError(f"{source}: no data.yaml (YOLO datasets name their classes there)")
+    if not paths.data.is_dir() or not any(paths.data.iterdir()):
+        raise DataVersionError(
+            f"no dataset in {paths.data} to add to: run `conveyor data pull` first (or make one with `conveyor data "
+            "synth` or `conveyor data import`)"
+        )
+    status = data_status(paths)
+    if not status.in_sync:
+        raise DataVersionError(
+            f"data/ ({status.actual}) differs from the version data.dvc names ({status.expected}), so nothing was "
+            "added. Record your edits (`dvc add data`, commit data.dvc) or discard them (`dvc checkout --force "
+            "data.dvc`) first."
+        )
+    current = read_class_names(paths.data)
+    try:
+        names = read_class_names(source)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise DataValidationError(f"{source / 'data.yaml'}: cannot read class names: {exc}") from None
+    if names != current:
+        raise DataValidationError(
+            f"{source}: class names {names} differ from the current dataset's {current}; a batch must have the same "
+            "names in the same order (class ids in its labels must mean the same). Nothing was added."
+        )
+    try:
+        split_dirs = _split_dirs(source)
+    except ValueError as exc:
+        raise DataValidationError(f"{source / 'data.yaml'}: {exc}") from None
+    batch = batch_id(source.name)
+    staging = Path(tempfile.mkdtemp(dir=paths.root, prefix=".add-"))
+    try:
+        try:
+            images, labels, origin = _stage_batch(split_dirs, staging, batch)
+        except ValueError as exc:  # an image folder without an 'images' part
+            raise DataValidationError(str(exc)) from None
+        if not sum(images.values()):
+            raise DataValidationError(
+                f"{source}: no images to add (looked in {', '.join(str(d) for d in split_dirs.values()) or 'images/'})"
+            )
+        synth.write_dataset_yaml(staging, names)
+        _check_batch(paths, staging, origin, source)
+        taken = sorted(rel for rel in origin if (paths.data / rel).exists())
+        if taken:
+            raise FileExistsError(
+                f"{len(taken)} file(s) of batch {batch} already exist in data/ (e.g. {taken[0]}); nothing was added"
+            )
+        placed, made = _place(staging, paths.data)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    try:
+        md5 = record_version(paths)
+    except BaseException as exc:
+        _take_back(placed, made)
+        if isinstance(exc, subprocess.CalledProcessError):
+            raise DataVersionError(
+                f"`dvc add data` failed ({(exc.stderr or '').strip()}); the batch was taken out of data/ again"
+            ) from None
+        raise
+    n = sum(images.values())
+    if commit:
+        _git_commit(paths.root, f"data: add {batch} ({n} images)")
+    kept = [split for split, count in images.items() if count]  # a batch may bring only some splits
+    return AddSummary(batch, {s: images[s] for s in kept}, {s: labels[s] for s in kept}, names, md5, commit)

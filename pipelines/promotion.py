@@ -55,6 +55,8 @@ def _serving_bundle(paths: ProjectPaths, settings: Settings, staging: Path) -> d
     artifacts["onnx"] = str(paths.root / exports[onnx_name]["path"])
     if "openvino" in exports:
         artifacts["openvino"] = str(paths.root / exports["openvino"]["path"])
+    if (paths.artifacts / "profile").is_dir():
+        artifacts["profile"] = str(paths.artifacts / "profile")  # the drift check's reference for this version
     int8 = exports.get("openvino_int8")
     # INT8 is served only if it keeps the accuracy: the same parity limit as every served export.
     if int8 is not None and abs(float(int8["delta_map50_95"])) <= settings.gates.parity_max_delta:

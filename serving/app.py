@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -55,6 +56,8 @@ class ApiConfig:
     max_images: int
     max_batch_size: int
     token: str | None
+    # Gauges written by others for the same scrape (the drift check's `drift.prom`), appended when present.
+    extra_metrics: Path | None = None
 
 
 def create_app(config: ApiConfig, slot: ModelSlot, metrics: ServingMetrics) -> FastAPI:
@@ -235,8 +238,11 @@ def create_app(config: ApiConfig, slot: ModelSlot, metrics: ServingMetrics) -> F
 
     @app.get("/metrics", tags=["metrics"])
     async def metrics_page() -> Response:
-        """Conveyor's metrics, then Triton's (`nv_inference_*`), in Prometheus' text format."""
+        """Conveyor's metrics, the last drift check's gauges, then Triton's (`nv_inference_*`), in Prometheus' text
+        format."""
         ours = generate_latest(metrics.registry).decode()
+        if config.extra_metrics is not None and config.extra_metrics.is_file():
+            ours += config.extra_metrics.read_text()
         try:
             triton = (await state["http"].get(triton_metrics, timeout=2)).text
         except httpx.HTTPError as exc:

@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.features import thumbnail
 from pipelines.inference import Detection, Detector, ImageError, ImageLimits, decode_image, postprocess
 from serving.metrics import ServingMetrics
-from serving.predlog import Pending, PredictionLog, thumbnail
+from serving.predlog import Pending, PredictionLog
 from serving.source import LoadedModel
 from serving.swap import ModelSlot
 
@@ -77,7 +78,7 @@ class ServedModel:
                     items.append(BatchItem(r, None, str(exc)))
         detector = self._detector(model)
         per_item = _scatter(items, detector.detect([item.image for item in items if item.image is not None]))
-        self._account(model.version, items, per_item, time.perf_counter() - started)
+        self._account(model, items, per_item, time.perf_counter() - started)
         return self._responses(len(encoded), items, per_item, model.version)
 
     def execute_tensors(self, tensors: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
@@ -119,7 +120,9 @@ class ServedModel:
             if sent:
                 self.metrics.queue_seconds.observe(max(0.0, now - sent))
 
-    def _account(self, version: str, items: list[BatchItem], per_item: list[list[Detection]], seconds: float) -> None:
+    def _account(
+        self, model: LoadedModel, items: list[BatchItem], per_item: list[list[Detection]], seconds: float
+    ) -> None:
         m = self.metrics
         m.inference_seconds.observe(seconds)
         m.batch_size.observe(len(items))
@@ -135,7 +138,9 @@ class ServedModel:
                 m.detections.labels(d.class_name).inc()
             if self.predlog is not None:
                 height, width = item.image.shape[:2]
-                self.predlog.offer(Pending(now, version, width, height, thumbnail(item.image), detections))
+                self.predlog.offer(
+                    Pending(now, model.version, width, height, thumbnail(item.image), detections, model.embedder)
+                )
 
     @staticmethod
     def _responses(

@@ -8,14 +8,12 @@ are never slowed. Hour folders older than `keep_hours` are deleted. `read_log` r
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import shutil
 import threading
 import time
 import uuid
-from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.features import EMBEDDING, Embedder, image_features, prediction_features
 from pipelines.inference import Detection
 
 LOG = logging.getLogger("conveyor.serving")
-THUMBNAIL_SIDE = 128  # statistics of a 128 px thumbnail: cheap, and enough for brightness, contrast and blur trends
+EMBED_BATCH = 16  # thumbnails per backbone forward pass in the writer thread
 
 
 @dataclass(frozen=True)
@@ -35,48 +34,34 @@ class Pending:
     model_version: str
     width: int
     height: int
-    thumbnail: np.ndarray  # small grayscale uint8
+    thumbnail: np.ndarray  # small BGR copy (features.thumbnail)
     detections: list[Detection]
-
-
-def thumbnail(image: np.ndarray) -> np.ndarray:
-    import cv2
-
-    gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image
-    scale = THUMBNAIL_SIDE / max(gray.shape[:2])
-    if scale < 1:
-        gray = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(gray)
-
-
-def image_stats(gray: np.ndarray) -> dict[str, float]:
-    """Brightness (mean), contrast (std) and sharpness (variance of the Laplacian) of a grayscale image."""
-    import cv2
-
-    return {
-        "brightness": float(gray.mean()),
-        "contrast": float(gray.std()),
-        "sharpness": float(cv2.Laplacian(gray, cv2.CV_64F).var()),
-    }
+    embedder: Embedder | None = None  # the served version's backbone, when embeddings are logged
 
 
 def to_record(item: Pending) -> dict[str, Any]:
-    confidences = [d.confidence for d in item.detections]
-    area = float(item.width * item.height) or 1.0
-    box_areas = [(d.box[2] - d.box[0]) * (d.box[3] - d.box[1]) / area for d in item.detections]
     return {
         "time": datetime.fromtimestamp(item.at, UTC),
         "model_version": item.model_version,
-        "width": item.width,
-        "height": item.height,
-        **image_stats(item.thumbnail),
-        "detections": len(item.detections),
-        "mean_confidence": float(np.mean(confidences)) if confidences else None,
-        "min_confidence": float(min(confidences)) if confidences else None,
-        "class_counts": json.dumps(dict(Counter(d.class_name for d in item.detections)), sort_keys=True),
-        "mean_box_area": float(np.mean(box_areas)) if box_areas else None,
-        "box_areas": box_areas,
+        **image_features(item.thumbnail, item.width, item.height),
+        **prediction_features(item.detections, item.width, item.height),
     }
+
+
+def with_embeddings(items: list[Pending], records: list[dict[str, Any]]) -> None:
+    """Add each record's backbone embedding, one forward pass per embedder (model version) in the batch."""
+    groups: dict[int, list[int]] = {}
+    for i, item in enumerate(items):
+        if item.embedder is not None:
+            groups.setdefault(id(item.embedder), []).append(i)
+    for indices in groups.values():
+        embedder = items[indices[0]].embedder
+        assert embedder is not None
+        for start in range(0, len(indices), EMBED_BATCH):
+            chunk = indices[start : start + EMBED_BATCH]
+            vectors = embedder([items[i].thumbnail for i in chunk])
+            for i, vector in zip(chunk, vectors, strict=True):
+                records[i][EMBEDDING] = vector.tolist()
 
 
 class PredictionLog:
@@ -133,7 +118,12 @@ class PredictionLog:
         if not batch:
             return
         try:
-            self._write([to_record(item) for item in batch])
+            records = [to_record(item) for item in batch]
+            try:
+                with_embeddings(batch, records)
+            except Exception:  # the records still carry every other feature
+                LOG.exception("prediction log: embeddings failed for %d records; kept without them", len(batch))
+            self._write(records)
             self.written += len(batch)
             self._on_written(len(batch))
             self._expire()
@@ -170,16 +160,33 @@ class PredictionLog:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
-def read_log(directory: Path, since: datetime | None = None, last: int | None = None) -> Any:
-    """The logged records as a pandas DataFrame, oldest first: those after `since`, then the last `last` of them."""
+def read_log(directory: Path, since: datetime | None = None, last: int | None = None) -> LogWindow:
+    """The logged records as a pandas DataFrame, oldest first: those after `since`, then the last `last` of them.
+
+    A part file that cannot be read (cut short by a full disk, or damaged) is skipped and named in `unreadable`; the
+    rest of the window is still returned.
+    """
     import pandas as pd
 
-    files = sorted(p for p in directory.glob("date=*/hour=*/part-*.parquet"))
-    if not files:
-        return pd.DataFrame()
-    frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True).sort_values("time")
+    frames = []
+    unreadable: list[str] = []
+    for file in sorted(directory.glob("date=*/hour=*/part-*.parquet")):
+        try:
+            frames.append(pd.read_parquet(file))
+        except Exception as exc:  # pyarrow raises several types for a damaged file
+            unreadable.append(f"{file.relative_to(directory)}: {str(exc).splitlines()[0][:200]}")
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return LogWindow(pd.DataFrame(), unreadable)
+    frame = pd.concat(frames, ignore_index=True).sort_values("time", kind="stable")
     if since is not None:
         frame = frame[frame["time"] >= pd.Timestamp(since)]
     if last is not None:
         frame = frame.tail(last)
-    return frame.reset_index(drop=True)
+    return LogWindow(frame.reset_index(drop=True), unreadable)
+
+
+@dataclass(frozen=True)
+class LogWindow:
+    records: Any  # pandas DataFrame
+    unreadable: list[str]

@@ -25,6 +25,7 @@ from serving.triton import TritonPorts, start_triton
 
 LOG = logging.getLogger("conveyor.serving")
 TOKEN_ENV = "CONVEYOR_SERVE_TOKEN"
+DRIFT_METRICS_FILE = "drift.prom"  # written by `conveyor drift` into paths.monitoring; served on /metrics
 
 
 class PortInUseError(RuntimeError):
@@ -122,6 +123,8 @@ def serve(paths: ProjectPaths, settings: Settings, options: ServeOptions) -> Non
         cfg.poll_seconds,
         slot,
         metrics,
+        # The backbone embedding of each logged image, for the drift check (computed by the log's writer thread).
+        embeddings=predlog is not None and settings.monitor.embeddings,
     )
     watcher.check()  # the current version, before the first request (or the reason there is none)
     ports = TritonPorts(http=_free_port(), grpc=cfg.grpc_port, metrics=_free_port(), grpc_host=cfg.host)
@@ -139,7 +142,17 @@ def serve(paths: ProjectPaths, settings: Settings, options: ServeOptions) -> Non
         )
         watcher.start()
         app = create_app(
-            ApiConfig(name, ports, limits, cfg.max_images_per_request, cfg.max_batch_size, token), slot, metrics
+            ApiConfig(
+                name,
+                ports,
+                limits,
+                cfg.max_images_per_request,
+                cfg.max_batch_size,
+                token,
+                extra_metrics=paths.monitoring / DRIFT_METRICS_FILE,
+            ),
+            slot,
+            metrics,
         )
         print(
             f"serving {name} ({slot.state.reason}) on http://{cfg.host}:{cfg.port} (/predict, /v2, /metrics) "

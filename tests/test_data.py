@@ -1,4 +1,4 @@
-"""The data version: import, and getting back exactly what data.dvc names (or failing without losing anything)."""
+"""The data version: import, add, and getting back exactly what data.dvc names (or failing without losing anything)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import yaml
 from conveyor.paths import ProjectPaths
 from conveyor.settings import SynthSettings, load_settings
 from pipelines import data, synth
-from tests.conftest import make_project
+from pipelines.validate import DataValidationError
+from tests.conftest import VENV_BIN, base_env, make_project, run_cmd
 
 
 @pytest.fixture
@@ -136,3 +137,146 @@ def test_import_without_data_yaml(paths: ProjectPaths, tmp_path: Path) -> None:
 def test_make_project_helper_is_isolated(tmp_path: Path) -> None:
     root = make_project(tmp_path / "p")
     assert (root / ".dvc").is_dir() and (root / ".git").is_dir() and not (root / "data").exists()
+
+
+# --- conveyor data add ------------------------------------------------------------------------------------------
+
+
+def _batch(folder: Path, *, seed: int = 11, counts: dict[str, int] | None = None) -> Path:
+    """A small labelled batch (synthetic, another seed than the project's data, so no image repeats)."""
+    counts = counts or {"train": 4, "val": 2, "test": 0}
+    synth.generate(SynthSettings(image_size=64, seed=seed, counts=counts), folder)
+    return folder
+
+
+def _git_log(root: Path) -> str:
+    return subprocess.run(["git", "log", "--format=%s"], cwd=root, capture_output=True, text=True).stdout
+
+
+def test_batch_of() -> None:
+    assert data.batch_of("add-20250102-030405-line-3__train_00001.jpg") == "add-20250102-030405-line-3"
+    assert data.batch_of("data/labels/val/add-20250102-030405-b__x__y.txt") == "add-20250102-030405-b"
+    assert data.batch_of("train_00001.jpg") == "base"
+    assert data.batch_of("camera__0001.jpg") == "base"  # `__` in an original name is not a batch
+    batch = data.batch_id("Line 3_Shift (B)")
+    assert batch.startswith("add-") and batch.endswith("-line-3-shift-b")
+    assert data.batch_of(f"{batch}__a.png") == batch
+
+
+def test_add_batch_with_the_cli_and_commit(project: Path, tmp_path: Path) -> None:
+    env = base_env()
+    conveyor = str(VENV_BIN / "conveyor")
+    run_cmd([conveyor, "data", "synth"], project, env)
+    paths = ProjectPaths(project)
+    before = data.data_status(paths).expected
+    base_files = sorted(p.name for p in (project / "data/images/train").iterdir())
+    shifted = tmp_path / "Line 3 Shift"
+    run_cmd([conveyor, "data", "synth", "--out", str(shifted), "--brightness", "0.6"], project, env)
+    n_train = len(list((shifted / "images/train").iterdir()))
+
+    out = run_cmd([conveyor, "data", "add", str(shifted), "--commit"], project, env).stdout
+    assert "data.dvc committed" in out and "conveyor run" in out
+
+    added = sorted(p.name for p in (project / "data/images/train").iterdir() if p.name not in base_files)
+    assert len(added) == n_train
+    batch = data.batch_of(added[0])
+    assert batch.startswith("add-") and batch.endswith("-line-3-shift")
+    assert all(name.startswith(f"{batch}__") for name in added)
+    assert (project / "data/labels/train" / f"{batch}__train_00000.txt").is_file()
+    assert {data.batch_of(n) for n in base_files} == {"base"}
+    assert (project / "data/data.yaml").read_text() != ""  # the dataset's own data.yaml is kept
+    after = data.data_status(paths)
+    assert after.expected != before and after.in_sync
+    assert "in sync" in run_cmd([conveyor, "data", "status"], project, env).stdout
+    assert _git_log(project).splitlines()[0].startswith(f"data: add {batch} (")
+    assert not list(project.glob(".add-*"))  # no staging left behind
+
+
+def test_add_batch_with_some_splits_without_commit(paths: ProjectPaths, tmp_path: Path) -> None:
+    data.synthesize(paths, synth_settings(paths))
+    before = data.data_status(paths).expected
+    batch = _batch(tmp_path / "train-only", counts={"train": 3, "val": 0, "test": 0})
+    (batch / "data.yaml").write_text(yaml.safe_dump({"train": "images/train", "names": ["scratch", "dent", "stain"]}))
+    summary = data.add_dataset(paths, batch)
+    assert summary.images == {"train": 3} and summary.labels == {"train": 3}
+    assert summary.names == ["scratch", "dent", "stain"] and not summary.committed
+    assert summary.md5 == data.data_status(paths).expected != before
+    assert data.data_status(paths).in_sync
+    assert len([p for p in (paths.data / "images/train").iterdir() if data.batch_of(p.name) == summary.batch]) == 3
+    assert _git_log(paths.root) == ""  # nothing committed
+
+
+def test_add_refuses_other_class_names(paths: ProjectPaths, tmp_path: Path) -> None:
+    data.synthesize(paths, synth_settings(paths))
+    before = data.dir_md5(paths.data)
+    batch = _batch(tmp_path / "b")
+    spec = yaml.safe_load((batch / "data.yaml").read_text())
+    (batch / "data.yaml").write_text(yaml.safe_dump({**spec, "names": ["dent", "scratch", "stain"]}))
+    with pytest.raises(DataValidationError, match=r"\['dent', 'scratch', 'stain'\].*\['scratch', 'dent', 'stain'\]"):
+        data.add_dataset(paths, batch)
+    assert data.dir_md5(paths.data) == before
+
+
+def test_add_refuses_a_batch_with_bad_files_and_names_them(paths: ProjectPaths, tmp_path: Path) -> None:
+    data.synthesize(paths, synth_settings(paths))
+    before = data.dir_md5(paths.data)
+    batch = _batch(tmp_path / "b")
+    image = batch / "images/train/train_00001.jpg"
+    image.write_bytes(image.read_bytes()[:300])  # truncated
+    (batch / "labels/val/val_00000.txt").write_text("0 0.5 0.5 0.2\n")  # 4 fields
+    with pytest.raises(DataValidationError) as raised:
+        data.add_dataset(paths, batch)
+    message = str(raised.value)
+    assert "images/train/train_00001.jpg" in message and "labels/val/val_00000.txt:1" in message
+    assert "nothing was added" in message
+    assert data.dir_md5(paths.data) == before and data.data_status(paths).in_sync
+    assert not list(paths.root.glob(".add-*"))
+
+
+def test_add_refuses_an_image_already_in_another_split(paths: ProjectPaths, tmp_path: Path) -> None:
+    data.synthesize(paths, synth_settings(paths))
+    before = data.dir_md5(paths.data)
+    batch = _batch(tmp_path / "b")
+    shutil.copy2(paths.data / "images/test/test_00000.jpg", batch / "images/train/train_00000.jpg")
+    with pytest.raises(DataValidationError, match=r"images/train/train_00000\.jpg: same image as data/images/test"):
+        data.add_dataset(paths, batch)
+    assert data.dir_md5(paths.data) == before
+
+
+def test_add_missing_empty_and_no_data(paths: ProjectPaths, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        data.add_dataset(paths, tmp_path / "nowhere")
+    empty = _batch(tmp_path / "empty", counts={"train": 0, "val": 0, "test": 0})
+    with pytest.raises(data.DataVersionError, match="conveyor data pull"):
+        data.add_dataset(paths, empty)  # no data/ yet
+    data.synthesize(paths, synth_settings(paths))
+    before = data.dir_md5(paths.data)
+    with pytest.raises(DataValidationError, match="no images to add"):
+        data.add_dataset(paths, empty)
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no data\.yaml"):
+        data.add_dataset(paths, tmp_path / "bare")
+    assert data.dir_md5(paths.data) == before
+
+
+def test_add_name_collision_and_failed_record_leave_data_as_it_was(
+    paths: ProjectPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data.synthesize(paths, synth_settings(paths))
+    monkeypatch.setattr(data, "batch_id", lambda name: "add-20250101-000000-fixed")
+    data.add_dataset(paths, _batch(tmp_path / "one"))
+    before = data.dir_md5(paths.data)
+    with pytest.raises(FileExistsError, match="already exist"):
+        data.add_dataset(paths, _batch(tmp_path / "two", seed=12))
+    assert data.dir_md5(paths.data) == before
+
+    monkeypatch.setattr(data, "batch_id", lambda name: "add-20250101-000001-other")
+
+    def failing_record(paths: ProjectPaths) -> str:
+        raise subprocess.CalledProcessError(1, ["dvc", "add", "data"], stderr="disk full")
+
+    monkeypatch.setattr(data, "record_version", failing_record)
+    with pytest.raises(data.DataVersionError, match="taken out of data/ again"):
+        data.add_dataset(paths, _batch(tmp_path / "three", seed=13, counts={"train": 2, "val": 0, "test": 1}))
+    assert data.dir_md5(paths.data) == before
+    assert not [p for p in paths.data.rglob("*") if data.batch_of(p.name) == "add-20250101-000001-other"]

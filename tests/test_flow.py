@@ -3,13 +3,13 @@
 A good model comes from warm-starting on a checkpoint trained by Conveyor's own demo run (tests/assets, 5 MB);
 a deliberately weaker one is trained from scratch for one epoch. Covers: first run promotes; a weaker model is
 rejected by the regression gate and the champion does not move; a forced promotion and a rollback, all recorded;
-the pyfunc predicts; lineage; the scheduled deployment and a run through a worker; an unreachable MLflow server;
+the pyfunc predicts; lineage; an unreachable MLflow server;
 overlapping runs (rejected, or waiting); a run killed mid-training, after which the next run completes cleanly.
+(The scheduled deployments and a run through a worker are in test_monitoring.py: its retraining is one.)
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import signal
@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from conveyor.scaffold import REPO
 from pipelines import registry
-from tests.conftest import VENV_BIN, base_env, free_port, make_project, stop_tree
+from tests.conftest import VENV_BIN, base_env, free_port, make_project
 
 pytestmark = pytest.mark.slow
 
@@ -158,56 +158,6 @@ def test_promote_reject_force_rollback(flow_project: tuple[Path, str], mlflow_se
     assert ".dvc-remote/files/md5/" in lineage
     by_data = conveyor(project, {**env, "COLUMNS": "200"}, "lineage", "--data", data_md5).stdout
     assert v1.run_id in by_data
-
-
-def test_deployment_schedule_and_worker_run(
-    flow_project: tuple[Path, str], mlflow_server: str, prefect_server: str
-) -> None:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.objects import ConcurrencyLimitStrategy
-    from prefect.deployments import run_deployment
-
-    project, _ = flow_project
-    pool = f"pool-{uuid.uuid4().hex[:6]}"
-    set_params(project, orchestration={"work_pool": pool, "cron": "15 4 * * 2", "on_overlap": "reject"})
-    env = servers_env(mlflow_server, prefect_server)
-    conveyor(project, env, "deploy")
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    # Prefect reads its settings at import: point this process's client at the test server explicitly.
-    with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
-        with get_client(sync_client=True) as client:
-            deployment = client.read_deployment_by_name("conveyor-training/scheduled-training")
-            assert [s.schedule.cron for s in deployment.schedules] == ["15 4 * * 2"]  # type: ignore[union-attr]
-            assert deployment.work_pool_name == pool
-            assert deployment.global_concurrency_limit is not None
-            assert deployment.global_concurrency_limit.limit == 1
-            assert deployment.concurrency_options is not None
-            assert deployment.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
-        worker_env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
-        worker = subprocess.Popen(
-            ["conveyor", "worker"],
-            cwd=project,
-            env=worker_env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        try:
-            run = run_deployment(
-                "conveyor-training/scheduled-training", parameters={"reason": "manual"}, timeout=900, poll_interval=2
-            )
-            assert not inspect.isawaitable(run)
-            assert run.state is not None and run.state.is_completed(), run.state
-        finally:
-            stop_tree(worker)
-        with get_client(sync_client=True) as client:
-            from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-            artifacts = client.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["conveyor-training-summary"]))
-            )
-            assert any(a.flow_run_id == run.id and "Gate report" in str(a.data) for a in artifacts)
 
 
 def test_unreachable_mlflow_fails_at_once_and_writes_nothing(

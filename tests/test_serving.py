@@ -415,20 +415,23 @@ def test_prometheus_scrapes_the_metrics(server: RunningServer, tmp_path: Path, t
 
 
 def test_prediction_log_records_what_the_model_saw(server: RunningServer, test_images: list[Path]) -> None:
+    from pipelines.features import EMBEDDING, IMAGE_FEATURES, PREDICTION_FEATURES
     from serving.predlog import read_log
 
     assert post_images(server, test_images)[0] == 200
     directory = server.project / ".conveyor" / "predictions"
     deadline = time.monotonic() + 30
-    frame = read_log(directory)
+    frame = read_log(directory).records
     while time.monotonic() < deadline and len(frame) < len(test_images):
         time.sleep(0.5)
-        frame = read_log(directory)
+        frame = read_log(directory).records
     assert len(frame) >= len(test_images)
-    expected = {"time", "model_version", "width", "height", "brightness", "contrast", "sharpness", "detections"}
+    expected = {"time", "model_version", *IMAGE_FEATURES, *PREDICTION_FEATURES, "class_counts", EMBEDDING}
     assert expected <= set(frame.columns)
-    assert {"mean_confidence", "min_confidence", "class_counts", "box_areas"} <= set(frame.columns)
     assert frame["brightness"].between(1, 254).all() and (frame["sharpness"] > 0).all()
+    assert (frame["noise"] > 0).all() and (frame["width"] == 320).all()
+    # The server's own backbone, pooled: one vector per image, the same length for every record.
+    assert {len(v) for v in frame[EMBEDDING]} == {256}
     assert set(frame["model_version"]) >= {"1"}
 
 

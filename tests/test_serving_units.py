@@ -87,7 +87,7 @@ def test_edge_postprocess_gives_conveyors_detections() -> None:
 
 def pending(version: str = "1") -> Pending:
     detection = Detection(0, "scratch", 0.9, (1.0, 2.0, 11.0, 12.0))
-    return Pending(time.time(), version, 64, 48, np.full((48, 64), 100, np.uint8), [detection])
+    return Pending(time.time(), version, 64, 48, np.full((48, 64, 3), 100, np.uint8), [detection])
 
 
 def test_prediction_log_writes_hourly_parquet_and_drops_when_full(tmp_path: Path) -> None:
@@ -98,7 +98,9 @@ def test_prediction_log_writes_hourly_parquet_and_drops_when_full(tmp_path: Path
         log.offer(pending())
     assert log.dropped == 2 and sum(dropped) == 2
     log.flush()
-    frame = read_log(tmp_path / "log")
+    window = read_log(tmp_path / "log")
+    frame = window.records
+    assert window.unreadable == []
     assert len(frame) == 3 and list(frame["detections"]) == [1, 1, 1]
     assert frame["brightness"].iloc[0] == pytest.approx(100) and frame["contrast"].iloc[0] == pytest.approx(0)
     assert json.loads(frame["class_counts"].iloc[0]) == {"scratch": 1}

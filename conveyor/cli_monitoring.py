@@ -1,0 +1,112 @@
+"""`conveyor drift` and `conveyor demo drift`: the monitoring command group (registered on the main CLI)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from conveyor.cli import _project, app, console, friendly_errors
+
+if TYPE_CHECKING:
+    from monitoring.check import CheckOutcome
+
+demo_app = typer.Typer(help="Guided demonstrations on this machine.", no_args_is_help=True)
+app.add_typer(demo_app, name="demo")
+
+
+@app.command()
+@friendly_errors
+def drift(
+    source: Annotated[
+        Path | None, typer.Option(help="check a folder of images instead of the serving prediction log")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="the version to compare with (default: the one that served the window)")
+    ] = None,
+    hours: Annotated[float | None, typer.Option(help="window: the last T hours (default monitor.window_hours)")] = None,
+    last: Annotated[int | None, typer.Option(help="window: only its last N records (monitor.window_records)")] = None,
+    open_report: Annotated[bool, typer.Option("--open", help="open the Evidently report in a browser")] = False,
+) -> None:
+    """Check what the served model sees and predicts against its version's reference profile (Evidently)."""
+    from monitoring.check import CheckOptions, run_check
+    from monitoring.current import NoCurrentDataError
+    from monitoring.reference import ProfileMissingError
+
+    paths, settings = _project()
+    try:
+        outcome = run_check(paths, settings, CheckOptions(source, model, hours, last), console)
+    except (NoCurrentDataError, ProfileMissingError) as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    print_outcome(outcome)
+    if open_report and (outcome.report_dir / "report.html").is_file():
+        import webbrowser
+
+        webbrowser.open((outcome.report_dir / "report.html").as_uri())
+
+
+def print_outcome(outcome: CheckOutcome) -> None:
+    result = outcome.result
+    colour = {"drift": "red", "no drift": "green", "insufficient data": "yellow"}[result.status]
+    table = Table(
+        title=f"{outcome.model_name} v{outcome.model_version}: [{colour}]{result.status}[/] "
+        f"({result.current_rows} current rows vs {result.reference_rows} reference, batch '{result.reference_batch}')"
+    )
+    for column in ("feature", "test", "score", "threshold", "reference mean", "current mean", "verdict"):
+        table.add_column(column, justify="left" if column in ("feature", "test", "verdict") else "right")
+    for f in sorted(result.features, key=lambda f: (not f.drifted, f.name)):
+        table.add_row(
+            f.name,
+            f.method,
+            f"{f.score:.3g}",
+            f"{f.threshold:.3g}",
+            f"{f.reference_mean:.3g}",
+            f"{f.current_mean:.3g}",
+            "[red]drift[/]" if f.drifted else "ok",
+        )
+    if result.features:
+        console.print(table)
+    else:
+        console.print(table.title)
+    console.print(result.message, highlight=False)
+    for name, why in result.skipped.items():
+        console.print(f"[yellow]skipped[/] {name}: {why}", highlight=False)
+    if outcome.data.other_versions:
+        left_out = ", ".join(f"v{v}: {n} rows" for v, n in outcome.data.other_versions.items())
+        console.print(f"left out (served by other versions): {left_out}", highlight=False)
+    for problem in outcome.data.unreadable:
+        console.print(f"[yellow]unreadable[/] {problem}", highlight=False)
+    console.print(f"alert: {'yes' if outcome.decision.alert else 'no'} ({outcome.decision.reason})", highlight=False)
+    where = outcome.mlflow_run_url or f"run {outcome.mlflow_run_id}"
+    report = outcome.report_dir / "report.html"
+    console.print(
+        f"report: {report if report.is_file() else outcome.report_dir / 'summary.json'}; MLflow: {where}",
+        highlight=False,
+    )
+
+
+@demo_app.command("drift")
+@friendly_errors
+def demo_drift(
+    browser: Annotated[bool, typer.Option(help="open the drift report in a browser at the end")] = True,
+) -> None:
+    """The whole monitoring loop on this machine: serve, control traffic, shifted traffic, drift event, retraining
+    through the gates, hot swap, and no drift on the same traffic after it."""
+    import time
+
+    from flows.drift_demo import run_demo
+
+    paths, settings = _project()
+    started = time.perf_counter()
+    result = run_demo(paths, settings, console, open_browser=browser)
+    table = Table(title=f"conveyor demo drift ({time.perf_counter() - started:.0f} s)")
+    for column in ("step", "seconds", "outcome"):
+        table.add_column(column, justify="right" if column == "seconds" else "left")
+    for phase in result.phases:
+        table.add_row(phase.name, f"{phase.seconds:.0f}", phase.outcome)
+    console.print(table)
+    if result.report is not None:
+        console.print(f"drift report: {result.report}")

@@ -1,0 +1,363 @@
+"""`conveyor demo drift`: the monitoring loop on one machine, every part real.
+
+The champion serves; traffic like its training data is checked (the control: nothing happens); then the line's
+world changes (darker, blurred, larger defects), a labelled batch of it is added with `conveyor data add`, the
+shifted traffic is checked by the monitoring deployment, whose drift event makes Prefect's automation run the
+training deployment (reason=drift, warm start); the new version passes the gates, becomes champion, the server
+swaps to it, and the same shifted traffic checked again is no longer drift.
+
+Servers: the Prefect API in PREFECT_API_URL, or one started here (stopped at the end); the MLflow of the project
+(MLFLOW_TRACKING_URI or the embedded store); a worker and `conveyor serve` started here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from conveyor.paths import ProjectPaths
+from conveyor.settings import DomainShift, Settings
+
+SHIFT = DomainShift(brightness=0.45, blur_sigma=1.6, defect_scale=1.7)
+
+
+@dataclass(frozen=True)
+class DemoSizes:
+    """How much data the demo makes: a labelled shifted batch (added to data/) and the traffic of each phase."""
+
+    batch: dict[str, int] = field(default_factory=lambda: {"train": 48, "val": 16, "test": 16})
+    traffic: int = 60
+    timeout_s: float = 1800
+
+
+@dataclass
+class Phase:
+    name: str
+    seconds: float
+    outcome: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DemoResult:
+    phases: list[Phase] = field(default_factory=list)
+    report: Path | None = None
+
+    def phase(self, name: str) -> Phase:
+        return next(p for p in self.phases if p.name == name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 1.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _process(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as out:
+        process = subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield process
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout=40)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+
+
+class DriftDemo:
+    def __init__(self, paths: ProjectPaths, settings: Settings, console: Console, sizes: DemoSizes) -> None:
+        self.paths = paths
+        self.settings = settings
+        self.console = console
+        self.sizes = sizes
+        self.work = paths.scratch / "demo-drift"
+        self.bin = Path(sys.executable).parent
+        self.env = {**os.environ, "PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}"}
+        self.result = DemoResult()
+        self.model_name = settings.registry.model_name
+
+    # --- the steps ----------------------------------------------------------------------------------------------
+
+    def run(self, open_browser: bool) -> DemoResult:
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.work.mkdir(parents=True)
+        with contextlib.ExitStack() as stack:
+            api = self.env.get("PREFECT_API_URL") or stack.enter_context(self._prefect_server())
+            self.env["PREFECT_API_URL"] = api
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            stack.enter_context(temporary_settings(updates={PREFECT_API_URL: api}))
+            self._step("champion", self._ensure_champion)
+            self._step("deploy", self._deploy)
+            stack.enter_context(self._worker())
+            server = stack.enter_context(self._server())
+            control = self._synth("control", DomainShift(), seed_offset=101, counts={"train": 0, "val": 0, "test": 0})
+            self._step("control traffic", lambda: self._send(server, control, "traffic like the training data"))
+            self._step("control check", lambda: self._check(server, expect_alert=False))
+            batch = self._synth("shifted-batch", SHIFT, seed_offset=202, counts=self.sizes.batch)
+            traffic = self._synth("shifted-traffic", SHIFT, seed_offset=303, counts={"train": 0, "val": 0, "test": 0})
+            self._step("shifted traffic", lambda: self._send(server, traffic, "darker, blurred, larger defects"))
+            self._step("data add", lambda: self._data_add(batch))
+            self._step("drift check", lambda: self._check(server, expect_alert=True))
+            self._step("retraining", self._wait_for_retraining)
+            self._step("hot swap", lambda: self._wait_for_swap(server))
+            self._step("shifted traffic again", lambda: self._send(server, traffic, "the same shifted traffic"))
+            self._step("check after retraining", lambda: self._check(server, expect_alert=False))
+        if open_browser and self.result.report is not None:
+            import webbrowser
+
+            webbrowser.open(self.result.report.as_uri())
+        return self.result
+
+    def _step(self, name: str, action: Callable[[], tuple[str, dict[str, Any]]]) -> None:
+        self.console.rule(f"[bold]{name}")
+        started = time.perf_counter()
+        outcome, details = action()
+        phase = Phase(name, time.perf_counter() - started, outcome, details)
+        self.result.phases.append(phase)
+        self.console.print(f"{name}: {outcome} ({phase.seconds:.0f} s)", highlight=False)
+
+    def _ensure_champion(self) -> tuple[str, dict[str, Any]]:
+        from conveyor.tracking import Tracker
+        from pipelines import registry
+
+        client = Tracker.client_for(self.paths)
+        champion = registry.current_champion(client, self.model_name)
+        if champion is None:
+            self.console.print("no champion yet: training one with the main job (`conveyor run`)")
+            self._conveyor("run", log="run.log")
+            champion = registry.current_champion(client, self.model_name)
+            if champion is None:
+                raise RuntimeError(f"the main job registered no champion: see {self.work / 'run.log'}")
+        self.champion_before = str(champion.version)
+        return f"v{champion.version} is champion", {"version": str(champion.version)}
+
+    def _deploy(self) -> tuple[str, dict[str, Any]]:
+        self._conveyor("deploy", log="deploy.log")
+        return "training and drift-check deployments, drift -> retraining automation", {}
+
+    def _synth(self, name: str, shift: DomainShift, seed_offset: int, counts: dict[str, int]) -> Path:
+        """A labelled synthetic set: `counts` per split, or `sizes.traffic` test images as unlabelled traffic."""
+        from pipelines import synth
+
+        if not any(counts.values()):
+            counts = {"train": 0, "val": 0, "test": self.sizes.traffic}
+        cfg = self.settings.synth.model_copy(
+            update={"seed": self.settings.synth.seed + seed_offset, "counts": counts, "shift": shift}
+        )
+        target = self.work / name
+        synth.generate(cfg, target, overwrite=True)
+        return target
+
+    def _send(self, server: str, folder: Path, what: str) -> tuple[str, dict[str, Any]]:
+        import httpx
+
+        from serving.predlog import read_log
+        from serving.server import prediction_log_dir
+
+        images = sorted(folder.rglob("*.jpg"))
+        log_dir = prediction_log_dir(self.paths, self.settings.serve)
+        before = len(read_log(log_dir).records) if log_dir.is_dir() else 0
+        versions: set[str] = set()
+        with httpx.Client(base_url=server, timeout=60) as client:
+            for start in range(0, len(images), 8):
+                files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in images[start : start + 8]]
+                response = client.post("/predict", files=files)
+                response.raise_for_status()
+                versions.add(str(response.json()["model"]["version"]))
+        _wait(lambda: len(read_log(log_dir).records) >= before + len(images), 60, "the prediction log", 0.5)
+        self.last_traffic = len(images)
+        return f"{len(images)} images ({what}) served by v{', v'.join(sorted(versions))}", {"versions": versions}
+
+    def _data_add(self, batch: Path) -> tuple[str, dict[str, Any]]:
+        from pipelines.data import add_dataset
+
+        summary = add_dataset(self.paths, batch)
+        return f"labelled batch {summary.batch} ({summary.total_images} images) added; data {summary.md5[:12]}", {}
+
+    def _check(self, server: str, expect_alert: bool) -> tuple[str, dict[str, Any]]:
+        import httpx
+        from prefect.deployments import run_deployment
+
+        self.check_started = time.time()
+        run = run_deployment(
+            f"conveyor-monitoring/{self.settings.monitor.deployment}",
+            parameters={"project_dir": str(self.paths.root), "last": self.last_traffic},
+            timeout=600,
+            poll_interval=1,
+        )
+        assert not hasattr(run, "__await__")
+        if run.state is None or not run.state.is_completed():
+            raise RuntimeError(f"the drift check run {run.name} ended {run.state}")
+        result = self._latest_check()
+        result["flow_run"] = str(run.id)
+        metrics = httpx.get(f"{server}/metrics", timeout=10).text  # the check's gauges, on the server's scrape
+        result["gauges"] = [line for line in metrics.splitlines() if line.startswith("conveyor_drift_")]
+        self.result.report = Path(result["report"]) if Path(result["report"]).is_file() else self.result.report
+        verdict = (
+            f"v{result['model_version']}: {result['status']}; {result['message']}; "
+            f"alert: {'yes' if result['alert'] else 'no'}"
+        )
+        if expect_alert and not result["alert"]:
+            raise RuntimeError(f"expected a drift alert, got: {verdict}")
+        if not expect_alert and result["alert"]:
+            raise RuntimeError(f"expected no alert, got: {verdict}")
+        return verdict, result
+
+    def _latest_check(self) -> dict[str, Any]:
+        """The summary the check just wrote (the flow's return value is not persisted by Prefect)."""
+        import json
+
+        folders = sorted((self.paths.monitoring / "reports").glob("*/summary.json"))
+        fresh = [f for f in folders if f.stat().st_mtime >= self.check_started]
+        if not fresh:
+            raise RuntimeError("the drift check completed but wrote no report")
+        summary: dict[str, Any] = json.loads(fresh[-1].read_text())
+        summary["report"] = str(fresh[-1].parent / "report.html")
+        return summary
+
+    def _wait_for_retraining(self) -> tuple[str, dict[str, Any]]:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
+        from prefect.client.schemas.sorting import FlowRunSort
+
+        name = self.settings.orchestration.deployment
+
+        def drift_run() -> Any:
+            with get_client(sync_client=True) as client:
+                runs = client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[name])),
+                    flow_run_filter=FlowRunFilter(),
+                    sort=FlowRunSort.START_TIME_DESC,
+                    limit=10,
+                )
+            fresh = [
+                r
+                for r in runs
+                if r.parameters.get("reason") == "drift" and r.created and r.created.timestamp() >= self.check_started
+            ]
+            return fresh[0] if fresh else None
+
+        run = _wait(drift_run, 120, "the automation to start the retraining")
+        self.console.print(f"retraining run {run.name} started by the drift event; waiting for it to finish")
+
+        def finished() -> Any:
+            with get_client(sync_client=True) as client:
+                current = client.read_flow_run(run.id)
+            return current if current.state and current.state.is_final() else None
+
+        final = _wait(finished, self.sizes.timeout_s, "the retraining run", 3)
+        if not final.state.is_completed():
+            raise RuntimeError(f"the retraining run {final.name} ended {final.state.name}")
+        from conveyor.tracking import Tracker
+        from pipelines import registry
+
+        champion = registry.current_champion(Tracker.client_for(self.paths), self.model_name)
+        assert champion is not None
+        if str(champion.version) == self.champion_before:
+            raise RuntimeError(f"the retrained model did not become champion (still v{champion.version})")
+        self.champion_after = str(champion.version)
+        return f"run {final.name} (reason=drift): v{champion.version} passed the gates, champion", {
+            "flow_run": str(final.id),
+            "version": str(champion.version),
+            "parameters": final.parameters,
+        }
+
+    def _wait_for_swap(self, server: str) -> tuple[str, dict[str, Any]]:
+        import httpx
+
+        def served() -> bool:
+            body = httpx.get(f"{server}/v2/models/{self.model_name}", timeout=10).json()
+            return bool(body.get("conveyor", {}).get("version") == self.champion_after)
+
+        _wait(served, 120, f"the server to serve v{self.champion_after}")
+        return f"the server serves v{self.champion_after}", {}
+
+    # --- processes --------------------------------------------------------------------------------------------
+
+    def _conveyor(self, *args: str, log: str) -> None:
+        with (self.work / log).open("wb") as out:
+            result = subprocess.run(
+                [str(self.bin / "conveyor"), *args], cwd=self.paths.root, env=self.env, stdout=out, stderr=out
+            )
+        if result.returncode != 0:
+            raise RuntimeError(f"`conveyor {' '.join(args)}` failed: see {self.work / log}")
+
+    @contextlib.contextmanager
+    def _prefect_server(self) -> Iterator[str]:
+        port = _free_port()
+        env = {
+            **self.env,
+            "PREFECT_HOME": str(self.work / "prefect"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            # A run waiting for the deployment's one slot asks again this often (Prefect's default: 30 s).
+            "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
+        }
+        self.console.print(f"starting a Prefect server on port {port} for the demo (set PREFECT_API_URL to use yours)")
+        args = [str(self.bin / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+        with _process(args, self.paths.root, env, self.work / "prefect-server.log") as process:
+            _wait(lambda: process.poll() is not None or _http_ok(f"http://127.0.0.1:{port}/api/health"), 180, "Prefect")
+            if process.poll() is not None:
+                raise RuntimeError(f"the Prefect server exited: see {self.work / 'prefect-server.log'}")
+            yield f"http://127.0.0.1:{port}/api"
+
+    @contextlib.contextmanager
+    def _worker(self) -> Iterator[None]:
+        with _process([str(self.bin / "conveyor"), "worker"], self.paths.root, self.env, self.work / "worker.log"):
+            yield
+
+    @contextlib.contextmanager
+    def _server(self) -> Iterator[str]:
+        port, grpc = _free_port(), _free_port()
+        args = [str(self.bin / "conveyor"), "serve", "--port", str(port), "--grpc-port", str(grpc)]
+        with _process(args, self.paths.root, self.env, self.work / "serve.log") as process:
+            url = f"http://127.0.0.1:{port}"
+            _wait(
+                lambda: process.poll() is not None or _http_ok(f"{url}/v2/health/ready"), 300, "the server to be ready"
+            )
+            if process.poll() is not None:
+                raise RuntimeError(f"`conveyor serve` exited: see {self.work / 'serve.log'}")
+            yield url
+
+
+def run_demo(
+    paths: ProjectPaths, settings: Settings, console: Console, sizes: DemoSizes | None = None, open_browser: bool = True
+) -> DemoResult:
+    return DriftDemo(paths, settings, console, sizes or DemoSizes()).run(open_browser)

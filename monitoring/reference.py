@@ -1,0 +1,89 @@
+"""A version's reference profile: registered with it (the `profile` pyfunc artifact), or computed on demand for a
+version registered before profiles existed (then logged to its run under `monitoring/profile`)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.tracking import MlflowClient
+from rich.console import Console
+from rich.progress import Progress
+
+from conveyor.paths import ProjectPaths
+from conveyor.settings import Settings
+from pipelines.data import batch_of, dir_md5
+from pipelines.features import Embedder
+from pipelines.profile import ImageSource, Profile, describe_images, write_profile
+from serving import source
+from serving.server import model_cache
+
+RUN_ARTIFACT_PATH = "monitoring/profile"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+
+
+class ProfileMissingError(FileNotFoundError):
+    """The version has no reference profile; the message says how to make one."""
+
+
+def load_reference(client: MlflowClient, paths: ProjectPaths, version: ModelVersion) -> Profile:
+    """The version's profile: its registered artifact, else one computed later and logged to its run."""
+    files = source.fetch(client, version, model_cache(paths))
+    if "profile" in files.artifacts:
+        return Profile.load(files.artifacts["profile"])
+    cached = paths.monitoring / "profiles" / version.name / str(version.version)
+    if not (cached / "profile.json").is_file() and version.run_id:
+        names = {a.path for a in client.list_artifacts(version.run_id, RUN_ARTIFACT_PATH)}
+        if f"{RUN_ARTIFACT_PATH}/profile.json" in names:
+            with tempfile.TemporaryDirectory(dir=paths.scratch) as staging:
+                client.download_artifacts(version.run_id, RUN_ARTIFACT_PATH, staging)
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                Path(staging, "profile").rename(cached)
+    if (cached / "profile.json").is_file():
+        return Profile.load(cached)
+    raise ProfileMissingError(
+        f"{version.name} v{version.version} has no reference profile (registered before drift monitoring). "
+        f"Compute it from the data it was trained on: `conveyor profile --model {version.version}` "
+        f"(data/ must be that version's data, md5 {version.tags.get('conveyor.data_md5', '?')}: check out the "
+        f"commit {version.tags.get('conveyor.git_commit', '?')[:12]}'s data.dvc and `conveyor data pull`)"
+    )
+
+
+def compute_reference(
+    client: MlflowClient, paths: ProjectPaths, settings: Settings, version: ModelVersion, console: Console
+) -> Profile:
+    """Profile an older version on the data it was trained on (data/ must be that version), and log it to its run."""
+    expected = version.tags.get("conveyor.data_md5")
+    if not paths.data.is_dir():
+        raise FileNotFoundError("data/ is missing: `conveyor data pull` first")
+    actual = dir_md5(paths.data)
+    if expected and actual != expected:
+        raise ProfileMissingError(
+            f"v{version.version} was trained on data {expected}, and data/ is {actual}: check out the data.dvc of "
+            f"commit {version.tags.get('conveyor.git_commit', '?')[:12]}, `conveyor data pull`, then retry"
+        )
+    files = source.fetch(client, version, model_cache(paths))
+    runtime = "openvino" if "openvino" in files.artifacts else "onnx"
+    detector = source.load(files, runtime, 1, settings.serve.conf).detectors[0]
+    embedder = Embedder(files.artifact("weights")) if settings.monitor.embeddings else None
+    sources = [
+        ImageSource(path, split, batch_of(path.name))
+        for split in ("train", "val")
+        for path in sorted((paths.data / "images" / split).glob("*"))
+        if path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    with Progress(console=console, transient=True) as progress:
+        frame = describe_images(sources, detector, embedder, progress)
+    folder = paths.monitoring / "profiles" / version.name / str(version.version)
+    write_profile(
+        folder,
+        frame,
+        detector.card,
+        runtime,
+        settings.monitor.embedding_dims if embedder else None,
+        {"computed": "on demand", "data_md5": actual},
+    )
+    if version.run_id:
+        client.log_artifacts(version.run_id, str(folder), RUN_ARTIFACT_PATH)
+    return Profile.load(folder)

@@ -1,0 +1,159 @@
+"""The monitoring loop end to end, against a real MLflow server, a real Prefect server with a worker, and the real
+server (`conveyor serve`): `conveyor demo drift`'s steps, with assertions on what each left behind.
+
+v1 is Conveyor's demo checkpoint registered without a profile (an "old version"): the check refuses with a clear
+message, `conveyor profile --model 1` computes the profile on the data it was trained on. Then the control
+(traffic like the training data: no drift, no event, no retraining), the shifted traffic (drift, an event, the
+automation's retraining with reason=drift through every gate, a new champion, a hot swap), and the same shifted
+traffic again (no drift against the new version's profile). The scheduled deployments that `conveyor deploy`
+declares are checked here too, and the retraining is the run through a worker.
+"""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow.tracking import MlflowClient
+from rich.console import Console
+
+from conveyor.paths import ProjectPaths
+from conveyor.settings import load_settings
+from pipelines import registry
+from pipelines.data import dir_md5
+from tests.conftest import make_project
+from tests.serving_support import CHECKPOINT, export_checkpoint, register
+from tests.test_flow import conveyor, flow_params, servers_env
+
+pytestmark = pytest.mark.slow
+
+
+def drift_params(name: str, pool: str) -> dict[str, Any]:
+    params = flow_params(name)
+    params["synth"]["counts"] = {"train": 32, "val": 8, "test": 16}
+    params["monitor"] = {"min_samples": 20, "experiment": f"monitoring-{name}"}
+    params["serve"] = {"poll_seconds": 2, "prediction_log": {"flush_seconds": 1}}
+    params["orchestration"] = {
+        "work_pool": pool,
+        "worker_poll_seconds": 2,
+        "cron": "15 4 * * 2",
+        "on_overlap": "reject",
+    }
+    return params
+
+
+def register_old_version(client: MlflowClient, name: str, project: Path, export_dir: Path) -> None:
+    """The checkpoint as v1, the way the pipeline registers (weights in its run), minus the reference profile."""
+    version = register(client, name, export_checkpoint(export_dir))
+    run_id = client.get_model_version(name, version).run_id
+    assert run_id is not None
+    weights = export_dir / "weights" / "best.pt"
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(CHECKPOINT, weights)
+    client.log_artifact(run_id, str(weights), "weights")
+    client.set_model_version_tag(name, version, "conveyor.data_md5", dir_md5(project / "data"))
+    registry.promote(client, name, version, reason="the line's first model", actor="user:test")
+
+
+def test_drift_is_detected_retrained_promoted_and_swapped(
+    tmp_path: Path, mlflow_server: str, prefect_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.automations import Automation
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, DeploymentFilter, DeploymentFilterName
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.drift_demo import DemoSizes, run_demo
+
+    name = f"drift-{uuid.uuid4().hex[:8]}"
+    pool = f"pool-{uuid.uuid4().hex[:6]}"
+    project = make_project(tmp_path / "project", drift_params(name, pool))
+    env = servers_env(mlflow_server, prefect_server)
+    conveyor(project, env, "data", "synth")
+    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
+    subprocess.run(["git", "commit", "-qm", "data"], cwd=project, check=True)
+    client = MlflowClient(mlflow_server)
+    register_old_version(client, name, project, tmp_path / "export")
+
+    # An old version has no profile: the check says so and how to make one; then it is made on demand.
+    refused = conveyor(project, env, "drift", "--source", str(project / "data/images/test"), check=False)
+    assert refused.returncode == 1
+    assert "has no reference profile" in refused.stdout and "conveyor profile --model 1" in refused.stdout
+    conveyor(project, env, "profile", "--model", "1")
+    assert "monitoring/profile/profile.parquet" in {
+        a.path for a in client.list_artifacts(str(client.get_model_version(name, "1").run_id), "monitoring/profile")
+    }
+
+    for key, value in {"MLFLOW_TRACKING_URI": mlflow_server, "PREFECT_API_URL": prefect_server}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(project)
+    paths = ProjectPaths(project)
+    sizes = DemoSizes(batch={"train": 24, "val": 8, "test": 8}, traffic=40, timeout_s=900)
+    result = run_demo(paths, load_settings(paths.params), Console(width=160), sizes, open_browser=False)
+
+    assert [p.name for p in result.phases] == [
+        "champion",
+        "deploy",
+        "control traffic",
+        "control check",
+        "shifted traffic",
+        "data add",
+        "drift check",
+        "retraining",
+        "hot swap",
+        "shifted traffic again",
+        "check after retraining",
+    ]
+    control = result.phase("control check").details
+    assert control["status"] == "no drift" and not control["alert"], control["message"]
+    found = result.phase("drift check").details
+    assert found["status"] == "drift" and found["alert"], found["message"]
+    assert found["model_version"] == "1" and found["drifted_share"] >= 0.3
+    assert {"brightness", "sharpness", "embedding"} <= set(found["drifted"]), found["drifted"]
+    assert any(line.startswith("conveyor_drift_detected{") and line.endswith(" 1.0") for line in found["gauges"])
+    check_run = client.search_runs(
+        [client.get_experiment_by_name(f"monitoring-{name}").experiment_id],  # type: ignore[union-attr]
+        filter_string="tags.`conveyor.drift.alert` = 'emitted'",
+    )
+    assert len(check_run) == 1 and check_run[0].data.tags["conveyor.model_version"] == "1"
+    assert "drift/report.html" in {a.path for a in client.list_artifacts(check_run[0].info.run_id, "drift")}
+
+    retraining = result.phase("retraining").details
+    assert retraining["parameters"]["reason"] == "drift" and retraining["parameters"]["warm_start"] == "champion"
+    champion = registry.current_champion(client, name)
+    assert champion is not None and str(champion.version) == retraining["version"] == "2"
+    assert registry.gates_passed(champion)
+    assert client.get_model_version(name, "2").tags["conveyor.prefect_flow_run_id"] == retraining["flow_run"]
+    after = result.phase("check after retraining").details
+    assert after["model_version"] == "2" and after["status"] == "no drift", after["message"]
+    assert after["reference_batch"].startswith("add-")  # the conditions the retraining learned
+    assert result.report is not None and result.report.is_file()
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server}), get_client(sync_client=True) as prefect:
+        training = prefect.read_deployment_by_name("conveyor-training/scheduled-training")
+        assert [s.schedule.cron for s in training.schedules] == ["15 4 * * 2"]  # type: ignore[union-attr]
+        assert training.work_pool_name == pool
+        assert training.global_concurrency_limit is not None and training.global_concurrency_limit.limit == 1
+        assert training.concurrency_options is not None
+        assert training.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
+        monitoring = prefect.read_deployment_by_name("conveyor-monitoring/drift-check")
+        assert [s.schedule.cron for s in monitoring.schedules] == ["0 * * * *"]  # type: ignore[union-attr]
+        automation = Automation.read(name=f"conveyor: retrain {name} on drift")
+        assert not inspect.isawaitable(automation)
+        assert automation.trigger.expect == {"conveyor.drift.detected"}
+        # The control triggered nothing: one drift retraining in all, the one the shifted traffic caused.
+        runs = prefect.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["scheduled-training"]))
+        )
+        drift_runs = [r for r in runs if r.parameters.get("reason") == "drift" and r.work_pool_name == pool]
+        assert [str(r.id) for r in drift_runs] == [retraining["flow_run"]]
+        artifacts = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["conveyor-training-summary"]))
+        )
+        assert any(str(a.flow_run_id) == retraining["flow_run"] and "Gate report" in str(a.data) for a in artifacts)
