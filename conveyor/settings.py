@@ -152,7 +152,7 @@ class OrchestrationSettings(_Section):
     )
     stage_retries: int = Field(1, ge=0, description="retries of a stage after a transient failure")
     push: bool = Field(True, description="push data and artifacts to the DVC remote after a run")
-    worker_poll_seconds: float = Field(5.0, gt=0, description="how often `conveyor worker` asks for runs to start")
+    worker_poll_seconds: float = Field(2.0, gt=0, description="how often `conveyor worker` asks for runs to start")
 
 
 ServeRuntime = Literal["openvino", "openvino_int8", "onnx", "tensorrt"]

@@ -25,10 +25,9 @@ from prefect.runtime import flow_run
 import conveyor  # noqa: F401  (offline switches first)
 from conveyor.paths import ProjectPaths
 from conveyor.settings import Settings, load_settings, set_param
-from conveyor.tracking import Tracker, check_reachable, tracking_uri
-from pipelines import data as data_step
-from pipelines import promotion, registry
-from pipelines.gate import GateReport
+
+# MLflow (3.4 s to import here) and the pipeline modules load inside the tasks: a run triggered by a drift event is
+# Running (and visible as such) that much sooner.
 
 
 class TrainingBusyError(RuntimeError):
@@ -72,6 +71,9 @@ def _stage_env(flow_run_id: str | None) -> dict[str, str]:
 @task(name="preflight")
 def preflight(root: str) -> str:
     """Fail at once, before anything is written, if the tracking server is unreachable; then get the data."""
+    from conveyor.tracking import check_reachable, tracking_uri
+    from pipelines import data as data_step
+
     paths = ProjectPaths(Path(root))
     settings = load_settings(paths.params)
     check_reachable(tracking_uri(paths))
@@ -104,6 +106,10 @@ def run_stage(root: str, stage: str, flow_run_id: str | None, force: bool = Fals
 
 @task(name="register and promote")
 def register_and_promote(root: str, flow_run_id: str | None, reason: str) -> dict[str, Any]:
+    from conveyor.tracking import Tracker
+    from pipelines import promotion, registry
+    from pipelines.gate import GateReport
+
     paths = ProjectPaths(Path(root))
     settings = load_settings(paths.params)
     tracker = Tracker.resume(paths)
@@ -132,6 +138,8 @@ def register_and_promote(root: str, flow_run_id: str | None, reason: str) -> dic
 @task(name="push to DVC remote", retries=2, retry_delay_seconds=5)
 def push(root: str) -> None:
     """Data and every cached stage output to the default DVC remote, so the run can be reproduced elsewhere."""
+    from pipelines import data as data_step
+
     result = data_step.dvc(Path(root), "push", check=False)
     if result.returncode != 0:
         raise RuntimeError(f"dvc push failed: {result.stderr.strip()[-2000:]}")
@@ -189,6 +197,8 @@ def training_flow(
     # Prefect's own bookkeeping).
     overhead = flow_seconds - stages_total
     timing = {"flow_seconds": flow_seconds, "stage_seconds": stage_seconds, "overhead_seconds": overhead}
+    from conveyor.tracking import tracking_uri
+
     markdown = summary_markdown(settings, md5, stage_seconds, outcome, tracking_uri(paths), reason)
     markdown += f"\nFlow {flow_seconds:.1f} s, of which stages {stages_total:.1f} s.\n"
     create_markdown_artifact(markdown, key="conveyor-training-summary", description="Conveyor training run")
@@ -204,6 +214,9 @@ def training_flow(
 
 def set_warm_start(paths: ProjectPaths, settings: Settings, warm_start: str) -> None:
     """Point train.weights at the checkpoint (the champion's, downloaded, or a local file) in params.yaml."""
+    from conveyor.tracking import Tracker
+    from pipelines import registry
+
     if warm_start == "champion":
         tracker_client = Tracker.client_for(paths)
         champion = registry.current_champion(tracker_client, settings.registry.model_name)

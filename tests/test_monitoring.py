@@ -134,6 +134,10 @@ def test_drift_is_detected_retrained_promoted_and_swapped(
     assert after["model_version"] == "2" and after["status"] == "no drift", after["message"]
     assert after["reference_batch"].startswith("add-")  # the conditions the retraining learned
     assert result.report is not None and result.report.is_file()
+    # The same check by hand, as a person would run it: one table, the verdict, where the report is.
+    by_hand = conveyor(project, {**env, "COLUMNS": "200"}, "drift", "--last", "40")
+    assert f"{name} v2: no drift" in by_hand.stdout and "alert: no (no drift)" in by_hand.stdout
+    assert "brightness" in by_hand.stdout and "report.html" in by_hand.stdout
 
     with temporary_settings(updates={PREFECT_API_URL: prefect_server}), get_client(sync_client=True) as prefect:
         training = prefect.read_deployment_by_name("conveyor-training/scheduled-training")

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -35,7 +36,7 @@ def test_dvc_repro_end_to_end(project: Path, mlflow_server: str, netguard_env: t
     commit = run_cmd(["git", "rev-parse", "HEAD"], project, env).stdout.strip()
 
     first = _dvc(project, env, "repro")
-    for stage in ("validate", "train", "evaluate", "export"):
+    for stage in ("validate", "train", "evaluate", "export", "profile", "gate"):
         assert f"Running stage '{stage}'" in first
 
     # --- artifacts and DVC metrics ---
@@ -56,6 +57,11 @@ def test_dvc_repro_end_to_end(project: Path, mlflow_server: str, netguard_env: t
     assert list((project / "artifacts/export/openvino").rglob("*.xml"))
     assert export["exports"]["onnx"]["max_abs_diff"] < 1e-2  # fp32 ONNX matches PyTorch's raw outputs
     assert "tensorrt" in export["skipped"] and export["skipped"]["tensorrt"]
+    # The drift reference: every train and val image, with its features, predictions and backbone embedding.
+    profile = pd.read_parquet(project / "artifacts/profile/profile.parquet")
+    assert len(profile) == 16 + 8 and set(profile["split"]) == {"train", "val"} and set(profile["batch"]) == {"base"}
+    assert profile["brightness"].between(1, 254).all() and {len(v) for v in profile["embedding"]} == {256}
+    assert json.loads((project / "artifacts/profile/profile.json").read_text())["embedding"]["dims_out"] == 16
     metrics_show = _dvc(project, env, "metrics", "show")
     assert "mAP50-95" in metrics_show and "metrics/evaluate.json" in metrics_show
     plots = json.loads(_dvc(project, env, "plots", "show", "--json"))["data"]
@@ -98,7 +104,7 @@ def test_dvc_repro_end_to_end(project: Path, mlflow_server: str, netguard_env: t
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     rerun = _dvc(project, env, "repro")
     assert "Running stage 'validate'" not in rerun
-    for stage in ("train", "evaluate", "export"):
+    for stage in ("train", "evaluate", "export", "profile"):
         assert f"Running stage '{stage}'" in rerun
     new_run_id = json.loads((project / "artifacts/train/run.json").read_text())["run_id"]
     assert new_run_id != run_id
