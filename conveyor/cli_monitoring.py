@@ -92,6 +92,9 @@ def print_outcome(outcome: CheckOutcome) -> None:
 @friendly_errors
 def demo_drift(
     browser: Annotated[bool, typer.Option(help="open the drift report in a browser at the end")] = True,
+    keep_serving: Annotated[
+        bool, typer.Option(help="leave the retrained champion serving at the end, until Ctrl-C")
+    ] = False,
 ) -> None:
     """The whole monitoring loop on this machine: serve, control traffic, shifted traffic, drift event, retraining
     through the gates, hot swap, and no drift on the same traffic after it."""
@@ -101,7 +104,7 @@ def demo_drift(
 
     paths, settings = _project()
     started = time.perf_counter()
-    result = run_demo(paths, settings, console, open_browser=browser)
+    result = run_demo(paths, settings, console, open_browser=browser, keep_serving=keep_serving)
     table = Table(title=f"conveyor demo drift ({time.perf_counter() - started:.0f} s)")
     for column in ("step", "seconds", "outcome"):
         table.add_column(column, justify="right" if column == "seconds" else "left")

@@ -8,7 +8,7 @@ Nothing here polls or retrains by itself: the event and the automation are Prefe
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -16,6 +16,9 @@ from prefect.artifacts import create_markdown_artifact
 import conveyor  # noqa: F401  (offline switches first)
 from conveyor.paths import ProjectPaths
 from conveyor.settings import load_settings
+
+if TYPE_CHECKING:
+    from monitoring.check import CheckOutcome
 
 DRIFT_EVENT = "conveyor.drift.detected"
 
@@ -97,7 +100,7 @@ def monitoring_flow(
     return {k: v for k, v in result.items() if k != "markdown"}
 
 
-def summary_markdown(outcome: Any) -> str:
+def summary_markdown(outcome: CheckOutcome) -> str:
     result = outcome.result
     link = (
         f"[MLflow run]({outcome.mlflow_run_url})" if outcome.mlflow_run_url else f"MLflow run `{outcome.mlflow_run_id}`"

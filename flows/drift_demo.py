@@ -115,7 +115,7 @@ class DriftDemo:
 
     # --- the steps ----------------------------------------------------------------------------------------------
 
-    def run(self, open_browser: bool) -> DemoResult:
+    def run(self, open_browser: bool, keep_serving: bool = False) -> DemoResult:
         shutil.rmtree(self.work, ignore_errors=True)
         self.work.mkdir(parents=True)
         with contextlib.ExitStack() as stack:
@@ -140,10 +140,15 @@ class DriftDemo:
             self._step("hot swap", lambda: self._wait_for_swap(server))
             self._step("shifted traffic again", lambda: self._send(server, traffic, "the same shifted traffic"))
             self._step("check after retraining", lambda: self._check(server, expect_alert=False))
-        if open_browser and self.result.report is not None:
-            import webbrowser
+            if open_browser and self.result.report is not None:
+                import webbrowser
 
-            webbrowser.open(self.result.report.as_uri())
+                webbrowser.open(self.result.report.as_uri())
+            if keep_serving:
+                self.console.print(f"the retrained champion v{self.champion_after} serves on {server}; Ctrl-C stops")
+                with contextlib.suppress(KeyboardInterrupt):
+                    while True:
+                        time.sleep(3600)
         return self.result
 
     def _step(self, name: str, action: Callable[[], tuple[str, dict[str, Any]]]) -> None:
@@ -358,6 +363,11 @@ class DriftDemo:
 
 
 def run_demo(
-    paths: ProjectPaths, settings: Settings, console: Console, sizes: DemoSizes | None = None, open_browser: bool = True
+    paths: ProjectPaths,
+    settings: Settings,
+    console: Console,
+    sizes: DemoSizes | None = None,
+    open_browser: bool = True,
+    keep_serving: bool = False,
 ) -> DemoResult:
-    return DriftDemo(paths, settings, console, sizes or DemoSizes()).run(open_browser)
+    return DriftDemo(paths, settings, console, sizes or DemoSizes()).run(open_browser, keep_serving)

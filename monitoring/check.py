@@ -22,7 +22,6 @@ from conveyor.settings import Settings
 from conveyor.tracking import Tracker, ensure_experiment, metric_name
 from monitoring import alerts, current, drift
 from monitoring.reference import load_reference
-from pipelines.features import Embedder
 from serving import source
 from serving.server import DRIFT_METRICS_FILE, model_cache, prediction_log_dir
 
@@ -68,9 +67,8 @@ def run_check(paths: ProjectPaths, settings: Settings, options: CheckOptions, co
     if options.source is not None:
         version = source.resolve_version(client, name, options.model or settings.serve.model)
         files = source.fetch(client, version, model_cache(paths))
-        loaded = source.load(files, settings.serve.runtime, 1, settings.serve.conf)
-        embedder = Embedder(files.artifact("weights")) if monitor.embeddings else None
-        data = current.from_folder(options.source, loaded.detectors[0], embedder, console)
+        loaded = source.load(files, settings.serve.runtime, 1, settings.serve.conf, embeddings=monitor.embeddings)
+        data = current.from_folder(options.source, loaded.detectors[0], loaded.embedder, console)
         data.model_version = str(version.version)
     else:
         wanted = str(source.resolve_version(client, name, options.model).version) if options.model else None

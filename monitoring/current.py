@@ -19,9 +19,8 @@ from pipelines.data import batch_of
 from pipelines.features import Embedder
 from pipelines.inference import Detector
 from pipelines.profile import ImageSource, describe_images
+from pipelines.validate import IMAGE_SUFFIXES
 from serving.predlog import read_log
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 class NoCurrentDataError(RuntimeError):
@@ -70,7 +69,7 @@ def from_folder(
         raise NoCurrentDataError(f"{folder} is not a folder of images")
     files: Sequence[Path] = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise NoCurrentDataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise NoCurrentDataError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     sources = [ImageSource(path, "current", batch_of(path.name)) for path in files]
     with Progress(console=console, transient=True) as progress:
         frame = describe_images(sources, detector, embedder, progress)

@@ -14,13 +14,12 @@ from rich.progress import Progress
 from conveyor.paths import ProjectPaths
 from conveyor.settings import Settings
 from pipelines.data import batch_of, dir_md5
-from pipelines.features import Embedder
 from pipelines.profile import ImageSource, Profile, describe_images, write_profile
+from pipelines.validate import IMAGE_SUFFIXES
 from serving import source
 from serving.server import model_cache
 
 RUN_ARTIFACT_PATH = "monitoring/profile"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 
 
 class ProfileMissingError(FileNotFoundError):
@@ -65,8 +64,8 @@ def compute_reference(
         )
     files = source.fetch(client, version, model_cache(paths))
     runtime = "openvino" if "openvino" in files.artifacts else "onnx"
-    detector = source.load(files, runtime, 1, settings.serve.conf).detectors[0]
-    embedder = Embedder(files.artifact("weights")) if settings.monitor.embeddings else None
+    loaded = source.load(files, runtime, 1, settings.serve.conf, embeddings=settings.monitor.embeddings)
+    detector, embedder = loaded.detectors[0], loaded.embedder
     sources = [
         ImageSource(path, split, batch_of(path.name))
         for split in ("train", "val")
