@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import Progress
 
 from pipelines.data import batch_of
 from pipelines.features import Embedder
@@ -71,7 +70,6 @@ def from_folder(
     if not files:
         raise NoCurrentDataError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     sources = [ImageSource(path, "current", batch_of(path.name)) for path in files]
-    with Progress(console=console, transient=True) as progress:
-        frame = describe_images(sources, detector, embedder, progress)
+    frame = describe_images(sources, detector, embedder, console)
     unreadable = sorted({p.name for p in files} - set(frame["file"])) if len(frame) else [p.name for p in files]
     return CurrentData(frame, f"{len(files)} images in {folder}", None, {}, unreadable)

@@ -215,7 +215,7 @@ def _compare(batch: str, reference: Any, current: Any, policy: MonitorSettings) 
             )
         )
     if use_embeddings and embedding_metric is not None:
-        score = float(next(m for m in snapshot.dict()["metrics"] if "Embeddings" in m["config"]["type"])["value"])
+        score = float(next(m for m in raw["metrics"] if "Embeddings" in m["config"]["type"])["value"])
         features.append(
             FeatureDrift(
                 EMBEDDING,

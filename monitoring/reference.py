@@ -9,7 +9,6 @@ from pathlib import Path
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 from rich.console import Console
-from rich.progress import Progress
 
 from conveyor.paths import ProjectPaths
 from conveyor.settings import Settings
@@ -72,8 +71,7 @@ def compute_reference(
         for path in sorted((paths.data / "images" / split).glob("*"))
         if path.suffix.lower() in IMAGE_SUFFIXES
     ]
-    with Progress(console=console, transient=True) as progress:
-        frame = describe_images(sources, detector, embedder, progress)
+    frame = describe_images(sources, detector, embedder, console)
     folder = paths.monitoring / "profiles" / version.name / str(version.version)
     write_profile(
         folder,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,14 +67,22 @@ def describe_images(
     sources: Sequence[ImageSource],
     detector: Detector,
     embedder: Embedder | None,
-    progress: Progress | None = None,
+    console: Console | None = None,
 ) -> Any:
-    """Features, predictions and embeddings of image files, one row each (unreadable files are left out)."""
+    """Features, predictions and embeddings of image files, one row each (unreadable files are left out); a progress
+    bar on `console`."""
+    with Progress(console=console or Console(), transient=True) as progress:
+        task = progress.add_task("profiling images", total=len(sources))
+        return _describe(sources, detector, embedder, lambda n: progress.advance(task, n))
+
+
+def _describe(
+    sources: Sequence[ImageSource], detector: Detector, embedder: Embedder | None, advance: Callable[[int], None]
+) -> Any:
     import cv2
     import pandas as pd
 
     rows: list[dict[str, Any]] = []
-    task = progress.add_task("profiling images", total=len(sources)) if progress else None
     for start in range(0, len(sources), CHUNK):
         chunk = sources[start : start + CHUNK]
         loaded = [(s, cv2.imread(str(s.path))) for s in chunk]
@@ -95,8 +103,7 @@ def describe_images(
             if vectors is not None:
                 row[EMBEDDING] = vectors[i].tolist()
             rows.append(row)
-        if progress is not None and task is not None:
-            progress.advance(task, len(chunk))
+        advance(len(chunk))
     return pd.DataFrame(rows)
 
 
@@ -154,8 +161,7 @@ def run(paths: ProjectPaths, settings: Settings, console: Console | None = None)
     monitor = settings.monitor
     embedder = Embedder(paths.train / "weights" / "best.pt") if monitor.embeddings else None
     sources = training_sources(paths)
-    with Progress(console=console, transient=True) as progress:
-        frame = describe_images(sources, detector, embedder, progress)
+    frame = describe_images(sources, detector, embedder, console)
     out = paths.artifacts / "profile"
     write_profile(out, frame, card, runtime_name, monitor.embedding_dims if embedder else None, {})
     console.print(
