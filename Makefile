@@ -11,7 +11,7 @@ STAMP := $(VENV)/.synced-$(shell cat uv.lock pyproject.toml | cksum | cut -d' ' 
 export UV_PYTHON := $(PYTHON)
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: run test lint env bench bench-serving bench-monitoring ui clean prometheus
+.PHONY: run test lint env bench bench-serving bench-monitoring bench-labelling ui clean prometheus
 
 run: $(STAMP)
 	$(VENV)/bin/conveyor run
@@ -32,6 +32,9 @@ bench-serving: $(STAMP)
 
 bench-monitoring: $(STAMP)
 	$(VENV)/bin/python -m bench.monitoring
+
+bench-labelling: $(STAMP)
+	$(VENV)/bin/python -m bench.labelling
 
 # The serving tests scrape the server with a real Prometheus (Debian's package). Installed when this user can
 # (root with apt); otherwise that one test says why it skipped.

@@ -31,6 +31,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     # Imported here, not at the top: MLflow takes seconds to import, and `--help` or `validate` need none of it.
     from conveyor.tracking import TrackingUnavailableError
     from flows.deploy import PrefectServerMissingError
+    from labelling.select import NothingToSelectError
     from pipelines.data import DataVersionError
     from pipelines.lineage_report import ModelRefError
     from pipelines.registry import PromotionRefusedError
@@ -40,6 +41,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from serving.source import RuntimeUnavailableError
 
     return (
+        NothingToSelectError,
         SourceError,
         PortInUseError,
         RuntimeUnavailableError,
@@ -126,34 +128,50 @@ def data_synth(
         console.print("recorded with `dvc add data`: commit data.dvc to name this version")
 
 
+DatasetArgument = Annotated[
+    Path,
+    typer.Argument(
+        help="a dataset: YOLO (data.yaml, or images/ + labels/ + classes.txt), COCO (*.json + images) or Pascal VOC"
+    ),
+]
+
+
+def print_conversion(conversion: Any) -> None:
+    """What an import changed on the way in: carved splits, dropped classes, left-out images, warnings."""
+    if conversion.carved:
+        carved = ", ".join(f"{n} to {s}" for s, n in sorted(conversion.carved.items()))
+        console.print(f"splits the source lacks were carved by content hash (data.split): {carved}")
+    if conversion.dropped_boxes:
+        console.print(f"boxes dropped by data.class_map: {conversion.dropped_boxes}")
+    if conversion.skipped:
+        console.print(f"[yellow]{len(conversion.skipped)} image(s) left out for errors (validate.on_error: skip)[/]")
+    for warning in conversion.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+
 @data_app.command("import")
 @friendly_errors
 def data_import(
-    source: Annotated[Path, typer.Argument(help="a YOLO dataset folder with data.yaml, images/ and labels/")],
+    source: DatasetArgument,
     replace: Annotated[bool, typer.Option(help="replace the current dataset (its version stays in DVC)")] = False,
 ) -> None:
-    """Bring your own YOLO-format dataset into data/ and record it with DVC."""
+    """Bring your own dataset (YOLO, COCO or Pascal VOC) into data/ and record it with DVC."""
     from pipelines import data
 
     paths, _ = _project()
     summary = data.import_dataset(paths, source, replace=replace)
+    print_conversion(summary.conversion)
+    counts = ", ".join(f"{s} {n}" for s, n in summary.images.items())
     console.print(
-        f"imported {sum(summary.images.values())} images, {sum(summary.labels.values())} label files, "
-        f"classes {summary.names}; commit data.dvc, then `dvc repro` (validation reports bad files)"
+        f"imported {sum(summary.images.values())} images ({counts}) from {summary.conversion.format}, "
+        f"{sum(summary.labels.values())} label files, classes {summary.names}; commit data.dvc, then `dvc repro` "
+        "(validation reports bad files)",
+        highlight=False,
     )
 
 
-@data_app.command("add")
-@friendly_errors
-def data_add(
-    source: Annotated[Path, typer.Argument(help="a YOLO dataset folder (data.yaml, images/, labels/) to append")],
-    commit: Annotated[bool, typer.Option(help="git-commit data.dvc with the new version")] = False,
-) -> None:
-    """Append a batch of labelled images to the current dataset (checked first) and record it with DVC."""
-    from pipelines import data
-
-    paths, _ = _project()
-    summary = data.add_dataset(paths, source, commit=commit)
+def print_added(summary: Any) -> None:
+    print_conversion(summary.conversion)
     table = Table(title=f"added {summary.batch}")
     for column in ("split", "images", "label files"):
         table.add_column(column)
@@ -165,6 +183,19 @@ def data_add(
         f"classes {summary.names}; data is now {summary.md5}: {step}, then `conveyor run` retrains on it",
         highlight=False,
     )
+
+
+@data_app.command("add")
+@friendly_errors
+def data_add(
+    source: DatasetArgument,
+    commit: Annotated[bool, typer.Option(help="git-commit data.dvc with the new version")] = False,
+) -> None:
+    """Append a batch of labelled images (YOLO, COCO or VOC; checked first) and record it with DVC."""
+    from pipelines import data
+
+    paths, _ = _project()
+    print_added(data.add_dataset(paths, source, commit=commit))
 
 
 @data_app.command("pull")
@@ -528,7 +559,7 @@ def ui(
 
 # The serving and monitoring command groups register themselves on `app` (imported last: they import this module's
 # helpers).
-from conveyor import cli_monitoring, cli_serving  # noqa: E402, F401
+from conveyor import cli_labelling, cli_monitoring, cli_serving  # noqa: E402, F401
 
 if __name__ == "__main__":
     app()

@@ -94,6 +94,11 @@ class ProjectPaths:
         return self.scratch / "monitoring"
 
     @property
+    def labelling(self) -> Path:
+        """Selections for labelling (`conveyor label select`): the frames, task files and what was chosen."""
+        return self.scratch / "labelling"
+
+    @property
     def mlflow_db(self) -> Path:
         return self.root / "mlflow.db"
 

@@ -62,6 +62,43 @@ class SynthSettings(_Section):
         return self
 
 
+class SplitSettings(_Section):
+    """How a dataset's missing splits are carved out of its train images (import, and batches without splits)."""
+
+    val: float = Field(0.15, ge=0, lt=1, description="share of images carved into val when the source has no val")
+    test: float = Field(0.15, ge=0, lt=1, description="share carved into test when the source has no test")
+    seed: int = Field(0, description="salts the content hash that decides an image's split")
+
+    @model_validator(mode="after")
+    def _leaves_train(self) -> SplitSettings:
+        if self.val + self.test >= 1:
+            raise ValueError(f"val + test is {self.val + self.test:g}: nothing would be left to train on")
+        return self
+
+
+class DataSettings(_Section):
+    """`conveyor data import` / `data add` / `label import`: how data from a labelling tool comes in."""
+
+    split: SplitSettings = SplitSettings()
+    class_map: dict[str, str | None] = Field(
+        default_factory=dict,
+        description="source class -> dataset class (rename or merge), or null to drop its boxes",
+    )
+    classes: list[str] | None = Field(
+        None, description="the dataset's classes in id order; null: the source's classes after class_map"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataSettings:
+        if self.classes is not None:
+            if len(set(self.classes)) != len(self.classes) or not self.classes:
+                raise ValueError("classes must be a non-empty list without repeats")
+            unknown = sorted({t for t in self.class_map.values() if t is not None} - set(self.classes))
+            if unknown:
+                raise ValueError(f"class_map maps to {unknown}, which classes {self.classes} does not list")
+        return self
+
+
 class ValidateSettings(_Section):
     on_error: Literal["fail", "skip"] = Field(
         "fail", description="fail: stop the pipeline on any bad file; skip: leave bad files out and list them"
@@ -166,6 +203,9 @@ class PredictionLogSettings(_Section):
     queue_size: int = Field(10_000, ge=1, description="records waiting for the writer; past it they are dropped")
     flush_seconds: float = Field(5.0, gt=0, description="how often buffered records are written")
     keep_hours: int = Field(24 * 14, ge=1, description="hourly files older than this are deleted")
+    keep_frames: float = Field(
+        0.0, ge=0, le=1, description="share of served images also kept as files, for `conveyor label select`"
+    )
 
 
 class ServeSettings(_Section):
@@ -225,8 +265,22 @@ class MonitorSettings(_Section):
     experiment: str = Field("conveyor-monitoring", min_length=1, description="MLflow experiment of the checks")
 
 
+class LabelSettings(_Section):
+    """`conveyor label select`: which frames are worth a person's time."""
+
+    count: int = Field(50, ge=1, description="frames selected per call")
+    floor: float = Field(0.05, gt=0, lt=1, description="detections scored from this confidence up")
+    uncertainty_weight: float = Field(1.0, ge=0, description="weight of 'the model is unsure' (near its threshold)")
+    novelty_weight: float = Field(1.0, ge=0, description="weight of 'unlike the reference' (embedding distance)")
+    pool_factor: int = Field(
+        2, ge=1, description="the best count x this frames are clustered; one frame per cluster is taken"
+    )
+    reference_images: int = Field(200, ge=10, description="training images embedded when no profile is at hand")
+
+
 class Settings(_Section):
     synth: SynthSettings = SynthSettings()
+    data: DataSettings = DataSettings()
     validate_: ValidateSettings = Field(ValidateSettings(), alias="validate")
     train: TrainSettings = TrainSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
@@ -237,6 +291,7 @@ class Settings(_Section):
     orchestration: OrchestrationSettings = OrchestrationSettings()
     serve: ServeSettings = ServeSettings()
     monitor: MonitorSettings = MonitorSettings()
+    label: LabelSettings = LabelSettings()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -14,17 +14,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePath
 
-import yaml
 from rich.console import Console
 
 from conveyor.lineage import data_version
 from conveyor.paths import ProjectPaths
 from conveyor.settings import SPLITS, SynthSettings, load_settings
-from pipelines import synth
+from pipelines import formats, synth
+from pipelines.formats import label_dir
 from pipelines.validate import IMAGE_SUFFIXES, DataValidationError, read_class_names, validate_dataset
 
 DEMO_REMOTE = "demo"  # read-only remote shipped in the repository (infra/demo-remote)
-SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 BATCH_SEPARATOR = "__"  # data/images/<split>/<batch>__<original name>: files added by `conveyor data add`
 BASE_BATCH = "base"  # what batch_of says for files that came with the dataset itself (synth, import, pull)
 _BATCH_PREFIX = re.compile(r"^(add-\d{8}-\d{6}-[a-z0-9-]+)" + BATCH_SEPARATOR)
@@ -129,77 +128,32 @@ class ImportSummary:
     images: dict[str, int]
     labels: dict[str, int]
     names: list[str]
-
-
-def _split_dirs(source: Path) -> dict[str, Path]:
-    """Image folders per split, from the source's data.yaml (`train: images/train`, or `../train/images`)."""
-    spec = yaml.safe_load((source / "data.yaml").read_text()) or {}
-    base = source / str(spec.get("path") or ".")  # an absolute `path:` replaces source on join
-    found: dict[str, Path] = {}
-    for key, value in spec.items():
-        split = SPLIT_ALIASES.get(str(key))
-        if split is None or not isinstance(value, str):
-            continue
-        # Roboflow-style exports say `../train/images` for a folder beside data.yaml.
-        for candidate in (base / value, source / value, source / value.removeprefix("../")):
-            if candidate.is_dir():
-                found[split] = candidate.resolve()
-                break
-        else:
-            raise FileNotFoundError(f"{source / 'data.yaml'}: {key}: folder {value} not found")
-    if not found:  # no split keys: the plain images/<split> layout
-        found = {s: source / "images" / s for s in SPLITS if (source / "images" / s).is_dir()}
-    return found
-
-
-def _label_dir(image_dir: Path) -> Path:
-    """Ultralytics' rule: the labels folder replaces the last 'images' part of the image folder's path."""
-    parts = list(image_dir.parts)
-    if "images" not in parts:
-        raise ValueError(f"{image_dir}: image folders must have an 'images' part (YOLO layout) to find the labels")
-    index = len(parts) - 1 - parts[::-1].index("images")
-    parts[index] = "labels"
-    return Path(*parts)
+    conversion: formats.ConvertSummary
 
 
 def import_dataset(paths: ProjectPaths, source: Path, *, replace: bool = False) -> ImportSummary:
-    """Copy a YOLO-format dataset (data.yaml with names, images/ and labels/) into data/ and record it with DVC.
+    """Bring a dataset (YOLO, COCO or Pascal VOC; see `pipelines.formats`) into data/ and record it with DVC.
 
-    The source is only read. The copy is checked by the validate stage, not here: import keeps every file so the
-    validation report can name it.
+    The source is only read. Conversion problems follow `validate.on_error`; splits the source lacks are carved by
+    content hash (`data.split`), classes go through `data.class_map`. YOLO label lines are kept as they are (their
+    class ids remapped), so the validate stage's report names any bad one.
     """
     source = source.resolve()
-    if not (source / "data.yaml").is_file():
-        raise FileNotFoundError(f"{source}: no data.yaml (YOLO datasets name their classes there)")
-    names = read_class_names(source)
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such dataset folder")
     if paths.data.exists() and any(paths.data.iterdir()) and not replace:
         raise FileExistsError(f"{paths.data} already holds a dataset; pass --replace (the old version stays in DVC)")
+    settings = load_settings(paths.params)
     staging = Path(tempfile.mkdtemp(dir=paths.root, prefix=".import-"))
-    images: dict[str, int] = {}
-    labels: dict[str, int] = {}
     try:
-        for split, image_dir in _split_dirs(source).items():
-            label_dir = _label_dir(image_dir)
-            images[split] = labels[split] = 0
-            for path in sorted(image_dir.rglob("*")):
-                if path.is_file():
-                    dest = staging / "images" / split / path.relative_to(image_dir)
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(path, dest)
-                    images[split] += path.suffix.lower() in IMAGE_SUFFIXES
-            for path in sorted(label_dir.rglob("*.txt")) if label_dir.is_dir() else []:
-                dest = staging / "labels" / split / path.relative_to(label_dir)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, dest)
-                labels[split] += 1
-        synth.write_dataset_yaml(staging, names)
+        conversion = formats.convert(source, staging, settings.data, settings.validate_.on_error)
         if paths.data.exists():
             shutil.rmtree(paths.data)
         shutil.move(str(staging), paths.data)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     record_version(paths)
-    return ImportSummary(images, labels, names)
+    return ImportSummary(conversion.images, conversion.labels, conversion.names, conversion)
 
 
 @dataclass(frozen=True)
@@ -210,6 +164,7 @@ class AddSummary:
     names: list[str]
     md5: str  # the new data version, as data.dvc now names it
     committed: bool  # data.dvc committed to git
+    conversion: formats.ConvertSummary
 
     @property
     def total_images(self) -> int:
@@ -243,11 +198,11 @@ def _stage_batch(
     labels: dict[str, int] = {}
     origin: dict[str, Path] = {}
     for split, image_dir in split_dirs.items():
-        label_dir = _label_dir(image_dir)
+        labels_at = label_dir(image_dir)
         images[split] = labels[split] = 0
         image_files = [p for p in sorted(image_dir.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-        label_files = sorted(p for p in label_dir.rglob("*.txt") if p.is_file()) if label_dir.is_dir() else []
-        for kind, folder, files in (("images", image_dir, image_files), ("labels", label_dir, label_files)):
+        label_files = sorted(p for p in labels_at.rglob("*.txt") if p.is_file()) if labels_at.is_dir() else []
+        for kind, folder, files in (("images", image_dir, image_files), ("labels", labels_at, label_files)):
             for path in files:
                 rel = path.relative_to(folder)
                 dest = staging / kind / split / rel.parent / f"{batch}{BATCH_SEPARATOR}{rel.name}"
@@ -264,8 +219,15 @@ def _stage_batch(
 def _check_batch(paths: ProjectPaths, staging: Path, origin: dict[str, Path], source: Path) -> None:
     """Validate the staged batch as the validate stage would, plus leakage against data/; raise on any error."""
 
+    root = source if source.is_dir() else source.parent
+
     def shown(rel: str) -> str:
-        return origin[rel].relative_to(source).as_posix() if rel in origin else rel
+        if rel not in origin:
+            return rel
+        try:
+            return origin[rel].relative_to(root).as_posix()
+        except ValueError:
+            return rel
 
     report, _ = validate_dataset(staging, load_settings(paths.params).validate_, shown_root=staging)
     # A batch may bring only some splits; that the whole batch is not empty is checked before.
@@ -289,6 +251,8 @@ def _check_batch(paths: ProjectPaths, staging: Path, origin: dict[str, Path], so
                 f"{shown(rel)}: same image as data/images/{other[0]}/{other[1]} (leakage between {other[0]} and "
                 f"{split})"
             )
+        elif other:  # a second batch bringing an image the dataset has: its label would count twice
+            messages.append(f"{shown(rel)}: already in the dataset as data/images/{other[0]}/{other[1]}")
     if messages:
         listed = "\n".join(f"  {m}" for m in messages[:50])
         more = f"\n  ... and {len(messages) - 50} more" if len(messages) > 50 else ""
@@ -343,21 +307,21 @@ def _git_commit(root: Path, message: str) -> None:
             )
 
 
-def add_dataset(paths: ProjectPaths, source: Path, *, commit: bool = False) -> AddSummary:
-    """Append a batch of labelled images (a YOLO dataset folder, as `import_dataset` reads) to the current dataset,
-    and record the new version with DVC (and commit data.dvc to git if `commit`).
+def add_dataset(paths: ProjectPaths, source: Path, *, commit: bool = False, name: str | None = None) -> AddSummary:
+    """Append a batch of labelled images (YOLO, COCO or Pascal VOC, as `import_dataset` reads) to the current
+    dataset, and record the new version with DVC (and commit data.dvc to git if `commit`).
 
-    The batch is checked before data/ changes, and refused whole on any error: its class names must be the current
-    dataset's, in the same order; it must hold images; it must pass the validate stage's checks (whatever the
-    `on_error` policy) and not repeat an image of data/ in another split; no file may exist already. Only images and
-    .txt labels are added, renamed `<batch>__<name>` (see `batch_of`). They are staged first, then moved in; a
-    failure while moving or recording takes back what was moved. The source is only read.
+    The batch is checked before data/ changes, and refused whole on any error (whatever the `on_error` policy): its
+    classes, after `data.class_map`, must be among the current dataset's (class ids are mapped by name); it must hold
+    images; it must pass the validate stage's checks and not repeat an image of data/; no file may exist already. A
+    batch that names splits keeps them; one that names none (a labelling tool's export) is split by content hash
+    (`data.split`). Only images and .txt labels are added, renamed `<batch>__<name>` (see `batch_of`). They are
+    staged first, then moved in; a failure while moving or recording takes back what was moved. The source is only
+    read. `name` names the batch (default: the source folder's name).
     """
     source = source.resolve()
-    if not source.is_dir():
-        raise FileNotFoundError(f"{source}: no such folder (expected a YOLO dataset: data.yaml, images/, labels/)")
-    if not (source / "data.yaml").is_file():
-        raise FileNotFoundError(f"{source}: no data.yaml (YOLO datasets name their classes there)")
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such folder (expected a dataset: YOLO, COCO or Pascal VOC)")
     if not paths.data.is_dir() or not any(paths.data.iterdir()):
         raise DataVersionError(
             f"no dataset in {paths.data} to add to: run `conveyor data pull` first (or make one with `conveyor data "
@@ -371,30 +335,42 @@ def add_dataset(paths: ProjectPaths, source: Path, *, commit: bool = False) -> A
             "data.dvc`) first."
         )
     current = read_class_names(paths.data)
+    settings = load_settings(paths.params)
+    converted = Path(tempfile.mkdtemp(dir=paths.root, prefix=".add-src-"))
     try:
-        names = read_class_names(source)
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise DataValidationError(f"{source / 'data.yaml'}: cannot read class names: {exc}") from None
-    if names != current:
-        raise DataValidationError(
-            f"{source}: class names {names} differ from the current dataset's {current}; a batch must have the same "
-            "names in the same order (class ids in its labels must mean the same). Nothing was added."
-        )
-    try:
-        split_dirs = _split_dirs(source)
-    except ValueError as exc:
-        raise DataValidationError(f"{source / 'data.yaml'}: {exc}") from None
-    batch = batch_id(source.name)
+        try:
+            conversion = formats.convert(
+                source, converted, settings.data, "fail", target_names=current, carve_named=False
+            )
+        except DataValidationError as exc:
+            message = str(exc).replace("nothing was imported", "nothing was added")
+            raise DataValidationError(message.replace("no images to import", "no images to add")) from None
+        except ValueError as exc:  # an image folder without an 'images' part
+            raise DataValidationError(str(exc)) from None
+        summary = _add_converted(paths, converted, conversion, source, batch_id(name or source.stem))
+    finally:
+        shutil.rmtree(converted, ignore_errors=True)
+    if commit:
+        _git_commit(paths.root, f"data: add {summary.batch} ({summary.total_images} images)")
+    return AddSummary(summary.batch, summary.images, summary.labels, summary.names, summary.md5, commit, conversion)
+
+
+def _add_converted(
+    paths: ProjectPaths, converted: Path, conversion: formats.ConvertSummary, source: Path, batch: str
+) -> AddSummary:
+    names = conversion.names
+    folders = {split: converted / "images" / split for split in SPLITS if (converted / "images" / split).is_dir()}
     staging = Path(tempfile.mkdtemp(dir=paths.root, prefix=".add-"))
     try:
         try:
-            images, labels, origin = _stage_batch(split_dirs, staging, batch)
+            images, labels, staged_from = _stage_batch(folders, staging, batch)
         except ValueError as exc:  # an image folder without an 'images' part
             raise DataValidationError(str(exc)) from None
         if not sum(images.values()):
             raise DataValidationError(
-                f"{source}: no images to add (looked in {', '.join(str(d) for d in split_dirs.values()) or 'images/'})"
+                f"{source}: no images to add (looked in {', '.join(str(d) for d in folders.values()) or 'images/'})"
             )
+        origin = {rel: conversion.origin.get(p.relative_to(converted).as_posix(), p) for rel, p in staged_from.items()}
         synth.write_dataset_yaml(staging, names)
         _check_batch(paths, staging, origin, source)
         taken = sorted(rel for rel in origin if (paths.data / rel).exists())
@@ -414,8 +390,5 @@ def add_dataset(paths: ProjectPaths, source: Path, *, commit: bool = False) -> A
                 f"`dvc add data` failed ({(exc.stderr or '').strip()}); the batch was taken out of data/ again"
             ) from None
         raise
-    n = sum(images.values())
-    if commit:
-        _git_commit(paths.root, f"data: add {batch} ({n} images)")
     kept = [split for split, count in images.items() if count]  # a batch may bring only some splits
-    return AddSummary(batch, {s: images[s] for s in kept}, {s: labels[s] for s in kept}, names, md5, commit)
+    return AddSummary(batch, {s: images[s] for s in kept}, {s: labels[s] for s in kept}, names, md5, False, conversion)

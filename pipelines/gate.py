@@ -2,8 +2,10 @@
 
 Gates: absolute thresholds (mAP50-95, mAP50, the worst class's recall), no regression against the current champion
 re-scored on the same test split with the same settings (not a number copied from its old run), export parity of
-every served format, and the p95 latency budget on the serving runtime. A failed gate is a normal outcome with a
-report that says which gate and by how much, not a crash.
+every served format, and the p95 latency budget on the serving runtime. A champion that detects other classes than
+this data has (a class map merged or dropped some) cannot be compared on one test split: the regression gate fails
+and says so, and a person promotes the new version deliberately (`conveyor promote N --force`). A failed gate is a
+normal outcome with a report that says which gate and by how much, not a crash.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from conveyor.paths import ProjectPaths
 from conveyor.settings import GateSettings, Settings
 from conveyor.tracking import Tracker
 from pipelines import registry
-from pipelines.dataset_view import materialize
+from pipelines.dataset_view import class_names, load_manifest, materialize
 from pipelines.evaluate import Evaluation, evaluate_checkpoint
 
 
@@ -133,6 +135,26 @@ def regression_gate(
     )
 
 
+def class_change_gate(champion: list[str], data: list[str], champion_version: str | None) -> GateResult:
+    """The regression gate when the classes changed: refused, with what a person does next."""
+    return GateResult(
+        "no regression vs champion",
+        "same classes as the champion",
+        f"classes {data}",
+        False,
+        f"champion v{champion_version} detects {champion}, this data has {data}: the classes changed, so the two "
+        "models cannot be scored on one test split. Review this version and promote it deliberately with "
+        "`conveyor promote VERSION --force --reason ...`",
+    )
+
+
+def checkpoint_names(weights: Path) -> list[str]:
+    from conveyor.yolo import load_yolo
+
+    names = load_yolo(str(weights)).names
+    return [str(names[i]) for i in sorted(names)]
+
+
 def export_gates(export: dict[str, Any], cfg: GateSettings) -> list[GateResult]:
     exports = export.get("exports", {})
     skipped = export.get("skipped", {})
@@ -194,7 +216,9 @@ def evaluate_gates(
     export = json.loads((paths.export / "export.json").read_text())
     # A re-run of the champion's own pipeline compares the model with itself: same split, same score.
     champion_score: float | None = evaluation.map50_95 if champion_is_challenger else None
-    if champion_weights is not None:
+    data_names = class_names(load_manifest(paths.validation / "manifest.json"))
+    champion_names = checkpoint_names(champion_weights) if champion_weights is not None else data_names
+    if champion_weights is not None and champion_names == data_names:
         view = materialize(
             paths.validation / "manifest.json", paths.data, paths.scratch / "views" / "gate", (settings.evaluate.split,)
         )
@@ -209,7 +233,9 @@ def evaluate_gates(
         champion_score = champion_eval.map50_95
     gates = [
         *absolute_gates(evaluation, cfg),
-        regression_gate(evaluation.map50_95, champion_score, champion_version, cfg),
+        regression_gate(evaluation.map50_95, champion_score, champion_version, cfg)
+        if champion_names == data_names
+        else class_change_gate(champion_names, data_names, champion_version),
         *export_gates(export, cfg),
     ]
     return GateReport(all(g.passed for g in gates), run_id, champion_version, gates)

@@ -43,6 +43,7 @@ class BatchItem:
     request: int  # which request of the batch this image belongs to
     image: np.ndarray | None
     error: str
+    encoded: bytes = b""  # the request's bytes, kept only while the prediction log may keep the frame
 
 
 class ServedModel:
@@ -72,8 +73,9 @@ class ServedModel:
         items: list[BatchItem] = []
         for r, tensor in enumerate(encoded):
             for raw in np.asarray(tensor, dtype=object).reshape(-1):
+                data = bytes(raw)
                 try:
-                    items.append(BatchItem(r, decode_image(bytes(raw), self.limits), ""))
+                    items.append(BatchItem(r, decode_image(data, self.limits), "", data))
                 except ImageError as exc:
                     items.append(BatchItem(r, None, str(exc)))
         detector = self._detector(model)
@@ -138,8 +140,9 @@ class ServedModel:
                 m.detections.labels(d.class_name).inc()
             if self.predlog is not None:
                 height, width = item.image.shape[:2]
+                frame = item.encoded if item.encoded and self.predlog.wants_frame() else None
                 self.predlog.offer(
-                    Pending(now, model.version, width, height, thumbnail(item.image), detections, model.embedder)
+                    Pending(now, model.version, width, height, thumbnail(item.image), detections, model.embedder, frame)
                 )
 
     @staticmethod

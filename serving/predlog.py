@@ -4,12 +4,15 @@ Rules: the request path only hands over a thumbnail and the detections (`offer` 
 computes the image statistics and writes Parquet part files partitioned by hour (`date=YYYY-MM-DD/hour=HH/`).
 The queue is bounded: when the writer cannot keep up (a slow disk), records are dropped and counted, and responses
 are never slowed. Hour folders older than `keep_hours` are deleted. `read_log` reads a window back.
+With `keep_frames` > 0, that share of served images is also kept as the bytes the client sent, in the hour's
+`frames/` folder (written before the record that names it), for `conveyor label select --from-log`.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import random
 import shutil
 import threading
 import time
@@ -37,12 +40,14 @@ class Pending:
     thumbnail: np.ndarray  # small BGR copy (features.thumbnail)
     detections: list[Detection]
     embedder: Embedder | None = None  # the served version's backbone, when embeddings are logged
+    frame: bytes | None = None  # the image as sent, when this one is kept for labelling
 
 
 def to_record(item: Pending) -> dict[str, Any]:
     return {
         "time": datetime.fromtimestamp(item.at, UTC),
         "model_version": item.model_version,
+        "frame": None,
         **image_features(item.thumbnail, item.width, item.height),
         **prediction_features(item.detections, item.width, item.height),
     }
@@ -72,11 +77,13 @@ class PredictionLog:
         flush_seconds: float,
         keep_hours: int,
         on_written: Any = None,
+        keep_frames: float = 0.0,
         on_dropped: Any = None,
     ) -> None:
         self.directory = directory
         self.flush_seconds = flush_seconds
         self.keep_hours = keep_hours
+        self.keep_frames = keep_frames
         self._queue: queue.Queue[Pending] = queue.Queue(maxsize=queue_size)
         self._on_written = on_written or (lambda n: None)
         self._on_dropped = on_dropped or (lambda n: None)
@@ -89,6 +96,10 @@ class PredictionLog:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._thread.start()
         return self
+
+    def wants_frame(self) -> bool:
+        """Whether to keep the next image's bytes (a `keep_frames` share of them, at random)."""
+        return self.keep_frames > 0 and random.random() < self.keep_frames
 
     def offer(self, item: Pending) -> None:
         """Hand a record to the writer; never blocks (a full queue drops the record and counts it)."""
@@ -119,6 +130,9 @@ class PredictionLog:
             return
         try:
             records = [to_record(item) for item in batch]
+            for item, record in zip(batch, records, strict=True):
+                if item.frame is not None:
+                    record["frame"] = self._keep_frame(record["time"], item.frame)
             try:
                 with_embeddings(batch, records)
             except Exception:  # the records still carry every other feature
@@ -131,6 +145,15 @@ class PredictionLog:
             LOG.exception("prediction log: could not write %d records to %s", len(batch), self.directory)
             self.dropped += len(batch)
             self._on_dropped(len(batch))
+
+    def _keep_frame(self, at: datetime, data: bytes) -> str:
+        """Write the image into its hour's frames/ folder; returns its path relative to the log directory."""
+        suffix = ".png" if data[:8] == b"\x89PNG\r\n\x1a\n" else ".jpg" if data[:2] == b"\xff\xd8" else ".img"
+        relative = f"{at.strftime('date=%Y-%m-%d/hour=%H')}/frames/{uuid.uuid4().hex}{suffix}"
+        path = self.directory / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return relative
 
     def _write(self, records: list[dict[str, Any]]) -> None:
         import pyarrow as pa

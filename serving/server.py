@@ -105,6 +105,7 @@ def serve(paths: ProjectPaths, settings: Settings, options: ServeOptions) -> Non
             log_cfg.queue_size,
             log_cfg.flush_seconds,
             log_cfg.keep_hours,
+            keep_frames=log_cfg.keep_frames,
             on_written=metrics.log_written.inc,
             on_dropped=metrics.log_dropped.inc,
         ).start()

@@ -15,7 +15,7 @@ runner = CliRunner()
 def test_help_lists_the_commands() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("data", "validate", "train", "evaluate", "export", "run", "ui", "summary"):
+    for command in ("data", "validate", "train", "evaluate", "export", "run", "ui", "summary", "label"):
         assert command in result.stdout
 
 
@@ -24,6 +24,11 @@ def test_data_help() -> None:
     assert result.exit_code == 0
     for command in ("synth", "import", "pull", "status"):
         assert command in result.stdout
+
+
+def test_label_help() -> None:
+    result = runner.invoke(app, ["label", "--help"])
+    assert result.exit_code == 0 and "select" in result.stdout and "import" in result.stdout
 
 
 def test_outside_a_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

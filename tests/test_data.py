@@ -206,14 +206,24 @@ def test_add_batch_with_some_splits_without_commit(paths: ProjectPaths, tmp_path
     assert _git_log(paths.root) == ""  # nothing committed
 
 
-def test_add_refuses_other_class_names(paths: ProjectPaths, tmp_path: Path) -> None:
+def test_add_maps_classes_by_name_and_refuses_unknown_ones(paths: ProjectPaths, tmp_path: Path) -> None:
     data.synthesize(paths, synth_settings(paths))
-    before = data.dir_md5(paths.data)
     batch = _batch(tmp_path / "b")
     spec = yaml.safe_load((batch / "data.yaml").read_text())
+    # A labelling tool that lists the classes in another order: ids are mapped by name, not refused.
     (batch / "data.yaml").write_text(yaml.safe_dump({**spec, "names": ["dent", "scratch", "stain"]}))
-    with pytest.raises(DataValidationError, match=r"\['dent', 'scratch', 'stain'\].*\['scratch', 'dent', 'stain'\]"):
-        data.add_dataset(paths, batch)
+    source_ids = [line.split()[0] for line in (batch / "labels/train/train_00000.txt").read_text().splitlines()]
+    summary = data.add_dataset(paths, batch)
+    added = (paths.data / "labels/train" / f"{summary.batch}__train_00000.txt").read_text().splitlines()
+    swap = {"0": "1", "1": "0", "2": "2"}
+    assert [line.split()[0] for line in added] == [swap[i] for i in source_ids] and source_ids
+    assert summary.names == ["scratch", "dent", "stain"]
+
+    before = data.dir_md5(paths.data)
+    other = _batch(tmp_path / "c", seed=21)
+    (other / "data.yaml").write_text(yaml.safe_dump({**spec, "names": ["scratch", "dent", "smudge"]}))
+    with pytest.raises(DataValidationError, match=r"'smudge' is not one of the dataset's classes.*class_map"):
+        data.add_dataset(paths, other)
     assert data.dir_md5(paths.data) == before
 
 

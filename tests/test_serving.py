@@ -38,7 +38,7 @@ SERVE_PARAMS = {
     "max_image_bytes": MAX_IMAGE_BYTES,
     "max_image_pixels": 1_000_000,
     "max_batch_size": 4,
-    "prediction_log": {"flush_seconds": 0.5},
+    "prediction_log": {"flush_seconds": 0.5, "keep_frames": 1.0},
 }
 
 
@@ -434,6 +434,26 @@ def test_prediction_log_records_what_the_model_saw(server: RunningServer, test_i
     # The server's own backbone, pooled: one vector per image, the same length for every record.
     assert {len(v) for v in frame[EMBEDDING]} == {256}
     assert set(frame["model_version"]) >= {"1"}
+    # keep_frames 1.0: every served image is also kept, byte for byte, for `conveyor label select --from-log`.
+    from labelling.select import frames_from_log
+
+    kept = frames_from_log(directory)
+    sent = {p.read_bytes() for p in test_images}
+    assert len(kept) >= len(test_images) and sent <= {p.read_bytes() for p in kept}
+
+
+def test_label_select_reads_the_frames_the_server_kept(server: RunningServer, tmp_path: Path) -> None:
+    """`conveyor label select` with the registry's champion, on the frames kept by the test above."""
+    from tests.conftest import base_env, run_cmd
+
+    env = base_env(MLFLOW_TRACKING_URI=server.tracking_uri)
+    out = tmp_path / "selection"
+    result = run_cmd(["conveyor", "label", "select", "--count", "2", "--out", str(out)], server.project, env)
+    assert "prediction log" in result.stdout and "label import" in result.stdout
+    record = json.loads((out / "selection.json").read_text())
+    assert record["model"].endswith("v1") and len(record["frames"]) == 2
+    tasks = json.loads((out / "tasks.json").read_text())
+    assert len(tasks) == 2 and all((out / "images" / t["data"]["image"].rsplit("/", 1)[1]).is_file() for t in tasks)
 
 
 def test_schemathesis_finds_no_server_error(server: RunningServer) -> None:

@@ -1,0 +1,86 @@
+"""`conveyor label select`, end to end: the frames, the serving model, the reference, the selection files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+
+from conveyor.paths import ProjectPaths
+from conveyor.settings import Settings
+from labelling.select import Candidate, embed_files, frames_from_log, frames_in, select
+from labelling.tasks import DEFAULT_IMAGE_URL, SelectionFiles, selection_id, write_selection
+
+
+@dataclass(frozen=True)
+class SelectOptions:
+    source: Path | None = None  # a folder of unlabelled images; None: the prediction log's kept frames
+    hours: float | None = None  # the log window (default monitor.window_hours)
+    count: int | None = None
+    model: str | None = None  # a registry reference (default serve.model, i.e. the champion)
+    out: Path | None = None
+    image_url: str = DEFAULT_IMAGE_URL
+
+
+@dataclass(frozen=True)
+class Selection:
+    files: SelectionFiles
+    chosen: list[Candidate]
+    pool: int  # frames scored
+    model: str
+    reference: str  # where the reference embeddings came from
+
+
+def select_frames(paths: ProjectPaths, settings: Settings, options: SelectOptions, console: Console) -> Selection:
+    from conveyor.tracking import Tracker
+    from monitoring.reference import ProfileMissingError, load_reference
+    from pipelines.features import EMBEDDING, Embedder
+    from serving import source as registry_source
+    from serving.server import model_cache, prediction_log_dir
+
+    if options.source is not None:
+        frames, described = frames_in(options.source), str(options.source)
+    else:
+        hours = options.hours or settings.monitor.window_hours
+        log_dir = prediction_log_dir(paths, settings.serve)
+        frames = frames_from_log(log_dir, since=datetime.now(UTC) - timedelta(hours=hours))
+        described = f"prediction log {log_dir}, last {hours:g} h"
+    client = Tracker.client_for(paths)
+    version = registry_source.resolve_version(
+        client, settings.registry.model_name, options.model or settings.serve.model
+    )
+    files = registry_source.fetch(client, version, model_cache(paths))
+    loaded = registry_source.load(files, settings.serve.runtime, 1, settings.serve.conf)
+    embedder = Embedder(files.artifact("weights"))
+    model = f"{files.name} v{files.version}"
+    try:
+        profile = load_reference(client, paths, version)
+        reference = np.stack(profile.frame[EMBEDDING].to_numpy()) if EMBEDDING in profile.frame else np.zeros((0, 0))
+        where = f"v{files.version}'s profile ({len(reference)} images)"
+    except ProfileMissingError:
+        reference = np.zeros((0, 0))
+    if len(reference) < 2:
+        train = sorted((paths.data / "images" / "train").glob("*"))[: settings.label.reference_images]
+        reference = embed_files(train, embedder)
+        where = f"{len(train)} training images of data/"
+    console.print(f"{len(frames)} frames from {described}; model {model}; reference: {where}", highlight=False)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("scoring frames", total=len(frames))
+        chosen = select(
+            frames,
+            loaded.detectors[0],
+            embedder,
+            reference,
+            settings.label,
+            options.count,
+            lambda n: progress.advance(task, n),
+        )
+    out = options.out or paths.labelling / selection_id()
+    written = write_selection(
+        out, chosen, loaded.detectors[0].card.names, settings.serve.conf, model, described, options.image_url
+    )
+    return Selection(written, chosen, len(frames), model, where)

@@ -1,0 +1,149 @@
+"""Labels coming back: `conveyor label import FILE`, through `conveyor data add` as a new data version.
+
+- A **Label Studio JSON export** (a list of tasks) is read here: each task's image must be a frame of a selection
+  (found by name under the selections folder, `.conveyor/labelling/` by default; Label Studio's own upload prefix is
+  understood), the latest submitted annotation of each task counts (cancelled ones do not), its rectangles become COCO
+  boxes, and the result goes through `data add` like any COCO export. Tasks nobody labelled are left out and
+  counted; an export with no annotation at all is refused (it was exported before anyone labelled).
+- Anything else (**CVAT's COCO 1.0 or YOLO export**, a Pascal VOC folder) goes to `data add` as it is.
+
+The Label Studio format is read with the standard library: its export is plain JSON (tasks, annotations, results in
+percent of the image), and `label-studio-sdk`'s converter would bring an HTTP client and its own URL rules for a
+mapping this short.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse
+
+from conveyor.paths import ProjectPaths
+from labelling.tasks import SELECTION_FILE
+from pipelines.data import AddSummary, add_dataset
+from pipelines.formats import image_size
+from pipelines.validate import DataValidationError
+
+UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-")  # Label Studio renames uploaded files <8 hex>-<name>
+
+
+@dataclass(frozen=True)
+class LabelImport:
+    added: AddSummary
+    tasks: int
+    labelled: int  # tasks with a submitted annotation (the others were left out)
+
+
+def selected_frames(root: Path) -> dict[str, Path]:
+    """Every selected frame under `root` (a selection folder, or a folder of them), by its stored name."""
+    frames: dict[str, Path] = {}
+    for record in sorted(root.glob(f"**/{SELECTION_FILE}")):
+        for frame in json.loads(record.read_text()).get("frames", []):
+            frames[frame["name"]] = record.parent / "images" / frame["name"]
+    return frames
+
+
+def image_name(url: str) -> str:
+    """The file name a task's image URL ends in (`/data/local-files/?d=images/x.jpg`, `/data/upload/3/x.jpg`)."""
+    parsed = urlparse(url)
+    inner = parse_qs(parsed.query).get("d")
+    return PurePosixPath(unquote(inner[0] if inner else parsed.path)).name
+
+
+def _latest(annotations: list[dict[str, Any]]) -> dict[str, Any] | None:
+    submitted = [a for a in annotations if not a.get("was_cancelled")]
+
+    def when(a: dict[str, Any]) -> tuple[str, int]:
+        return str(a.get("updated_at") or a.get("created_at") or ""), int(a.get("id") or 0)
+
+    return max(submitted, key=when, default=None)
+
+
+def studio_to_coco(export: Path, frames: dict[str, Path], out: Path) -> tuple[int, int]:
+    """Write a Label Studio export as a COCO dataset in `out` (annotations.json, images/). Returns (tasks, labelled).
+
+    Raises DataValidationError naming every task whose image was never selected, or when nothing was labelled.
+    """
+    try:
+        tasks = json.loads(export.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataValidationError(f"{export}: not a readable Label Studio export: {exc}") from None
+    if not isinstance(tasks, list):
+        raise DataValidationError(f"{export}: a Label Studio JSON export is a list of tasks, this is not")
+    names: list[str] = []
+    images: list[dict[str, Any]] = []
+    boxes: list[dict[str, Any]] = []
+    unknown: list[str] = []
+    labelled = 0
+    for n, task in enumerate(tasks):
+        url = str((task.get("data") or {}).get("image", ""))
+        name = image_name(url)
+        path = frames.get(name) or frames.get(UPLOAD_PREFIX.sub("", name))
+        if path is None or not path.is_file():
+            unknown.append(f"task {task.get('id', n)}: image '{name or url}'")
+            continue
+        annotation = _latest(task.get("annotations") or [])
+        if annotation is None:
+            continue  # nobody labelled it (yet)
+        labelled += 1
+        image_id = len(images) + 1
+        images.append({"id": image_id, "file_name": path.name})
+        shutil.copy2(path, out / "images" / path.name)
+        for result in annotation.get("result") or []:
+            value = result.get("value") or {}
+            if result.get("type") != "rectanglelabels" or not value.get("rectanglelabels"):
+                continue
+            label = str(value["rectanglelabels"][0])
+            if label not in names:
+                names.append(label)
+            w, h = float(result.get("original_width") or 0), float(result.get("original_height") or 0)
+            if not (w and h):
+                w, h = (float(v) for v in (image_size(path) or (0, 0)))
+            images[-1].update(width=w, height=h)
+            box = [value["x"] * w / 100, value["y"] * h / 100, value["width"] * w / 100, value["height"] * h / 100]
+            boxes.append(
+                {"id": len(boxes) + 1, "image_id": image_id, "category_id": names.index(label) + 1, "bbox": box}
+            )
+    if unknown:
+        listed = "\n".join(f"  {u}" for u in unknown[:50])
+        raise DataValidationError(
+            f"{export}: {len(unknown)} task(s) name images that were never selected (no selection under the "
+            f"selections folder has them), so nothing was added. Import tasks made by `conveyor label select`, or "
+            f"pass --selections with the folder that holds their selection:\n{listed}"
+        )
+    if not labelled:
+        raise DataValidationError(
+            f"{export}: {len(tasks)} task(s) and no annotations: nothing has been labelled yet (submit the tasks in "
+            "Label Studio, then export again); nothing was added"
+        )
+    categories = [{"id": i + 1, "name": n} for i, n in enumerate(names)]
+    coco = {"images": images, "annotations": boxes, "categories": categories}
+    (out / "annotations.json").write_text(json.dumps(coco))
+    return len(tasks), labelled
+
+
+def import_labels(
+    paths: ProjectPaths, export: Path, *, selections: Path | None = None, commit: bool = False
+) -> LabelImport:
+    """A labelling tool's export, back as a new data version (through `add_dataset`, so checked the same way)."""
+    export = export.resolve()
+    if not export.exists():
+        raise FileNotFoundError(f"{export}: no such export")
+    is_studio = export.suffix == ".json" and export.read_text(encoding="utf-8", errors="replace").lstrip()[:1] == "["
+    if not is_studio:
+        added = add_dataset(paths, export, commit=commit)
+        return LabelImport(added, added.total_images, added.total_images)
+    frames = selected_frames(selections or paths.labelling)
+    staging = Path(tempfile.mkdtemp(dir=paths.root, prefix=".label-"))
+    try:
+        (staging / "images").mkdir()
+        tasks, labelled = studio_to_coco(export, frames, staging)
+        added = add_dataset(paths, staging, commit=commit, name=f"labelstudio-{export.stem}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return LabelImport(added, tasks, labelled)

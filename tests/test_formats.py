@@ -1,0 +1,221 @@
+"""Data as it comes: COCO and Pascal VOC exports, train/val-only datasets, class maps, and every bad input named."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from conveyor.paths import ProjectPaths
+from conveyor.settings import DataSettings, SplitSettings, SynthSettings
+from pipelines import data, formats, gate, splits, synth
+from pipelines.validate import DataValidationError
+from tests.formats_support import NAMES, to_coco, to_voc
+
+ASSET = Path(__file__).parent / "assets" / "yolo11n-defects-320.pt"
+
+
+@pytest.fixture(scope="module")
+def yolo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("yolo") / "data"
+    synth.generate(SynthSettings(image_size=64, seed=3, counts={"train": 16, "val": 4, "test": 4}), root)
+    return root
+
+
+@pytest.fixture
+def paths(project: Path, monkeypatch: pytest.MonkeyPatch) -> ProjectPaths:
+    monkeypatch.chdir(project)
+    return ProjectPaths.discover()
+
+
+def boxes_of(root: Path) -> dict[str, list[list[float]]]:
+    """Image name -> its label lines as numbers, for every split (order-free)."""
+    out = {}
+    for label in root.glob("labels/*/*.txt"):
+        out[label.stem] = sorted([float(v) for v in line.split()] for line in label.read_text().splitlines())
+    return out
+
+
+def same_boxes(a: list[list[float]], b: list[list[float]]) -> bool:
+    return len(a) == len(b) and all(
+        x[0] == y[0] and max(abs(p - q) for p, q in zip(x[1:], y[1:], strict=True)) < 1e-4
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def test_coco_export_round_trips_with_its_splits_and_categories_by_name(yolo: Path, tmp_path: Path) -> None:
+    coco = to_coco(
+        yolo, tmp_path / "coco", {"train": "instances_train", "val": "instances_val", "test": "instances_test"}
+    )
+    summary = formats.convert(coco, tmp_path / "out", DataSettings(), "fail")
+    assert summary.format == "coco" and summary.names == NAMES and not summary.carved
+    assert summary.images == {"train": 16, "val": 4, "test": 4}
+    expected, got = boxes_of(yolo), boxes_of(tmp_path / "out")
+    assert expected.keys() <= got.keys() | {k for k in expected if not expected[k]}
+    assert all(same_boxes(expected[k], got.get(k, [])) for k in expected)
+
+
+def test_voc_with_train_and_val_lists_gets_a_stable_test_split(yolo: Path, tmp_path: Path) -> None:
+    voc = to_voc(yolo, tmp_path / "voc", {"train": "train", "val": "val"})
+    assert formats.read_source(voc).names == sorted(NAMES)  # VOC has no class list: sorted by name ...
+    summary = formats.convert(voc, tmp_path / "out", DataSettings(classes=NAMES), "fail")  # ... or as data.classes says
+    assert summary.format == "voc" and summary.names == NAMES
+    assert summary.images["val"] == 4 and summary.carved.get("test", 0) == summary.images["test"] > 0
+    assert summary.images["train"] + summary.images["test"] == 16
+    expected, got = boxes_of(yolo), boxes_of(tmp_path / "out")
+    assert all(same_boxes(expected[k], got[k]) for k in got)
+    # The content hash decides: the same import again gives the same split for every image.
+    formats.convert(voc, tmp_path / "again", DataSettings(classes=NAMES), "fail")
+    assert sorted(p.name for p in (tmp_path / "again/images/test").iterdir()) == sorted(
+        p.name for p in (tmp_path / "out/images/test").iterdir()
+    )
+
+
+def test_split_of_depends_only_on_the_image_and_the_seed() -> None:
+    cfg = SplitSettings(val=0.2, test=0.2, seed=0)
+    images = [f"image {i}".encode() for i in range(2000)]
+    decided = [splits.split_of(b, cfg) for b in images]
+    assert decided == [splits.split_of(b, cfg) for b in images]
+    shares = {s: decided.count(s) / len(images) for s in ("train", "val", "test")}
+    assert abs(shares["test"] - 0.2) < 0.04 and abs(shares["val"] - 0.2) < 0.04
+    # Only val may be carved: test's images stay train, val's stay val.
+    only_val = [splits.split_of(b, cfg, {"val"}) for b in images]
+    assert "test" not in only_val and [d == "val" for d in decided] == [d == "val" for d in only_val]
+    assert decided != [splits.split_of(b, SplitSettings(val=0.2, test=0.2, seed=1)) for b in images]
+
+
+def test_train_val_only_yolo_import_carves_test_and_runs_validation(
+    paths: ProjectPaths, yolo: Path, tmp_path: Path
+) -> None:
+    source = tmp_path / "tv"
+    for kind in ("images", "labels"):
+        for split in ("train", "val"):
+            shutil.copytree(yolo / kind / split, source / kind / split)
+    (source / "data.yaml").write_text(yaml.safe_dump({"train": "images/train", "val": "images/val", "names": NAMES}))
+    summary = data.import_dataset(paths, source)
+    assert summary.images["test"] == summary.conversion.carved["test"] > 0
+    assert summary.images["val"] == 4 and data.data_status(paths).in_sync
+    from conveyor.settings import ValidateSettings
+    from pipelines.validate import validate_dataset
+
+    report, _ = validate_dataset(paths.data, ValidateSettings())
+    assert report.ok, report.summary()
+
+
+def test_label_studio_yolo_export_without_splits(yolo: Path, tmp_path: Path) -> None:
+    source = tmp_path / "ls"
+    shutil.copytree(yolo / "images/train", source / "images")
+    shutil.copytree(yolo / "labels/train", source / "labels")
+    (source / "classes.txt").write_text("\n".join(NAMES) + "\n")
+    summary = formats.convert(source, tmp_path / "out", DataSettings(), "fail", carve_named=False)
+    assert sum(summary.images.values()) == 16 and set(summary.images) <= {"train", "val", "test"}
+    assert summary.images["train"] == 16 - sum(summary.carved.values())
+
+
+def test_class_map_renames_merges_and_drops(yolo: Path, tmp_path: Path) -> None:
+    source = tmp_path / "tool"
+    shutil.copytree(yolo, source)
+    # The tool's classes: scratch split in two, dent, and a class nobody wants any more.
+    (source / "data.yaml").write_text(yaml.safe_dump({"names": ["scratch_light", "scratch_dark", "dent", "smudge"]}))
+    flip = 0
+    for label in source.glob("labels/*/*.txt"):
+        lines = []
+        for line in label.read_text().splitlines():
+            c, *rest = line.split()
+            new = {"0": str(flip % 2), "1": "2", "2": "3"}[c]
+            flip += c == "0"
+            lines.append(" ".join([new, *rest]))
+        label.write_text("".join(f"{x}\n" for x in lines))
+    cfg = DataSettings(class_map={"scratch_light": "scratch", "scratch_dark": "scratch", "smudge": None})
+    summary = formats.convert(source, tmp_path / "out", cfg, "fail")
+    assert summary.names == ["scratch", "dent"]
+    original = boxes_of(yolo)
+    converted = boxes_of(tmp_path / "out")
+    kept = {k: [b for b in v if b[0] != 2] for k, v in original.items()}  # stain (2) was smudge: dropped
+    assert all(same_boxes(kept[k], converted.get(k, [])) for k in kept if kept[k])
+    assert summary.dropped_boxes["smudge"] == sum(len(v) - len(kept[k]) for k, v in original.items())
+
+    with pytest.raises(DataValidationError, match=r"'smudge' is not one of the dataset's classes.*class_map"):
+        formats.convert(
+            source,
+            tmp_path / "x",
+            DataSettings(
+                classes=["scratch", "dent"], class_map={"scratch_light": "scratch", "scratch_dark": "scratch"}
+            ),
+            "fail",
+        )
+    with pytest.raises(ValidationError, match=r"class_map maps to \['stian'\]"):
+        DataSettings(classes=["scratch", "dent", "stain"], class_map={"smudge": "stian"})
+
+
+def _coco_doc(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "annotations/instances_train.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("break_it", "message"),
+    [
+        (lambda d: d["images"].append({**d["images"][0], "file_name": "other.jpg"}), r"image id 1 is used twice"),
+        (lambda d: d["annotations"][0].update(bbox=[50, 50, 40, 40]), r"outside the 64x64 image"),
+        (lambda d: d["annotations"][0].update(category_id=99), r"unknown category id 99"),
+        (lambda d: d["images"][1].update(file_name="gone.jpg"), r"image 'gone\.jpg' is named but not there"),
+    ],
+    ids=["overlapping-image-ids", "box-outside", "unknown-category", "missing-image"],
+)
+def test_bad_coco_is_refused_whole_or_skipped_by_policy(
+    yolo: Path, tmp_path: Path, break_it: object, message: str
+) -> None:
+    coco = to_coco(yolo, tmp_path / "coco", {"train": "instances_train"})
+    doc = _coco_doc(coco)
+    break_it(doc)  # type: ignore[operator]
+    (coco / "annotations/instances_train.json").write_text(json.dumps(doc))
+    with pytest.raises(DataValidationError, match=message) as raised:
+        formats.convert(coco, tmp_path / "out", DataSettings(), "fail")
+    assert "nothing was imported" in str(raised.value) and not (tmp_path / "out").exists()
+    summary = formats.convert(coco, tmp_path / "skip", DataSettings(), "skip")
+    assert summary.skipped and sum(summary.images.values()) == 16 - len(summary.skipped)
+
+
+def test_voc_naming_an_absent_image_and_an_unknown_format(yolo: Path, tmp_path: Path) -> None:
+    voc = to_voc(yolo, tmp_path / "voc", {"train": "train"})
+    (voc / "JPEGImages/train_00003.jpg").unlink()
+    with pytest.raises(DataValidationError, match=r"Annotations/train_00003\.xml: names image 'train_00003\.jpg'"):
+        formats.convert(voc, tmp_path / "out", DataSettings(), "fail")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk/notes.txt").write_text("hello")
+    with pytest.raises(FileNotFoundError, match="not a dataset an import reads"):
+        formats.convert(tmp_path / "junk", tmp_path / "out", DataSettings(), "fail")
+
+
+def test_a_second_batch_with_the_same_image_is_refused(paths: ProjectPaths, yolo: Path, tmp_path: Path) -> None:
+    data.import_dataset(paths, yolo)
+    coco = to_coco(yolo, tmp_path / "coco", {"train": "export"})  # no split in the name: carved like a new batch
+    before = data.dir_md5(paths.data)
+    with pytest.raises(DataValidationError, match=r"already in the dataset as data/images/"):
+        data.add_dataset(paths, coco)
+    assert data.dir_md5(paths.data) == before and data.data_status(paths).in_sync
+
+
+def test_the_gate_refuses_to_compare_with_a_champion_of_other_classes(paths: ProjectPaths, tmp_path: Path) -> None:
+    """The champion (the bundled checkpoint) detects scratch, dent, stain; this data has scratch and dent only."""
+    from conveyor.settings import load_settings
+
+    per_class = {n: {"ap50": 0.9, "ap50_95": 0.6, "precision": 0.9, "recall": 0.9, "instances": 5} for n in NAMES[:2]}
+    evaluation = {"split": "test", "images": 4, "map50": 0.9, "map50_95": 0.6, "precision": 0.9, "recall": 0.9}
+    for folder, name, doc in (
+        (paths.evaluate, "evaluation.json", {**evaluation, "per_class": per_class, "latency_ms": {}}),
+        (paths.export, "export.json", {"exports": {}, "skipped": {}}),
+        (paths.validation, "manifest.json", {"names": NAMES[:2], "splits": {}, "data_root": "data"}),
+    ):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(json.dumps(doc))
+    assert gate.checkpoint_names(ASSET) == NAMES
+    report = gate.evaluate_gates(paths, load_settings(paths.params), ASSET, "3", "run")
+    regression = next(g for g in report.gates if g.gate == "no regression vs champion")
+    assert not regression.passed and not report.passed
+    assert "classes changed" in regression.detail and "conveyor promote VERSION --force" in regression.detail
