@@ -40,6 +40,7 @@ class NothingToSelectError(ValueError):
 @dataclass(frozen=True)
 class Candidate:
     path: Path
+    sha256: str  # of the file's bytes: a frame served many times is one candidate
     width: int
     height: int
     detections: list[Detection]  # from label.floor up (pre-annotations keep those above the serving threshold)
@@ -47,10 +48,6 @@ class Candidate:
     novelty: float
     score: float
     cluster: int = -1
-
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self.path.read_bytes()).hexdigest()
 
 
 def frames_in(folder: Path) -> list[Path]:
@@ -120,12 +117,13 @@ def diverse(scores: np.ndarray, embeddings: np.ndarray, count: int, pool_factor:
     return sorted(chosen, key=lambda pair: -scores[pair[0]])
 
 
-def embed_files(files: Sequence[Path], embedder: Embedder, batch: int = 32) -> np.ndarray:
-    vectors = []
-    for start in range(0, len(files), batch):
-        thumbs = [thumbnail(decode_image(p.read_bytes())) for p in files[start : start + batch]]
-        vectors.append(embedder(thumbs))
+def embed_thumbnails(thumbs: Sequence[np.ndarray], embedder: Embedder, batch: int = 32) -> np.ndarray:
+    vectors = [embedder(thumbs[start : start + batch]) for start in range(0, len(thumbs), batch)]
     return np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32)
+
+
+def embed_files(files: Sequence[Path], embedder: Embedder) -> np.ndarray:
+    return embed_thumbnails([thumbnail(decode_image(p.read_bytes())) for p in files], embedder)
 
 
 def select(
@@ -137,27 +135,32 @@ def select(
     count: int | None = None,
     advance: Callable[[int], None] = lambda n: None,
 ) -> list[Candidate]:
-    """The `count` frames most worth labelling, best first. Unreadable files are skipped."""
+    """The `count` frames most worth labelling, best first. Unreadable files are skipped, and a frame whose bytes
+    repeat an earlier one's (the same image served again) is scored once."""
     count = count or settings.count
-    readable: list[tuple[Path, np.ndarray]] = []
+    readable: dict[str, tuple[Path, np.ndarray]] = {}
     for path in frames:
         with contextlib.suppress(OSError, ValueError):  # an unreadable frame is not worth labelling
-            readable.append((path, decode_image(path.read_bytes())))
+            data = path.read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            if digest not in readable:
+                readable[digest] = (path, decode_image(data))
         advance(1)
     if not readable:
         raise NothingToSelectError(f"none of the {len(frames)} frames could be read as an image")
-    images = [image for _, image in readable]
+    digests = list(readable)
+    images = [readable[d][1] for d in digests]
     detections = [
         found for i in range(0, len(images), 16) for found in detector.detect(images[i : i + 16], conf=settings.floor)
     ]
-    thumbs = [thumbnail(image) for image in images]
-    embeddings = np.concatenate([embedder(thumbs[i : i + 32]) for i in range(0, len(thumbs), 32)])
+    embeddings = embed_thumbnails([thumbnail(image) for image in images], embedder)
     doubt = np.array([uncertainty(d, detector.card.conf, settings.floor) for d in detections])
     far = novelty(embeddings, reference) if len(reference) > 1 else np.zeros(len(images))
     scores = settings.uncertainty_weight * doubt + settings.novelty_weight * far
     return [
         Candidate(
-            readable[i][0],
+            readable[digests[i]][0],
+            digests[i],
             images[i].shape[1],
             images[i].shape[0],
             detections[i],
