@@ -29,8 +29,8 @@ def label_select(
     model: Annotated[str | None, typer.Option(help="the model that scores them (default: the champion)")] = None,
     out: Annotated[Path | None, typer.Option(help="selection folder (default .conveyor/labelling/sel-<time>)")] = None,
     image_url: Annotated[
-        str, typer.Option(help="prefix of the images' URLs in Label Studio tasks")
-    ] = "/data/local-files/?d=images/",
+        str | None, typer.Option(help="prefix of the images' URLs in Label Studio tasks (default: local files)")
+    ] = None,
 ) -> None:
     """Choose frames worth labelling (the model unsure, unlike its training data, not all alike) and write them as
     Label Studio tasks and a CVAT COCO package with the model's boxes as pre-annotations."""

@@ -23,7 +23,7 @@ class SelectOptions:
     count: int | None = None
     model: str | None = None  # a registry reference (default serve.model, i.e. the champion)
     out: Path | None = None
-    image_url: str = DEFAULT_IMAGE_URL
+    image_url: str | None = None  # default DEFAULT_IMAGE_URL (Label Studio's local-files route)
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,12 @@ def select_frames(paths: ProjectPaths, settings: Settings, options: SelectOption
         )
     out = options.out or paths.labelling / selection_id()
     written = write_selection(
-        out, chosen, loaded.detectors[0].card.names, settings.serve.conf, model, described, options.image_url
+        out,
+        chosen,
+        loaded.detectors[0].card.names,
+        settings.serve.conf,
+        model,
+        described,
+        options.image_url or DEFAULT_IMAGE_URL,
     )
     return Selection(written, chosen, len(frames), model, where)

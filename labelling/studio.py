@@ -64,17 +64,12 @@ def _latest(annotations: list[dict[str, Any]]) -> dict[str, Any] | None:
     return max(submitted, key=when, default=None)
 
 
-def studio_to_coco(export: Path, frames: dict[str, Path], out: Path) -> tuple[int, int]:
-    """Write a Label Studio export as a COCO dataset in `out` (annotations.json, images/). Returns (tasks, labelled).
+def studio_to_coco(export: Path, tasks: list[Any], frames: dict[str, Path], out: Path) -> tuple[int, int]:
+    """Write a Label Studio export's tasks as a COCO dataset in `out` (annotations.json, images/). Returns (tasks,
+    labelled).
 
     Raises DataValidationError naming every task whose image was never selected, or when nothing was labelled.
     """
-    try:
-        tasks = json.loads(export.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataValidationError(f"{export}: not a readable Label Studio export: {exc}") from None
-    if not isinstance(tasks, list):
-        raise DataValidationError(f"{export}: a Label Studio JSON export is a list of tasks, this is not")
     names: list[str] = []
     images: list[dict[str, Any]] = []
     boxes: list[dict[str, Any]] = []
@@ -134,16 +129,21 @@ def import_labels(
     export = export.resolve()
     if not export.exists():
         raise FileNotFoundError(f"{export}: no such export")
-    is_studio = export.suffix == ".json" and export.read_text(encoding="utf-8", errors="replace").lstrip()[:1] == "["
-    if not is_studio:
+    tasks: Any = None
+    if export.is_file() and export.suffix == ".json":
+        try:
+            tasks = json.loads(export.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise DataValidationError(f"{export}: not readable JSON: {exc}") from None
+    if not isinstance(tasks, list):  # Label Studio exports a list of tasks; anything else is a dataset export
         added = add_dataset(paths, export, commit=commit)
         return LabelImport(added, added.total_images, added.total_images)
     frames = selected_frames(selections or paths.labelling)
     staging = Path(tempfile.mkdtemp(dir=paths.root, prefix=".label-"))
     try:
         (staging / "images").mkdir()
-        tasks, labelled = studio_to_coco(export, frames, staging)
+        total, labelled = studio_to_coco(export, tasks, frames, staging)
         added = add_dataset(paths, staging, commit=commit, name=f"labelstudio-{export.stem}")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return LabelImport(added, tasks, labelled)
+    return LabelImport(added, total, labelled)

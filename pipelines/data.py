@@ -20,8 +20,7 @@ from conveyor.lineage import data_version
 from conveyor.paths import ProjectPaths
 from conveyor.settings import SPLITS, SynthSettings, load_settings
 from pipelines import formats, synth
-from pipelines.formats import label_dir
-from pipelines.validate import IMAGE_SUFFIXES, DataValidationError, read_class_names, validate_dataset
+from pipelines.validate import DataValidationError, read_class_names, validate_dataset
 
 DEMO_REMOTE = "demo"  # read-only remote shipped in the repository (infra/demo-remote)
 BATCH_SEPARATOR = "__"  # data/images/<split>/<batch>__<original name>: files added by `conveyor data add`
@@ -189,33 +188,6 @@ def batch_id(folder_name: str, now: datetime | None = None) -> str:
     return f"add-{(now or datetime.now(UTC)).strftime('%Y%m%d-%H%M%S')}-{slug}"
 
 
-def _stage_batch(
-    split_dirs: dict[str, Path], staging: Path, batch: str
-) -> tuple[dict[str, int], dict[str, int], dict[str, Path]]:
-    """Copy the batch's images and .txt labels into staging (images/<split>, labels/<split>), each file renamed
-    `<batch>__<name>`. Returns images and labels per split, and the source file of each staged path."""
-    images: dict[str, int] = {}
-    labels: dict[str, int] = {}
-    origin: dict[str, Path] = {}
-    for split, image_dir in split_dirs.items():
-        labels_at = label_dir(image_dir)
-        images[split] = labels[split] = 0
-        image_files = [p for p in sorted(image_dir.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-        label_files = sorted(p for p in labels_at.rglob("*.txt") if p.is_file()) if labels_at.is_dir() else []
-        for kind, folder, files in (("images", image_dir, image_files), ("labels", labels_at, label_files)):
-            for path in files:
-                rel = path.relative_to(folder)
-                dest = staging / kind / split / rel.parent / f"{batch}{BATCH_SEPARATOR}{rel.name}"
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, dest)
-                origin[dest.relative_to(staging).as_posix()] = path
-                if kind == "images":
-                    images[split] += 1
-                else:
-                    labels[split] += 1
-    return images, labels, origin
-
-
 def _check_batch(paths: ProjectPaths, staging: Path, origin: dict[str, Path], source: Path) -> None:
     """Validate the staged batch as the validate stage would, plus leakage against data/; raise on any error."""
 
@@ -336,44 +308,24 @@ def add_dataset(paths: ProjectPaths, source: Path, *, commit: bool = False, name
         )
     current = read_class_names(paths.data)
     settings = load_settings(paths.params)
-    converted = Path(tempfile.mkdtemp(dir=paths.root, prefix=".add-src-"))
-    try:
-        try:
-            conversion = formats.convert(
-                source, converted, settings.data, "fail", target_names=current, carve_named=False
-            )
-        except DataValidationError as exc:
-            message = str(exc).replace("nothing was imported", "nothing was added")
-            raise DataValidationError(message.replace("no images to import", "no images to add")) from None
-        except ValueError as exc:  # an image folder without an 'images' part
-            raise DataValidationError(str(exc)) from None
-        summary = _add_converted(paths, converted, conversion, source, batch_id(name or source.stem))
-    finally:
-        shutil.rmtree(converted, ignore_errors=True)
-    if commit:
-        _git_commit(paths.root, f"data: add {summary.batch} ({summary.total_images} images)")
-    return AddSummary(summary.batch, summary.images, summary.labels, summary.names, summary.md5, commit, conversion)
-
-
-def _add_converted(
-    paths: ProjectPaths, converted: Path, conversion: formats.ConvertSummary, source: Path, batch: str
-) -> AddSummary:
-    names = conversion.names
-    folders = {split: converted / "images" / split for split in SPLITS if (converted / "images" / split).is_dir()}
+    batch = batch_id(name or source.stem)
     staging = Path(tempfile.mkdtemp(dir=paths.root, prefix=".add-"))
     try:
         try:
-            images, labels, staged_from = _stage_batch(folders, staging, batch)
+            conversion = formats.convert(
+                source,
+                staging,
+                settings.data,
+                "fail",
+                target_names=current,
+                carve_named=False,
+                action="add",
+                prefix=f"{batch}{BATCH_SEPARATOR}",
+            )
         except ValueError as exc:  # an image folder without an 'images' part
             raise DataValidationError(str(exc)) from None
-        if not sum(images.values()):
-            raise DataValidationError(
-                f"{source}: no images to add (looked in {', '.join(str(d) for d in folders.values()) or 'images/'})"
-            )
-        origin = {rel: conversion.origin.get(p.relative_to(converted).as_posix(), p) for rel, p in staged_from.items()}
-        synth.write_dataset_yaml(staging, names)
-        _check_batch(paths, staging, origin, source)
-        taken = sorted(rel for rel in origin if (paths.data / rel).exists())
+        _check_batch(paths, staging, conversion.origin, source)
+        taken = sorted(rel for rel in conversion.origin if (paths.data / rel).exists())
         if taken:
             raise FileExistsError(
                 f"{len(taken)} file(s) of batch {batch} already exist in data/ (e.g. {taken[0]}); nothing was added"
@@ -390,5 +342,6 @@ def _add_converted(
                 f"`dvc add data` failed ({(exc.stderr or '').strip()}); the batch was taken out of data/ again"
             ) from None
         raise
-    kept = [split for split, count in images.items() if count]  # a batch may bring only some splits
-    return AddSummary(batch, {s: images[s] for s in kept}, {s: labels[s] for s in kept}, names, md5, False, conversion)
+    if commit:
+        _git_commit(paths.root, f"data: add {batch} ({sum(conversion.images.values())} images)")
+    return AddSummary(batch, conversion.images, conversion.labels, conversion.names, md5, commit, conversion)

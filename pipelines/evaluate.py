@@ -116,6 +116,12 @@ def trained_imgsz(weights: Path) -> int:
     return int(imgsz[0] if isinstance(imgsz, list | tuple) else imgsz)
 
 
+def checkpoint_names(weights: Path) -> list[str]:
+    """The classes a checkpoint detects, in id order (the gate refuses to compare models of different classes)."""
+    names = load_yolo(str(weights)).names
+    return [str(names[i]) for i in sorted(names)]
+
+
 def metrics_for_tracking(evaluation: Evaluation, prefix: str) -> dict[str, float]:
     out = {
         f"{prefix}/mAP50": evaluation.map50,

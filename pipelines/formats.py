@@ -25,8 +25,8 @@ import json
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
 
 import yaml
 from defusedxml import ElementTree
@@ -85,8 +85,8 @@ def detect_format(source: Path) -> Format:
         return "yolo"
     if (source / "Annotations").is_dir():
         return "voc"
-    if _coco_files(source):
-        return "coco"
+    if _json_candidates(source):
+        return "coco"  # which of them are COCO files is decided once, when they are read
     raise FileNotFoundError(
         f"{source}: no data.yaml, classes.txt, Annotations/ or COCO *.json: not a dataset an import reads. Expected "
         "YOLO (data.yaml, or images/ + labels/ + classes.txt), COCO (*.json annotation files with the images beside "
@@ -179,20 +179,25 @@ def label_dir(image_dir: Path) -> Path:
 # --- COCO ------------------------------------------------------------------------------------------------------
 
 
-def _coco_files(source: Path) -> list[Path]:
+def _json_candidates(source: Path) -> list[Path]:
     if source.is_file():
         return [source]
     found = sorted(source.glob("*.json")) + sorted(source.glob("annotations/*.json")) + sorted(source.glob("*/*.json"))
-    unique = list(dict.fromkeys(found))
-    return [p for p in unique if _looks_like_coco(p)]
+    return list(dict.fromkeys(found))
 
 
-def _looks_like_coco(path: Path) -> bool:
-    try:
-        head = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(head, dict) and "images" in head and "annotations" in head
+def _coco_documents(source: Path) -> list[tuple[Path, Any]]:
+    """Each annotation file, parsed once (None: unreadable). A file named as the source is always kept, so its
+    errors are reported; in a folder, only JSON shaped like COCO (images and annotations) counts."""
+    documents: list[tuple[Path, Any]] = []
+    for path in _json_candidates(source):
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            doc = None
+        if source.is_file() or (isinstance(doc, dict) and "images" in doc and "annotations" in doc):
+            documents.append((path, doc))
+    return documents
 
 
 def _image_dirs(json_file: Path, root: Path, split: Split | None) -> list[Path]:
@@ -229,22 +234,24 @@ def image_size(path: Path) -> tuple[int, int] | None:
 
 
 def _read_coco(source: Path) -> Source:
-    files = _coco_files(source)
-    if not files:
+    documents = _coco_documents(source)
+    if not documents:
         raise DataValidationError(f"{source}: no COCO annotation file (*.json with images and annotations)")
     root = source if source.is_dir() else source.parent
     names: list[str] = []
     items: list[Item] = []
     problems: list[Problem] = []
     splits_named = 0
-    for file in files:
+    for file, doc in documents:
         shown = _rel(file, root)
+        if not isinstance(doc, dict):
+            problems.append(Problem(shown, "not a readable COCO file (not a JSON object)"))
+            continue
         try:
-            doc = json.loads(file.read_text(encoding="utf-8"))
             categories = {int(c["id"]): str(c["name"]) for c in doc.get("categories", [])}
             images = list(doc["images"])
             annotations = list(doc["annotations"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             problems.append(Problem(shown, f"not a readable COCO file: {exc}"))
             continue
         for name in categories.values():
@@ -309,7 +316,7 @@ def _read_coco(source: Path) -> Source:
             else:
                 item.lines.append(line)
         items += by_id.values()
-    return Source("coco", names, items, problems, has_splits=splits_named == len(files) and splits_named > 0)
+    return Source("coco", names, items, problems, has_splits=splits_named == len(documents) and splits_named > 0)
 
 
 # --- Pascal VOC ------------------------------------------------------------------------------------------------
@@ -422,8 +429,11 @@ def convert(
     *,
     target_names: list[str] | None = None,
     carve_named: bool = True,
+    action: Literal["import", "add"] = "import",
+    prefix: str = "",
 ) -> ConvertSummary:
-    """Write `source` (any supported format) to `staging` as a YOLO dataset (data.yaml, images/, labels/).
+    """Write `source` (any supported format) to `staging` as a YOLO dataset (data.yaml, images/, labels/), each file
+    named `<prefix><name>` (`data add` writes a batch's files under their batch name at once).
 
     Images whose split the source does not name are carved by content hash; with `carve_named`, so are the splits a
     source with named splits lacks (an import must end with train, val and test). Raises DataValidationError, with
@@ -433,12 +443,12 @@ def convert(
     names, ids = class_mapping(parsed.names, settings, target_names)
     errors = parsed.problems + [p for item in parsed.items for p in item.errors]
     if errors and on_error == "fail":
-        _refuse(source, errors)
+        _refuse(source, errors, action)
     skipped = [item.name for item in parsed.items if item.errors]
     items = [item for item in parsed.items if not item.errors]
     if not items:
         left_out = f" ({len(skipped)} left out for errors)" if skipped else ""
-        raise DataValidationError(f"{source}: no images to import{left_out}")
+        raise DataValidationError(f"{source}: no images to {action}{left_out}")
     present = {item.split for item in items if item.split}
     lacking = ({"val", "test"} - present) if carve_named else set()
     carved: Counter[str] = Counter()
@@ -455,19 +465,20 @@ def convert(
     origin: dict[str, Path] = {}
     for item in items:
         assert item.split is not None
-        dest = f"{item.split}/{item.name}"
+        named = PurePosixPath(item.name)
+        dest = f"{item.split}/{(named.parent / f'{prefix}{named.name}').as_posix()}"
         if dest in taken:
             raise DataValidationError(
                 f"{source}: two images would both be images/{dest} ({taken[dest].image} and {item.image}); rename one"
             )
         taken[dest] = item
-        target = staging / "images" / item.split / item.name
+        target = staging / "images" / dest
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(item.image, target)
         origin[f"images/{dest}"] = item.image
         images[item.split] += 1
         if item.lines is not None:
-            label = (staging / "labels" / item.split / item.name).with_suffix(".txt")
+            label = (staging / "labels" / dest).with_suffix(".txt")
             label.parent.mkdir(parents=True, exist_ok=True)
             label.write_text("".join(f"{line}\n" for line in _remap(item.lines, ids, parsed.names, dropped)))
             origin[label.relative_to(staging).as_posix()] = item.label_source or item.image
@@ -488,10 +499,12 @@ def convert(
     )
 
 
-def _refuse(source: Path, problems: list[Problem]) -> None:
+def _refuse(source: Path, problems: list[Problem], action: str) -> None:
     listed = "\n".join(f"  {p}" for p in problems[:50])
     more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-    raise DataValidationError(
-        f"{source}: {len(problems)} error(s), nothing was imported (validate.on_error is 'fail'; 'skip' leaves "
-        f"these images out):\n{listed}{more}"
+    why = (
+        "validate.on_error is 'fail'; 'skip' leaves these images out"
+        if action == "import"
+        else "a batch is refused whole on any error"
     )
+    raise DataValidationError(f"{source}: {len(problems)} error(s), nothing was {action}ed ({why}):\n{listed}{more}")

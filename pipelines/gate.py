@@ -24,7 +24,7 @@ from conveyor.settings import GateSettings, Settings
 from conveyor.tracking import Tracker
 from pipelines import registry
 from pipelines.dataset_view import class_names, load_manifest, materialize
-from pipelines.evaluate import Evaluation, evaluate_checkpoint
+from pipelines.evaluate import Evaluation, checkpoint_names, evaluate_checkpoint
 
 
 @dataclass(frozen=True)
@@ -146,13 +146,6 @@ def class_change_gate(champion: list[str], data: list[str], champion_version: st
         "models cannot be scored on one test split. Review this version and promote it deliberately with "
         "`conveyor promote VERSION --force --reason ...`",
     )
-
-
-def checkpoint_names(weights: Path) -> list[str]:
-    from conveyor.yolo import load_yolo
-
-    names = load_yolo(str(weights)).names
-    return [str(names[i]) for i in sorted(names)]
 
 
 def export_gates(export: dict[str, Any], cfg: GateSettings) -> list[GateResult]:

@@ -5,7 +5,7 @@ computes the image statistics and writes Parquet part files partitioned by hour 
 The queue is bounded: when the writer cannot keep up (a slow disk), records are dropped and counted, and responses
 are never slowed. Hour folders older than `keep_hours` are deleted. `read_log` reads a window back.
 With `keep_frames` > 0, that share of served images is also kept as the bytes the client sent, in the hour's
-`frames/` folder (written before the record that names it), for `conveyor label select --from-log`.
+`frames/` folder (written before the record that names it), where `conveyor label select` finds them.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.features import EMBEDDING, Embedder, image_features, prediction_features
-from pipelines.inference import Detection
+from pipelines.inference import JPEG_MAGIC, PNG_MAGIC, Detection
 
 LOG = logging.getLogger("conveyor.serving")
 EMBED_BATCH = 16  # thumbnails per backbone forward pass in the writer thread
@@ -41,6 +41,11 @@ class Pending:
     detections: list[Detection]
     embedder: Embedder | None = None  # the served version's backbone, when embeddings are logged
     frame: bytes | None = None  # the image as sent, when this one is kept for labelling
+
+
+def hour_partition(at: datetime) -> str:
+    """The log's folder for an hour: records and kept frames of that hour live (and expire) together."""
+    return at.strftime("date=%Y-%m-%d/hour=%H")
 
 
 def to_record(item: Pending) -> dict[str, Any]:
@@ -76,8 +81,8 @@ class PredictionLog:
         queue_size: int,
         flush_seconds: float,
         keep_hours: int,
-        on_written: Any = None,
         keep_frames: float = 0.0,
+        on_written: Any = None,
         on_dropped: Any = None,
     ) -> None:
         self.directory = directory
@@ -148,8 +153,8 @@ class PredictionLog:
 
     def _keep_frame(self, at: datetime, data: bytes) -> str:
         """Write the image into its hour's frames/ folder; returns its path relative to the log directory."""
-        suffix = ".png" if data[:8] == b"\x89PNG\r\n\x1a\n" else ".jpg" if data[:2] == b"\xff\xd8" else ".img"
-        relative = f"{at.strftime('date=%Y-%m-%d/hour=%H')}/frames/{uuid.uuid4().hex}{suffix}"
+        suffix = ".png" if data.startswith(PNG_MAGIC) else ".jpg" if data.startswith(JPEG_MAGIC) else ".img"
+        relative = f"{hour_partition(at)}/frames/{uuid.uuid4().hex}{suffix}"
         path = self.directory / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
@@ -161,7 +166,7 @@ class PredictionLog:
 
         by_hour: dict[str, list[dict[str, Any]]] = {}
         for record in records:
-            by_hour.setdefault(record["time"].strftime("date=%Y-%m-%d/hour=%H"), []).append(record)
+            by_hour.setdefault(hour_partition(record["time"]), []).append(record)
         for partition, rows in by_hour.items():
             folder = self.directory / partition
             folder.mkdir(parents=True, exist_ok=True)

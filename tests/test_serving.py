@@ -434,7 +434,7 @@ def test_prediction_log_records_what_the_model_saw(server: RunningServer, test_i
     # The server's own backbone, pooled: one vector per image, the same length for every record.
     assert {len(v) for v in frame[EMBEDDING]} == {256}
     assert set(frame["model_version"]) >= {"1"}
-    # keep_frames 1.0: every served image is also kept, byte for byte, for `conveyor label select --from-log`.
+    # keep_frames 1.0: every served image is also kept, byte for byte, where `conveyor label select` reads them.
     from labelling.select import frames_from_log
 
     kept = frames_from_log(directory)
