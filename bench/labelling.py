@@ -4,13 +4,14 @@
 
 A pool of unlabelled frames, half like the training data and half from a shifted line (the drift scenario's shift:
 0.45x lighting, blur sigma 1.6, defects 1.7x), is scored by the bundled model (tests/assets, trained on the default
-domain). The same number of frames is taken two ways, by `labelling.select.select` and at random (seeded), and
-"labelled" with the generator's true boxes. The model is then fine-tuned on each set plus the same replay sample of
-its old training data (same epochs, seed and settings), and each result is scored on a held-out shifted test set and
-on an in-distribution one. Also: the share of shifted frames each way picked, and the selection's time.
+domain). The same number of frames is taken three ways: by `labelling.select.select`, by its uncertainty alone
+(novelty weight 0), and at random; they are "labelled" with the generator's true boxes. The model is then fine-tuned
+on each set plus the same replay sample of its old training data (same epochs and settings), `REPEATS` times with
+another training seed (and another random draw), and each result is scored on a held-out shifted test set and on an
+in-distribution one. Also: the share of shifted frames each way picked, and the selection's time.
 
-Writes bench/results/labelling.json with `shifted_share_selected`, `shifted_share_random`, and mAP50-95 on the
-shifted test set for `before`, `random` and `selected`.
+Writes bench/results/labelling.json with the shifted shares, the mean mAP50-95 per arm on both test sets
+(`before`, `random`, `uncertainty only`, `label select`) and every run's scores.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import platform
 import random
 import shutil
+import statistics
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -48,6 +50,7 @@ POOL_EACH = 60  # frames of each kind in the pool
 PICK = 24  # frames labelled, either way
 REPLAY = 48  # old training images kept in each fine-tuning set
 EPOCHS = 8
+REPEATS = 3  # training seeds (and random draws): one fine-tune on 72 images is noisy
 
 
 def _generate(root: Path, seed: int, shift: DomainShift, split: str, n: int) -> Path:
@@ -69,10 +72,10 @@ def _training_set(root: Path, frames: list[Path], replay: list[Path], val: Path)
     return root / "data.yaml"
 
 
-def _fine_tune(data_yaml: Path, out: Path) -> Path:
+def _fine_tune(data_yaml: Path, out: Path, seed: int) -> Path:
     model = load_yolo(str(ASSET))
     model.train(
-        data=str(data_yaml), epochs=EPOCHS, imgsz=320, batch=8, workers=0, seed=0, deterministic=True,
+        data=str(data_yaml), epochs=EPOCHS, imgsz=320, batch=8, workers=0, seed=seed, deterministic=True,
         project=str(out), name="run", exist_ok=True, plots=False, val=False, verbose=False, close_mosaic=2,
     )  # fmt: skip
     return out / "run" / "weights" / "last.pt"
@@ -103,60 +106,66 @@ def main() -> dict[str, Any]:
         reference = embed_files(old_images, embedder)
         chosen = [c.path for c in select(pool, detector, embedder, reference, LabelSettings(count=PICK))]
         select_s = time.perf_counter() - started
-        rng = random.Random(0)
-        randomly = rng.sample(pool, PICK)
-        replay = rng.sample(old_images, REPLAY)
-
-        def shifted_share(frames: list[Path]) -> float:
-            return sum(f.is_relative_to(shifted) for f in frames) / len(frames)
-
-        scores: dict[str, dict[str, float]] = {
+        unsure = [
+            c.path for c in select(pool, detector, embedder, reference, LabelSettings(count=PICK, novelty_weight=0.0))
+        ]
+        replay = random.Random(100).sample(old_images, REPLAY)
+        # Each repeat: another training seed for every arm, and another random draw for the random arm.
+        picks = {
+            "random": [random.Random(r).sample(pool, PICK) for r in range(REPEATS)],
+            "uncertainty only": [unsure] * REPEATS,
+            "label select": [chosen] * REPEATS,
+        }
+        scores: dict[str, dict[str, list[float]]] = {
             "before": {
-                "shifted": _score(ASSET, test_shifted, work / "eval-before-s"),
-                "same": _score(ASSET, test_same, work / "eval-before-d"),
+                "shifted": [_score(ASSET, test_shifted, work / "eval-before-s")],
+                "same": [_score(ASSET, test_same, work / "eval-before-d")],
             }
         }
-        for arm, frames in (("random", randomly), ("selected", chosen)):
-            console.print(f"fine-tuning on {arm} frames + replay ({EPOCHS} epochs)")
-            root = work / f"set-{arm}"
-            for kind in ("images", "labels"):
-                (root / kind / "train").mkdir(parents=True)
-            weights = _fine_tune(_training_set(root, frames, replay, test_shifted), work / f"train-{arm}")
-            scores[arm] = {
-                "shifted": _score(weights, test_shifted, work / f"eval-{arm}-s"),
-                "same": _score(weights, test_same, work / f"eval-{arm}-d"),
-            }
+        for arm, draws in picks.items():
+            scores[arm] = {"shifted": [], "same": []}
+            for repeat, frames in enumerate(draws):
+                console.print(f"fine-tuning on {arm} frames + replay ({EPOCHS} epochs, seed {repeat})")
+                root = work / f"set-{arm}-{repeat}"
+                for kind in ("images", "labels"):
+                    (root / kind / "train").mkdir(parents=True)
+                data_yaml = _training_set(root, frames, replay, test_shifted)
+                weights = _fine_tune(data_yaml, work / f"train-{arm}-{repeat}", seed=repeat)
+                scores[arm]["shifted"].append(_score(weights, test_shifted, work / f"eval-{arm}-{repeat}-s"))
+                scores[arm]["same"].append(_score(weights, test_same, work / f"eval-{arm}-{repeat}-d"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    table = Table(title=f"labelling: {PICK} of {2 * POOL_EACH} frames (half shifted), fine-tuned {EPOCHS} epochs")
+    def shifted_share(frames: list[Path]) -> float:
+        return sum(f.is_relative_to(shifted) for f in frames) / len(frames)
+
+    def spread(values: list[float]) -> str:
+        mean = statistics.fmean(values)
+        return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ({min(values):.3f}-{max(values):.3f})"
+
+    table = Table(
+        title=f"labelling: {PICK} of {2 * POOL_EACH} frames (half shifted), fine-tuned {EPOCHS} epochs, "
+        f"mean (min-max) of {REPEATS} seeds"
+    )
     for column in ("frames", "shifted share", "mAP50-95 shifted test", "mAP50-95 in-distribution test"):
         table.add_column(column, justify="right" if column != "frames" else "left")
-    table.add_row(
-        "none (the model as it is)", "-", f"{scores['before']['shifted']:.3f}", f"{scores['before']['same']:.3f}"
-    )
-    table.add_row(
-        "random",
-        f"{shifted_share(randomly):.2f}",
-        f"{scores['random']['shifted']:.3f}",
-        f"{scores['random']['same']:.3f}",
-    )
-    table.add_row(
-        "label select",
-        f"{shifted_share(chosen):.2f}",
-        f"{scores['selected']['shifted']:.3f}",
-        f"{scores['selected']['same']:.3f}",
-    )
+    for arm, score in scores.items():
+        share = "-" if arm == "before" else f"{statistics.fmean(shifted_share(f) for f in picks[arm]):.2f}"
+        label = "none (the model as it is)" if arm == "before" else arm
+        table.add_row(label, share, spread(score["shifted"]), spread(score["same"]))
     console.print(table)
     console.print(f"selection of {PICK} among {len(pool)} frames took {select_s:.1f} s (model on CPU, PyTorch)")
     result = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": available_cores()},
         "pool": {"frames": len(pool), "shifted": POOL_EACH, "picked": PICK, "replay": REPLAY, "epochs": EPOCHS},
+        "repeats": REPEATS,
         "shifted_share_selected": shifted_share(chosen),
-        "shifted_share_random": shifted_share(randomly),
-        "map50_95_shifted": {arm: s["shifted"] for arm, s in scores.items()},
-        "map50_95_in_distribution": {arm: s["same"] for arm, s in scores.items()},
+        "shifted_share_uncertainty_only": shifted_share(unsure),
+        "shifted_share_random": statistics.fmean(shifted_share(f) for f in picks["random"]),
+        "map50_95_shifted": {arm: statistics.fmean(s["shifted"]) for arm, s in scores.items()},
+        "map50_95_in_distribution": {arm: statistics.fmean(s["same"]) for arm, s in scores.items()},
+        "runs": scores,
         "select_s": round(select_s, 2),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
