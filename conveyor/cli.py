@@ -31,6 +31,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     # Imported here, not at the top: MLflow takes seconds to import, and `--help` or `validate` need none of it.
     from conveyor.tracking import TrackingUnavailableError
     from flows.deploy import PrefectServerMissingError
+    from flows.local_server import PrefectServerError
     from labelling.select import NothingToSelectError
     from pipelines.data import DataVersionError
     from pipelines.lineage_report import ModelRefError
@@ -48,6 +49,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         PromotionRefusedError,
         ModelRefError,
         PrefectServerMissingError,
+        PrefectServerError,
         ConfigError,
         ProjectNotFoundError,
         TrackingUnavailableError,
@@ -285,10 +287,13 @@ def run(
 ) -> None:
     """The main job: the training flow end to end (data, stages, gates, registry, push), then a summary."""
     from conveyor.summary import print_summary
-    from flows.training import TrainingBusyError, training_flow
+    from flows.local_server import use_api
 
     paths = ProjectPaths.discover()
     load_settings(paths.params)  # bad params fail here, before a flow run is created
+    use_api()  # PREFECT_API_URL, or the local server that stays up between runs (set before Prefect is imported)
+    from flows.training import TrainingBusyError, training_flow
+
     started = time.perf_counter()
     expected: tuple[type[BaseException], ...] = (*_known_errors(), TrainingBusyError, RuntimeError)
     try:
@@ -468,67 +473,6 @@ def lineage(
     console.print(table)
 
 
-# --- orchestration ----------------------------------------------------------------------------------------------
-
-
-@app.command()
-@friendly_errors
-def deploy() -> None:
-    """Register the scheduled training and drift-check deployments and the drift -> retraining automation."""
-    from flows.deploy import deploy as register_deployment
-
-    paths, settings = _project()
-    info = register_deployment(paths, settings)
-    console.print(
-        f"deployment {info.name} ({info.id}): cron '{info.cron}' {info.timezone}, pool '{info.work_pool}', "
-        f"one run at a time ({info.on_overlap} on overlap)\n"
-        f"deployment {info.monitoring}: drift check, cron '{info.monitoring_cron}' {info.timezone}\n"
-        + (
-            f"automation '{info.automation}': conveyor.drift.detected -> {info.name} (reason=drift, warm start)\n"
-            if info.automation
-            else "no drift -> retraining automation (monitor.retrain_on_drift: false)\n"
-        )
-        + "Start a worker: `conveyor worker`",
-        highlight=False,
-    )
-
-
-@app.command()
-@friendly_errors
-def worker() -> None:
-    """Run a Prefect worker for the training work pool (it runs the scheduled and triggered trainings)."""
-    from flows.deploy import require_server
-
-    _, settings = _project()
-    require_server()
-    # How soon a triggered run (a drift retraining) starts: the worker asks for work this often (Prefect's default 10).
-    os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", str(settings.orchestration.worker_poll_seconds))
-    _exec(
-        "prefect",
-        "worker",
-        "start",
-        "--pool",
-        settings.orchestration.work_pool,
-        "--type",
-        "process",
-        "--install-policy",
-        "never",
-    )
-
-
-@app.command()
-@friendly_errors
-def server(
-    port: Annotated[int, typer.Option(help="port for the Prefect API and UI")] = 4200,
-    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
-) -> None:
-    """Run a Prefect server (API and UI) on this machine, with the same database `conveyor run` records into."""
-    console.print(
-        f"Prefect UI on http://{host}:{port}; in other shells: export PREFECT_API_URL=http://{host}:{port}/api"
-    )
-    _exec("prefect", "server", "start", "--host", host, "--port", str(port))
-
-
 @app.command()
 @friendly_errors
 def summary() -> None:
@@ -544,22 +488,25 @@ def ui(
     port: Annotated[int, typer.Option(help="port for the MLflow UI")] = 5000,
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
 ) -> None:
-    """Open the MLflow UI on the embedded store (SQLite + local artifacts)."""
-    from conveyor.tracking import tracking_uri
+    """Open the MLflow UI on the embedded store (SQLite + local artifacts), at the runs table a reviewer wants."""
+    from conveyor.tracking import RunRecord, review_url, tracking_uri
 
     paths = ProjectPaths.discover()
     uri = tracking_uri(paths)
+    base = uri if uri.startswith("http") else f"http://{host}:{port}"
+    record = RunRecord.load(paths.run_record) if paths.run_record.is_file() else None
+    review = f"; the review view: {review_url(base, record.experiment_id)}" if record else ""
     if uri.startswith("http"):
-        console.print(f"tracking server in use: open {uri}")
+        console.print(f"tracking server in use: open {uri}{review}", soft_wrap=True)
         return
-    console.print(f"MLflow UI on http://{host}:{port} (Ctrl-C to stop)")
+    console.print(f"MLflow UI on {base}{review} (Ctrl-C to stop)", soft_wrap=True)
     os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # a lean server: no job runner
     _exec("mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1")
 
 
 # The serving and monitoring command groups register themselves on `app` (imported last: they import this module's
 # helpers).
-from conveyor import cli_labelling, cli_monitoring, cli_serving  # noqa: E402, F401
+from conveyor import cli_labelling, cli_monitoring, cli_orchestration, cli_serving  # noqa: E402, F401
 
 if __name__ == "__main__":
     app()

@@ -113,3 +113,8 @@ def available_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def tracking_uri(paths: ProjectPaths) -> str:
+    """The MLflow tracking URI: MLFLOW_TRACKING_URI, else the project's embedded SQLite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.mlflow_db}"

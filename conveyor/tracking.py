@@ -17,14 +17,15 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
+from typing import TYPE_CHECKING, Any
 
 from conveyor.lineage import data_version, git_state
 from conveyor.paths import ProjectPaths
+from conveyor.paths import tracking_uri as tracking_uri  # re-exported; lives there to import without MLflow
 from conveyor.settings import Settings
+
+if TYPE_CHECKING:  # MLflow takes ~3 s to import: only what talks to the store imports it
+    from mlflow.tracking import MlflowClient
 
 TAG_PREFIX = "conveyor."
 _ILLEGAL = re.compile(r"[^A-Za-z0-9_\-. /:]")
@@ -33,10 +34,6 @@ _MAX_BATCH = 1000  # MLflow's log_batch limit for metrics per call
 
 class TrackingUnavailableError(RuntimeError):
     """The tracking server cannot be reached; the message names the URI."""
-
-
-def tracking_uri(paths: ProjectPaths) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.mlflow_db}"
 
 
 def is_embedded(uri: str) -> bool:
@@ -57,13 +54,52 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     raise TrackingUnavailableError(f"MLflow tracking server {uri} is unreachable ({problem})")
 
 
+# MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces, judges); with it, on the runs
+# table and charts. The value is the one the UI's own "experiment type" switch writes.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+CLASSIC_TRAINING = "custom_model_development"
+
+
 def ensure_experiment(client: MlflowClient, paths: ProjectPaths, name: str) -> str:
-    """The experiment's id, created when missing (artifacts in the project's folder on the embedded store)."""
+    """The experiment's id, created when missing (artifacts in the project's folder on the embedded store), marked
+    as classic model training for the UI."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older Conveyor; a user's choice is kept
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, CLASSIC_TRAINING)
         return str(experiment.experiment_id)
     location = paths.mlflow_artifacts.as_uri() if is_embedded(client.tracking_uri) else None
-    return str(client.create_experiment(name, artifact_location=location))
+    tags = {EXPERIMENT_KIND_TAG: CLASSIC_TRAINING}
+    return str(client.create_experiment(name, artifact_location=location, tags=tags))
+
+
+# The MLflow UI restores a saved view (columns, sort order) from an experiment tag named by `viewStateShareKey` in
+# the page's URL, the same tag its own "Share" button writes; `conveyor ui` opens that URL.
+REVIEW_VIEW_KEY = "conveyor-review"
+
+
+def set_review_view(client: MlflowClient, experiment_id: str, metrics: list[str], params: list[str]) -> None:
+    """Save the runs-table view a reviewer wants: these metrics and params as columns, best mAP50-95 first."""
+    columns = [
+        "attributes.`Models`",
+        *(f"metrics.`{name}`" for name in metrics),
+        *(f"params.`{name}`" for name in params),
+        f"tags.`{TAG_PREFIX}data_md5`",
+    ]
+    state = {
+        "orderByKey": f"metrics.`{metrics[0]}`" if metrics else "attributes.start_time",
+        "orderByAsc": False,
+        "selectedColumns": columns,
+        "columnOrder": columns,
+        "runsHiddenMode": "SHOW_ALL",
+    }
+    client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{REVIEW_VIEW_KEY}", json.dumps(state))
+
+
+def review_url(ui: str, experiment_id: str) -> str:
+    # workflowType: the sidebar's "Model training" side (the UI otherwise opens on its GenAI side).
+    query = f"workflowType=machine_learning&viewStateShareKey={REVIEW_VIEW_KEY}"
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
 
 
 def metric_name(name: str) -> str:
@@ -110,6 +146,8 @@ class Tracker:
     def start(cls, paths: ProjectPaths, settings: Settings, run_name: str) -> Tracker:
         uri = tracking_uri(paths)
         check_reachable(uri)
+        from mlflow.tracking import MlflowClient
+
         client = MlflowClient(uri)
         experiment_id = ensure_experiment(client, paths, settings.tracking.experiment)
         run = client.create_run(experiment_id, run_name=run_name, tags=lineage_tags(paths, settings))
@@ -122,6 +160,8 @@ class Tracker:
         """A client on the project's tracking URI, after checking it answers."""
         uri = tracking_uri(paths)
         check_reachable(uri)
+        from mlflow.tracking import MlflowClient
+
         return MlflowClient(uri)
 
     @classmethod
@@ -134,6 +174,8 @@ class Tracker:
                 f"{uri}: set MLFLOW_TRACKING_URI back, or re-run training (`dvc repro --force train`)"
             )
         check_reachable(uri)
+        from mlflow.tracking import MlflowClient
+
         client = MlflowClient(uri)
         client.get_run(record.run_id)  # fails clearly if the run is gone
         return cls(client, record.run_id)
@@ -152,6 +194,8 @@ class Tracker:
         self.client.set_terminated(self.run_id, "FINISHED")
 
     def log_params(self, params: Mapping[str, str]) -> None:
+        from mlflow.entities import Param
+
         batch = [Param(k, v[:6000]) for k, v in params.items()]
         for i in range(0, len(batch), 100):  # MLflow's limit for params per call
             self.client.log_batch(self.run_id, params=batch[i : i + 100])
@@ -159,11 +203,15 @@ class Tracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         """All metrics in as few calls as MLflow allows (one per 1000), not one call per metric."""
         now = int(time.time() * 1000)
+        from mlflow.entities import Metric
+
         batch = [Metric(metric_name(k), float(v), now, step) for k, v in metrics.items() if v is not None]
         for i in range(0, len(batch), _MAX_BATCH):
             self.client.log_batch(self.run_id, metrics=batch[i : i + _MAX_BATCH])
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:

@@ -8,6 +8,8 @@ which the OS releases if the process dies) and per deployment (Prefect's concurr
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -23,7 +25,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 import conveyor  # noqa: F401  (offline switches first)
-from conveyor.paths import ProjectPaths
+from conveyor.paths import ProjectPaths, tracking_uri
 from conveyor.settings import Settings, load_settings, set_param
 
 # MLflow (3.4 s to import here) and the pipeline modules load inside the tasks: a run triggered by a drift event is
@@ -69,17 +71,22 @@ def _stage_env(flow_run_id: str | None) -> dict[str, str]:
 
 
 @task(name="preflight")
-def preflight(root: str) -> str:
-    """Fail at once, before anything is written, if the tracking server is unreachable; then get the data."""
-    from conveyor.tracking import check_reachable, tracking_uri
+def preflight(root: str) -> tuple[str, list[str]]:
+    """Fail at once, before anything is written, if the tracking server is unreachable; then get the data and ask
+    DVC once which stages are stale (a stage subprocess costs ~1 s even when it has nothing to do)."""
+    from dvc.repo import Repo
+
+    from conveyor.tracking import check_reachable
     from pipelines import data as data_step
 
     paths = ProjectPaths(Path(root))
     settings = load_settings(paths.params)
     check_reachable(tracking_uri(paths))
     md5 = data_step.ensure_data_version(paths, settings.synth)
-    get_run_logger().info("data version %s", md5)
-    return md5
+    with Repo(root) as repo:
+        stale = sorted({name.split(":")[-1] for name in repo.status()})
+    get_run_logger().info("data version %s; stale stages: %s", md5, ", ".join(stale) or "none")
+    return md5, stale
 
 
 @task(name="stage")
@@ -124,6 +131,9 @@ def register_and_promote(root: str, flow_run_id: str | None, reason: str) -> dic
         report = GateReport.load(paths.gate / "report.json")
         for key, value in report.tags().items():
             tracker.client.set_model_version_tag(settings.registry.model_name, str(version.version), key, value)
+        tracker.client.update_model_version(
+            settings.registry.model_name, str(version.version), description=promotion.review_summary(paths, report)
+        )
         outcome = promotion.decide(tracker.client, settings, version, new, report, actor, reason)
     get_run_logger().info(outcome.message)
     return {
@@ -135,14 +145,70 @@ def register_and_promote(root: str, flow_run_id: str | None, reason: str) -> dic
     }
 
 
+def _decision_key(paths: ProjectPaths) -> str | None:
+    """The trained run and its gate verdict, as this project's files say (None when either is missing)."""
+    report = paths.gate / "report.json"
+    if not (paths.run_record.is_file() and report.is_file()):
+        return None
+    return hashlib.sha256(paths.run_record.read_bytes() + b"\0" + report.read_bytes()).hexdigest()
+
+
+def record_decision(paths: ProjectPaths, outcome: dict[str, Any]) -> None:
+    """After the registry step completed: which run and gate verdict it decided on, and what it decided."""
+    key = _decision_key(paths)
+    if key is not None:
+        record = {"key": key, "tracking_uri": tracking_uri(paths), "outcome": outcome}
+        (paths.scratch / "last-decision.json").write_text(json.dumps(record))
+
+
+def previous_decision(paths: ProjectPaths) -> dict[str, Any] | None:
+    """The registry step's outcome for exactly this run and gate report on this tracking store, recorded when it
+    completed: a run in which no stage ran need not import MLflow (3 s) to be told the same. A record from an
+    interrupted step never exists, so such a run goes through the registry again."""
+    path = paths.scratch / "last-decision.json"
+    key = _decision_key(paths)
+    if key is None or not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except ValueError:
+        return None
+    if record.get("key") != key or record.get("tracking_uri") != tracking_uri(paths):
+        return None
+    version = record["outcome"]["version"]
+    return {
+        **record["outcome"],
+        "newly_registered": False,
+        "promoted": False,
+        "message": f"already registered as v{version}; champion unchanged",
+    }
+
+
+def pushed_state(root: Path) -> str:
+    """What a push covers: the data and stage versions (data.dvc, dvc.lock) and where they go (the DVC config)."""
+    digest = hashlib.sha256()
+    for name in ("data.dvc", "dvc.lock", ".dvc/config", ".dvc/config.local"):
+        path = root / name
+        digest.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"") + b"\0")
+    return digest.hexdigest()
+
+
 @task(name="push to DVC remote", retries=2, retry_delay_seconds=5)
 def push(root: str) -> None:
-    """Data and every cached stage output to the default DVC remote, so the run can be reproduced elsewhere."""
+    """Data and every cached stage output to the default DVC remote, so the run can be reproduced elsewhere.
+    Skipped when nothing changed since the last successful push (the record lives in .conveyor/)."""
     from pipelines import data as data_step
 
+    paths = ProjectPaths(Path(root))
+    state = pushed_state(paths.root)
+    record = paths.scratch / "last-push"
+    if record.is_file() and record.read_text() == state:
+        get_run_logger().info("dvc push: nothing new since the last successful push")
+        return
     result = data_step.dvc(Path(root), "push", check=False)
     if result.returncode != 0:
         raise RuntimeError(f"dvc push failed: {result.stderr.strip()[-2000:]}")
+    record.write_text(state)
 
 
 def summary_markdown(
@@ -179,16 +245,33 @@ def training_flow(
     run_id = flow_run.id
     root = str(paths.root)
     with training_lock(paths, settings.orchestration.on_overlap):
-        md5 = preflight(root)
+        md5, stale = preflight(root)
         if warm_start:
             set_warm_start(paths, settings, warm_start)
+            stale = pipeline_stages(paths)  # train.weights changed after DVC was asked
         stage_seconds: dict[str, float] = {}
         retries = settings.orchestration.stage_retries
+        upstream_ran = False
         for stage in pipeline_stages(paths):
+            if stage not in stale and not upstream_ran:
+                logger.info("stage %s: up to date (dvc status)", stage)
+                stage_seconds[stage] = 0.0
+                continue
             stage_seconds[stage] = run_stage.with_options(
                 name=f"stage {stage}", retries=retries, retry_delay_seconds=5
             )(root, stage, run_id)
-        outcome = register_and_promote(root, run_id, reason)
+            upstream_ran = True
+        decided = None if upstream_ran else previous_decision(paths)
+        if decided is not None:
+            logger.info(
+                "nothing changed since run %s was registered as v%s: registry not consulted",
+                decided["run_id"],
+                decided["version"],
+            )
+            outcome = decided
+        else:
+            outcome = register_and_promote(root, run_id, reason)
+            record_decision(paths, outcome)
         if settings.orchestration.push:
             push(root)
     flow_seconds = time.perf_counter() - started
@@ -197,8 +280,6 @@ def training_flow(
     # Prefect's own bookkeeping).
     overhead = flow_seconds - stages_total
     timing = {"flow_seconds": flow_seconds, "stage_seconds": stage_seconds, "overhead_seconds": overhead}
-    from conveyor.tracking import tracking_uri
-
     markdown = summary_markdown(settings, md5, stage_seconds, outcome, tracking_uri(paths), reason)
     markdown += f"\nFlow {flow_seconds:.1f} s, of which stages {stages_total:.1f} s.\n"
     create_markdown_artifact(markdown, key="conveyor-training-summary", description="Conveyor training run")

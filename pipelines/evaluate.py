@@ -17,7 +17,7 @@ from rich.table import Table
 
 from conveyor.paths import ProjectPaths
 from conveyor.settings import EvaluateSettings, Settings
-from conveyor.tracking import Tracker
+from conveyor.tracking import RunRecord, Tracker, set_review_view
 from conveyor.yolo import load_yolo
 from pipelines.dataset_view import materialize
 
@@ -158,6 +158,19 @@ def run(paths: ProjectPaths, settings: Settings, console: Console | None = None)
         (paths.metrics / "evaluate.json").write_text(json.dumps(dvc_metrics(evaluation), indent=2) + "\n")
         tracker.log_metrics(metrics_for_tracking(evaluation, cfg.split))
         tracker.log_artifact(paths.evaluate, "evaluate")
+        record = RunRecord.load(paths.run_record)
+        set_review_view(
+            tracker.client,
+            record.experiment_id,
+            metrics=[
+                f"{cfg.split}/mAP50-95",
+                f"{cfg.split}/mAP50",
+                *(f"{cfg.split}/recall/{name}" for name in evaluation.per_class),
+                "gates/passed",
+                f"latency_ms/{settings.gates.serving_runtime}",
+            ],
+            params=["train.epochs", "train.imgsz", "train.weights"],
+        )
         print_evaluation(evaluation, console)
         return evaluation
 

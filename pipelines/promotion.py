@@ -7,6 +7,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
@@ -20,6 +21,7 @@ from pipelines import registry
 from pipelines.gate import GateReport
 
 PYFUNC_REQUIREMENTS = ["ultralytics", "onnxruntime", "opencv-python", "pandas", "numpy"]
+DESCRIPTION_LIMIT = 5000  # MLflow's description column (VARCHAR(5000) on PostgreSQL)
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ def register(
         "conveyor.run_id": tracker.run_id,
     }
     version = log_model_version(client, name, tracker.run_id, artifacts, tags)
+    client.update_model_version(name, str(version.version), description=review_summary(paths, report))
     registry.move_alias(
         client,
         name,
@@ -96,6 +99,51 @@ def register(
         actor=actor,
     )
     return client.get_model_version(name, str(version.version)), True
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def review_summary(paths: ProjectPaths, report: GateReport) -> str:
+    """What a reviewer needs at a glance, as the version's description (Markdown in the MLflow UI): the gate verdict
+    and table, the data version, test metrics per class, the exports with latency and parity."""
+    verdict = "PASSED" if report.passed else f"FAILED ({', '.join(report.failed)})"
+    counts = _read_json(paths.validation / "report.json").get("counts", {})
+    images = ", ".join(f"{split} {c.get('accepted', 0)}" for split, c in counts.items())
+    lines = [
+        f"**Gates {verdict}**, compared with "
+        f"{f'champion v{report.champion_version}' if report.champion_version else 'no champion'}.",
+        f"Data `{data_version(paths.data_dvc).md5}` ({images} images); MLflow run `{report.challenger_run_id}`.",
+        "",
+    ]
+    evaluation = _read_json(paths.metrics / "evaluate.json")
+    if evaluation:
+        lines += [
+            f"**{evaluation['split'].capitalize()} metrics**: mAP50 {evaluation['mAP50']:.3f}, "
+            f"mAP50-95 {evaluation['mAP50-95']:.3f}, precision {evaluation['precision']:.3f}, "
+            f"recall {evaluation['recall']:.3f}",
+            "",
+            "| class | AP50-95 | recall |",
+            "|---|---|---|",
+        ]
+        for name, result in evaluation.get("per_class", {}).items():
+            cells = ("not in split", "-") if result is None else (f"{result['AP50-95']:.3f}", f"{result['recall']:.3f}")
+            lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+        lines.append("")
+    export = _read_json(paths.export / "export.json")
+    if export:
+        lines += [
+            "| export | ms/image | max abs diff | ΔmAP50-95 |",
+            "|---|---|---|---|",
+            f"| pytorch | {export['pytorch_latency_ms']:.1f} | - | - |",
+        ]
+        for name, r in export.get("exports", {}).items():
+            lines.append(f"| {name} | {r['latency_ms']:.1f} | {r['max_abs_diff']:.2g} | {r['delta_map50_95']:+.4f} |")
+        lines += [f"| {name} | skipped: {why} | | |" for name, why in export.get("skipped", {}).items()]
+        lines.append("")
+    text = "\n".join(lines) + "\n" + report.to_markdown().replace("### Gate report", "**Gate report**", 1)
+    return text if len(text) <= DESCRIPTION_LIMIT else text[: DESCRIPTION_LIMIT - 40] + "\n\n(cut: see the gate report)"
 
 
 def log_model_version(

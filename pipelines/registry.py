@@ -22,6 +22,8 @@ CHALLENGER = "challenger"
 CHAMPION = "champion"
 HISTORY_PREFIX = "conveyor.alias_history."
 GATES_PASSED = "conveyor.gates.passed"
+MODEL_DESCRIPTION = "YOLO defect detector trained by Conveyor."
+DESCRIPTION_LIMIT = 5000  # MLflow's description column (VARCHAR(5000) on PostgreSQL)
 
 
 class PromotionRefusedError(RuntimeError):
@@ -52,7 +54,7 @@ def default_actor() -> str:
 
 def ensure_registered_model(client: MlflowClient, name: str) -> None:
     try:
-        client.create_registered_model(name, description="YOLO defect detector trained by Conveyor")
+        client.create_registered_model(name, description=MODEL_DESCRIPTION)
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -101,7 +103,34 @@ def move_alias(
     )
     client.set_registered_model_tag(name, *move.to_tag())
     client.set_registered_model_alias(name, alias, str(version))
+    client.update_registered_model(name, description=history_markdown([*past, move]))
     return move
+
+
+def history_markdown(moves: list[AliasMove]) -> str:
+    """The alias history for people (the registered model's description in the MLflow UI), newest first; the tags
+    stay the machine-readable record."""
+    header = [
+        MODEL_DESCRIPTION,
+        "",
+        "**Alias history** (newest first; `conveyor history` prints all of it)",
+        "",
+        "| # | when | alias | move | kind | reason | by |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    text = "\n".join(header)
+    for move in reversed(moves):
+        source = f"v{move.from_version}" if move.from_version else "none"
+        reason = move.reason.replace("|", "/")
+        when = move.at[:16].replace("T", " ")  # to the minute: the tags keep the full time
+        row = (
+            f"\n| {move.seq} | {when} | {move.alias} | {source} → v{move.to_version} | {move.kind} | {reason} "
+            f"| {move.actor} |"
+        )
+        if len(text) + len(row) > DESCRIPTION_LIMIT - 40:
+            return text + "\n\n(older moves: `conveyor history`)"
+        text += row
+    return text
 
 
 def gates_passed(version: ModelVersion) -> bool:

@@ -15,7 +15,19 @@ runner = CliRunner()
 def test_help_lists_the_commands() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("data", "validate", "train", "evaluate", "export", "run", "ui", "summary", "label"):
+    for command in (
+        "data",
+        "validate",
+        "train",
+        "evaluate",
+        "export",
+        "run",
+        "ui",
+        "summary",
+        "label",
+        "status",
+        "server",
+    ):
         assert command in result.stdout
 
 

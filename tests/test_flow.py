@@ -121,10 +121,32 @@ def test_promote_reject_force_rollback(flow_project: tuple[Path, str], mlflow_se
     assert list(detections.columns) == ["image_index", "class_id", "class_name", "confidence", "x0", "y0", "x1", "y1"]
     assert len(detections) > 0 and set(detections["class_name"]) <= {"scratch", "dent", "stain"}
 
-    # A second run with nothing changed is a no-op that keeps the champion.
+    # What a reviewer sees in the MLflow UI: the runs table (classic training, a saved view), the version's review
+    # summary, the alias history in words.
+    experiment = client.get_experiment(client.get_run(v1.run_id).info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(experiment.tags["mlflow.sharedViewState.conveyor-review"])
+    assert "metrics.`test/recall/scratch`" in view["selectedColumns"]
+    description = v1.description or ""
+    assert description.startswith("**Gates PASSED**, compared with no champion.")
+    for expected in (
+        "| scratch |",
+        "| openvino |",
+        "| mAP50-95 |",
+        yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"],
+    ):
+        assert expected in description
+    assert "| champion | none → v1 | promote |" in (client.get_registered_model(name).description or "")
+
+    # A second run with nothing changed is a no-op that keeps the champion: DVC is asked once, MLflow not at all.
     again = conveyor(project, env, "run")
     assert "already registered as v1; champion unchanged" in again.stdout
+    assert "stage train: up to date (dvc status)" in again.stdout + again.stderr
+    assert "registry not consulted" in again.stdout + again.stderr
     assert len(registry.versions(client, name)) == 1
+    status = conveyor(project, {**env, "COLUMNS": "200"}, "status").stdout
+    assert "every stage is up to date" in status and f"{name} v1: test mAP50" in status
+    assert "data/ matches it" in status and "Completed (manual" in status
 
     # A deliberately weaker model (from scratch, one epoch) fails the regression gate.
     set_params(project, train={"weights": None})

@@ -1,0 +1,193 @@
+"""The local Prefect server that stays up between runs.
+
+Without PREFECT_API_URL, Prefect starts a temporary server inside every process that runs a flow (6 to 20 s on two
+cores, then gone with its UI). Conveyor instead keeps one `prefect server start` per user running in the background,
+on the database those temporary servers used ($PREFECT_HOME/prefect.db), so `conveyor run`, `conveyor deploy` and
+`conveyor worker` find it in milliseconds and its UI shows every run. It is started on first use and found again
+from a small state file; `conveyor server stop` ends it.
+
+Rules: PREFECT_API_URL, when set, always wins (a team's server); this module never touches a server it did not start.
+Nothing here imports Prefect: the API URL must be in the environment before Prefect is imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DEFAULT_PORT = 4200
+START_TIMEOUT_S = 120.0  # a fresh database is migrated on first start: ~20 s on two busy cores
+
+
+class PrefectServerError(RuntimeError):
+    """The local Prefect server could not be started or reached; the message says where its log is."""
+
+
+@dataclass(frozen=True)
+class LocalServer:
+    pid: int
+    port: int
+    home: str
+    started_at: str
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    @property
+    def ui_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def prefect_home() -> Path:
+    return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+
+
+def _state_file(home: Path) -> Path:
+    return home / "conveyor-server.json"
+
+
+def log_file(home: Path | None = None) -> Path:
+    return (home or prefect_home()) / "conveyor-server.log"
+
+
+def healthy(api_url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def find(home: Path | None = None) -> LocalServer | None:
+    """The server this user's Conveyor started, if it is still up and answering."""
+    state = _state_file(home or prefect_home())
+    try:
+        server = LocalServer(**json.loads(state.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    return server if _alive(server.pid) and healthy(server.api_url) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process reuses the pid
+        return False
+    return True
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _any_free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start(port: int | None = None, home: Path | None = None, timeout: float = START_TIMEOUT_S) -> LocalServer:
+    """Find the running server or start one in the background (detached: it outlives this process).
+
+    A lock makes concurrent callers share one server. The port is `port`, else 4200 when free, else any free port.
+    """
+    home = home or prefect_home()
+    home.mkdir(parents=True, exist_ok=True)
+    with (home / "conveyor-server.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        running = find(home)
+        if running is not None:
+            return running
+        chosen = port or (DEFAULT_PORT if _port_free(DEFAULT_PORT) else _any_free_port())
+        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+        env.update(
+            PREFECT_HOME=str(home),
+            PREFECT_SERVER_API_HOST="127.0.0.1",
+            PREFECT_SERVER_API_PORT=str(chosen),  # the UI asks the API on this port, not 4200
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        )
+        prefect = Path(sys.executable).parent / "prefect"
+        with log_file(home).open("ab") as log:
+            process = subprocess.Popen(
+                [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(chosen)],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        server = LocalServer(process.pid, chosen, str(home), time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        deadline = time.monotonic() + timeout
+        while not healthy(server.api_url, timeout=1.0):
+            if process.poll() is not None or time.monotonic() > deadline:
+                _stop_group(process.pid)
+                raise PrefectServerError(
+                    f"the local Prefect server did not come up on port {chosen} "
+                    f"({'exited ' + str(process.returncode) if process.poll() is not None else 'timed out'}); "
+                    f"its log: {log_file(home)}"
+                )
+            time.sleep(0.25)
+        _state_file(home).write_text(json.dumps(asdict(server)))
+        return server
+
+
+def stop(home: Path | None = None) -> LocalServer | None:
+    """Stop the server this user's Conveyor started; None when none was running."""
+    home = home or prefect_home()
+    server = find(home)
+    state = _state_file(home)
+    if server is None:
+        state.unlink(missing_ok=True)
+        return None
+    _stop_group(server.pid)
+    state.unlink(missing_ok=True)
+    return server
+
+
+def _stop_group(pid: int) -> None:
+    """SIGTERM the server's process group (uvicorn and its children), SIGKILL what is left after 15 s."""
+    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not _alive(pid):
+                return
+            with contextlib.suppress(ChildProcessError):  # reap it when it is our child (started and stopped here)
+                os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.1)
+
+
+def use_api(start_if_needed: bool = True) -> str:
+    """Put the Prefect API this process should use in PREFECT_API_URL (before Prefect is imported) and return it:
+    the one already set, else the local server (started when `start_if_needed`)."""
+    configured = os.environ.get("PREFECT_API_URL")
+    if configured:
+        return configured
+    server = start() if start_if_needed else find()
+    if server is None:
+        raise PrefectServerError("no Prefect server: start one with `conveyor server start`, or set PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = server.api_url
+    return server.api_url

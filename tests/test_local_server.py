@@ -1,0 +1,65 @@
+"""The local Prefect server that stays up between runs, and `conveyor status` beside it: a real `prefect server start`
+in a throwaway Prefect home, started, found again, reported and stopped through the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from flows import local_server
+from tests.conftest import base_env, make_project
+
+
+def conveyor(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["conveyor", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_started_once_found_again_and_stopped(tmp_path: Path) -> None:
+    home = tmp_path / "prefect-home"
+    project = make_project(tmp_path / "project")
+    env = base_env(PREFECT_HOME=str(home), COLUMNS="200")
+    try:
+        first = conveyor(project, env, "server", "start")
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert "started" in first.stdout
+        state = json.loads((home / "conveyor-server.json").read_text())
+        server = local_server.find(home)
+        assert server is not None and server.pid == state["pid"]
+        assert local_server.healthy(server.api_url)
+
+        again = conveyor(project, env, "server", "start")
+        assert "already running" in again.stdout and f"pid {server.pid}" in again.stdout
+
+        # `conveyor status` finds the server by itself, and every part says something, even with no data or model.
+        status = conveyor(project, env, "status")
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert "none yet: `conveyor data synth`" in status.stdout
+        assert "champion" in status.stdout and "none" in status.stdout
+        assert server.api_url in status.stdout
+        assert "last training run" in status.stdout and "none recorded for this project" in status.stdout
+        assert "not deployed (`conveyor deploy`)" in status.stdout
+    finally:
+        stopped = conveyor(project, env, "server", "stop")
+    assert "stopped the Prefect server" in stopped.stdout
+    assert local_server.find(home) is None and not (home / "conveyor-server.json").exists()
+    after = conveyor(project, env, "server", "status")
+    assert after.returncode == 1 and "no local Prefect server runs" in after.stdout
+
+
+def test_a_configured_api_wins_and_nothing_is_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    assert local_server.use_api() == "http://127.0.0.1:9/api"
+    assert not (tmp_path / "conveyor-server.json").exists()
+
+
+def test_no_server_and_not_allowed_to_start_one_says_how(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    (tmp_path / "conveyor-server.json").write_text(json.dumps({"pid": 999999, "port": 9, "home": "", "started_at": ""}))
+    with pytest.raises(local_server.PrefectServerError, match="conveyor server start"):
+        local_server.use_api(start_if_needed=False)
