@@ -31,6 +31,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from conveyor.lineage import cpu_model
 from conveyor.paths import available_cores
 from conveyor.scaffold import REPO
 
@@ -66,13 +67,6 @@ def _flow_parts(output: str) -> dict[str, Any]:
         "stage_s": {name: float(seconds) for name, seconds in stages.items()},
         "orchestration_s": float(match.group(4)),
     }
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main() -> None:
@@ -129,7 +123,7 @@ def main() -> None:
         "commit": commit,
         "host": {
             "cores": available_cores(),
-            "cpu": _cpu(),
+            "cpu": cpu_model(),
             "python": platform.python_version(),
             "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE", ""),
         },
@@ -138,7 +132,7 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
 
-    table = Table(title=f"First run on {available_cores()} cores ({_cpu()})")
+    table = Table(title=f"First run on {available_cores()} cores ({cpu_model()})")
     for column in ("measure", "seconds", "target"):
         table.add_column(column)
     table.add_row("environment install (make env, warm caches)", f"{env_s:.0f}", "")

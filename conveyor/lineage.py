@@ -62,3 +62,14 @@ def git_state(root: Path) -> GitState:
     except (OSError, subprocess.CalledProcessError):
         return GitState("unknown", True)
     return GitState(commit, bool(status.strip()))
+
+
+def cpu_model() -> str:
+    """The CPU's model name: across machines it decides PyTorch's kernels, hence a training run's last bits."""
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    import platform
+
+    return platform.processor() or platform.machine()

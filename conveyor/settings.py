@@ -112,12 +112,24 @@ class TrainSettings(_Section):
     epochs: int = Field(40, ge=1)
     imgsz: int = Field(320, ge=32)
     batch: int = Field(8, ge=1)
+    nbs: int = Field(
+        64, ge=1, description="images per optimizer step (Ultralytics' nominal batch: it accumulates nbs/batch batches)"
+    )
     seed: int = 0
     patience: int = Field(100, ge=0)
     workers: int = Field(0, ge=0, description="dataloader workers; 0 keeps memory low on small machines")
     device: str = Field("auto", description="'auto' (first GPU, else CPU), 'cpu', or a CUDA index like '0'")
     close_mosaic: int = Field(10, ge=0)
     extra: dict[str, Any] = Field(default_factory=dict, description="further Ultralytics train arguments")
+
+    @model_validator(mode="after")
+    def _extra_does_not_repeat(self) -> TrainSettings:
+        repeated = sorted(set(self.extra) & (set(type(self).model_fields) | {"data", "project", "name"}))
+        if repeated:
+            raise ValueError(
+                f"train.extra repeats {', '.join(repeated)}: set it as train.{repeated[0]} (or not at all)"
+            )
+        return self
 
 
 class EvaluateSettings(_Section):

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from conveyor.lineage import data_version, git_state
-from conveyor.paths import ProjectPaths
+from conveyor.lineage import cpu_model, data_version, git_state
+from conveyor.paths import ProjectPaths, available_cores
 from conveyor.paths import tracking_uri as tracking_uri  # re-exported; lives there to import without MLflow
 from conveyor.settings import Settings
 
@@ -229,6 +229,9 @@ def lineage_tags(paths: ProjectPaths, settings: Settings) -> dict[str, str]:
         f"{TAG_PREFIX}git_commit": git.commit,
         f"{TAG_PREFIX}git_dirty": str(git.dirty).lower(),
         f"{TAG_PREFIX}params_hash": settings.section_hash(),
+        # A run repeats bit for bit on one machine, not across CPUs or thread counts (README, "Reproducibility").
+        f"{TAG_PREFIX}host.cpu": cpu_model(),
+        f"{TAG_PREFIX}host.threads": str(available_cores()),
     }
     flow_run = os.environ.get("CONVEYOR_FLOW_RUN_ID")  # set by the Prefect flow for its stages
     if flow_run:

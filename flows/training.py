@@ -83,6 +83,13 @@ def preflight(root: str) -> tuple[str, list[str]]:
     settings = load_settings(paths.params)
     check_reachable(tracking_uri(paths))
     md5 = data_step.ensure_data_version(paths, settings.synth)
+    holders = data_step.dvc_lock_holders(paths.root)
+    if holders:
+        get_run_logger().info(
+            "DVC's lock is held by PID %s (an interrupted run's stage going away): waiting for it to exit",
+            ", ".join(str(process.pid) for process in holders),
+        )
+        data_step.wait_for_dvc_lock(paths.root)
     with Repo(root) as repo:
         stale = sorted({name.split(":")[-1] for name in repo.status()})
     get_run_logger().info("data version %s; stale stages: %s", md5, ", ".join(stale) or "none")

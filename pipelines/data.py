@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePath
 
+import psutil
 from rich.console import Console
 
 from conveyor.lineage import data_version
@@ -37,6 +39,38 @@ def dvc(root: Path, *args: str, check: bool = True, capture: bool = True) -> sub
     return subprocess.run(
         [sys.executable, "-m", "dvc", *args], cwd=root, check=check, capture_output=capture, text=True
     )
+
+
+def dvc_lock_holders(root: Path) -> list[psutil.Process]:
+    """The live processes (other than this one) that DVC's stage lock (.dvc/tmp/rwlock) names. DVC removes dead
+    holders itself, but a killed run's `dvc repro` is still listed while the kernel tears it down or until it is
+    reaped, and DVC then refuses with "is busy"."""
+    path = root / ".dvc" / "tmp" / "rwlock"
+    try:
+        lock = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return []
+    infos = [*lock.get("write", {}).values()]
+    for readers in lock.get("read", {}).values():
+        infos.extend(readers)
+    holders = []
+    for pid in sorted({int(info["pid"]) for info in infos if isinstance(info, dict) and "pid" in info}):
+        if pid == os.getpid():
+            continue
+        with contextlib.suppress(psutil.Error):
+            holders.append(psutil.Process(pid))
+    return holders
+
+
+def wait_for_dvc_lock(root: Path, timeout: float = 60.0) -> list[int]:
+    """Called under the project's training lock, so a holder of DVC's lock is a run that was interrupted (or a
+    `dvc` command typed by hand): wait up to `timeout` s for it to exit. Returns the PIDs still alive after that;
+    DVC's own "is busy" error then names them."""
+    holders = dvc_lock_holders(root)
+    if not holders:
+        return []
+    _, alive = psutil.wait_procs(holders, timeout=timeout)
+    return [process.pid for process in alive]
 
 
 def dir_md5(folder: Path) -> str:

@@ -115,6 +115,7 @@ def run(paths: ProjectPaths, settings: Settings, console: Console | None = None)
             epochs=cfg.epochs,
             imgsz=cfg.imgsz,
             batch=cfg.batch,
+            nbs=cfg.nbs,
             seed=cfg.seed,
             deterministic=True,
             patience=cfg.patience,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -290,3 +291,34 @@ def test_add_name_collision_and_failed_record_leave_data_as_it_was(
         data.add_dataset(paths, _batch(tmp_path / "three", seed=13, counts={"train": 2, "val": 0, "test": 1}))
     assert data.dir_md5(paths.data) == before
     assert not [p for p in paths.data.rglob("*") if data.batch_of(p.name) == "add-20250101-000001-other"]
+
+
+def test_wait_for_dvc_lock_waits_for_a_dying_holder_and_names_a_live_one(tmp_path: Path) -> None:
+    """A killed run's `dvc repro` stays in DVC's rwlock while it exits; the next run waits for it instead of failing
+    with "is busy" (the overlap test's kill, reduced to its lock)."""
+    lock = tmp_path / ".dvc" / "tmp" / "rwlock"
+    lock.parent.mkdir(parents=True)
+    assert data.wait_for_dvc_lock(tmp_path) == []  # no lock file at all
+
+    short = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
+    long = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        info = {"cmd": "dvc repro --single-item train"}
+        lock.write_text(
+            json.dumps(
+                {
+                    "write": {"artifacts/train": {**info, "pid": short.pid}},
+                    "read": {"data": [{**info, "pid": short.pid}, {**info, "pid": 2**22 + 1}]},  # and a dead PID
+                }
+            )
+        )
+        assert [p.pid for p in data.dvc_lock_holders(tmp_path)] == [short.pid]
+        assert data.wait_for_dvc_lock(tmp_path, timeout=30) == []
+        short.wait()  # reaped by its parent, as init reaps an orphan
+
+        lock.write_text(json.dumps({"write": {"artifacts/train": {**info, "pid": long.pid}}}))
+        assert data.wait_for_dvc_lock(tmp_path, timeout=0.5) == [long.pid]
+    finally:
+        short.kill()
+        long.kill()
+        long.wait()
