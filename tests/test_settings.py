@@ -89,5 +89,5 @@ def test_section_hash_is_stable_and_sensitive(tmp_path: Path) -> None:
 
 def test_extra_may_not_repeat_a_train_setting(tmp_path: Path) -> None:
     # Ultralytics would fail much later ("got multiple values for keyword argument"), mid-pipeline.
-    with pytest.raises(ConfigError, match="train.extra repeats nbs"):
+    with pytest.raises(ConfigError, match=r"train\.extra repeats nbs"):
         load_settings(write(tmp_path, "train:\n  extra: {nbs: 16, lr0: 0.01}\n"))
