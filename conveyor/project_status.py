@@ -1,9 +1,10 @@
 """`conveyor status`: where the project stands, on one screen.
 
 Data version and whether data/ is it; which stages `dvc status` says are stale; champion and challenger with their
-test metrics; the last training flow run and its outcome; the scheduled deployment and its next run. Each part is
-read on its own, and one that cannot be read (no Prefect server up, tracking unreachable) says why instead of
-failing the whole screen. It never starts a server.
+test metrics; the last training flow run and its outcome; the scheduled deployment and its next run. Records a
+killed run left open (an MLflow run RUNNING, a Prefect flow run Running; see conveyor.open_records) are closed
+first. Each part is read on its own, and one that cannot be read (no Prefect server up, tracking unreachable) says
+why instead of failing the whole screen. It never starts a server.
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ class ProjectStatus:
     stages: list[tuple[str, str]] = field(default_factory=list)
     models: list[tuple[str, str]] = field(default_factory=list)
     orchestration: list[tuple[str, str]] = field(default_factory=list)
+    repaired: list[tuple[str, str]] = field(default_factory=list)
 
 
 def gather(paths: ProjectPaths, settings: Settings) -> ProjectStatus:
     status = ProjectStatus()
     for part, rows in (
+        (_repair, status.repaired),  # first: the parts below then show the corrected records
         (_data, status.data),
         (_stages, status.stages),
         (_models, status.models),
@@ -42,6 +45,13 @@ def gather(paths: ProjectPaths, settings: Settings) -> ProjectStatus:
         except Exception as exc:  # one unreadable part must not hide the others
             rows.append(("unavailable", f"{type(exc).__name__}: {exc}"))
     return status
+
+
+def _repair(paths: ProjectPaths, settings: Settings) -> list[tuple[str, str]]:
+    """Records a killed run of this project left open (MLflow RUNNING, Prefect Running), closed as what happened."""
+    from flows.training import close_abandoned
+
+    return [("closed", line) for line in close_abandoned(paths, "conveyor status")]
 
 
 def _data(paths: ProjectPaths, settings: Settings) -> list[tuple[str, str]]:
@@ -189,7 +199,10 @@ def render(status: ProjectStatus) -> Group:
         ("Stages (dvc status)", status.stages),
         ("Models (registry)", status.models),
         ("Orchestration (Prefect)", status.orchestration),
+        ("Left open by a run that died", status.repaired),
     ):
+        if not rows and title.startswith("Left open"):
+            continue
         table = Table(title=title, show_header=False, title_justify="left", expand=False)
         table.add_column(style="bold", no_wrap=True)
         table.add_column()

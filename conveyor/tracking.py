@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from conveyor import open_records
 from conveyor.lineage import cpu_model, data_version, git_state
 from conveyor.paths import ProjectPaths, available_cores
 from conveyor.paths import tracking_uri as tracking_uri  # re-exported; lives there to import without MLflow
@@ -138,9 +139,10 @@ class RunRecord:
 class Tracker:
     """A thin, explicit handle on one MLflow run (no global 'active run' state)."""
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, paths: ProjectPaths | None = None) -> None:
         self.client = client
         self.run_id = run_id
+        self.paths = paths  # where this process says it holds the run open (conveyor.open_records)
 
     @classmethod
     def start(cls, paths: ProjectPaths, settings: Settings, run_name: str) -> Tracker:
@@ -151,7 +153,8 @@ class Tracker:
         client = MlflowClient(uri)
         experiment_id = ensure_experiment(client, paths, settings.tracking.experiment)
         run = client.create_run(experiment_id, run_name=run_name, tags=lineage_tags(paths, settings))
-        tracker = cls(client, run.info.run_id)
+        open_records.mark_open(paths, open_records.MLFLOW_RUN, run.info.run_id, uri, "stage train")  # RUNNING now
+        tracker = cls(client, run.info.run_id, paths)
         RunRecord(run.info.run_id, experiment_id, uri).save(paths.run_record)
         return tracker
 
@@ -178,20 +181,29 @@ class Tracker:
 
         client = MlflowClient(uri)
         client.get_run(record.run_id)  # fails clearly if the run is gone
-        return cls(client, record.run_id)
+        return cls(client, record.run_id, paths)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """A stage's work in this run: timed (`stage_seconds/<name>`), and the run's status says how it ended."""
+        if self.paths is not None:
+            uri = tracking_uri(self.paths)
+            open_records.mark_open(self.paths, open_records.MLFLOW_RUN, self.run_id, uri, f"stage {name}")
         self.client.update_run(self.run_id, status="RUNNING")
         started = time.perf_counter()
         try:
             yield
         except BaseException:
             self.client.set_terminated(self.run_id, "FAILED")
+            self._closed()
             raise
         self.log_metrics({f"stage_seconds/{name}": time.perf_counter() - started})
         self.client.set_terminated(self.run_id, "FINISHED")
+        self._closed()
+
+    def _closed(self) -> None:
+        if self.paths is not None:
+            open_records.mark_closed(self.paths, open_records.MLFLOW_RUN, self.run_id)
 
     def log_params(self, params: Mapping[str, str]) -> None:
         from mlflow.entities import Param
@@ -219,6 +231,37 @@ class Tracker:
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+def close_abandoned_runs(paths: ProjectPaths, found_by: str, wait_seconds: float = 0.0) -> list[str]:
+    """MLflow runs of this project left RUNNING by a process that died (conveyor.open_records): ended as KILLED, with
+    the tag `conveyor.ended_by` saying what was found. Returns a line per run handled; a server that does not answer
+    leaves the marker for the next look."""
+    found = open_records.abandoned(paths, open_records.MLFLOW_RUN, wait_seconds)
+    if not found:
+        return []
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    lines = []
+    for path, record in found:
+        try:
+            check_reachable(record.endpoint)
+            client = MlflowClient(record.endpoint)
+            status = client.get_run(record.record_id).info.status
+            if status == "RUNNING":
+                client.set_tag(record.record_id, f"{TAG_PREFIX}ended_by", open_records.crash_note(record, found_by))
+                client.set_terminated(record.record_id, "KILLED")
+                lines.append(f"MLflow run {record.record_id}: was RUNNING, {record.process_text} is gone: now KILLED")
+        except TrackingUnavailableError as exc:
+            lines.append(f"MLflow run {record.record_id} left open by a dead process; not closed yet: {exc}")
+            continue
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                lines.append(f"MLflow run {record.record_id} left open by a dead process; not closed yet: {exc}")
+                continue
+        path.unlink(missing_ok=True)
+    return lines
 
 
 def lineage_tags(paths: ProjectPaths, settings: Settings) -> dict[str, str]:

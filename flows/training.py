@@ -18,13 +18,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_API_URL
 
 import conveyor  # noqa: F401  (offline switches first)
+from conveyor import open_records
 from conveyor.paths import ProjectPaths, tracking_uri
 from conveyor.settings import Settings, load_settings, set_param
 
@@ -70,10 +73,48 @@ def _stage_env(flow_run_id: str | None) -> dict[str, str]:
     return env
 
 
+def close_abandoned(paths: ProjectPaths, found_by: str, wait_seconds: float = 0.0) -> list[str]:
+    """Close what a killed run of this project left open on this host (conveyor.open_records): its MLflow runs end as
+    KILLED, its Prefect flow run as Crashed. A line per record handled. `wait_seconds` is for stage processes only
+    (a flow run waiting for the project lock is alive and stays so)."""
+    from conveyor.tracking import close_abandoned_runs
+
+    lines = close_abandoned_runs(paths, found_by, wait_seconds)
+    found = open_records.abandoned(paths, open_records.PREFECT_FLOW_RUN)  # a waiting run is alive: no wait
+    if not found:
+        return lines
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import temporary_settings
+    from prefect.states import Crashed
+
+    for path, record in found:
+        try:
+            with (
+                temporary_settings(updates={PREFECT_API_URL: record.endpoint}),
+                get_client(sync_client=True) as client,
+            ):
+                run = client.read_flow_run(UUID(record.record_id))
+                if run.state is not None and not run.state.is_final():
+                    note = open_records.crash_note(record, found_by)
+                    client.set_flow_run_state(run.id, Crashed(message=note), force=True)
+                    lines.append(
+                        f"Prefect flow run {run.name}: was {run.state.name}, {record.process_text} is gone: now Crashed"
+                    )
+        except ObjectNotFound:
+            pass  # the run was deleted: nothing left to correct
+        except Exception as exc:  # the server is down or moved: keep the marker for the next look
+            lines.append(f"Prefect flow run {record.record_id} left open by a dead process; not closed yet: {exc}")
+            continue
+        path.unlink(missing_ok=True)
+    return lines
+
+
 @task(name="preflight")
-def preflight(root: str) -> tuple[str, list[str]]:
-    """Fail at once, before anything is written, if the tracking server is unreachable; then get the data and ask
-    DVC once which stages are stale (a stage subprocess costs ~1 s even when it has nothing to do)."""
+def preflight(root: str, found_by: str) -> tuple[str, list[str]]:
+    """Fail at once, before anything is written, if the tracking server is unreachable; close what a killed run left
+    open; then get the data and ask DVC once which stages are stale (a stage subprocess costs ~1 s even when it has
+    nothing to do)."""
     from dvc.repo import Repo
 
     from conveyor.tracking import check_reachable
@@ -90,6 +131,9 @@ def preflight(root: str) -> tuple[str, list[str]]:
             ", ".join(str(process.pid) for process in holders),
         )
         data_step.wait_for_dvc_lock(paths.root)
+    # Under the project lock, a process of this project that left a record open is gone or going: give it seconds.
+    for line in close_abandoned(paths, f"training flow run {found_by}", wait_seconds=10.0):
+        get_run_logger().warning(line)
     with Repo(root) as repo:
         stale = sorted({name.split(":")[-1] for name in repo.status()})
     get_run_logger().info("data version %s; stale stages: %s", md5, ", ".join(stale) or "none")
@@ -251,8 +295,13 @@ def training_flow(
     logger = get_run_logger()
     run_id = flow_run.id
     root = str(paths.root)
-    with training_lock(paths, settings.orchestration.on_overlap):
-        md5, stale = preflight(root)
+    api = PREFECT_API_URL.value() or ""
+    # Marked before the lock: a run killed while it waits also stays Running otherwise.
+    with (
+        open_records.holding(paths, open_records.PREFECT_FLOW_RUN, run_id, api, "training flow"),
+        training_lock(paths, settings.orchestration.on_overlap),
+    ):
+        md5, stale = preflight(root, flow_run.name or run_id or "a training run")
         if warm_start:
             set_warm_start(paths, settings, warm_start)
             stale = pipeline_stages(paths)  # train.weights changed after DVC was asked

@@ -79,7 +79,9 @@ class GateReport:
         for g in self.gates:
             mark = "pass" if g.passed else "**FAIL**"
             detail = f" ({g.detail})" if g.detail else ""
-            lines.append(f"| {g.gate} | {g.threshold} | {g.value}{detail} | {mark} |")
+            cells = (g.gate, g.threshold, f"{g.value}{detail}", mark)
+            # "|ΔmAP50-95|" in a cell would end it: escaped, GitHub's and MLflow's Markdown show a plain bar.
+            lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
         return "\n".join(lines) + "\n"
 
 

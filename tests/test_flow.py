@@ -204,9 +204,19 @@ def _wait_for(predicate: Any, timeout: float, what: str) -> None:
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+def _flow_run_state(api: str, flow_run_id: str) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as prefect:
+        state = prefect.read_flow_run(uuid.UUID(flow_run_id)).state
+    assert state is not None
+    return state.type.value
+
+
 def test_overlap_kill_and_recovery(flow_project: tuple[Path, str], mlflow_server: str, prefect_server: str) -> None:
-    """A runs; B is rejected; C waits; A is killed mid-training; C then completes cleanly, and the champion only
-    ever points at gated versions."""
+    """A runs; B is rejected; C waits; A is killed mid-training; C then completes cleanly, the champion only ever
+    points at gated versions, and A's MLflow run and Prefect flow run say that A died."""
     project, name = flow_project
     env = servers_env(mlflow_server, prefect_server)
     client = MlflowClient(mlflow_server)
@@ -219,6 +229,10 @@ def test_overlap_kill_and_recovery(flow_project: tuple[Path, str], mlflow_server
     c: subprocess.Popen[bytes] | None = None
     try:
         _wait_for(lambda: "epoch   1/30" in (logs / "a.log").read_text(), 600, "A to be training")
+        a_mlflow_run = json.loads((project / "artifacts/train/run.json").read_text())["run_id"]
+        a_markers = list((project / ".conveyor/open").glob("prefect-flow-run-*.json"))
+        assert len(a_markers) == 1, a_markers  # A's flow run, marked open by A's process
+        a_flow_run = json.loads(a_markers[0].read_text())["record_id"]
 
         set_params(project, orchestration={"on_overlap": "reject"})
         b = conveyor(project, env, "run", check=False)
@@ -247,6 +261,14 @@ def test_overlap_kill_and_recovery(flow_project: tuple[Path, str], mlflow_server
     champion = registry.current_champion(client, name)
     assert champion is not None and registry.gates_passed(champion)
     assert json.loads((project / "artifacts/train/run.json").read_text())["run_id"] == champion.run_id
+
+    # The killed run's records say it died (issue: crash consistency), closed by C's preflight under the project lock.
+    killed = client.get_run(a_mlflow_run)
+    assert killed.info.status == "KILLED" and killed.info.end_time is not None
+    assert "was gone when training flow run" in killed.data.tags["conveyor.ended_by"]
+    assert client.get_run(str(champion.run_id)).info.status == "FINISHED"
+    assert _flow_run_state(prefect_server, a_flow_run) == "CRASHED"
+    assert not list((project / ".conveyor/open").glob("*.json"))  # C closed what it opened
 
 
 def test_flow_code_is_importable_without_prefect_server() -> None:

@@ -1,0 +1,135 @@
+"""Records a process leaves open while it works, and how the next one finds those whose process died.
+
+An MLflow run is RUNNING while a stage logs into it, and a Prefect flow run is Running while the flow works. A process
+killed outright (SIGKILL, the OOM killer, a power cut) never says otherwise, and both UIs then show a training that
+never ends. So the process that opens such a record writes a marker under `.conveyor/open/` naming the record and
+itself (host, PID, the PID's start time), and removes it when it has closed the record. A marker whose process is gone
+from this host is evidence that the record lies: the next run of the project and `conveyor status` close it.
+
+Only markers of this host are judged, and only by their process: a run of another machine (its own project folder),
+or of a live process here, is never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+from conveyor.paths import ProjectPaths
+
+MLFLOW_RUN = "mlflow-run"
+PREFECT_FLOW_RUN = "prefect-flow-run"
+
+
+@dataclass(frozen=True)
+class OpenRecord:
+    kind: str  # MLFLOW_RUN | PREFECT_FLOW_RUN
+    record_id: str
+    endpoint: str  # the tracking URI or Prefect API URL the record lives on
+    host: str
+    pid: int
+    pid_started: float  # psutil's create_time: a reused PID is another process
+    what: str  # what the process was doing ("stage train", "training flow")
+
+    @property
+    def process_text(self) -> str:
+        return f"process {self.pid} on {self.host} ({self.what})"
+
+
+def _folder(paths: ProjectPaths) -> Path:
+    return paths.scratch / "open"
+
+
+def _marker(paths: ProjectPaths, kind: str, record_id: str) -> Path:
+    return _folder(paths) / f"{kind}-{record_id}.json"
+
+
+def mark_open(paths: ProjectPaths, kind: str, record_id: str, endpoint: str, what: str) -> Path:
+    """Say that this process holds `record_id` open (written atomically; a later mark by another process of the same
+    run, e.g. the next stage, takes the marker over)."""
+    folder = _folder(paths)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = OpenRecord(
+        kind, record_id, endpoint, socket.gethostname(), os.getpid(), psutil.Process().create_time(), what
+    )
+    path = _marker(paths, kind, record_id)
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(asdict(record)))
+    temporary.replace(path)
+    return path
+
+
+def mark_closed(paths: ProjectPaths, kind: str, record_id: str) -> None:
+    """The record was closed by its process: nothing is left to repair. Only this process's own marker is removed."""
+    path = _marker(paths, kind, record_id)
+    record = _read(path)
+    if record is not None and record.pid == os.getpid() and record.host == socket.gethostname():
+        path.unlink(missing_ok=True)
+
+
+def _read(path: Path) -> OpenRecord | None:
+    try:
+        return OpenRecord(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _process_gone(record: OpenRecord) -> bool:
+    try:
+        process = psutil.Process(record.pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return True  # dead, only not yet reaped
+        return abs(process.create_time() - record.pid_started) > 1.0  # the PID was reused
+    except psutil.NoSuchProcess:
+        return True
+
+
+def abandoned(paths: ProjectPaths, kind: str, wait_seconds: float = 0.0) -> list[tuple[Path, OpenRecord]]:
+    """Markers of `kind` of this host whose process is gone. With `wait_seconds`, a process still exiting (a killed
+    run's stage, torn down by the kernel) is given that long first."""
+    folder = _folder(paths)
+    if not folder.is_dir():
+        return []
+    host = socket.gethostname()
+    found = []
+    for path in sorted(folder.glob(f"{kind}-*.json")):
+        record = _read(path)
+        if record is None:
+            path.unlink(missing_ok=True)  # a marker cut short by the crash itself: it names nothing
+            continue
+        if record.host != host or record.pid == os.getpid():
+            continue
+        if not _process_gone(record) and wait_seconds > 0:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(record.pid).wait(timeout=wait_seconds)
+        if _process_gone(record):
+            found.append((path, record))
+    return found
+
+
+def crash_note(record: OpenRecord, found_by: str) -> str:
+    """The words left on a closed record: what was found, when, and by whom."""
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"{record.process_text} was gone when {found_by} looked at {now}: the process died without closing it"
+
+
+@contextlib.contextmanager
+def holding(paths: ProjectPaths, kind: str, record_id: str | None, endpoint: str, what: str) -> Iterator[None]:
+    """Marked open for the block; the marker stays only if the process dies inside it (`record_id` None: nothing)."""
+    if record_id is None:
+        yield
+        return
+    mark_open(paths, kind, record_id, endpoint, what)
+    try:
+        yield
+    finally:
+        mark_closed(paths, kind, record_id)
