@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from conveyor.open_records import StopRequested
 from conveyor.paths import ProjectNotFoundError, ProjectPaths
 from conveyor.settings import ConfigError, DomainShift, Settings, load_settings
 
@@ -70,6 +71,9 @@ def friendly_errors(fn: F) -> F:
         except _known_errors() as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+        except StopRequested as stop:
+            err_console.print(f"[bold yellow]stopped:[/] {stop}; what it had open is closed as stopped")
+            raise typer.Exit(StopRequested.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -296,8 +300,13 @@ def run(
 
     started = time.perf_counter()
     expected: tuple[type[BaseException], ...] = (*_known_errors(), TrainingBusyError, RuntimeError)
+    from prefect.exceptions import CancelledRun
+
     try:
         outcome = training_flow(reason=reason, warm_start=warm_start, project_dir=str(paths.root))
+    except CancelledRun as exc:
+        err_console.print(f"[bold yellow]stopped:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(StopRequested.exit_code) from None
     except expected as exc:
         # The flow's log above holds the details (a failed stage's own output included).
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)

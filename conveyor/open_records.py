@@ -15,7 +15,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
+import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -133,3 +136,53 @@ def holding(paths: ProjectPaths, kind: str, record_id: str | None, endpoint: str
         yield
     finally:
         mark_closed(paths, kind, record_id)
+
+
+class StopRequested(BaseException):
+    """SIGTERM reached a process that holds a record open: a stop, not a crash. A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` on the way out swallows it."""
+
+    exit_code = 128 + 15  # what a shell reports for a process ended by SIGTERM
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise StopRequested(f"stopped by {signal.Signals(signum).name}")
+
+
+@contextlib.contextmanager
+def sigterm_stops() -> Iterator[None]:
+    """Within the block, SIGTERM raises StopRequested (so the record is closed as stopped) instead of ending the
+    process on the spot. Only the main thread can install a handler; elsewhere the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stop_note(reason: str) -> str:
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"{reason} at {now} on {socket.gethostname()} (process {os.getpid()}): a stop, not a crash"
+
+
+def stop_descendants(process: subprocess.Popen[str], grace: float = 30.0) -> None:
+    """SIGTERM to every process below `process` (a stage's command, through DVC and a shell), then wait up to
+    `grace` s for `process` to exit on its own; what is still alive then is killed."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for child in psutil.Process(process.pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for child in psutil.Process(process.pid).children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
+        process.kill()
+        process.wait()

@@ -192,7 +192,13 @@ class Tracker:
         self.client.update_run(self.run_id, status="RUNNING")
         started = time.perf_counter()
         try:
-            yield
+            with open_records.sigterm_stops():
+                yield
+        except open_records.StopRequested as stop:
+            self.client.set_tag(self.run_id, f"{TAG_PREFIX}ended_by", open_records.stop_note(str(stop)))
+            self.client.set_terminated(self.run_id, "KILLED")
+            self._closed()
+            raise
         except BaseException:
             self.client.set_terminated(self.run_id, "FAILED")
             self._closed()

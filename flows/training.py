@@ -23,8 +23,10 @@ from uuid import UUID
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.exceptions import CancelledRun, TerminationSignal
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL
+from prefect.states import Cancelled, State
 
 import conveyor  # noqa: F401  (offline switches first)
 from conveyor import open_records
@@ -154,10 +156,18 @@ def run_stage(root: str, stage: str, flow_run_id: str | None, force: bool = Fals
         text=True,
     )
     assert process.stdout is not None
-    for line in process.stdout:
-        if line.strip():
-            logger.info(line.rstrip())
-    if process.wait() != 0:
+    try:
+        for line in process.stdout:
+            if line.strip():
+                logger.info(line.rstrip())
+        process.wait()
+    except TerminationSignal:
+        # SIGTERM reached the flow's process only (Kubernetes and systemd signal the main process): pass it on to the
+        # stage's command, which closes its MLflow run as stopped; DVC then exits on its own and releases its lock.
+        logger.warning("SIGTERM: stopping stage %s", stage)
+        open_records.stop_descendants(process)
+        return Cancelled(message=f"stage {stage} stopped by SIGTERM")  # type: ignore[return-value]
+    if process.returncode != 0:
         raise RuntimeError(f"stage '{stage}' failed (exit {process.returncode}); its output is in this task's log")
     return time.perf_counter() - started
 
@@ -296,40 +306,52 @@ def training_flow(
     run_id = flow_run.id
     root = str(paths.root)
     api = PREFECT_API_URL.value() or ""
-    # Marked before the lock: a run killed while it waits also stays Running otherwise.
-    with (
-        open_records.holding(paths, open_records.PREFECT_FLOW_RUN, run_id, api, "training flow"),
-        training_lock(paths, settings.orchestration.on_overlap),
-    ):
-        md5, stale = preflight(root, flow_run.name or run_id or "a training run")
-        if warm_start:
-            set_warm_start(paths, settings, warm_start)
-            stale = pipeline_stages(paths)  # train.weights changed after DVC was asked
-        stage_seconds: dict[str, float] = {}
-        retries = settings.orchestration.stage_retries
-        upstream_ran = False
-        for stage in pipeline_stages(paths):
-            if stage not in stale and not upstream_ran:
-                logger.info("stage %s: up to date (dvc status)", stage)
-                stage_seconds[stage] = 0.0
-                continue
-            stage_seconds[stage] = run_stage.with_options(
-                name=f"stage {stage}", retries=retries, retry_delay_seconds=5
-            )(root, stage, run_id)
-            upstream_ran = True
-        decided = None if upstream_ran else previous_decision(paths)
-        if decided is not None:
-            logger.info(
-                "nothing changed since run %s was registered as v%s: registry not consulted",
-                decided["run_id"],
-                decided["version"],
-            )
-            outcome = decided
-        else:
-            outcome = register_and_promote(root, run_id, reason)
-            record_decision(paths, outcome)
-        if settings.orchestration.push:
-            push(root)
+    try:
+        # Marked before the lock: a run killed while it waits also stays Running otherwise.
+        with (
+            open_records.holding(paths, open_records.PREFECT_FLOW_RUN, run_id, api, "training flow"),
+            training_lock(paths, settings.orchestration.on_overlap),
+        ):
+            md5, stale = preflight(root, flow_run.name or run_id or "a training run")
+            if warm_start:
+                set_warm_start(paths, settings, warm_start)
+                stale = pipeline_stages(paths)  # train.weights changed after DVC was asked
+            stage_seconds: dict[str, float] = {}
+            retries = settings.orchestration.stage_retries
+            upstream_ran = False
+            for stage in pipeline_stages(paths):
+                if stage not in stale and not upstream_ran:
+                    logger.info("stage %s: up to date (dvc status)", stage)
+                    stage_seconds[stage] = 0.0
+                    continue
+                seconds: Any = run_stage.with_options(name=f"stage {stage}", retries=retries, retry_delay_seconds=5)(
+                    root, stage, run_id
+                )
+                if isinstance(seconds, State):  # the stage was stopped: its task run is Cancelled, so is this run
+                    raise CancelledRun(f"stage {stage}")
+                stage_seconds[stage] = seconds
+                upstream_ran = True
+            decided = None if upstream_ran else previous_decision(paths)
+            if decided is not None:
+                logger.info(
+                    "nothing changed since run %s was registered as v%s: registry not consulted",
+                    decided["run_id"],
+                    decided["version"],
+                )
+                outcome = decided
+            else:
+                outcome = register_and_promote(root, run_id, reason)
+                record_decision(paths, outcome)
+            if settings.orchestration.push:
+                push(root)
+    except (TerminationSignal, CancelledRun) as stop:
+        # SIGTERM (a stop: Kubernetes, systemd, `kill`): the running stage was stopped and closed its MLflow run as
+        # KILLED; this flow run ends Cancelled, not Crashed. Prefect makes a returned state the run's final state,
+        # and the caller of the flow gets CancelledRun.
+        where = f" in {stop}" if isinstance(stop, CancelledRun) else ""
+        message = f"stopped by SIGTERM{where}: nothing after it ran; `conveyor run` carries on from there"
+        logger.warning(message)
+        return Cancelled(message=message)  # type: ignore[return-value]
     flow_seconds = time.perf_counter() - started
     stages_total = sum(stage_seconds.values())
     # Orchestration overhead: everything that is not a pipeline stage (preflight and data check, registry, push,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -269,6 +270,47 @@ def test_overlap_kill_and_recovery(flow_project: tuple[Path, str], mlflow_server
     assert client.get_run(str(champion.run_id)).info.status == "FINISHED"
     assert _flow_run_state(prefect_server, a_flow_run) == "CRASHED"
     assert not list((project / ".conveyor/open").glob("*.json"))  # C closed what it opened
+
+
+def test_sigterm_is_a_clean_stop(flow_project: tuple[Path, str], mlflow_server: str, prefect_server: str) -> None:
+    """SIGTERM to the run's main process only (as Kubernetes or systemd send it) mid-training: the stage is stopped,
+    its MLflow run ends KILLED saying so, the Prefect flow run ends Cancelled (not Crashed), within seconds, and
+    nothing is left running or marked open."""
+    project, _ = flow_project
+    env = servers_env(mlflow_server, prefect_server)
+    client = MlflowClient(mlflow_server)
+    set_params(project, train={"epochs": 30})
+    log = project.parent / "run.log"
+    with log.open("w") as out:
+        run = subprocess.Popen(
+            ["conveyor", "run"], cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            _wait_for(lambda: "epoch   1/30" in log.read_text(), 600, "the run to be training")
+            mlflow_run = json.loads((project / "artifacts/train/run.json").read_text())["run_id"]
+            markers = list((project / ".conveyor/open").glob("prefect-flow-run-*.json"))
+            assert len(markers) == 1, markers
+            flow_run_id = json.loads(markers[0].read_text())["record_id"]
+            stage_processes = psutil.Process(run.pid).children(recursive=True)
+            assert stage_processes, "the stage runs in processes of its own"
+
+            os.kill(run.pid, signal.SIGTERM)
+            stopped = time.monotonic()
+            assert run.wait(timeout=120) == 143, log.read_text()[-5000:]
+            took = time.monotonic() - stopped
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "stopped" in text, text[-3000:]
+    assert took < 60, f"the stop took {took:.0f} s"
+    _, alive = psutil.wait_procs(stage_processes, timeout=5)
+    assert not alive, f"left running: {[p.pid for p in alive]}"
+    ended = client.get_run(mlflow_run)
+    assert ended.info.status == "KILLED" and ended.info.end_time is not None
+    assert "stopped by SIGTERM" in ended.data.tags["conveyor.ended_by"]
+    assert _flow_run_state(prefect_server, flow_run_id) == "CANCELLED"
+    assert not list((project / ".conveyor/open").glob("*.json"))
 
 
 def test_flow_code_is_importable_without_prefect_server() -> None:
