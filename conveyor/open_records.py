@@ -21,6 +21,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
@@ -117,12 +118,13 @@ def abandoned(paths: ProjectPaths, kind: str, wait_seconds: float = 0.0) -> list
     return found
 
 
-def crash_note(record: OpenRecord, found_by: str) -> str:
-    """The words left on a closed record: what was found, when, and by whom."""
-    from datetime import UTC, datetime
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
-    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    return f"{record.process_text} was gone when {found_by} looked at {now}: the process died without closing it"
+
+def crash_note(record: OpenRecord, found_by: str) -> str:
+    """The words left on a record closed for a dead process: what was found, when, and by whom."""
+    return f"{record.process_text} was gone when {found_by} looked at {_now()}: the process died without closing it"
 
 
 @contextlib.contextmanager
@@ -164,25 +166,24 @@ def sigterm_stops() -> Iterator[None]:
 
 
 def stop_note(reason: str) -> str:
-    from datetime import UTC, datetime
-
-    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    return f"{reason} at {now} on {socket.gethostname()} (process {os.getpid()}): a stop, not a crash"
+    """The words left on a record its own process closed when it was stopped."""
+    return f"{reason} at {_now()} on {socket.gethostname()} (process {os.getpid()}): a stop, not a crash"
 
 
 def stop_descendants(process: subprocess.Popen[str], grace: float = 30.0) -> None:
     """SIGTERM to every process below `process` (a stage's command, through DVC and a shell), then wait up to
     `grace` s for `process` to exit on its own; what is still alive then is killed."""
-    with contextlib.suppress(psutil.NoSuchProcess):
-        for child in psutil.Process(process.pid).children(recursive=True):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.send_signal(signal.SIGTERM)
+    _signal_descendants(process.pid, signal.SIGTERM)
     try:
         process.wait(timeout=grace)
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            for child in psutil.Process(process.pid).children(recursive=True):
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    child.kill()
+        _signal_descendants(process.pid, signal.SIGKILL)
         process.kill()
         process.wait()
+
+
+def _signal_descendants(pid: int, signum: int) -> None:
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for child in psutil.Process(pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.send_signal(signum)

@@ -259,11 +259,9 @@ def close_abandoned_runs(paths: ProjectPaths, found_by: str, wait_seconds: float
                 client.set_tag(record.record_id, f"{TAG_PREFIX}ended_by", open_records.crash_note(record, found_by))
                 client.set_terminated(record.record_id, "KILLED")
                 lines.append(f"MLflow run {record.record_id}: was RUNNING, {record.process_text} is gone: now KILLED")
-        except TrackingUnavailableError as exc:
-            lines.append(f"MLflow run {record.record_id} left open by a dead process; not closed yet: {exc}")
-            continue
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+        except (TrackingUnavailableError, MlflowException) as exc:
+            deleted = isinstance(exc, MlflowException) and exc.error_code == "RESOURCE_DOES_NOT_EXIST"
+            if not deleted:  # the server is down or refuses: keep the marker for the next look
                 lines.append(f"MLflow run {record.record_id} left open by a dead process; not closed yet: {exc}")
                 continue
         path.unlink(missing_ok=True)
