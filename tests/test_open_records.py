@@ -5,25 +5,28 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import psutil
+from mlflow.tracking import MlflowClient
 
 from conveyor import open_records
 from conveyor.paths import ProjectPaths
 from conveyor.scaffold import REPO
+from tests.conftest import base_env, run_cmd
 
 MARK_AND_EXIT = """
 import sys
 from pathlib import Path
 from conveyor import open_records
 from conveyor.paths import ProjectPaths
-open_records.mark_open(ProjectPaths(Path(sys.argv[1])), sys.argv[2], sys.argv[3], "http://x", "stage train")
+open_records.mark_open(ProjectPaths(Path(sys.argv[1])), sys.argv[2], sys.argv[3], sys.argv[4], "stage train")
 """
 
 
-def _mark_from_a_process_that_exits(root: Path, kind: str, record_id: str) -> None:
-    subprocess.run([sys.executable, "-c", MARK_AND_EXIT, str(root), kind, record_id], cwd=REPO, check=True)
+def _mark_from_a_process_that_exits(root: Path, kind: str, record_id: str, endpoint: str = "http://x") -> None:
+    subprocess.run([sys.executable, "-c", MARK_AND_EXIT, str(root), kind, record_id, endpoint], cwd=REPO, check=True)
 
 
 def test_a_dead_process_marker_is_abandoned_a_live_one_and_our_own_are_not(tmp_path: Path) -> None:
@@ -80,3 +83,22 @@ def test_holding_removes_the_marker_on_return_and_on_error(tmp_path: Path) -> No
     except ValueError:
         pass
     assert not list(folder.iterdir())  # a failure is reported by the live process itself
+
+
+def test_conveyor_status_closes_a_run_left_running_by_a_dead_process(project: Path, mlflow_server: str) -> None:
+    """`conveyor status` against a real MLflow server: a RUNNING run whose stage process died is ended KILLED and
+    listed; a RUNNING run of a live process (no marker of a dead one) is left alone."""
+    client = MlflowClient(mlflow_server)
+    experiment = client.create_experiment(f"status-{uuid.uuid4().hex[:8]}")
+    dead = client.create_run(experiment).info.run_id
+    alive = client.create_run(experiment).info.run_id
+    _mark_from_a_process_that_exits(project, open_records.MLFLOW_RUN, dead, mlflow_server)
+    env = base_env(MLFLOW_TRACKING_URI=mlflow_server, COLUMNS="200")
+    out = run_cmd(["conveyor", "status"], cwd=project, env=env).stdout
+    assert "Left open by a run that died" in out and f"MLflow run {dead}: was RUNNING" in out, out
+    assert client.get_run(dead).info.status == "KILLED"
+    assert "was gone when conveyor status looked" in client.get_run(dead).data.tags["conveyor.ended_by"]
+    assert client.get_run(alive).info.status == "RUNNING"
+    assert not list((project / ".conveyor/open").glob("*.json"))
+    again = run_cmd(["conveyor", "status"], cwd=project, env=env).stdout
+    assert "Left open by a run that died" not in again  # nothing left to close
