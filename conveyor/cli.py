@@ -296,12 +296,12 @@ def run(
     paths = ProjectPaths.discover()
     load_settings(paths.params)  # bad params fail here, before a flow run is created
     use_api()  # PREFECT_API_URL, or the local server that stays up between runs (set before Prefect is imported)
+    from prefect.exceptions import CancelledRun
+
     from flows.training import TrainingBusyError, training_flow
 
     started = time.perf_counter()
     expected: tuple[type[BaseException], ...] = (*_known_errors(), TrainingBusyError, RuntimeError)
-    from prefect.exceptions import CancelledRun
-
     try:
         outcome = training_flow(reason=reason, warm_start=warm_start, project_dir=str(paths.root))
     except CancelledRun as exc:

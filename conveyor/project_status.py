@@ -201,8 +201,8 @@ def render(status: ProjectStatus) -> Group:
         ("Orchestration (Prefect)", status.orchestration),
         ("Left open by a run that died", status.repaired),
     ):
-        if not rows and title.startswith("Left open"):
-            continue
+        if rows is status.repaired and not rows:
+            continue  # shown only when there was something to close
         table = Table(title=title, show_header=False, title_justify="left", expand=False)
         table.add_column(style="bold", no_wrap=True)
         table.add_column()
