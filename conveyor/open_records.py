@@ -41,6 +41,7 @@ class OpenRecord:
     pid: int
     pid_started: float  # psutil's create_time: a reused PID is another process
     what: str  # what the process was doing ("stage train", "training flow")
+    failure: str = ""  # set when the process failed and could not close the record itself (its server was down)
 
     @property
     def process_text(self) -> str:
@@ -55,13 +56,14 @@ def _marker(paths: ProjectPaths, kind: str, record_id: str) -> Path:
     return _folder(paths) / f"{kind}-{record_id}.json"
 
 
-def mark_open(paths: ProjectPaths, kind: str, record_id: str, endpoint: str, what: str) -> Path:
+def mark_open(paths: ProjectPaths, kind: str, record_id: str, endpoint: str, what: str, failure: str = "") -> Path:
     """Say that this process holds `record_id` open (written atomically; a later mark by another process of the same
-    run, e.g. the next stage, takes the marker over)."""
+    run, e.g. the next stage, takes the marker over). With `failure`: the process failed and leaves the record for
+    the next look to close, as failed, with these words."""
     folder = _folder(paths)
     folder.mkdir(parents=True, exist_ok=True)
     record = OpenRecord(
-        kind, record_id, endpoint, socket.gethostname(), os.getpid(), psutil.Process().create_time(), what
+        kind, record_id, endpoint, socket.gethostname(), os.getpid(), psutil.Process().create_time(), what, failure
     )
     path = _marker(paths, kind, record_id)
     temporary = path.with_suffix(f".{os.getpid()}.tmp")
@@ -124,6 +126,10 @@ def _now() -> str:
 
 def crash_note(record: OpenRecord, found_by: str) -> str:
     """The words left on a record closed for a dead process: what was found, when, and by whom."""
+    if record.failure:
+        return (
+            f"{record.process_text} failed ({record.failure}) and could not close it; closed by {found_by} at {_now()}"
+        )
     return f"{record.process_text} was gone when {found_by} looked at {_now()}: the process died without closing it"
 
 

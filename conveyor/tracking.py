@@ -37,6 +37,19 @@ class TrackingUnavailableError(RuntimeError):
     """The tracking server cannot be reached; the message names the URI."""
 
 
+def _is_tracking_failure(error: BaseException) -> bool:
+    """An error from talking to the tracking server (MLflow's retries exhausted, the connection refused)."""
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
+
+    return isinstance(error, MlflowException | RequestException | TrackingUnavailableError)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:300]
+
+
 def is_embedded(uri: str) -> bool:
     return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
 
@@ -195,17 +208,37 @@ class Tracker:
             with open_records.sigterm_stops():
                 yield
         except open_records.StopRequested as stop:
-            self.client.set_tag(self.run_id, f"{TAG_PREFIX}ended_by", open_records.stop_note(str(stop)))
-            self.client.set_terminated(self.run_id, "KILLED")
-            self._closed()
+            self._end("KILLED", open_records.stop_note(str(stop)))
             raise
-        except BaseException:
-            self.client.set_terminated(self.run_id, "FAILED")
-            self._closed()
-            raise
+        except BaseException as failure:
+            if self._end("FAILED") or not _is_tracking_failure(failure):
+                raise
+            if self.paths is not None:  # the next look closes the run as FAILED, saying why
+                uri = tracking_uri(self.paths)
+                lost = f"lost the tracking server during stage {name}"
+                open_records.mark_open(self.paths, open_records.MLFLOW_RUN, self.run_id, uri, f"stage {name}", lost)
+            raise TrackingUnavailableError(
+                f"lost the MLflow tracking server {self.client.tracking_uri} during stage {name} "
+                f"({_first_line(failure)}): run {self.run_id} stays open until the next run or `conveyor status` "
+                "closes it; re-run when the server answers"
+            ) from failure
         self.log_metrics({f"stage_seconds/{name}": time.perf_counter() - started})
         self.client.set_terminated(self.run_id, "FINISHED")
         self._closed()
+
+    def _end(self, status: str, note: str | None = None) -> bool:
+        """End the run after a failure or a stop, if the server answers now (False when not: its marker stays, and
+        the next run's preflight or `conveyor status` closes it, rather than this process waiting out MLflow's
+        retries for minutes and hiding the first error)."""
+        try:
+            check_reachable(self.client.tracking_uri)
+            if note is not None:
+                self.client.set_tag(self.run_id, f"{TAG_PREFIX}ended_by", note)
+            self.client.set_terminated(self.run_id, status)
+        except Exception:
+            return False
+        self._closed()
+        return True
 
     def _closed(self) -> None:
         if self.paths is not None:
@@ -256,9 +289,10 @@ def close_abandoned_runs(paths: ProjectPaths, found_by: str, wait_seconds: float
             client = MlflowClient(record.endpoint)
             status = client.get_run(record.record_id).info.status
             if status == "RUNNING":
+                ended = "FAILED" if record.failure else "KILLED"
                 client.set_tag(record.record_id, f"{TAG_PREFIX}ended_by", open_records.crash_note(record, found_by))
-                client.set_terminated(record.record_id, "KILLED")
-                lines.append(f"MLflow run {record.record_id}: was RUNNING, {record.process_text} is gone: now KILLED")
+                client.set_terminated(record.record_id, ended)
+                lines.append(f"MLflow run {record.record_id}: was RUNNING, {record.process_text} is gone: now {ended}")
         except (TrackingUnavailableError, MlflowException) as exc:
             deleted = isinstance(exc, MlflowException) and exc.error_code == "RESOURCE_DOES_NOT_EXIST"
             if not deleted:  # the server is down or refuses: keep the marker for the next look

@@ -156,10 +156,13 @@ def run_stage(root: str, stage: str, flow_run_id: str | None, force: bool = Fals
         text=True,
     )
     assert process.stdout is not None
+    stage_error = ""  # the stage command's own "error: ..." line (conveyor's CLI prints one for expected failures)
     try:
         for line in process.stdout:
             if line.strip():
                 logger.info(line.rstrip())
+            if line.startswith("error:"):
+                stage_error = line.strip()
         process.wait()
     except TerminationSignal:
         # SIGTERM reached the flow's process only (Kubernetes and systemd signal the main process): pass it on to the
@@ -168,7 +171,10 @@ def run_stage(root: str, stage: str, flow_run_id: str | None, force: bool = Fals
         open_records.stop_descendants(process)
         return Cancelled(message=f"stage {stage} stopped by SIGTERM")  # type: ignore[return-value]
     if process.returncode != 0:
-        raise RuntimeError(f"stage '{stage}' failed (exit {process.returncode}); its output is in this task's log")
+        said = (
+            f": {stage_error.removeprefix('error:').strip()}" if stage_error else "; its output is in this task's log"
+        )
+        raise RuntimeError(f"stage '{stage}' failed (exit {process.returncode}){said}")
     return time.perf_counter() - started
 
 
@@ -183,7 +189,7 @@ def register_and_promote(root: str, flow_run_id: str | None, reason: str) -> dic
     tracker = Tracker.resume(paths)
     actor = f"prefect:flow-run/{flow_run_id}" if flow_run_id else registry.default_actor()
     report = GateReport.load(paths.gate / "report.json")
-    version, new = promotion.register(paths, settings, tracker, report, flow_run_id, actor)
+    version, new = promotion.register(paths, settings, tracker.client, tracker.run_id, report, flow_run_id, actor)
     try:
         outcome = promotion.decide(tracker.client, settings, version, new, report, actor, reason)
     except promotion.StaleGateError as stale:
@@ -241,7 +247,7 @@ def previous_decision(paths: ProjectPaths) -> dict[str, Any] | None:
         **record["outcome"],
         "newly_registered": False,
         "promoted": False,
-        "message": f"already registered as v{version}; champion unchanged",
+        "message": f"v{version} already decided; champion unchanged",
     }
 
 

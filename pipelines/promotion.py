@@ -16,12 +16,13 @@ from conveyor.lineage import data_version
 from conveyor.paths import ProjectPaths
 from conveyor.scaffold import REPO
 from conveyor.settings import Settings
-from conveyor.tracking import Tracker
 from pipelines import registry
 from pipelines.gate import GateReport
 
 PYFUNC_REQUIREMENTS = ["ultralytics", "onnxruntime", "opencv-python", "pandas", "numpy"]
 DESCRIPTION_LIMIT = 5000  # MLflow's description column (VARCHAR(5000) on PostgreSQL)
+REGISTERED = "conveyor.registered"  # version tag, written last by `register`: description and challenger alias done
+DECISION = "conveyor.decision"  # version tag, written after the decision was carried out: promoted | rejected
 
 
 @dataclass(frozen=True)
@@ -67,38 +68,51 @@ def _serving_bundle(paths: ProjectPaths, settings: Settings, staging: Path) -> d
 
 
 def register(
-    paths: ProjectPaths, settings: Settings, tracker: Tracker, report: GateReport, flow_run_id: str | None, actor: str
+    paths: ProjectPaths,
+    settings: Settings,
+    client: MlflowClient,
+    run_id: str,
+    report: GateReport,
+    flow_run_id: str | None,
+    actor: str,
 ) -> tuple[ModelVersion, bool]:
-    """This run's model as a registry version (idempotent: a run is registered once), with alias challenger."""
-    client = tracker.client
+    """This run's model as a registry version with alias challenger; `True` when this call created the version.
+
+    Idempotent and resumable: a run is registered once, and a version a killed process left without its description
+    or its challenger alias gets them now (the `conveyor.registered` tag is written last)."""
     name = settings.registry.model_name
     registry.ensure_registered_model(client, name)
-    existing = registry.version_for_run(client, name, tracker.run_id)
-    if existing is not None:
-        return existing, False
-    staging = paths.scratch / "pyfunc"
-    shutil.rmtree(staging, ignore_errors=True)
-    artifacts = _serving_bundle(paths, settings, staging)
-    run = client.get_run(tracker.run_id)
-    tags = {
-        **report.tags(),
-        "conveyor.data_md5": data_version(paths.data_dvc).md5,
-        "conveyor.git_commit": run.data.tags.get("conveyor.git_commit", "unknown"),
-        "conveyor.prefect_flow_run_id": flow_run_id or "-",
-        "conveyor.run_id": tracker.run_id,
-    }
-    version = log_model_version(client, name, tracker.run_id, artifacts, tags)
-    client.update_model_version(name, str(version.version), description=review_summary(paths, report))
-    registry.move_alias(
-        client,
-        name,
-        registry.CHALLENGER,
-        str(version.version),
-        kind="register",
-        reason=f"registered by run {tracker.run_id}",
-        actor=actor,
-    )
-    return client.get_model_version(name, str(version.version)), True
+    version = registry.version_for_run(client, name, run_id)
+    created = version is None
+    if version is None:
+        staging = paths.scratch / "pyfunc"
+        shutil.rmtree(staging, ignore_errors=True)
+        artifacts = _serving_bundle(paths, settings, staging)
+        run = client.get_run(run_id)
+        tags = {
+            **report.tags(),
+            "conveyor.data_md5": data_version(paths.data_dvc).md5,
+            "conveyor.git_commit": run.data.tags.get("conveyor.git_commit", "unknown"),
+            "conveyor.prefect_flow_run_id": flow_run_id or "-",
+            "conveyor.run_id": run_id,
+        }
+        version = log_model_version(client, name, run_id, artifacts, tags)
+    elif version.tags.get(REGISTERED) == "true":
+        return version, False
+    number = str(version.version)
+    client.update_model_version(name, number, description=review_summary(paths, report))
+    if not any(m.alias == registry.CHALLENGER and m.to_version == number for m in registry.history(client, name)):
+        registry.move_alias(
+            client,
+            name,
+            registry.CHALLENGER,
+            number,
+            kind="register",
+            reason=f"registered by run {run_id}",
+            actor=actor,
+        )
+    client.set_model_version_tag(name, number, REGISTERED, "true")
+    return client.get_model_version(name, number), created
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -179,32 +193,42 @@ def decide(
     actor: str,
     reason: str,
 ) -> PromotionOutcome:
+    """Promote the version if its gates passed, once: the `conveyor.decision` tag records that the decision was
+    carried out, so a re-run never decides again, and a run killed before deciding is decided by the next."""
     name = settings.registry.model_name
+    number = str(version.version)
     champion = registry.current_champion(client, name)
     champion_now = str(champion.version) if champion else None
-    if not newly_registered:
+    decided = version.tags.get(DECISION)
+    if decided is None and any(
+        m.alias == registry.CHAMPION and m.to_version == number for m in registry.history(client, name)
+    ):
+        decided = "promoted"  # a killed run promoted it and died before recording the decision
+        client.set_model_version_tag(name, number, DECISION, decided)
+    if decided is not None:
+        champion_text = f"v{champion_now}" if champion_now else "none"
         return PromotionOutcome(
-            str(version.version),
-            False,
+            number,
+            newly_registered,
             False,
             champion_now,
-            f"already registered as v{version.version}; champion unchanged",
+            f"v{number} already decided ({decided}); champion {champion_text}",
         )
     if not report.passed:
+        client.set_model_version_tag(name, number, DECISION, "rejected")
         return PromotionOutcome(
-            str(version.version),
-            True,
+            number,
+            newly_registered,
             False,
             champion_now,
-            f"v{version.version} failed gates: {', '.join(report.failed)}; champion unchanged",
+            f"v{number} failed gates: {', '.join(report.failed)}; champion unchanged",
         )
     if champion_now != report.champion_version:
         # The champion moved after the gate compared against it: that comparison no longer holds.
         raise StaleGateError(champion_now, report.champion_version)
-    registry.promote(client, name, str(version.version), reason=f"gates passed ({reason})", actor=actor)
-    return PromotionOutcome(
-        str(version.version), True, True, str(version.version), f"v{version.version} is the new champion"
-    )
+    registry.promote(client, name, number, reason=f"gates passed ({reason})", actor=actor)
+    client.set_model_version_tag(name, number, DECISION, "promoted")
+    return PromotionOutcome(number, newly_registered, True, number, f"v{number} is the new champion")
 
 
 class StaleGateError(RuntimeError):

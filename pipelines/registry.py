@@ -4,6 +4,10 @@ alias move (MLflow keeps none), kept as tags on the registered model so every cl
 Rules: a new version gets `challenger`; `champion` moves only when every gate passed, or by an explicit human
 command (`--force` needs a reason, and is recorded). Rollback walks back along the champion's promotions and never
 returns to a version it rolled back from.
+
+A move is three writes (record, alias, record confirmed), so a process killed between any two leaves no half-recorded
+move: a record still pending counts only if the alias did move, and is otherwise dropped (the next move reuses its
+sequence number).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import getpass
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from mlflow.entities.model_registry import ModelVersion
@@ -40,6 +44,7 @@ class AliasMove:
     kind: str  # register | promote | force | rollback
     reason: str
     actor: str  # a Prefect flow run, or user:NAME
+    pending: bool = False  # recorded, the alias not yet confirmed moved
 
     def to_tag(self) -> tuple[str, str]:
         return f"{HISTORY_PREFIX}{self.seq:06d}", json.dumps(asdict(self), sort_keys=True)
@@ -74,21 +79,33 @@ def current_champion(client: MlflowClient, name: str) -> ModelVersion | None:
 
 
 def history(client: MlflowClient, name: str) -> list[AliasMove]:
-    """Every recorded alias move, oldest first."""
+    """Every alias move that happened, oldest first. A move left pending by a killed process counts when its alias
+    points where it says (the kill came after the alias moved), and is left out when not (it never happened)."""
     try:
-        tags = client.get_registered_model(name).tags
+        model = client.get_registered_model(name)
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return []
         raise
-    moves = [AliasMove(**json.loads(v)) for k, v in tags.items() if k.startswith(HISTORY_PREFIX)]
-    return sorted(moves, key=lambda m: m.seq)
+    recorded = sorted(
+        (AliasMove(**json.loads(v)) for k, v in model.tags.items() if k.startswith(HISTORY_PREFIX)),
+        key=lambda m: m.seq,
+    )
+    moves = []
+    for move in recorded:
+        if move.pending:
+            if str(model.aliases.get(move.alias)) != move.to_version:
+                continue
+            move = replace(move, pending=False)
+        moves.append(move)
+    return moves
 
 
 def move_alias(
     client: MlflowClient, name: str, alias: str, version: str, *, kind: str, reason: str, actor: str
 ) -> AliasMove:
-    """Point `alias` at `version` and record the move (the record first: a move is never unrecorded)."""
+    """Point `alias` at `version` and record the move: recorded pending, moved, confirmed. A kill between any two
+    writes leaves a history that `history` reads truthfully (see the module docstring)."""
     previous = version_by_alias(client, name, alias)
     past = history(client, name)
     move = AliasMove(
@@ -101,8 +118,9 @@ def move_alias(
         reason=reason,
         actor=actor,
     )
-    client.set_registered_model_tag(name, *move.to_tag())
+    client.set_registered_model_tag(name, *replace(move, pending=True).to_tag())
     client.set_registered_model_alias(name, alias, str(version))
+    client.set_registered_model_tag(name, *move.to_tag())
     client.update_registered_model(name, description=history_markdown([*past, move]))
     return move
 

@@ -70,41 +70,49 @@ def base_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def start_mlflow_server(root: Path, port: int) -> subprocess.Popen[bytes]:
+    """A real MLflow tracking server (SQLite backend, proxied local artifacts under root), lean: one worker, no job
+    runner; healthy when this returns. Started again on the same root and port: the same server, restarted."""
+    with (root / "server.log").open("ab") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{root}/mlflow.db",
+                "--artifacts-destination",
+                str(root / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            env=base_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", 90, process)
+    except BaseException:
+        stop_tree(process)
+        raise
+    return process
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real MLflow tracking server (SQLite backend, proxied local artifacts), lean: one worker, no job runner."""
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    log = (root / "server.log").open("wb")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root}/mlflow.db",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        env=base_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true"),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    process = start_mlflow_server(root, port)
     try:
-        wait_http(f"{url}/health", 90, process)
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
         stop_tree(process)
-        log.close()
 
 
 @pytest.fixture(scope="session")

@@ -16,9 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import psutil
@@ -28,73 +26,23 @@ from mlflow.tracking import MlflowClient
 
 from conveyor.scaffold import REPO
 from pipelines import registry
-from tests.conftest import VENV_BIN, base_env, free_port, make_project
+from tests.conftest import VENV_BIN, base_env, free_port
+from tests.flow_support import (
+    champion_version,
+    conveyor,
+    flow_run_state,
+    make_flow_project,
+    servers_env,
+    set_params,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
-
-CHECKPOINT = REPO / "tests" / "assets" / "yolo11n-defects-320.pt"
-
-
-def flow_params(model_name: str) -> dict[str, Any]:
-    return {
-        "synth": {"seed": 3, "image_size": 320, "counts": {"train": 16, "val": 8, "test": 16}},
-        "train": {
-            "weights": str(CHECKPOINT),
-            "epochs": 1,
-            "imgsz": 320,
-            "batch": 8,
-            "close_mosaic": 0,
-            # A gentle fine-tune that keeps what the checkpoint knows.
-            "extra": {"optimizer": "SGD", "lr0": 0.0001, "warmup_epochs": 0, "mosaic": 0.0},
-        },
-        "evaluate": {"batch": 8},
-        "export": {"formats": ["onnx_dynamic", "openvino"], "parity_images": 4, "latency": {"warmup": 1, "runs": 5}},
-        # Only the regression gate can fail in these tests: the tiny models say nothing about real thresholds.
-        "gates": {
-            "min_map50_95": 0.0,
-            "min_map50": 0.0,
-            "min_class_recall": 0.0,
-            "regression_tolerance": 0.05,
-            "parity_max_delta": 0.05,
-            "latency_budget_ms": 5000,
-        },
-        "registry": {"model_name": model_name},
-        "tracking": {"experiment": "flow-tests"},
-    }
 
 
 @pytest.fixture
 def flow_project(tmp_path: Path) -> tuple[Path, str]:
-    name = f"defects-{uuid.uuid4().hex[:8]}"
-    project = make_project(tmp_path / "project", flow_params(name))
-    env = base_env()
-    subprocess.run(["conveyor", "data", "synth"], cwd=project, env=env, check=True, capture_output=True)
-    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
-    subprocess.run(["git", "commit", "-qm", "data"], cwd=project, check=True)
-    return project, name
-
-
-def servers_env(mlflow_server: str, prefect_server: str, **extra: str) -> dict[str, str]:
-    return base_env(MLFLOW_TRACKING_URI=mlflow_server, PREFECT_API_URL=prefect_server, **extra)
-
-
-def conveyor(project: Path, env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(["conveyor", *args], cwd=project, env=env, capture_output=True, text=True, timeout=900)
-    if check and result.returncode != 0:
-        raise AssertionError(f"conveyor {' '.join(args)} failed:\n{result.stdout[-5000:]}\n{result.stderr[-5000:]}")
-    return result
-
-
-def set_params(project: Path, **sections: dict[str, Any]) -> None:
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    for section, values in sections.items():
-        params[section].update(values)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def champion_version(client: MlflowClient, name: str) -> str | None:
-    champion = registry.current_champion(client, name)
-    return str(champion.version) if champion else None
+    return make_flow_project(tmp_path)
 
 
 def test_promote_reject_force_rollback(flow_project: tuple[Path, str], mlflow_server: str, prefect_server: str) -> None:
@@ -141,7 +89,7 @@ def test_promote_reject_force_rollback(flow_project: tuple[Path, str], mlflow_se
 
     # A second run with nothing changed is a no-op that keeps the champion: DVC is asked once, MLflow not at all.
     again = conveyor(project, env, "run")
-    assert "already registered as v1; champion unchanged" in again.stdout
+    assert "v1 already decided; champion unchanged" in again.stdout
     assert "stage train: up to date (dvc status)" in again.stdout + again.stderr
     assert "registry not consulted" in again.stdout + again.stderr
     assert len(registry.versions(client, name)) == 1
@@ -196,25 +144,6 @@ def test_unreachable_mlflow_fails_at_once_and_writes_nothing(
     assert not (project / "artifacts").exists()  # no stage ran, nothing half-registered
 
 
-def _wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"timed out waiting for {what}")
-
-
-def _flow_run_state(api: str, flow_run_id: str) -> str:
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as prefect:
-        state = prefect.read_flow_run(uuid.UUID(flow_run_id)).state
-    assert state is not None
-    return state.type.value
-
-
 def test_overlap_kill_and_recovery(flow_project: tuple[Path, str], mlflow_server: str, prefect_server: str) -> None:
     """A runs; B is rejected; C waits; A is killed mid-training; C then completes cleanly, the champion only ever
     points at gated versions, and A's MLflow run and Prefect flow run say that A died."""
@@ -229,7 +158,7 @@ def test_overlap_kill_and_recovery(flow_project: tuple[Path, str], mlflow_server
     )
     c: subprocess.Popen[bytes] | None = None
     try:
-        _wait_for(lambda: "epoch   1/30" in (logs / "a.log").read_text(), 600, "A to be training")
+        wait_for(lambda: "epoch   1/30" in (logs / "a.log").read_text(), 600, "A to be training")
         a_mlflow_run = json.loads((project / "artifacts/train/run.json").read_text())["run_id"]
         a_markers = list((project / ".conveyor/open").glob("prefect-flow-run-*.json"))
         assert len(a_markers) == 1, a_markers  # A's flow run, marked open by A's process
@@ -244,7 +173,7 @@ def test_overlap_kill_and_recovery(flow_project: tuple[Path, str], mlflow_server
         c = subprocess.Popen(
             ["conveyor", "run"], cwd=project, env=env, stdout=c_log, stderr=subprocess.STDOUT, start_new_session=True
         )
-        _wait_for(lambda: "waiting for it" in (logs / "c.log").read_text(), 120, "C to wait")
+        wait_for(lambda: "waiting for it" in (logs / "c.log").read_text(), 120, "C to wait")
         assert c.poll() is None
 
         os.killpg(a.pid, signal.SIGKILL)  # the machine dies mid-training
@@ -268,7 +197,7 @@ def test_overlap_kill_and_recovery(flow_project: tuple[Path, str], mlflow_server
     assert killed.info.status == "KILLED" and killed.info.end_time is not None
     assert "was gone when training flow run" in killed.data.tags["conveyor.ended_by"]
     assert client.get_run(str(champion.run_id)).info.status == "FINISHED"
-    assert _flow_run_state(prefect_server, a_flow_run) == "CRASHED"
+    assert flow_run_state(prefect_server, a_flow_run) == "CRASHED"
     assert not list((project / ".conveyor/open").glob("*.json"))  # C closed what it opened
 
 
@@ -286,7 +215,7 @@ def test_sigterm_is_a_clean_stop(flow_project: tuple[Path, str], mlflow_server: 
             ["conveyor", "run"], cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
         try:
-            _wait_for(lambda: "epoch   1/30" in log.read_text(), 600, "the run to be training")
+            wait_for(lambda: "epoch   1/30" in log.read_text(), 600, "the run to be training")
             mlflow_run = json.loads((project / "artifacts/train/run.json").read_text())["run_id"]
             markers = list((project / ".conveyor/open").glob("prefect-flow-run-*.json"))
             assert len(markers) == 1, markers
@@ -309,7 +238,7 @@ def test_sigterm_is_a_clean_stop(flow_project: tuple[Path, str], mlflow_server: 
     ended = client.get_run(mlflow_run)
     assert ended.info.status == "KILLED" and ended.info.end_time is not None
     assert "stopped by SIGTERM" in ended.data.tags["conveyor.ended_by"]
-    assert _flow_run_state(prefect_server, flow_run_id) == "CANCELLED"
+    assert flow_run_state(prefect_server, flow_run_id) == "CANCELLED"
     assert not list((project / ".conveyor/open").glob("*.json"))
 
 

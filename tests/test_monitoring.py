@@ -27,8 +27,8 @@ from conveyor.settings import load_settings
 from pipelines import registry
 from pipelines.data import dir_md5
 from tests.conftest import make_project
+from tests.flow_support import conveyor, flow_params, servers_env
 from tests.serving_support import CHECKPOINT, export_checkpoint, register
-from tests.test_flow import conveyor, flow_params, servers_env
 
 pytestmark = pytest.mark.slow
 

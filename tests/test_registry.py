@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conveyor.paths import ProjectPaths
 from pipelines import registry
 from pipelines.registry import AliasMove, PromotionRefusedError, rollback_target
 
@@ -108,3 +111,102 @@ def test_rollback_target_never_returns_to_a_rolled_back_version() -> None:
     assert rollback_target([], None) is None
     challenger_only = [AliasMove(1, registry.CHALLENGER, None, "1", "t", "register", "r", "a")]
     assert rollback_target(challenger_only, None) is None
+
+
+class Killed(BaseException):
+    """What the process dying looks like to the code under test: nothing catches it, nothing after it runs."""
+
+
+class DyingClient:
+    """An MlflowClient whose process dies just before its Nth write to the server (a simulated kill: a real SIGKILL
+    cannot be aimed between two given REST calls). Reads pass through."""
+
+    WRITES = ("create_", "set_", "update_", "delete_", "log_", "transition_")
+
+    def __init__(self, client: MlflowClient, writes_before_death: int) -> None:
+        self._client = client
+        self._left = writes_before_death
+        self.tracking_uri = client.tracking_uri
+
+    def __getattr__(self, attr: str) -> Any:
+        target = getattr(self._client, attr)
+        if not attr.startswith(self.WRITES):
+            return target
+
+        def write(*args: Any, **kwargs: Any) -> Any:
+            if self._left == 0:
+                raise Killed(attr)
+            self._left -= 1
+            return target(*args, **kwargs)
+
+        return write
+
+
+@pytest.mark.parametrize("passed", [True, False], ids=["gates-passed", "gates-failed"])
+def test_a_kill_anywhere_between_registration_and_promotion_leaves_the_registry_consistent(
+    client: MlflowClient, name: str, project: Path, monkeypatch: pytest.MonkeyPatch, passed: bool
+) -> None:
+    """Kill the registry step before each of its writes in turn; the next run must carry on to the same end as an
+    uninterrupted one: one version for the run, alias challenger on it, the champion moved only if the gates passed,
+    every alias where its last recorded move says, nothing pending, no move recorded twice."""
+    from conveyor.settings import load_settings
+    from pipelines import promotion
+    from pipelines.gate import GateReport
+
+    (project / "data.dvc").write_text("outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  path: data\n")
+    paths = ProjectPaths(project)
+    base = load_settings(paths.params)
+
+    def log_version(client: Any, model: str, run_id: str, artifacts: dict[str, str], tags: dict[str, str]) -> Any:
+        run = client.get_run(run_id)
+        logged = client.create_logged_model(experiment_id=run.info.experiment_id, name="model", source_run_id=run_id)
+        return client.create_model_version(
+            model, source=f"models:/{logged.model_id}", run_id=run_id, tags=tags, model_id=logged.model_id
+        )
+
+    monkeypatch.setattr(promotion, "_serving_bundle", lambda *args: {})
+    monkeypatch.setattr(promotion, "log_model_version", log_version)
+
+    def step(with_client: Any, settings: Any, run_id: str, report: GateReport) -> promotion.PromotionOutcome:
+        version, new = promotion.register(paths, settings, with_client, run_id, report, None, "user:test")
+        return promotion.decide(with_client, settings, version, new, report, "user:test", "test")
+
+    writes = 0
+    while True:
+        model = f"{name}-{writes}"
+        settings = base.model_copy(update={"registry": base.registry.model_copy(update={"model_name": model})})
+        champion = new_version(client, model, passed=True)
+        registry.promote(client, model, champion, reason="the line's current model", actor="user:test")
+        experiment = client.get_experiment_by_name("registry-tests")
+        assert experiment is not None
+        run_id = client.create_run(experiment.experiment_id).info.run_id
+        report = GateReport(passed=passed, challenger_run_id=run_id, champion_version=champion)
+
+        try:
+            step(DyingClient(client, writes), settings, run_id, report)
+            finished = True
+        except Killed:
+            finished = False
+        outcome = step(client, settings, run_id, report)  # the next run
+
+        [version] = [v for v in registry.versions(client, model) if v.run_id == run_id]
+        number = str(version.version)
+        assert outcome.version == number
+        aliases = client.get_registered_model(model).aliases
+        assert str(aliases[registry.CHALLENGER]) == number
+        assert str(aliases[registry.CHAMPION]) == (number if passed else champion), f"killed before write {writes}"
+        moves = registry.history(client, model)
+        assert not any(m.pending for m in moves)
+        assert [m.seq for m in moves] == list(range(1, len(moves) + 1))
+        for alias in (registry.CHALLENGER, registry.CHAMPION):
+            assert [m for m in moves if m.alias == alias][-1].to_version == str(aliases[alias])
+        to_new = [(m.alias, m.kind) for m in moves if m.to_version == number]
+        assert to_new == [(registry.CHALLENGER, "register")] + ([(registry.CHAMPION, "promote")] if passed else [])
+        decided = client.get_model_version(model, number).tags
+        assert decided[promotion.DECISION] == ("promoted" if passed else "rejected")
+        assert decided[promotion.REGISTERED] == "true"
+        assert "already decided" in outcome.message or finished is False or writes == 0
+        if finished:
+            break
+        writes += 1
+    assert writes >= 8  # every write of registration and promotion was a kill point

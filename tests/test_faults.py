@@ -1,0 +1,145 @@
+"""Crash consistency: faults in the middle of a training run, against real servers. After each, the records say what
+happened (MLflow, Prefect, `conveyor status`), nothing half-written is taken as complete, and the next run completes.
+(A SIGKILL mid-training and SIGTERM are in test_flow.py; a kill between any two registry writes in test_registry.py.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import free_port, start_mlflow_server, stop_tree
+from tests.flow_support import champion_version, conveyor, make_flow_project, servers_env, set_params, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def flow_project(tmp_path: Path) -> tuple[Path, str]:
+    return make_flow_project(tmp_path)
+
+
+def kill_tree(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a process group started with start_new_session (a crash: nothing of it runs on)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def start_run(project: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("w") as out:
+        return subprocess.Popen(
+            ["conveyor", "run"], cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def test_mlflow_server_lost_then_restarted_during_training(
+    flow_project: tuple[Path, str], prefect_server: str, tmp_path: Path
+) -> None:
+    """The tracking server dies mid-training. Gone for good (the client's retries cut to one): the stage fails within
+    seconds with an error naming the server, and the run's record stays for the next run to close. Restarted within
+    MLflow's own retries (7, backing off from 2 s): training carries on and every epoch is in the run."""
+    project, name = flow_project
+    store = tmp_path / "mlflow"
+    store.mkdir()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(store, port)
+    client = MlflowClient(url)
+    try:
+        set_params(project, train={"epochs": 30})
+        log = tmp_path / "lost.log"
+        run = start_run(project, servers_env(url, prefect_server, MLFLOW_HTTP_REQUEST_MAX_RETRIES="1"), log)
+        try:
+            wait_for(lambda: "epoch   1/30" in log.read_text(), 600, "the run to be training")
+            lost_run = json.loads((project / "artifacts/train/run.json").read_text())["run_id"]
+            kill_tree(server)
+            assert run.wait(timeout=300) == 1, log.read_text()[-5000:]
+        finally:
+            if run.poll() is None:
+                kill_tree(run)
+        text = log.read_text()
+        assert f"lost the MLflow tracking server {url} during stage train" in text, text[-5000:]
+        # The stage's one retry found the server still down before starting: the run's last word says so.
+        assert text.rstrip().endswith(f"MLflow tracking server {url} is unreachable ([Errno 111] Connection refused)")
+
+        server = start_mlflow_server(store, port)
+        assert client.get_run(lost_run).info.status == "RUNNING"  # nobody could close it while the server was down
+
+        set_params(project, train={"epochs": 6})
+        log = tmp_path / "restarted.log"
+        run = start_run(project, servers_env(url, prefect_server), log)
+        try:
+            wait_for(lambda: "epoch   1/6" in log.read_text(), 600, "the next run to be training")
+            kill_tree(server)
+            server = start_mlflow_server(store, port)  # ~5 s down
+            assert run.wait(timeout=900) == 0, log.read_text()[-5000:]
+        finally:
+            if run.poll() is None:
+                kill_tree(run)
+        finished_run = json.loads((project / "artifacts/train/run.json").read_text())["run_id"]
+        assert finished_run != lost_run
+        lost = client.get_run(lost_run)
+        assert lost.info.status == "FAILED", lost.data.tags
+        assert "failed (lost the tracking server during stage train)" in lost.data.tags["conveyor.ended_by"]
+        finished = client.get_run(finished_run)
+        assert finished.info.status == "FINISHED"
+        steps = {m.step for m in client.get_metric_history(finished_run, "metrics/mAP50-95")}
+        assert steps == set(range(1, 7)), f"epochs logged: {sorted(steps)}"
+        assert champion_version(client, name) is not None
+    finally:
+        stop_tree(server)
+
+
+def _files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+
+
+def test_killed_during_dvc_push(
+    flow_project: tuple[Path, str], mlflow_server: str, prefect_server: str, tmp_path: Path
+) -> None:
+    """SIGKILL the run the moment its push has put the first object on the DVC remote. The push is not recorded as
+    done, the next run pushes the rest without re-running a stage, and a fresh clone pulls the exact data version and
+    stage outputs: no object cut short by the kill is taken as complete."""
+    from pipelines.data import dir_md5
+
+    project, _ = flow_project
+    remote = project / ".dvc-remote"  # the default remote, `local` (../.dvc-remote from .dvc/)
+    env = servers_env(mlflow_server, prefect_server)
+    log = tmp_path / "killed.log"
+    run = start_run(project, env, log)
+    try:
+        wait_for(lambda: bool(_files(remote)) or run.poll() is not None, 900, "the push to start", poll=0.01)
+        kill_tree(run)
+    finally:
+        if run.poll() is None:
+            kill_tree(run)
+    at_kill = len(_files(remote))
+    assert at_kill > 0, log.read_text()[-5000:]
+    assert not (project / ".conveyor/last-push").exists()  # a push killed halfway is not a push
+
+    again = conveyor(project, env, "run")
+    assert "up to date" in again.stdout + again.stderr
+    assert (project / ".conveyor/last-push").is_file()
+    objects = [p for p in _files(remote) if not p.name.endswith(".tmp")]
+    assert len(objects) > at_kill, "the kill came after the push had finished: nothing was tested"
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "-C", str(project), "add", "-A"], check=True)
+    subprocess.run(["git", "-C", str(project), "commit", "-qm", "trained"], check=True)  # dvc.lock names the outputs
+    subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True)
+    # The default remote is a folder inside the project: the clone (another machine, in effect) is pointed at it.
+    subprocess.run(["dvc", "remote", "modify", "--local", "local", "url", str(remote)], cwd=clone, env=env, check=True)
+    subprocess.run(["dvc", "pull", "-q"], cwd=clone, env=env, check=True, capture_output=True, timeout=300)
+    data_md5 = yaml.safe_load((clone / "data.dvc").read_text())["outs"][0]["md5"]
+    assert dir_md5(clone / "data") == data_md5
+    status = subprocess.run(["dvc", "status"], cwd=clone, env=env, check=True, capture_output=True, text=True)
+    assert "up to date" in status.stdout, status.stdout  # every stage output pulled matches dvc.lock
