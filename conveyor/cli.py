@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from conveyor.open_records import StopRequested
-from conveyor.paths import ProjectNotFoundError, ProjectPaths
+from conveyor.paths import ProjectNotFoundError, ProjectPaths, disk_full_message, find_project_root
 from conveyor.settings import ConfigError, DomainShift, Settings, load_settings
 
 app = typer.Typer(help="Conveyor: MLOps for YOLO object detection.", no_args_is_help=True, add_completion=False)
@@ -74,6 +74,16 @@ def friendly_errors(fn: F) -> F:
         except StopRequested as stop:
             err_console.print(f"[bold yellow]stopped:[/] {stop}; what it had open is closed as stopped")
             raise typer.Exit(StopRequested.exit_code) from None
+        except Exception as exc:
+            try:
+                near = find_project_root()
+            except ProjectNotFoundError:
+                near = Path.cwd()
+            full = disk_full_message(exc, near)
+            if full is None:
+                raise
+            err_console.print(f"[bold red]error:[/] {full}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 

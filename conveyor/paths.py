@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,3 +121,58 @@ def available_cores() -> int:
 def tracking_uri(paths: ProjectPaths) -> str:
     """The MLflow tracking URI: MLFLOW_TRACKING_URI, else the project's embedded SQLite store."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.mlflow_db}"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write a record whole or not at all (a temporary file, then a rename): a crash or a full disk mid-write never
+    leaves a torn record behind."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text)
+        temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _error_chain(error: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+# How writers that do not pass errno on report a failed write (ONNX's and OpenVINO's C++ writers, PyTorch's zip writer).
+_WRITE_FAILED = ("No space left on device", "iostream error", "file write failed")
+_LOW_SPACE = 100 * 2**20  # a failed write with less than this left is put down to the disk
+
+
+def disk_full_message(error: BaseException, near: Path) -> str | None:
+    """When `error` came from a full disk: the path, the space left there, and what to do; None for other errors.
+    Known by errno ENOSPC/EDQUOT, or by a writer's words for a failed write while a filesystem the project writes to
+    has little space left (the half-written file may already be gone, so "nothing left" is not required)."""
+    chain = _error_chain(error)
+    hit = next((e for e in chain if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)), None)
+    worded = any(words in str(e) for e in chain for words in _WRITE_FAILED)
+    if hit is None and not worded:
+        return None
+    named = Path(str(hit.filename)) if hit is not None and hit.filename else None
+    artifacts = near / "artifacts"
+    candidates = [*([named] if named else []), *(artifacts.iterdir() if artifacts.is_dir() else []), near]
+    folders = [c if c.is_dir() else c.parent for c in [*candidates, Path(tempfile.gettempdir())] if c.parent.exists()]
+    fullest = min(folders, key=lambda folder: shutil.disk_usage(folder).free)
+    usage = shutil.disk_usage(fullest)
+    if hit is None and usage.free >= _LOW_SPACE:
+        return None
+    where = f"{named}" if named else f"under {fullest}"
+    return (
+        f"disk full writing {where} ({usage.free / 1e6:.1f} MB free of {usage.total / 1e6:.0f} MB there; the error: "
+        f"{_first_words(error)}): nothing this step wrote is recorded as current (DVC records a stage only when it "
+        "completes); free some space and re-run"
+    )
+
+
+def _first_words(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from conveyor import open_records
 from conveyor.lineage import cpu_model, data_version, git_state
-from conveyor.paths import ProjectPaths, available_cores
+from conveyor.paths import ProjectPaths, available_cores, write_atomically
 from conveyor.paths import tracking_uri as tracking_uri  # re-exported; lives there to import without MLflow
 from conveyor.settings import Settings
 
@@ -140,7 +140,7 @@ class RunRecord:
     tracking_uri: str
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2))
+        write_atomically(path, json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, path: Path) -> RunRecord:

@@ -30,7 +30,7 @@ from prefect.states import Cancelled, State
 
 import conveyor  # noqa: F401  (offline switches first)
 from conveyor import open_records
-from conveyor.paths import ProjectPaths, tracking_uri
+from conveyor.paths import ProjectPaths, tracking_uri, write_atomically
 from conveyor.settings import Settings, load_settings, set_param
 
 # MLflow (3.4 s to import here) and the pipeline modules load inside the tasks: a run triggered by a drift event is
@@ -225,7 +225,7 @@ def record_decision(paths: ProjectPaths, outcome: dict[str, Any]) -> None:
     key = _decision_key(paths)
     if key is not None:
         record = {"key": key, "tracking_uri": tracking_uri(paths), "outcome": outcome}
-        (paths.scratch / "last-decision.json").write_text(json.dumps(record))
+        write_atomically(paths.scratch / "last-decision.json", json.dumps(record))
 
 
 def previous_decision(paths: ProjectPaths) -> dict[str, Any] | None:
@@ -275,7 +275,7 @@ def push(root: str) -> None:
     result = data_step.dvc(Path(root), "push", check=False)
     if result.returncode != 0:
         raise RuntimeError(f"dvc push failed: {result.stderr.strip()[-2000:]}")
-    record.write_text(state)
+    write_atomically(record, state)
 
 
 def summary_markdown(
