@@ -38,6 +38,12 @@ def deploy() -> None:
             if info.automation
             else "no drift -> retraining automation (monitor.retrain_on_drift: false)\n"
         )
+        + (
+            f"automation '{info.zombie_automation}': no heartbeat for "
+            f"{settings.orchestration.crashed_after_seconds} s -> flow run Crashed\n"
+            if info.zombie_automation
+            else "no zombie detection (orchestration.heartbeat_seconds: 0)\n"
+        )
         + "Start a worker: `conveyor worker`",
         highlight=False,
     )
@@ -53,6 +59,10 @@ def worker() -> None:
     use_api()
     # How soon a triggered run (a drift retraining) starts: the worker asks for work this often (Prefect's default 10).
     os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", str(settings.orchestration.worker_poll_seconds))
+    # The flow runs it starts inherit this: they send heartbeats, and `conveyor deploy`'s automation marks a run that
+    # stops sending them (its machine died with the worker) Crashed.
+    if settings.orchestration.heartbeat_seconds:
+        os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(settings.orchestration.heartbeat_seconds))
     _exec(
         "prefect",
         "worker",

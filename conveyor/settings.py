@@ -202,6 +202,21 @@ class OrchestrationSettings(_Section):
     stage_retries: int = Field(1, ge=0, description="retries of a stage after a transient failure")
     push: bool = Field(True, description="push data and artifacts to the DVC remote after a run")
     worker_poll_seconds: float = Field(2.0, gt=0, description="how often `conveyor worker` asks for runs to start")
+    heartbeat_seconds: int = Field(
+        30,
+        description="flow runs of `conveyor worker` send Prefect a heartbeat this often (Prefect's minimum 30; 0 off)",
+    )
+    crashed_after_seconds: int = Field(
+        90, gt=0, description="`conveyor deploy`'s automation marks a flow run Crashed after this long without one"
+    )
+
+    @model_validator(mode="after")
+    def _heartbeat_window(self) -> OrchestrationSettings:
+        if self.heartbeat_seconds and self.heartbeat_seconds < 30:
+            raise ValueError("heartbeat_seconds: Prefect sends heartbeats at most every 30 s (or 0 for none)")
+        if self.heartbeat_seconds and self.crashed_after_seconds <= self.heartbeat_seconds:
+            raise ValueError("crashed_after_seconds must be longer than heartbeat_seconds, or live runs are crashed")
+        return self
 
 
 ServeRuntime = Literal["openvino", "openvino_int8", "onnx", "tensorrt"]

@@ -36,6 +36,7 @@ class DeploymentInfo:
     monitoring: str = ""  # flow/deployment of the drift check
     monitoring_cron: str = ""
     automation: str | None = None  # the drift -> retraining automation's name (None: monitor.retrain_on_drift off)
+    zombie_automation: str | None = None  # marks flow runs that stopped sending heartbeats Crashed (None: off)
 
 
 def require_server() -> str:
@@ -101,6 +102,9 @@ def deploy(paths: ProjectPaths, settings: Settings) -> DeploymentInfo:
     automation = ensure_drift_automation(paths, settings, deployment_id) if monitor.retrain_on_drift else None
     if not monitor.retrain_on_drift:
         remove_automation(automation_name(settings))
+    zombies = ensure_zombie_automation(settings) if cfg.heartbeat_seconds else None
+    if not cfg.heartbeat_seconds:
+        remove_automation(ZOMBIE_AUTOMATION)
     return DeploymentInfo(
         str(deployment_id),
         f"{FLOW_NAME}/{cfg.deployment}",
@@ -111,7 +115,51 @@ def deploy(paths: ProjectPaths, settings: Settings) -> DeploymentInfo:
         f"{MONITORING_FLOW_NAME}/{monitor.deployment}",
         monitor.schedule,
         automation,
+        zombies,
     )
+
+
+ZOMBIE_AUTOMATION = "conveyor: crash flow runs that stopped sending heartbeats"
+FLOW_RUN_ENDS = ("Completed", "Failed", "Cancelled", "Crashed")
+
+
+def ensure_zombie_automation(settings: Settings) -> str:
+    """Prefect's own zombie detection (its docs: "detect zombie flows"): a flow run that sent a heartbeat and then
+    neither another one nor an end state within `crashed_after_seconds` is marked Crashed. This is what tells the
+    truth when a worker's machine dies with its runs (no process is left to say so, on any machine); a run killed on
+    a live machine is also caught sooner by the worker itself and by the next run's preflight."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+
+    cfg = settings.orchestration
+    heartbeat = "prefect.flow-run.heartbeat"
+    remove_automation(ZOMBIE_AUTOMATION)
+    Automation(
+        name=ZOMBIE_AUTOMATION,
+        description=f"No heartbeat for {cfg.crashed_after_seconds} s (sent every {cfg.heartbeat_seconds} s by runs of "
+        "`conveyor worker`): the run's process is gone.",
+        trigger=EventTrigger(
+            after={heartbeat},
+            expect={heartbeat, *(f"prefect.flow-run.{end}" for end in FLOW_RUN_ENDS)},
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=cfg.crashed_after_seconds),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {cfg.crashed_after_seconds} s: the flow run's process died (zombie "
+                "detection, `conveyor deploy`)",
+            )
+        ],
+    ).create()
+    return ZOMBIE_AUTOMATION
 
 
 def automation_name(settings: Settings) -> str:

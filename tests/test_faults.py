@@ -6,19 +6,31 @@ happened (MLflow, Prefect, `conveyor status`), nothing half-written is taken as 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from prefect.client.orchestration import get_client
 
 from tests.conftest import free_port, start_mlflow_server, stop_tree
-from tests.flow_support import champion_version, conveyor, make_flow_project, servers_env, set_params, wait_for
+from tests.flow_support import (
+    champion_version,
+    conveyor,
+    flow_run_state,
+    make_flow_project,
+    servers_env,
+    set_params,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -188,3 +200,60 @@ def test_disk_full_while_writing_artifacts(
     assert "stage train: up to date" in again.stdout + again.stderr
     assert "v1 is the new champion" in again.stdout
     assert "export" in yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+
+
+def test_worker_machine_dies_mid_run(
+    flow_project: tuple[Path, str], mlflow_server: str, prefect_server: str, tmp_path: Path
+) -> None:
+    """The worker and the training it started die together, as when their machine goes: no process is left, here or
+    anywhere, to say so. Prefect's zombie detection (heartbeats from `conveyor worker`'s runs, the automation of
+    `conveyor deploy`) marks the flow run Crashed; `conveyor status` closes its MLflow run."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    project, name = flow_project
+    # Its own pool and deployments: the Prefect server is shared with the other test files.
+    set_params(
+        project,
+        train={"epochs": 30},
+        orchestration={"work_pool": f"pool-{name}", "deployment": f"train-{name}", "crashed_after_seconds": 45},
+        monitor={"deployment": f"drift-{name}", "retrain_on_drift": False},
+    )
+    env = servers_env(mlflow_server, prefect_server)
+    deployed = conveyor(project, {**env, "COLUMNS": "300"}, "deploy").stdout
+    assert "no heartbeat for 45 s -> flow run Crashed" in deployed, deployed
+    log = tmp_path / "worker.log"
+    with log.open("w") as out:
+        worker = subprocess.Popen(
+            ["conveyor", "worker"], cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
+            flow_run = run_deployment(f"conveyor-training/train-{name}", timeout=0, parameters={"reason": "test"})
+        assert not inspect.isawaitable(flow_run)  # sync context
+        wait_for(lambda: "epoch   1/30" in log.read_text(), 600, "the worker's run to be training")
+        training = psutil.Process(worker.pid).children(recursive=True)
+        for process in [psutil.Process(worker.pid), *training]:  # the machine goes: everything at once
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        worker.wait(timeout=30)
+        psutil.wait_procs(training, timeout=30)
+        died = time.monotonic()
+        # The last heartbeat came at most 30 s before the kill; the automation fires 45 s after it, give or take the
+        # server's evaluation; another test file's `conveyor deploy` may have set the window back to the default 90.
+        wait_for(lambda: flow_run_state(prefect_server, str(flow_run.id)) == "CRASHED", 240, "the run to be Crashed")
+        crashed_after = time.monotonic() - died
+    finally:
+        if worker.poll() is None:
+            kill_tree(worker)
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server}), get_client(sync_client=True) as prefect:
+        state = prefect.read_flow_run(flow_run.id).state
+    assert state is not None and "no heartbeat" in (state.message or ""), state
+    assert crashed_after < 240
+
+    [marker] = (project / ".conveyor/open").glob("mlflow-run-*.json")
+    mlflow_run = json.loads(marker.read_text())["record_id"]
+    status = conveyor(project, {**env, "COLUMNS": "200"}, "status").stdout
+    assert "Left open by a run that died" in status, status
+    closed = MlflowClient(mlflow_server).get_run(mlflow_run)
+    assert closed.info.status == "KILLED" and "conveyor status" in closed.data.tags["conveyor.ended_by"]
