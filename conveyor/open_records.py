@@ -120,17 +120,16 @@ def abandoned(paths: ProjectPaths, kind: str, wait_seconds: float = 0.0) -> list
     return found
 
 
-def _now() -> str:
+def now_text() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def crash_note(record: OpenRecord, found_by: str) -> str:
     """The words left on a record closed for a dead process: what was found, when, and by whom."""
     if record.failure:
-        return (
-            f"{record.process_text} failed ({record.failure}) and could not close it; closed by {found_by} at {_now()}"
-        )
-    return f"{record.process_text} was gone when {found_by} looked at {_now()}: the process died without closing it"
+        closed = f"closed by {found_by} at {now_text()}"
+        return f"{record.process_text} failed ({record.failure}) and could not close it; {closed}"
+    return f"{record.process_text} was gone when {found_by} looked at {now_text()}: the process died without closing it"
 
 
 @contextlib.contextmanager
@@ -173,7 +172,7 @@ def sigterm_stops() -> Iterator[None]:
 
 def stop_note(reason: str) -> str:
     """The words left on a record its own process closed when it was stopped."""
-    return f"{reason} at {_now()} on {socket.gethostname()} (process {os.getpid()}): a stop, not a crash"
+    return f"{reason} at {now_text()} on {socket.gethostname()} (process {os.getpid()}): a stop, not a crash"
 
 
 def stop_descendants(process: subprocess.Popen[str], grace: float = 30.0) -> None:

@@ -49,9 +49,11 @@ def gather(paths: ProjectPaths, settings: Settings) -> ProjectStatus:
 
 def _repair(paths: ProjectPaths, settings: Settings) -> list[tuple[str, str]]:
     """Records a killed run of this project left open (MLflow RUNNING, Prefect Running), closed as what happened."""
-    from flows.training import close_abandoned
+    from flows.training import close_abandoned, close_runs_of_ended_flow_runs
 
-    return [("closed", line) for line in close_abandoned(paths, "conveyor status")]
+    lines = close_abandoned(paths, "conveyor status")
+    lines += close_runs_of_ended_flow_runs(paths, "conveyor status")
+    return [("closed", line) for line in lines]
 
 
 def _data(paths: ProjectPaths, settings: Settings) -> list[tuple[str, str]]:

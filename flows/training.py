@@ -112,6 +112,58 @@ def close_abandoned(paths: ProjectPaths, found_by: str, wait_seconds: float = 0.
     return lines
 
 
+def close_runs_of_ended_flow_runs(paths: ProjectPaths, found_by: str, api: str | None = None) -> list[str]:
+    """MLflow runs of this project's experiment left RUNNING although the Prefect flow run that owns them (the tag
+    `conveyor.prefect_flow_run_id`) has ended: evidence that holds across machines, where the markers of
+    `close_abandoned` hold for this host only (a worker's machine that died: Prefect's zombie detection crashed its
+    flow run, and its MLflow run is closed here). A run whose flow run still runs is never touched."""
+    from mlflow.tracking import MlflowClient
+
+    from conveyor.tracking import TAG_PREFIX, check_reachable
+
+    if api is None:
+        from flows import local_server
+
+        server = local_server.find()
+        api = PREFECT_API_URL.value() or (server.api_url if server else None)
+    if not api:
+        return []
+    uri = tracking_uri(paths)
+    check_reachable(uri)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(load_settings(paths.params).tracking.experiment)
+    if experiment is None:
+        return []
+    tag = f"{TAG_PREFIX}prefect_flow_run_id"
+    running = client.search_runs(
+        [experiment.experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{tag}` LIKE '%'"
+    )
+    if not running:
+        return []
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import temporary_settings
+
+    lines = []
+    with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as prefect:
+        for run in running:
+            try:
+                state = prefect.read_flow_run(UUID(run.data.tags[tag])).state
+            except (ObjectNotFound, ValueError):
+                continue
+            if state is None or not state.is_final():
+                continue
+            ended = "FAILED" if state.is_failed() else "KILLED"
+            note = (
+                f"its Prefect flow run {run.data.tags[tag]} had ended {state.name} ({state.message or 'no message'}) "
+                f"when {found_by} looked at {open_records.now_text()}"
+            )
+            client.set_tag(run.info.run_id, f"{TAG_PREFIX}ended_by", note[:5000])
+            client.set_terminated(run.info.run_id, ended)
+            lines.append(f"MLflow run {run.info.run_id}: was RUNNING, its flow run is {state.name}: now {ended}")
+    return lines
+
+
 @task(name="preflight")
 def preflight(root: str, found_by: str) -> tuple[str, list[str]]:
     """Fail at once, before anything is written, if the tracking server is unreachable; close what a killed run left
@@ -138,6 +190,9 @@ def preflight(root: str, found_by: str) -> tuple[str, list[str]]:
         get_run_logger().warning(line)
     with Repo(root) as repo:
         stale = sorted({name.split(":")[-1] for name in repo.status()})
+    if stale:  # stages will run and import MLflow anyway: a no-op run does not pay the ~3 s for this look
+        for line in close_runs_of_ended_flow_runs(paths, f"training flow run {found_by}"):
+            get_run_logger().warning(line)
     get_run_logger().info("data version %s; stale stages: %s", md5, ", ".join(stale) or "none")
     return md5, stale
 
