@@ -11,12 +11,12 @@ STAMP := $(VENV)/.synced-$(shell cat uv.lock pyproject.toml | cksum | cut -d' ' 
 export UV_PYTHON := $(PYTHON)
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: run test lint env bench bench-serving bench-monitoring bench-labelling bench-first-run ui clean prometheus
+.PHONY: run test lint env bench bench-serving bench-monitoring bench-labelling bench-first-run bench-stack ui clean system-packages
 
 run: $(STAMP)
 	$(VENV)/bin/conveyor run
 
-test: $(STAMP) lint prometheus
+test: $(STAMP) lint system-packages
 	$(VENV)/bin/pytest
 
 lint: $(STAMP)
@@ -40,14 +40,24 @@ bench-labelling: $(STAMP)
 bench-first-run: $(STAMP)
 	$(VENV)/bin/python -m bench.first_run
 
-# The serving tests scrape the server with a real Prometheus (Debian's package). Installed when this user can
-# (root with apt); otherwise that one test says why it skipped.
-prometheus:
-	@command -v prometheus >/dev/null 2>&1 || { \
+# The production stack's start time, and the training flow on it against embedded defaults (about 5 minutes).
+bench-stack: $(STAMP)
+	$(VENV)/bin/python -m bench.stack
+
+# Servers the tests start for real, from Debian's packages: Prometheus (the serving tests scrape the server) and
+# PostgreSQL (the production stack's tests). Installed when this user can (root with apt); otherwise the tests that
+# need them say why they skipped.
+SYSTEM_PACKAGES := prometheus:prometheus postgresql:/usr/lib/postgresql/*/bin/postgres
+system-packages:
+	@missing=""; for entry in $(SYSTEM_PACKAGES); do \
+	  package=$${entry%%:*}; program=$${entry#*:}; \
+	  command -v $$program >/dev/null 2>&1 || ls $$program >/dev/null 2>&1 || missing="$$missing $$package"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) \
-	      >/dev/null 2>&1 || echo "could not install prometheus with apt-get: its test will skip"; \
-	  else echo "prometheus is not installed (apt-get install prometheus): its test will skip"; fi; }
+	    echo "installing$$missing with apt-get"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing) \
+	      >/dev/null 2>&1 || echo "could not install$$missing with apt-get: the tests that need them will skip"; \
+	  else echo "not installed:$$missing (apt-get install$$missing): the tests that need them will skip"; fi; fi
 
 ui: $(STAMP)
 	$(VENV)/bin/conveyor ui

@@ -41,8 +41,12 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from serving.batch import SourceError
     from serving.server import PortInUseError
     from serving.source import RuntimeUnavailableError
+    from stack.parts import StackError
+    from stack.storage import StorageError
 
     return (
+        StackError,
+        StorageError,
         NothingToSelectError,
         SourceError,
         PortInUseError,
@@ -525,7 +529,7 @@ def ui(
 
 # The serving and monitoring command groups register themselves on `app` (imported last: they import this module's
 # helpers).
-from conveyor import cli_labelling, cli_monitoring, cli_orchestration, cli_serving  # noqa: E402, F401
+from conveyor import cli_labelling, cli_monitoring, cli_orchestration, cli_serving, cli_stack  # noqa: E402, F401
 
 if __name__ == "__main__":
     app()

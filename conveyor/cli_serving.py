@@ -50,7 +50,13 @@ def serve(
 @app.command()
 @friendly_errors
 def predict(
-    source: Annotated[str, typer.Argument(help="a folder of images, a glob ('parts/*.jpg') or a list file")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="a folder of images, a glob ('parts/*.jpg'), a list file, or s3://bucket/prefix "
+            "(endpoint and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="JSONL output; re-running skips images already in it")] = Path(
         "predictions.jsonl"
     ),
@@ -70,9 +76,8 @@ def predict(
     check_runtime(runtime)
     console.print(f"{len(images)} images; model {files.name} v{files.version} on {runtime}")
     loaded = registry_source.load(files, runtime, 1, cfg.conf)
-    summary = batch.predict(
-        loaded, images, out, cfg.max_batch_size, ImageLimits(cfg.max_image_bytes, cfg.max_image_pixels), console
-    )
+    limits = ImageLimits(cfg.max_image_bytes, cfg.max_image_pixels)
+    summary = batch.predict(loaded, images, out, cfg.max_batch_size, limits, console, batch.reader_for(source))
     table = Table(title=f"predictions -> {summary.out}")
     for column in ("images", "skipped (done before)", "failed", "detections", "seconds", "images/s"):
         table.add_column(column, justify="right")

@@ -233,6 +233,12 @@ class PredictionLogSettings(_Section):
     keep_frames: float = Field(
         0.0, ge=0, le=1, description="share of served images also kept as files, for `conveyor label select`"
     )
+    s3: str | None = Field(
+        None,
+        pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$",
+        description="s3://bucket/prefix: the server also ships each part file there (every replica into one place), "
+        "and drift checks read their window from there; endpoint and credentials from the environment",
+    )
 
 
 class ServeSettings(_Section):
@@ -305,6 +311,25 @@ class LabelSettings(_Section):
     reference_images: int = Field(200, ge=10, description="training images embedded when no profile is at hand")
 
 
+class StackPorts(_Section):
+    postgres: int = Field(5433, gt=0, lt=65536)
+    s3: int = Field(9000, gt=0, lt=65536)
+    mlflow: int = Field(5000, gt=0, lt=65536)
+    prefect: int = Field(4210, gt=0, lt=65536, description="not 4200: that is the local server of `conveyor run`")
+    prometheus: int = Field(9090, gt=0, lt=65536)
+
+
+class StackSettings(_Section):
+    """`conveyor stack up | status | down`: the parts a team runs, as processes on this machine."""
+
+    directory: str = Field(".conveyor/stack", description="data, logs and the env file (relative to the project)")
+    bucket: str = Field(
+        "conveyor", min_length=3, max_length=63, description="DVC data under dvc/, MLflow under mlflow/"
+    )
+    ports: StackPorts = StackPorts()
+    serve: bool = Field(True, description="start the model server (it waits for a champion) and Prometheus")
+
+
 class Settings(_Section):
     synth: SynthSettings = SynthSettings()
     data: DataSettings = DataSettings()
@@ -319,6 +344,7 @@ class Settings(_Section):
     serve: ServeSettings = ServeSettings()
     monitor: MonitorSettings = MonitorSettings()
     label: LabelSettings = LabelSettings()
+    stack: StackSettings = StackSettings()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

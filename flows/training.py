@@ -164,6 +164,22 @@ def close_runs_of_ended_flow_runs(paths: ProjectPaths, found_by: str, api: str |
     return lines
 
 
+def check_remote_storage(root: Path) -> None:
+    """When the default DVC remote is on S3: its bucket answers to these credentials (stack.storage.StorageError
+    naming the endpoint and bucket otherwise), before any stage runs rather than at the push after training."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        name = repo.config["core"].get("remote")
+        remote = dict(repo.config["remote"].get(name, {})) if name else {}
+    url = str(remote.get("url", ""))
+    if not url.startswith("s3://"):
+        return
+    from stack.storage import S3Location, check_bucket, endpoint_from_env
+
+    check_bucket(S3Location.parse(url).bucket, remote.get("endpointurl") or endpoint_from_env())
+
+
 @task(name="preflight")
 def preflight(root: str, found_by: str) -> tuple[str, list[str]]:
     """Fail at once, before anything is written, if the tracking server is unreachable; close what a killed run left
@@ -177,6 +193,8 @@ def preflight(root: str, found_by: str) -> tuple[str, list[str]]:
     paths = ProjectPaths(Path(root))
     settings = load_settings(paths.params)
     check_reachable(tracking_uri(paths))
+    if settings.orchestration.push:
+        check_remote_storage(paths.root)
     md5 = data_step.ensure_data_version(paths, settings.synth)
     holders = data_step.dvc_lock_holders(paths.root)
     if holders:

@@ -23,7 +23,7 @@ from conveyor.tracking import Tracker, ensure_experiment, metric_name
 from monitoring import alerts, current, drift
 from monitoring.reference import load_reference
 from serving import source
-from serving.server import DRIFT_METRICS_FILE, model_cache, prediction_log_dir
+from serving.server import DRIFT_METRICS_FILE, model_cache, prediction_log_source
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def run_check(paths: ProjectPaths, settings: Settings, options: CheckOptions, co
     else:
         wanted = str(source.resolve_version(client, name, options.model).version) if options.model else None
         data = current.from_log(
-            prediction_log_dir(paths, settings.serve),
+            prediction_log_source(paths, settings.serve),
             options.hours or monitor.window_hours,
             options.last or monitor.window_records,
             wanted,

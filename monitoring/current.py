@@ -36,10 +36,15 @@ class CurrentData:
 
 
 def from_log(
-    directory: Path, hours: float, last: int | None = None, version: str | None = None, now: datetime | None = None
+    directory: Path | str,
+    hours: float,
+    last: int | None = None,
+    version: str | None = None,
+    now: datetime | None = None,
 ) -> CurrentData:
-    """The last `hours` of the prediction log (then its last `last` records), rows of one version only."""
-    if not directory.is_dir():
+    """The last `hours` of the prediction log (then its last `last` records), rows of one version only. `directory`
+    is the log's folder or the s3:// prefix the server ships it to."""
+    if isinstance(directory, Path) and not directory.is_dir():
         raise NoCurrentDataError(
             f"no prediction log at {directory}: start `conveyor serve` (serve.prediction_log.enabled) and send it "
             f"traffic, or check a folder of images with --source DIR"

@@ -1,4 +1,4 @@
-"""`conveyor predict SOURCE`: batch prediction over a folder, a glob or a list file of images, into JSONL.
+"""`conveyor predict SOURCE`: batch prediction over a folder, a glob, a list file or an S3 prefix of images, into JSONL.
 
 The same model, runtime and post-processing as the server (`serving.source` + `pipelines.inference.Detector`).
 Resumable: images already in the output file are skipped, and a line cut short by a crash is dropped and redone.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,10 +42,16 @@ class BatchSummary:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
-def list_images(source: str) -> list[Path]:
-    """A folder (recursively), a glob pattern, or a text file listing one image path per line."""
+def list_images(source: str) -> list[str]:
+    """A folder (recursively), a glob pattern, a text file listing one image path per line, or s3://bucket/prefix
+    (every image object under it; endpoint and credentials from the environment)."""
     if source.startswith("s3://"):
-        raise SourceError(f"{source}: S3 sources need the production stack's storage settings (not configured)")
+        from stack import storage
+
+        urls = storage.list_objects(source, IMAGE_SUFFIXES)
+        if not urls:
+            raise SourceError(f"{source}: no .jpg, .jpeg or .png objects under this prefix")
+        return urls
     path = Path(source)
     if path.is_dir():
         found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -61,7 +67,16 @@ def list_images(source: str) -> list[Path]:
         raise SourceError(f"{source}: no such folder, image, list file or matching glob")
     if not found:
         raise SourceError(f"{source}: no .jpg, .jpeg or .png images found")
-    return found
+    return [str(image) for image in found]
+
+
+def reader_for(source: str) -> Callable[[str], bytes]:
+    """How to read the images `list_images(source)` names: files, or objects through one S3 client."""
+    if source.startswith("s3://"):
+        from stack import storage
+
+        return storage.ObjectReader()
+    return lambda image: Path(image).read_bytes()
 
 
 def done_images(out: Path) -> set[str]:
@@ -86,17 +101,25 @@ def done_images(out: Path) -> set[str]:
     return done
 
 
-def _chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
+def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
 
 
 def predict(
-    model: LoadedModel, images: list[Path], out: Path, batch_size: int, limits: ImageLimits, console: Console
+    model: LoadedModel,
+    images: list[str],
+    out: Path,
+    batch_size: int,
+    limits: ImageLimits,
+    console: Console,
+    read: Callable[[str], bytes] | None = None,
 ) -> BatchSummary:
+    """Detections for `images` (paths or s3:// URLs, read with `read`) appended to `out`, skipping those done."""
+    read = read or (lambda image: Path(image).read_bytes())
     out.parent.mkdir(parents=True, exist_ok=True)
     done = done_images(out)
-    todo = [p for p in images if str(p) not in done]
+    todo = [image for image in images if image not in done]
     detector = model.detectors[0]
     failed = detections = 0
     started = time.perf_counter()
@@ -108,18 +131,18 @@ def predict(
     ):
         task = progress.add_task("images", total=len(todo))
         for chunk in _chunks(todo, batch_size):
-            lines: dict[Path, dict[str, object]] = {}
+            lines: dict[str, dict[str, object]] = {}
             frames = []
             for path in chunk:
                 try:
-                    frames.append((path, decode_image(path.read_bytes(), limits)))
-                except (ImageError, OSError) as exc:
-                    lines[path] = {"image": str(path), "error": str(exc), "version": model.version}
+                    frames.append((path, decode_image(read(path), limits)))
+                except (ImageError, OSError) as exc:  # one bad image; a store that is down stops the run
+                    lines[path] = {"image": path, "error": str(exc), "version": model.version}
                     failed += 1
             for (path, frame), found in zip(frames, detector.detect([f for _, f in frames]), strict=True):
                 detections += len(found)
                 lines[path] = {
-                    "image": str(path),
+                    "image": path,
                     "model": model.name,
                     "version": model.version,
                     "width": frame.shape[1],

@@ -18,7 +18,7 @@ from pipelines.inference import ImageLimits
 from serving.app import ApiConfig, create_app
 from serving.metrics import ServingMetrics
 from serving.model import ServedModel
-from serving.predlog import PredictionLog
+from serving.predlog import LogShipper, PredictionLog
 from serving.source import RuntimeUnavailableError
 from serving.swap import ModelSlot, RegistryWatcher
 from serving.triton import TritonPorts, start_triton
@@ -54,6 +54,11 @@ def prediction_log_dir(paths: ProjectPaths, cfg: ServeSettings) -> Path:
     if directory is None:
         return paths.scratch / "predictions"
     return directory if directory.is_absolute() else paths.root / directory
+
+
+def prediction_log_source(paths: ProjectPaths, cfg: ServeSettings) -> Path | str:
+    """Where drift checks read the prediction log: the S3 prefix every replica ships to, else the local folder."""
+    return cfg.prediction_log.s3 or prediction_log_dir(paths, cfg)
 
 
 def model_cache(paths: ProjectPaths) -> Path:
@@ -108,6 +113,7 @@ def serve(paths: ProjectPaths, settings: Settings, options: ServeOptions) -> Non
             keep_frames=log_cfg.keep_frames,
             on_written=metrics.log_written.inc,
             on_dropped=metrics.log_dropped.inc,
+            shipper=LogShipper(log_cfg.s3) if log_cfg.s3 else None,
         ).start()
         if log_cfg.enabled
         else None

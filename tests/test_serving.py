@@ -19,6 +19,7 @@ import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from conveyor.paths import ProjectPaths
 from pipelines import registry
 from tests.conftest import free_port, stop_tree, wait_http
 from tests.serving_support import NAMES, RunningServer, export_checkpoint, register, start_server
@@ -410,6 +412,34 @@ def test_prometheus_scrapes_the_metrics(server: RunningServer, tmp_path: Path, t
         assert set(found) == set(expressions), f"missing in Prometheus: {set(expressions) - set(found)}"
         assert float(found[expressions[0]][0]["value"][1]) >= 3
         assert {r["metric"]["class_name"] for r in found["conveyor_detections_total"]} <= {"scratch", "dent", "stain"}
+
+        # Every panel of the Grafana dashboard (infra/grafana) shows data from this server. The drift panels read
+        # the gauges a drift check leaves for the server's /metrics: written here by the drift check's own writer
+        # from a constructed result (the drift computation itself is tested in test_monitoring).
+        from monitoring.check import write_gauges
+        from monitoring.drift import DriftResult, FeatureDrift
+        from serving.server import DRIFT_METRICS_FILE
+        from tests.test_infra import grafana_queries
+
+        checked = DriftResult(
+            "no drift",
+            "constructed for the dashboard test",
+            40,
+            100,
+            "all",
+            0.0,
+            [FeatureDrift("brightness", "ks", 0.4, 0.05, False, 0.5, 0.5)],
+        )
+        write_gauges(
+            ProjectPaths(server.project).monitoring / DRIFT_METRICS_FILE, server.name, "1", checked, datetime.now(UTC)
+        )
+        missing = set(grafana_queries("1m"))
+        deadline = time.monotonic() + 60
+        while missing and time.monotonic() < deadline:
+            missing = {expr for expr in missing if not query(expr)}
+            if missing:
+                time.sleep(1)
+        assert not missing, f"dashboard queries with no data: {sorted(missing)}"
     finally:
         stop_tree(process)
 

@@ -122,11 +122,11 @@ def test_batch_sources(tmp_path: Path) -> None:
     folder.mkdir(parents=True)
     for name in ("b.jpg", "a.png", "notes.txt"):
         (folder / name).write_bytes(b"x")
-    assert [p.name for p in batch.list_images(str(tmp_path / "images"))] == ["a.png", "b.jpg"]
-    assert [p.name for p in batch.list_images(str(folder / "*.jpg"))] == ["b.jpg"]
+    assert [Path(p).name for p in batch.list_images(str(tmp_path / "images"))] == ["a.png", "b.jpg"]
+    assert [Path(p).name for p in batch.list_images(str(folder / "*.jpg"))] == ["b.jpg"]
     listing = tmp_path / "list.txt"
     listing.write_text("images/line-2/b.jpg\n\n")
-    assert batch.list_images(str(listing)) == [tmp_path / "images/line-2/b.jpg"]
+    assert batch.list_images(str(listing)) == [str(tmp_path / "images/line-2/b.jpg")]
     for source, message in ((tmp_path / "nope", "no such folder"), (tmp_path / "empty.txt", "no .jpg")):
         if source.suffix:
             source.write_text("")

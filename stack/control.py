@@ -1,0 +1,420 @@
+"""`conveyor stack up | status | down`: the parts a team runs, as processes on this machine, data under one folder.
+
+Order: PostgreSQL and the S3 store; then MLflow (PostgreSQL backend, artifacts proxied to s3://BUCKET/mlflow, so
+clients need no S3 credentials of their own) and the Prefect server (PostgreSQL); then the deployments
+(`conveyor deploy`), a worker on the project's work pool, the model server and Prometheus scraping it. `up` writes
+`stack.env` (0600: it holds the stack's generated credentials) for a user to `source`, and points this project's DVC
+default remote at s3://BUCKET/dvc in `.dvc/config.local` (never the committed config). `down` stops only what `up`
+started and restores the DVC remote; the data stays for the next `up`. `make run` never needs any of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from conveyor.paths import ProjectPaths
+from conveyor.settings import Settings
+from stack import parts, storage
+from stack.parts import StackError, Started
+
+REMOTE = "stack"  # the DVC remote `up` adds to .dvc/config.local
+ORDER = ("postgres", "s3", "mlflow", "prefect", "worker", "server", "prometheus")
+STOP_TIERS = (("prometheus", "server", "worker"), ("mlflow", "prefect"), ("s3", "postgres"))
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+    settings: Settings
+    project: Path
+
+    @classmethod
+    def of(cls, paths: ProjectPaths, settings: Settings) -> Layout:
+        root = Path(settings.stack.directory)
+        return cls(root if root.is_absolute() else paths.root / root, settings, paths.root)
+
+    @property
+    def state_file(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def env_file(self) -> Path:
+        return self.root / "stack.env"
+
+    @property
+    def secrets_file(self) -> Path:
+        return self.root / "secrets.env"
+
+    def log(self, name: str) -> Path:
+        return self.root / "logs" / f"{name}.log"
+
+    def url(self, part: str) -> str:
+        ports = self.settings.stack.ports
+        return {
+            "postgres": f"postgresql://127.0.0.1:{ports.postgres}",
+            "s3": f"http://127.0.0.1:{ports.s3}",
+            "mlflow": f"http://127.0.0.1:{ports.mlflow}",
+            "prefect": f"http://127.0.0.1:{ports.prefect}/api",
+            "worker": f"work pool '{self.settings.orchestration.work_pool}'",
+            "server": f"http://127.0.0.1:{self.settings.serve.port}",
+            "prometheus": f"http://127.0.0.1:{ports.prometheus}",
+        }[part]
+
+
+def _secrets(layout: Layout) -> dict[str, str]:
+    """The stack's credentials, generated at the first `up` and kept (0600) beside its data."""
+    path = layout.secrets_file
+    if path.is_file():
+        return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    values = {
+        "S3_ACCESS_KEY": "conveyor-" + secrets.token_hex(4),
+        "S3_SECRET_KEY": secrets.token_urlsafe(24),
+        "PG_SUPERUSER_PASSWORD": secrets.token_urlsafe(18),
+        "PG_PASSWORD": secrets.token_urlsafe(18),
+    }
+    layout.root.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    return values
+
+
+def client_env(layout: Layout, keys: dict[str, str]) -> dict[str, str]:
+    """What a client of the stack sets (the env file's contents)."""
+    ports = layout.settings.stack.ports
+    s3 = layout.url("s3")
+    return {
+        "MLFLOW_TRACKING_URI": layout.url("mlflow"),
+        "PREFECT_API_URL": layout.url("prefect"),
+        "AWS_ENDPOINT_URL": s3,
+        "AWS_ACCESS_KEY_ID": keys["S3_ACCESS_KEY"],
+        "AWS_SECRET_ACCESS_KEY": keys["S3_SECRET_KEY"],
+        "AWS_DEFAULT_REGION": "us-east-1",
+        # Prefect's client does not retry a 500, which its server answers while PostgreSQL restarts.
+        "PREFECT_CLIENT_RETRY_EXTRA_CODES": "500",
+        "CONVEYOR_STACK_DIR": str(layout.root),
+        "CONVEYOR_STACK_PROMETHEUS": f"http://127.0.0.1:{ports.prometheus}",
+    }
+
+
+def _base_env() -> dict[str, str]:
+    """This environment without another stack's or server's endpoints."""
+    drop = ("MLFLOW_", "PREFECT_", "AWS_", "CONVEYOR_STACK")
+    return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+
+
+@dataclass
+class UpReport:
+    started: dict[str, Started] = field(default_factory=dict)
+    already: dict[str, Started] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    env_file: Path | None = None
+    seconds: float = 0.0
+
+
+def up(paths: ProjectPaths, settings: Settings, timeout: float = 120.0) -> UpReport:
+    layout = Layout.of(paths, settings)
+    started_at = time.perf_counter()
+    keys = _secrets(layout)
+    state = parts.load_state(layout.state_file)
+    report = UpReport()
+    for name, entry in list(state.items()):
+        if entry.process() is None:
+            del state[name]  # died or stopped since: started again below
+        else:
+            report.already[name] = entry
+    ports = settings.stack.ports
+    wanted = ["postgres", "s3", "mlflow", "prefect", "worker"]
+    if settings.stack.serve:
+        wanted += ["server", "prometheus"]
+    port_of = {
+        "postgres": ports.postgres,
+        "s3": ports.s3,
+        "mlflow": ports.mlflow,
+        "prefect": ports.prefect,
+        "server": settings.serve.port,
+        "prometheus": ports.prometheus,
+    }
+    for name in wanted:
+        if name not in state and name in port_of and not parts.port_free(port_of[name]):
+            raise StackError(f"port {port_of[name]} for {name} is in use by another program: set stack.ports.{name}")
+
+    env = {**_base_env(), **client_env(layout, keys)}
+    server_env = {
+        **env,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_S3_ENDPOINT_URL": layout.url("s3"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    pg_url = f"conveyor:{keys['PG_PASSWORD']}@127.0.0.1:{ports.postgres}"
+
+    def launch(name: str, argv: list[str], healthy: Callable[[], bool], **kwargs: object) -> None:
+        if name in state:
+            return
+        began = time.perf_counter()
+        log = layout.log(name)
+        process = parts.start(name, argv, log=log, url=layout.url(name), **kwargs)  # type: ignore[arg-type]
+        pending.append((name, process, healthy, log, began))
+
+    def settle() -> None:
+        for name, process, healthy, log, began in pending:
+            parts.wait_healthy(name, process, healthy, log, timeout)
+            state[name] = report.started[name] = parts.record(
+                name, process, layout.url(name), log, time.perf_counter() - began
+            )
+            parts.save_state(layout.state_file, state)
+        pending.clear()
+
+    pending: list[tuple[str, subprocess.Popen[bytes], Callable[[], bool], Path, float]] = []
+    try:
+        # 1. PostgreSQL and the S3 store.
+        pg_folder = layout.root / "postgres"
+        parts.init_postgres(pg_folder, keys["PG_SUPERUSER_PASSWORD"])
+        launch(
+            "postgres",
+            parts.postgres_argv(pg_folder, ports.postgres),
+            lambda: parts.postgres_ready(ports.postgres, keys["PG_SUPERUSER_PASSWORD"]),
+            env=_base_env(),
+            cwd=pg_folder,
+            user=parts.postgres_user(),
+        )
+        s3_data = layout.root / "s3"
+        s3_data.mkdir(parents=True, exist_ok=True)
+        launch(
+            "s3",
+            [
+                str(parts.VENV_BIN / "nanio"),
+                "serve",
+                *("--host", "127.0.0.1", "--port", str(ports.s3), "--data-dir", str(s3_data)),
+                "--no-access-log",
+            ],
+            lambda: parts.http_answers(layout.url("s3"), accept_errors=True),
+            env={**_base_env(), "NANIO_ACCESS_KEY": keys["S3_ACCESS_KEY"], "NANIO_SECRET_KEY": keys["S3_SECRET_KEY"]},
+            cwd=layout.root,
+        )
+        settle()
+        parts.ensure_databases(
+            ports.postgres, keys["PG_SUPERUSER_PASSWORD"], keys["PG_PASSWORD"], ("mlflow", "prefect")
+        )
+        storage.ensure_bucket(settings.stack.bucket, layout.url("s3"), (keys["S3_ACCESS_KEY"], keys["S3_SECRET_KEY"]))
+
+        # 2. MLflow and Prefect, side by side (each takes ~8 s to come up).
+        launch(
+            "mlflow",
+            [
+                str(parts.VENV_BIN / "mlflow"),
+                "server",
+                *("--host", "127.0.0.1", "--port", str(ports.mlflow), "--workers", "1"),
+                *("--backend-store-uri", f"postgresql://{pg_url}/mlflow"),
+                *("--artifacts-destination", f"s3://{settings.stack.bucket}/mlflow"),
+            ],
+            lambda: parts.http_answers(f"{layout.url('mlflow')}/health"),
+            env=server_env,
+            cwd=layout.root,
+        )
+        prefect_home = layout.root / "prefect"
+        prefect_home.mkdir(parents=True, exist_ok=True)
+        launch(
+            "prefect",
+            [str(parts.VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(ports.prefect)],
+            lambda: parts.http_answers(f"{layout.url('prefect')}/ready"),
+            env={
+                **server_env,
+                "PREFECT_HOME": str(prefect_home),
+                "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{pg_url}/prefect",
+                "PREFECT_SERVER_API_PORT": str(ports.prefect),  # where the UI sends its browser
+            },
+            cwd=layout.root,
+        )
+        settle()
+
+        # 3. This project on the stack: its DVC remote, its deployments, a worker, the model server, Prometheus.
+        use_dvc_remote(paths, settings, layout)
+        write_env_file(layout, keys)
+        if "worker" not in state:
+            _deploy(paths, env)
+        launch(
+            "worker",
+            [str(parts.VENV_BIN / "conveyor"), "worker"],
+            lambda: _worker_online(layout.url("prefect"), settings.orchestration.work_pool),
+            env=env,
+            cwd=paths.root,
+        )
+        if settings.stack.serve:
+            launch(
+                "server",
+                [str(parts.VENV_BIN / "conveyor"), "serve"],
+                lambda: parts.http_answers(f"{layout.url('server')}/v2/health/live"),
+                env=env,
+                cwd=paths.root,
+            )
+            prometheus = shutil.which("prometheus")
+            if prometheus is None:
+                report.skipped["prometheus"] = "not installed (apt-get install prometheus)"
+            else:
+                config = write_prometheus_config(layout)
+                launch(
+                    "prometheus",
+                    [
+                        prometheus,
+                        f"--config.file={config}",
+                        f"--storage.tsdb.path={layout.root / 'prometheus'}",
+                        f"--web.listen-address=127.0.0.1:{ports.prometheus}",
+                    ],
+                    lambda: parts.http_answers(f"{layout.url('prometheus')}/-/ready"),
+                    env=_base_env(),
+                    cwd=layout.root,
+                )
+        settle()
+    finally:
+        parts.save_state(layout.state_file, state)
+    report.env_file = layout.env_file
+    report.seconds = time.perf_counter() - started_at
+    return report
+
+
+def _deploy(paths: ProjectPaths, env: dict[str, str]) -> None:
+    result = subprocess.run(
+        [str(parts.VENV_BIN / "conveyor"), "deploy"], cwd=paths.root, env=env, capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise StackError(f"`conveyor deploy` on the stack failed: {(result.stderr or result.stdout).strip()[-1500:]}")
+
+
+def _worker_online(api: str, pool: str) -> bool:
+    """The worker has told the server it is polling the pool."""
+    request = urllib.request.Request(
+        f"{api}/work_pools/{pool}/workers/filter", data=b"{}", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=3) as response:
+            return any(worker.get("status") == "ONLINE" for worker in json.loads(response.read()))
+    except OSError:
+        return False
+
+
+def write_env_file(layout: Layout, keys: dict[str, str]) -> Path:
+    lines = [
+        "# Written by `conveyor stack up`. `source` it to use the stack: MLflow, Prefect, S3 (DVC remote, artifacts).",
+        "# It holds the stack's generated credentials: keep it to yourself.",
+        *(f"export {k}={v}" for k, v in client_env(layout, keys).items()),
+    ]
+    layout.env_file.touch(mode=0o600)
+    layout.env_file.write_text("\n".join(lines) + "\n")
+    return layout.env_file
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The variables `write_env_file` exported, for a process that cannot `source` it."""
+    return dict(
+        line.removeprefix("export ").split("=", 1)
+        for line in path.read_text().splitlines()
+        if line.startswith("export ")
+    )
+
+
+def write_prometheus_config(layout: Layout) -> Path:
+    config = layout.root / "prometheus.yml"
+    target = layout.url("server").removeprefix("http://")
+    config.write_text(
+        "# Written by `conveyor stack up`: the model server's /metrics every 5 s.\n"
+        "global: {scrape_interval: 5s}\n"
+        "scrape_configs:\n"
+        "  - job_name: conveyor-server\n"
+        f"    static_configs: [{{targets: ['{target}']}}]\n"
+    )
+    return config
+
+
+def _dvc(paths: ProjectPaths, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(parts.VENV_BIN / "dvc"), *args], cwd=paths.root, capture_output=True, text=True, env=_base_env()
+    )
+
+
+def use_dvc_remote(paths: ProjectPaths, settings: Settings, layout: Layout) -> None:
+    """This project's default DVC remote becomes s3://BUCKET/dvc on the stack, in .dvc/config.local only (the
+    credentials stay in the environment: the env file)."""
+    url = f"s3://{settings.stack.bucket}/dvc"
+    for args in (
+        ("remote", "add", "--local", "--force", "--default", REMOTE, url),
+        ("remote", "modify", "--local", REMOTE, "endpointurl", layout.url("s3")),
+    ):
+        result = _dvc(paths, *args)
+        if result.returncode != 0:
+            raise StackError(f"dvc {' '.join(args)}: {result.stderr.strip()}")
+
+
+def release_dvc_remote(paths: ProjectPaths) -> None:
+    """Back to the committed default remote."""
+    _dvc(paths, "remote", "default", "--local", "--unset")
+    _dvc(paths, "remote", "remove", "--local", REMOTE)
+
+
+@dataclass(frozen=True)
+class PartStatus:
+    name: str
+    state: str  # up | down | not started | skipped
+    url: str
+    detail: str
+
+
+def status(paths: ProjectPaths, settings: Settings) -> list[PartStatus]:
+    layout = Layout.of(paths, settings)
+    state = parts.load_state(layout.state_file)
+    health = {
+        "postgres": lambda: parts.postgres_ready(
+            settings.stack.ports.postgres, _secrets(layout)["PG_SUPERUSER_PASSWORD"]
+        ),
+        "s3": lambda: parts.http_answers(layout.url("s3"), accept_errors=True),
+        "mlflow": lambda: parts.http_answers(f"{layout.url('mlflow')}/health"),
+        "prefect": lambda: parts.http_answers(f"{layout.url('prefect')}/ready"),
+        "worker": lambda: _worker_online(layout.url("prefect"), settings.orchestration.work_pool),
+        "server": lambda: parts.http_answers(f"{layout.url('server')}/v2/health/ready"),
+        "prometheus": lambda: parts.http_answers(f"{layout.url('prometheus')}/-/ready"),
+    }
+    rows = []
+    for name in ORDER:
+        entry = state.get(name)
+        if entry is None:
+            rows.append(PartStatus(name, "not started", layout.url(name), ""))
+            continue
+        if entry.process() is None:
+            rows.append(PartStatus(name, "down", layout.url(name), f"process {entry.pid} is gone; log {entry.log}"))
+            continue
+        healthy = health[name]()
+        detail = f"pid {entry.pid}, up in {entry.seconds:.1f} s"
+        if name == "server" and not healthy and parts.http_answers(f"{layout.url('server')}/v2/health/live"):
+            healthy, detail = True, detail + "; live, no model loaded yet (waiting for a champion)"
+        rows.append(PartStatus(name, "up" if healthy else "not healthy", layout.url(name), detail))
+    return rows
+
+
+def down(paths: ProjectPaths, settings: Settings) -> list[tuple[str, str]]:
+    """Stop what `up` started, in tiers (clients, then servers, then storage) so that no server loses its store while
+    a client still writes through it; the parts of a tier stop side by side."""
+    layout = Layout.of(paths, settings)
+    state = parts.load_state(layout.state_file)
+    results = []
+    for tier in STOP_TIERS:
+        entries = [state[name] for name in tier if name in state]
+        if not entries:
+            continue
+        with ThreadPoolExecutor(max_workers=len(entries)) as pool:
+            outcomes = list(pool.map(parts.stop, entries))
+        for entry, outcome in zip(entries, outcomes, strict=True):
+            results.append((entry.name, outcome))
+            state.pop(entry.name)
+        parts.save_state(layout.state_file, state)
+    release_dvc_remote(paths)
+    return results

@@ -1,0 +1,755 @@
+"""The deployment files under infra/ and .github/ against the code they deploy.
+
+Nothing here builds an image or talks to Docker or a cluster (none exists on this machine). What is checked instead:
+every YAML and JSON parses; what compose, the Dockerfiles and the kustomizations point at exists (and gets through
+each Dockerfile's ignore file); every `conveyor ...` command line they name parses against the real CLI; ports match
+params.yaml; probes hit routes the FastAPI app really has; each kustomization builds (with kubectl, where installed);
+every metric the Grafana dashboard queries is one the code defines (or a Triton metric seen from PyTriton's Triton);
+PromQL and the Prometheus config pass promtool (where installed); the generated Triton config.pbtxt is a valid
+ModelConfig; and the small scripts (DVC remote from the environment, the bucket init, the Triton start) do their job.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import free_port, stop_tree, wait_http
+
+ROOT = Path(__file__).resolve().parents[1]
+INFRA = ROOT / "infra"
+VENV_BIN = Path(sys.executable).parent
+DASHBOARD = INFRA / "grafana" / "dashboards" / "conveyor.json"
+COMPOSE = INFRA / "compose.yaml"
+WORKFLOW = ROOT / ".github" / "workflows" / "model-ci.yaml"
+K8S = INFRA / "k8s"
+DOCKERFILES = sorted((INFRA / "docker").glob("Dockerfile.*[!e]"))  # not the .dockerignore files
+SERVER_DOCKERFILES = [p for p in DOCKERFILES if p.name.startswith("Dockerfile.server")]
+
+# Triton's series on PyTriton 0.7.0's Triton (2.51), read from its metrics port on this machine with a toy model.
+TRITON_METRICS = {
+    "nv_inference_compute_infer_duration_us",
+    "nv_inference_compute_input_duration_us",
+    "nv_inference_compute_output_duration_us",
+    "nv_inference_count",
+    "nv_inference_exec_count",
+    "nv_inference_pending_request_count",
+    "nv_inference_queue_duration_us",
+    "nv_inference_request_duration_us",
+    "nv_inference_request_failure",
+    "nv_inference_request_success",
+}
+PROMQL_WORDS = {
+    "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset", "and", "or", "unless", "inf",
+    "nan",
+}  # fmt: skip
+
+
+# --- helpers (grafana_queries is also for tests/test_serving.py's real Prometheus) ----------------------------------
+
+
+def grafana_queries(rate_interval: str = "1m") -> list[str]:
+    """Every PromQL expression of the Grafana dashboard, Grafana's interval variables replaced by `rate_interval`,
+    so a real Prometheus' query API can run them."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = []
+    for panel in _panels(dashboard["panels"]):
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for variable in ("$__rate_interval", "$__interval", "$__range"):
+                expr = expr.replace(variable, rate_interval)
+            queries.append(expr)
+    return queries
+
+
+def _panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for panel in panels:
+        yield panel
+        yield from _panels(panel.get("panels", []))
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Metric names in a PromQL expression: identifiers that are not functions, keywords, label names or durations."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals
+    text = re.sub(r"\{[^}]*\}", "", text)  # label matchers
+    text = re.sub(r"\[[^\]]*\]", "", text)  # range selectors
+    text = re.sub(r"\boffset\s+-?[\dsmhdwy]+", " ", text)  # offset modifiers
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)  # label lists
+    names = set()
+    for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
+        word, rest = match.group(), text[match.end() :]
+        if rest.lstrip().startswith("(") or word.lower() in PROMQL_WORDS:
+            continue
+        if re.fullmatch(r"\d*e\d+", word):  # the tail of a number such as 1e6
+            continue
+        names.add(word)
+    return names
+
+
+def defined_metric_names(tmp_path: Path) -> set[str]:
+    """Series names the code exposes: the server's registry (by metric type, as prometheus_client names its
+    samples) and the gauges the drift check writes (written for real, then read back)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from monitoring.check import write_gauges
+    from monitoring.drift import DriftResult, FeatureDrift
+    from serving.metrics import ServingMetrics
+
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_count", "_sum", "_created"),
+        "gauge": ("",),
+        "info": ("_info",),
+        "summary": ("", "_count", "_sum", "_created"),
+    }
+    names: set[str] = set()
+    for family in ServingMetrics().registry.collect():
+        names.update(family.name + suffix for suffix in suffixes[family.type])
+    result = DriftResult(
+        "drift",
+        "test",
+        40,
+        drifted_share=0.5,
+        features=[FeatureDrift("brightness", "ks", 0.01, 0.05, True, 120.0, 60.0)],
+    )
+    path = tmp_path / "drift.prom"
+    write_gauges(path, "model", "1", result, datetime.now(UTC))
+    for family in text_string_to_metric_families(path.read_text()):
+        names.update(sample.name for sample in family.samples)
+    return names
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if pending and line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        keyword, _, rest = full.partition(" ")
+        instructions.append((keyword.upper(), rest.strip()))
+    return instructions
+
+
+def copy_sources(path: Path) -> list[str]:
+    """What each COPY takes from the build context (COPY --from=... takes from a stage or an image)."""
+    sources: list[str] = []
+    for keyword, rest in dockerfile_instructions(path):
+        if keyword != "COPY":
+            continue
+        words = shlex.split(rest)
+        if any(w.startswith("--from") for w in words):
+            continue
+        operands = [w for w in words if not w.startswith("--")]
+        sources.extend(operands[:-1])
+    return sources
+
+
+def dockerignore_excludes(patterns: list[str], path: str) -> bool:
+    """Docker's .dockerignore rule for one path: the last pattern that matches it or one of its parent folders
+    decides; `!` lets a path back in."""
+    parts = path.split("/")
+    excluded = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        body = pattern[1:] if negate else pattern
+        body = body.strip("/")
+        candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        regex = fnmatch.translate(body).replace(".*", "[^/]*")
+        if body.startswith("**/"):
+            regex = "(?:.*/)?" + fnmatch.translate(body[3:]).replace(".*", "[^/]*")
+        if any(re.match(regex, c) for c in candidates):
+            excluded = not negate
+    return excluded
+
+
+def ignore_patterns(dockerfile: Path) -> list[str]:
+    ignore = dockerfile.with_name(dockerfile.name + ".dockerignore")
+    return [line.strip() for line in ignore.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def infra_text_files() -> list[Path]:
+    """Every file of the deployment (not the demo DVC remote's data)."""
+    files = [p for p in INFRA.rglob("*") if p.is_file() and "demo-remote" not in p.parts and p.name != ".env"]
+    return sorted([*files, WORKFLOW])
+
+
+def yaml_documents(path: Path) -> list[Any]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def k8s_documents(directory: Path) -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted(directory.rglob("*.yaml")):
+        if path.name != "kustomization.yaml":
+            docs.extend(yaml_documents(path))
+    return docs
+
+
+def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = doc.get("spec", {})
+    pod = spec.get("template", {}).get("spec") or spec.get("predictor") or {}
+    return [*pod.get("initContainers", []), *pod.get("containers", [])]
+
+
+def params() -> dict[str, Any]:
+    return dict(yaml.safe_load((ROOT / "params.yaml").read_text()))
+
+
+# --- every file parses ----------------------------------------------------------------------------------------------
+
+
+def test_every_yaml_and_json_file_parses() -> None:
+    checked = 0
+    for path in infra_text_files():
+        if path.suffix in (".yaml", ".yml"):
+            assert yaml_documents(path), f"{path} is empty"
+            checked += 1
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+            checked += 1
+    assert checked >= 20
+
+
+def test_the_env_example_holds_no_secret_and_compose_requires_each() -> None:
+    values = dict(
+        line.split("=", 1)
+        for line in (INFRA / ".env.example").read_text().splitlines()
+        if "=" in line and line[0] != "#"
+    )
+    secrets = [k for k in values if "PASSWORD" in k or "SECRET" in k or "TOKEN" in k]
+    assert secrets and all(values[k] == "" for k in secrets), "secrets in .env.example must be left empty"
+    compose = COMPOSE.read_text()
+    for key in secrets:
+        assert f"${{{key}:?" in compose, f"compose must refuse to start without {key}"
+    assert "/.env" in (INFRA / ".gitignore").read_text().splitlines()
+
+
+# --- compose --------------------------------------------------------------------------------------------------------
+
+
+def test_compose_points_at_files_that_exist() -> None:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    for name, service in services.items():
+        build = service.get("build")
+        if build:
+            context = (INFRA / build["context"]).resolve()
+            assert context == ROOT, f"{name}: the Dockerfiles COPY paths relative to the repository root"
+            dockerfile = context / build["dockerfile"]
+            assert dockerfile.is_file(), f"{name}: {dockerfile}"
+            assert dockerfile.with_name(dockerfile.name + ".dockerignore").is_file()
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (INFRA / source).exists(), f"{name} mounts {source}, which does not exist"
+            else:
+                assert source in compose["volumes"], f"{name}: named volume {source} is not declared"
+        for dependency in service.get("depends_on", []):
+            assert dependency in services, f"{name} depends on unknown service {dependency}"
+        for secret in service.get("secrets", []):
+            assert secret in compose["secrets"]
+    expected = {"postgres", "minio", "bucket-init", "mlflow", "prefect-server", "worker", "model-server"}
+    assert expected | {"prometheus", "grafana"} <= set(services)
+
+
+def test_compose_stack_is_wired_consistently() -> None:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    mlflow = services["mlflow"]
+    allowed = next(a for a in mlflow["command"] if a.startswith("--allowed-hosts=")).split("=", 1)[1].split(",")
+    for name in ("worker", "model-server"):
+        uri = services[name]["environment"]["MLFLOW_TRACKING_URI"]
+        host = uri.removeprefix("http://").rstrip("/")
+        assert host in allowed, f"{name} reaches MLflow as {host}, which --allowed-hosts refuses (403)"
+    assert services["worker"]["environment"]["PREFECT_API_URL"].startswith("http://prefect-server:4200/")
+    assert "postgresql+asyncpg://" in services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert mlflow["environment"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    serve = params()["serve"]
+    for name in ("model-server", "model-server-tensorrt"):
+        published = {int(p.split(":")[-1]) for p in services[name]["ports"]}
+        assert published == {serve["port"], serve["grpc_port"]}, f"{name} publishes {published}"
+        assert services[name]["environment"]["CONVEYOR_SERVE_TOKEN"].startswith("${CONVEYOR_SERVE_TOKEN:?")
+    # The drift check (worker) and the server that appends its gauges to /metrics share the project's .conveyor/.
+    state = {v.split(":")[0] for n in ("worker", "model-server") for v in services[n]["volumes"] if ".conveyor" in v}
+    assert state == {"conveyor-state"}
+    from serving.server import DRIFT_METRICS_FILE
+
+    assert DRIFT_METRICS_FILE in (INFRA / "prometheus" / "prometheus.yml").read_text()
+    # Prometheus reads the serving token where compose mounts the secret.
+    prometheus = yaml.safe_load((INFRA / "prometheus" / "prometheus.yml").read_text())
+    job = next(j for j in prometheus["scrape_configs"] if j["job_name"] == "conveyor-model-server")
+    assert job["authorization"]["credentials_file"] == "/run/secrets/" + services["prometheus"]["secrets"][0]
+    assert f"model-server:{params()['serve']['port']}" in job["static_configs"][0]["targets"]
+    assert "labels" not in job["static_configs"][0], "a target label `runtime` would rename conveyor_model_info's"
+    # Grafana's provisioning is mounted where the provider and datasource files say.
+    grafana = services["grafana"]["volumes"]
+    provider = yaml.safe_load((INFRA / "grafana/provisioning/dashboards/conveyor.yaml").read_text())
+    assert f"./grafana/dashboards:{provider['providers'][0]['options']['path']}:ro" in grafana
+    datasource = yaml.safe_load((INFRA / "grafana/provisioning/datasources/prometheus.yaml").read_text())
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+
+
+# --- Dockerfiles ------------------------------------------------------------------------------------------------------
+
+
+def test_dockerfiles_copy_what_exists_and_gets_through_their_ignore_file() -> None:
+    assert [p.name for p in DOCKERFILES] == ["Dockerfile.server", "Dockerfile.server-tensorrt", "Dockerfile.worker"]
+    for dockerfile in DOCKERFILES:
+        patterns = ignore_patterns(dockerfile)
+        sources = copy_sources(dockerfile)
+        binds = re.findall(r"type=bind,source=([^,\s]+)", dockerfile.read_text())
+        assert sources and binds
+        for source in [*sources, *binds]:
+            assert (ROOT / source).exists(), f"{dockerfile.name} copies {source}, which is not in the repository"
+            assert not dockerignore_excludes(patterns, source), f"{dockerfile.name}: {source} is ignored"
+        # Never in an image: environments, git, local stores, secrets.
+        for never in (".venv/bin/python", ".git/HEAD", "mlflow.db", "infra/.env", "conveyor/__pycache__/cli.pyc"):
+            assert dockerignore_excludes(patterns, never), f"{dockerfile.name} would let {never} into the context"
+
+
+def test_dockerfiles_install_every_package_of_the_project() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = project["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
+    for dockerfile in DOCKERFILES:
+        sources = copy_sources(dockerfile)
+        missing = [p for p in packages if p not in sources]
+        assert not missing, f"{dockerfile.name} does not COPY {missing} (pyproject.toml's packages)"
+        text = dockerfile.read_text()
+        assert "uv sync --locked --no-dev" in text, "install exactly uv.lock"
+        assert re.search(r"^USER 10001", text, re.M), "a numeric non-root user (runAsNonRoot can check it)"
+        assert text.count("\nFROM ") >= 2, "multi-stage: the runtime image carries no build tools"
+        uv_version = re.search(r"ARG UV_VERSION=(\S+)", text)
+        makefile = re.search(r"UV_VERSION := (\S+)", (ROOT / "Makefile").read_text())
+        assert uv_version and makefile and uv_version.group(1) == makefile.group(1)
+
+
+def test_server_images_expose_the_serving_ports_and_check_health_on_a_real_route() -> None:
+    serve = params()["serve"]
+    routes = app_routes()
+    for dockerfile in SERVER_DOCKERFILES:
+        instructions = dockerfile_instructions(dockerfile)
+        exposed = {int(p) for k, rest in instructions if k == "EXPOSE" for p in rest.split()}
+        assert exposed == {serve["port"], serve["grpc_port"]}, dockerfile.name
+        health = next(rest for k, rest in instructions if k == "HEALTHCHECK")
+        url = re.search(r"http://127\.0\.0\.1:(\d+)(/[\w/]+)", health)
+        assert url and int(url.group(1)) == serve["port"] and url.group(2) in routes
+
+
+# --- conveyor commands named anywhere ---------------------------------------------------------------------------------
+
+
+def conveyor_command_lines() -> list[tuple[Path, list[str]]]:
+    """Every `conveyor ...` command line in the deployment files, comments included, as arguments (exec-form lists
+    are joined first; `kubectl -n conveyor ...` is a namespace, not the CLI)."""
+    found = []
+    for path in infra_text_files():
+        if path.suffix not in ("", ".yaml", ".yml", ".sh", ".py", ".md", ".worker", ".server", ".server-tensorrt"):
+            continue
+        if path.name.endswith(".dockerignore"):
+            continue
+        text = re.sub(r'"\s*,\s*"', " ", path.read_text())  # ["conveyor", "serve"] -> conveyor serve
+        for match in re.finditer(r"(?:^|[\s\[\"'`/(])(?<!-n )(?<!--namespace )conveyor[ \t]+([^\n\"'`\])&;|#]*)", text):
+            words = match.group(1).split()
+            if words and re.fullmatch(r"[a-z][a-z-]*", words[0]):
+                found.append((path, words))
+    return found
+
+
+def test_every_conveyor_command_named_is_a_real_cli_command_line() -> None:
+    """Each line, with --help appended, through the real CLI: an unknown command, an unknown option or an extra
+    argument exits 2 before --help is reached (click parses every argument first); a good line prints its help."""
+    from typer.testing import CliRunner
+
+    from conveyor.cli import app
+
+    lines = conveyor_command_lines()
+    named = {words[0] for _, words in lines}
+    assert {"serve", "worker", "deploy", "run", "triton-repository", "data"} <= named, named
+    runner = CliRunner()
+    for path, words in lines:
+        result = runner.invoke(app, [*words, "--help"])
+        assert result.exit_code == 0, f"{path.relative_to(ROOT)}: `conveyor {' '.join(words)}`: {result.output}"
+    assert runner.invoke(app, ["serve", "--no-such-option", "--help"]).exit_code == 2  # the check can fail
+
+
+# --- Kubernetes -----------------------------------------------------------------------------------------------------
+
+
+def kustomizations() -> list[Path]:
+    return sorted(K8S.rglob("kustomization.yaml"))
+
+
+def test_every_kustomization_lists_files_that_exist() -> None:
+    assert {p.parent.name for p in kustomizations()} == {"base", "kserve", "triton", "monitoring"}
+    for kustomization in kustomizations():
+        spec = yaml.safe_load(kustomization.read_text())
+        listed = [*spec.get("resources", []), *spec.get("components", [])]
+        listed += [f for g in spec.get("configMapGenerator", []) for f in g.get("files", [])]
+        listed += [p["path"] for p in spec.get("patches", []) if "path" in p]
+        assert listed
+        for entry in listed:
+            assert (kustomization.parent / entry).exists(), f"{kustomization}: {entry} does not exist"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (its built-in kustomize) is not installed")
+def test_every_kustomization_builds() -> None:
+    for kustomization in kustomizations():
+        result = subprocess.run(
+            ["kubectl", "kustomize", str(kustomization.parent)], capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 0, f"{kustomization.parent}: {result.stderr}"
+        docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+        kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+        assert ("Namespace", "conveyor") in kinds
+        assert all(d["metadata"].get("namespace") == "conveyor" for d in docs if d["kind"] != "Namespace")
+        served = ("Deployment", "conveyor-model-server") in kinds
+        assert served == (kustomization.parent.name in ("base", "monitoring")), kustomization.parent.name
+        for doc in docs:  # every Conveyor image went through an `images:` entry (a tag is set)
+            for container in containers(doc):
+                assert ":" in container["image"], f"{kustomization.parent.name}: {container['image']} has no tag"
+
+
+def test_k8s_server_ports_probes_and_secret_match_the_code() -> None:
+    serve = params()["serve"]
+    routes = app_routes()
+    from serving.app import HEALTH_ROUTES
+    from serving.server import TOKEN_ENV
+
+    servers = [
+        d
+        for d in [*k8s_documents(K8S / "base"), *k8s_documents(K8S / "overlays/kserve")]
+        if d["kind"] in ("Deployment", "InferenceService") and d["metadata"]["name"] != "conveyor-prefect-worker"
+    ]
+    assert {d["kind"] for d in servers} == {"Deployment", "InferenceService"}
+    for doc in servers:
+        (container,) = containers(doc)
+        args = container["args"]
+        assert args[:2] == ["conveyor", "serve"]
+        assert args[args.index("--port") + 1] == str(serve["port"])
+        assert args[args.index("--grpc-port") + 1] == str(serve["grpc_port"])
+        assert args[args.index("--host") + 1] == "0.0.0.0"
+        assert {p["containerPort"] for p in container["ports"]} <= {serve["port"], serve["grpc_port"]}
+        assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+        assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            assert container[probe]["httpGet"]["path"] in routes
+        token = next(e for e in container["env"] if e["name"] == TOKEN_ENV)
+        assert token["valueFrom"]["secretKeyRef"]["name"] == "conveyor-secrets"
+    deployment = next(d for d in servers if d["kind"] == "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    service = next(d for d in k8s_documents(K8S / "base") if d["kind"] == "Service")
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {
+        "http": serve["port"],
+        "grpc": serve["grpc_port"],
+    }
+    hpa = next(d for d in k8s_documents(K8S / "base") if d["kind"] == "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2" and hpa["spec"]["scaleTargetRef"]["name"] == "conveyor-model-server"
+    monitor = next(d for d in k8s_documents(K8S / "overlays/monitoring") if d["kind"] == "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["path"] in routes
+    # Plain Triton answers the same KServe v2 health routes as the API in front of PyTriton.
+    (triton,) = [d for d in k8s_documents(K8S / "overlays/triton") if d["kind"] == "Deployment"]
+    main = containers(triton)[-1]
+    assert {main[p]["httpGet"]["path"] for p in ("readinessProbe", "livenessProbe")} == set(HEALTH_ROUTES)
+    init = containers(triton)[0]
+    assert init["args"][:2] == ["conveyor", "triton-repository"] and init["args"][-1] == "/models"
+
+
+def test_prefect_worker_runs_a_kubernetes_pool_with_jobs_it_may_create() -> None:
+    base = k8s_documents(K8S / "base")
+    worker = next(d for d in base if d["kind"] == "Deployment" and d["metadata"]["name"] == "conveyor-prefect-worker")
+    (container,) = containers(worker)
+    command = container["command"]
+    assert command[:3] == ["prefect", "worker", "start"]
+    assert "--pool=conveyor-k8s" in command and "--type=kubernetes" in command
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["PREFECT_WORKER_QUERY_SECONDS"] == str(params()["orchestration"]["worker_poll_seconds"])
+    assert "-kubernetes" in container["image"], "the worker needs prefect-kubernetes"
+    role = next(d for d in base if d["kind"] == "Role")
+    jobs = next(r for r in role["rules"] if "jobs" in r["resources"])
+    assert jobs["apiGroups"] == ["batch"] and {"create", "get", "list", "watch", "delete"} <= set(jobs["verbs"])
+    binding = next(d for d in base if d["kind"] == "RoleBinding")
+    account = worker["spec"]["template"]["spec"]["serviceAccountName"]
+    assert binding["subjects"][0]["name"] == account and binding["roleRef"]["name"] == role["metadata"]["name"]
+    job = next(d for d in base if d["kind"] == "Job")
+    assert job["spec"]["template"]["spec"]["serviceAccountName"] == account
+    assert next(e for e in containers(job)[0]["env"] if e["name"] == "CONVEYOR_WORK_POOL")["value"] == "conveyor-k8s"
+
+
+def test_the_flow_run_job_template_gets_this_image_and_the_stack_config() -> None:
+    sys.path.insert(0, str(K8S / "base" / "prefect"))
+    try:
+        from deploy_to_pool import flow_run_template
+    finally:
+        sys.path.pop(0)
+    template = json.loads((K8S / "base" / "prefect" / "base-job-template.json").read_text())
+    patched = flow_run_template(template, "registry.example/conveyor-worker:1", "team-ns")
+    assert patched["variables"]["properties"]["image"]["default"] == "registry.example/conveyor-worker:1"
+    assert patched["variables"]["properties"]["namespace"]["default"] == "team-ns"
+    assert template["variables"]["properties"]["image"]["default"] is None, "the template file itself is untouched"
+    manifest = patched["job_configuration"]["job_manifest"]
+    (container,) = manifest["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "{{ image }}" and container["args"] == "{{ command }}"
+    # `args`, not `command`: the image's entrypoint (DVC remote from the environment) still runs in flow-run pods.
+    assert "command" not in container
+    config = next(d for d in k8s_documents(K8S / "base") if d["kind"] == "ConfigMap")
+    refs = {next(iter(ref.values()))["name"] for ref in container["envFrom"]}
+    assert refs == {config["metadata"]["name"], "conveyor-secrets"}
+    assert "CONVEYOR_DVC_REMOTE" in config["data"] and "MLFLOW_TRACKING_URI" in config["data"]
+
+
+# --- Grafana and Prometheus ---------------------------------------------------------------------------------------
+
+
+def test_dashboard_queries_only_metrics_the_code_defines(tmp_path: Path) -> None:
+    defined = defined_metric_names(tmp_path)
+    queries = grafana_queries()
+    assert len(queries) >= 25
+    used = set().union(*(promql_metric_names(q) for q in queries))
+    unknown = used - defined - TRITON_METRICS
+    assert not unknown, f"the dashboard queries metrics nothing defines: {sorted(unknown)}"
+    # The panels the dashboard promises, each on its real series.
+    for name in (
+        "conveyor_http_requests_total",
+        "conveyor_request_seconds_bucket",
+        "conveyor_batch_size_bucket",
+        "conveyor_queue_seconds_bucket",
+        "conveyor_inference_seconds_bucket",
+        "conveyor_detections_total",
+        "conveyor_detection_confidence_bucket",
+        "conveyor_model_info",
+        "conveyor_model_load_failures_total",
+        "conveyor_prediction_log_dropped_total",
+        "conveyor_drift_detected",
+        "conveyor_drift_share",
+        "conveyor_drift_feature_drifted",
+        "conveyor_drift_feature_score",
+        "nv_inference_count",
+    ):
+        assert name in used, f"no panel shows {name}"
+    assert "$__rate_interval" not in "".join(queries)
+
+
+def test_promql_metric_name_extraction() -> None:
+    expr = (
+        'histogram_quantile(0.95, sum by (le, route) (rate(conveyor_request_seconds_bucket{route!~"/metrics"}[5m])))'
+        " / ignoring(x) sum without (le) (a_total offset 5m) or vector(0) * 1e6"
+    )
+    assert promql_metric_names(expr) == {"conveyor_request_seconds_bucket", "a_total"}
+
+
+def test_dashboard_is_provisionable() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    datasource = yaml.safe_load((INFRA / "grafana/provisioning/datasources/prometheus.yaml").read_text())
+    uid = datasource["datasources"][0]["uid"]
+    (variable,) = dashboard["templating"]["list"]
+    assert variable["type"] == "datasource" and variable["current"]["value"] == uid
+    ids = [p["id"] for p in _panels(dashboard["panels"])]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    for panel in _panels(dashboard["panels"]):
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${datasource}" and panel["targets"], panel["title"]
+            assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian's prometheus package) is not installed")
+def test_promtool_accepts_the_queries_and_the_config(tmp_path: Path) -> None:
+    rules = {
+        "groups": [
+            {"name": "dashboard", "rules": [{"record": f"q:{i}", "expr": q} for i, q in enumerate(grafana_queries())]}
+        ]
+    }
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump(rules))
+    result = subprocess.run(["promtool", "check", "rules", str(tmp_path / "rules.yml")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    config = INFRA / "prometheus" / "prometheus.yml"
+    result = subprocess.run(
+        ["promtool", "check", "config", "--syntax-only", str(config)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- the CI workflow ------------------------------------------------------------------------------------------------
+
+
+def test_workflow_triggers_runs_and_reports_where_the_pipeline_writes(tmp_path: Path) -> None:
+    workflow = yaml.safe_load(WORKFLOW.read_text())
+    triggers = workflow[True]  # YAML 1.1 reads the key `on` as true
+    paths = ["data.dvc", "params.yaml", "dvc.yaml", "pipelines/**", "flows/**", "conveyor/**"]
+    assert triggers["pull_request"]["paths"] == paths
+    assert triggers["push"] == {"branches": ["main"], "paths": paths}
+    (job,) = workflow["jobs"].values()
+    steps = job["steps"]
+    uses = [s["uses"] for s in steps if "uses" in s]
+    assert all(re.fullmatch(r"[\w-]+/[\w-]+@v\d+", u) for u in uses), uses
+    setup_uv = next(s for s in steps if s.get("uses", "").startswith("astral-sh/setup-uv"))
+    makefile = re.search(r"UV_VERSION := (\S+)", (ROOT / "Makefile").read_text())
+    assert makefile and setup_uv["with"]["version"] == makefile.group(1)
+    runs = "\n".join(s.get("run", "") for s in steps)
+    assert "uv sync --locked" in runs and "dvc pull" in runs and "infra/docker/with-dvc-remote.sh" in runs
+    # Promotion only on main: the pull request runs the stages (no registry step), main runs the flow.
+    pr_step = next(s for s in steps if "dvc repro" in s.get("run", ""))
+    main_step = next(s for s in steps if "conveyor run" in s.get("run", ""))
+    assert pr_step["if"] == "github.event_name == 'pull_request'" and main_step["if"] == "github.event_name == 'push'"
+    # The comment posts the report the gate stage writes.
+    from conveyor.paths import ProjectPaths
+    from pipelines.gate import GateReport, GateResult, write_report
+
+    write_report(GateReport(True, "run", None, [GateResult("mAP50", ">= 0.6", "0.9", True)]), tmp_path)
+    (markdown,) = [p.name for p in tmp_path.iterdir() if p.suffix == ".md"]
+    report = str(ProjectPaths(ROOT).gate.relative_to(ROOT) / markdown)
+    comment = next(s for s in steps if s.get("uses", "").startswith("marocchino/sticky-pull-request-comment"))
+    assert comment["with"]["path"] == report
+    for name in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert job["env"][name] == f"${{{{ secrets.{name} }}}}"
+    assert workflow["permissions"]["pull-requests"] == "write"
+
+
+# --- the scripts --------------------------------------------------------------------------------------------------
+
+
+def test_dvc_remote_comes_from_the_environment(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "DVC_NO_ANALYTICS": "1",
+        "CONVEYOR_DVC_REMOTE": "s3://bucket/dvc",
+        "AWS_ENDPOINT_URL": "http://store.invalid:9000",
+    }
+    subprocess.run([VENV_BIN / "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, env=env, check=True)
+    script = INFRA / "docker" / "with-dvc-remote.sh"
+    assert os.access(script, os.X_OK)
+    for _ in range(2):  # idempotent: a restarted container runs it again
+        result = subprocess.run(
+            [script, "dvc", "remote", "default"], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+        )
+        assert result.stdout.strip() == "team"
+    local = (tmp_path / ".dvc" / "config.local").read_text()
+    assert "url = s3://bucket/dvc" in local and "endpointurl = http://store.invalid:9000" in local
+    assert "secret" not in local.lower() and "access_key" not in local.lower()
+    # Unset: the repository's remotes are left as they are, and the command still runs.
+    bare = {k: v for k, v in env.items() if k != "CONVEYOR_DVC_REMOTE"}
+    assert subprocess.run([script, "true"], cwd=tmp_path, env=bare, check=False).returncode == 0
+
+
+def test_triton_config_is_a_valid_model_config() -> None:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from conveyor.settings import load_settings
+    from serving.triton_repository import config_pbtxt
+
+    cfg = load_settings(ROOT / "params.yaml").serve
+    config = text_format.Parse(config_pbtxt("conveyor-defect-detector", cfg), model_config_pb2.ModelConfig())
+    assert config.backend == "python" and config.max_batch_size == cfg.max_batch_size
+    assert [i.name for i in config.input] == ["image"]
+    assert {o.name for o in config.output} == {"detections", "num_detections", "model_version", "error"}
+    assert config.dynamic_batching.max_queue_delay_microseconds == int(cfg.max_queue_delay_ms * 1000)
+    assert config.dynamic_batching.default_queue_policy.max_queue_size == cfg.max_queue_size
+    assert config.instance_group[0].count == cfg.workers
+    assert config.parameters["runtime"].string_value == cfg.runtime
+
+
+@pytest.mark.slow
+def test_triton_start_script_serves_a_model_repository(tmp_path: Path) -> None:
+    """The Triton overlay's start script: PyTriton's tritonserver with the stub for this Python, up and healthy."""
+    (tmp_path / "models").mkdir()
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "TRITON_MODEL_REPOSITORY": str(tmp_path / "models"),
+        "TRITON_BACKEND_DIR": str(tmp_path / "backends"),
+    }
+    process = subprocess.Popen(
+        ["sh", str(K8S / "overlays/triton/start-triton.sh"), f"--http-port={http}", f"--grpc-port={grpc}",
+         f"--metrics-port={metrics}", "--http-address=127.0.0.1", "--grpc-address=127.0.0.1"],
+        env=env,
+        stdout=(tmp_path / "triton.log").open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{http}/v2/health/live", 60, process)
+        wait_http(f"http://127.0.0.1:{http}/v2/health/ready", 30, process)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as response:
+            assert response.status == 200
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        assert (tmp_path / "backends" / "python" / "triton_python_backend_stub").is_file(), version
+    except Exception:
+        print((tmp_path / "triton.log").read_text(errors="replace")[-3000:])
+        raise
+    finally:
+        stop_tree(process)
+
+
+@pytest.mark.slow
+def test_bucket_init_creates_the_bucket_once(tmp_path: Path) -> None:
+    """compose's bucket-init script against a real S3-compatible server (nanio, where installed)."""
+    if shutil.which("nanio", path=str(VENV_BIN)) is None:
+        pytest.skip("nanio is not installed in this environment")
+    port = free_port()
+    keys = {"NANIO_ACCESS_KEY": "infra-test", "NANIO_SECRET_KEY": "infra-test-secret-key"}
+    server = subprocess.Popen(
+        [VENV_BIN / "nanio", "serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(tmp_path / "s3")],
+        env={**os.environ, **keys},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+        "AWS_ACCESS_KEY_ID": keys["NANIO_ACCESS_KEY"],
+        "AWS_SECRET_ACCESS_KEY": keys["NANIO_SECRET_KEY"],
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "S3_BUCKET": "conveyor",
+    }
+    script = INFRA / "compose" / "minio" / "create_bucket.py"
+    try:
+        first = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=120)
+        second = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=60)
+        assert first.returncode == 0 and "created bucket conveyor" in first.stdout, first.stderr
+        assert second.returncode == 0 and "bucket conveyor exists" in second.stdout, second.stderr
+    finally:
+        stop_tree(server)
+
+
+# --- shared -----------------------------------------------------------------------------------------------------
+
+
+def app_routes() -> set[str]:
+    """The paths of the server's FastAPI app, built without Triton or a model (nothing is started)."""
+    from pipelines.inference import ImageLimits
+    from serving.app import ApiConfig, create_app
+    from serving.metrics import ServingMetrics
+    from serving.swap import ModelSlot
+    from serving.triton import TritonPorts
+
+    config = ApiConfig("conveyor-defect-detector", TritonPorts(1, 2, 3, "127.0.0.1"), ImageLimits(), 1, 1, None)
+    app = create_app(config, ModelSlot(), ServingMetrics())
+    return {str(getattr(route, "path", "")) for route in app.routes}

@@ -1,0 +1,316 @@
+"""The production stack for real: `conveyor stack up` starts PostgreSQL (Debian's), an S3 store (nanio), MLflow on
+PostgreSQL with its artifacts in S3, Prefect on PostgreSQL with a worker, the model server and Prometheus, as
+processes; the training flow runs through the worker; a second clone pulls the data version from S3. Faults: wrong S3
+credentials, PostgreSQL restarted between stages, the S3 store stopped mid-push. `stack down` leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conveyor.paths import ProjectPaths
+from conveyor.settings import load_settings
+from pipelines import registry
+from stack import parts, storage
+from stack.control import Layout, read_env_file
+from tests.conftest import base_env, free_port
+from tests.flow_support import conveyor, make_flow_project, set_params, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass(frozen=True)
+class RunningStack:
+    project: Path
+    name: str
+    env: dict[str, str]  # base environment + the stack's env file
+    layout: Layout
+
+    def url(self, part: str) -> str:
+        return self.layout.url(part)
+
+    @property
+    def s3_credentials(self) -> tuple[str, str]:
+        return self.env["AWS_ACCESS_KEY_ID"], self.env["AWS_SECRET_ACCESS_KEY"]
+
+    def entry(self, part: str) -> parts.Started:
+        return parts.load_state(self.layout.state_file)[part]
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[RunningStack]:
+    if parts.shutil.which("postgres") is None and not list(Path("/usr/lib/postgresql").glob("*/bin/postgres")):
+        pytest.skip("PostgreSQL is not installed (`make test` installs Debian's postgresql where it can)")
+    # PostgreSQL runs as the `postgres` user when this is root: the stack's folder must be reachable by it, which
+    # pytest's own temporary folders (mode 0700) are not.
+    root = Path(tempfile.mkdtemp(prefix="conveyor-stack-test-"))
+    root.chmod(0o755)
+    project, name = make_flow_project(root)
+    ports = {part: free_port() for part in ("postgres", "s3", "mlflow", "prefect", "prometheus")}
+    set_params(
+        project,
+        stack={"directory": str(root / "stack"), "ports": ports},
+        serve={"port": free_port(), "grpc_port": free_port(), "poll_seconds": 2},
+        orchestration={"worker_poll_seconds": 1},
+    )
+    paths = ProjectPaths(project)
+    layout = Layout.of(paths, load_settings(paths.params))
+    try:
+        up = conveyor(project, {**base_env(), "COLUMNS": "200"}, "stack", "up")
+        assert "Conveyor stack up" in up.stdout
+        env = {**base_env(), **read_env_file(layout.env_file)}
+        yield RunningStack(project, name, env, layout)
+    finally:
+        down = conveyor(project, base_env(), "stack", "down", check=False)
+        state = parts.load_state(layout.state_file)
+        shutil.rmtree(root, ignore_errors=True)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not state, f"left in the state file: {list(state)}"
+
+
+def test_stack_is_up_and_says_so(stack: RunningStack) -> None:
+    status = conveyor(stack.project, {**base_env(), "COLUMNS": "200"}, "stack", "status")
+    cells = {row[1]: row[2] for row in (line.split("│") for line in status.stdout.splitlines()) if len(row) > 3}
+    states = {part.strip(): state.strip() for part, state in cells.items()}
+    for part in ("postgres", "s3", "mlflow", "prefect", "worker", "server"):
+        assert states.get(part) == "up", status.stdout
+    assert stack.layout.env_file.stat().st_mode & 0o077 == 0  # it holds the credentials
+    config_local = (stack.project / ".dvc/config.local").read_text()
+    assert "s3://" in config_local and "endpointurl" in config_local
+    assert "AWS_SECRET" not in (stack.project / ".dvc/config").read_text()
+
+
+def test_the_flow_runs_through_the_worker_with_artifacts_in_s3(stack: RunningStack) -> None:
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: stack.env["PREFECT_API_URL"]}):
+        flow_run = run_deployment("conveyor-training/scheduled-training", timeout=900, parameters={"reason": "test"})
+    assert not isinstance(flow_run, type(None))
+    assert flow_run.state is not None and flow_run.state.is_completed(), flow_run.state  # type: ignore[union-attr]
+
+    # MLflow on PostgreSQL, its artifacts in S3; a client with no S3 credentials reads them through the server.
+    no_s3 = {k: v for k, v in stack.env.items() if not k.startswith("AWS_")}
+    client = MlflowClient(stack.env["MLFLOW_TRACKING_URI"])
+    champion = registry.current_champion(client, stack.name)
+    assert champion is not None and champion.run_id
+    keys = storage.list_keys(storage.S3Location("conveyor", "mlflow"), stack.url("s3"), stack.s3_credentials)
+    assert any(key.endswith(f"{champion.run_id}/artifacts/weights/best.pt") for key in keys), keys[:20]
+    fetched = subprocess.run(
+        [
+            str(parts.VENV_BIN / "python"),
+            "-c",
+            f"import mlflow; print(mlflow.artifacts.download_artifacts("
+            f"run_id='{champion.run_id}', artifact_path='weights/best.pt', tracking_uri='{client.tracking_uri}'))",
+        ],
+        env=no_s3,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert Path(fetched.stdout.strip()).stat().st_size > 1_000_000
+
+    # DVC pushed to S3; a second clone (another machine) pulls the exact data version and stage outputs.
+    assert storage.list_keys(storage.S3Location("conveyor", "dvc"), stack.url("s3"), stack.s3_credentials)
+    clone = stack.project.parent / "clone"
+    subprocess.run(["git", "-C", str(stack.project), "add", "-A"], check=True)
+    subprocess.run(["git", "-C", str(stack.project), "commit", "-qm", "trained on the stack"], check=True)
+    subprocess.run(["git", "clone", "-q", str(stack.project), str(clone)], check=True)
+    subprocess.run(
+        ["dvc", "remote", "add", "--local", "-d", "team", "s3://conveyor/dvc"], cwd=clone, env=stack.env, check=True
+    )
+    subprocess.run(["dvc", "pull", "-q"], cwd=clone, env=stack.env, check=True, timeout=300)
+    status = subprocess.run(["dvc", "status"], cwd=clone, env=stack.env, capture_output=True, text=True, check=True)
+    assert "up to date" in status.stdout, status.stdout
+
+    # The model server follows the registry: ready with the champion; Prometheus scrapes it.
+    server = stack.url("server")
+    wait_for(lambda: parts.http_answers(f"{server}/v2/health/ready"), 120, "the server to load the champion")
+
+    def scraped() -> bool:
+        query = urllib.parse.urlencode({"query": "conveyor_model_ready"})
+        with urllib.request.urlopen(f"{stack.url('prometheus')}/api/v1/query?{query}", timeout=5) as response:
+            result = json.loads(response.read())["data"]["result"]
+        return bool(result) and result[0]["value"][1] == "1"
+
+    if "prometheus" in parts.load_state(stack.layout.state_file):
+        wait_for(scraped, 60, "Prometheus to scrape the ready server")
+
+
+def test_wrong_or_missing_s3_credentials_fail_before_any_stage(stack: RunningStack) -> None:
+    lock = (stack.project / "dvc.lock").read_text()
+    where = f"bucket 'conveyor' on the S3 store {stack.url('s3')}"
+    for env, expected in (
+        ({**stack.env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}, f"{where}: the store refused these credentials"),
+        (
+            {k: v for k, v in stack.env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")},
+            f"no S3 credentials for {where}",
+        ),
+    ):
+        started = time.monotonic()
+        result = conveyor(stack.project, {**env, "COLUMNS": "300"}, "run", check=False)
+        assert result.returncode == 1 and expected in result.stdout + result.stderr, result.stdout[-3000:]
+        assert time.monotonic() - started < 90
+    assert (stack.project / "dvc.lock").read_text() == lock  # no stage ran
+
+
+def test_batch_predict_reads_images_from_s3(stack: RunningStack, tmp_path: Path) -> None:
+    """`conveyor predict s3://bucket/prefix` over the stack's store with the champion the flow test promoted: images
+    (nested keys) become detection lines, a damaged object an error line, other objects are ignored; a re-run skips
+    what is done; a bucket that does not exist is a clear error."""
+    if registry.current_champion(MlflowClient(stack.env["MLFLOW_TRACKING_URI"]), stack.name) is None:
+        pytest.skip("needs the champion of test_the_flow_runs_through_the_worker_with_artifacts_in_s3")
+    s3 = storage.client(stack.url("s3"), credentials=stack.s3_credentials)
+    images = sorted(stack.project.glob("data/**/*.jpg"))[:3]
+    assert len(images) == 3
+    for i, image in enumerate(images):
+        s3.upload_file(str(image), "conveyor", f"incoming/line-{i % 2}/{image.name}")
+    s3.put_object(Bucket="conveyor", Key="incoming/line-0/damaged.jpg", Body=b"\xff\xd8 not a jpeg")
+    s3.put_object(Bucket="conveyor", Key="incoming/notes.txt", Body=b"not an image")
+    s3.put_object(Bucket="conveyor", Key="incoming-other/x.jpg", Body=images[0].read_bytes())  # another prefix
+
+    out = tmp_path / "predictions.jsonl"
+    first = conveyor(stack.project, stack.env, "predict", "s3://conveyor/incoming", "--out", str(out))
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(line["image"] for line in lines) == sorted(
+        [f"s3://conveyor/incoming/line-{i % 2}/{image.name}" for i, image in enumerate(images)]
+        + ["s3://conveyor/incoming/line-0/damaged.jpg"]
+    ), first.stdout
+    damaged = [line for line in lines if line["image"].endswith("damaged.jpg")]
+    assert "error" in damaged[0] and all("detections" in line for line in lines if line not in damaged)
+    assert sum(len(line["detections"]) for line in lines if line not in damaged) > 0
+    again = conveyor(
+        stack.project, {**stack.env, "COLUMNS": "200"}, "predict", "s3://conveyor/incoming", "--out", str(out)
+    )
+    assert len(out.read_text().splitlines()) == 4 and "4 images" in again.stdout
+
+    missing = conveyor(stack.project, stack.env, "predict", "s3://no-such-bucket/x", "--out", str(out), check=False)
+    assert missing.returncode == 1
+    assert f"bucket 'no-such-bucket' on the S3 store {stack.url('s3')}: no such bucket" in missing.stderr, (
+        missing.stderr
+    )
+
+
+def test_prediction_log_ships_to_s3_and_catches_up_after_an_outage(
+    stack: RunningStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prediction log's part files reach s3://conveyor/<prefix>, where a drift check's window reads them. With
+    the store stopped, serving goes on (records stay local); once it is back, the next flush ships what is missing.
+    Two logs (two replicas) ship to one prefix, and the window holds both."""
+    from monitoring.current import from_log
+    from serving.predlog import LogShipper, Pending, PredictionLog, read_log
+    from tests.test_serving_units import pending
+
+    for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(key, stack.env[key])
+    url = "s3://conveyor/predictions-test"
+
+    def replica(name: str) -> PredictionLog:
+        return PredictionLog(tmp_path / name, 100, 60, 48, shipper=LogShipper(url))
+
+    def offer(log: PredictionLog, count: int) -> None:
+        log.directory.mkdir(exist_ok=True)
+        for _ in range(count):
+            item: Pending = pending("7")
+            log.offer(item)
+        log.flush()
+
+    first, second = replica("a"), replica("b")
+    offer(first, 5)
+    offer(second, 4)
+    assert not first.shipper.behind and not second.shipper.behind  # type: ignore[union-attr]
+    assert len(read_log(url).records) == 9
+
+    assert parts.stop(stack.entry("s3")) == "stopped"
+    offer(first, 6)  # no exception: the request path never waits on the store
+    assert first.shipper is not None and first.shipper.behind and first.written == 11
+    assert len(read_log(tmp_path / "a").records) == 11  # kept locally
+
+    conveyor(stack.project, base_env(), "stack", "up")  # the store is back
+    first.shipper.catch_up(first.directory)  # what the writer thread does after its next flush
+    assert not first.shipper.behind
+    window = from_log(url, hours=1, version="7")
+    assert len(window.records) == 15 and window.source.startswith(f"prediction log {url}")
+
+
+def _run_in_background(stack: RunningStack, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("w") as out:
+        return subprocess.Popen(
+            ["conveyor", "run"],
+            cwd=stack.project,
+            env=stack.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _dvc_push_started(run: subprocess.Popen[bytes]) -> bool:
+    try:
+        children = psutil.Process(run.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return True
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            if child.cmdline()[-1:] == ["push"] and "dvc" in child.cmdline():
+                return True
+    return run.poll() is not None
+
+
+def test_postgres_restarted_between_stages_then_s3_lost_mid_push(stack: RunningStack) -> None:
+    """PostgreSQL (under MLflow and Prefect) is restarted as the evaluate stage starts: the run carries on (MLflow's
+    client retries the 503s, Prefect's the 500s: PREFECT_CLIENT_RETRY_EXTRA_CODES in the env file). Then the S3
+    store's process is killed once `dvc push` has started: the run fails saying so, the push is not recorded, and
+    once the store is back the next run pushes the rest, after which the remote holds every object the lock names."""
+    set_params(stack.project, train={"epochs": 2})  # the stages run again
+    last_push = stack.project / ".conveyor/last-push"
+    pushed_before = last_push.read_text() if last_push.exists() else None  # the flow test's push, if it ran
+    log = stack.project.parent / "restart.log"
+    run = _run_in_background(stack, log)
+    s3_objects = stack.layout.root / "s3"
+    try:
+        wait_for(lambda: "Task run 'stage evaluate-" in log.read_text() or run.poll() is not None, 900, "evaluate")
+        assert parts.stop(stack.entry("postgres")) == "stopped"
+        time.sleep(2)  # the servers see PostgreSQL gone
+        conveyor(stack.project, base_env(), "stack", "up")  # starts what is down: PostgreSQL, on the same data
+        before = sum(1 for _ in s3_objects.rglob("*"))
+        wait_for(lambda: _dvc_push_started(run), 900, "dvc push to start", 0.02)
+        assert run.poll() is None, log.read_text()[-5000:]
+        # Kill the store as its first new object lands, or 3 s into the push if the push is still looking.
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and sum(1 for _ in s3_objects.rglob("*")) == before:
+            time.sleep(0.01)
+        store = stack.entry("s3").process()
+        assert store is not None
+        store.kill()  # the store's machine goes away mid-push
+        assert run.wait(timeout=600) == 1, log.read_text()[-5000:]
+    finally:
+        if run.poll() is None:
+            psutil.Process(run.pid).kill()
+    text = log.read_text()
+    assert "dvc push failed" in text, text[-5000:]
+    assert "Task run 'stage evaluate-" in text and "Finished in state Completed" in text
+    assert (last_push.read_text() if last_push.exists() else None) == pushed_before  # the failed push is not one
+
+    conveyor(stack.project, base_env(), "stack", "up")  # the store is back
+    again = conveyor(stack.project, stack.env, "run")
+    assert "up to date" in again.stdout + again.stderr
+    assert last_push.exists() and last_push.read_text() != pushed_before
+    cloud = subprocess.run(
+        ["dvc", "status", "--cloud"], cwd=stack.project, env=stack.env, capture_output=True, text=True, check=True
+    )
+    assert "Cache and remote 'stack' are in sync" in cloud.stdout, cloud.stdout
