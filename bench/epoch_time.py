@@ -4,8 +4,9 @@
 
 Trains yolo11n from its YAML for a few epochs on the demo data (a dataset view's data.yaml: after `make run`, the
 project's `.conveyor/views/train/data.yaml`), once per setting below, and times each epoch's training and validation
-with Ultralytics callbacks. Settings: the defaults; no validation but after the last epoch; 2 loader processes;
-decoded images cached in RAM; batch 16; an optimizer step per batch (`nbs` 8). Run it on a quiet machine.
+with Ultralytics callbacks. Settings: Ultralytics' defaults; channels-last tensors (Conveyor's `train.channels_last`);
+no validation but after the last epoch; 2 loader processes; decoded images cached in RAM; batch 16; an optimizer
+step per batch (`nbs` 8). Run it on a quiet machine.
 
 Writes bench/results/epoch_time.json: per setting, the train and val seconds of every epoch and the total.
 """
@@ -27,13 +28,16 @@ from rich.console import Console
 from rich.table import Table
 
 import conveyor  # noqa: F401  (offline switches before the ML imports)
+from conveyor.lineage import cpu_model
 from conveyor.paths import available_cores
 from conveyor.scaffold import REPO
-from conveyor.yolo import load_yolo
+from conveyor.yolo import load_yolo, use_channels_last
 
 RESULTS = REPO / "bench" / "results" / "epoch_time.json"
+CHANNELS_LAST = "channels_last"  # Conveyor's setting (an Ultralytics callback), not an Ultralytics train argument
 SETTINGS: dict[str, dict[str, Any]] = {
     "defaults": {},
+    "channels_last": {CHANNELS_LAST: True},
     "val: false": {"val": False},
     "val: false, workers: 2": {"val": False, "workers": 2},
     "val: false, cache: ram": {"val": False, "cache": "ram"},
@@ -44,6 +48,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
 
 def time_epochs(data_yaml: Path, overrides: dict[str, Any], epochs: int, project: Path) -> dict[str, Any]:
     model = load_yolo("yolo11n.yaml")
+    train_overrides = dict(overrides)
+    if train_overrides.pop(CHANNELS_LAST, False):
+        model.add_callback("on_pretrain_routine_end", use_channels_last)
     marks: list[tuple[str, float]] = []
     model.add_callback("on_train_epoch_start", lambda _: marks.append(("start", time.perf_counter())))
     model.add_callback("on_train_epoch_end", lambda _: marks.append(("train_end", time.perf_counter())))
@@ -65,7 +72,7 @@ def time_epochs(data_yaml: Path, overrides: dict[str, Any], epochs: int, project
         "verbose": False,
     }
     started = time.perf_counter()
-    model.train(**(args | overrides))
+    model.train(**(args | train_overrides))
     total = time.perf_counter() - started
     pairs = list(itertools.pairwise(marks))
     return {
@@ -92,11 +99,11 @@ def main() -> None:
     record = {
         "epochs": args.epochs,
         "settings": results,
-        "host": {"cores": available_cores(), "machine": platform.machine()},
+        "host": {"cores": available_cores(), "cpu": cpu_model(), "machine": platform.machine()},
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     RESULTS.write_text(json.dumps(record, indent=2) + "\n")
-    table = Table(title=f"Training epoch time, yolo11n 320 px, {available_cores()} cores")
+    table = Table(title=f"Training epoch time, yolo11n 320 px, {available_cores()} cores ({cpu_model()})")
     for column in ("setting", "train s/epoch (median)", "range", "val s/epoch (median)", "total s"):
         table.add_column(column)
     for name, r in results.items():

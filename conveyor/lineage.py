@@ -65,11 +65,22 @@ def git_state(root: Path) -> GitState:
 
 
 def cpu_model() -> str:
-    """The CPU's model name: across machines it decides PyTorch's kernels, hence a training run's last bits."""
-    cpuinfo = Path("/proc/cpuinfo")
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    import platform
+    """The CPU's model name and widest vector ISA, e.g. "AMD EPYC, AVX-512".
 
-    return platform.processor() or platform.machine()
+    Across machines they decide PyTorch's kernels, hence a training run's last bits and its speed; one model name
+    ("AMD EPYC") covers CPUs with and without AVX-512.
+    """
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+    if not names:
+        import platform
+
+        return platform.processor() or platform.machine()
+    isa = next((name for flag, name in _VECTOR_ISAS if flag in flags), None)
+    return f"{names[0]}, {isa}" if isa else names[0]
+
+
+# Widest first: the x86 vector extensions PyTorch's CPU kernels are built for.
+_VECTOR_ISAS = (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))

@@ -120,6 +120,9 @@ class TrainSettings(_Section):
     workers: int = Field(0, ge=0, description="dataloader workers; 0 keeps memory low on small machines")
     device: str = Field("auto", description="'auto' (first GPU, else CPU), 'cpu', or a CUDA index like '0'")
     close_mosaic: int = Field(10, ge=0)
+    channels_last: bool = Field(
+        True, description="train in channels-last (NHWC) memory format: faster convolutions on CPU (README)"
+    )
     extra: dict[str, Any] = Field(default_factory=dict, description="further Ultralytics train arguments")
 
     @model_validator(mode="after")

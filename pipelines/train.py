@@ -12,7 +12,7 @@ from rich.console import Console
 from conveyor.paths import ProjectPaths, available_cores
 from conveyor.settings import Settings
 from conveyor.tracking import Tracker, flatten
-from conveyor.yolo import load_yolo, resolve_device
+from conveyor.yolo import load_yolo, resolve_device, use_channels_last
 from pipelines.dataset_view import class_names, load_manifest, materialize
 
 # Ultralytics files worth keeping in MLflow beside the weights.
@@ -104,6 +104,8 @@ def run(paths: ProjectPaths, settings: Settings, console: Console | None = None)
         reporter = EpochReporter(tracker, cfg.epochs, console)
         model.add_callback("on_train_epoch_end", reporter.on_train_epoch_end)
         model.add_callback("on_fit_epoch_end", reporter.on_fit_epoch_end)
+        if cfg.channels_last:
+            model.add_callback("on_pretrain_routine_end", use_channels_last)
         device = resolve_device(cfg.device)
         console.print(
             f"training {cfg.weights or cfg.model} for {cfg.epochs} epochs at {cfg.imgsz} px on "
