@@ -72,7 +72,7 @@ class OnnxRuntime:
 
 
 class OpenVinoRuntime:
-    """OpenVINO on the CPU with the hardware's default precision (bf16 where AMX is present, else f32)."""
+    """OpenVINO on the CPU at the hardware's default precision (bf16 with AMX or AVX512-BF16, else f32)."""
 
     def __init__(self, model_dir: Path, name: str = "openvino", threads: int | None = None) -> None:
         import openvino as ov
