@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -45,9 +44,6 @@ def test_dvc_repro_end_to_end(project: Path, mlflow_server: str, netguard_env: t
     assert report["ok"] and report["errors"] == 0
     assert report["counts"]["train"]["accepted"] == 16
     assert (project / "artifacts/train/weights/best.pt").is_file()
-    checkpoint = torch.load(project / "artifacts/train/weights/best.pt", map_location="cpu", weights_only=False)
-    first_conv = next(p for p in checkpoint["model"].parameters() if p.dim() == 4)
-    assert first_conv.is_contiguous(memory_format=torch.channels_last)  # train.channels_last (the default)
     assert (project / "artifacts/train/results.csv").is_file()
     assert (project / "artifacts/evaluate/confusion_matrix.png").is_file()
     evaluation = json.loads((project / "metrics/evaluate.json").read_text())

@@ -1,0 +1,46 @@
+"""conveyor.yolo: the channels-last training callback, on a real YOLO model and Ultralytics' own EMA and optimizer."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from ultralytics.nn.tasks import DetectionModel
+from ultralytics.utils.torch_utils import ModelEMA
+
+from conveyor.yolo import use_channels_last
+
+
+def _convolutions(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    # 1x1 and depthwise kernels have the same strides in both layouts; the rest tell them apart
+    return [p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] > 1]
+
+
+def test_channels_last_converts_model_and_ema_in_place() -> None:
+    model = DetectionModel("yolo11n.yaml", nc=3, verbose=False)
+    ema = ModelEMA(model)  # built before the callback runs, as in Ultralytics' trainer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    assert not any(p.is_contiguous(memory_format=torch.channels_last) for p in _convolutions(model))
+
+    use_channels_last(SimpleNamespace(model=model, ema=ema))
+
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in _convolutions(model))
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in _convolutions(ema.ema))
+    # the optimizer built before the conversion still steps the model's own parameters
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert trained == {id(p) for p in model.parameters()}
+    model.train()
+    before = _convolutions(model)[0].detach().clone()
+    out = model(torch.rand(2, 3, 64, 64))
+    outputs = [o for o in (out.values() if isinstance(out, dict) else out) if torch.is_tensor(o)]
+    torch.stack([o.float().mean() for o in outputs]).sum().backward()
+    optimizer.step()
+    assert not torch.equal(before, _convolutions(model)[0])
+    ema.update(model)  # Ultralytics' EMA update across the converted tensors
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in _convolutions(ema.ema))
+
+
+def test_channels_last_without_ema() -> None:
+    model = DetectionModel("yolo11n.yaml", nc=3, verbose=False)
+    use_channels_last(SimpleNamespace(model=model, ema=None))
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in _convolutions(model))
