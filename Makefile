@@ -44,10 +44,13 @@ bench-first-run: $(STAMP)
 bench-stack: $(STAMP)
 	$(VENV)/bin/python -m bench.stack
 
-# Servers the tests start for real, from Debian's packages: Prometheus (the serving tests scrape the server) and
-# PostgreSQL (the production stack's tests). Installed when this user can (root with apt); otherwise the tests that
-# need them say why they skipped.
-SYSTEM_PACKAGES := prometheus:prometheus postgresql:/usr/lib/postgresql/*/bin/postgres
+# Servers the tests start for real, from Debian's packages: Prometheus (the serving tests scrape the server),
+# PostgreSQL (the production stack's tests), OpenStack Swift and memcached (an S3 store with bucket quotas, for the
+# full-bucket test). Installed when this user can (root with apt); otherwise the tests that need them say why they
+# skipped.
+SYSTEM_PACKAGES := prometheus:prometheus postgresql:/usr/lib/postgresql/*/bin/postgres memcached:memcached \
+	swift-proxy:swift-proxy-server swift-account:swift-account-server swift-container:swift-container-server \
+	swift-object:swift-object-server
 system-packages:
 	@missing=""; for entry in $(SYSTEM_PACKAGES); do \
 	  package=$${entry%%:*}; program=$${entry#*:}; \

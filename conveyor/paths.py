@@ -127,6 +127,7 @@ def write_atomically(path: Path, text: str) -> None:
     """Write a record whole or not at all (a temporary file, then a rename): a crash or a full disk mid-write never
     leaves a torn record behind."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         temporary.write_text(text)
         temporary.replace(path)

@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -164,14 +165,19 @@ def close_runs_of_ended_flow_runs(paths: ProjectPaths, found_by: str, api: str |
     return lines
 
 
-def check_remote_storage(root: Path) -> None:
-    """When the default DVC remote is on S3: its bucket answers to these credentials (stack.storage.StorageError
-    naming the endpoint and bucket otherwise), before any stage runs rather than at the push after training."""
+def default_remote(root: Path) -> dict[str, Any]:
+    """The default DVC remote's configuration (url, endpointurl, ...) with its name; empty when there is none."""
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
         name = repo.config["core"].get("remote")
-        remote = dict(repo.config["remote"].get(name, {})) if name else {}
+        return {"name": name, **repo.config["remote"].get(name, {})} if name else {}
+
+
+def check_remote_storage(root: Path) -> None:
+    """When the default DVC remote is on S3: its bucket answers to these credentials (stack.storage.StorageError
+    naming the endpoint and bucket otherwise), before any stage runs rather than at the push after training."""
+    remote = default_remote(root)
     url = str(remote.get("url", ""))
     if not url.startswith("s3://"):
         return
@@ -333,7 +339,40 @@ def pushed_state(root: Path) -> str:
     return digest.hexdigest()
 
 
-@task(name="push to DVC remote", retries=2, retry_delay_seconds=5)
+class RemoteFullError(RuntimeError):
+    """The DVC remote refused uploads for lack of space (a bucket quota, a full disk): retrying cannot help."""
+
+
+# How stores say "no room": S3 with a bucket quota (Swift's container quotas answer EntityTooLarge "Upload exceeds
+# quota", Ceph RGW and MinIO QuotaExceeded), a local or mounted remote out of space (ENOSPC).
+REMOTE_FULL_MARKERS = ("exceeds quota", "QuotaExceeded", "EntityTooLarge", "No space left on device", "Errno 28")
+
+
+def push_failure(stderr: str, remote: dict[str, Any]) -> RuntimeError:
+    """What a failed `dvc push` says to a person: a full remote is named as such (no retry helps), anything else
+    keeps DVC's own words."""
+    if not any(marker in stderr for marker in REMOTE_FULL_MARKERS):
+        return RuntimeError(f"dvc push failed: {stderr.strip()[-2000:]}")
+    lines = stderr.strip().splitlines()
+    refusal = next(line for line in lines if any(marker in line for marker in REMOTE_FULL_MARKERS))
+    failed = re.search(r"(\d+) files? failed to upload", stderr)
+    count = int(failed.group(1)) if failed else 0
+    refused = f"{count} file was" if count == 1 else f"{count} files were" if count else "uploads were"
+    where = f"DVC remote '{remote.get('name', 'default')}' ({remote.get('url', '?')})"
+    return RemoteFullError(
+        f"dvc push failed: {where} is full: {refused} refused "
+        "for lack of space (its bucket quota or disk). Free space or raise the quota, then run again: what was "
+        "uploaded is kept and not sent twice, and this push is not recorded as done until every object is there.\n"
+        f"The store said: {refusal.strip()[:500]}\n{lines[-1].strip()[:500]}"
+    )
+
+
+def retry_unless_remote_full(task: Any, task_run: Any, state: State) -> bool:
+    """Prefect's retry condition for the push: retry a store that hiccuped, not one that is full."""
+    return not isinstance(state.data, RemoteFullError)
+
+
+@task(name="push to DVC remote", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_remote_full)
 def push(root: str) -> None:
     """Data and every cached stage output to the default DVC remote, so the run can be reproduced elsewhere.
     Skipped when nothing changed since the last successful push (the record lives in .conveyor/)."""
@@ -347,7 +386,7 @@ def push(root: str) -> None:
         return
     result = data_step.dvc(Path(root), "push", check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"dvc push failed: {result.stderr.strip()[-2000:]}")
+        raise push_failure(result.stderr, default_remote(paths.root))
     write_atomically(record, state)
 
 
