@@ -30,7 +30,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     # Imported here, not at the top: MLflow takes seconds to import, and `--help` or `validate` need none of it.
-    from conveyor.tracking import TrackingUnavailableError
+    from conveyor.tracking import ArtifactStoreError, TrackingUnavailableError
     from flows.deploy import PrefectServerMissingError
     from flows.local_server import PrefectServerError
     from labelling.select import NothingToSelectError
@@ -58,6 +58,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         ConfigError,
         ProjectNotFoundError,
         TrackingUnavailableError,
+        ArtifactStoreError,
         DataValidationError,
         DataVersionError,
         FileNotFoundError,

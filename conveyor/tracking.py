@@ -37,6 +37,34 @@ class TrackingUnavailableError(RuntimeError):
     """The tracking server cannot be reached; the message names the URI."""
 
 
+class ArtifactStoreError(RuntimeError):
+    """The tracking server answers, but an artifact could not be stored (its bucket full, a store the server cannot
+    reach); the message names the artifact, the run and the server."""
+
+
+# A proxying MLflow server (`--artifacts-destination`) answers 5xx when its store refuses an upload; the client's
+# retries then end with urllib3's "too many 500 error responses", and the store's own words are in the server's log.
+_PROXY_REFUSED = re.compile(r"mlflow-artifacts/artifacts/.*too many 5\d\d error responses", re.DOTALL)
+
+
+def artifact_store_refusal(error: BaseException) -> str | None:
+    """What to tell a person when `error` is an artifact store refusing an upload, or None for other errors: boto3's
+    own error when this client writes to S3 itself, or a proxying server's 5xx on its artifact route."""
+    current: BaseException | None = error
+    while current is not None:
+        text = str(current)
+        if type(current).__name__ == "S3UploadFailedError":  # the store's words, e.g. EntityTooLarge / QuotaExceeded
+            return f"the artifact store refused the upload: {text.splitlines()[0][:500]}"
+        if _PROXY_REFUSED.search(text):
+            return (
+                "the MLflow server answers but its artifact store refused the upload (HTTP 5xx after retries): most "
+                "often a full bucket (its quota) or a store the server cannot reach; the server's log has the store's "
+                "words (`conveyor stack status` names it for the local stack)"
+            )
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def _is_tracking_failure(error: BaseException) -> bool:
     """An error from talking to the tracking server (MLflow's retries exhausted, the connection refused)."""
     from mlflow.exceptions import MlflowException
@@ -266,10 +294,22 @@ class Tracker:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        """A file or a folder into the run's artifacts; a store that refuses it is an ArtifactStoreError (the stage
+        then fails and DVC does not record it: the local outputs stay, and a re-run logs them again)."""
+        try:
+            if path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            else:
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
+        except Exception as failure:
+            refusal = artifact_store_refusal(failure)
+            if refusal is None:
+                raise
+            target = f"{artifact_path}/{path.name}" if artifact_path else path.name
+            raise ArtifactStoreError(
+                f"could not store artifact '{target}' of MLflow run {self.run_id} on {self.client.tracking_uri}: "
+                f"{refusal}. Free space in the store or raise its quota, then re-run"
+            ) from failure
 
 
 def close_abandoned_runs(paths: ProjectPaths, found_by: str, wait_seconds: float = 0.0) -> list[str]:

@@ -70,9 +70,10 @@ def base_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def start_mlflow_server(root: Path, port: int) -> subprocess.Popen[bytes]:
-    """A real MLflow tracking server (SQLite backend, proxied local artifacts under root), lean: one worker, no job
-    runner; healthy when this returns. Started again on the same root and port: the same server, restarted."""
+def start_mlflow_server(root: Path, port: int, artifacts: str | None = None, **env: str) -> subprocess.Popen[bytes]:
+    """A real MLflow tracking server (SQLite backend, proxied artifacts: under root, or at `artifacts` such as an
+    s3:// URL with the store's endpoint and credentials in `env`), lean: one worker, no job runner; healthy when this
+    returns. Started again on the same root and port: the same server, restarted."""
     with (root / "server.log").open("ab") as log:
         process = subprocess.Popen(
             [
@@ -83,7 +84,7 @@ def start_mlflow_server(root: Path, port: int) -> subprocess.Popen[bytes]:
                 "--backend-store-uri",
                 f"sqlite:///{root}/mlflow.db",
                 "--artifacts-destination",
-                str(root / "artifacts"),
+                artifacts or str(root / "artifacts"),
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -91,7 +92,7 @@ def start_mlflow_server(root: Path, port: int) -> subprocess.Popen[bytes]:
                 "--workers",
                 "1",
             ],
-            env=base_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true"),
+            env=base_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true", **env),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

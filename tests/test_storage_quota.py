@@ -1,23 +1,31 @@
-"""A full bucket: the DVC remote is an S3 bucket whose quota is smaller than the data. The stack's store (nanio)
-has no quotas, so this runs on OpenStack Swift from Debian with its container quotas (`tests/swift_support.py`), a
-real store; the push is the training flow's own push task. The push fails saying the remote is full (and is not
-retried), is not recorded as done, leaves only whole objects behind; once the quota is raised the next push
-completes and a fresh clone pulls the exact data version from the bucket.
+"""A full bucket. The stack's store (nanio) has no quotas, so these run on OpenStack Swift from Debian with its
+container quotas (`tests/swift_support.py`), a real store.
+
+- The DVC remote's bucket is smaller than the data; the push is the training flow's own push task. It fails saying
+  the remote is full (and is not retried), is not recorded as done, leaves only whole objects behind; once the quota
+  is raised the next push completes and a fresh clone pulls the exact data version from the bucket.
+- The bucket behind a real MLflow server (`--artifacts-destination s3://...`) is full: the stage fails naming the
+  artifact, the run and the server, the run ends FAILED with what was stored before listed and nothing of the
+  refused file; with room again, a re-run stores it whole.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
 import pytest
+from mlflow.tracking import MlflowClient
 from prefect.states import Failed
 
+from conveyor.tracking import ArtifactStoreError, Tracker
 from flows import training
 from stack import storage
-from tests.conftest import base_env
+from tests.conftest import base_env, free_port, start_mlflow_server, stop_tree
 from tests.flow_support import make_flow_project
 from tests.swift_support import SwiftStore, missing_programs, swift_store
 
@@ -102,3 +110,49 @@ def test_only_a_lack_of_space_is_called_full() -> None:
     assert isinstance(full, training.RemoteFullError)
     assert "DVC remote 'nas' (/mnt/nas/dvc) is full: 1 file was refused" in str(full)
     assert "No space left on device" in str(full)
+
+
+def test_full_bucket_behind_the_mlflow_server_fails_the_stage_clearly(swift: SwiftStore, tmp_path: Path) -> None:
+    bucket = "conveyor-artifacts"
+    storage.ensure_bucket(bucket, swift.endpoint, swift.credentials)
+    swift.set_quota(bucket, 20_000)
+    key, secret = swift.credentials
+    server = start_mlflow_server(
+        tmp_path,
+        port := free_port(),
+        f"s3://{bucket}/mlflow",
+        MLFLOW_S3_ENDPOINT_URL=swift.endpoint,
+        AWS_ACCESS_KEY_ID=key,
+        AWS_SECRET_ACCESS_KEY=secret,
+    )
+    try:
+        client = MlflowClient(uri := f"http://127.0.0.1:{port}")
+        experiment = client.create_experiment("full-bucket")
+        report, weights = tmp_path / "report.md", tmp_path / "best.pt"
+        report.write_text("gate: passed")
+        weights.write_bytes(os.urandom(50_000))  # more than the bucket has room for
+
+        run = client.create_run(experiment).info.run_id
+        tracker = Tracker(client, run)
+        with pytest.raises(ArtifactStoreError) as refused, tracker.stage("train"):
+            tracker.log_artifact(report, "gate")
+            tracker.log_artifact(weights, "weights")
+        message = str(refused.value)
+        assert f"could not store artifact 'weights/best.pt' of MLflow run {run} on {uri}" in message, message
+        assert "full bucket" in message and "raise its quota" in message, message
+        assert client.get_run(run).info.status == "FAILED"
+        assert [artifact.path for artifact in client.list_artifacts(run)] == ["gate"]  # the refused file is not there
+        assert "Upload exceeds quota" in (tmp_path / "server.log").read_text()  # the server's log has the store's words
+
+        swift.set_quota(bucket, None)  # room again: the re-run stores the file whole
+        again = client.create_run(experiment).info.run_id
+        tracker = Tracker(client, again)
+        with tracker.stage("train"):
+            tracker.log_artifact(weights, "weights")
+        assert client.get_run(again).info.status == "FINISHED"
+        stored = mlflow.artifacts.download_artifacts(
+            run_id=again, artifact_path="weights/best.pt", dst_path=str(tmp_path / "back"), tracking_uri=uri
+        )
+        assert Path(stored).read_bytes() == weights.read_bytes()
+    finally:
+        stop_tree(server)
