@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import getpass
 import shutil
-import socket
 import subprocess
 import textwrap
-import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-from tests.conftest import free_port, wait_http
+from stack import parts
+from tests.conftest import free_port, stop_tree, wait_http
 
 SERVERS = ("account", "container", "object")
 PROGRAMS = ("memcached", "swift-proxy-server", *(f"swift-{kind}-server" for kind in SERVERS), "swift-ring-builder")
@@ -113,33 +113,22 @@ def swift_store(root: Path) -> Iterator[SwiftStore]:
     """Swift on loopback under `root`, answering when this yields; every process stopped after."""
     ports = {part: free_port() for part in (*SERVERS, "proxy", "memcached")}
     etc = _configure(root, ports)
-    with ExitStack() as stack, (root / "swift.log").open("ab") as log:
-        commands = [["memcached", "-l", "127.0.0.1", "-p", str(ports["memcached"]), "-u", getpass.getuser()]]
-        commands += [[f"swift-{kind}-server", str(etc / f"{kind}-server.conf")] for kind in (*SERVERS, "proxy")]
-        for command in commands:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-            stack.callback(_stop, process)
-        for part, port in ports.items():
-            _wait_listening(port, 60, part)
+    log_path = root / "swift.log"
+    with ExitStack() as stack, log_path.open("ab") as log:
+        commands = {
+            "memcached": ["memcached", "-l", "127.0.0.1", "-p", str(ports["memcached"]), "-u", getpass.getuser()]
+        }
+        commands |= {kind: [f"swift-{kind}-server", str(etc / f"{kind}-server.conf")] for kind in (*SERVERS, "proxy")}
+        started = {}
+        for part, command in commands.items():
+            started[part] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            stack.callback(stop_tree, started[part])
+        for part, process in started.items():  # listening, or the end of the log saying why not
+            parts.wait_healthy(part, process, partial(_listening, ports[part]), log_path, 60)
         endpoint = f"http://127.0.0.1:{ports['proxy']}"
         wait_http(f"{endpoint}/info", 30)
         yield SwiftStore(endpoint)
 
 
-def _wait_listening(port: int, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"Swift's {what} did not listen on port {port} within {timeout:.0f} s")
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+def _listening(port: int) -> bool:
+    return not parts.port_free(port)
