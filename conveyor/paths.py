@@ -135,7 +135,7 @@ def write_atomically(path: Path, text: str) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def _error_chain(error: BaseException) -> list[BaseException]:
+def error_chain(error: BaseException) -> list[BaseException]:
     chain: list[BaseException] = []
     current: BaseException | None = error
     while current is not None and current not in chain:
@@ -153,7 +153,7 @@ def disk_full_message(error: BaseException, near: Path) -> str | None:
     """When `error` came from a full disk: the path, the space left there, and what to do; None for other errors.
     Known by errno ENOSPC/EDQUOT, or by a writer's words for a failed write while a filesystem the project writes to
     has little space left (the half-written file may already be gone, so "nothing left" is not required)."""
-    chain = _error_chain(error)
+    chain = error_chain(error)
     hit = next((e for e in chain if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)), None)
     worded = any(words in str(e) for e in chain for words in _WRITE_FAILED)
     if hit is None and not worded:

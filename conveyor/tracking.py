@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from conveyor import open_records
 from conveyor.lineage import cpu_model, data_version, git_state
-from conveyor.paths import ProjectPaths, available_cores, write_atomically
+from conveyor.paths import ProjectPaths, available_cores, error_chain, write_atomically
 from conveyor.paths import tracking_uri as tracking_uri  # re-exported; lives there to import without MLflow
 from conveyor.settings import Settings
 
@@ -50,10 +50,9 @@ _PROXY_REFUSED = re.compile(r"mlflow-artifacts/artifacts/.*too many 5\d\d error 
 def artifact_store_refusal(error: BaseException) -> str | None:
     """What to tell a person when `error` is an artifact store refusing an upload, or None for other errors: boto3's
     own error when this client writes to S3 itself, or a proxying server's 5xx on its artifact route."""
-    current: BaseException | None = error
-    while current is not None:
-        text = str(current)
-        if type(current).__name__ == "S3UploadFailedError":  # the store's words, e.g. EntityTooLarge / QuotaExceeded
+    for cause in error_chain(error):
+        text = str(cause)
+        if type(cause).__name__ == "S3UploadFailedError":  # the store's words, e.g. EntityTooLarge / QuotaExceeded
             return f"the artifact store refused the upload: {text.splitlines()[0][:500]}"
         if _PROXY_REFUSED.search(text):
             return (
@@ -61,7 +60,6 @@ def artifact_store_refusal(error: BaseException) -> str | None:
                 "often a full bucket (its quota) or a store the server cannot reach; the server's log has the store's "
                 "words (`conveyor stack status` names it for the local stack)"
             )
-        current = current.__cause__ or current.__context__
     return None
 
 

@@ -351,10 +351,10 @@ REMOTE_FULL_MARKERS = ("exceeds quota", "QuotaExceeded", "EntityTooLarge", "No s
 def push_failure(stderr: str, remote: dict[str, Any]) -> RuntimeError:
     """What a failed `dvc push` says to a person: a full remote is named as such (no retry helps), anything else
     keeps DVC's own words."""
-    if not any(marker in stderr for marker in REMOTE_FULL_MARKERS):
-        return RuntimeError(f"dvc push failed: {stderr.strip()[-2000:]}")
     lines = stderr.strip().splitlines()
-    refusal = next(line for line in lines if any(marker in line for marker in REMOTE_FULL_MARKERS))
+    refusal = next((line for line in lines if any(marker in line for marker in REMOTE_FULL_MARKERS)), None)
+    if refusal is None:
+        return RuntimeError(f"dvc push failed: {stderr.strip()[-2000:]}")
     failed = re.search(r"(\d+) files? failed to upload", stderr)
     count = int(failed.group(1)) if failed else 0
     refused = f"{count} file was" if count == 1 else f"{count} files were" if count else "uploads were"

@@ -38,7 +38,7 @@ class SwiftStore:
     def credentials(self) -> tuple[str, str]:
         return USER, KEY
 
-    def _swift(self, method: str, path: str, headers: dict[str, str]) -> int:
+    def _swift(self, method: str, path: str, headers: dict[str, str]) -> None:
         """A request to Swift's native API as the account's admin (S3 has no call for container metadata)."""
         auth = urllib.request.Request(f"{self.endpoint}/auth/v1.0", headers={"X-Auth-User": USER, "X-Auth-Key": KEY})
         with urllib.request.urlopen(auth, timeout=10) as response:
@@ -46,8 +46,7 @@ class SwiftStore:
         request = urllib.request.Request(
             f"{storage_url}/{path}", method=method, headers={"X-Auth-Token": token, **headers}
         )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return int(response.status)
+        urllib.request.urlopen(request, timeout=10).close()
 
     def set_quota(self, bucket: str, quota_bytes: int | None) -> None:
         """The bucket's quota in bytes, or none."""

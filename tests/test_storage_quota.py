@@ -24,6 +24,7 @@ from prefect.states import Failed
 
 from conveyor.tracking import ArtifactStoreError, Tracker
 from flows import training
+from pipelines.data import dir_md5
 from stack import storage
 from tests.conftest import base_env, free_port, start_mlflow_server, stop_tree
 from tests.flow_support import make_flow_project
@@ -45,14 +46,6 @@ def _dvc(project: Path, env: dict[str, str], *args: str) -> subprocess.Completed
     result = subprocess.run(["dvc", *args], cwd=project, env=env, capture_output=True, text=True)
     assert result.returncode == 0, f"dvc {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
     return result
-
-
-def _tree_digest(folder: Path) -> dict[str, str]:
-    return {
-        str(path.relative_to(folder)): hashlib.md5(path.read_bytes()).hexdigest()
-        for path in sorted(folder.rglob("*"))
-        if path.is_file()
-    }
 
 
 def test_full_bucket_fails_the_push_clearly_and_a_rerun_completes(
@@ -98,7 +91,7 @@ def test_full_bucket_fails_the_push_clearly_and_a_rerun_completes(
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True)
     _dvc(clone, env, "pull", "data.dvc")  # the stages never ran here: only the data version
-    assert _tree_digest(clone / "data") == _tree_digest(project / "data")
+    assert dir_md5(clone / "data") == dir_md5(project / "data")
 
 
 def test_only_a_lack_of_space_is_called_full() -> None:
