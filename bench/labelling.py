@@ -38,7 +38,6 @@ from conveyor.yolo import load_yolo
 from labelling.select import embed_files, select
 from pipelines import synth
 from pipelines.evaluate import evaluate_checkpoint
-from pipelines.features import Embedder
 from pipelines.inference import Detector, ModelCard
 from pipelines.runtimes import TorchRuntime
 
@@ -100,15 +99,12 @@ def main() -> dict[str, Any]:
         pool = sorted((same / "images/test").glob("*.jpg")) + sorted((shifted / "images/test").glob("*.jpg"))
         old_images = sorted((old / "images/train").glob("*.jpg"))
 
-        embedder = Embedder(ASSET)
         detector = Detector(TorchRuntime(ASSET), ModelCard(NAMES, 320))
         started = time.perf_counter()
-        reference = embed_files(old_images, embedder)
-        chosen = [c.path for c in select(pool, detector, embedder, reference, LabelSettings(count=PICK))]
+        reference = embed_files(old_images, detector)
+        chosen = [c.path for c in select(pool, detector, reference, LabelSettings(count=PICK))]
         select_s = time.perf_counter() - started
-        unsure = [
-            c.path for c in select(pool, detector, embedder, reference, LabelSettings(count=PICK, novelty_weight=0.0))
-        ]
+        unsure = [c.path for c in select(pool, detector, reference, LabelSettings(count=PICK, novelty_weight=0.0))]
         replay = random.Random(100).sample(old_images, REPLAY)
         # Each repeat: another training seed for every arm, and another random draw for the random arm.
         picks = {

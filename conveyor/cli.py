@@ -36,6 +36,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from labelling.select import NothingToSelectError
     from pipelines.data import DataVersionError
     from pipelines.lineage_report import ModelRefError
+    from pipelines.model_features import FeatureOutputError
+    from pipelines.performance import CalibrationError
+    from pipelines.profile import ProfileError
     from pipelines.registry import PromotionRefusedError
     from pipelines.validate import DataValidationError
     from serving.batch import SourceError
@@ -45,6 +48,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from stack.storage import StorageError
 
     return (
+        FeatureOutputError,
+        CalibrationError,
+        ProfileError,
         StackError,
         StorageError,
         NothingToSelectError,
@@ -343,7 +349,8 @@ def profile(
         typer.Option(help="an older registered version to profile on the data it was trained on (data/ must be it)"),
     ] = None,
 ) -> None:
-    """Stage: the reference profile for drift checks (features, predictions, embeddings of train and val images)."""
+    """Stage: the reference profile for drift checks (features, predictions and the model's features of the train
+    and val images; the performance estimate's calibration on the val split)."""
     if model is None:
         from pipelines import profile as step
 

@@ -28,9 +28,10 @@ def drift(
     ] = None,
     hours: Annotated[float | None, typer.Option(help="window: the last T hours (default monitor.window_hours)")] = None,
     last: Annotated[int | None, typer.Option(help="window: only its last N records (monitor.window_records)")] = None,
-    open_report: Annotated[bool, typer.Option("--open", help="open the Evidently report in a browser")] = False,
+    open_report: Annotated[bool, typer.Option("--open", help="open the report in a browser")] = False,
 ) -> None:
-    """Check what the served model sees and predicts against its version's reference profile (Evidently)."""
+    """Check what the served model sees and predicts against its version's reference profile: a verdict per group
+    of features (Evidently's statistics), the label-free performance estimate, and whether to alert or retrain."""
     from monitoring.check import CheckOptions, run_check
     from monitoring.current import NoCurrentDataError
     from monitoring.reference import ProfileMissingError
@@ -49,29 +50,54 @@ def drift(
 
 
 def print_outcome(outcome: CheckOutcome) -> None:
+    """The verdict per group in words, the performance estimate, the features that moved, and what was done."""
     result = outcome.result
     colour = {"drift": "red", "no drift": "green", "insufficient data": "yellow"}[result.status]
-    table = Table(
+    groups = Table(
         title=f"{outcome.model_name} v{outcome.model_version}: [{colour}]{result.status}[/] "
         f"({result.current_rows} current rows vs {result.reference_rows} reference, batch '{result.reference_batch}')"
     )
-    for column in ("feature", "test", "score", "threshold", "reference mean", "current mean", "verdict"):
-        table.add_column(column, justify="left" if column in ("feature", "test", "verdict") else "right")
-    for f in sorted(result.features, key=lambda f: (not f.drifted, f.name)):
-        table.add_row(
-            f.name,
-            f.method,
-            f"{f.score:.3g}",
-            f"{f.threshold:.3g}",
-            f"{f.reference_mean:.3g}",
-            f"{f.current_mean:.3g}",
-            "[red]drift[/]" if f.drifted else "ok",
+    for column in ("group", "verdict", "strength", "deciding feature", "what changed"):
+        groups.add_column(column, justify="right" if column == "strength" else "left", overflow="fold")
+    for g in result.groups:
+        groups.add_row(
+            g.group,
+            "[red]drift[/]" if g.drifted else "ok",
+            f"{g.strength:.2f}",
+            g.feature,
+            g.words if g.drifted else "",
         )
-    if result.features:
+    console.print(groups if result.groups else groups.title)
+    moved = [f for f in result.features if f.drifted]
+    if moved:
+        table = Table(title=f"features past their thresholds ({len(moved)} of {len(result.features)})")
+        for column in ("feature", "group", "effect", "threshold", "p-value", "reference mean", "current mean"):
+            table.add_column(column, justify="left" if column in ("feature", "group") else "right")
+        for f in sorted(moved, key=lambda f: -f.strength):
+            table.add_row(
+                f.name,
+                f.group,
+                f"{f.effect:.3g}",
+                f"{f.threshold:.3g}",
+                f"{f.p_value:.2g}",
+                f"{f.reference_mean:.4g}",
+                f"{f.current_mean:.4g}",
+            )
         console.print(table)
+    console.print(result.message, highlight=False, soft_wrap=True)
+    found = outcome.estimate.estimate
+    if found is not None:
+        low, high = found.cost_interval
+        console.print(
+            f"performance (label-free): estimated mAP50-95 {found.map50_95:.3f} ({found.low:.3f} to {found.high:.3f}) "
+            f"against {found.reference:.3f} on its training images (validation split, labelled: "
+            f"{found.validation_map50_95:.3f}): cost {found.cost:+.3f} ({low:+.3f} to "
+            f"{high:+.3f}); {outcome.estimate.reason}",
+            highlight=False,
+            soft_wrap=True,
+        )
     else:
-        console.print(table.title)
-    console.print(result.message, highlight=False)
+        console.print(f"[yellow]no performance estimate[/]: {outcome.estimate.reason}", highlight=False, soft_wrap=True)
     for name, why in result.skipped.items():
         console.print(f"[yellow]skipped[/] {name}: {why}", highlight=False)
     if outcome.data.other_versions:
@@ -79,12 +105,16 @@ def print_outcome(outcome: CheckOutcome) -> None:
         console.print(f"left out (served by other versions): {left_out}", highlight=False)
     for problem in outcome.data.unreadable:
         console.print(f"[yellow]unreadable[/] {problem}", highlight=False)
-    console.print(f"alert: {'yes' if outcome.decision.alert else 'no'} ({outcome.decision.reason})", highlight=False)
+    decision = outcome.decision
+    console.print(
+        f"alert: {decision.action if decision.alert else 'no'} ({decision.reason})", highlight=False, soft_wrap=True
+    )
     where = outcome.mlflow_run_url or f"run {outcome.mlflow_run_id}"
     report = outcome.report_dir / "report.html"
     console.print(
         f"report: {report if report.is_file() else outcome.report_dir / 'summary.json'}; MLflow: {where}",
         highlight=False,
+        soft_wrap=True,
     )
 
 

@@ -97,11 +97,10 @@ def predict(
 def _version_files(ref: str | None) -> tuple[Settings, ModelFiles]:
     """A registry version's files, downloaded once into the project's model cache."""
     from serving import source
-    from serving.server import model_cache
 
     paths, settings, client = _registry()
     version = source.resolve_version(client, settings.registry.model_name, ref or settings.serve.model)
-    return settings, source.fetch(client, version, model_cache(paths))
+    return settings, source.fetch(client, version, paths.model_cache)
 
 
 @app.command()

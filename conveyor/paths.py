@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PARAMS_FILE = "params.yaml"
+DRIFT_METRICS_FILE = "drift.prom"
 
 
 class ProjectNotFoundError(RuntimeError):
@@ -95,6 +96,28 @@ class ProjectPaths:
     def monitoring(self) -> Path:
         """Drift checks' reports, gauges and cached profiles."""
         return self.scratch / "monitoring"
+
+    @property
+    def drift_gauges(self) -> Path:
+        """The last drift check as Prometheus gauges: written by `conveyor drift`, served on the server's /metrics."""
+        return self.monitoring / DRIFT_METRICS_FILE
+
+    @property
+    def model_cache(self) -> Path:
+        """Registered versions downloaded for serving, checks and labelling (one folder per name and version)."""
+        return self.scratch / "serving" / "models"
+
+    def prediction_log_dir(self, directory: Path | None) -> Path:
+        """The local prediction log: `serve.prediction_log.directory` (relative to the project), by default
+        .conveyor/predictions."""
+        if directory is None:
+            return self.scratch / "predictions"
+        return directory if directory.is_absolute() else self.root / directory
+
+    def prediction_log_source(self, directory: Path | None, s3: str | None) -> Path | str:
+        """Where the prediction log is read (drift checks, labelling): the S3 prefix every replica ships to when
+        `serve.prediction_log.s3` is set, else the local folder."""
+        return s3 or self.prediction_log_dir(directory)
 
     @property
     def labelling(self) -> Path:

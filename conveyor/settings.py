@@ -106,6 +106,16 @@ class ValidateSettings(_Section):
     allow_background: bool = Field(True, description="images without a label file count as background images")
 
 
+class FinetuneSettings(_Section):
+    """Training that starts from a checkpoint (train.weights: a drift retraining starts from the champion) learns
+    from where the champion stands: fewer epochs, its own arguments."""
+
+    epochs: int | None = Field(None, ge=1, description="epochs when train.weights is set (null: train.epochs)")
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description="Ultralytics arguments over train.extra when train.weights is set"
+    )
+
+
 class TrainSettings(_Section):
     model: str = Field("yolo11n.yaml", description="an Ultralytics model YAML (architecture, trained from scratch)")
     weights: Path | None = Field(None, description="a local .pt checkpoint to warm-start from (e.g. the champion)")
@@ -124,6 +134,16 @@ class TrainSettings(_Section):
         True, description="train in channels-last (NHWC) memory format: faster convolutions on CPU (README)"
     )
     extra: dict[str, Any] = Field(default_factory=dict, description="further Ultralytics train arguments")
+    finetune: FinetuneSettings = FinetuneSettings()
+
+    @property
+    def effective_epochs(self) -> int:
+        """Epochs of this training: the fine-tune's when it starts from a checkpoint."""
+        return (self.finetune.epochs or self.epochs) if self.weights is not None else self.epochs
+
+    @property
+    def effective_extra(self) -> dict[str, Any]:
+        return {**self.extra, **self.finetune.extra} if self.weights is not None else dict(self.extra)
 
     @model_validator(mode="after")
     def _extra_does_not_repeat(self) -> TrainSettings:
@@ -183,6 +203,9 @@ class GateSettings(_Section):
     min_class_recall: float = Field(0.3, ge=0, le=1, description="every class, not the mean")
     regression_tolerance: float = Field(0.02, ge=0, le=1, description="challenger mAP50-95 >= champion - this")
     parity_max_delta: float = Field(0.01, ge=0, le=1, description="|ΔmAP50-95| of each served export vs PyTorch")
+    features_max_rel_diff: float = Field(
+        0.05, gt=0, description="the features output of each served export vs PyTorch: max |Δ| over max |value|"
+    )
     serving_formats: list[ServingFormat] = Field(default_factory=lambda: list(DEFAULT_SERVING_FORMATS))
     serving_runtime: ServingFormat = "openvino"
     latency_budget_ms: float = Field(50.0, gt=0, description="p95 per image on the serving runtime")
@@ -267,10 +290,9 @@ class ServeSettings(_Section):
 
 
 class ColumnTest(_Section):
-    """One feature's drift test where Evidently's default (K-S below 1000 rows, Wasserstein above) is wrong for it."""
+    """One feature's drift threshold where the default is wrong for it."""
 
-    method: str = Field(..., description="an Evidently stat test: ks, wasserstein, psi, jensenshannon, anderson, ...")
-    threshold: float | None = Field(None, gt=0, description="the test's threshold (its own default when absent)")
+    effect: float = Field(..., gt=0, description="the effect size (distance in reference standard deviations)")
 
 
 class MonitorSettings(_Section):
@@ -281,15 +303,31 @@ class MonitorSettings(_Section):
     min_samples: int = Field(
         30, ge=2, description="fewer current (or reference) rows than this: 'insufficient data', never 'drift'"
     )
-    drift_share: float = Field(
-        0.3, gt=0, le=1, description="drift when at least this share of the features drifted (the embedding counts)"
+    effect_size: float = Field(
+        1.0,
+        gt=0,
+        description="a feature drifted when its distribution moved at least this far (Wasserstein distance in "
+        "reference standard deviations) ...",
     )
-    columns: dict[str, ColumnTest] = Field(default_factory=dict, description="per-feature test and threshold")
+    p_value: float = Field(0.001, gt=0, lt=1, description="... and the two-sample K-S test's p-value is below this")
+    constant_share: float = Field(
+        0.1, gt=0, le=1, description="a feature constant in the reference drifted when this share of rows differ"
+    )
+    columns: dict[str, ColumnTest] = Field(default_factory=dict, description="per-feature effect size threshold")
     exclude: list[str] = Field(default_factory=list, description="features not tested")
-    embeddings: bool = Field(True, description="backbone embeddings: logged by the server, tested by Evidently")
-    embedding_dims: int = Field(16, ge=2, le=256, description="the fixed random projection's size")
-    embedding_threshold: float = Field(
-        0.55, gt=0.5, lt=1, description="Evidently's domain-classifier ROC AUC above which embeddings drifted"
+    embeddings: bool = Field(True, description="the model's features output: logged by the server, tested")
+    embedding_components: int = Field(10, ge=1, le=64, description="principal components of the reference kept")
+    embedding_effect: float = Field(
+        1.5, gt=0, description="embedding drifted when the mean moved this many reference standard deviations"
+    )
+    retrain_cost: float = Field(
+        0.03,
+        ge=0,
+        le=1,
+        description="drift starts a retraining when the estimated mAP50-95 cost reaches this; below it, an alert only",
+    )
+    retrain_after: int = Field(
+        3, ge=1, description="... or when drift persisted this many checks in a row, whatever the estimate says"
     )
     cooldown_hours: float = Field(
         6.0, ge=0, description="after a drift alert started a retraining, no new alert for this long"

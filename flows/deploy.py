@@ -176,23 +176,25 @@ def remove_automation(name: str) -> None:
 
 
 def ensure_drift_automation(paths: ProjectPaths, settings: Settings, training_deployment_id: Any) -> str:
-    """conveyor.drift.detected for this model -> the training deployment, reason=drift, warm start from champion."""
+    """conveyor.drift.detected for this model with action "retrain" -> the training deployment, reason=drift,
+    fine-tuned from the champion (an "alert" event starts nothing)."""
     from datetime import timedelta
 
     from prefect.automations import Automation
     from prefect.events.actions import RunDeployment
     from prefect.events.schemas.automations import EventTrigger, Posture
 
-    from flows.drift_check import DRIFT_EVENT, model_resource
+    from flows.drift_check import ACTION_LABEL, DRIFT_EVENT, model_resource
 
     name = automation_name(settings)
     remove_automation(name)  # re-deploying replaces it, never duplicates it
     Automation(
         name=name,
-        description="A drift alert from the monitoring flow starts a retraining that goes through every gate.",
+        description="A drift alert that asks for a retraining (its estimated cost reached monitor.retrain_cost, or "
+        "drift persisted) starts a fine-tune from the champion that goes through every gate.",
         trigger=EventTrigger(
             expect={DRIFT_EVENT},
-            match={"prefect.resource.id": model_resource(settings.registry.model_name)},
+            match={"prefect.resource.id": model_resource(settings.registry.model_name), ACTION_LABEL: "retrain"},
             posture=Posture.Reactive,
             threshold=1,
             within=timedelta(0),

@@ -1,8 +1,10 @@
 """The monitoring flow: one drift check (`conveyor drift`), and on an alert the Prefect event that closes the loop.
 
 `conveyor deploy` schedules it (monitor.schedule) and creates the automation that answers the event
-`conveyor.drift.detected` by running the training deployment with reason=drift and a warm start from the champion.
-Nothing here polls or retrains by itself: the event and the automation are Prefect's.
+`conveyor.drift.detected` with the resource label `conveyor.drift.action: retrain` by running the training
+deployment with reason=drift and a fine-tune from the champion. An event with `action: alert` (inputs changed, the
+model is not measurably hurt) is only recorded: Prefect's event feed, the MLflow check run, the gauges. Nothing here
+polls or retrains by itself: the event and the automation are Prefect's.
 """
 
 from __future__ import annotations
@@ -21,6 +23,20 @@ if TYPE_CHECKING:
     from monitoring.check import CheckOutcome
 
 DRIFT_EVENT = "conveyor.drift.detected"
+ACTION_LABEL = "conveyor.drift.action"  # a resource label of the event: "retrain" or "alert"
+PAYLOAD_KEYS = (
+    "model_name",
+    "model_version",
+    "action",
+    "drifted_groups",
+    "deciding",
+    "drifted_features",
+    "estimated_map50_95",
+    "estimated_cost",
+    "estimate_interval",
+    "current_rows",
+    "mlflow_run_id",
+)
 
 
 def model_resource(model_name: str) -> str:
@@ -65,19 +81,20 @@ def emit_drift_event(root: str, result: dict[str, Any]) -> str:
             "prefect.resource.id": model_resource(result["model_name"]),
             "prefect.resource.name": result["model_name"],
             "conveyor.model.version": str(result["model_version"]),
+            ACTION_LABEL: str(result["action"]),  # the automation retrains only on action "retrain"
         },
-        payload={k: result[k] for k in ("model_name", "model_version", "drifted_share", "drifted_features")}
-        | {"mlflow_run_id": result["mlflow_run_id"], "current_rows": result["current_rows"]},
+        payload={k: result[k] for k in PAYLOAD_KEYS},
     )
     if event is None:
         raise RuntimeError("Prefect did not accept the drift event (no API to send it to: set PREFECT_API_URL)")
     mark_alert_emitted(Tracker.client_for(ProjectPaths(Path(root))), result["mlflow_run_id"], str(event.id))
     get_run_logger().warning(
-        "drift on v%s (%.0f%% of features: %s): event %s emitted",
+        "drift on v%s (%s; estimated cost %s): event %s emitted, action %s",
         result["model_version"],
-        100 * result["drifted_share"],
-        ", ".join(result["drifted_features"]),
+        "; ".join(result["deciding"]),
+        result["estimated_cost"],
         event.id,
+        result["action"],
     )
     return str(event.id)
 
@@ -106,14 +123,22 @@ def summary_markdown(outcome: CheckOutcome) -> str:
         f"[MLflow run]({outcome.mlflow_run_url})" if outcome.mlflow_run_url else f"MLflow run `{outcome.mlflow_run_id}`"
     )
     rows = "\n".join(
-        f"| {f.name} | {f.method} | {f.score:.4g} | {f.threshold:.4g} | {'**drift**' if f.drifted else 'ok'} |"
-        for f in result.features
+        f"| {g.group} | {'**drift**' if g.drifted else 'ok'} | {g.strength:.2f} | {g.feature} | "
+        f"{g.words if g.drifted else ''} |"
+        for g in result.groups
+    )
+    found = outcome.estimate.estimate
+    estimate = (
+        f"estimated mAP50-95 {found.map50_95:.3f} ({found.low:.3f} to {found.high:.3f}), cost {found.cost:+.3f}"
+        if found is not None
+        else f"no estimate ({outcome.estimate.reason})"
     )
     skipped = "".join(f"- skipped {name}: {why}\n" for name, why in result.skipped.items())
     return (
         f"## Drift check of {outcome.model_name} v{outcome.model_version}: {result.status}\n\n"
         f"- {result.message}\n- current: {outcome.data.source} ({result.current_rows} rows)\n"
-        f"- alert: {'yes' if outcome.decision.alert else 'no'} ({outcome.decision.reason})\n"
+        f"- performance: {estimate}\n"
+        f"- alert: {outcome.decision.action if outcome.decision.alert else 'no'} ({outcome.decision.reason})\n"
         f"- report: {link}, artifact `drift/report.html`; local {outcome.report_dir / 'report.html'}\n"
-        f"{skipped}\n| feature | test | score | threshold | verdict |\n|---|---|---|---|---|\n{rows}\n"
+        f"{skipped}\n| group | verdict | strength | deciding feature | what changed |\n|---|---|---|---|---|\n{rows}\n"
     )

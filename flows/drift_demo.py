@@ -1,10 +1,12 @@
-"""`conveyor demo drift`: the monitoring loop on one machine, every part real.
+"""`conveyor demo drift`: the monitoring loop on one machine, every part real, both of its answers.
 
-The champion serves; traffic like its training data is checked (the control: nothing happens); then the line's
-world changes (darker, blurred, larger defects), a labelled batch of it is added with `conveyor data add`, the
-shifted traffic is checked by the monitoring deployment, whose drift event makes Prefect's automation run the
-training deployment (reason=drift, warm start); the new version passes the gates, becomes champion, the server
-swaps to it, and the same shifted traffic checked again is no longer drift.
+The champion serves; traffic like its training data is checked (the control: nothing happens). The camera is
+changed to send larger frames: the inputs drifted, the estimate says the model is not hurt, so the event only
+alerts and nothing retrains. Then the line's world changes (darker, blurred, larger defects), a labelled batch of it
+is added with `conveyor data add`, the shifted traffic is checked by the monitoring deployment, whose drift event
+(estimated cost past monitor.retrain_cost: action retrain) makes Prefect's automation run the training deployment
+(reason=drift, a fine-tune from the champion); the new version passes the gates, becomes champion, the server swaps
+to it, and the same shifted traffic checked again is no longer drift.
 
 Servers: the Prefect API in PREFECT_API_URL, or one started here (stopped at the end); the MLflow of the project
 (MLFLOW_TRACKING_URI or the embedded store); a worker and `conveyor serve` started here.
@@ -32,6 +34,7 @@ from conveyor.paths import ProjectPaths
 from conveyor.settings import DomainShift, Settings
 
 SHIFT = DomainShift(brightness=0.45, blur_sigma=1.6, defect_scale=1.7)
+NEW_CAMERA = (640, 640)  # the benign change: the same parts, frames sent at twice the size
 
 
 @dataclass(frozen=True)
@@ -130,16 +133,22 @@ class DriftDemo:
             server = stack.enter_context(self._server())
             control = self._synth("control", DomainShift(), seed_offset=101, counts={"train": 0, "val": 0, "test": 0})
             self._step("control traffic", lambda: self._send(server, control, "traffic like the training data"))
-            self._step("control check", lambda: self._check(server, expect_alert=False))
+            self._step("control check", lambda: self._check(server, expect=None))
+            camera = self._larger_frames(
+                self._synth("new-camera", DomainShift(), seed_offset=151, counts={"train": 0, "val": 0, "test": 0})
+            )
+            self._step("new camera traffic", lambda: self._send(server, camera, f"frames at {NEW_CAMERA[0]} px"))
+            self._step("new camera check", lambda: self._check(server, expect="alert"))
+            self._step("no retraining", self._no_retraining)
             batch = self._synth("shifted-batch", SHIFT, seed_offset=202, counts=self.sizes.batch)
             traffic = self._synth("shifted-traffic", SHIFT, seed_offset=303, counts={"train": 0, "val": 0, "test": 0})
             self._step("shifted traffic", lambda: self._send(server, traffic, "darker, blurred, larger defects"))
             self._step("data add", lambda: self._data_add(batch))
-            self._step("drift check", lambda: self._check(server, expect_alert=True))
+            self._step("drift check", lambda: self._check(server, expect="retrain"))
             self._step("retraining", self._wait_for_retraining)
             self._step("hot swap", lambda: self._wait_for_swap(server))
             self._step("shifted traffic again", lambda: self._send(server, traffic, "the same shifted traffic"))
-            self._step("check after retraining", lambda: self._check(server, expect_alert=False))
+            self._step("check after retraining", lambda: self._check(server, expect=None))
             if open_browser and self.result.report is not None:
                 import webbrowser
 
@@ -191,14 +200,24 @@ class DriftDemo:
         synth.generate(cfg, target, overwrite=True)
         return target
 
+    def _larger_frames(self, folder: Path) -> Path:
+        """The same traffic as a camera with a higher resolution would send it."""
+        import cv2
+
+        from pipelines.shifts import encode
+
+        for path in sorted(folder.rglob("*.jpg")):
+            image = cv2.imread(str(path))
+            path.write_bytes(encode(cv2.resize(image, NEW_CAMERA, interpolation=cv2.INTER_LINEAR), 92))
+        return folder
+
     def _send(self, server: str, folder: Path, what: str) -> tuple[str, dict[str, Any]]:
         import httpx
 
         from serving.predlog import read_log
-        from serving.server import prediction_log_dir
 
         images = sorted(folder.rglob("*.jpg"))
-        log_dir = prediction_log_dir(self.paths, self.settings.serve)
+        log_dir = self.paths.prediction_log_dir(self.settings.serve.prediction_log.directory)
         before = len(read_log(log_dir).records) if log_dir.is_dir() else 0
         versions: set[str] = set()
         with httpx.Client(base_url=server, timeout=60) as client:
@@ -217,7 +236,8 @@ class DriftDemo:
         summary = add_dataset(self.paths, batch)
         return f"labelled batch {summary.batch} ({summary.total_images} images) added; data {summary.md5[:12]}", {}
 
-    def _check(self, server: str, expect_alert: bool) -> tuple[str, dict[str, Any]]:
+    def _check(self, server: str, expect: str | None) -> tuple[str, dict[str, Any]]:
+        """One run of the monitoring deployment; `expect`: the alert's action (None: no alert)."""
         import httpx
         from prefect.deployments import run_deployment
 
@@ -236,15 +256,44 @@ class DriftDemo:
         metrics = httpx.get(f"{server}/metrics", timeout=10).text  # the check's gauges, on the server's scrape
         result["gauges"] = [line for line in metrics.splitlines() if line.startswith("conveyor_drift_")]
         self.result.report = Path(result["report"]) if Path(result["report"]).is_file() else self.result.report
+        estimate = result.get("estimate", {})
+        cost = f"estimated cost {estimate['cost']:+.3f}" if "cost" in estimate else "no estimate"
+        action = result["alert_action"] if result["alert"] else None
         verdict = (
-            f"v{result['model_version']}: {result['status']}; {result['message']}; "
-            f"alert: {'yes' if result['alert'] else 'no'}"
+            f"v{result['model_version']}: {result['status']}; {result['message']}; {cost}; alert: {action or 'no'}"
         )
-        if expect_alert and not result["alert"]:
-            raise RuntimeError(f"expected a drift alert, got: {verdict}")
-        if not expect_alert and result["alert"]:
-            raise RuntimeError(f"expected no alert, got: {verdict}")
+        if action != expect:
+            raise RuntimeError(f"expected alert {expect or 'none'}, got: {verdict} ({result['alert_reason']})")
         return verdict, result
+
+    def _no_retraining(self) -> tuple[str, dict[str, Any]]:
+        """An alert-only event starts nothing: no training run appears (the automation answers within seconds)."""
+        time.sleep(15)
+        found = self._drift_runs()
+        if found:
+            raise RuntimeError(f"an alert-only event started a retraining: {found[0].name}")
+        return "the automation ignored the alert-only event: no training run", {}
+
+    def _drift_runs(self) -> list[Any]:
+        """Training runs with reason=drift created since the last check started, newest first."""
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
+        from prefect.client.schemas.sorting import FlowRunSort
+
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(
+                    name=DeploymentFilterName(any_=[self.settings.orchestration.deployment])
+                ),
+                flow_run_filter=FlowRunFilter(),
+                sort=FlowRunSort.START_TIME_DESC,
+                limit=10,
+            )
+        return [
+            r
+            for r in runs
+            if r.parameters.get("reason") == "drift" and r.created and r.created.timestamp() >= self.check_started
+        ]
 
     def _latest_check(self) -> dict[str, Any]:
         """The summary the check just wrote (the flow's return value is not persisted by Prefect)."""
@@ -260,27 +309,8 @@ class DriftDemo:
 
     def _wait_for_retraining(self) -> tuple[str, dict[str, Any]]:
         from prefect.client.orchestration import get_client
-        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
-        from prefect.client.schemas.sorting import FlowRunSort
 
-        name = self.settings.orchestration.deployment
-
-        def drift_run() -> Any:
-            with get_client(sync_client=True) as client:
-                runs = client.read_flow_runs(
-                    deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[name])),
-                    flow_run_filter=FlowRunFilter(),
-                    sort=FlowRunSort.START_TIME_DESC,
-                    limit=10,
-                )
-            fresh = [
-                r
-                for r in runs
-                if r.parameters.get("reason") == "drift" and r.created and r.created.timestamp() >= self.check_started
-            ]
-            return fresh[0] if fresh else None
-
-        run = _wait(drift_run, 120, "the automation to start the retraining")
+        run = _wait(lambda: next(iter(self._drift_runs()), None), 120, "the automation to start the retraining")
         self.console.print(f"retraining run {run.name} started by the drift event; waiting for it to finish")
 
         def finished() -> Any:

@@ -38,24 +38,22 @@ class Selection:
 def select_frames(paths: ProjectPaths, settings: Settings, options: SelectOptions, console: Console) -> Selection:
     from conveyor.tracking import Tracker
     from monitoring.reference import ProfileMissingError, load_reference
-    from pipelines.features import EMBEDDING, Embedder
+    from pipelines.features import EMBEDDING
     from serving import source as registry_source
-    from serving.server import model_cache, prediction_log_dir
 
     if options.source is not None:
         frames, described = frames_in(options.source), str(options.source)
     else:
         hours = options.hours or settings.monitor.window_hours
-        log_dir = prediction_log_dir(paths, settings.serve)
+        log_dir = paths.prediction_log_dir(settings.serve.prediction_log.directory)
         frames = frames_from_log(log_dir, since=datetime.now(UTC) - timedelta(hours=hours))
         described = f"prediction log {log_dir}, last {hours:g} h"
     client = Tracker.client_for(paths)
     version = registry_source.resolve_version(
         client, settings.registry.model_name, options.model or settings.serve.model
     )
-    files = registry_source.fetch(client, version, model_cache(paths))
+    files = registry_source.fetch(client, version, paths.model_cache)
     loaded = registry_source.load(files, settings.serve.runtime, 1, settings.serve.conf)
-    embedder = Embedder(files.artifact("weights"))
     model = f"{files.name} v{files.version}"
     try:
         profile = load_reference(client, paths, version)
@@ -65,7 +63,7 @@ def select_frames(paths: ProjectPaths, settings: Settings, options: SelectOption
         reference = np.zeros((0, 0))
     if len(reference) < 2:
         train = sorted((paths.data / "images" / "train").glob("*"))[: settings.label.reference_images]
-        reference = embed_files(train, embedder)
+        reference = embed_files(train, loaded.detectors[0])
         where = f"{len(train)} training images of data/"
     console.print(f"{len(frames)} frames from {described}; model {model}; reference: {where}", highlight=False)
     with Progress(console=console, transient=True) as progress:
@@ -73,7 +71,6 @@ def select_frames(paths: ProjectPaths, settings: Settings, options: SelectOption
         chosen = select(
             frames,
             loaded.detectors[0],
-            embedder,
             reference,
             settings.label,
             options.count,

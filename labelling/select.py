@@ -3,7 +3,8 @@
 Rules:
 - A frame scores by **uncertainty** (its most doubtful detection: 1 at the model's serving threshold, falling to 0 at
   `label.floor` below it and at confidence 1 above it; a frame the model is sure about scores low) and **novelty**
-  (how far its backbone embedding is from the reference images: 0 within the reference's own spread, 1 at twice it).
+  (how far the model's own features of it are from the reference images': 0 within the reference's own spread, 1 at
+  twice it; each feature scaled by its spread in the reference).
   The weights are `label.uncertainty_weight` and `label.novelty_weight`. Novelty matters because under a domain
   shift a detector is not unsure, it is blind: on the shifted frames of the test below it finds nothing above 0.1,
   so uncertainty alone picks in-distribution frames with borderline boxes (measured: 4 of 8 shifted, a random
@@ -26,7 +27,6 @@ from typing import Any
 import numpy as np
 
 from conveyor.settings import LabelSettings
-from pipelines.features import Embedder, thumbnail
 from pipelines.inference import Detection, Detector, decode_image
 from pipelines.validate import IMAGE_SUFFIXES
 
@@ -91,6 +91,8 @@ def novelty(embeddings: np.ndarray, reference: np.ndarray) -> np.ndarray:
     each reference image's distance to the others), rising to 1 at twice that distance."""
     from sklearn.neighbors import NearestNeighbors
 
+    scale = np.maximum(reference.std(axis=0), 1e-6)  # feature maps of different depths differ in magnitude
+    reference, embeddings = reference / scale, embeddings / scale
     k = min(NEIGHBOURS, len(reference) - 1)
     index = NearestNeighbors(n_neighbors=k + 1).fit(reference)
     own = index.kneighbors(reference)[0][:, 1:].mean(axis=1)  # leave each reference image out of its own
@@ -105,8 +107,8 @@ def diverse(scores: np.ndarray, embeddings: np.ndarray, count: int, pool_factor:
 
     order = np.argsort(-scores, kind="stable")
     pool = order[: count * pool_factor]
-    if len(pool) <= count:
-        return [(int(i), n) for n, i in enumerate(pool)]
+    if len(pool) <= count or not embeddings.shape[1]:  # no features to cluster by: the best, in order
+        return [(int(i), n) for n, i in enumerate(pool[:count])]
     unit = embeddings[pool] / np.maximum(np.linalg.norm(embeddings[pool], axis=1, keepdims=True), 1e-9)
     clusters = KMeans(n_clusters=count, n_init=4, random_state=0).fit_predict(unit)
     chosen = []
@@ -117,19 +119,21 @@ def diverse(scores: np.ndarray, embeddings: np.ndarray, count: int, pool_factor:
     return sorted(chosen, key=lambda pair: -scores[pair[0]])
 
 
-def embed_thumbnails(thumbs: Sequence[np.ndarray], embedder: Embedder, batch: int = 32) -> np.ndarray:
-    vectors = [embedder(thumbs[start : start + batch]) for start in range(0, len(thumbs), batch)]
-    return np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32)
+def model_features(detector: Detector, images: Sequence[np.ndarray], batch: int = 16) -> np.ndarray:
+    """The model's features output for each image ([n, 0] when its export has none)."""
+    found = [f for i in range(0, len(images), batch) for f in detector.run(images[i : i + batch])]
+    if not found or any(f.features is None for f in found):
+        return np.zeros((len(found), 0), np.float32)
+    return np.stack([f.features for f in found if f.features is not None]).astype(np.float32)
 
 
-def embed_files(files: Sequence[Path], embedder: Embedder) -> np.ndarray:
-    return embed_thumbnails([thumbnail(decode_image(p.read_bytes())) for p in files], embedder)
+def embed_files(files: Sequence[Path], detector: Detector) -> np.ndarray:
+    return model_features(detector, [decode_image(p.read_bytes()) for p in files])
 
 
 def select(
     frames: Sequence[Path],
     detector: Detector,
-    embedder: Embedder,
     reference: np.ndarray,
     settings: LabelSettings,
     count: int | None = None,
@@ -150,12 +154,16 @@ def select(
         raise NothingToSelectError(f"none of the {len(frames)} frames could be read as an image")
     digests = list(readable)
     images = [readable[d][1] for d in digests]
-    detections = [
-        found for i in range(0, len(images), 16) for found in detector.detect(images[i : i + 16], conf=settings.floor)
-    ]
-    embeddings = embed_thumbnails([thumbnail(image) for image in images], embedder)
+    found = [result for i in range(0, len(images), 16) for result in detector.run(images[i : i + 16], settings.floor)]
+    detections = [result.candidates for result in found]
+    embeddings = (
+        np.stack([r.features for r in found if r.features is not None]).astype(np.float32)
+        if all(r.features is not None for r in found)
+        else np.zeros((len(found), 0), np.float32)
+    )
     doubt = np.array([uncertainty(d, detector.card.conf, settings.floor) for d in detections])
-    far = novelty(embeddings, reference) if len(reference) > 1 else np.zeros(len(images))
+    usable = len(reference) > 1 and embeddings.shape[1] and reference.shape[1] == embeddings.shape[1]
+    far = novelty(embeddings, reference) if usable else np.zeros(len(images))
     scores = settings.uncertainty_weight * doubt + settings.novelty_weight * far
     return [
         Candidate(

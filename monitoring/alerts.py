@@ -1,11 +1,19 @@
-"""When a drift verdict becomes an alert: the `conveyor.drift.detected` event, which starts a retraining.
+"""When a drift verdict becomes an alert, and whether the alert retrains: the `conveyor.drift.detected` event.
 
 Rules:
 - Only "drift" may alert; "no drift" and "insufficient data" never do.
-- Cooldown: no alert within `monitor.cooldown_hours` of the last alert (for any version). The retraining that alert
-  started needs time, and until the new champion serves, the window still holds the traffic that alerted.
-- De-duplication: one alert per model version and set of drifted features per `monitor.dedupe_hours`; a version
-  that keeps drifting the same way is not retrained again and again on the same evidence.
+- The action follows the harm: the event asks for a retraining (`action: retrain`) when the estimated mAP50-95 cost
+  of the window reaches `monitor.retrain_cost` beyond doubt (the lower end of its 90 % interval: a window of 40
+  images estimates mAP to about ±0.05, so its point estimate alone would retrain on noise), or when this version's
+  drift persisted `monitor.retrain_after` checks in a row (whatever the estimate says: a change that lasts deserves
+  data from it). Otherwise the inputs changed and the model is not measurably hurt: the event only alerts
+  (`action: alert`), and nobody retrains.
+- Without a performance estimate (a version profiled before calibration existed, a log without confidences) there is
+  no event at all: the check says why and how to fix it, rather than retraining or staying silent on a guess.
+- Cooldown: no retraining alert within `monitor.cooldown_hours` of the last one (for any version). The retraining
+  it started needs time, and until the new champion serves, the window still holds the traffic that alerted.
+- De-duplication: one alert per model version, action and set of drifted groups per `monitor.dedupe_hours`; a
+  version that keeps drifting the same way is not alerted again and again on the same evidence.
 - Every check is an MLflow run in the monitoring experiment; an alert is a run tagged `conveyor.drift.alert=emitted`
   (set only after the event was accepted). The history lives with the registry, not on one machine.
 """
@@ -15,30 +23,37 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Literal
 
 from mlflow.tracking import MlflowClient
 
 from conveyor.settings import MonitorSettings
 from monitoring.drift import DriftResult
+from monitoring.estimate import WindowEstimate
 
 ALERT_TAG = "conveyor.drift.alert"
 EMITTED = "emitted"
-FEATURES_TAG = "conveyor.drift.features"
+GROUPS_TAG = "conveyor.drift.groups"
+ACTION_TAG = "conveyor.drift.action"
+STATUS_TAG = "conveyor.drift.status"
 VERSION_TAG = "conveyor.model_version"
 MODEL_TAG = "conveyor.model_name"
+Action = Literal["retrain", "alert"]
 
 
 @dataclass(frozen=True)
 class PastAlert:
     at: datetime
     model_version: str
-    features: frozenset[str]
+    groups: frozenset[str]
+    action: str
 
 
 @dataclass(frozen=True)
 class AlertDecision:
     alert: bool
     reason: str
+    action: Action | None = None
 
 
 def past_alerts(client: MlflowClient, experiment: str, model_name: str, since: datetime) -> list[PastAlert]:
@@ -59,29 +74,79 @@ def past_alerts(client: MlflowClient, experiment: str, model_name: str, since: d
         PastAlert(
             datetime.fromtimestamp(run.info.start_time / 1000, UTC),
             run.data.tags.get(VERSION_TAG, ""),
-            frozenset(f for f in run.data.tags.get(FEATURES_TAG, "").split(",") if f),
+            frozenset(g for g in run.data.tags.get(GROUPS_TAG, "").split(",") if g),
+            run.data.tags.get(ACTION_TAG, "retrain"),
         )
         for run in runs
     ]
 
 
+def recent_statuses(client: MlflowClient, experiment: str, model_name: str, version: str, count: int) -> list[str]:
+    """The verdicts of this version's last `count` checks, newest first (for `monitor.retrain_after`)."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None or count <= 0:
+        return []
+    runs = client.search_runs(
+        [found.experiment_id],
+        filter_string=f"tags.`{MODEL_TAG}` = '{model_name}' and tags.`{VERSION_TAG}` = '{version}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=count,
+    )
+    return [run.data.tags.get(STATUS_TAG, "") for run in runs]
+
+
 def decide(
-    result: DriftResult, model_version: str, history: Sequence[PastAlert], policy: MonitorSettings, now: datetime
+    result: DriftResult,
+    model_version: str,
+    history: Sequence[PastAlert],
+    earlier: Sequence[str],
+    estimate: WindowEstimate,
+    policy: MonitorSettings,
+    now: datetime,
 ) -> AlertDecision:
+    """`earlier`: the verdicts of this version's previous checks, newest first."""
     if result.status != "drift":
         return AlertDecision(False, result.status)
-    cooldown = timedelta(hours=policy.cooldown_hours)
-    recent = [a for a in history if now - a.at < cooldown]
-    if recent:
-        until = recent[0].at + cooldown
-        return AlertDecision(
-            False, f"cooldown: the last alert was at {recent[0].at:%Y-%m-%d %H:%M} UTC, next after {until:%H:%M}"
+    if estimate.estimate is None:
+        return AlertDecision(False, f"drift, but no performance estimate: {estimate.reason}")
+    cost = estimate.estimate.cost
+    least = estimate.estimate.cost_interval[0]
+    persisted = policy.retrain_after <= 1 or (
+        len(earlier) >= policy.retrain_after - 1 and all(s == "drift" for s in earlier[: policy.retrain_after - 1])
+    )
+    action: Action
+    if least >= policy.retrain_cost:
+        action, why = (
+            "retrain",
+            f"estimated cost {cost:.3f} (at least {least:.3f}) >= monitor.retrain_cost {policy.retrain_cost:.3f}",
         )
-    dedupe = timedelta(hours=policy.dedupe_hours)
-    features = frozenset(result.drifted)
-    for past in history:
-        if now - past.at < dedupe and past.model_version == model_version and past.features == features:
+    elif persisted:
+        action, why = "retrain", f"drift in {policy.retrain_after} checks in a row (monitor.retrain_after)"
+    else:
+        action, why = (
+            "alert",
+            f"inputs changed; estimated cost {cost:.3f} (at least {least:.3f}) is not beyond monitor.retrain_cost "
+            f"{policy.retrain_cost:.3f}: no retraining",
+        )
+    if action == "retrain":
+        cooldown = timedelta(hours=policy.cooldown_hours)
+        recent = [a for a in history if a.action == "retrain" and now - a.at < cooldown]
+        if recent:
+            last, until = recent[0].at, recent[0].at + cooldown
             return AlertDecision(
-                False, f"duplicate: v{model_version} alerted on the same features at {past.at:%Y-%m-%d %H:%M} UTC"
+                False, f"cooldown: the last retraining alert was at {last:%Y-%m-%d %H:%M} UTC, next after {until:%H:%M}"
             )
-    return AlertDecision(True, f"drift on v{model_version}: {', '.join(result.drifted)}")
+    dedupe = timedelta(hours=policy.dedupe_hours)
+    groups = frozenset(result.drifted_groups)
+    for past in history:
+        if (
+            now - past.at < dedupe
+            and past.model_version == model_version
+            and past.groups == groups
+            and past.action == action
+        ):
+            return AlertDecision(
+                False,
+                f"duplicate: v{model_version} alerted ({action}) on the same groups at {past.at:%Y-%m-%d %H:%M} UTC",
+            )
+    return AlertDecision(True, f"drift on v{model_version} ({', '.join(result.drifted_groups)}): {why}", action)

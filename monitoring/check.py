@@ -1,9 +1,12 @@
 """`conveyor drift`: one drift check, end to end, and what it leaves behind.
 
-Current data (a prediction-log window, or a folder) -> the serving version's reference profile -> Evidently's
-verdict -> the alert policy. Left behind: the Evidently HTML and JSON (`.conveyor/monitoring/reports/<time>/`), an
-MLflow run in the monitoring experiment (tagged with the model version, the verdict and the alert decision, the
-reports as artifacts), and Prometheus gauges (`.conveyor/monitoring/drift.prom`, served on the server's /metrics).
+Current data (a prediction-log window, or a folder) -> the serving version's reference profile -> the verdict per
+group of features (Evidently's statistics) and the label-free performance estimate -> the alert policy (alert or
+retrain). Left behind: a report (`.conveyor/monitoring/reports/<time>/`: `report.html` with the verdict, the groups
+in words and the estimate, Evidently's own `evidently.html` and JSON, `summary.json`), an MLflow run in the
+monitoring experiment (tagged with the model version, the verdict, the deciding groups and the alert decision; the
+estimate and every score as metrics; the reports as artifacts), and Prometheus gauges
+(`.conveyor/monitoring/drift.prom`, served on the server's /metrics).
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 
 from conveyor.paths import ProjectPaths
-from conveyor.settings import Settings
+from conveyor.settings import MonitorSettings, Settings
 from conveyor.tracking import Tracker, ensure_experiment, metric_name
 from monitoring import alerts, current, drift
+from monitoring.estimate import WindowEstimate, estimate_window
 from monitoring.reference import load_reference
+from pipelines.profile import Profile
 from serving import source
-from serving.server import DRIFT_METRICS_FILE, model_cache, prediction_log_source
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class CheckOutcome:
     model_name: str
     model_version: str
     result: drift.DriftResult
+    estimate: WindowEstimate
     data: current.CurrentData
     decision: alerts.AlertDecision
     report_dir: Path
@@ -48,11 +53,17 @@ class CheckOutcome:
 
     def payload(self) -> dict[str, Any]:
         """What the drift event carries: enough to act on without opening the report."""
+        estimate = self.estimate.estimate
         return {
             "model_name": self.model_name,
             "model_version": self.model_version,
-            "drifted_share": round(self.result.drifted_share, 4),
+            "action": self.decision.action,
+            "drifted_groups": self.result.drifted_groups,
+            "deciding": [g.summary() for g in self.result.groups if g.drifted],
             "drifted_features": self.result.drifted,
+            "estimated_map50_95": None if estimate is None else round(estimate.map50_95, 4),
+            "estimated_cost": None if estimate is None else round(estimate.cost, 4),
+            "estimate_interval": None if estimate is None else [round(estimate.low, 4), round(estimate.high, 4)],
             "current_rows": self.result.current_rows,
             "reference_batch": self.result.reference_batch,
             "mlflow_run_id": self.mlflow_run_id,
@@ -66,14 +77,14 @@ def run_check(paths: ProjectPaths, settings: Settings, options: CheckOptions, co
     name = settings.registry.model_name
     if options.source is not None:
         version = source.resolve_version(client, name, options.model or settings.serve.model)
-        files = source.fetch(client, version, model_cache(paths))
-        loaded = source.load(files, settings.serve.runtime, 1, settings.serve.conf, embeddings=monitor.embeddings)
-        data = current.from_folder(options.source, loaded.detectors[0], loaded.embedder, console)
+        files = source.fetch(client, version, paths.model_cache)
+        loaded = source.load(files, settings.serve.runtime, 1, settings.serve.conf)
+        data = current.from_folder(options.source, loaded.detectors[0], console)
         data.model_version = str(version.version)
     else:
         wanted = str(source.resolve_version(client, name, options.model).version) if options.model else None
         data = current.from_log(
-            prediction_log_source(paths, settings.serve),
+            paths.prediction_log_source(settings.serve.prediction_log.directory, settings.serve.prediction_log.s3),
             options.hours or monitor.window_hours,
             options.last or monitor.window_records,
             wanted,
@@ -81,72 +92,171 @@ def run_check(paths: ProjectPaths, settings: Settings, options: CheckOptions, co
         assert data.model_version is not None
         version = client.get_model_version(name, data.model_version)
     profile = load_reference(client, paths, version)
-    result = drift.check(profile, data.records, monitor)
+    result, estimate = judge(profile, data.records, monitor, str(version.version))
     now = datetime.now(UTC)
     history = alerts.past_alerts(
         client, monitor.experiment, name, now - timedelta(hours=max(monitor.cooldown_hours, monitor.dedupe_hours))
     )
-    decision = alerts.decide(result, str(version.version), history, monitor, now)
+    earlier = alerts.recent_statuses(client, monitor.experiment, name, str(version.version), monitor.retrain_after - 1)
+    decision = alerts.decide(result, str(version.version), history, earlier, estimate, monitor, now)
     report_dir = paths.monitoring / "reports" / now.strftime("%Y%m%dT%H%M%S%fZ")
-    write_reports(report_dir, result, data, str(version.version), decision)
-    run_id, url = log_check(client, paths, settings, str(version.version), result, data, decision, report_dir)
-    write_gauges(paths.monitoring / DRIFT_METRICS_FILE, name, str(version.version), result, now)
-    return CheckOutcome(name, str(version.version), result, data, decision, report_dir, run_id, url, now)
+    outcome = CheckOutcome(name, str(version.version), result, estimate, data, decision, report_dir, "", None, now)
+    write_reports(outcome)
+    outcome.mlflow_run_id, outcome.mlflow_run_url = log_check(client, paths, settings, outcome)
+    write_gauges(paths.drift_gauges, outcome)
+    return outcome
 
 
-def write_reports(
-    folder: Path, result: drift.DriftResult, data: current.CurrentData, version: str, decision: alerts.AlertDecision
-) -> None:
+def judge(
+    profile: Profile, records: Any, monitor: MonitorSettings, version: str, report: bool = True
+) -> tuple[drift.DriftResult, WindowEstimate]:
+    """The verdict on a window: the groups of features, the performance estimate, and the estimate as a group."""
+    result = drift.check(profile, records, monitor, report=report)
+    estimate = estimate_window(profile, records, version, result.reference_batch)
+    add_performance_group(result, estimate, monitor.retrain_cost)
+    return result, estimate
+
+
+def add_performance_group(result: drift.DriftResult, estimate: WindowEstimate, retrain_cost: float) -> None:
+    """The estimate decides too: a cost whose whole interval is past `monitor.retrain_cost` is drift that matters,
+    even where no input feature moved past its threshold (the model's own confidence saw it)."""
+    found = estimate.estimate
+    if found is None or result.status == "insufficient data":
+        return
+    low, high = found.cost_interval
+    drifted = low >= retrain_cost > 0
+    words = (
+        f"the model's confidence says it lost {found.cost:.3f} mAP50-95 ({low:.3f} to {high:.3f}) against its "
+        "training images"
+    )
+    group = drift.GroupDrift("performance", drifted, low / retrain_cost if retrain_cost else 0.0, "estimate", words)
+    result.groups = sorted(
+        [*result.groups, group], key=lambda g: (not g.drifted, -g.strength if g.strength == g.strength else 0)
+    )
+    if drifted and result.status != "drift":
+        result.status = "drift"
+        result.message = f"drift against reference batch '{result.reference_batch}': {group.summary()}"
+
+
+def write_reports(outcome: CheckOutcome) -> None:
+    """`report.html` (the verdict in words, the groups, the estimate, Evidently's report below), Evidently's own
+    HTML and JSON, and `summary.json`."""
+    folder, result, data = outcome.report_dir, outcome.result, outcome.data
     folder.mkdir(parents=True, exist_ok=True)
     if result.snapshot is not None:
-        result.snapshot.save_html(str(folder / "report.html"))
-        result.snapshot.save_json(str(folder / "report.json"))
+        result.snapshot.save_html(str(folder / "evidently.html"))
+        result.snapshot.save_json(str(folder / "evidently.json"))
     summary = {
         **result.to_json(),
-        "model_version": version,
+        "model_version": outcome.model_version,
+        "estimate": outcome.estimate.to_json(),
         "source": data.source,
         "left_out_other_versions": data.other_versions,
         "unreadable": data.unreadable,
-        "alert": decision.alert,
-        "alert_reason": decision.reason,
+        "alert": outcome.decision.alert,
+        "alert_action": outcome.decision.action,
+        "alert_reason": outcome.decision.reason,
     }
     (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (folder / "report.html").write_text(report_html(outcome))
+
+
+def report_html(outcome: CheckOutcome) -> str:
+    from html import escape
+
+    result = outcome.result
+    found = outcome.estimate.estimate
+    groups = "".join(
+        f"<tr><td>{escape(g.group)}</td><td>{'<b>drift</b>' if g.drifted else 'ok'}</td>"
+        f"<td>{g.strength:.2f}</td><td>{escape(g.feature)}</td><td>{escape(g.words) if g.drifted else ''}</td></tr>"
+        for g in result.groups
+    )
+    features = "".join(
+        f"<tr><td>{escape(f.group)}</td><td>{escape(f.name)}</td><td>{f.effect:.3g}</td><td>{f.threshold:.3g}</td>"
+        f"<td>{f.p_value:.2g}</td><td>{f.reference_mean:.4g}</td><td>{f.current_mean:.4g}</td>"
+        f"<td>{'<b>drift</b>' if f.drifted else 'ok'}</td></tr>"
+        for f in result.features
+    )
+    if found is not None:
+        low, high = found.cost_interval
+        estimate = (
+            f"estimated mAP50-95 <b>{found.map50_95:.3f}</b> ({found.low:.3f} to {found.high:.3f}, "
+            f"{found.level:.0%}) against {found.reference:.3f} on its training images (validation split, labelled: "
+            f"{found.validation_map50_95:.3f}): cost <b>{found.cost:+.3f}</b> "
+            f"({low:+.3f} to {high:+.3f}), {escape(outcome.estimate.reason)}"
+        )
+    else:
+        estimate = f"no estimate: {escape(outcome.estimate.reason)}"
+    decision = outcome.decision
+    action = f"{decision.action} ({escape(decision.reason)})" if decision.alert else f"none ({escape(decision.reason)})"
+    evidently = (
+        '<h2>Evidently</h2><iframe src="evidently.html" style="width:100%;height:1600px;border:0"></iframe>'
+        if result.snapshot is not None
+        else ""
+    )
+    title = f"Drift check v{escape(outcome.model_version)}"
+    checked = f"{outcome.checked_at:%Y-%m-%d %H:%M:%S} UTC"
+    header = "<tr><th>group</th><th>verdict</th><th>strength</th><th>deciding feature</th><th>what changed</th></tr>"
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.2em .8em;text-align:left}}
+tr:nth-child(even){{background:#f4f4f4}}</style></head><body>
+<h1>{escape(outcome.model_name)} v{escape(outcome.model_version)}: {escape(result.status)}</h1>
+<p>{escape(result.message)}</p><p>{estimate}</p><p>alert: {action}</p>
+<p>current: {escape(outcome.data.source)} ({result.current_rows} rows) against reference batch
+'{escape(result.reference_batch)}' ({result.reference_rows} rows); checked {checked}</p>
+<h2>Groups</h2><table>{header}
+{groups}</table>
+<h2>Features</h2><table><tr><th>group</th><th>feature</th><th>effect</th><th>threshold</th><th>p-value</th>
+<th>reference mean</th><th>current mean</th><th>verdict</th></tr>{features}</table>
+{"".join(f"<p>skipped {escape(k)}: {escape(v)}</p>" for k, v in result.skipped.items())}
+{evidently}</body></html>
+"""
 
 
 def log_check(
-    client: MlflowClient,
-    paths: ProjectPaths,
-    settings: Settings,
-    version: str,
-    result: drift.DriftResult,
-    data: current.CurrentData,
-    decision: alerts.AlertDecision,
-    report_dir: Path,
+    client: MlflowClient, paths: ProjectPaths, settings: Settings, outcome: CheckOutcome
 ) -> tuple[str, str | None]:
     """One MLflow run per check in the monitoring experiment: the verdict as tags and metrics, reports as artifacts."""
     from mlflow.entities import Metric, RunTag
 
+    result, decision, version = outcome.result, outcome.decision, outcome.model_version
     experiment_id = ensure_experiment(client, paths, settings.monitor.experiment)
     name = settings.registry.model_name
     tags = {
         alerts.MODEL_TAG: name,
         alerts.VERSION_TAG: version,
-        "conveyor.drift.status": result.status,
-        alerts.FEATURES_TAG: ",".join(result.drifted),
+        alerts.STATUS_TAG: result.status,
+        alerts.GROUPS_TAG: ",".join(result.drifted_groups),
+        "conveyor.drift.features": ",".join(result.drifted)[:250],
+        "conveyor.drift.deciding": "; ".join(g.summary() for g in result.groups if g.drifted)[:5000] or "-",
         alerts.ALERT_TAG: "pending" if decision.alert else f"none ({decision.reason})"[:250],
-        "conveyor.drift.source": data.source[:250],
+        alerts.ACTION_TAG: decision.action or "-",
+        "conveyor.drift.source": outcome.data.source[:250],
         "conveyor.drift.reference_batch": result.reference_batch,
+        "conveyor.estimate": outcome.estimate.reason[:250],
     }
     run = client.create_run(experiment_id, run_name=f"drift v{version}", tags=tags)
     now = int(datetime.now(UTC).timestamp() * 1000)
     metrics = [
-        Metric("drifted_share", result.drifted_share, now, 0),
+        Metric("drifted_groups", len(result.drifted_groups), now, 0),
         Metric("current_rows", result.current_rows, now, 0),
         Metric("reference_rows", result.reference_rows, now, 0),
     ]
-    metrics += [Metric(metric_name(f"score/{f.name}"), f.score, now, 0) for f in result.features]
+    metrics += [Metric(metric_name(f"effect/{f.name}"), f.effect, now, 0) for f in result.features]
+    metrics += [Metric(metric_name(f"group/{g.group}"), g.strength, now, 0) for g in result.groups]
+    found = outcome.estimate.estimate
+    if found is not None:
+        low, high = found.cost_interval
+        metrics += [
+            Metric("estimate/mAP50-95", found.map50_95, now, 0),
+            Metric("estimate/mAP50-95_low", found.low, now, 0),
+            Metric("estimate/mAP50-95_high", found.high, now, 0),
+            Metric("estimate/cost", found.cost, now, 0),
+            Metric("estimate/cost_low", low, now, 0),
+            Metric("estimate/cost_high", high, now, 0),
+        ]
     client.log_batch(run.info.run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
-    client.log_artifacts(run.info.run_id, str(report_dir), "drift")
+    client.log_artifacts(run.info.run_id, str(outcome.report_dir), "drift")
     client.set_terminated(run.info.run_id)
     uri = client.tracking_uri
     url = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run.info.run_id}" if uri.startswith("http") else None
@@ -159,33 +269,59 @@ def mark_alert_emitted(client: MlflowClient, run_id: str, event_id: str) -> None
     client.set_tag(run_id, "conveyor.drift.event_id", event_id)
 
 
-def write_gauges(path: Path, model_name: str, version: str, result: drift.DriftResult, at: datetime) -> None:
+def write_gauges(path: Path, outcome: CheckOutcome) -> None:
     """The last check as Prometheus gauges, in the text format the server appends to its /metrics."""
     from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 
+    result, at = outcome.result, outcome.checked_at
     registry = CollectorRegistry()
-    labels = {"model": model_name, "version": version}
-    Gauge(
-        "conveyor_drift_share", "Share of drifted features in the last drift check", list(labels), registry=registry
-    ).labels(**labels).set(result.drifted_share)
-    Gauge("conveyor_drift_detected", "1 when the last drift check found drift", list(labels), registry=registry).labels(
-        **labels
-    ).set(1.0 if result.status == "drift" else 0.0)
-    Gauge(
-        "conveyor_drift_current_rows", "Rows in the last drift check's current window", list(labels), registry=registry
-    ).labels(**labels).set(result.current_rows)
+    labels = {"model": outcome.model_name, "version": outcome.model_version}
+
+    def gauge(name: str, help_text: str, value: float) -> None:
+        Gauge(name, help_text, list(labels), registry=registry).labels(**labels).set(value)
+
+    gauge("conveyor_drift_detected", "1 when the last drift check found drift", 1.0 if result.status == "drift" else 0)
+    gauge("conveyor_drift_groups", "Drifted groups of features in the last drift check", len(result.drifted_groups))
+    gauge("conveyor_drift_current_rows", "Rows in the last drift check's current window", result.current_rows)
+    gauge(
+        "conveyor_drift_retrain",
+        "1 when the last drift check asked for a retraining, 0 for an alert only or none",
+        1.0 if outcome.decision.alert and outcome.decision.action == "retrain" else 0.0,
+    )
+    found = outcome.estimate.estimate
+    if found is not None:
+        gauge("conveyor_performance_estimate", "Estimated mAP50-95 of the last window (label-free)", found.map50_95)
+        gauge("conveyor_performance_estimate_low", "Lower end of the estimate's interval", found.low)
+        gauge("conveyor_performance_estimate_high", "Upper end of the estimate's interval", found.high)
+        gauge("conveyor_performance_reference", "The same estimate on the version's training images", found.reference)
+        gauge(
+            "conveyor_performance_validation",
+            "True mAP50-95 of the version's validation split",
+            found.validation_map50_95,
+        )
+        gauge("conveyor_performance_cost", "Estimated mAP50-95 lost against the validation split", found.cost)
     Gauge("conveyor_drift_last_check_timestamp_seconds", "When the last drift check ran", registry=registry).set(
         at.timestamp()
     )
-    score = Gauge(
-        "conveyor_drift_feature_score",
-        "Drift score per feature (p-value, distance or ROC AUC)",
-        ["feature", "method"],
+    group = Gauge(
+        "conveyor_drift_group_strength",
+        "Per group: the strongest feature's effect over its threshold (>= 1 with drift)",
+        ["group"],
+        registry=registry,
+    )
+    group_drifted = Gauge("conveyor_drift_group_drifted", "1 when the group drifted", ["group"], registry=registry)
+    for g in result.groups:
+        group.labels(g.group).set(g.strength)
+        group_drifted.labels(g.group).set(1.0 if g.drifted else 0.0)
+    effect = Gauge(
+        "conveyor_drift_feature_effect",
+        "Per feature: the effect size (Wasserstein distance in reference standard deviations)",
+        ["feature", "group"],
         registry=registry,
     )
     drifted = Gauge("conveyor_drift_feature_drifted", "1 when the feature drifted", ["feature"], registry=registry)
     for feature in result.features:
-        score.labels(feature.name, feature.method).set(feature.score)
+        effect.labels(feature.name, feature.group).set(feature.effect)
         drifted.labels(feature.name).set(1.0 if feature.drifted else 0.0)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_to_textfile(str(path), registry)  # written to a temporary file and renamed: a scrape never sees half

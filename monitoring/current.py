@@ -15,7 +15,6 @@ from typing import Any
 from rich.console import Console
 
 from pipelines.data import batch_of
-from pipelines.features import Embedder
 from pipelines.inference import Detector
 from pipelines.profile import ImageSource, describe_images
 from pipelines.validate import IMAGE_SUFFIXES
@@ -65,9 +64,7 @@ def from_log(
     return CurrentData(frame.reset_index(drop=True), described, chosen, others, window.unreadable)
 
 
-def from_folder(
-    folder: Path, detector: Detector, embedder: Embedder | None, console: Console | None = None
-) -> CurrentData:
+def from_folder(folder: Path, detector: Detector, console: Console | None = None) -> CurrentData:
     """Features of a folder of images (recursively), computed with the given model as the server would."""
     if not folder.is_dir():
         raise NoCurrentDataError(f"{folder} is not a folder of images")
@@ -75,6 +72,6 @@ def from_folder(
     if not files:
         raise NoCurrentDataError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     sources = [ImageSource(path, "current", batch_of(path.name)) for path in files]
-    frame = describe_images(sources, detector, embedder, console)
+    frame, _ = describe_images(sources, detector, console)
     unreadable = sorted({p.name for p in files} - set(frame["file"])) if len(frame) else [p.name for p in files]
     return CurrentData(frame, f"{len(files)} images in {folder}", None, {}, unreadable)

@@ -12,11 +12,9 @@ from rich.console import Console
 
 from conveyor.paths import ProjectPaths
 from conveyor.settings import Settings
-from pipelines.data import batch_of, dir_md5
-from pipelines.profile import ImageSource, Profile, describe_images, write_profile
-from pipelines.validate import IMAGE_SUFFIXES
+from pipelines.data import dir_md5
+from pipelines.profile import Profile, ProfileError, build, training_sources
 from serving import source
-from serving.server import model_cache
 
 RUN_ARTIFACT_PATH = "monitoring/profile"
 
@@ -27,7 +25,7 @@ class ProfileMissingError(FileNotFoundError):
 
 def load_reference(client: MlflowClient, paths: ProjectPaths, version: ModelVersion) -> Profile:
     """The version's profile: its registered artifact, else one computed later and logged to its run."""
-    files = source.fetch(client, version, model_cache(paths))
+    files = source.fetch(client, version, paths.model_cache)
     if "profile" in files.artifacts:
         return Profile.load(files.artifacts["profile"])
     cached = paths.monitoring / "profiles" / version.name / str(version.version)
@@ -51,7 +49,8 @@ def load_reference(client: MlflowClient, paths: ProjectPaths, version: ModelVers
 def compute_reference(
     client: MlflowClient, paths: ProjectPaths, settings: Settings, version: ModelVersion, console: Console
 ) -> Profile:
-    """Profile an older version on the data it was trained on (data/ must be that version), and log it to its run."""
+    """Profile an older version on the data it was trained on (data/ must be that version, and its validated
+    manifest current: the same images the profile stage reads), and log it to its run."""
     expected = version.tags.get("conveyor.data_md5")
     if not paths.data.is_dir():
         raise FileNotFoundError("data/ is missing: `conveyor data pull` first")
@@ -61,26 +60,15 @@ def compute_reference(
             f"v{version.version} was trained on data {expected}, and data/ is {actual}: check out the data.dvc of "
             f"commit {version.tags.get('conveyor.git_commit', '?')[:12]}, `conveyor data pull`, then retry"
         )
-    files = source.fetch(client, version, model_cache(paths))
+    try:
+        sources = training_sources(paths)
+    except ProfileError as exc:
+        raise ProfileMissingError(f"{exc} (on this version's data)") from None
+    files = source.fetch(client, version, paths.model_cache)
     runtime = "openvino" if "openvino" in files.artifacts else "onnx"
-    loaded = source.load(files, runtime, 1, settings.serve.conf, embeddings=settings.monitor.embeddings)
-    detector, embedder = loaded.detectors[0], loaded.embedder
-    sources = [
-        ImageSource(path, split, batch_of(path.name))
-        for split in ("train", "val")
-        for path in sorted((paths.data / "images" / split).glob("*"))
-        if path.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    frame = describe_images(sources, detector, embedder, console)
+    detector = source.load(files, runtime, 1, settings.serve.conf).detectors[0]
     folder = paths.monitoring / "profiles" / version.name / str(version.version)
-    write_profile(
-        folder,
-        frame,
-        detector.card,
-        runtime,
-        settings.monitor.embedding_dims if embedder else None,
-        {"computed": "on demand", "data_md5": actual},
-    )
+    build(folder, sources, detector, runtime, settings, console, {"computed": "on demand", "data_md5": actual})
     if version.run_id:
         client.log_artifacts(version.run_id, str(folder), RUN_ARTIFACT_PATH)
     return Profile.load(folder)

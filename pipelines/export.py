@@ -1,6 +1,8 @@
 """Export the trained model (ONNX static and dynamic batch, OpenVINO, optional FP16/INT8, TensorRT on a GPU) and
 measure each export against the PyTorch model: max abs difference of raw outputs on the same inputs, ΔmAP50-95 on
-the test split with identical evaluation settings, and per-image latency.
+the test split with identical evaluation settings, and per-image latency. ONNX and OpenVINO exports get a second
+output, `features` (what the detection head sees, pooled: `pipelines/model_features.py`), checked against PyTorch
+on the same inputs (`features_rel_diff`; the gate holds it to `gates.features_max_rel_diff`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from conveyor.paths import ProjectPaths
 from conveyor.settings import ExportSettings, Settings
 from conveyor.tracking import Tracker
 from conveyor.yolo import load_yolo
-from pipelines import runtimes
+from pipelines import model_features, runtimes
 from pipelines.dataset_view import materialize
 from pipelines.evaluate import Evaluation, evaluate_checkpoint, trained_imgsz
 
@@ -56,6 +58,7 @@ class ExportResult:
     path: str  # relative to the project root
     size_mb: float
     max_abs_diff: float
+    features_rel_diff: float | None  # None: this export has no features output (TensorRT)
     map50_95: float
     delta_map50_95: float
     latency_ms: float  # median per image, batch 1
@@ -111,6 +114,11 @@ def export_variant(weights: Path, variant: Variant, imgsz: int, out_root: Path, 
         if variant.format == "engine":
             kwargs["device"] = 0
         exported = Path(model.export(**kwargs))
+        layers = model_features.head_inputs(model.model)
+        if variant.format == "onnx":
+            model_features.add_to_onnx(exported, layers)
+        elif variant.format == "openvino":
+            model_features.add_to_openvino(exported, layers)
     finally:
         staged.unlink(missing_ok=True)
     return exported
@@ -151,7 +159,8 @@ def _export(paths: ProjectPaths, settings: Settings, tracker: Tracker, console: 
     shutil.rmtree(paths.export, ignore_errors=True)
     paths.export.mkdir(parents=True)
     reference_runtime = runtimes.TorchRuntime(weights)
-    reference = reference_runtime.infer(inputs)
+    reference, reference_features = reference_runtime.infer_with_features(inputs)
+    assert reference_features is not None
     reference_latency = runtimes.measure_latency(reference_runtime, inputs[:1], cfg.latency.warmup, cfg.latency.runs)
 
     def score(model: Path, name: str) -> Evaluation:
@@ -177,14 +186,15 @@ def _export(paths: ProjectPaths, settings: Settings, tracker: Tracker, console: 
         console.print(f"exporting {variant.name} ...")
         artifact = export_variant(weights, variant, imgsz, paths.export, view)
         runtime = runtimes.open_runtime(variant.format, artifact, variant.name)
-        diff = runtimes.max_abs_diff(runtime, reference, inputs)
+        parity = runtimes.compare(runtime, reference, reference_features, inputs)
         latency = runtimes.measure_latency(runtime, inputs[:1], cfg.latency.warmup, cfg.latency.runs)
         evaluation = score(artifact, variant.name)
         report.exports[variant.name] = ExportResult(
             name=variant.name,
             path=artifact.relative_to(paths.root).as_posix(),
             size_mb=round(_size_mb(artifact), 2),
-            max_abs_diff=diff,
+            max_abs_diff=parity.max_abs_diff,
+            features_rel_diff=parity.features_rel_diff,
             map50_95=evaluation.map50_95,
             delta_map50_95=evaluation.map50_95 - reference_eval.map50_95,
             latency_ms=latency.per_image_ms,
@@ -212,6 +222,7 @@ def metrics_for_tracking(report: ExportReport) -> dict[str, float]:
     for name, r in report.exports.items():
         out |= {
             f"export/{name}/max_abs_diff": r.max_abs_diff,
+            **({f"export/{name}/features_rel_diff": r.features_rel_diff} if r.features_rel_diff is not None else {}),
             f"export/{name}/mAP50-95": r.map50_95,
             f"export/{name}/delta_mAP50-95": r.delta_map50_95,
             f"export/{name}/size_mb": r.size_mb,
@@ -228,7 +239,11 @@ def dvc_metrics(report: ExportReport) -> dict[str, Any]:
             **{name: round(r.latency_ms, 2) for name, r in report.exports.items()},
         },
         "parity": {
-            name: {"max_abs_diff": float(f"{r.max_abs_diff:.3g}"), "delta_mAP50-95": round(r.delta_map50_95, 4)}
+            name: {
+                "max_abs_diff": float(f"{r.max_abs_diff:.3g}"),
+                "features_rel_diff": None if r.features_rel_diff is None else float(f"{r.features_rel_diff:.3g}"),
+                "delta_mAP50-95": round(r.delta_map50_95, 4),
+            }
             for name, r in report.exports.items()
         },
         "skipped": report.skipped,
@@ -240,7 +255,7 @@ def print_report(report: ExportReport, console: Console) -> None:
         title=f"exports at {report.imgsz} px vs PyTorch (mAP50-95 {report.pytorch_map50_95:.3f}, "
         f"{report.pytorch_latency_ms:.1f} ms/image)"
     )
-    for column in ("export", "precision", "size MB", "max |Δ| raw", "ΔmAP50-95", "ms/image", "p95 ms"):
+    for column in ("export", "precision", "size MB", "max |Δ| raw", "features Δ", "ΔmAP50-95", "ms/image", "p95 ms"):
         table.add_column(column, justify="left" if column == "export" else "right")
     for name, r in report.exports.items():
         table.add_row(
@@ -248,10 +263,11 @@ def print_report(report: ExportReport, console: Console) -> None:
             r.precision,
             f"{r.size_mb:.1f}",
             f"{r.max_abs_diff:.2g}",
+            "-" if r.features_rel_diff is None else f"{r.features_rel_diff:.1%}",
             f"{r.delta_map50_95:+.4f}",
             f"{r.latency_ms:.1f}",
             f"{r.latency_p95_ms:.1f}",
         )
     for name, why in report.skipped.items():
-        table.add_row(name, "-", "-", "-", "-", "-", f"skipped: {why}")
+        table.add_row(name, "-", "-", "-", "-", "-", "-", f"skipped: {why}")
     console.print(table)

@@ -1,9 +1,19 @@
 """Label-free features of an image and of the model's predictions on it: what drift checks compare.
 
-One implementation for both sides of a drift check: the server's prediction log computes them on what it serves, and
-the `profile` stage on the version's own training and validation images. Image statistics are taken on a 128 px
-thumbnail (cheap on the request path, and enough for lighting, colour, blur and noise trends); embeddings are the
-model's own backbone, pooled (Ultralytics' `embed`), on the same thumbnail.
+One implementation for both sides of a drift check: the server's prediction log computes them on what it serves,
+the `profile` stage on the version's own training and validation images, `conveyor drift --source` on a folder.
+The features come in groups of related measurements, and a drift check decides per group (`monitoring/drift.py`):
+
+- exposure and colour, on a 128 px thumbnail (enough for light and colour): brightness, contrast, mean red, green
+  and blue, saturation, and the shares of clipped highlights and crushed shadows;
+- focus and noise, on the image at the model's input resolution (what the model sees: a thumbnail hides blur and
+  noise): sharpness (variance of the Laplacian), noise (Immerkær's fast estimate of the noise sigma) and
+  blockiness (how much more the grey level jumps across JPEG's 8-pixel block borders than inside the blocks, on the
+  image as sent: compression);
+- geometry: width, height, aspect;
+- predictions: detections per image, their confidences and box areas, per-class counts, and the scores (confidence
+  and class of every detection from the score floor up) that the performance estimate reads;
+- the embedding: the model's own `features` output (`pipelines/model_features.py`), from the same inference.
 """
 
 from __future__ import annotations
@@ -11,29 +21,28 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from pipelines.inference import Detection
+from pipelines.inference import Detection, Inference
 
 THUMBNAIL_SIDE = 128
-IMAGE_FEATURES = [
-    "brightness",
-    "contrast",
-    "mean_red",
-    "mean_green",
-    "mean_blue",
-    "sharpness",
-    "noise",
-    "width",
-    "height",
-    "aspect",
-]
+EXPOSURE_FEATURES = ["brightness", "contrast", "mean_red", "mean_green", "mean_blue", "saturation"]
+CLIPPING_FEATURES = ["highlights", "shadows"]
+FOCUS_FEATURES = ["sharpness", "noise", "blockiness"]
+GEOMETRY_FEATURES = ["width", "height", "aspect"]
+IMAGE_FEATURES = [*EXPOSURE_FEATURES, *CLIPPING_FEATURES, *FOCUS_FEATURES, *GEOMETRY_FEATURES]
 PREDICTION_FEATURES = ["detections", "mean_confidence", "min_confidence", "mean_box_area", "max_box_area"]
 CLASS_PREFIX = "count_"  # per-class detections per image: count_<class name>
-EMBEDDING = "embedding"  # the pooled backbone vector, a list column
+EMBEDDING = "embedding"  # the model's features output, a list column
+SCORE_CONFIDENCE = "score_confidence"  # confidences of every detection from the score floor up, a list column
+SCORE_CLASS = "score_class"  # and their class ids
+BLOCK = 8  # JPEG's block size
+BLOCKINESS_CROP = 256  # blockiness is measured on the central crop of this size, aligned to the block grid
+# Immerkær (1996): the Laplacian difference mask that cancels image structure up to second order.
+_NOISE_MASK = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
 
 
 def thumbnail(image: np.ndarray) -> np.ndarray:
@@ -46,25 +55,91 @@ def thumbnail(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def image_features(thumb: np.ndarray, width: int, height: int) -> dict[str, float]:
-    """Statistics of a BGR thumbnail; `width` and `height` are the original image's."""
+def model_view(gray: np.ndarray, imgsz: int) -> np.ndarray:
+    """The grey image at the model's input resolution, resized as the letterbox resizes (without its padding)."""
     import cv2
-    from skimage.restoration import estimate_sigma
 
-    gray = cv2.cvtColor(thumb, cv2.COLOR_BGR2GRAY) if thumb.ndim == 3 else thumb
-    colour = thumb if thumb.ndim == 3 else np.repeat(thumb[..., None], 3, axis=2)
-    blue, green, red = (float(c) for c in colour.reshape(-1, 3).mean(axis=0))
+    height, width = gray.shape[:2]
+    scale = imgsz / max(height, width)
+    if abs(scale - 1) < 1e-6:
+        return gray
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(cv2.resize(gray, size, interpolation=cv2.INTER_LINEAR))
+
+
+def blockiness(crop: np.ndarray) -> float:
+    """Mean absolute grey-level step across 8-pixel block borders over the mean step anywhere (1: no blocks), on a
+    crop that starts on the block grid."""
+    import cv2
+
+    if crop.shape[0] < 2 * BLOCK or crop.shape[1] < 2 * BLOCK:
+        return 1.0
+    dx = cv2.absdiff(crop[:, 1:], crop[:, :-1])
+    dy = cv2.absdiff(crop[1:, :], crop[:-1, :])
+    across = (float(dx[:, BLOCK - 1 :: BLOCK].mean()) + float(dy[BLOCK - 1 :: BLOCK, :].mean())) / 2
+    everywhere = (cv2.mean(dx)[0] + cv2.mean(dy)[0]) / 2
+    return across / max(everywhere, 1e-6)
+
+
+@dataclass(frozen=True)
+class ImageSample:
+    """The parts of an image its features are computed from, taken cheaply (on a server's request path) so the
+    statistics can be computed later (on the prediction log's writer thread): about 200 kB for a 320 px image."""
+
+    small: np.ndarray  # BGR, every few pixels: at most THUMBNAIL_SIDE on the longer side
+    view: np.ndarray  # grey, at the model's input resolution
+    block: np.ndarray  # grey, the central BLOCKINESS_CROP square of the image as sent, on the block grid
+    width: int
+    height: int
+
+
+def sample_image(image: np.ndarray, imgsz: int) -> ImageSample:
+    """The sample of a BGR (or grey) image as sent; `imgsz` is the model's input size."""
+    import cv2
+
+    colour = image if image.ndim == 3 else cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    height, width = colour.shape[:2]
+    step = max(1, -(-max(height, width) // THUMBNAIL_SIDE))
+    gray = cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY)
+    side_h, side_w = min(height, BLOCKINESS_CROP), min(width, BLOCKINESS_CROP)
+    top = ((height - side_h) // 2) // BLOCK * BLOCK
+    left = ((width - side_w) // 2) // BLOCK * BLOCK
+    return ImageSample(
+        np.ascontiguousarray(colour[::step, ::step]),  # a thumbnail by sampling: means need no filtering
+        model_view(gray, imgsz),
+        np.ascontiguousarray(gray[top : top + side_h, left : left + side_w]),
+        width,
+        height,
+    )
+
+
+def image_features(sample: ImageSample) -> dict[str, float]:
+    """Every image feature of a sample (about 1 ms for a 320 px image)."""
+    import cv2
+
+    small_gray = cv2.cvtColor(sample.small, cv2.COLOR_BGR2GRAY)
+    blue, green, red = cv2.mean(sample.small)[:3]
+    mean_gray, std_gray = (float(v[0][0]) for v in cv2.meanStdDev(small_gray))
+    saturation = cv2.mean(cv2.cvtColor(sample.small, cv2.COLOR_BGR2HSV))[1]
+    view = sample.view.astype(np.float32)
+    _, laplacian_std = cv2.meanStdDev(cv2.Laplacian(view, cv2.CV_32F))
+    residual = cv2.filter2D(view, -1, _NOISE_MASK, borderType=cv2.BORDER_REFLECT)[1:-1, 1:-1]
+    pixels = small_gray.size or 1
     return {
-        "brightness": float(gray.mean()),
-        "contrast": float(gray.std()),
-        "mean_red": red,
-        "mean_green": green,
-        "mean_blue": blue,
-        "sharpness": float(cv2.Laplacian(gray, cv2.CV_64F).var()),
-        "noise": float(estimate_sigma(gray)),  # wavelet MAD estimate of the Gaussian noise sigma (Donoho)
-        "width": float(width),
-        "height": float(height),
-        "aspect": float(width) / float(height or 1),
+        "brightness": mean_gray,
+        "contrast": std_gray,
+        "mean_red": float(red),
+        "mean_green": float(green),
+        "mean_blue": float(blue),
+        "saturation": float(saturation),
+        "highlights": float(np.count_nonzero(small_gray >= 250)) / pixels,
+        "shadows": float(np.count_nonzero(small_gray <= 5)) / pixels,
+        "sharpness": float(laplacian_std[0][0]) ** 2,
+        "noise": float(cv2.norm(residual, cv2.NORM_L1)) / max(residual.size, 1) * float(np.sqrt(np.pi / 2)) / 6,
+        "blockiness": blockiness(sample.block),
+        "width": float(sample.width),
+        "height": float(sample.height),
+        "aspect": float(sample.width) / float(sample.height or 1),
     }
 
 
@@ -83,6 +158,19 @@ def prediction_features(detections: Sequence[Detection], width: int, height: int
     }
 
 
+def record(sample: ImageSample, found: Inference) -> dict[str, Any]:
+    """The feature row of one image and what the model gave for it: the same for the log, the profile and a folder."""
+    row: dict[str, Any] = {
+        **image_features(sample),
+        **prediction_features(found.detections, sample.width, sample.height),
+        SCORE_CONFIDENCE: [s for s, _ in found.scores],
+        SCORE_CLASS: [c for _, c in found.scores],
+    }
+    if found.features is not None:
+        row[EMBEDDING] = np.asarray(found.features, dtype=np.float32).tolist()
+    return row
+
+
 def expand_class_counts(frame: Any, names: Iterable[str]) -> Any:
     """`class_counts` (JSON per row) as one numeric column per class, `count_<name>`; returns a new frame."""
     import pandas as pd
@@ -90,34 +178,3 @@ def expand_class_counts(frame: Any, names: Iterable[str]) -> Any:
     counts = [json.loads(text) if isinstance(text, str) and text else {} for text in frame.get("class_counts", [])]
     columns = {f"{CLASS_PREFIX}{name}": [float(c.get(name, 0)) for c in counts] for name in names}
     return pd.concat([frame.reset_index(drop=True), pd.DataFrame(columns, index=range(len(counts)))], axis=1)
-
-
-class Embedder:
-    """The model's backbone, pooled: one vector per thumbnail (Ultralytics `embed` on its last backbone layer)."""
-
-    def __init__(self, weights: Path) -> None:
-        import torch
-
-        from conveyor.yolo import load_yolo
-
-        model: Any = load_yolo(str(weights)).model
-        self.model = model.float().eval()
-        self.layer = len(self.model.yaml["backbone"]) - 1
-        self._torch = torch
-
-    def __call__(self, thumbs: Sequence[np.ndarray]) -> np.ndarray:
-        """float32 [n, channels] for BGR thumbnails (letterboxed to THUMBNAIL_SIDE, as served images are)."""
-        from pipelines.runtimes import letterbox
-
-        if not thumbs:
-            return np.zeros((0, 0), dtype=np.float32)
-        batch = self._torch.from_numpy(letterbox(list(thumbs), THUMBNAIL_SIDE))
-        with self._torch.inference_mode():
-            pooled = self.model.predict(batch, embed=[self.layer])
-        return np.stack([p.numpy() for p in pooled]).astype(np.float32)
-
-
-def projection(dims_in: int, dims_out: int, seed: int = 0) -> np.ndarray:
-    """A fixed Gaussian random projection (Johnson–Lindenstrauss): distances survive, dimensions shrink."""
-    rng = np.random.default_rng(seed)
-    return (rng.standard_normal((dims_in, dims_out)) / np.sqrt(dims_out)).astype(np.float32)

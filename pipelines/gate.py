@@ -171,6 +171,7 @@ def export_gates(export: dict[str, Any], cfg: GateSettings) -> list[GateResult]:
                 f"max |Δ| raw output {float(exports[fmt]['max_abs_diff']):.2g}",
             )
         )
+        results.append(features_gate(fmt, exports[fmt].get("features_rel_diff"), cfg))
     runtime = cfg.serving_runtime
     if runtime in exports:
         p95 = float(exports[runtime]["latency_p95_ms"])
@@ -194,6 +195,22 @@ def export_gates(export: dict[str, Any], cfg: GateSettings) -> list[GateResult]:
             )
         )
     return results
+
+
+def features_gate(fmt: str, rel_diff: float | None, cfg: GateSettings) -> GateResult:
+    """The `features` output (what drift checks compare) must be the PyTorch model's, as the detections are."""
+    threshold = f"max |Δ| <= {cfg.features_max_rel_diff:.0%} of max"
+    if rel_diff is None:
+        return GateResult(
+            f"features parity {fmt}", threshold, "no output", True, "drift checks leave the embedding out"
+        )
+    return GateResult(
+        f"features parity {fmt}",
+        threshold,
+        f"{rel_diff:.2%}",
+        rel_diff <= cfg.features_max_rel_diff,
+        "the model's features output vs PyTorch",
+    )
 
 
 def evaluate_gates(

@@ -143,6 +143,26 @@ def postprocess(
     return out
 
 
+# Detections from this confidence up are kept as scores (confidence, class) beside the served detections: the
+# label-free performance estimate reads the whole ranking, as mAP does (`pipelines/performance.py`).
+SCORE_FLOOR = 0.01
+
+
+@dataclass(frozen=True)
+class Inference:
+    """What one image gave: the detections at the card's confidence, every detection from SCORE_FLOOR up (those
+    included), and the model's `features` output (None when the export has none)."""
+
+    detections: list[Detection]
+    candidates: list[Detection]
+    features: np.ndarray | None
+
+    @property
+    def scores(self) -> list[tuple[float, int]]:
+        """Confidence and class of every candidate: what the performance estimate reads from the log."""
+        return [(round(d.confidence, 4), d.class_id) for d in self.candidates]
+
+
 class Detector:
     """A runtime with its model card: images in, detections out, in batches as large as the runtime takes."""
 
@@ -159,6 +179,29 @@ class Detector:
             chunk = images[i : i + step]
             raw = self.runtime.infer(letterbox(chunk, self.card.imgsz))
             results.extend(postprocess(raw, [(im.shape[0], im.shape[1]) for im in chunk], self.card, conf))
+        return results
+
+    def run(self, images: Sequence[np.ndarray], floor: float = SCORE_FLOOR) -> list[Inference]:
+        """Detections, scores and features of each image, from one inference per batch. One NMS at the lower of
+        `floor` and the card's confidence serves both: greedy NMS never lets a lower score suppress a higher one,
+        so the detections at the card's confidence are exactly those `detect` returns."""
+        if not images:
+            return []
+        step = self.runtime.max_batch or len(images)
+        results: list[Inference] = []
+        threshold = self.card.conf
+        for i in range(0, len(images), step):
+            chunk = images[i : i + step]
+            raw, features = self.runtime.infer_with_features(letterbox(chunk, self.card.imgsz))
+            found = postprocess(raw, [(im.shape[0], im.shape[1]) for im in chunk], self.card, min(floor, threshold))
+            for k, detections in enumerate(found):
+                results.append(
+                    Inference(
+                        [d for d in detections if d.confidence >= threshold],
+                        [d for d in detections if d.confidence >= floor],
+                        None if features is None else features[k],
+                    )
+                )
         return results
 
     def warm_up(self) -> None:

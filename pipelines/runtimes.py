@@ -1,7 +1,9 @@
 """Inference runtimes behind one small interface: raw model outputs for a preprocessed batch.
 
 Used for export parity (same inputs, compare raw outputs), latency measurement, the benchmark and serving.
-Each runtime is given float32 NCHW input in [0, 1] (letterboxed RGB) and returns the model's first output.
+Each runtime is given float32 NCHW input in [0, 1] (letterboxed RGB) and returns the model's first output (`infer`),
+or that and the model's `features` output when the export has one (`infer_with_features`; see
+`pipelines/model_features.py`).
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from conveyor.paths import available_cores
+from pipelines import model_features
 
 
 class Runtime(Protocol):
@@ -29,9 +32,13 @@ class Runtime(Protocol):
 
     def infer(self, batch: np.ndarray) -> np.ndarray: ...
 
+    def infer_with_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The first output and the `features` output [n, channels], or None when the model has none."""
+
 
 class TorchRuntime:
-    """The PyTorch checkpoint, layers fused as the exporters fuse them."""
+    """The PyTorch checkpoint, layers fused as the exporters fuse them; its features are the reference the exported
+    `features` outputs are checked against."""
 
     def __init__(self, weights: Path) -> None:
         import torch
@@ -43,12 +50,22 @@ class TorchRuntime:
         self.max_batch: int | None = None
         self._torch = torch
         self._model = load_yolo(str(weights)).model.fuse().eval().float()  # type: ignore[union-attr]
+        self._maps: dict[int, Any] = {}
+        self._layers = model_features.head_inputs(self._model)
+        for layer in self._layers:
+            self._model.model[layer].register_forward_hook(
+                lambda module, args, output, layer=layer: self._maps.__setitem__(layer, output)
+            )
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.infer_with_features(batch)[0]
+
+    def infer_with_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         with self._torch.inference_mode():
             out = self._model(self._torch.from_numpy(batch))
+            features = model_features.pooled([self._maps[layer] for layer in self._layers])
         first = out[0] if isinstance(out, list | tuple) else out
-        return np.asarray(first.numpy())
+        return np.asarray(first.numpy()), features
 
 
 class OnnxRuntime:
@@ -64,11 +81,20 @@ class OnnxRuntime:
         self._input = spec.name
         self.max_batch: int | None = spec.shape[0] if isinstance(spec.shape[0], int) else None
         self.precision = "fp16" if "float16" in spec.type else "fp32"
+        names = [o.name for o in self._session.get_outputs()]
+        self._outputs = [names[0]] + (
+            [model_features.FEATURES_OUTPUT] if model_features.FEATURES_OUTPUT in names else []
+        )
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.infer_with_features(batch)[0]
+
+    def infer_with_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         if self.precision == "fp16":
             batch = batch.astype(np.float16)
-        return np.asarray(self._session.run(None, {self._input: batch})[0], dtype=np.float32)
+        outputs = self._session.run(self._outputs, {self._input: batch})
+        features = np.asarray(outputs[1], dtype=np.float32) if len(outputs) > 1 else None
+        return np.asarray(outputs[0], dtype=np.float32), features
 
 
 class OpenVinoRuntime:
@@ -89,9 +115,17 @@ class OpenVinoRuntime:
         )
         hint = self._compiled.get_property("INFERENCE_PRECISION_HINT")
         self.precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)  # e.g. "bf16"
+        self._features = next(
+            (o for o in self._compiled.outputs if model_features.FEATURES_OUTPUT in o.get_names()), None
+        )
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self._compiled(batch)[0])
+
+    def infer_with_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        outputs = self._compiled(batch)
+        features = np.asarray(outputs[self._features]) if self._features is not None else None
+        return np.asarray(outputs[0]), features
 
 
 class TensorRTRuntime:
@@ -107,9 +141,14 @@ class TensorRTRuntime:
         self._backend = AutoBackend(str(engine), device=torch.device("cuda:0"))
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.infer_with_features(batch)[0]
+
+    def infer_with_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         out = self._backend(self._torch.from_numpy(batch).to("cuda:0"))
-        first = out[0] if isinstance(out, list | tuple) else out
-        return np.asarray(first.float().cpu().numpy())
+        outputs = list(out) if isinstance(out, list | tuple) else [out]
+        # The engine is built from the ONNX export, whose second output is `features` when it has one.
+        features = np.asarray(outputs[1].float().cpu().numpy()) if len(outputs) > 1 else None
+        return np.asarray(outputs[0].float().cpu().numpy()), features
 
 
 def open_runtime(fmt: str, artifact: Path, name: str | None = None) -> Runtime:
@@ -190,11 +229,30 @@ def measure_latency(runtime: Runtime, batch: np.ndarray, warmup: int, runs: int)
     return Latency(statistics.median(times), p95, runs, len(batch))
 
 
-def max_abs_diff(runtime: Runtime, reference: np.ndarray, inputs: np.ndarray) -> float:
-    """Largest absolute difference between this runtime's raw outputs and the reference, image by image
-    when the runtime takes one image at a time."""
+@dataclass(frozen=True)
+class Parity:
+    """How far a runtime's outputs are from the reference's on the same inputs."""
+
+    max_abs_diff: float  # the detection output, in its own units (pixels, scores)
+    features_rel_diff: float | None  # the features output: max |Δ| over the reference's max |value|; None: none
+
+
+def compare(runtime: Runtime, reference: np.ndarray, reference_features: np.ndarray, inputs: np.ndarray) -> Parity:
+    """Both outputs of `runtime` against the reference's, image by image when it takes one image at a time."""
     step = runtime.max_batch or len(inputs)
-    outputs = np.concatenate([runtime.infer(inputs[i : i + step]) for i in range(0, len(inputs), step)])
+    pairs = [runtime.infer_with_features(inputs[i : i + step]) for i in range(0, len(inputs), step)]
+    outputs = np.concatenate([raw for raw, _ in pairs])
     if outputs.shape != reference.shape:
         raise ValueError(f"{runtime.name}: output shape {outputs.shape} differs from the reference {reference.shape}")
-    return float(np.max(np.abs(outputs - reference)))
+    found = [features for _, features in pairs]
+    features_diff = None
+    if all(f is not None for f in found):
+        features = np.concatenate([f for f in found if f is not None])
+        if features.shape != reference_features.shape:
+            raise ValueError(
+                f"{runtime.name}: features output {features.shape} differs from the reference "
+                f"{reference_features.shape}"
+            )
+        scale = float(np.max(np.abs(reference_features))) or 1.0
+        features_diff = float(np.max(np.abs(features - reference_features))) / scale
+    return Parity(float(np.max(np.abs(outputs - reference))), features_diff)

@@ -101,20 +101,22 @@ def run(paths: ProjectPaths, settings: Settings, console: Console | None = None)
         )
 
         model = load_yolo(str(paths.root / cfg.weights) if cfg.weights else cfg.model)
-        reporter = EpochReporter(tracker, cfg.epochs, console)
+        epochs = cfg.effective_epochs
+        reporter = EpochReporter(tracker, epochs, console)
         model.add_callback("on_train_epoch_end", reporter.on_train_epoch_end)
         model.add_callback("on_fit_epoch_end", reporter.on_fit_epoch_end)
         if cfg.channels_last:
             model.add_callback("on_pretrain_routine_end", use_channels_last)
         device = resolve_device(cfg.device)
         console.print(
-            f"training {cfg.weights or cfg.model} for {cfg.epochs} epochs at {cfg.imgsz} px on "
+            f"{'fine-tuning' if cfg.weights else 'training'} {cfg.weights or cfg.model} for {epochs} epochs at "
+            f"{cfg.imgsz} px on "
             f"{'CPU x' + str(available_cores()) if device == 'cpu' else 'CUDA:' + device}; MLflow run {tracker.run_id}"
         )
         started = time.perf_counter()
         model.train(
             data=str(data_yaml),
-            epochs=cfg.epochs,
+            epochs=epochs,
             imgsz=cfg.imgsz,
             batch=cfg.batch,
             nbs=cfg.nbs,
@@ -129,7 +131,7 @@ def run(paths: ProjectPaths, settings: Settings, console: Console | None = None)
             exist_ok=True,
             plots=True,
             verbose=False,
-            **cfg.extra,
+            **cfg.effective_extra,
         )
         seconds = time.perf_counter() - started
         weights = paths.train / "weights" / "best.pt"

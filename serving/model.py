@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.features import thumbnail
-from pipelines.inference import Detection, Detector, ImageError, ImageLimits, decode_image, postprocess
+from pipelines.features import sample_image
+from pipelines.inference import Detection, Detector, ImageError, ImageLimits, Inference, decode_image, postprocess
 from serving.metrics import ServingMetrics
 from serving.predlog import Pending, PredictionLog
 from serving.source import LoadedModel
@@ -79,9 +79,12 @@ class ServedModel:
                 except ImageError as exc:
                     items.append(BatchItem(r, None, str(exc)))
         detector = self._detector(model)
-        per_item = _scatter(items, detector.detect([item.image for item in items if item.image is not None]))
+        found = detector.run([item.image for item in items if item.image is not None])
+        results = iter(found)
+        per_item = [next(results) if item.image is not None else None for item in items]
         self._account(model, items, per_item, time.perf_counter() - started)
-        return self._responses(len(encoded), items, per_item, model.version)
+        detections = [result.detections if result is not None else [] for result in per_item]
+        return self._responses(len(encoded), items, detections, model.version)
 
     def execute_tensors(self, tensors: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
         """One batch of preprocessed requests: `tensors[i]` is request i's FP32 [n, 3, S, S]."""
@@ -123,27 +126,25 @@ class ServedModel:
                 self.metrics.queue_seconds.observe(max(0.0, now - sent))
 
     def _account(
-        self, model: LoadedModel, items: list[BatchItem], per_item: list[list[Detection]], seconds: float
+        self, model: LoadedModel, items: list[BatchItem], per_item: list[Inference | None], seconds: float
     ) -> None:
         m = self.metrics
         m.inference_seconds.observe(seconds)
         m.batch_size.observe(len(items))
         now = time.time()
-        for item, detections in zip(items, per_item, strict=True):
-            if item.image is None:
+        for item, result in zip(items, per_item, strict=True):
+            if item.image is None or result is None:
                 m.images.labels("refused").inc()
                 continue
             m.images.labels("ok").inc()
-            m.detections_per_image.observe(len(detections))
-            for d in detections:
+            m.detections_per_image.observe(len(result.detections))
+            for d in result.detections:
                 m.confidence.observe(d.confidence)
                 m.detections.labels(d.class_name).inc()
             if self.predlog is not None:
-                height, width = item.image.shape[:2]
                 frame = item.encoded if item.encoded and self.predlog.wants_frame() else None
-                self.predlog.offer(
-                    Pending(now, model.version, width, height, thumbnail(item.image), detections, model.embedder, frame)
-                )
+                sample = sample_image(item.image, model.card.imgsz)
+                self.predlog.offer(Pending(now, model.version, sample, result, frame))
 
     @staticmethod
     def _responses(

@@ -1,7 +1,9 @@
 """The prediction log: one small record per served image, for drift checks (what the model sees and predicts).
 
-Rules: the request path only hands over a thumbnail and the detections (`offer` never blocks); a writer thread
-computes the image statistics and writes Parquet part files partitioned by hour (`date=YYYY-MM-DD/hour=HH/`).
+Rules: the request path only hands over a sample of the image (`features.sample_image`, about 0.15 ms) and what the
+inference gave (detections, scores, the model's features output: no second inference); `offer` never blocks. A
+writer thread computes the image statistics and writes Parquet part files partitioned by hour
+(`date=YYYY-MM-DD/hour=HH/`).
 The queue is bounded: when the writer cannot keep up (a slow disk), records are dropped and counted, and responses
 are never slowed. Hour folders older than `keep_hours` are deleted. `read_log` reads a window back.
 With `keep_frames` > 0, that share of served images is also kept as the bytes the client sent, in the hour's
@@ -26,24 +28,18 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from pipelines.features import EMBEDDING, Embedder, image_features, prediction_features
-from pipelines.inference import JPEG_MAGIC, PNG_MAGIC, Detection
+from pipelines.features import ImageSample, record
+from pipelines.inference import JPEG_MAGIC, PNG_MAGIC, Inference
 
 LOG = logging.getLogger("conveyor.serving")
-EMBED_BATCH = 16  # thumbnails per backbone forward pass in the writer thread
 
 
 @dataclass(frozen=True)
 class Pending:
     at: float
     model_version: str
-    width: int
-    height: int
-    thumbnail: np.ndarray  # small BGR copy (features.thumbnail)
-    detections: list[Detection]
-    embedder: Embedder | None = None  # the served version's backbone, when embeddings are logged
+    sample: ImageSample
+    inference: Inference
     frame: bytes | None = None  # the image as sent, when this one is kept for labelling
 
 
@@ -57,25 +53,8 @@ def to_record(item: Pending) -> dict[str, Any]:
         "time": datetime.fromtimestamp(item.at, UTC),
         "model_version": item.model_version,
         "frame": None,
-        **image_features(item.thumbnail, item.width, item.height),
-        **prediction_features(item.detections, item.width, item.height),
+        **record(item.sample, item.inference),
     }
-
-
-def with_embeddings(items: list[Pending], records: list[dict[str, Any]]) -> None:
-    """Add each record's backbone embedding, one forward pass per embedder (model version) in the batch."""
-    groups: dict[int, list[int]] = {}
-    for i, item in enumerate(items):
-        if item.embedder is not None:
-            groups.setdefault(id(item.embedder), []).append(i)
-    for indices in groups.values():
-        embedder = items[indices[0]].embedder
-        assert embedder is not None
-        for start in range(0, len(indices), EMBED_BATCH):
-            chunk = indices[start : start + EMBED_BATCH]
-            vectors = embedder([items[i].thumbnail for i in chunk])
-            for i, vector in zip(chunk, vectors, strict=True):
-                records[i][EMBEDDING] = vector.tolist()
 
 
 class PredictionLog:
@@ -143,13 +122,9 @@ class PredictionLog:
             return
         try:
             records = [to_record(item) for item in batch]
-            for item, record in zip(batch, records, strict=True):
+            for item, row in zip(batch, records, strict=True):
                 if item.frame is not None:
-                    record["frame"] = self._keep_frame(record["time"], item.frame)
-            try:
-                with_embeddings(batch, records)
-            except Exception:  # the records still carry every other feature
-                LOG.exception("prediction log: embeddings failed for %d records; kept without them", len(batch))
+                    row["frame"] = self._keep_frame(row["time"], item.frame)
             written = self._write(records)
             self.written += len(batch)
             self._on_written(len(batch))
@@ -160,7 +135,7 @@ class PredictionLog:
             self._on_dropped(len(batch))
             return
         if self.shipper is not None:  # frames first: a shipped record never names a frame the store lacks
-            frames = [record["frame"] for record in records if record["frame"]]
+            frames = [row["frame"] for row in records if row["frame"]]
             self.shipper.ship(self.directory, [*frames, *written])
 
     def _keep_frame(self, at: datetime, data: bytes) -> str:
@@ -178,8 +153,8 @@ class PredictionLog:
         import pyarrow.parquet as pq
 
         by_hour: dict[str, list[dict[str, Any]]] = {}
-        for record in records:
-            by_hour.setdefault(hour_partition(record["time"]), []).append(record)
+        for row in records:
+            by_hour.setdefault(hour_partition(row["time"]), []).append(row)
         written = []
         for partition, rows in by_hour.items():
             folder = self.directory / partition

@@ -7,7 +7,6 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from conveyor.paths import ProjectPaths
@@ -25,7 +24,6 @@ from serving.triton import TritonPorts, start_triton
 
 LOG = logging.getLogger("conveyor.serving")
 TOKEN_ENV = "CONVEYOR_SERVE_TOKEN"
-DRIFT_METRICS_FILE = "drift.prom"  # written by `conveyor drift` into paths.monitoring; served on /metrics
 
 
 class PortInUseError(RuntimeError):
@@ -47,22 +45,6 @@ class ServeOptions:
     def apply(self, cfg: ServeSettings) -> ServeSettings:
         given = {k: v for k, v in self.__dict__.items() if v is not None}
         return ServeSettings.model_validate({**cfg.model_dump(), **given})
-
-
-def prediction_log_dir(paths: ProjectPaths, cfg: ServeSettings) -> Path:
-    directory = cfg.prediction_log.directory
-    if directory is None:
-        return paths.scratch / "predictions"
-    return directory if directory.is_absolute() else paths.root / directory
-
-
-def prediction_log_source(paths: ProjectPaths, cfg: ServeSettings) -> Path | str:
-    """Where drift checks read the prediction log: the S3 prefix every replica ships to, else the local folder."""
-    return cfg.prediction_log.s3 or prediction_log_dir(paths, cfg)
-
-
-def model_cache(paths: ProjectPaths) -> Path:
-    return paths.scratch / "serving" / "models"
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
@@ -106,7 +88,7 @@ def serve(paths: ProjectPaths, settings: Settings, options: ServeOptions) -> Non
     log_cfg = cfg.prediction_log
     predlog = (
         PredictionLog(
-            prediction_log_dir(paths, cfg),
+            paths.prediction_log_dir(cfg.prediction_log.directory),
             log_cfg.queue_size,
             log_cfg.flush_seconds,
             log_cfg.keep_hours,
@@ -123,15 +105,13 @@ def serve(paths: ProjectPaths, settings: Settings, options: ServeOptions) -> Non
         lambda: Tracker.client_for(paths),
         name,
         cfg.model,
-        model_cache(paths),
+        paths.model_cache,
         cfg.runtime,
         cfg.workers,
         cfg.conf,
         cfg.poll_seconds,
         slot,
         metrics,
-        # The backbone embedding of each logged image, for the drift check (computed by the log's writer thread).
-        embeddings=predlog is not None and settings.monitor.embeddings,
     )
     watcher.check()  # the current version, before the first request (or the reason there is none)
     ports = TritonPorts(http=_free_port(), grpc=cfg.grpc_port, metrics=_free_port(), grpc_host=cfg.host)
@@ -156,7 +136,7 @@ def serve(paths: ProjectPaths, settings: Settings, options: ServeOptions) -> Non
                 cfg.max_images_per_request,
                 cfg.max_batch_size,
                 token,
-                extra_metrics=paths.monitoring / DRIFT_METRICS_FILE,
+                extra_metrics=paths.drift_gauges,
             ),
             slot,
             metrics,

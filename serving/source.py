@@ -19,7 +19,6 @@ from mlflow.tracking import MlflowClient
 
 from conveyor.paths import available_cores
 from pipelines import runtimes
-from pipelines.features import Embedder
 from pipelines.inference import Detector, ModelCard
 from pipelines.lineage_report import resolve
 
@@ -54,7 +53,6 @@ class LoadedModel:
     detectors: list[Detector]  # one per worker instance
     loaded_at: float
     load_seconds: float
-    embedder: Embedder | None = None  # the version's backbone, for the prediction log's embeddings
 
     @property
     def card(self) -> ModelCard:
@@ -131,18 +129,12 @@ def build_engine(files: ModelFiles) -> Path:
     return export_variant(files.artifact("weights"), VARIANTS["tensorrt"], files.card.imgsz, files.root, Path())
 
 
-def load(
-    files: ModelFiles, runtime: str, workers: int, conf: float | None = None, embeddings: bool = False
-) -> LoadedModel:
-    """Open one detector per worker (each with its share of the cores) and warm each up; with `embeddings`, also the
-    version's PyTorch backbone (pooled embeddings for the drift check)."""
+def load(files: ModelFiles, runtime: str, workers: int, conf: float | None = None) -> LoadedModel:
+    """Open one detector per worker (each with its share of the cores) and warm each up."""
     started = time.perf_counter()
     card = files.card if conf is None else ModelCard(**{**files.card.to_json(), "conf": conf})
     threads = max(1, available_cores() // workers)
     detectors = [Detector(open_runtime(files, runtime, threads), card) for _ in range(workers)]
     for detector in detectors:
         detector.warm_up()
-    embedder = Embedder(files.artifact("weights")) if embeddings else None
-    return LoadedModel(
-        files.name, files.version, runtime, detectors, time.time(), time.perf_counter() - started, embedder
-    )
+    return LoadedModel(files.name, files.version, runtime, detectors, time.time(), time.perf_counter() - started)

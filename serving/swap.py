@@ -90,10 +90,8 @@ class RegistryWatcher:
         poll_seconds: float,
         slot: ModelSlot,
         metrics: ServingMetrics,
-        embeddings: bool = False,
     ) -> None:
         self._client_factory = client_factory
-        self.embeddings = embeddings
         self.model_name = model_name
         self.ref = source.default_ref(model_name, ref)
         self.cache = cache
@@ -142,7 +140,7 @@ class RegistryWatcher:
         LOG.info("loading %s v%s on %s", self.model_name, wanted, self.runtime)
         try:
             files = source.fetch(client, version, self.cache)
-            model = source.load(files, self.runtime, self.workers, self.conf, embeddings=self.embeddings)
+            model = source.load(files, self.runtime, self.workers, self.conf)
         except Exception as exc:
             self._attempts[wanted] = self._attempts.get(wanted, 0) + 1
             message = f"v{wanted} failed to load (attempt {self._attempts[wanted]}/{MAX_ATTEMPTS}): {exc}"

@@ -22,7 +22,7 @@ NETGUARD = Path(__file__).parent / "netguard"
 # Tiny but complete: every stage runs, in about a minute on 2 cores.
 TINY_PARAMS: dict[str, object] = {
     "synth": {"seed": 3, "image_size": 96, "counts": {"train": 16, "val": 8, "test": 8}},
-    "train": {"epochs": 2, "imgsz": 96, "batch": 8, "close_mosaic": 0},
+    "train": {"epochs": 2, "imgsz": 96, "batch": 8, "close_mosaic": 0, "finetune": {"epochs": 2}},
     "evaluate": {"batch": 8},
     "export": {"parity_images": 4, "latency": {"warmup": 1, "runs": 3}},
     "tracking": {"experiment": "conveyor-tests"},

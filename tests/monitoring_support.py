@@ -1,52 +1,104 @@
 """Feature rows for drift tests and the monitoring benchmark: shaped like the prediction log's and the profile's,
-from known distributions, so a verdict can be checked exactly."""
+from known distributions, so a verdict can be checked exactly. Each keyword moves one group of features by that many
+of its reference standard deviations (negative: down)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from pipelines.features import EMBEDDING
-from pipelines.profile import Profile
+from pipelines.features import EMBEDDING, SCORE_CLASS, SCORE_CONFIDENCE
+from pipelines.profile import EmbeddingBasis, Profile
 
 NAMES = ["scratch", "dent", "stain"]
+EMBEDDING_DIMS = 32
+# The features' spread: a few directions carry most of it, as in a model's features (the basis finds them).
+EMBEDDING_SCALE = np.array([3.0] * 6 + [0.5] * (EMBEDDING_DIMS - 6))
 
 
-def feature_rows(n: int, seed: int, shift: float = 0.0, batch: str = "base", embeddings: bool = True) -> pd.DataFrame:
-    """Rows shaped like the prediction log's and the profile's; `shift` darkens, blurs and enlarges defects."""
+def feature_rows(
+    n: int,
+    seed: int,
+    *,
+    exposure: float = 0.0,
+    focus: float = 0.0,
+    predictions: float = 0.0,
+    embedding: float = 0.0,
+    width: float = 320.0,
+    batch: str = "base",
+    embeddings: bool = True,
+) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     rows: list[dict[str, Any]] = []
     for _ in range(n):
-        found = int(rng.integers(0, 4))
+        found = int(np.clip(rng.integers(0, 4) + round(predictions * 1.1), 0, 20))
+        confidences = sorted(rng.uniform(0.3, 0.95, found).tolist(), reverse=True)
         row: dict[str, Any] = {
             "batch": batch,
             "model_version": "1",
-            "brightness": rng.normal(120 - 60 * shift, 10),
-            "contrast": rng.normal(40 - 15 * shift, 5),
-            "mean_red": rng.normal(110 - 55 * shift, 8),
-            "mean_green": rng.normal(118 - 55 * shift, 8),
-            "mean_blue": rng.normal(125 - 55 * shift, 8),
-            "sharpness": rng.normal(300 - 250 * shift, 30),
-            "noise": rng.normal(2.0 - 1.2 * shift, 0.2),
-            "width": 320.0,
+            "brightness": rng.normal(120 + 10 * exposure, 10),
+            "contrast": rng.normal(40 + 5 * exposure, 5),
+            "mean_red": rng.normal(110 + 8 * exposure, 8),
+            "mean_green": rng.normal(118 + 8 * exposure, 8),
+            "mean_blue": rng.normal(125 + 8 * exposure, 8),
+            "saturation": rng.normal(30, 4),
+            "highlights": rng.uniform(0, 0.002),
+            "shadows": rng.uniform(0, 0.002),
+            "sharpness": float(np.exp(rng.normal(np.log(300) + 0.3 * focus, 0.3))),  # log-normal, as measured
+            "noise": float(np.exp(rng.normal(np.log(5), 0.2))),
+            "blockiness": rng.normal(1.1, 0.05),
+            "width": width,
             "height": 320.0,
-            "aspect": 1.0,
+            "aspect": width / 320.0,
             "detections": found,
-            "mean_confidence": rng.uniform(0.4, 0.9) - 0.2 * shift if found else None,
-            "min_confidence": rng.uniform(0.3, 0.5) - 0.1 * shift if found else None,
-            "mean_box_area": rng.uniform(0.01, 0.04) * (1 + 2 * shift) if found else None,
-            "max_box_area": rng.uniform(0.02, 0.06) * (1 + 2 * shift) if found else None,
+            "mean_confidence": float(np.mean(confidences)) if found else None,
+            "min_confidence": float(min(confidences)) if found else None,
+            "mean_box_area": rng.uniform(0.01, 0.04) if found else None,
+            "max_box_area": rng.uniform(0.02, 0.06) if found else None,
             "class_counts": json.dumps({"dent": found}),
+            SCORE_CONFIDENCE: [*confidences, *rng.uniform(0.01, 0.25, 3).tolist()],
+            SCORE_CLASS: [1] * (found + 3),
         }
         if embeddings:
-            row[EMBEDDING] = rng.normal(shift, 1.0, 256).tolist()
+            moved = embedding * EMBEDDING_SCALE[0] * np.eye(EMBEDDING_DIMS)[0]
+            row[EMBEDDING] = (rng.normal(0, 1, EMBEDDING_DIMS) * EMBEDDING_SCALE + moved).tolist()
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def profile_of(*frames: pd.DataFrame) -> Profile:
-    matrix = np.random.default_rng(0).standard_normal((256, 16)).astype(np.float32) / 4
-    return Profile(pd.concat(frames, ignore_index=True), matrix, {"names": NAMES})
+def outcome_of(result: Any, model_name: str, version: str, report_dir: Path, cost: float | None = 0.01) -> Any:
+    """A check's outcome around a constructed verdict (for the gauges and reports, without a model)."""
+    from datetime import UTC, datetime
+
+    from monitoring import alerts, current
+    from monitoring.check import CheckOutcome
+    from monitoring.estimate import WindowEstimate
+    from pipelines.performance import Estimate
+
+    found = (
+        None
+        if cost is None
+        else Estimate(0.6 - cost, 0.55 - cost, 0.65 - cost, 0.6, cost - 0.05, cost + 0.05, 0.62, 40, 0.9)
+    )
+    return CheckOutcome(
+        model_name,
+        version,
+        result,
+        WindowEstimate(found, "constructed"),
+        current.CurrentData(None, "constructed", version),
+        alerts.AlertDecision(False, result.status),
+        report_dir,
+        "run",
+        None,
+        datetime.now(UTC),
+    )
+
+
+def profile_of(*frames: pd.DataFrame, calibration: Any = None) -> Profile:
+    frame = pd.concat(frames, ignore_index=True)
+    basis = EmbeddingBasis.fit(np.stack(frame[EMBEDDING].to_numpy()), 10) if EMBEDDING in frame else None
+    return Profile(frame, basis, calibration, {"names": NAMES})

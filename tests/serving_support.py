@@ -24,16 +24,16 @@ CHECKPOINT = REPO / "tests" / "assets" / "yolo11n-defects-320.pt"
 NAMES = ["scratch", "dent", "stain"]
 
 
-def export_checkpoint(root: Path) -> dict[str, str]:
+def export_checkpoint(root: Path, weights: Path = CHECKPOINT) -> dict[str, str]:
     """The pyfunc artifacts of a version: ONNX (dynamic batch), OpenVINO, weights and metadata."""
     from pipelines.export import VARIANTS, export_variant
 
     root.mkdir(parents=True, exist_ok=True)
-    onnx = export_variant(CHECKPOINT, VARIANTS["onnx_dynamic"], 320, root, root)
-    openvino = export_variant(CHECKPOINT, VARIANTS["openvino"], 320, root, root)
+    onnx = export_variant(weights, VARIANTS["onnx_dynamic"], 320, root, root)
+    openvino = export_variant(weights, VARIANTS["openvino"], 320, root, root)
     metadata = root / "metadata.json"
     metadata.write_text(json.dumps({"names": NAMES, "imgsz": 320, "conf": 0.25, "iou": 0.7}))
-    return {"metadata": str(metadata), "weights": str(CHECKPOINT), "onnx": str(onnx), "openvino": str(openvino)}
+    return {"metadata": str(metadata), "weights": str(weights), "onnx": str(onnx), "openvino": str(openvino)}
 
 
 def register(client: MlflowClient, name: str, artifacts: dict[str, str], *, passed: bool = True) -> str:

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +105,9 @@ def defined_metric_names(tmp_path: Path) -> set[str]:
     from prometheus_client.parser import text_string_to_metric_families
 
     from monitoring.check import write_gauges
-    from monitoring.drift import DriftResult, FeatureDrift
+    from monitoring.drift import EXPOSURE, DriftResult, FeatureDrift, GroupDrift
     from serving.metrics import ServingMetrics
+    from tests.monitoring_support import outcome_of
 
     suffixes = {
         "counter": ("_total", "_created"),
@@ -119,15 +119,16 @@ def defined_metric_names(tmp_path: Path) -> set[str]:
     names: set[str] = set()
     for family in ServingMetrics().registry.collect():
         names.update(family.name + suffix for suffix in suffixes[family.type])
+    feature = FeatureDrift("brightness", EXPOSURE, "K-S, Wasserstein", 3.0, 1.0, 1e-9, True, 120.0, 60.0)
     result = DriftResult(
         "drift",
         "test",
         40,
-        drifted_share=0.5,
-        features=[FeatureDrift("brightness", "ks", 0.01, 0.05, True, 120.0, 60.0)],
+        features=[feature],
+        groups=[GroupDrift(EXPOSURE, True, 3.0, "brightness", "images are darker")],
     )
     path = tmp_path / "drift.prom"
-    write_gauges(path, "model", "1", result, datetime.now(UTC))
+    write_gauges(path, outcome_of(result, "model", "1", tmp_path))
     for family in text_string_to_metric_families(path.read_text()):
         names.update(sample.name for sample in family.samples)
     return names
@@ -295,7 +296,7 @@ def test_compose_stack_is_wired_consistently() -> None:
     # The drift check (worker) and the server that appends its gauges to /metrics share the project's .conveyor/.
     state = {v.split(":")[0] for n in ("worker", "model-server") for v in services[n]["volumes"] if ".conveyor" in v}
     assert state == {"conveyor-state"}
-    from serving.server import DRIFT_METRICS_FILE
+    from conveyor.paths import DRIFT_METRICS_FILE
 
     assert DRIFT_METRICS_FILE in (INFRA / "prometheus" / "prometheus.yml").read_text()
     # Prometheus reads the serving token where compose mounts the secret.
@@ -545,9 +546,12 @@ def test_dashboard_queries_only_metrics_the_code_defines(tmp_path: Path) -> None
         "conveyor_model_load_failures_total",
         "conveyor_prediction_log_dropped_total",
         "conveyor_drift_detected",
-        "conveyor_drift_share",
-        "conveyor_drift_feature_drifted",
-        "conveyor_drift_feature_score",
+        "conveyor_drift_groups",
+        "conveyor_drift_group_drifted",
+        "conveyor_drift_feature_effect",
+        "conveyor_performance_estimate",
+        "conveyor_performance_cost",
+        "conveyor_drift_retrain",
         "nv_inference_count",
     ):
         assert name in used, f"no panel shows {name}"

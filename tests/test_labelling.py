@@ -14,7 +14,6 @@ from labelling import select as selecting
 from labelling.studio import import_labels
 from labelling.tasks import write_selection
 from pipelines import data, formats, synth
-from pipelines.features import Embedder
 from pipelines.inference import Detector, ModelCard
 from pipelines.runtimes import TorchRuntime
 from pipelines.validate import DataValidationError
@@ -35,13 +34,12 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def chosen(pool: dict[str, Path]) -> list[selecting.Candidate]:
-    embedder = Embedder(ASSET)
     detector = Detector(TorchRuntime(ASSET), ModelCard(NAMES, 320))
-    reference = selecting.embed_files(sorted((pool["reference"] / "images/train").glob("*.jpg")), embedder)
+    reference = selecting.embed_files(sorted((pool["reference"] / "images/train").glob("*.jpg")), detector)
     frames = sorted((pool["same"] / "images/test").glob("*.jpg")) + sorted(
         (pool["shifted"] / "images/test").glob("*.jpg")
     )
-    return selecting.select(frames, detector, embedder, reference, LabelSettings(count=8, pool_factor=2))
+    return selecting.select(frames, detector, reference, LabelSettings(count=8, pool_factor=2))
 
 
 @pytest.fixture

@@ -102,6 +102,9 @@ def test_drift_is_detected_retrained_promoted_and_swapped(
         "deploy",
         "control traffic",
         "control check",
+        "new camera traffic",
+        "new camera check",
+        "no retraining",
         "shifted traffic",
         "data add",
         "drift check",
@@ -112,20 +115,33 @@ def test_drift_is_detected_retrained_promoted_and_swapped(
     ]
     control = result.phase("control check").details
     assert control["status"] == "no drift" and not control["alert"], control["message"]
+    # The new camera: the inputs drifted (the frames' size), the estimate says the model is not hurt: an alert that
+    # retrains nothing.
+    camera = result.phase("new camera check").details
+    assert camera["status"] == "drift" and camera["alert"] and camera["alert_action"] == "alert", camera["message"]
+    assert "geometry" in camera["drifted_groups"] and "frames" in camera["message"]
+    assert camera["estimate"]["cost_low"] < 0.03, camera["estimate"]
     found = result.phase("drift check").details
-    assert found["status"] == "drift" and found["alert"], found["message"]
-    assert found["model_version"] == "1" and found["drifted_share"] >= 0.3
-    assert {"brightness", "sharpness", "embedding"} <= set(found["drifted"]), found["drifted"]
+    assert found["status"] == "drift" and found["alert"] and found["alert_action"] == "retrain", found["message"]
+    assert found["model_version"] == "1" and found["estimate"]["cost_low"] >= 0.03, found["estimate"]
+    assert {"exposure & colour", "focus & noise"} <= set(found["drifted_groups"]), found["drifted_groups"]
+    assert "darker than in training" in found["message"]
     assert any(line.startswith("conveyor_drift_detected{") and line.endswith(" 1.0") for line in found["gauges"])
-    check_run = client.search_runs(
+    assert any(line.startswith("conveyor_drift_retrain{") and line.endswith(" 1.0") for line in found["gauges"])
+    emitted = client.search_runs(
         [client.get_experiment_by_name(f"monitoring-{name}").experiment_id],  # type: ignore[union-attr]
         filter_string="tags.`conveyor.drift.alert` = 'emitted'",
+        order_by=["attributes.start_time ASC"],
     )
-    assert len(check_run) == 1 and check_run[0].data.tags["conveyor.model_version"] == "1"
-    assert "drift/report.html" in {a.path for a in client.list_artifacts(check_run[0].info.run_id, "drift")}
+    assert [r.data.tags["conveyor.drift.action"] for r in emitted] == ["alert", "retrain"]
+    assert {r.data.tags["conveyor.model_version"] for r in emitted} == {"1"}
+    check_run = emitted[-1]
+    assert float(check_run.data.metrics["estimate/cost_low"]) >= 0.03
+    assert "drift/report.html" in {a.path for a in client.list_artifacts(check_run.info.run_id, "drift")}
 
     retraining = result.phase("retraining").details
     assert retraining["parameters"]["reason"] == "drift" and retraining["parameters"]["warm_start"] == "champion"
+    assert result.phase("no retraining").outcome.startswith("the automation ignored the alert-only event")
     champion = registry.current_champion(client, name)
     assert champion is not None and str(champion.version) == retraining["version"] == "2"
     assert registry.gates_passed(champion)
@@ -137,7 +153,8 @@ def test_drift_is_detected_retrained_promoted_and_swapped(
     # The same check by hand, as a person would run it: one table, the verdict, where the report is.
     by_hand = conveyor(project, {**env, "COLUMNS": "200"}, "drift", "--last", "40")
     assert f"{name} v2: no drift" in by_hand.stdout and "alert: no (no drift)" in by_hand.stdout
-    assert "brightness" in by_hand.stdout and "report.html" in by_hand.stdout
+    assert "focus & noise" in by_hand.stdout and "performance (label-free)" in by_hand.stdout
+    assert "report.html" in by_hand.stdout
 
     with temporary_settings(updates={PREFECT_API_URL: prefect_server}), get_client(sync_client=True) as prefect:
         training = prefect.read_deployment_by_name("conveyor-training/scheduled-training")
@@ -151,7 +168,9 @@ def test_drift_is_detected_retrained_promoted_and_swapped(
         automation = Automation.read(name=f"conveyor: retrain {name} on drift")
         assert not inspect.isawaitable(automation)
         assert automation.trigger.expect == {"conveyor.drift.detected"}
-        # The control triggered nothing: one drift retraining in all, the one the shifted traffic caused.
+        assert automation.trigger.match.model_dump().get("conveyor.drift.action") == "retrain"
+        # The control and the alert-only event triggered nothing: one drift retraining in all, the one the shifted
+        # traffic caused.
         runs = prefect.read_flow_runs(
             deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["scheduled-training"]))
         )

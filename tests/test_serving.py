@@ -19,7 +19,6 @@ import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -417,8 +416,8 @@ def test_prometheus_scrapes_the_metrics(server: RunningServer, tmp_path: Path, t
         # the gauges a drift check leaves for the server's /metrics: written here by the drift check's own writer
         # from a constructed result (the drift computation itself is tested in test_monitoring).
         from monitoring.check import write_gauges
-        from monitoring.drift import DriftResult, FeatureDrift
-        from serving.server import DRIFT_METRICS_FILE
+        from monitoring.drift import EXPOSURE, DriftResult, FeatureDrift, GroupDrift
+        from tests.monitoring_support import outcome_of
         from tests.test_infra import grafana_queries
 
         checked = DriftResult(
@@ -427,12 +426,11 @@ def test_prometheus_scrapes_the_metrics(server: RunningServer, tmp_path: Path, t
             40,
             100,
             "all",
-            0.0,
-            [FeatureDrift("brightness", "ks", 0.4, 0.05, False, 0.5, 0.5)],
+            [FeatureDrift("brightness", EXPOSURE, "K-S, Wasserstein", 0.4, 1.0, 0.3, False, 0.5, 0.5)],
+            [GroupDrift(EXPOSURE, False, 0.4, "brightness", "")],
         )
-        write_gauges(
-            ProjectPaths(server.project).monitoring / DRIFT_METRICS_FILE, server.name, "1", checked, datetime.now(UTC)
-        )
+        paths = ProjectPaths(server.project)
+        write_gauges(paths.drift_gauges, outcome_of(checked, server.name, "1", paths.monitoring))
         missing = set(grafana_queries("1m"))
         deadline = time.monotonic() + 60
         while missing and time.monotonic() < deadline:
@@ -445,7 +443,7 @@ def test_prometheus_scrapes_the_metrics(server: RunningServer, tmp_path: Path, t
 
 
 def test_prediction_log_records_what_the_model_saw(server: RunningServer, test_images: list[Path]) -> None:
-    from pipelines.features import EMBEDDING, IMAGE_FEATURES, PREDICTION_FEATURES
+    from pipelines.features import EMBEDDING, IMAGE_FEATURES, PREDICTION_FEATURES, SCORE_CLASS, SCORE_CONFIDENCE
     from serving.predlog import read_log
 
     assert post_images(server, test_images)[0] == 200
@@ -456,13 +454,27 @@ def test_prediction_log_records_what_the_model_saw(server: RunningServer, test_i
         time.sleep(0.5)
         frame = read_log(directory).records
     assert len(frame) >= len(test_images)
-    expected = {"time", "model_version", *IMAGE_FEATURES, *PREDICTION_FEATURES, "class_counts", EMBEDDING}
+    expected = {
+        "time",
+        "model_version",
+        *IMAGE_FEATURES,
+        *PREDICTION_FEATURES,
+        "class_counts",
+        EMBEDDING,
+        SCORE_CONFIDENCE,
+        SCORE_CLASS,
+    }
     assert expected <= set(frame.columns)
     assert frame["brightness"].between(1, 254).all() and (frame["sharpness"] > 0).all()
     assert (frame["noise"] > 0).all() and (frame["width"] > 0).all()
     assert (frame["aspect"] - frame["width"] / frame["height"]).abs().max() < 1e-9
-    # The server's own backbone, pooled: one vector per image, the same length for every record.
-    assert {len(v) for v in frame[EMBEDDING]} == {256}
+    # The served model's features output (what its detection head sees, pooled): one vector per image, from the same
+    # inference, the same length for every record; and every detection's score from the floor up, served ones first.
+    assert {len(v) for v in frame[EMBEDDING]} == {448}
+    assert all(
+        len(c) == len(k) and len(c) >= n
+        for c, k, n in zip(frame[SCORE_CONFIDENCE], frame[SCORE_CLASS], frame["detections"], strict=True)
+    )
     assert set(frame["model_version"]) >= {"1"}
     # keep_frames 1.0: every served image is also kept, byte for byte, where `conveyor label select` reads them.
     from labelling.select import frames_from_log

@@ -86,8 +86,12 @@ def test_edge_postprocess_gives_conveyors_detections() -> None:
 
 
 def pending(version: str = "1") -> Pending:
+    from pipelines.features import sample_image
+    from pipelines.inference import Inference
+
     detection = Detection(0, "scratch", 0.9, (1.0, 2.0, 11.0, 12.0))
-    return Pending(time.time(), version, 64, 48, np.full((48, 64, 3), 100, np.uint8), [detection])
+    sample = sample_image(np.full((48, 64, 3), 100, np.uint8), 320)
+    return Pending(time.time(), version, sample, Inference([detection], [detection], None))
 
 
 def test_prediction_log_writes_hourly_parquet_and_drops_when_full(tmp_path: Path) -> None:

@@ -1,0 +1,408 @@
+"""Benchmark: what the drift check sees, against what each change really costs the model. One run, one table.
+
+    python -m bench.drift_power            # or: make bench-drift
+
+The model is the demo's champion: this checkout's `artifacts/train/weights/best.pt` after `make run`, or, on a
+fresh clone, Conveyor's demo checkpoint (tests/assets); `--weights` names another. It is registered in a fresh
+project on the demo dataset and profiled by `conveyor profile --model 1` (its reference and the performance
+estimate's calibration, from the validation split), exactly as an older version is.
+
+- The shift bank (`pipelines/shifts.py`): every kind of change at two or three strengths, applied to 200 new images
+  of the generator (another seed: never trained or calibrated on), sent as the camera would (JPEG). For each row:
+  the true mAP50-95 (labels), its cost against the same images unchanged, the verdict on each of 5 windows of 40
+  images (`conveyor drift`'s verdict: groups and estimate), the deciding groups, and the label-free estimate on all
+  200 images with its interval. A change costing >= 0.03 mAP50-95 is harmful; it is detected when every one of its
+  windows is drift.
+- Controls: 20 windows of new unchanged images at each window size (40 and 200): false alarms.
+- Speed: `conveyor drift --source` on a folder of 40 images, and `conveyor drift` on a logged window of 10,000
+  records, as processes (imports, model, features, statistics, report, MLflow).
+
+Writes bench/results/drift_power.json (keys: harmful_total, harmful_detected, false_alarms, control_windows,
+estimate_mae, source_check_s, log_check_s_10k, rows, ...). `bench/drift_loop.py` adds loop_s and recovered_map.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+import conveyor  # noqa: F401  (offline switches before the ML imports)
+from conveyor.lineage import cpu_model
+from conveyor.paths import ProjectPaths, available_cores
+from conveyor.scaffold import REPO
+from conveyor.settings import MonitorSettings, Settings, SynthSettings, load_settings
+
+RESULTS = REPO / "bench" / "results" / "drift_power.json"
+IMAGES = 200  # per bank row
+WINDOW = 40
+CONTROL_WINDOWS = 20
+HARMFUL = 0.03  # mAP50-95
+BASE_SEED = 1001  # the bank's images: a seed the model never saw
+CONTROL_SEED = 3000
+MODEL = "bench-drift"
+
+console = Console()
+
+
+@dataclass
+class Row:
+    kind: str
+    strength: str
+    description: str
+    true_map: float
+    cost: float
+    windows_drift: int
+    groups: dict[str, int]
+    estimate: float | None
+    estimate_low: float | None
+    estimate_high: float | None
+    estimate_cost: float | None
+    window_estimates: list[float] = field(default_factory=list)
+
+    @property
+    def harmful(self) -> bool:
+        return self.cost >= HARMFUL
+
+    @property
+    def detected(self) -> bool:
+        return self.windows_drift == IMAGES // WINDOW
+
+    @property
+    def error(self) -> float | None:
+        return None if self.estimate is None else self.estimate - self.true_map
+
+
+def conveyor_cmd(project: Path, *args: str) -> float:
+    from tests.conftest import VENV_BIN, base_env
+
+    started = time.perf_counter()
+    command = [str(VENV_BIN / "conveyor"), *args]
+    result = subprocess.run(command, cwd=project, env=base_env(), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"conveyor {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return time.perf_counter() - started
+
+
+def setup(work: Path, weights: Path) -> Path:
+    """A fresh project on the demo dataset with the checkpoint registered as v1 and profiled."""
+    import mlflow
+
+    from conveyor.tracking import Tracker
+    from pipelines import registry
+    from pipelines.data import dir_md5
+    from tests.conftest import make_project
+    from tests.serving_support import export_checkpoint, register
+
+    project = make_project(work / "project", {"registry": {"model_name": MODEL}})
+    conveyor_cmd(project, "data", "synth")
+    conveyor_cmd(project, "validate")
+    paths = ProjectPaths(project)
+    client = Tracker.client_for(paths)
+    mlflow.set_tracking_uri(client.tracking_uri)  # the pyfunc model is logged through the process-wide URI
+    version = register(client, MODEL, export_checkpoint(work / "export", weights))
+    client.set_model_version_tag(MODEL, version, "conveyor.data_md5", dir_md5(paths.data))
+    registry.promote(client, MODEL, version, reason="benchmark", actor="user:bench")
+    seconds = conveyor_cmd(project, "profile", "--model", version)
+    console.print(f"profiled v{version} in {seconds:.1f} s")
+    return project
+
+
+def render(settings: SynthSettings, index: int) -> tuple[np.ndarray, np.ndarray]:
+    from pipelines import synth
+
+    image, boxes = synth.render_image(settings, "test", index)
+    size = settings.image_size
+    labels = [
+        [c, (cx - w / 2) * size, (cy - h / 2) * size, (cx + w / 2) * size, (cy + h / 2) * size]
+        for c, cx, cy, w, h in boxes
+    ]
+    return image, np.array(labels, dtype=np.float64).reshape(-1, 5)
+
+
+def observe(images: list[np.ndarray], labels: list[np.ndarray], detector: Any) -> tuple[Any, float]:
+    """The feature rows of images as the server logs them, and their true mAP50-95."""
+    import pandas as pd
+
+    from pipelines import performance
+    from pipelines.features import record, sample_image
+
+    found = [f for i in range(0, len(images), 16) for f in detector.run(images[i : i + 16])]
+    rows = [
+        {"batch": "current", **record(sample_image(im, detector.card.imgsz), f)}
+        for im, f in zip(images, found, strict=True)
+    ]
+    truth = performance.score([performance.Labelled(f.candidates, lab) for f, lab in zip(found, labels, strict=True)])
+    return pd.DataFrame(rows), truth
+
+
+def judge(frame: Any, profile: Any, monitor: MonitorSettings) -> tuple[str, list[str], Any]:
+    from monitoring.check import judge as verdict
+
+    result, estimate = verdict(profile, frame, monitor, "1", report=False)
+    return result.status, result.drifted_groups, estimate.estimate
+
+
+def bank_rows(detector: Any, profile: Any, monitor: MonitorSettings) -> list[Row]:
+    from pipelines import shifts
+
+    base_settings = SynthSettings(seed=BASE_SEED)
+    base = [render(base_settings, i) for i in range(IMAGES)]
+    unchanged = [shifts.encode_decode(image, 92) for image, _ in base]
+    _, base_map = observe(unchanged, [lab for _, lab in base], detector)
+    rows: list[Row] = []
+    for shift in shifts.bank():
+        started = time.perf_counter()
+        # A content shift renders other parts (its own images); a camera shift changes the same images.
+        source = (
+            [render(SynthSettings(seed=BASE_SEED, shift=shift.synth), i) for i in range(IMAGES)]
+            if shift.synth
+            else base
+        )
+        pairs = [
+            shift.apply(image, lab, np.random.default_rng([BASE_SEED, i])) for i, (image, lab) in enumerate(source)
+        ]
+        frame, true_map = observe([p[0] for p in pairs], [p[1] for p in pairs], detector)
+        verdicts = [judge(frame.iloc[i : i + WINDOW], profile, monitor) for i in range(0, IMAGES, WINDOW)]
+        _, _, whole = judge(frame, profile, monitor)
+        cost = base_map - true_map
+        row = Row(
+            shift.kind,
+            shift.strength,
+            shift.description,
+            true_map,
+            cost,
+            sum(status == "drift" for status, _, _ in verdicts),
+            dict(Counter(g for _, groups, _ in verdicts for g in groups)),
+            None if whole is None else whole.map50_95,
+            None if whole is None else whole.low,
+            None if whole is None else whole.high,
+            None if whole is None else whole.cost,
+            [round(e.map50_95, 4) for _, _, e in verdicts if e is not None],
+        )
+        rows.append(row)
+        console.print(
+            f"{shift.name:28s} true {true_map:.3f} cost {cost:+.3f} drift {row.windows_drift}/{IMAGES // WINDOW} "
+            f"est {row.estimate if row.estimate is not None else float('nan'):.3f} "
+            f"({time.perf_counter() - started:.0f} s)",
+            highlight=False,
+        )
+    return rows
+
+
+def controls(detector: Any, profile: Any, monitor: MonitorSettings) -> tuple[dict[str, Any], Any]:
+    """False alarms on unchanged windows at both sizes; also returns every control row (for the speed test)."""
+    import pandas as pd
+
+    from pipelines import shifts
+
+    frames: list[Any] = []
+    alarms = {str(WINDOW): 0, str(IMAGES): 0}
+    errors: list[float] = []
+    maps: list[float] = []
+    for w in range(CONTROL_WINDOWS):
+        settings = SynthSettings(seed=CONTROL_SEED + w)
+        pairs = [render(settings, i) for i in range(IMAGES)]
+        frame, true_map = observe(
+            [shifts.encode_decode(im, 92) for im, _ in pairs], [lab for _, lab in pairs], detector
+        )
+        frames.append(frame)
+        small, _, _ = judge(frame.iloc[:WINDOW], profile, monitor)
+        large, groups, estimate = judge(frame, profile, monitor)
+        alarms[str(WINDOW)] += small == "drift"
+        alarms[str(IMAGES)] += large == "drift"
+        maps.append(true_map)
+        if estimate is not None:
+            errors.append(estimate.map50_95 - true_map)
+        console.print(f"control {w + 1}: {small} / {large} {groups} true {true_map:.3f}", highlight=False)
+    return {
+        "false_alarms": alarms,
+        "windows_per_size": CONTROL_WINDOWS,
+        "true_map_mean": round(statistics.mean(maps), 4),
+        "estimate_mae": round(statistics.mean(abs(e) for e in errors), 4) if errors else None,
+        "estimate_bias": round(statistics.mean(errors), 4) if errors else None,
+    }, pd.concat(frames, ignore_index=True)
+
+
+def speed(project: Path, rows: Any, profile: Any, monitor: MonitorSettings) -> dict[str, float]:
+    """`conveyor drift` as a user runs it, a new process: on a folder of 40 images, and on a logged window of 10,000
+    records (the control windows' distinct rows, repeated to 10,000); and the check itself on those 10,000 rows, in
+    this process (statistics, estimate and Evidently's report; without the imports and MLflow)."""
+    import pandas as pd
+
+    from monitoring.check import judge as verdict
+    from pipelines import shifts
+    from serving.predlog import hour_partition
+
+    work = project.parent
+    folder = work / "source-40"
+    folder.mkdir(exist_ok=True)
+    settings = SynthSettings(seed=4242)
+    for i in range(WINDOW):
+        image, _ = render(settings, i)
+        (folder / f"frame_{i:03d}.jpg").write_bytes(shifts.encode(image, 92))
+    source_s = conveyor_cmd(project, "drift", "--source", str(folder))
+    now = datetime.now(UTC)
+    frame = pd.concat([rows] * (10_000 // len(rows) + 1), ignore_index=True).iloc[:10_000]
+    started = time.perf_counter()
+    verdict(profile, frame, monitor, "1", report=True)
+    check_s = time.perf_counter() - started
+    frame["time"] = [now - timedelta(seconds=10_000 - i) for i in range(len(frame))]
+    frame["model_version"] = "1"
+    frame["frame"] = None
+    log = ProjectPaths(project).prediction_log_dir(None)
+    for partition, part in frame.groupby(frame["time"].map(hour_partition)):
+        (log / partition).mkdir(parents=True, exist_ok=True)
+        part.drop(columns=["batch"]).to_parquet(log / partition / f"part-{int(time.time() * 1000)}-bench.parquet")
+    log_s = conveyor_cmd(project, "drift", "--last", "10000")
+    return {"source_check_s": round(source_s, 2), "log_check_s_10k": round(log_s, 2), "check_s_10k": round(check_s, 2)}
+
+
+def print_table(rows: list[Row], control: dict[str, Any], timing: dict[str, float]) -> None:
+    table = Table(title=f"drift power: {len(rows)} changes, windows of {WINDOW}, estimate on {IMAGES} images")
+    for column in (
+        "change",
+        "strength",
+        "true mAP50-95",
+        "cost",
+        "drift windows",
+        "deciding groups",
+        "estimate",
+        "error",
+    ):
+        table.add_column(column, justify="left" if column in ("change", "strength", "deciding groups") else "right")
+    for r in rows:
+        mark = "[red]" if r.harmful and not r.detected else ""
+        groups = ", ".join(g for g, _ in Counter(r.groups).most_common(2))
+        estimate = "-" if r.estimate is None else f"{r.estimate:.3f} ({r.estimate_low:.3f}-{r.estimate_high:.3f})"
+        table.add_row(
+            r.kind,
+            r.strength,
+            f"{r.true_map:.3f}",
+            f"{mark}{r.cost:+.3f}",
+            f"{mark}{r.windows_drift}/{IMAGES // WINDOW}",
+            groups,
+            estimate,
+            "-" if r.error is None else f"{r.error:+.3f}",
+        )
+    console.print(table)
+    harmful = [r for r in rows if r.harmful]
+    errors = [abs(r.error) for r in rows if r.error is not None]
+    console.print(
+        f"harmful (cost >= {HARMFUL}): {sum(r.detected for r in harmful)} of {len(harmful)} detected in every window; "
+        f"false alarms: {control['false_alarms']} of {CONTROL_WINDOWS} windows per size; estimate MAE "
+        f"{statistics.mean(errors):.3f} (max {max(errors):.3f}); `conveyor drift --source` 40 images "
+        f"{timing['source_check_s']:.1f} s, logged 10k window {timing['log_check_s_10k']:.1f} s (the check itself "
+        f"{timing['check_s_10k']:.1f} s)",
+        highlight=False,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keep", action="store_true", help="keep the project (and its MLflow store)")
+    parser.add_argument("--weights", type=Path, default=None, help="the checkpoint (default: see above)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the results file")
+    args = parser.parse_args()
+    from tests.serving_support import CHECKPOINT
+
+    champion = REPO / "artifacts" / "train" / "weights" / "best.pt"
+    weights: Path = args.weights or (champion if champion.is_file() else CHECKPOINT)
+    console.print(f"model: {weights}")
+    from pipelines.profile import Profile
+    from serving import source
+
+    work = Path(tempfile.mkdtemp(prefix="bench-drift-"))
+    started = time.perf_counter()
+    try:
+        project = setup(work, weights)
+        paths = ProjectPaths(project)
+        settings: Settings = load_settings(paths.params)
+        from conveyor.tracking import Tracker
+        from monitoring.reference import load_reference
+
+        client = Tracker.client_for(paths)
+        version = client.get_model_version(MODEL, "1")
+        files = source.fetch(client, version, paths.model_cache)
+        detector = source.load(files, settings.serve.runtime, 1, settings.serve.conf).detectors[0]
+        profile: Profile = load_reference(client, paths, version)
+        rows = bank_rows(detector, profile, settings.monitor)
+        control, control_rows = controls(detector, profile, settings.monitor)
+        timing = speed(project, control_rows, profile, settings.monitor)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print_table(rows, control, timing)
+    harmful = [r for r in rows if r.harmful]
+    errors = [abs(r.error) for r in rows if r.error is not None]
+    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    result = {
+        "harmful_total": len(harmful),
+        "harmful_detected": sum(r.detected for r in harmful),
+        "false_alarms": sum(control["false_alarms"].values()),
+        "false_alarms_by_window": control["false_alarms"],
+        "control_windows": CONTROL_WINDOWS * len(control["false_alarms"]),
+        "estimate_mae": round(statistics.mean(errors), 4),
+        "estimate_max_error": round(max(errors), 4),
+        "estimate_mae_controls": control["estimate_mae"],
+        **timing,
+        # From bench/drift_loop.py (the retraining loop), kept when this benchmark runs alone.
+        "loop_s": previous.get("loop_s"),
+        "recovered_map": previous.get("recovered_map"),
+        "loop": previous.get("loop"),
+        "window": WINDOW,
+        "images_per_row": IMAGES,
+        "harmful_threshold": HARMFUL,
+        "rows": [
+            {
+                "kind": r.kind,
+                "strength": r.strength,
+                "description": r.description,
+                "true_map50_95": round(r.true_map, 4),
+                "cost": round(r.cost, 4),
+                "harmful": r.harmful,
+                "windows_drift": r.windows_drift,
+                "windows": IMAGES // WINDOW,
+                "detected": r.detected,
+                "groups": r.groups,
+                "estimate": None if r.estimate is None else round(r.estimate, 4),
+                "estimate_interval": None
+                if r.estimate is None
+                else [round(r.estimate_low or 0, 4), round(r.estimate_high or 0, 4)],
+                "estimate_cost": None if r.estimate_cost is None else round(r.estimate_cost, 4),
+                "estimate_error": None if r.error is None else round(r.error, 4),
+                "window_estimates": r.window_estimates,
+            }
+            for r in rows
+        ],
+        "controls": control,
+        "seconds": round(time.perf_counter() - started, 1),
+        "model": {
+            "weights": str(weights.relative_to(REPO)) if weights.is_relative_to(REPO) else str(weights),
+            "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        },
+        "host": {"cpu": cpu_model(), "cores": available_cores(), "platform": platform.platform()},
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    console.print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
