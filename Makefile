@@ -11,13 +11,17 @@ STAMP := $(VENV)/.synced-$(shell cat uv.lock pyproject.toml | cksum | cut -d' ' 
 export UV_PYTHON := $(PYTHON)
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: run test lint env bench bench-serving bench-monitoring bench-labelling bench-first-run bench-stack ui clean system-packages
+.PHONY: run test lint docs env bench bench-serving bench-monitoring bench-drift bench-labelling bench-first-run bench-stack ui clean system-packages
 
 run: $(STAMP)
 	$(VENV)/bin/conveyor run
 
-test: $(STAMP) lint system-packages
+test: $(STAMP) lint docs system-packages
 	$(VENV)/bin/pytest
+
+# The manual (docs/, MkDocs with Material) into site/, offline; --strict: a broken link or a missing page fails.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -32,6 +36,12 @@ bench-serving: $(STAMP)
 
 bench-monitoring: $(STAMP)
 	$(VENV)/bin/python -m bench.monitoring
+
+# The shift bank against the drift check and the label-free estimate (about 20 minutes), then the drift loop timed
+# from the first harmful window to the retrained champion serving (about 15 minutes).
+bench-drift: $(STAMP)
+	$(VENV)/bin/python -m bench.drift_power
+	$(VENV)/bin/python -m bench.drift_loop
 
 bench-labelling: $(STAMP)
 	$(VENV)/bin/python -m bench.labelling

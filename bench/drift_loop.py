@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -137,6 +138,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-loop-"))
     clients: list[Client] = []
     try:
+        os.chdir(work)  # MLflow's default artifact root is relative to the working directory
         project = setup(work, weights)
         paths = ProjectPaths(project)
         # The registered version's run gets the weights the retraining warm-starts from (as the pipeline logs them).

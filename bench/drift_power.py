@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -330,6 +331,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-drift-"))
     started = time.perf_counter()
     try:
+        os.chdir(work)  # MLflow's default artifact root is relative to the working directory
         project = setup(work, weights)
         paths = ProjectPaths(project)
         settings: Settings = load_settings(paths.params)

@@ -12,11 +12,11 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from conveyor.open_records import StopRequested
 from conveyor.paths import ProjectNotFoundError, ProjectPaths, disk_full_message, find_project_root
 from conveyor.settings import ConfigError, DomainShift, Settings, load_settings
+from conveyor.tables import FoldingTable
 
 app = typer.Typer(help="Conveyor: MLOps for YOLO object detection.", no_args_is_help=True, add_completion=False)
 data_app = typer.Typer(help="Make, import and version the dataset.", no_args_is_help=True)
@@ -145,7 +145,7 @@ def data_synth(
             raise ConfigError(f"domain shift options: {exc}") from None
         synth_settings = synth_settings.model_copy(update={"shift": shift})
     summary = data.synthesize(paths, synth_settings, out, overwrite=overwrite)
-    table = Table(title=f"synthetic dataset in {summary.root}")
+    table = FoldingTable(title=f"synthetic dataset in {summary.root}")
     for column in ("split", "images", "boxes", "background"):
         table.add_column(column)
     for split, n in summary.images.items():
@@ -199,7 +199,7 @@ def data_import(
 
 def print_added(summary: Any) -> None:
     print_conversion(summary.conversion)
-    table = Table(title=f"added {summary.batch}")
+    table = FoldingTable(title=f"added {summary.batch}")
     for column in ("split", "images", "label files"):
         table.add_column(column)
     for split, n in summary.images.items():
@@ -394,7 +394,7 @@ def models() -> None:
 
     _, settings, client = _registry()
     name = settings.registry.model_name
-    table = Table(title=f"registered model {name}")
+    table = FoldingTable(title=f"registered model {name}")
     for column in ("version", "aliases", "gates", "test mAP50-95", "data", "created", "run"):
         table.add_column(column)
     found = registry.versions(client, name)
@@ -448,7 +448,7 @@ def history() -> None:
     from pipelines import registry
 
     _, settings, client = _registry()
-    table = Table(title=f"alias history of {settings.registry.model_name}")
+    table = FoldingTable(title=f"alias history of {settings.registry.model_name}")
     for column in ("#", "when", "alias", "from", "to", "kind", "by", "reason"):
         table.add_column(column)
     for m in registry.history(client, settings.registry.model_name):
@@ -480,7 +480,7 @@ def lineage(
     name = settings.registry.model_name
     if data:
         found = lineage_report.versions_for_data(client, name, data)
-        table = Table(title=f"versions of {name} trained on data {data}")
+        table = FoldingTable(title=f"versions of {name} trained on data {data}")
         for column in ("version", "aliases", "gates", "run"):
             table.add_column(column)
         aliases = registry.aliases_by_version(client, name) if found else {}
@@ -494,7 +494,7 @@ def lineage(
         console.print(table if found else f"no version of {name} was trained on data {data}")
         return
     result = lineage_report.lineage(client, paths, name, ref)
-    table = Table(
+    table = FoldingTable(
         title=f"{result.model} v{result.version} ({', '.join(result.aliases) or 'no alias'})", show_header=False
     )
     table.add_column(style="bold")

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from conveyor.cli import _project, app, console, friendly_errors, print_added
+from conveyor.tables import FoldingTable
 
 label_app = typer.Typer(
     help="Frames worth labelling out to Label Studio or CVAT, and their labels back.", no_args_is_help=True
@@ -38,7 +38,7 @@ def label_select(
 
     paths, settings = _project()
     selection = select_frames(paths, settings, SelectOptions(source, hours, count, model, out, image_url), console)
-    table = Table(title=f"{selection.files.frames} of {selection.pool} frames selected by {selection.model}")
+    table = FoldingTable(title=f"{selection.files.frames} of {selection.pool} frames selected by {selection.model}")
     for column in ("frame", "score", "uncertainty", "novelty", "boxes"):
         table.add_column(column, justify="right" if column != "frame" else "left")
     for c in selection.chosen[:20]:

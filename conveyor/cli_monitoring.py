@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
 from conveyor.cli import _project, app, console, friendly_errors
+from conveyor.tables import FoldingTable
 
 if TYPE_CHECKING:
     from monitoring.check import CheckOutcome
@@ -53,7 +53,7 @@ def print_outcome(outcome: CheckOutcome) -> None:
     """The verdict per group in words, the performance estimate, the features that moved, and what was done."""
     result = outcome.result
     colour = {"drift": "red", "no drift": "green", "insufficient data": "yellow"}[result.status]
-    groups = Table(
+    groups = FoldingTable(
         title=f"{outcome.model_name} v{outcome.model_version}: [{colour}]{result.status}[/] "
         f"({result.current_rows} current rows vs {result.reference_rows} reference, batch '{result.reference_batch}')"
     )
@@ -70,7 +70,7 @@ def print_outcome(outcome: CheckOutcome) -> None:
     console.print(groups if result.groups else groups.title)
     moved = [f for f in result.features if f.drifted]
     if moved:
-        table = Table(title=f"features past their thresholds ({len(moved)} of {len(result.features)})")
+        table = FoldingTable(title=f"features past their thresholds ({len(moved)} of {len(result.features)})")
         for column in ("feature", "group", "effect", "threshold", "p-value", "reference mean", "current mean"):
             table.add_column(column, justify="left" if column in ("feature", "group") else "right")
         for f in sorted(moved, key=lambda f: -f.strength):
@@ -135,7 +135,7 @@ def demo_drift(
     paths, settings = _project()
     started = time.perf_counter()
     result = run_demo(paths, settings, console, open_browser=browser, keep_serving=keep_serving)
-    table = Table(title=f"conveyor demo drift ({time.perf_counter() - started:.0f} s)")
+    table = FoldingTable(title=f"conveyor demo drift ({time.perf_counter() - started:.0f} s)")
     for column in ("step", "seconds", "outcome"):
         table.add_column(column, justify="right" if column == "seconds" else "left")
     for phase in result.phases:

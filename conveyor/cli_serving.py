@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
+
+from conveyor.tables import FoldingTable
 
 if TYPE_CHECKING:
     from conveyor.settings import Settings
@@ -78,7 +79,7 @@ def predict(
     loaded = registry_source.load(files, runtime, 1, cfg.conf)
     limits = ImageLimits(cfg.max_image_bytes, cfg.max_image_pixels)
     summary = batch.predict(loaded, images, out, cfg.max_batch_size, limits, console, batch.reader_for(source))
-    table = Table(title=f"predictions -> {summary.out}")
+    table = FoldingTable(title=f"predictions -> {summary.out}")
     for column in ("images", "skipped (done before)", "failed", "detections", "seconds", "images/s"):
         table.add_column(column, justify="right")
     table.add_row(

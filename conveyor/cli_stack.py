@@ -4,9 +4,9 @@ CLI)."""
 from __future__ import annotations
 
 import typer
-from rich.table import Table
 
 from conveyor.cli import _project, app, console, friendly_errors
+from conveyor.tables import FoldingTable
 
 stack_app = typer.Typer(
     help="The local production stack: PostgreSQL, an S3 store, MLflow, Prefect server and worker, the model server, "
@@ -25,7 +25,7 @@ def stack_up() -> None:
     paths, settings = _project()
     console.print(f"starting the stack under {Layout.of(paths, settings).root} ...")
     report = up(paths, settings)
-    table = Table(title=f"Conveyor stack up ({report.seconds:.1f} s)")
+    table = FoldingTable(title=f"Conveyor stack up ({report.seconds:.1f} s)")
     for column in ("part", "state", "address", "start s", "log"):
         table.add_column(column)
     layout = Layout.of(paths, settings)
@@ -51,7 +51,7 @@ def stack_status() -> None:
 
     paths, settings = _project()
     rows = status(paths, settings)
-    table = Table(title="Conveyor stack")
+    table = FoldingTable(title="Conveyor stack")
     for column in ("part", "state", "address", "detail"):
         table.add_column(column)
     for row in rows:

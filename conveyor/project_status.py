@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Group
-from rich.table import Table
 
 from conveyor.paths import ProjectPaths
 from conveyor.settings import Settings
+from conveyor.tables import FoldingTable
 
 FLOW_NAME = "conveyor-training"
 
@@ -205,7 +205,7 @@ def render(status: ProjectStatus) -> Group:
     ):
         if rows is status.repaired and not rows:
             continue  # shown only when there was something to close
-        table = Table(title=title, show_header=False, title_justify="left", expand=False)
+        table = FoldingTable(title=title, show_header=False, title_justify="left", expand=False)
         table.add_column(style="bold", no_wrap=True)
         table.add_column()
         for key, value in rows:

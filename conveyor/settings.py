@@ -131,7 +131,7 @@ class TrainSettings(_Section):
     device: str = Field("auto", description="'auto' (first GPU, else CPU), 'cpu', or a CUDA index like '0'")
     close_mosaic: int = Field(10, ge=0)
     channels_last: bool = Field(
-        True, description="train in channels-last (NHWC) memory format: faster convolutions on CPU (README)"
+        True, description="train in channels-last (NHWC) memory format: faster convolutions on CPU (docs/pipeline.md)"
     )
     extra: dict[str, Any] = Field(default_factory=dict, description="further Ultralytics train arguments")
     finetune: FinetuneSettings = FinetuneSettings()
@@ -195,6 +195,15 @@ ServingFormat = Literal["onnx", "onnx_dynamic", "openvino", "openvino_int8", "te
 DEFAULT_SERVING_FORMATS: tuple[ServingFormat, ...] = ("onnx_dynamic", "openvino")
 
 
+class LatencyTarget(_Section):
+    """The serving target's hardware and its budget: an absolute latency means something only there."""
+
+    hardware: str = Field(
+        ..., min_length=1, description="matched against this host's CPU model (or GPU name), e.g. 'EPYC 9R14' or 'L4'"
+    )
+    budget_ms: float = Field(..., gt=0, description="p95 per image, batch 1, on the serving runtime")
+
+
 class GateSettings(_Section):
     """What a challenger must show before it may become the champion."""
 
@@ -208,7 +217,14 @@ class GateSettings(_Section):
     )
     serving_formats: list[ServingFormat] = Field(default_factory=lambda: list(DEFAULT_SERVING_FORMATS))
     serving_runtime: ServingFormat = "openvino"
-    latency_budget_ms: float = Field(50.0, gt=0, description="p95 per image on the serving runtime")
+    latency_ratio: float = Field(
+        1.10,
+        ge=1,
+        description="challenger p95 over the champion's, both measured side by side in the gate stage on this host",
+    )
+    latency_target: LatencyTarget | None = Field(
+        None, description="an absolute budget, checked only where the gate runs on the serving target's hardware"
+    )
 
 
 class RegistrySettings(_Section):

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from conveyor.lineage import data_version
 from conveyor.paths import ProjectPaths
+from conveyor.tables import FoldingTable
 from conveyor.tracking import RunRecord, is_embedded
 
 
@@ -75,7 +75,7 @@ def summary_rows(paths: ProjectPaths) -> list[tuple[str, str]]:
 
 
 def print_summary(paths: ProjectPaths, console: Console, title: str = "Conveyor run") -> None:
-    table = Table(title=title, show_header=False)
+    table = FoldingTable(title=title, show_header=False)
     table.add_column(style="bold")
     table.add_column()
     for key, value in summary_rows(paths):

@@ -348,7 +348,8 @@ def lineage_tags(paths: ProjectPaths, settings: Settings) -> dict[str, str]:
         f"{TAG_PREFIX}git_commit": git.commit,
         f"{TAG_PREFIX}git_dirty": str(git.dirty).lower(),
         f"{TAG_PREFIX}params_hash": settings.section_hash(),
-        # A run repeats bit for bit on one machine, not across CPUs or thread counts (README, "Reproducibility").
+        # A run repeats bit for bit on one machine, not across CPUs or thread counts (docs/pipeline.md,
+        # "Reproducibility").
         f"{TAG_PREFIX}host.cpu": cpu_model(),
         f"{TAG_PREFIX}host.threads": str(available_cores()),
     }

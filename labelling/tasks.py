@@ -4,7 +4,7 @@ detections as pre-annotations, so people correct boxes rather than draw them.
 A selection folder holds:
 - `images/`: the chosen frames, copied (named `<sha256 prefix>-<name>`, so two cameras' `frame_0001.jpg` differ);
 - `tasks.json` + `label_config.xml`: import both into a Label Studio project (tasks point at
-  `/data/local-files/?d=images/...`; see the README for the two environment variables that serve them);
+  `/data/local-files/?d=images/...`; see docs/labelling.md for the two environment variables that serve them);
 - `cvat/annotations/instances_default.json` + `cvat/images/`: a CVAT task's "COCO 1.0" annotations;
 - `selection.json`: what was chosen, from where, by which model, with each frame's scores (`label import` checks
   that an export's images are ones that were selected).

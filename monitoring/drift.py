@@ -14,8 +14,10 @@ Rules:
   old rule, a share of drifted features, missed a camera out of focus that 3 of 19 features saw at p = 1e-52),
   and a small wobble of many features is not drift.
 - Sharpness and noise are compared on a log scale (they span decades between surfaces).
-- A feature constant in the reference (the image size) drifted when `monitor.constant_share` of the current rows
-  differ from it.
+- The image size, constant in the reference, drifted when `monitor.constant_share` of the current rows differ from
+  it. Where the reference hardly varies, effects are measured in units of at least a material amount: 1 % of the
+  image for the shares of clipped pixels, half a detection per image for counts (a clean reference often has no
+  clipped pixels, and a small one may never have shown a class).
 - The embedding is the model's `features` output in the reference's principal components, whitened: it drifted when
   its mean moved at least `monitor.embedding_effect` reference standard deviations and Hotelling's T² test (SciPy's F
   distribution) puts the move below `monitor.p_value`, or when one component drifted as a feature does.
@@ -51,6 +53,10 @@ from pipelines.profile import EmbeddingBasis, Profile
 
 EMBEDDING_COLUMN = "emb_{:02d}"
 LOG_SCALE = {"sharpness", "noise"}
+# The smallest change of a feature that can matter, where the reference may hardly vary: a share of pixels clipped
+# white or black moves by 1 % before anyone should hear of it (a clean reference often has none at all).
+MIN_SCALE = {"highlights": 0.01, "shadows": 0.01}
+COUNT_SCALE = 0.5  # detections per image: half a detection per image on average before a count has moved
 FOCUS = "focus & noise"
 EXPOSURE = "exposure & colour"
 GEOMETRY = "geometry"
@@ -70,8 +76,8 @@ _WORDS: dict[str, tuple[str, str]] = {
         "images are noisier than in training: sensor gain, light or a cable?",
     ),
     "blockiness": (
-        "images are less compressed or resized: a new camera setting?",
-        "images are more compressed than in training: the camera's encoder settings?",
+        "JPEG's 8-pixel grid shows less: less compression, or frames resized: a new camera setting?",
+        "JPEG's 8-pixel grid shows more: stronger compression, or a softer image: encoder settings, or focus?",
     ),
     "brightness": (
         "images are darker than in training: exposure, a lamp or the aperture?",
@@ -318,7 +324,7 @@ def _testable(reference: Any, current: Any, policy: MonitorSettings) -> tuple[li
             skipped[column] = f"{int(current[column].notna().sum())} current values (< min_samples)"
         elif reference[column].notna().sum() < policy.min_samples:
             skipped[column] = f"{int(reference[column].notna().sum())} reference values (< min_samples)"
-        elif reference[column].dropna().nunique() == 1:
+        elif reference[column].dropna().nunique() == 1 and column in GEOMETRY_FEATURES:
             constant.append(column)
         else:
             varying.append(column)
@@ -357,6 +363,10 @@ def _compare(batch: str, reference: Any, current: Any, policy: MonitorSettings) 
         before, now = ref[column].dropna(), cur[column].dropna()
         p_value = float(ks_stat_test(before, now, numeric, policy.p_value).drift_score)
         effect = float(wasserstein_stat_test(before, now, numeric, thresholds[column]).drift_score)
+        floor = MIN_SCALE.get(column, COUNT_SCALE if column.startswith(CLASS_PREFIX) or column == "detections" else 0)
+        if floor:  # Evidently divides by max(std, 0.001): too fine a unit for a share of pixels or a count
+            spread = max(float(np.std(before)), 0.001)
+            effect *= spread / max(spread, floor)
         features.append(
             FeatureDrift(
                 column,

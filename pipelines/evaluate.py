@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from conveyor.paths import ProjectPaths
 from conveyor.settings import EvaluateSettings, Settings
+from conveyor.tables import FoldingTable
 from conveyor.tracking import RunRecord, Tracker, set_review_view
 from conveyor.yolo import load_yolo
 from pipelines.dataset_view import materialize
@@ -192,7 +192,7 @@ def dvc_metrics(evaluation: Evaluation) -> dict[str, Any]:
 
 
 def print_evaluation(evaluation: Evaluation, console: Console) -> None:
-    table = Table(
+    table = FoldingTable(
         title=f"evaluation on {evaluation.split}: mAP50 {evaluation.map50:.3f}, mAP50-95 {evaluation.map50_95:.3f}"
     )
     for column in ("class", "instances", "AP50", "AP50-95", "precision", "recall"):

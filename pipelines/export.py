@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from conveyor.paths import ProjectPaths
 from conveyor.settings import ExportSettings, Settings
+from conveyor.tables import FoldingTable
 from conveyor.tracking import Tracker
 from conveyor.yolo import load_yolo
 from pipelines import model_features, runtimes
@@ -251,7 +251,7 @@ def dvc_metrics(report: ExportReport) -> dict[str, Any]:
 
 
 def print_report(report: ExportReport, console: Console) -> None:
-    table = Table(
+    table = FoldingTable(
         title=f"exports at {report.imgsz} px vs PyTorch (mAP50-95 {report.pytorch_map50_95:.3f}, "
         f"{report.pytorch_latency_ms:.1f} ms/image)"
     )

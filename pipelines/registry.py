@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -232,3 +233,19 @@ def download_weights(client: MlflowClient, version: ModelVersion, dest: Path) ->
         raise FileNotFoundError(f"{version.name} v{version.version} has no MLflow run to take its weights from")
     local = client.download_artifacts(version.run_id, "weights/best.pt", str(dest))
     return Path(local)
+
+
+def download_export(client: MlflowClient, version: ModelVersion, name: str, dest: Path) -> Path:
+    """One export of a registered version (`export/<name>` in its run, as the export stage logs it): the ONNX file
+    or the OpenVINO folder. FileNotFoundError, saying so, when its run has none."""
+    if not version.run_id:
+        raise FileNotFoundError(f"{version.name} v{version.version} has no MLflow run to take its {name} export from")
+    if not any(a.path == f"export/{name}" for a in client.list_artifacts(version.run_id, "export")):
+        raise FileNotFoundError(f"v{version.version}'s run has no export/{name} to measure")
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True, exist_ok=True)
+    local = Path(client.download_artifacts(version.run_id, f"export/{name}", str(dest)))
+    found = next((p for p in (*local.rglob("*.xml"), *local.rglob("*.onnx"))), None)
+    if found is None:
+        raise FileNotFoundError(f"v{version.version}'s export/{name} holds no model file")
+    return found.parent if found.suffix == ".xml" else found

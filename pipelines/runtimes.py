@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import statistics
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ class TorchRuntime:
         self._torch = torch
         self._model = load_yolo(str(weights)).model.fuse().eval().float()  # type: ignore[union-attr]
         self._maps: dict[int, Any] = {}
+        self._lock = threading.Lock()
         self._layers = model_features.head_inputs(self._model)
         for layer in self._layers:
             self._model.model[layer].register_forward_hook(
@@ -61,7 +63,7 @@ class TorchRuntime:
         return self.infer_with_features(batch)[0]
 
     def infer_with_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        with self._torch.inference_mode():
+        with self._lock, self._torch.inference_mode():  # the hooks keep the last call's maps: one call at a time
             out = self._model(self._torch.from_numpy(batch))
             features = model_features.pooled([self._maps[layer] for layer in self._layers])
         first = out[0] if isinstance(out, list | tuple) else out
@@ -118,14 +120,19 @@ class OpenVinoRuntime:
         self._features = next(
             (o for o in self._compiled.outputs if model_features.FEATURES_OUTPUT in o.get_names()), None
         )
+        self._lock = threading.Lock()
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        return np.asarray(self._compiled(batch)[0])
+        return self.infer_with_features(batch)[0]
 
     def infer_with_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        outputs = self._compiled(batch)
-        features = np.asarray(outputs[self._features]) if self._features is not None else None
-        return np.asarray(outputs[0]), features
+        # The compiled model's call uses one infer request: two threads at once (the server's image and tensor
+        # models share a worker's runtime) fail with "Infer Request is busy". One at a time; the outputs are copied
+        # out before the next call reuses the request's buffers.
+        with self._lock:
+            outputs = self._compiled(batch)
+            features = np.array(outputs[self._features]) if self._features is not None else None
+            return np.array(outputs[0]), features
 
 
 class TensorRTRuntime:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +30,96 @@ class TrainResult:
     final_metrics: dict[str, float]
 
 
+# The stages after training (evaluate, export, profile, gate) and the flow around them took a fifth of the training
+# time in the measured first runs (bench/results/first_run*.json: 75 of 367 s on Zen 4, 106 of 470 s on a Xeon).
+REST_OF_RUN = 0.2
+# Ultralytics' training step (its loss, the optimizer, EMA, the data loader) took 0.78x the calibration's forward and
+# backward pass over every output (measured on a Xeon: 0.55 against 0.71 s for the demo's batch of 8 at 320 px).
+STEP_FACTOR = 0.78
+BAR = 20
+
+
+@dataclass(frozen=True)
+class TrainingEstimate:
+    """How long training will take on this machine, from a short calibration before it starts."""
+
+    step_s: float  # one forward and backward pass of a batch
+    steps_per_epoch: int
+    validation_s: float  # one validation pass
+    epochs: int
+
+    @property
+    def epoch_s(self) -> float:
+        return self.step_s * self.steps_per_epoch + self.validation_s
+
+    @property
+    def seconds(self) -> float:
+        return self.epoch_s * self.epochs
+
+    def describe(self) -> str:
+        return (
+            f"on this machine training takes about {_duration(self.seconds)} ({self.epochs} epochs of about "
+            f"{self.epoch_s:.0f} s: a training step {self.step_s:.2f} s x {self.steps_per_epoch}, validation "
+            f"{self.validation_s:.1f} s), the whole run about {_duration(self.seconds * (1 + REST_OF_RUN))}"
+        )
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def _tensors(value: Any) -> Iterator[Any]:
+    import torch
+
+    if torch.is_tensor(value):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _tensors(item)
+
+
+def estimate_training(
+    model_source: str, cfg: Any, epochs: int, train_images: int, val_images: int, steps: int = 3
+) -> TrainingEstimate:
+    """Time a few forward and backward passes of the model on a batch of the configured size (and a validation
+    forward pass) here, before training starts: a few seconds that say whether the run takes minutes or an hour."""
+    import torch
+    from ultralytics.utils import NUM_THREADS
+
+    from conveyor.yolo import load_yolo
+
+    torch.set_num_threads(NUM_THREADS)  # what Ultralytics' trainer sets on the CPU
+    net: Any = load_yolo(model_source).model
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    net = net.float().train().to(memory_format=layout)
+    for parameter in net.parameters():  # a checkpoint loads frozen; the trainer unfreezes it the same way
+        parameter.requires_grad_(True)
+    batch = torch.rand(cfg.batch, 3, cfg.imgsz, cfg.imgsz).to(memory_format=layout)
+
+    def step() -> None:
+        loss = sum(t.float().mean() for t in _tensors(net(batch)))
+        loss.backward()
+
+    step()  # the first pass builds kernels
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    step_s = (time.perf_counter() - started) / steps * STEP_FACTOR
+    net.eval()
+    with torch.inference_mode():
+        net(batch)
+        started = time.perf_counter()
+        net(batch)
+        per_image = (time.perf_counter() - started) / cfg.batch
+    return TrainingEstimate(step_s, max(1, math.ceil(train_images / cfg.batch)), per_image * val_images, epochs)
+
+
 class EpochReporter:
-    """One line per epoch for people, one batched MLflow call per epoch for the record."""
+    """One line per epoch for people (a bar, the metrics, the time left), one batched MLflow call per epoch for the
+    record."""
 
     def __init__(self, tracker: Tracker, epochs: int, console: Console) -> None:
         self.tracker = tracker
@@ -66,13 +156,16 @@ class EpochReporter:
         self.tracker.log_metrics(metrics, step=trainer.epoch + 1)
         self.last = metrics
         elapsed = time.perf_counter() - self.started
+        done = trainer.epoch + 1
+        filled = round(BAR * done / self.epochs)
+        left = elapsed / done * (self.epochs - done)
         self.console.print(
-            f"epoch {trainer.epoch + 1:>3}/{self.epochs}  "
+            f"epoch {done:>3}/{self.epochs} {'█' * filled}{'░' * (BAR - filled)}  "
             f"box {metrics.get('train/box_loss', float('nan')):.3f}  "
             f"cls {metrics.get('train/cls_loss', float('nan')):.3f}  "
             f"val mAP50 {metrics.get('metrics/mAP50(B)', 0.0):.3f}  "
             f"mAP50-95 {metrics.get('metrics/mAP50-95(B)', 0.0):.3f}  "
-            f"[{elapsed:.0f} s]",
+            f"[{elapsed:.0f} s{f', about {_duration(left)} left' if done < self.epochs else ''}]",
             highlight=False,
         )
 
@@ -108,6 +201,18 @@ def run(paths: ProjectPaths, settings: Settings, console: Console | None = None)
         if cfg.channels_last:
             model.add_callback("on_pretrain_routine_end", use_channels_last)
         device = resolve_device(cfg.device)
+        try:
+            estimate = estimate_training(
+                str(paths.root / cfg.weights) if cfg.weights else cfg.model,
+                cfg,
+                epochs,
+                len(splits.get("train", [])),
+                len(splits.get("val", [])),
+            )
+            console.print(estimate.describe(), highlight=False)
+            tracker.log_metrics({"train/estimated_s": estimate.seconds})
+        except Exception as exc:  # an estimate is a courtesy: training goes on without one
+            console.print(f"no time estimate ({type(exc).__name__}: {exc})", highlight=False)
         console.print(
             f"{'fine-tuning' if cfg.weights else 'training'} {cfg.weights or cfg.model} for {epochs} epochs at "
             f"{cfg.imgsz} px on "

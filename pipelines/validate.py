@@ -20,9 +20,9 @@ import yaml
 from PIL import Image
 from rich.console import Console
 from rich.progress import track
-from rich.table import Table
 
 from conveyor.settings import SPLITS, ValidateSettings
+from conveyor.tables import FoldingTable
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 MIN_IMAGE_SIDE = 10  # Ultralytics rejects smaller images
@@ -320,7 +320,7 @@ def write_outputs(report: ValidationReport, accepted: dict[str, list[Sample]], d
 
 def print_report(report: ValidationReport, console: Console | None = None) -> None:
     console = console or Console()
-    table = Table(title="data validation")
+    table = FoldingTable(title="data validation")
     for column in ("split", "images", "accepted", "boxes", "background", "skipped"):
         table.add_column(column, justify="left" if column == "split" else "right")
     for split, c in report.counts.items():

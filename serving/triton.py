@@ -1,7 +1,7 @@
 """Triton Inference Server (through PyTriton) around the served model: the Open Inference Protocol over HTTP and
 gRPC, dynamic batching with a bounded queue, one model instance per worker, and Triton's Prometheus metrics.
 
-Why PyTriton (measured, see README "Serving"): it resolves in one environment with Prefect 3.8 and MLflow 3, while
+Why PyTriton (measured, see docs/serving.md): it resolves in one environment with Prefect 3.8 and MLflow 3, while
 MLServer needs FastAPI < 0.116; tritonclient's binary tensors work over both protocols (MLServer's REST rejects them);
 and a cluster runs the same `ServedModel` in Triton's Python backend.
 """

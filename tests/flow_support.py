@@ -27,19 +27,23 @@ def flow_params(model_name: str) -> dict[str, Any]:
             "imgsz": 320,
             "batch": 8,
             "close_mosaic": 0,
-            # A gentle fine-tune that keeps what the checkpoint knows.
-            "extra": {"optimizer": "SGD", "lr0": 0.0001, "warmup_epochs": 0, "mosaic": 0.0},
+            # A gentle fine-tune that keeps what the checkpoint knows (it starts from weights: train.finetune applies).
+            "finetune": {
+                "epochs": 1,
+                "extra": {"optimizer": "SGD", "lr0": 0.0001, "warmup_epochs": 0, "mosaic": 0.0},
+            },
         },
         "evaluate": {"batch": 8},
         "export": {"formats": ["onnx_dynamic", "openvino"], "parity_images": 4, "latency": {"warmup": 1, "runs": 5}},
-        # Only the regression gate can fail in these tests: the tiny models say nothing about real thresholds.
+        # Only the regression gate can fail in these tests: the tiny models say nothing about real thresholds, and
+        # two test workers share the cores (the latency gate's own tests are in test_gate.py).
         "gates": {
             "min_map50_95": 0.0,
             "min_map50": 0.0,
             "min_class_recall": 0.0,
             "regression_tolerance": 0.05,
             "parity_max_delta": 0.05,
-            "latency_budget_ms": 5000,
+            "latency_ratio": 100.0,
         },
         "registry": {"model_name": model_name},
         "tracking": {"experiment": "flow-tests"},

@@ -98,3 +98,25 @@ def test_train_before_validate_says_what_to_run(project: Path, monkeypatch: pyte
     result = runner.invoke(app, ["train"])
     assert result.exit_code == 1
     assert "conveyor validate" in result.output
+
+
+def test_tables_fold_long_cells_instead_of_cutting_them() -> None:
+    """In an 80-column terminal, `conveyor stack up` printed every address as `http://127.0.0.1:50…`: cells fold."""
+    from rich.console import Console
+
+    from conveyor.tables import FoldingTable
+
+    table = FoldingTable(title="Conveyor stack up")
+    for column in ("part", "state", "address", "start s", "log"):
+        table.add_column(column)
+    address = "http://127.0.0.1:50123/api/v2/some/long/path"
+    log = "/work/project/.conveyor/stack/logs/prefect-server-2026-12-05T16-20-00.log"
+    table.add_row("prefect", "started", address, "12.2", log, "an implicit extra column, long as well: 0123456789abcdef")
+    console = Console(width=80, record=True, color_system=None)
+    console.print(table)
+    text = console.export_text()
+    assert "…" not in text
+    body = [line.split("│")[1:-1] for line in text.splitlines() if line.startswith("│")]
+    cells = ["".join(row[i].strip() for row in body) for i in range(len(body[0]))]
+    assert cells[2] == address and cells[4] == log
+    assert cells[5].replace(" ", "").endswith("0123456789abcdef")

@@ -85,6 +85,10 @@ def test_drift_is_detected_retrained_promoted_and_swapped(
     refused = conveyor(project, env, "drift", "--source", str(project / "data/images/test"), check=False)
     assert refused.returncode == 1
     assert "has no reference profile" in refused.stdout and "conveyor profile --model 1" in refused.stdout
+    # It is profiled on the validated images of its data (the manifest the train stage reads, not every file in data/).
+    missing = conveyor(project, env, "profile", "--model", "1", check=False)
+    assert missing.returncode == 1 and "run the validate stage first (`conveyor validate`)" in missing.stderr
+    conveyor(project, env, "validate")
     conveyor(project, env, "profile", "--model", "1")
     assert "monitoring/profile/profile.parquet" in {
         a.path for a in client.list_artifacts(str(client.get_model_version(name, "1").run_id), "monitoring/profile")

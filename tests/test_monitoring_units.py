@@ -356,3 +356,53 @@ def test_alert_policy_cooldown_and_deduplication() -> None:
     assert alerts.decide(found, "4", same, [], cost, policy, now).alert  # a new version may alert
     other = [alerts.PastAlert(now - timedelta(hours=10), "3", frozenset({drift.FOCUS}), "retrain")]
     assert alerts.decide(found, "3", other, [], cost, policy, now).alert  # drifting another way is news
+
+
+def test_a_runtime_serves_two_threads_at_once(tmp_path: Path) -> None:
+    """The server's image and tensor models share a worker's runtime: concurrent calls must not collide (OpenVINO
+    refused them: "Infer Request is busy"), and each gets its own outputs."""
+    import threading
+
+    from pipelines import runtimes
+    from pipelines.export import VARIANTS, export_variant
+
+    model = runtimes.OpenVinoRuntime(export_variant(CHECKPOINT, VARIANTS["openvino"], 320, tmp_path, tmp_path))
+    images = [runtimes.letterbox([synth.render_image(SynthSettings(), "test", i)[0]], 320) for i in range(2)]
+    expected = [model.infer_with_features(image) for image in images]
+    failures: list[BaseException] = []
+
+    def hammer(k: int) -> None:
+        try:
+            for _ in range(20):
+                raw, features = model.infer_with_features(images[k])
+                assert np.array_equal(raw, expected[k][0]) and np.array_equal(features, expected[k][1])
+        except BaseException as exc:  # reported below, with the thread's error
+            failures.append(exc)
+
+    threads = [threading.Thread(target=hammer, args=(k,)) for k in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures
+
+
+def test_a_feature_the_reference_never_showed_moves_only_by_a_material_amount() -> None:
+    """A clean reference has no clipped pixels at all: a few dark pixels in some current frames are not drift, glare
+    over a tenth of many frames is."""
+    reference_rows = feature_rows(60, seed=1)
+    reference_rows["shadows"] = 0.0
+    reference_rows["highlights"] = 0.0
+    reference = profile_of(reference_rows)
+    speckled = feature_rows(40, seed=2)
+    speckled["shadows"] = [0.002 if i % 3 == 0 else 0.0 for i in range(40)]
+    speckled["highlights"] = 0.0
+    # A class the reference never showed, found in one frame of ten (a small reference, a model learning it).
+    speckled["class_counts"] = ['{"dent": 1}' if i % 10 == 0 else "{}" for i in range(40)]
+    reference_rows["class_counts"] = "{}"
+    assert drift.check(profile_of(reference_rows), speckled, POLICY, report=False).status == "no drift"
+    glare = feature_rows(40, seed=3)
+    glare["shadows"] = 0.0
+    glare["highlights"] = [0.1 if i % 2 else 0.0 for i in range(40)]
+    result = drift.check(reference, glare, POLICY, report=False)
+    assert result.drifted_groups == [drift.EXPOSURE] and "clipped highlights" in result.message

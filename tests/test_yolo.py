@@ -44,3 +44,19 @@ def test_channels_last_without_ema() -> None:
     model = DetectionModel("yolo11n.yaml", nc=3, verbose=False)
     use_channels_last(SimpleNamespace(model=model, ema=None))
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in _convolutions(model))
+
+
+def test_the_time_estimate_calibrates_here_and_scales_with_the_work() -> None:
+    """The first run says how long it will take before training starts: a few timed passes on this machine,
+    from a model YAML or a checkpoint (which loads frozen)."""
+    from conveyor.settings import TrainSettings
+    from pipelines.train import estimate_training
+    from tests.serving_support import CHECKPOINT
+
+    cfg = TrainSettings(imgsz=64, batch=2)
+    short = estimate_training("yolo11n.yaml", cfg, epochs=5, train_images=10, val_images=4, steps=1)
+    assert short.steps_per_epoch == 5 and short.step_s > 0 and short.validation_s > 0
+    assert short.seconds == short.epoch_s * 5
+    assert "the whole run about" in short.describe()
+    warm = estimate_training(str(CHECKPOINT), cfg, epochs=10, train_images=10, val_images=4, steps=1)
+    assert warm.epochs == 10 and warm.step_s > 0
