@@ -111,7 +111,9 @@ def test_tables_fold_long_cells_instead_of_cutting_them() -> None:
         table.add_column(column)
     address = "http://127.0.0.1:50123/api/v2/some/long/path"
     log = "/work/project/.conveyor/stack/logs/prefect-server-2026-12-05T16-20-00.log"
-    table.add_row("prefect", "started", address, "12.2", log, "an implicit extra column, long as well: 0123456789abcdef")
+    table.add_row(
+        "prefect", "started", address, "12.2", log, "an implicit extra column, long as well: 0123456789abcdef"
+    )
     console = Console(width=80, record=True, color_system=None)
     console.print(table)
     text = console.export_text()

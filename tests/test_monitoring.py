@@ -129,7 +129,7 @@ def test_drift_is_detected_retrained_promoted_and_swapped(
     assert found["status"] == "drift" and found["alert"] and found["alert_action"] == "retrain", found["message"]
     assert found["model_version"] == "1" and found["estimate"]["cost_low"] >= 0.03, found["estimate"]
     assert {"exposure & colour", "focus & noise"} <= set(found["drifted_groups"]), found["drifted_groups"]
-    assert "darker than in training" in found["message"]
+    assert "exposure & colour: " in found["message"] and "focus & noise: " in found["message"]  # each in words
     assert any(line.startswith("conveyor_drift_detected{") and line.endswith(" 1.0") for line in found["gauges"])
     assert any(line.startswith("conveyor_drift_retrain{") and line.endswith(" 1.0") for line in found["gauges"])
     emitted = client.search_runs(

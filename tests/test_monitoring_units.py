@@ -375,7 +375,9 @@ def test_a_runtime_serves_two_threads_at_once(tmp_path: Path) -> None:
         try:
             for _ in range(20):
                 raw, features = model.infer_with_features(images[k])
-                assert np.array_equal(raw, expected[k][0]) and np.array_equal(features, expected[k][1])
+                wanted = expected[k][1]
+                assert features is not None and wanted is not None
+                assert np.array_equal(raw, expected[k][0]) and np.array_equal(features, wanted)
         except BaseException as exc:  # reported below, with the thread's error
             failures.append(exc)
 

@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 import psutil
+import pytest
 from mlflow.tracking import MlflowClient
 
 from conveyor import open_records
@@ -77,11 +78,12 @@ def test_holding_removes_the_marker_on_return_and_on_error(tmp_path: Path) -> No
     with open_records.holding(paths, open_records.PREFECT_FLOW_RUN, "ok", "http://x", "training flow"):
         assert [p.name for p in folder.iterdir()] == ["prefect-flow-run-ok.json"]
     assert not list(folder.iterdir())
-    try:
-        with open_records.holding(paths, open_records.PREFECT_FLOW_RUN, "fails", "http://x", "training flow"):
-            raise ValueError("a stage failed")
-    except ValueError:
-        pass
+    with (
+        pytest.raises(ValueError, match=r"^a stage failed$"),  # passed on, neither swallowed nor replaced
+        open_records.holding(paths, open_records.PREFECT_FLOW_RUN, "fails", "http://x", "training flow"),
+    ):
+        assert [p.name for p in folder.iterdir()] == ["prefect-flow-run-fails.json"]
+        raise ValueError("a stage failed")
     assert not list(folder.iterdir())  # a failure is reported by the live process itself
 
 

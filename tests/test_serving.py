@@ -500,21 +500,28 @@ def test_label_select_reads_the_frames_the_server_kept(server: RunningServer, tm
 
 def test_schemathesis_finds_no_server_error(server: RunningServer) -> None:
     import schemathesis
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import given, settings
 
     schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json", headers=server.headers())
     failures: list[str] = []
+    cases: Counter[str] = Counter()  # generated cases sent, per operation
     for result in schema.get_all_operations():
         operation = result.ok()  # type: ignore[union-attr]
 
-        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        # No health check suppressed: the schema's cases filter nothing and stay small, and with deadline=None
+        # generation may take its time; a check that fires says something about the schema.
+        @settings(max_examples=25, deadline=None, database=None)
         @given(case=operation.as_strategy())
         def fuzz(case: Any) -> None:
+            cases[case.operation.label] += 1
             response = case.call(headers=server.headers(), timeout=30)
             if response.status_code >= 500:
                 failures.append(f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:200]}")
 
         fuzz()
+    varied = [label for label, n in cases.items() if n > 1]
+    assert len(cases) >= 8, cases  # every route of the API was called
+    assert len(varied) >= 4 and all(cases[label] >= 20 for label in varied), cases  # of max_examples=25
     assert not failures, "\n".join(failures[:10])
     assert post_raw(server, "/predict", b"x", "image/png")[0] == 400  # and it still answers
 

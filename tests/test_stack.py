@@ -55,6 +55,8 @@ class RunningStack:
 def stack() -> Iterator[RunningStack]:
     if parts.shutil.which("postgres") is None and not list(Path("/usr/lib/postgresql").glob("*/bin/postgres")):
         pytest.skip("PostgreSQL is not installed (`make test` installs Debian's postgresql where it can)")
+    if parts.shutil.which("prometheus") is None:
+        pytest.skip("Prometheus is not installed (`make test` installs Debian's prometheus where it can)")
     # PostgreSQL runs as the `postgres` user when this is root: the stack's folder must be reachable by it, which
     # pytest's own temporary folders (mode 0700) are not.
     root = Path(tempfile.mkdtemp(prefix="conveyor-stack-test-"))
@@ -86,7 +88,7 @@ def test_stack_is_up_and_says_so(stack: RunningStack) -> None:
     status = conveyor(stack.project, {**base_env(), "COLUMNS": "200"}, "stack", "status")
     cells = {row[1]: row[2] for row in (line.split("│") for line in status.stdout.splitlines()) if len(row) > 3}
     states = {part.strip(): state.strip() for part, state in cells.items()}
-    for part in ("postgres", "s3", "mlflow", "prefect", "worker", "server"):
+    for part in ("postgres", "s3", "mlflow", "prefect", "worker", "server", "prometheus"):
         assert states.get(part) == "up", status.stdout
     assert stack.layout.env_file.stat().st_mode & 0o077 == 0  # it holds the credentials
     config_local = (stack.project / ".dvc/config.local").read_text()
@@ -168,8 +170,8 @@ def test_the_flow_runs_through_the_worker_with_artifacts_in_s3(stack: RunningSta
             result = json.loads(response.read())["data"]["result"]
         return bool(result) and result[0]["value"][1] == "1"
 
-    if "prometheus" in parts.load_state(stack.layout.state_file):
-        wait_for(scraped, 60, "Prometheus to scrape the ready server")
+    assert "prometheus" in parts.load_state(stack.layout.state_file), "`stack up` did not start Prometheus"
+    wait_for(scraped, 60, "Prometheus to scrape the ready server")
 
 
 def test_wrong_or_missing_s3_credentials_fail_before_any_stage(stack: RunningStack) -> None:
