@@ -1,4 +1,4 @@
-"""The MLflow UI screenshots of docs/registry.md, taken in a real browser (headless Chromium, Debian's `chromium` package).
+"""The MLflow UI screenshots of docs/registry.md, taken in a real browser (headless Chromium, Debian's `chromium`).
 
     python -m docs.screenshots PROJECT_DIR      # a project after `make run`, e.g. `bench.first_run --keep`'s clone
 
