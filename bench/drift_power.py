@@ -342,7 +342,7 @@ def main() -> None:
         version = client.get_model_version(MODEL, "1")
         files = source.fetch(client, version, paths.model_cache)
         detector = source.load(files, settings.serve.runtime, 1, settings.serve.conf).detectors[0]
-        profile: Profile = load_reference(client, paths, version)
+        profile: Profile = load_reference(client, paths, version, settings.serve.conf)
         rows = bank_rows(detector, profile, settings.monitor)
         control, control_rows = controls(detector, profile, settings.monitor)
         timing = speed(project, control_rows, profile, settings.monitor)

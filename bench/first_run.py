@@ -72,6 +72,7 @@ def _flow_parts(output: str) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keep", action="store_true", help="keep the clone (printed) for a look in the MLflow UI")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the results file (one per host class)")
     args = parser.parse_args()
     dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
     if dirty.strip():
@@ -129,8 +130,8 @@ def main() -> None:
         },
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
 
     table = Table(title=f"First run on {available_cores()} cores ({cpu_model()})")
     for column in ("measure", "seconds", "target"):
@@ -143,7 +144,7 @@ def main() -> None:
     recalls = "  ".join(f"{k} {v:.2f}" for k, v in result["test"]["recall_per_class"].items() if v is not None)
     table.add_row(f"demo: test mAP50 {evaluation['mAP50']:.3f}; recall {recalls}", "", "mAP50 >= 0.8, recall >= 0.5")
     console.print(table)
-    console.print(f"written {RESULTS.relative_to(REPO)}")
+    console.print(f"written {args.out}")
     if args.keep:
         console.print(f"the clone: {clone} (MLflow UI: cd there and `make ui`)")
     else:

@@ -115,8 +115,8 @@ def bundle(
     numpy, OpenCV and one runtime."""
     from serving import bundle as edge
 
-    _, files = _version_files(ref)
-    built = edge.build(files, out, overwrite=overwrite)
+    settings, files = _version_files(ref)
+    built = edge.build(files, out, settings.serve.conf, overwrite=overwrite)
     console.print(
         f"bundle of {files.name} v{files.version}: {built.directory} ({built.files} files, {built.size_mb} MB) and "
         f"{built.archive}\non the device: pip install -r requirements.txt && python run.py --verify IMAGE..."

@@ -29,6 +29,13 @@ def create_project(root: Path, params: dict[str, Any] | None = None, demo_remote
         shutil.copy2(REPO / name, root / name)
     for package in ("pipelines", "flows"):
         shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    # Code the stages depend on outside those packages (conveyor/yolo.py): DVC hashes it, so it must be there. A
+    # `conveyor/` folder without __init__.py never shadows the installed package.
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values()
+    for dep in {d for stage in stages for d in stage.get("deps", []) if d.endswith(".py")}:
+        if not (root / dep).exists():
+            (root / dep).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / dep, root / dep)
     full = deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), params or {})
     (root / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
     for args in (

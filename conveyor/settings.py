@@ -1,7 +1,8 @@
 """Typed settings: params.yaml, loaded once and checked, with errors that name the bad key.
 
-params.yaml is the one configuration source. Each DVC stage declares only its own section as a dependency,
-so changing `train.epochs` re-runs train and what follows, never validate.
+params.yaml is the one configuration source. Each DVC stage declares the params it reads as dependencies (its own
+section, and the keys of other sections it uses, named in dvc.yaml), so changing `train.epochs` re-runs train and what
+follows, never validate.
 Environment variables are read only for endpoints and secrets (MLFLOW_TRACKING_URI, ...), never here.
 """
 
@@ -220,7 +221,7 @@ class GateSettings(_Section):
     latency_ratio: float = Field(
         1.10,
         ge=1,
-        description="challenger p95 over the champion's, both measured side by side in the gate stage on this host",
+        description="challenger's median over the champion's, calls interleaved in the gate stage on this host",
     )
     latency_target: LatencyTarget | None = Field(
         None, description="an absolute budget, checked only where the gate runs on the serving target's hardware"

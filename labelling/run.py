@@ -56,7 +56,7 @@ def select_frames(paths: ProjectPaths, settings: Settings, options: SelectOption
     loaded = registry_source.load(files, settings.serve.runtime, 1, settings.serve.conf)
     model = f"{files.name} v{files.version}"
     try:
-        profile = load_reference(client, paths, version)
+        profile = load_reference(client, paths, version, settings.serve.conf)
         reference = np.stack(profile.frame[EMBEDDING].to_numpy()) if EMBEDDING in profile.frame else np.zeros((0, 0))
         where = f"v{files.version}'s profile ({len(reference)} images)"
     except ProfileMissingError:

@@ -91,7 +91,7 @@ def run_check(paths: ProjectPaths, settings: Settings, options: CheckOptions, co
         )
         assert data.model_version is not None
         version = client.get_model_version(name, data.model_version)
-    profile = load_reference(client, paths, version)
+    profile = load_reference(client, paths, version, settings.serve.conf)
     result, estimate = judge(profile, data.records, monitor, str(version.version))
     now = datetime.now(UTC)
     history = alerts.past_alerts(

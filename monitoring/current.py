@@ -14,7 +14,7 @@ from typing import Any
 
 from rich.console import Console
 
-from pipelines.data import batch_of
+from pipelines.batches import batch_of
 from pipelines.inference import Detector
 from pipelines.profile import ImageSource, describe_images
 from pipelines.validate import IMAGE_SUFFIXES

@@ -23,11 +23,15 @@ class ProfileMissingError(FileNotFoundError):
     """The version has no reference profile; the message says how to make one."""
 
 
-def load_reference(client: MlflowClient, paths: ProjectPaths, version: ModelVersion) -> Profile:
-    """The version's profile: its registered artifact, else one computed later and logged to its run."""
+def load_reference(client: MlflowClient, paths: ProjectPaths, version: ModelVersion, conf: float) -> Profile:
+    """The version's profile made at confidence threshold `conf` (serve.conf: the threshold of the detections the
+    server logs): its registered artifact, else one computed later and logged to its run."""
     files = source.fetch(client, version, paths.model_cache)
+    found: list[Profile] = []
     if "profile" in files.artifacts:
-        return Profile.load(files.artifacts["profile"])
+        found.append(Profile.load(files.artifacts["profile"]))
+        if _made_at(found[-1], conf):
+            return found[-1]
     cached = paths.monitoring / "profiles" / version.name / str(version.version)
     if not (cached / "profile.json").is_file() and version.run_id:
         names = {a.path for a in client.list_artifacts(version.run_id, RUN_ARTIFACT_PATH)}
@@ -37,7 +41,16 @@ def load_reference(client: MlflowClient, paths: ProjectPaths, version: ModelVers
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 Path(staging, "profile").rename(cached)
     if (cached / "profile.json").is_file():
-        return Profile.load(cached)
+        found.append(Profile.load(cached))
+        if _made_at(found[-1], conf):
+            return found[-1]
+    if found:
+        made = found[0].meta.get("conf")
+        raise ProfileMissingError(
+            f"{version.name} v{version.version}'s reference was profiled at confidence {made}, and serve.conf is "
+            f"{conf}: the detections the server logs would not compare with it. Profile it at serve.conf: "
+            f"`conveyor profile --model {version.version}`, or set serve.conf back to {made}"
+        )
     raise ProfileMissingError(
         f"{version.name} v{version.version} has no reference profile (registered before drift monitoring). "
         f"Compute it from the data it was trained on: `conveyor profile --model {version.version}` "
@@ -72,3 +85,9 @@ def compute_reference(
     if version.run_id:
         client.log_artifacts(version.run_id, str(folder), RUN_ARTIFACT_PATH)
     return Profile.load(folder)
+
+
+def _made_at(profile: Profile, conf: float) -> bool:
+    """Whether the profile's detections were counted at `conf` (a profile that does not say is taken as made so)."""
+    made = profile.meta.get("conf")
+    return made is None or abs(float(made) - conf) < 1e-9

@@ -13,7 +13,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path, PurePath
+from pathlib import Path
 
 import psutil
 from rich.console import Console
@@ -22,12 +22,10 @@ from conveyor.lineage import data_version
 from conveyor.paths import ProjectPaths
 from conveyor.settings import SPLITS, SynthSettings, load_settings
 from pipelines import formats, synth
+from pipelines.batches import BATCH_SEPARATOR
 from pipelines.validate import DataValidationError, read_class_names, validate_dataset
 
 DEMO_REMOTE = "demo"  # read-only remote shipped in the repository (infra/demo-remote)
-BATCH_SEPARATOR = "__"  # data/images/<split>/<batch>__<original name>: files added by `conveyor data add`
-BASE_BATCH = "base"  # what batch_of says for files that came with the dataset itself (synth, import, pull)
-_BATCH_PREFIX = re.compile(r"^(add-\d{8}-\d{6}-[a-z0-9-]+)" + BATCH_SEPARATOR)
 
 
 class DataVersionError(RuntimeError):
@@ -202,17 +200,6 @@ class AddSummary:
     @property
     def total_images(self) -> int:
         return sum(self.images.values())
-
-
-def batch_of(image_name: str) -> str:
-    """The batch a file of data/ came from: `add-20250101-120000-line-3` for one added by `conveyor data add`
-    (named `<batch>__<original name>`), or "base" for one that came with the dataset (synth, import, pull).
-
-    Takes a file name or a path (only its last part counts), of an image or of its label. Only a prefix of the form
-    `conveyor data add` writes counts as a batch, so an original file name that happens to hold `__` is "base".
-    """
-    match = _BATCH_PREFIX.match(PurePath(image_name).name)
-    return match.group(1) if match else BASE_BATCH
 
 
 def batch_id(folder_name: str, now: datetime | None = None) -> str:

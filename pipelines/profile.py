@@ -29,7 +29,7 @@ from rich.progress import Progress
 from conveyor.paths import ProjectPaths
 from conveyor.settings import Settings
 from pipelines import performance, runtimes
-from pipelines.data import batch_of
+from pipelines.batches import batch_of
 from pipelines.features import EMBEDDING, record, sample_image
 from pipelines.inference import Detector, Inference, ModelCard
 

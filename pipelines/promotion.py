@@ -46,7 +46,7 @@ def _serving_bundle(paths: ProjectPaths, settings: Settings, staging: Path) -> d
         "preprocessing": "letterbox to imgsz x imgsz (gray 114 padding), BGR->RGB, CHW, float32 / 255",
         "output": "raw (1, 4 + classes, anchors): cx, cy, w, h in input pixels, then class scores; NMS iou "
         f"{settings.evaluate.iou}",
-        "conf": 0.25,
+        "conf": settings.serve.conf,  # the one threshold: every consumer of this version reads it from here
         "iou": settings.evaluate.iou,
     }
     (staging / "metadata.json").write_text(json.dumps(metadata, indent=2))

@@ -179,6 +179,25 @@ def create_app(config: ApiConfig, slot: ModelSlot, metrics: ServingMetrics) -> F
 
     # --- the Open Inference Protocol (Triton's, passed through) ------------------------------------------------
 
+    @app.get("/v2", tags=["v2"])
+    @app.get("/v2/", tags=["v2"], include_in_schema=False)  # the protocol's specification writes it with the slash
+    async def server_metadata() -> Response:
+        """The server's name, version and protocol extensions (Triton's). Routed here, not through the catch-all below:
+        `/v2` would otherwise be redirected to `/v2/`, which Triton does not know."""
+        return await forward("GET", "", b"", None, {})
+
+    @app.post("/v2/repository/index", tags=["v2"])
+    async def repository_index() -> list[dict[str, str]]:
+        """The models this server serves and their state. Triton's own index lists its model repository, which
+        PyTriton leaves empty (its models are bound in process), so a client that lists models would see none."""
+        current = slot.current
+        return [
+            {"name": name, "version": "1", "state": "READY"}
+            if current is not None
+            else {"name": name, "version": "1", "state": "UNAVAILABLE", "reason": slot.state.reason}
+            for name in sorted(names)
+        ]
+
     @app.get("/v2/models/{name}/ready", tags=["v2"])
     async def model_ready(name: str) -> JSONResponse:
         if name not in names:
@@ -209,17 +228,24 @@ def create_app(config: ApiConfig, slot: ModelSlot, metrics: ServingMetrics) -> F
         },
     )
     async def v2_passthrough(path: str, request: Request) -> Response:
-        """The rest of the protocol (server metadata, infer with JSON or binary tensors), forwarded to Triton."""
+        """The rest of the protocol (infer with JSON or binary tensors, the versioned routes), forwarded to Triton."""
         if request.method == "POST" and path.endswith("/infer"):
             require_ready()
         body = await _read_body(request, config.limits.max_bytes * config.max_images)
+        if request.method == "POST" and path.endswith("/infer") and not body:
+            # Triton answers an empty inference request with 200 and an empty binary body: refuse it here, by name.
+            raise ApiError(400, "an inference request needs a body: the protocol's JSON inference request object")
+        return await forward(request.method, path, body, request.query_params, dict(request.headers))
+
+    async def forward(method: str, path: str, body: bytes, params: Any, request_headers: dict[str, str]) -> Response:
+        """One request passed to Triton's `/v2/{path}` and its answer passed back (Triton's 500s are the client's)."""
         try:
             upstream = await state["http"].request(
-                request.method,
-                f"/v2/{path}",
+                method,
+                f"/v2/{path}" if path else "/v2",
                 content=body,
-                params=request.query_params,
-                headers=_forward_headers(dict(request.headers)),
+                params=params,
+                headers=_forward_headers(request_headers),
             )
         except (httpx.InvalidURL, UnicodeError, ValueError) as exc:
             raise ApiError(400, f"malformed request path /v2/{path[:80]!r}: {exc}") from None

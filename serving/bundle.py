@@ -37,13 +37,15 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build(files: ModelFiles, out: Path, *, overwrite: bool = False) -> Bundle:
+def build(files: ModelFiles, out: Path, conf: float, *, overwrite: bool = False) -> Bundle:
+    """The bundle folder and its .tar.gz; its runner returns detections at `conf` (serve.conf) unless told otherwise."""
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty: pass --overwrite to replace it")
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "model").mkdir(parents=True)
-    shutil.copyfile(files.artifact("metadata"), staging / "model" / "metadata.json")
+    card = {**json.loads(files.artifact("metadata").read_text()), "conf": conf}
+    (staging / "model" / "metadata.json").write_text(json.dumps(card, indent=2) + "\n")
     shutil.copyfile(files.artifact("onnx"), staging / "model" / "model.onnx")
     shutil.copytree(files.artifact("openvino"), staging / "model" / "openvino")
     if "openvino_int8" in files.artifacts:  # passed the parity gate at registration
@@ -57,6 +59,7 @@ def build(files: ModelFiles, out: Path, *, overwrite: bool = False) -> Bundle:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "imgsz": files.card.imgsz,
         "names": files.card.names,
+        "conf": conf,
         "sha256": {p.relative_to(staging).as_posix(): sha256(p) for p in listed},
     }
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

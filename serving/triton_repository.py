@@ -44,7 +44,8 @@ def config_pbtxt(name: str, cfg: ServeSettings) -> str:
                 '  { name: "error", data_type: TYPE_STRING, dims: [ 1 ] }',
                 "]",
                 f"instance_group [{{ count: {cfg.workers}, kind: KIND_CPU }}]",
-                f'parameters [{{ key: "runtime", value: {{ string_value: "{cfg.runtime}" }} }}]',
+                f'parameters [{{ key: "runtime", value: {{ string_value: "{cfg.runtime}" }} }}, '
+                f'{{ key: "conf", value: {{ string_value: "{cfg.conf}" }} }}]',
                 f"dynamic_batching {{ max_queue_delay_microseconds: {delay}, "
                 f"default_queue_policy {{ max_queue_size: {cfg.max_queue_size} }} }}",
             ]
@@ -80,12 +81,14 @@ class TritonPythonModel:
         from serving.swap import ModelSlot
 
         config = json.loads(args["model_config"])
-        runtime = config.get("parameters", {}).get("runtime", {}).get("string_value", "openvino")
+        parameters = config.get("parameters", {})
+        runtime = parameters.get("runtime", {}).get("string_value", "openvino")
+        conf = parameters.get("conf", {}).get("string_value")  # serve.conf when the repository was written
         root = Path(args["model_repository"]) / args["model_version"] / "conveyor-model"
         identity = json.loads((root / "version.json").read_text())
         files = source.read_model_dir(root, identity["name"], identity["version"])
         slot = ModelSlot()
-        slot.swap(source.load(files, runtime, workers=1))
+        slot.swap(source.load(files, runtime, workers=1, conf=float(conf) if conf else None))
         # Triton exports its own metrics; the prediction log belongs to the serving pod's volume (not here yet).
         self.served = ServedModel(slot, 0, ServingMetrics(), None, ImageLimits())
 

@@ -34,9 +34,12 @@ TINY_PARAMS: dict[str, object] = {
 # skip. Only skips for hardware CI does not have are allowed (they name it).
 ALLOWED_SKIPS = ("this machine can run TensorRT",)
 _skipped: list[str] = []
+_file_seconds: dict[str, float] = {}  # setup + call + teardown of every test, per file (a worker runs a whole file)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    file = report.nodeid.split("::", 1)[0]
+    _file_seconds[file] = _file_seconds.get(file, 0.0) + report.duration
     if report.skipped:
         reason = str(report.longrepr[2]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
         if not any(allowed in reason for allowed in ALLOWED_SKIPS):
@@ -51,6 +54,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int) -> None:
+    if _file_seconds:
+        terminalreporter.section("seconds per test file (setup, tests and teardown; two files run at once)")
+        for file, seconds in sorted(_file_seconds.items(), key=lambda item: -item[1]):
+            terminalreporter.write_line(f"{seconds:8.1f}  {file}")
+        terminalreporter.write_line(f"{sum(_file_seconds.values()):8.1f}  in all")
     if os.environ.get("CI") == "true" and _skipped:
         terminalreporter.section("skipped under CI=true: these claims were not checked", red=True)
         for line in _skipped:

@@ -27,9 +27,10 @@ def flow_params(model_name: str) -> dict[str, Any]:
             "imgsz": 320,
             "batch": 8,
             "close_mosaic": 0,
-            # A gentle fine-tune that keeps what the checkpoint knows (it starts from weights: train.finetune applies).
+            # A gentle fine-tune that keeps what the checkpoint knows (it starts from weights: train.finetune applies),
+            # for train.epochs (null), so that a test's set_params(train={"epochs": 30}) is what runs.
             "finetune": {
-                "epochs": 1,
+                "epochs": None,
                 "extra": {"optimizer": "SGD", "lr0": 0.0001, "warmup_epochs": 0, "mosaic": 0.0},
             },
         },

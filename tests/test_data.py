@@ -14,6 +14,7 @@ import yaml
 from conveyor.paths import ProjectPaths
 from conveyor.settings import SynthSettings, load_settings
 from pipelines import data, synth
+from pipelines.batches import batch_of
 from pipelines.validate import DataValidationError
 from tests.conftest import VENV_BIN, base_env, make_project, run_cmd
 
@@ -155,13 +156,13 @@ def _git_log(root: Path) -> str:
 
 
 def test_batch_of() -> None:
-    assert data.batch_of("add-20250102-030405-line-3__train_00001.jpg") == "add-20250102-030405-line-3"
-    assert data.batch_of("data/labels/val/add-20250102-030405-b__x__y.txt") == "add-20250102-030405-b"
-    assert data.batch_of("train_00001.jpg") == "base"
-    assert data.batch_of("camera__0001.jpg") == "base"  # `__` in an original name is not a batch
+    assert batch_of("add-20250102-030405-line-3__train_00001.jpg") == "add-20250102-030405-line-3"
+    assert batch_of("data/labels/val/add-20250102-030405-b__x__y.txt") == "add-20250102-030405-b"
+    assert batch_of("train_00001.jpg") == "base"
+    assert batch_of("camera__0001.jpg") == "base"  # `__` in an original name is not a batch
     batch = data.batch_id("Line 3_Shift (B)")
     assert batch.startswith("add-") and batch.endswith("-line-3-shift-b")
-    assert data.batch_of(f"{batch}__a.png") == batch
+    assert batch_of(f"{batch}__a.png") == batch
 
 
 def test_add_batch_with_the_cli_and_commit(project: Path, tmp_path: Path) -> None:
@@ -180,11 +181,11 @@ def test_add_batch_with_the_cli_and_commit(project: Path, tmp_path: Path) -> Non
 
     added = sorted(p.name for p in (project / "data/images/train").iterdir() if p.name not in base_files)
     assert len(added) == n_train
-    batch = data.batch_of(added[0])
+    batch = batch_of(added[0])
     assert batch.startswith("add-") and batch.endswith("-line-3-shift")
     assert all(name.startswith(f"{batch}__") for name in added)
     assert (project / "data/labels/train" / f"{batch}__train_00000.txt").is_file()
-    assert {data.batch_of(n) for n in base_files} == {"base"}
+    assert {batch_of(n) for n in base_files} == {"base"}
     assert (project / "data/data.yaml").read_text() != ""  # the dataset's own data.yaml is kept
     after = data.data_status(paths)
     assert after.expected != before and after.in_sync
@@ -203,7 +204,7 @@ def test_add_batch_with_some_splits_without_commit(paths: ProjectPaths, tmp_path
     assert summary.names == ["scratch", "dent", "stain"] and not summary.committed
     assert summary.md5 == data.data_status(paths).expected != before
     assert data.data_status(paths).in_sync
-    assert len([p for p in (paths.data / "images/train").iterdir() if data.batch_of(p.name) == summary.batch]) == 3
+    assert len([p for p in (paths.data / "images/train").iterdir() if batch_of(p.name) == summary.batch]) == 3
     assert _git_log(paths.root) == ""  # nothing committed
 
 
@@ -290,7 +291,7 @@ def test_add_name_collision_and_failed_record_leave_data_as_it_was(
     with pytest.raises(data.DataVersionError, match="taken out of data/ again"):
         data.add_dataset(paths, _batch(tmp_path / "three", seed=13, counts={"train": 2, "val": 0, "test": 1}))
     assert data.dir_md5(paths.data) == before
-    assert not [p for p in paths.data.rglob("*") if data.batch_of(p.name) == "add-20250101-000001-other"]
+    assert not [p for p in paths.data.rglob("*") if batch_of(p.name) == "add-20250101-000001-other"]
 
 
 def test_wait_for_dvc_lock_waits_for_a_dying_holder_and_names_a_live_one(tmp_path: Path) -> None:

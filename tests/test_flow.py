@@ -51,7 +51,7 @@ def test_promote_reject_force_rollback(flow_project: tuple[Path, str], mlflow_se
     client = MlflowClient(mlflow_server)
 
     first = conveyor(project, env, "run")
-    assert "v1 is the new champion" in first.stdout
+    assert "v1 is the new champion" in first.stdout, first.stdout[-4000:]
     assert champion_version(client, name) == "1"
     v1 = client.get_model_version(name, "1")
     assert v1.run_id is not None

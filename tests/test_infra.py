@@ -435,6 +435,40 @@ def test_every_kustomization_builds() -> None:
                 assert ":" in container["image"], f"{kustomization.parent.name}: {container['image']} has no tag"
 
 
+# Kubernetes' own schemas (kubernetes-validate bundles them, offline), for the oldest minor version still supported
+# upstream when this was written, and the newest the package has.
+KUBERNETES_VERSIONS = ("1.32.0", "1.37.0")
+# Custom resources: their schemas are their operators' CRDs, not Kubernetes'; each is checked by the tests above
+# (names, ports, images) and by its operator when applied.
+CUSTOM_KINDS = {"InferenceService": "KServe's CRD", "ServiceMonitor": "the Prometheus Operator's CRD"}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (its built-in kustomize) is not installed")
+def test_every_built_manifest_is_valid_against_kubernetes_schemas() -> None:
+    """Each overlay built by kustomize, each object validated strictly (unknown fields are errors) against the
+    OpenAPI schemas of Kubernetes itself."""
+    import kubernetes_validate
+
+    checked: dict[str, int] = {}
+    for kustomization in kustomizations():
+        built = subprocess.run(
+            ["kubectl", "kustomize", str(kustomization.parent)], capture_output=True, text=True, check=True
+        ).stdout
+        for doc in (d for d in yaml.safe_load_all(built) if d):
+            if doc["kind"] in CUSTOM_KINDS:
+                continue
+            for version in KUBERNETES_VERSIONS:
+                try:
+                    kubernetes_validate.validate(doc, version, strict=True)
+                except kubernetes_validate.ValidationError as exc:
+                    raise AssertionError(
+                        f"{kustomization.parent.name}: {doc['kind']}/{doc['metadata']['name']} is not valid "
+                        f"Kubernetes {version}: {exc.message} at {'.'.join(map(str, exc.path))}"
+                    ) from None
+            checked[doc["kind"]] = checked.get(doc["kind"], 0) + 1
+    assert {"Deployment", "Service", "Job", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Role"} <= set(checked)
+
+
 def test_k8s_server_ports_probes_and_secret_match_the_code() -> None:
     serve = params()["serve"]
     routes = app_routes()
@@ -676,6 +710,7 @@ def test_triton_config_is_a_valid_model_config() -> None:
     assert config.dynamic_batching.default_queue_policy.max_queue_size == cfg.max_queue_size
     assert config.instance_group[0].count == cfg.workers
     assert config.parameters["runtime"].string_value == cfg.runtime
+    assert float(config.parameters["conf"].string_value) == cfg.conf  # the one threshold, read by the model code
 
 
 @pytest.mark.slow

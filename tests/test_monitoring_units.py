@@ -358,6 +358,81 @@ def test_alert_policy_cooldown_and_deduplication() -> None:
     assert alerts.decide(found, "3", other, [], cost, policy, now).alert  # drifting another way is news
 
 
+def test_alert_history_is_read_back_from_the_tracking_server_after_it_restarts(tmp_path: Path) -> None:
+    """What `log_check` and `mark_alert_emitted` write is what `past_alerts` reads — by a new client, from the same
+    server restarted on the same store: only emitted alerts of this model since `since`, newest first; and the
+    cooldown and de-duplication decide on that history."""
+    from mlflow.tracking import MlflowClient
+
+    from conveyor.paths import ProjectPaths
+    from conveyor.settings import Settings
+    from monitoring.check import CheckOutcome, log_check, mark_alert_emitted
+    from monitoring.current import CurrentData
+    from tests.conftest import free_port, start_mlflow_server, stop_tree
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    store = tmp_path / "mlflow"
+    store.mkdir()
+    report_dir = tmp_path / "report"
+    report_dir.mkdir()
+    (report_dir / "summary.json").write_text("{}")
+    paths = ProjectPaths(tmp_path)
+    settings = Settings()
+    other = settings.model_copy(update={"registry": settings.registry.model_copy(update={"model_name": "other"})})
+    name, experiment = settings.registry.model_name, settings.monitor.experiment
+    retrain = alerts.AlertDecision(True, "test", "retrain")
+
+    def check(
+        version: str, groups: tuple[str, ...], decision: alerts.AlertDecision, emitted: bool, on: Settings = settings
+    ) -> None:
+        outcome = CheckOutcome(
+            on.registry.model_name,
+            version,
+            drifted(*groups),
+            estimated(0.1),
+            CurrentData(None, "test window", version),
+            decision,
+            report_dir,
+            "",
+            None,
+            datetime.now(UTC),
+        )
+        run_id, _ = log_check(client, paths, on, outcome)
+        if emitted:
+            mark_alert_emitted(client, run_id, f"event-{run_id}")
+        time.sleep(0.02)  # distinct start times (ms)
+
+    server = start_mlflow_server(store, port)
+    try:
+        client = MlflowClient(url)
+        check("1", (drift.FOCUS,), retrain, emitted=True)  # before `since`
+        since = datetime.now(UTC)
+        time.sleep(0.02)
+        check("2", (drift.EXPOSURE,), retrain, emitted=True)
+        check("2", (drift.EXPOSURE, drift.FOCUS), alerts.AlertDecision(True, "test", "alert"), emitted=True)
+        check("2", (drift.FOCUS,), retrain, emitted=False)  # the event was not accepted: still `pending`
+        check("2", (), alerts.AlertDecision(False, "no drift"), emitted=False)
+        check("2", (drift.FOCUS,), retrain, emitted=True, on=other)  # another model's
+        stop_tree(server)
+        server = start_mlflow_server(store, port)  # the same server, restarted on its store
+
+        found = alerts.past_alerts(MlflowClient(url), experiment, name, since)
+        assert [(a.model_version, a.groups, a.action) for a in found] == [
+            ("2", frozenset({drift.EXPOSURE, drift.FOCUS}), "alert"),
+            ("2", frozenset({drift.EXPOSURE}), "retrain"),
+        ]
+        assert found[0].at >= found[1].at >= since - timedelta(milliseconds=1)  # start_time is in ms
+        now = datetime.now(UTC)
+        policy = MonitorSettings(cooldown_hours=6, dedupe_hours=24, retrain_after=3)
+        cooling = alerts.decide(drifted(drift.EXPOSURE), "2", found, [], estimated(0.1), policy, now)
+        assert not cooling.alert and cooling.reason.startswith("cooldown")  # the retrain alert read back
+        again = alerts.decide(drifted(drift.EXPOSURE, drift.FOCUS), "2", found, [], estimated(0.0), policy, now)
+        assert not again.alert and again.reason.startswith("duplicate")  # the alert-only alert read back
+    finally:
+        stop_tree(server)
+
+
 def test_a_runtime_serves_two_threads_at_once(tmp_path: Path) -> None:
     """The server's image and tensor models share a worker's runtime: concurrent calls must not collide (OpenVINO
     refused them: "Infer Request is busy"), and each gets its own outputs."""
@@ -408,3 +483,27 @@ def test_a_feature_the_reference_never_showed_moves_only_by_a_material_amount() 
     glare["highlights"] = [0.1 if i % 2 else 0.0 for i in range(40)]
     result = drift.check(reference, glare, POLICY, report=False)
     assert result.drifted_groups == [drift.EXPOSURE] and "clipped highlights" in result.message
+
+
+def test_a_reference_made_at_another_threshold_is_refused_and_says_how_to_fix_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The detections the server logs are counted at serve.conf; a reference counted at another threshold would show
+    drift that is only the threshold. The registry is not involved (its part is tested against a real server): the
+    version's files are a folder with its profile."""
+    from types import SimpleNamespace
+
+    from conveyor.paths import ProjectPaths
+    from monitoring import reference
+    from pipelines.profile import write_profile
+
+    folder = tmp_path / "model" / "profile"
+    card = ModelCard(NAMES, 320, conf=0.25)
+    write_profile(folder, feature_rows(12, 0), card, "openvino", None, 4, {})
+    files = SimpleNamespace(artifacts={"profile": folder})
+    monkeypatch.setattr(reference.source, "fetch", lambda *args: files)
+    version = SimpleNamespace(name="defects", version="3", run_id=None, tags={})
+    paths = ProjectPaths(tmp_path)
+    assert reference.load_reference(None, paths, version, 0.25).meta["conf"] == 0.25  # type: ignore[arg-type]
+    with pytest.raises(reference.ProfileMissingError, match=r"profiled at confidence 0.25, and serve.conf is 0.4"):
+        reference.load_reference(None, paths, version, 0.4)  # type: ignore[arg-type]

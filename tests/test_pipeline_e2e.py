@@ -57,11 +57,14 @@ def test_dvc_repro_end_to_end(project: Path, mlflow_server: str, netguard_env: t
     assert list((project / "artifacts/export/openvino").rglob("*.xml"))
     assert export["exports"]["onnx"]["max_abs_diff"] < 1e-2  # fp32 ONNX matches PyTorch's raw outputs
     assert "tensorrt" in export["skipped"] and export["skipped"]["tensorrt"]
-    # The drift reference: every train and val image, with its features, predictions and backbone embedding.
+    # The drift reference: every train and val image, with its features, predictions and the model's own features.
     profile = pd.read_parquet(project / "artifacts/profile/profile.parquet")
     assert len(profile) == 16 + 8 and set(profile["split"]) == {"train", "val"} and set(profile["batch"]) == {"base"}
-    assert profile["brightness"].between(1, 254).all() and {len(v) for v in profile["embedding"]} == {256}
-    assert json.loads((project / "artifacts/profile/profile.json").read_text())["embedding"]["dims_out"] == 16
+    summary = json.loads((project / "artifacts/profile/profile.json").read_text())
+    dims = summary["embedding"]["dims"]  # the model's pooled Detect-head inputs: its channels at P3+P4+P5
+    assert profile["brightness"].between(1, 254).all() and {len(v) for v in profile["embedding"]} == {dims}
+    assert dims > 0 and summary["embedding"]["components"] <= dims
+    assert (project / "artifacts/profile/embedding.npz").is_file() and summary["calibration"]["images"] == 8
     metrics_show = _dvc(project, env, "metrics", "show")
     assert "mAP50-95" in metrics_show and "metrics/evaluate.json" in metrics_show
     plots = json.loads(_dvc(project, env, "plots", "show", "--json"))["data"]

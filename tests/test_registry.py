@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conveyor.paths import ProjectPaths
+from conveyor.settings import load_settings
 from pipelines import registry
 from pipelines.registry import AliasMove, PromotionRefusedError, rollback_target
 
@@ -24,11 +26,11 @@ def name() -> str:
     return f"model-{uuid.uuid4().hex[:8]}"
 
 
-def new_version(client: MlflowClient, name: str, *, passed: bool) -> str:
+def new_version(client: MlflowClient, name: str, *, passed: bool, run_id: str | None = None) -> str:
     """A registry version the way the flow makes one (a logged model from a run), gate tags included."""
     experiment = client.get_experiment_by_name("registry-tests")
     experiment_id = experiment.experiment_id if experiment else client.create_experiment("registry-tests")
-    run = client.create_run(experiment_id)
+    run = client.get_run(run_id) if run_id else client.create_run(experiment_id)
     logged = client.create_logged_model(experiment_id=experiment_id, name="model", source_run_id=run.info.run_id)
     registry.ensure_registered_model(client, name)
     version = client.create_model_version(
@@ -210,3 +212,75 @@ def test_a_kill_anywhere_between_registration_and_promotion_leaves_the_registry_
             break
         writes += 1
     assert writes >= 8  # every write of registration and promotion was a kill point
+
+
+@pytest.mark.parametrize("passed", [True, False], ids=["re-gate-passes", "re-gate-fails"])
+def test_a_champion_moved_after_the_gate_is_gated_again_before_the_decision(
+    client: MlflowClient, name: str, project: Path, monkeypatch: pytest.MonkeyPatch, passed: bool
+) -> None:
+    """The champion moves between the gate and the decision (another run promoted, or a person): the gate's comparison
+    no longer holds. `decide` refuses without writing (StaleGateError); the flow's registry task runs the gate again
+    against the new champion, re-tags and re-describes the version, and decides on the new verdict. Only the gate
+    stage itself (a DVC subprocess that re-scores the champion) is replaced, by what it writes."""
+    import logging
+    from types import SimpleNamespace
+
+    from conveyor import tracking
+    from flows import training
+    from pipelines import promotion
+    from pipelines.gate import GateReport, GateResult
+    from tests.flow_support import champion_version, set_params
+
+    set_params(project, registry={"model_name": name})
+    paths = ProjectPaths(project)
+    paths.data_dvc.write_text("outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  path: data\n")
+    paths.gate.mkdir(parents=True, exist_ok=True)
+    gated = new_version(client, name, passed=True)
+    registry.promote(client, name, gated, reason="the champion when the gate ran", actor="user:test")
+    experiment = client.get_experiment_by_name("registry-tests")
+    assert experiment is not None
+    run_id = client.create_run(experiment.experiment_id).info.run_id
+    number = new_version(client, name, passed=True, run_id=run_id)  # this run's model (the upload is tested above)
+
+    def write_report(champion: str | None, ok: bool) -> GateReport:
+        report = GateReport(ok, run_id, champion, [GateResult("no regression vs champion", ">= 0.500", "0.600", ok)])
+        (paths.gate / "report.json").write_text(json.dumps(report.to_json()))
+        return report
+
+    stale = write_report(gated, True)
+    settings = load_settings(paths.params)
+    version, new = promotion.register(paths, settings, client, run_id, stale, None, "user:test")
+    moved = new_version(client, name, passed=True)
+    registry.promote(client, name, moved, reason="promoted meanwhile by another run", actor="user:other")
+
+    with pytest.raises(promotion.StaleGateError, match=f"champion is v{moved} but the gate compared against v{gated}"):
+        promotion.decide(client, settings, version, new, stale, "user:test", "test")
+    assert champion_version(client, name) == moved  # refused before any write
+    assert promotion.DECISION not in client.get_model_version(name, number).tags
+
+    gate_runs: list[tuple[str, bool]] = []
+
+    def gate_stage(root: str, stage: str, flow_run_id: str | None, force: bool = False) -> float:
+        """What `dvc repro --force gate` leaves: a report against the champion the registry has now."""
+        gate_runs.append((stage, force))
+        write_report(champion_version(client, name), passed)
+        return 0.0
+
+    monkeypatch.setattr(training, "run_stage", SimpleNamespace(fn=gate_stage))
+    monkeypatch.setattr(training, "get_run_logger", lambda: logging.getLogger("test"))
+    monkeypatch.setattr(
+        tracking.Tracker, "resume", staticmethod(lambda paths: SimpleNamespace(client=client, run_id=run_id))
+    )
+    outcome = training.register_and_promote.fn(str(project), None, "test")
+
+    assert gate_runs == [("gate", True)]  # gated again, once, forced
+    assert outcome["promoted"] is passed and outcome["version"] == number
+    assert champion_version(client, name) == (number if passed else moved)
+    tags = client.get_model_version(name, number).tags
+    assert tags[promotion.DECISION] == ("promoted" if passed else "rejected")
+    assert tags["conveyor.gates.passed"] == str(passed).lower()  # the new verdict, not the stale one
+    assert tags["conveyor.gates.failed"] == ("-" if passed else "no regression vs champion")
+    description = client.get_model_version(name, number).description or ""
+    assert f"compared with champion v{moved}" in description  # the review summary says what it was compared with
+    moves = [(m.from_version, m.to_version) for m in registry.history(client, name) if m.alias == registry.CHAMPION]
+    assert moves == [(None, gated), (gated, moved)] + ([(moved, number)] if passed else [])

@@ -9,6 +9,7 @@ that fails to load → metrics in Prometheus → the prediction log → fuzzing.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -526,6 +528,108 @@ def test_schemathesis_finds_no_server_error(server: RunningServer) -> None:
     assert post_raw(server, "/predict", b"x", "image/png")[0] == 400  # and it still answers
 
 
+OIP_SPEC = Path(__file__).parent / "assets" / "oip" / "open_inference_rest.yaml"
+
+
+def oip_schema(names: list[str], version: str) -> dict[str, Any]:
+    """The specification as schemathesis reads it. Two changes, each the specification's own words:
+    - its paths write parameters as `${MODEL_NAME}`, OpenAPI as `{MODEL_NAME}`;
+    - "the model name and (optionally) version must be available in the URL": each versioned route is also tested
+      without its version.
+    The model name and version are the served ones (a made-up name is a 404, which the specification leaves out)."""
+
+    raw = yaml.safe_load(OIP_SPEC.read_text())
+    pinned = {"MODEL_NAME": names, "MODEL_VERSION": [version]}
+    paths: dict[str, Any] = {}
+    for template, item in raw["paths"].items():
+        path = template.replace("${", "{")
+        for parameter in item.get("parameters", []):
+            parameter["schema"] = {"type": "string", "enum": pinned[parameter["name"]]}
+        paths[path] = item
+        if "/versions/{MODEL_VERSION}" in path:
+            unversioned = yaml.safe_load(yaml.safe_dump(item))
+            unversioned["parameters"] = [p for p in unversioned["parameters"] if p["name"] != "MODEL_VERSION"]
+            for operation in ("get", "post"):
+                if operation in unversioned:
+                    unversioned[operation]["operationId"] += "-unversioned"
+            paths[path.replace("/versions/{MODEL_VERSION}", "")] = unversioned
+    raw["paths"] = paths
+    return dict(raw)
+
+
+def test_the_open_inference_protocol_as_its_specification_says(server: RunningServer, client: MlflowClient) -> None:
+    """schemathesis from the protocol's own OpenAPI document (tests/assets/oip): every route it documents, with and
+    without a version, answers with a status and a body the document allows, for generated requests and for a real
+    inference; and Triton's own HTTP client reads the server's metadata and its model index."""
+    import schemathesis
+    import tritonclient.http as httpclient
+    from hypothesis import given, settings
+    from schemathesis import checks
+
+    from serving.triton import TENSOR_SUFFIX
+
+    if server.get("/v2/health/ready", auth=False)[0] != 200:  # run on its own: no champion yet
+        registry.promote(client, server.name, "1", reason="served for the protocol test", actor="user:test")
+        server.wait_version("1")
+    names = [server.name, server.name + TENSOR_SUFFIX]
+    schema = schemathesis.openapi.from_dict(oip_schema(names, "1"))
+    schema.config.update(base_url=server.url, headers=server.headers())
+    failures: list[str] = []
+    cases: Counter[str] = Counter()
+    operations = {}
+    for result in schema.get_all_operations():
+        operation = result.ok()  # type: ignore[union-attr]
+        operations[operation.label] = operation
+
+        @settings(max_examples=20, deadline=None, database=None)
+        @given(case=operation.as_strategy())
+        def conforms(case: Any) -> None:
+            cases[case.operation.label] += 1
+            response = case.call(headers=server.headers(), timeout=30)
+            try:
+                # Excluded: "a schema-valid request is accepted". The document's inference_request admits any
+                # tensors; only this model's (name, datatype, shape) can be, and the 400 for others is documented.
+                case.validate_response(response, excluded_checks=[checks.positive_data_acceptance])
+            except Exception as exc:  # schemathesis' FailureGroup: every check that failed, described
+                failures.append(f"{case.method} {case.formatted_path} -> {response.status_code}: {exc}"[:600])
+
+        conforms()
+    assert len(operations) == 9, sorted(operations)  # 2 health + server metadata + (3 model routes) × (with, without)
+    assert all(n >= 1 for n in cases.values()) and len(cases) == 9, cases
+
+    # A real inference, through the tensor model (JSON carries FP32 tensors, not image bytes), with and without a
+    # version: a 200 whose body the specification's inference_response describes.
+    tensor: dict[str, Any] = {
+        "name": "images",
+        "shape": [1, 3, 320, 320],
+        "datatype": "FP32",
+        "data": [0.5] * (3 * 320 * 320),
+    }
+    for label, operation in operations.items():
+        if label.startswith("POST"):
+            case = operation.Case(
+                path_parameters={"MODEL_NAME": names[1], "MODEL_VERSION": "1"}, body={"inputs": [tensor]}
+            )
+            response = case.call(headers=server.headers(), timeout=60)
+            assert response.status_code == 200, response.text[:300]
+            case.validate_response(response)
+            assert {o["name"] for o in response.json()["outputs"]} >= {"detections", "num_detections"}
+    assert not failures, "\n".join(failures[:10])
+    # What schemathesis found: an inference request with no body (Triton answered 200 and an empty binary body).
+    status, answer = post_raw(server, f"/v2/models/{server.name}/versions/1/infer", b"", "application/json")
+    assert status == 400 and "needs a body" in answer["error"], answer
+
+    # Triton's HTTP client on what it calls its server metadata and its repository index.
+    triton = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+    try:
+        metadata = triton.get_server_metadata(headers=server.headers())
+        assert metadata["name"] and "version" in metadata and isinstance(metadata["extensions"], list)
+        index = triton.get_model_repository_index(headers=server.headers())
+        assert {(m["name"], m["state"]) for m in index} == {(n, "READY") for n in names}
+    finally:
+        triton.close()
+
+
 # --- batch prediction and the edge bundle ------------------------------------------------------------------------
 
 
@@ -595,7 +699,7 @@ def test_edge_bundle_runs_without_conveyor(server: RunningServer, test_images: l
     expected = {
         # The server runs OpenVINO: the edge's OpenVINO must give its detections.
         "openvino": [image["detections"] for image in served["images"]],
-        # ONNX Runtime (fp32) differs from OpenVINO's bf16 in the last digits: compare with Conveyor's own code on it.
+        # ONNX Runtime may differ from OpenVINO in the last digits: compare with Conveyor's own code on it.
         "onnx": [
             [d.to_json() for d in found] for found in onnx.detect([decode_image(p.read_bytes()) for p in test_images])
         ],
@@ -617,6 +721,27 @@ def test_edge_bundle_runs_without_conveyor(server: RunningServer, test_images: l
         assert len(edge) == len(test_images)
         for line, found in zip(edge, wanted, strict=True):
             assert_same_detections(line["detections"], found)
+
+    # serve.conf is the bundle's threshold: a bundle built at a higher one returns the server's detections above it.
+    # The threshold is put in the widest gap between served confidences, so no detection sits on its edge.
+    confidences = sorted({d["confidence"] for image in served["images"] for d in image["detections"]})
+    gaps = [(b - a, (a + b) / 2) for a, b in itertools.pairwise(confidences)]
+    assert gaps, "the test images give too few detections to test a threshold"
+    threshold = round(max(gaps)[1], 4)
+    params_file = server.project / "params.yaml"
+    saved = params_file.read_text()
+    try:
+        params = yaml.safe_load(saved)
+        params["serve"]["conf"] = threshold
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        strict = tmp_path / "strict-bundle"
+        run_cmd(["conveyor", "bundle", "@champion", "--out", str(strict)], server.project, env)
+    finally:
+        params_file.write_text(saved)
+    assert json.loads((strict / "model" / "metadata.json").read_text())["conf"] == threshold
+    result = run_cmd([str(venv / "bin" / "python"), str(strict / "run.py"), *map(str, test_images)], tmp_path, {})
+    for line, image in zip([json.loads(x) for x in result.stdout.splitlines()], served["images"], strict=True):
+        assert_same_detections(line["detections"], [d for d in image["detections"] if d["confidence"] >= threshold])
 
     (bundle / "model" / "metadata.json").write_text("{}")
     damaged = subprocess.run(

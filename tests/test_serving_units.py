@@ -194,6 +194,10 @@ def test_int8_is_bundled_only_within_the_parity_limit(tmp_path: Path, delta: flo
     (paths.export / "export.json").write_text(json.dumps({"imgsz": 320, "exports": exports}))
     paths.validation.mkdir(parents=True)
     (paths.validation / "manifest.json").write_text(json.dumps({"names": ["scratch", "dent", "stain"]}))
-    artifacts = _serving_bundle(paths, Settings(), tmp_path / "staging")
+    settings = Settings()
+    settings = settings.model_copy(update={"serve": settings.serve.model_copy(update={"conf": 0.4})})
+    artifacts = _serving_bundle(paths, settings, tmp_path / "staging")
     assert ("openvino_int8" in artifacts) is served
     assert {"metadata", "weights", "onnx", "openvino"} <= set(artifacts)
+    # serve.conf is the version's threshold: the pyfunc, the edge bundle and the Triton repository start from it.
+    assert json.loads(Path(artifacts["metadata"]).read_text())["conf"] == 0.4

@@ -5,7 +5,9 @@ Needs numpy, opencv-python-headless (the image decoder) and one runtime: openvin
 Ultralytics, no Conveyor. Letterbox, NMS and box scaling follow Ultralytics' (what the model was evaluated and is
 served with); Conveyor's tests hold this file to the server's detections.
 
-    python run.py IMAGE [IMAGE ...] [--runtime openvino|onnx] [--conf 0.25] [--verify]
+    python run.py IMAGE [IMAGE ...] [--runtime openvino|onnx] [--conf C] [--verify]
+
+--conf defaults to the bundle's threshold: serve.conf when the bundle was built.
 
 Prints one JSON line per image: {"image", "width", "height", "detections": [{class_id, class_name, confidence, box}]}.
 """
@@ -103,7 +105,10 @@ class Model:
             import openvino as ov
 
             xml = next((root / "model" / runtime).glob("*.xml"))
-            self._compiled = ov.Core().compile_model(xml, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+            # f32 as on the server: OpenVINO's bf16 default (CPUs with AMX) would move confidences in the 3rd digit.
+            self._compiled = ov.Core().compile_model(
+                xml, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+            )
             self._infer = lambda x: np.asarray(self._compiled(x)[0])
         elif runtime == "onnx":
             import onnxruntime as ort
