@@ -31,8 +31,10 @@ TINY_PARAMS: dict[str, object] = {
 
 
 # Under CI=true a skipped test fails the run: a missing Prometheus, PostgreSQL or Swift must not turn a claim into a
-# skip. Only skips for hardware CI does not have are allowed (they name it).
-ALLOWED_SKIPS = ("this machine can run TensorRT",)
+# skip. Allowed: hardware CI does not have, and kubectl, which `make test` cannot install (Debian's is 1.20, whose
+# built-in kustomize predates the `labels` and `patches` fields the overlays use); this machine has Google's, and runs
+# those tests.
+ALLOWED_SKIPS = ("this machine can run TensorRT", "kubectl (its built-in kustomize) is not installed")
 _skipped: list[str] = []
 _file_seconds: dict[str, float] = {}  # setup + call + teardown of every test, per file (a worker runs a whole file)
 
