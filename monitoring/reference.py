@@ -4,6 +4,7 @@ version registered before profiles existed (then logged to its run under `monito
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from mlflow.entities.model_registry import ModelVersion
@@ -26,26 +27,13 @@ class ProfileMissingError(FileNotFoundError):
 def load_reference(client: MlflowClient, paths: ProjectPaths, version: ModelVersion, conf: float) -> Profile:
     """The version's profile made at confidence threshold `conf` (serve.conf: the threshold of the detections the
     server logs): its registered artifact, else one computed later and logged to its run."""
-    files = source.fetch(client, version, paths.model_cache)
-    found: list[Profile] = []
-    if "profile" in files.artifacts:
-        found.append(Profile.load(files.artifacts["profile"]))
-        if _made_at(found[-1], conf):
-            return found[-1]
-    cached = paths.monitoring / "profiles" / version.name / str(version.version)
-    if not (cached / "profile.json").is_file() and version.run_id:
-        names = {a.path for a in client.list_artifacts(version.run_id, RUN_ARTIFACT_PATH)}
-        if f"{RUN_ARTIFACT_PATH}/profile.json" in names:
-            with tempfile.TemporaryDirectory(dir=paths.scratch) as staging:
-                client.download_artifacts(version.run_id, RUN_ARTIFACT_PATH, staging)
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                Path(staging, "profile").rename(cached)
-    if (cached / "profile.json").is_file():
-        found.append(Profile.load(cached))
-        if _made_at(found[-1], conf):
-            return found[-1]
-    if found:
-        made = found[0].meta.get("conf")
+    made = None  # the threshold of the first profile found at another one
+    for folder in _profile_folders(client, paths, version):
+        profile = Profile.load(folder)
+        if _made_at(profile, conf):
+            return profile
+        made = profile.meta.get("conf") if made is None else made
+    if made is not None:
         raise ProfileMissingError(
             f"{version.name} v{version.version}'s reference was profiled at confidence {made}, and serve.conf is "
             f"{conf}: the detections the server logs would not compare with it. Profile it at serve.conf: "
@@ -91,3 +79,21 @@ def _made_at(profile: Profile, conf: float) -> bool:
     """Whether the profile's detections were counted at `conf` (a profile that does not say is taken as made so)."""
     made = profile.meta.get("conf")
     return made is None or abs(float(made) - conf) < 1e-9
+
+
+def _profile_folders(client: MlflowClient, paths: ProjectPaths, version: ModelVersion) -> Iterator[Path]:
+    """The version's profiles, best first: the registered one, then one computed on demand (downloaded from its run
+    into the local cache when missing there). Lazy: nothing is downloaded while an earlier one will do."""
+    files = source.fetch(client, version, paths.model_cache)
+    if "profile" in files.artifacts:
+        yield files.artifacts["profile"]
+    cached = paths.monitoring / "profiles" / version.name / str(version.version)
+    if not (cached / "profile.json").is_file() and version.run_id:
+        names = {a.path for a in client.list_artifacts(version.run_id, RUN_ARTIFACT_PATH)}
+        if f"{RUN_ARTIFACT_PATH}/profile.json" in names:
+            with tempfile.TemporaryDirectory(dir=paths.scratch) as staging:
+                client.download_artifacts(version.run_id, RUN_ARTIFACT_PATH, staging)
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                Path(staging, "profile").rename(cached)
+    if (cached / "profile.json").is_file():
+        yield cached

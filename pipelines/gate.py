@@ -331,14 +331,6 @@ def evaluate_gates(
     return GateReport(all(g.passed for g in gates), run_id, champion_version, gates)
 
 
-def serving_runtime(artifact: Path, name: str) -> runtimes.Runtime:
-    """The runtime for a serving export's file or folder (`gates.serving_runtime` names it)."""
-    if name.startswith("openvino"):
-        return runtimes.open_runtime("openvino", artifact, name)
-    model = artifact if artifact.is_file() else next(artifact.rglob("*.onnx"))
-    return runtimes.open_runtime("onnx", model, name)
-
-
 def side_by_side_latency(
     paths: ProjectPaths,
     settings: Settings,
@@ -364,8 +356,8 @@ def side_by_side_latency(
         sample = np.full((1, 3, int(export["imgsz"]), int(export["imgsz"])), 114 / 255, np.float32)
         latency = settings.export.latency
         comparison = compare_latency(
-            serving_runtime(paths.root / mine["path"], cfg.serving_runtime),
-            serving_runtime(champion_export, cfg.serving_runtime),
+            runtimes.open_serving_export(cfg.serving_runtime, paths.root / mine["path"]),
+            runtimes.open_serving_export(cfg.serving_runtime, champion_export),
             sample,
             latency.warmup,
             latency.runs,

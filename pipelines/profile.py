@@ -265,9 +265,8 @@ def run(paths: ProjectPaths, settings: Settings, console: Console | None = None)
     exported = export["exports"].get(runtime_name)
     if exported is None:
         raise FileNotFoundError(f"the profile uses the serving export '{runtime_name}', and export produced none")
-    fmt = "openvino" if runtime_name.startswith("openvino") else "onnx"
     card = ModelCard(names, int(export["imgsz"]), conf=settings.serve.conf, iou=settings.evaluate.iou)
-    detector = Detector(runtimes.open_runtime(fmt, paths.root / exported["path"], runtime_name), card)
+    detector = Detector(runtimes.open_serving_export(runtime_name, paths.root / exported["path"]), card)
     out = paths.artifacts / "profile"
     build(out, training_sources(paths), detector, runtime_name, settings, console)
     return out

@@ -181,6 +181,12 @@ def open_runtime(fmt: str, artifact: Path, name: str | None = None) -> Runtime:
     raise ValueError(f"no runtime for export format {fmt!r}")
 
 
+def open_serving_export(name: str, artifact: Path) -> Runtime:
+    """A serving export by its export name (`gates.serving_runtime`: openvino, openvino_int8, onnx, onnx_dynamic),
+    from its export.json path: the OpenVINO folder or the ONNX file."""
+    return open_runtime("openvino" if name.startswith("openvino") else "onnx", artifact, name)
+
+
 def tensorrt_unavailable_reason() -> str | None:
     """Why a TensorRT engine cannot be built on this machine, or None when it can.
 

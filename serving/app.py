@@ -190,13 +190,8 @@ def create_app(config: ApiConfig, slot: ModelSlot, metrics: ServingMetrics) -> F
     async def repository_index() -> list[dict[str, str]]:
         """The models this server serves and their state. Triton's own index lists its model repository, which
         PyTriton leaves empty (its models are bound in process), so a client that lists models would see none."""
-        current = slot.current
-        return [
-            {"name": name, "version": "1", "state": "READY"}
-            if current is not None
-            else {"name": name, "version": "1", "state": "UNAVAILABLE", "reason": slot.state.reason}
-            for name in sorted(names)
-        ]
+        status = {"state": "READY"} if slot.ready else {"state": "UNAVAILABLE", "reason": slot.state.reason}
+        return [{"name": name, "version": "1", **status} for name in sorted(names)]
 
     @app.get("/v2/models/{name}/ready", tags=["v2"])
     async def model_ready(name: str) -> JSONResponse:
@@ -229,10 +224,11 @@ def create_app(config: ApiConfig, slot: ModelSlot, metrics: ServingMetrics) -> F
     )
     async def v2_passthrough(path: str, request: Request) -> Response:
         """The rest of the protocol (infer with JSON or binary tensors, the versioned routes), forwarded to Triton."""
-        if request.method == "POST" and path.endswith("/infer"):
+        infer = request.method == "POST" and path.endswith("/infer")
+        if infer:
             require_ready()
         body = await _read_body(request, config.limits.max_bytes * config.max_images)
-        if request.method == "POST" and path.endswith("/infer") and not body:
+        if infer and not body:
             # Triton answers an empty inference request with 200 and an empty binary body: refuse it here, by name.
             raise ApiError(400, "an inference request needs a body: the protocol's JSON inference request object")
         return await forward(request.method, path, body, request.query_params, dict(request.headers))
