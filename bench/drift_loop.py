@@ -84,8 +84,8 @@ class Client:
 
 
 def demo_with_client(paths: ProjectPaths, clients: list[Client]) -> Any:
-    from flows.drift_demo import DemoSizes, DriftDemo
     from pipelines.runtimes import letterbox
+    from stack.drift_demo import DemoSizes, DriftDemo
 
     frame = letterbox([render(SynthSettings(seed=777), 0)[0]], 320)
 
@@ -109,14 +109,13 @@ def shifted_map(paths: ProjectPaths, version: str) -> float:
     """A version's true mAP50-95 on labelled images of the changed line (the demo's shift, a new seed)."""
     from conveyor.settings import Settings
     from conveyor.tracking import Tracker
-    from flows.drift_demo import SHIFT
+    from pipelines import model_source as source
     from pipelines import performance, shifts
-    from serving import source
+    from stack.drift_demo import SHIFT
 
     settings: Settings = load_settings(paths.params)
     client = Tracker.client_for(paths)
-    files = source.fetch(client, client.get_model_version(MODEL, version), paths.model_cache)
-    detector = source.load(files, settings.serve.runtime, 1, settings.serve.conf).detectors[0]
+    detector = source.open_version(paths, settings, f"models:/{MODEL}/{version}", client=client).detector
     changed = SynthSettings(seed=919, shift=SHIFT)
     labelled = []
     for i in range(TEST_IMAGES):

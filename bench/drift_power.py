@@ -248,7 +248,7 @@ def speed(project: Path, rows: Any, profile: Any, monitor: MonitorSettings) -> d
 
     from monitoring.check import judge as verdict
     from pipelines import shifts
-    from serving.predlog import hour_partition
+    from pipelines.prediction_log import hour_partition
 
     work = project.parent
     folder = work / "source-40"
@@ -325,8 +325,8 @@ def main() -> None:
     champion = REPO / "artifacts" / "train" / "weights" / "best.pt"
     weights: Path = args.weights or (champion if champion.is_file() else CHECKPOINT)
     console.print(f"model: {weights}")
+    from pipelines import model_source as source
     from pipelines.profile import Profile
-    from serving import source
 
     work = Path(tempfile.mkdtemp(prefix="bench-drift-"))
     started = time.perf_counter()
@@ -336,12 +336,11 @@ def main() -> None:
         paths = ProjectPaths(project)
         settings: Settings = load_settings(paths.params)
         from conveyor.tracking import Tracker
-        from monitoring.reference import load_reference
+        from pipelines.reference import load_reference
 
         client = Tracker.client_for(paths)
-        version = client.get_model_version(MODEL, "1")
-        files = source.fetch(client, version, paths.model_cache)
-        detector = source.load(files, settings.serve.runtime, 1, settings.serve.conf).detectors[0]
+        opened = source.open_version(paths, settings, f"models:/{MODEL}/1", client=client)
+        version, detector = opened.version, opened.detector
         profile: Profile = load_reference(client, paths, version, settings.serve.conf)
         rows = bank_rows(detector, profile, settings.monitor)
         control, control_rows = controls(detector, profile, settings.monitor)

@@ -32,10 +32,11 @@ from rich.console import Console
 from rich.table import Table
 
 import conveyor  # noqa: F401  (offline switches before the ML imports)
+from conveyor.net import free_port
 from conveyor.paths import available_cores
 from conveyor.scaffold import REPO
 from conveyor.settings import MonitorSettings, SynthSettings
-from tests.conftest import VENV_BIN, base_env, free_port, make_project, stop_tree, wait_http
+from tests.conftest import VENV_BIN, base_env, make_project, stop_tree, wait_http
 from tests.monitoring_support import feature_rows, profile_of
 
 RESULTS = REPO / "bench" / "results" / "monitoring.json"

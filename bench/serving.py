@@ -39,10 +39,11 @@ from rich.console import Console
 from rich.table import Table
 
 import conveyor  # noqa: F401  (offline switches before the ML imports)
+from conveyor.net import free_port
 from conveyor.paths import available_cores
 from conveyor.scaffold import REPO
 from pipelines import registry
-from tests.conftest import base_env, free_port, stop_tree, wait_http
+from tests.conftest import base_env, stop_tree, wait_http
 from tests.serving_support import RunningServer, export_checkpoint, register, start_server
 
 RESULTS = REPO / "bench" / "results" / "serving.json"

@@ -25,12 +25,13 @@ from rich.console import Console
 from rich.table import Table
 
 import conveyor  # noqa: F401  (offline switches before the ML imports)
+from conveyor.net import free_port
 from conveyor.paths import ProjectPaths, available_cores
 from conveyor.scaffold import REPO
 from conveyor.settings import load_settings
 from stack import parts
 from stack.control import Layout, read_env_file
-from tests.conftest import base_env, free_port
+from tests.conftest import base_env
 from tests.flow_support import conveyor as run_conveyor
 from tests.flow_support import make_flow_project, set_params
 

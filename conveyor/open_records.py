@@ -4,7 +4,8 @@ An MLflow run is RUNNING while a stage logs into it, and a Prefect flow run is R
 killed outright (SIGKILL, the OOM killer, a power cut) never says otherwise, and both UIs then show a training that
 never ends. So the process that opens such a record writes a marker under `.conveyor/open/` naming the record and
 itself (host, PID, the PID's start time), and removes it when it has closed the record. A marker whose process is gone
-from this host is evidence that the record lies: the next run of the project and `conveyor status` close it.
+from this host is evidence that the record lies: the next run of the project and `conveyor status` close it
+(`flows/repair.py`, both records).
 
 Only markers of this host are judged, and only by their process: a run of another machine (its own project folder),
 or of a live process here, is never touched.

@@ -9,11 +9,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from conveyor.errors import ConveyorError
+
 PARAMS_FILE = "params.yaml"
 DRIFT_METRICS_FILE = "drift.prom"
 
 
-class ProjectNotFoundError(RuntimeError):
+class ProjectNotFoundError(ConveyorError, RuntimeError):
     """Raised when no Conveyor project (a folder with params.yaml and dvc.yaml) encloses the working directory."""
 
 
@@ -146,13 +148,16 @@ def tracking_uri(paths: ProjectPaths) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.mlflow_db}"
 
 
-def write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str | bytes) -> None:
     """Write a record whole or not at all (a temporary file, then a rename): a crash or a full disk mid-write never
     leaves a torn record behind."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        temporary.write_text(text)
+        if isinstance(text, bytes):
+            temporary.write_bytes(text)
+        else:
+            temporary.write_text(text)
         temporary.replace(path)
     finally:
         temporary.unlink(missing_ok=True)

@@ -17,11 +17,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from conveyor.errors import ConveyorError
+
 SPLITS = ("train", "val", "test")
 Split = Literal["train", "val", "test"]
 
 
-class ConfigError(ValueError):
+class ConfigError(ConveyorError, ValueError):
     """params.yaml is missing, unreadable or invalid; the message names the file and the bad key."""
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from conveyor import open_records
+from conveyor.errors import ConveyorError
 from conveyor.lineage import cpu_model, data_version, git_state
 from conveyor.paths import ProjectPaths, available_cores, error_chain, write_atomically
 from conveyor.paths import tracking_uri as tracking_uri  # re-exported; lives there to import without MLflow
@@ -33,11 +34,11 @@ _ILLEGAL = re.compile(r"[^A-Za-z0-9_\-. /:]")
 _MAX_BATCH = 1000  # MLflow's log_batch limit for metrics per call
 
 
-class TrackingUnavailableError(RuntimeError):
+class TrackingUnavailableError(ConveyorError, RuntimeError):
     """The tracking server cannot be reached; the message names the URI."""
 
 
-class ArtifactStoreError(RuntimeError):
+class ArtifactStoreError(ConveyorError, RuntimeError):
     """The tracking server answers, but an artifact could not be stored (its bucket full, a store the server cannot
     reach); the message names the artifact, the run and the server."""
 
@@ -308,36 +309,6 @@ class Tracker:
                 f"could not store artifact '{target}' of MLflow run {self.run_id} on {self.client.tracking_uri}: "
                 f"{refusal}. Free space in the store or raise its quota, then re-run"
             ) from failure
-
-
-def close_abandoned_runs(paths: ProjectPaths, found_by: str, wait_seconds: float = 0.0) -> list[str]:
-    """MLflow runs of this project left RUNNING by a process that died (conveyor.open_records): ended as KILLED, with
-    the tag `conveyor.ended_by` saying what was found. Returns a line per run handled; a server that does not answer
-    leaves the marker for the next look."""
-    found = open_records.abandoned(paths, open_records.MLFLOW_RUN, wait_seconds)
-    if not found:
-        return []
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    lines = []
-    for path, record in found:
-        try:
-            check_reachable(record.endpoint)
-            client = MlflowClient(record.endpoint)
-            status = client.get_run(record.record_id).info.status
-            if status == "RUNNING":
-                ended = "FAILED" if record.failure else "KILLED"
-                client.set_tag(record.record_id, f"{TAG_PREFIX}ended_by", open_records.crash_note(record, found_by))
-                client.set_terminated(record.record_id, ended)
-                lines.append(f"MLflow run {record.record_id}: was RUNNING, {record.process_text} is gone: now {ended}")
-        except (TrackingUnavailableError, MlflowException) as exc:
-            deleted = isinstance(exc, MlflowException) and exc.error_code == "RESOURCE_DOES_NOT_EXIST"
-            if not deleted:  # the server is down or refuses: keep the marker for the next look
-                lines.append(f"MLflow run {record.record_id} left open by a dead process; not closed yet: {exc}")
-                continue
-        path.unlink(missing_ok=True)
-    return lines
 
 
 def lineage_tags(paths: ProjectPaths, settings: Settings) -> dict[str, str]:

@@ -12,16 +12,17 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from conveyor.errors import ConveyorError
 from conveyor.paths import ProjectPaths
 from conveyor.settings import Settings
+from flows import MONITORING_FLOW, TRAINING_FLOW
 
-FLOW_NAME = "conveyor-training"
 ENTRYPOINT = "flows/training.py:training_flow"
-MONITORING_FLOW_NAME = "conveyor-monitoring"
+
 MONITORING_ENTRYPOINT = "flows/drift_check.py:monitoring_flow"
 
 
-class PrefectServerMissingError(RuntimeError):
+class PrefectServerMissingError(ConveyorError, RuntimeError):
     """A deployment lives on a Prefect server, and none is configured."""
 
 
@@ -107,12 +108,12 @@ def deploy(paths: ProjectPaths, settings: Settings) -> DeploymentInfo:
         remove_automation(ZOMBIE_AUTOMATION)
     return DeploymentInfo(
         str(deployment_id),
-        f"{FLOW_NAME}/{cfg.deployment}",
+        f"{TRAINING_FLOW}/{cfg.deployment}",
         cfg.work_pool,
         cfg.cron,
         cfg.timezone,
         cfg.on_overlap,
-        f"{MONITORING_FLOW_NAME}/{monitor.deployment}",
+        f"{MONITORING_FLOW}/{monitor.deployment}",
         monitor.schedule,
         automation,
         zombies,

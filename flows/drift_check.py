@@ -18,6 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 import conveyor  # noqa: F401  (offline switches first)
 from conveyor.paths import ProjectPaths
 from conveyor.settings import load_settings
+from flows import MONITORING_FLOW
 
 if TYPE_CHECKING:
     from monitoring.check import CheckOutcome
@@ -99,7 +100,7 @@ def emit_drift_event(root: str, result: dict[str, Any]) -> str:
     return str(event.id)
 
 
-@flow(name="conveyor-monitoring")
+@flow(name=MONITORING_FLOW)
 def monitoring_flow(
     project_dir: str | None = None, hours: float | None = None, last: int | None = None
 ) -> dict[str, Any]:

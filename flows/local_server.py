@@ -17,20 +17,20 @@ import fcntl
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from conveyor.errors import ConveyorError
+from conveyor.net import StartupError, free_port, http_answers, port_free, wait_started
 
 DEFAULT_PORT = 4200
 START_TIMEOUT_S = 120.0  # a fresh database is migrated on first start: ~20 s on two busy cores
 
 
-class PrefectServerError(RuntimeError):
+class PrefectServerError(ConveyorError, RuntimeError):
     """The local Prefect server could not be started or reached; the message says where its log is."""
 
 
@@ -63,11 +63,7 @@ def log_file(home: Path | None = None) -> Path:
 
 
 def healthy(api_url: str, timeout: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
+    return http_answers(f"{api_url.rstrip('/')}/health", timeout=timeout)
 
 
 def find(home: Path | None = None) -> LocalServer | None:
@@ -90,23 +86,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+def server_argv(host: str, port: int) -> list[str]:
+    """The command line of a Prefect server (API and UI) of this environment."""
+    return [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", host, "--port", str(port)]
 
 
-def _any_free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def server_env(home: Path, host: str, port: int) -> dict[str, str]:
+    """Its environment: its own home (database, logs), the port the UI asks the API on, no analytics."""
+    return {
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_API_HOST": host,
+        "PREFECT_SERVER_API_PORT": str(port),  # the UI asks the API on this port, not 4200
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
 
 
-def start(port: int | None = None, home: Path | None = None, timeout: float = START_TIMEOUT_S) -> LocalServer:
+def start(
+    port: int | None = None,
+    home: Path | None = None,
+    timeout: float = START_TIMEOUT_S,
+    extra_env: dict[str, str] | None = None,
+) -> LocalServer:
     """Find the running server or start one in the background (detached: it outlives this process).
 
     A lock makes concurrent callers share one server. The port is `port`, else 4200 when free, else any free port.
@@ -118,18 +118,12 @@ def start(port: int | None = None, home: Path | None = None, timeout: float = ST
         running = find(home)
         if running is not None:
             return running
-        chosen = port or (DEFAULT_PORT if _port_free(DEFAULT_PORT) else _any_free_port())
+        chosen = port or (DEFAULT_PORT if port_free(DEFAULT_PORT) else free_port())
         env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-        env.update(
-            PREFECT_HOME=str(home),
-            PREFECT_SERVER_API_HOST="127.0.0.1",
-            PREFECT_SERVER_API_PORT=str(chosen),  # the UI asks the API on this port, not 4200
-            PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        )
-        prefect = Path(sys.executable).parent / "prefect"
+        env.update(server_env(home, "127.0.0.1", chosen), **(extra_env or {}))
         with log_file(home).open("ab") as log:
             process = subprocess.Popen(
-                [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(chosen)],
+                server_argv("127.0.0.1", chosen),
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -137,16 +131,11 @@ def start(port: int | None = None, home: Path | None = None, timeout: float = ST
                 start_new_session=True,
             )
         server = LocalServer(process.pid, chosen, str(home), time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        deadline = time.monotonic() + timeout
-        while not healthy(server.api_url, timeout=1.0):
-            if process.poll() is not None or time.monotonic() > deadline:
-                _stop_group(process.pid)
-                raise PrefectServerError(
-                    f"the local Prefect server did not come up on port {chosen} "
-                    f"({'exited ' + str(process.returncode) if process.poll() is not None else 'timed out'}); "
-                    f"its log: {log_file(home)}"
-                )
-            time.sleep(0.25)
+        try:
+            wait_started("the local Prefect server", lambda: healthy(server.api_url, 1.0), timeout, process)
+        except StartupError as exc:
+            _stop_group(process.pid)
+            raise PrefectServerError(f"{exc} on port {chosen}; its log: {log_file(home)}") from None
         _state_file(home).write_text(json.dumps(asdict(server)))
         return server
 

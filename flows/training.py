@@ -8,10 +8,7 @@ which the OS releases if the process dies) and per deployment (Prefect's concurr
 from __future__ import annotations
 
 import fcntl
-import hashlib
-import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -19,7 +16,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from uuid import UUID
 
 import yaml
 from prefect import flow, get_run_logger, task
@@ -31,14 +27,18 @@ from prefect.states import Cancelled, State
 
 import conveyor  # noqa: F401  (offline switches first)
 from conveyor import open_records
+from conveyor.errors import ConveyorError
 from conveyor.paths import ProjectPaths, tracking_uri, write_atomically
-from conveyor.settings import Settings, load_settings, set_param
+from conveyor.settings import Settings, load_settings
+from flows import TRAINING_FLOW, decisions, repair
+from pipelines import dvc_repo
+from pipelines.warm_start import set_warm_start
 
 # MLflow (3.4 s to import here) and the pipeline modules load inside the tasks: a run triggered by a drift event is
 # Running (and visible as such) that much sooner.
 
 
-class TrainingBusyError(RuntimeError):
+class TrainingBusyError(ConveyorError, RuntimeError):
     """Another training run holds this project and the policy is to reject, not wait."""
 
 
@@ -76,116 +76,6 @@ def _stage_env(flow_run_id: str | None) -> dict[str, str]:
     return env
 
 
-def close_abandoned(paths: ProjectPaths, found_by: str, wait_seconds: float = 0.0) -> list[str]:
-    """Close what a killed run of this project left open on this host (conveyor.open_records): its MLflow runs end as
-    KILLED, its Prefect flow run as Crashed. A line per record handled. `wait_seconds` is for stage processes only
-    (a flow run waiting for the project lock is alive and stays so)."""
-    from conveyor.tracking import close_abandoned_runs
-
-    lines = close_abandoned_runs(paths, found_by, wait_seconds)
-    found = open_records.abandoned(paths, open_records.PREFECT_FLOW_RUN)  # a waiting run is alive: no wait
-    if not found:
-        return lines
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-    from prefect.settings import temporary_settings
-    from prefect.states import Crashed
-
-    for path, record in found:
-        try:
-            with (
-                temporary_settings(updates={PREFECT_API_URL: record.endpoint}),
-                get_client(sync_client=True) as client,
-            ):
-                run = client.read_flow_run(UUID(record.record_id))
-                if run.state is not None and not run.state.is_final():
-                    note = open_records.crash_note(record, found_by)
-                    client.set_flow_run_state(run.id, Crashed(message=note), force=True)
-                    lines.append(
-                        f"Prefect flow run {run.name}: was {run.state.name}, {record.process_text} is gone: now Crashed"
-                    )
-        except ObjectNotFound:
-            pass  # the run was deleted: nothing left to correct
-        except Exception as exc:  # the server is down or moved: keep the marker for the next look
-            lines.append(f"Prefect flow run {record.record_id} left open by a dead process; not closed yet: {exc}")
-            continue
-        path.unlink(missing_ok=True)
-    return lines
-
-
-def close_runs_of_ended_flow_runs(paths: ProjectPaths, found_by: str, api: str | None = None) -> list[str]:
-    """MLflow runs of this project's experiment left RUNNING although the Prefect flow run that owns them (the tag
-    `conveyor.prefect_flow_run_id`) has ended: evidence that holds across machines, where the markers of
-    `close_abandoned` hold for this host only (a worker's machine that died: Prefect's zombie detection crashed its
-    flow run, and its MLflow run is closed here). A run whose flow run still runs is never touched."""
-    from mlflow.tracking import MlflowClient
-
-    from conveyor.tracking import TAG_PREFIX, check_reachable
-
-    if api is None:
-        from flows import local_server
-
-        server = local_server.find()
-        api = PREFECT_API_URL.value() or (server.api_url if server else None)
-    if not api:
-        return []
-    uri = tracking_uri(paths)
-    check_reachable(uri)
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(load_settings(paths.params).tracking.experiment)
-    if experiment is None:
-        return []
-    tag = f"{TAG_PREFIX}prefect_flow_run_id"
-    running = client.search_runs(
-        [experiment.experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{tag}` LIKE '%'"
-    )
-    if not running:
-        return []
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-    from prefect.settings import temporary_settings
-
-    lines = []
-    with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as prefect:
-        for run in running:
-            try:
-                state = prefect.read_flow_run(UUID(run.data.tags[tag])).state
-            except (ObjectNotFound, ValueError):
-                continue
-            if state is None or not state.is_final():
-                continue
-            ended = "FAILED" if state.is_failed() else "KILLED"
-            note = (
-                f"its Prefect flow run {run.data.tags[tag]} had ended {state.name} ({state.message or 'no message'}) "
-                f"when {found_by} looked at {open_records.now_text()}"
-            )
-            client.set_tag(run.info.run_id, f"{TAG_PREFIX}ended_by", note[:5000])
-            client.set_terminated(run.info.run_id, ended)
-            lines.append(f"MLflow run {run.info.run_id}: was RUNNING, its flow run is {state.name}: now {ended}")
-    return lines
-
-
-def default_remote(root: Path) -> dict[str, Any]:
-    """The default DVC remote's configuration (url, endpointurl, ...) with its name; empty when there is none."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        name = repo.config["core"].get("remote")
-        return {"name": name, **repo.config["remote"].get(name, {})} if name else {}
-
-
-def check_remote_storage(root: Path) -> None:
-    """When the default DVC remote is on S3: its bucket answers to these credentials (stack.storage.StorageError
-    naming the endpoint and bucket otherwise), before any stage runs rather than at the push after training."""
-    remote = default_remote(root)
-    url = str(remote.get("url", ""))
-    if not url.startswith("s3://"):
-        return
-    from stack.storage import S3Location, check_bucket, endpoint_from_env
-
-    check_bucket(S3Location.parse(url).bucket, remote.get("endpointurl") or endpoint_from_env())
-
-
 @task(name="preflight")
 def preflight(root: str, found_by: str) -> tuple[str, list[str]]:
     """Fail at once, before anything is written, if the tracking server is unreachable; close what a killed run left
@@ -200,9 +90,9 @@ def preflight(root: str, found_by: str) -> tuple[str, list[str]]:
     settings = load_settings(paths.params)
     check_reachable(tracking_uri(paths))
     if settings.orchestration.push:
-        check_remote_storage(paths.root)
+        dvc_repo.check_remote_storage(paths.root)
     md5 = data_step.ensure_data_version(paths, settings.synth)
-    holders = data_step.dvc_lock_holders(paths.root)
+    holders = dvc_repo.dvc_lock_holders(paths.root)
     if holders:
         get_run_logger().info(
             "DVC's lock is held by PID %s (an interrupted run's stage going away): waiting for it to exit",
@@ -210,12 +100,12 @@ def preflight(root: str, found_by: str) -> tuple[str, list[str]]:
         )
         data_step.wait_for_dvc_lock(paths.root)
     # Under the project lock, a process of this project that left a record open is gone or going: give it seconds.
-    for line in close_abandoned(paths, f"training flow run {found_by}", wait_seconds=10.0):
+    for line in repair.close_abandoned(paths, f"training flow run {found_by}", wait_seconds=10.0):
         get_run_logger().warning(line)
     with Repo(root) as repo:
         stale = sorted({name.split(":")[-1] for name in repo.status()})
     if stale:  # stages will run and import MLflow anyway: a no-op run does not pay the ~3 s for this look
-        for line in close_runs_of_ended_flow_runs(paths, f"training flow run {found_by}"):
+        for line in repair.close_runs_of_ended_flow_runs(paths, f"training flow run {found_by}"):
             get_run_logger().warning(line)
     get_run_logger().info("data version %s; stale stages: %s", md5, ", ".join(stale) or "none")
     return md5, stale
@@ -291,102 +181,25 @@ def register_and_promote(root: str, flow_run_id: str | None, reason: str) -> dic
     }
 
 
-def _decision_key(paths: ProjectPaths) -> str | None:
-    """The trained run and its gate verdict, as this project's files say (None when either is missing)."""
-    report = paths.gate / "report.json"
-    if not (paths.run_record.is_file() and report.is_file()):
-        return None
-    return hashlib.sha256(paths.run_record.read_bytes() + b"\0" + report.read_bytes()).hexdigest()
-
-
-def record_decision(paths: ProjectPaths, outcome: dict[str, Any]) -> None:
-    """After the registry step completed: which run and gate verdict it decided on, and what it decided."""
-    key = _decision_key(paths)
-    if key is not None:
-        record = {"key": key, "tracking_uri": tracking_uri(paths), "outcome": outcome}
-        write_atomically(paths.scratch / "last-decision.json", json.dumps(record))
-
-
-def previous_decision(paths: ProjectPaths) -> dict[str, Any] | None:
-    """The registry step's outcome for exactly this run and gate report on this tracking store, recorded when it
-    completed: a run in which no stage ran need not import MLflow (3 s) to be told the same. A record from an
-    interrupted step never exists, so such a run goes through the registry again."""
-    path = paths.scratch / "last-decision.json"
-    key = _decision_key(paths)
-    if key is None or not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except ValueError:
-        return None
-    if record.get("key") != key or record.get("tracking_uri") != tracking_uri(paths):
-        return None
-    version = record["outcome"]["version"]
-    return {
-        **record["outcome"],
-        "newly_registered": False,
-        "promoted": False,
-        "message": f"v{version} already decided; champion unchanged",
-    }
-
-
-def pushed_state(root: Path) -> str:
-    """What a push covers: the data and stage versions (data.dvc, dvc.lock) and where they go (the DVC config)."""
-    digest = hashlib.sha256()
-    for name in ("data.dvc", "dvc.lock", ".dvc/config", ".dvc/config.local"):
-        path = root / name
-        digest.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"") + b"\0")
-    return digest.hexdigest()
-
-
-class RemoteFullError(RuntimeError):
-    """The DVC remote refused uploads for lack of space (a bucket quota, a full disk): retrying cannot help."""
-
-
-# How stores say "no room": S3 with a bucket quota (Swift's container quotas answer EntityTooLarge "Upload exceeds
-# quota", Ceph RGW and MinIO QuotaExceeded), a local or mounted remote out of space (ENOSPC).
-REMOTE_FULL_MARKERS = ("exceeds quota", "QuotaExceeded", "EntityTooLarge", "No space left on device", "Errno 28")
-
-
-def push_failure(stderr: str, remote: dict[str, Any]) -> RuntimeError:
-    """What a failed `dvc push` says to a person: a full remote is named as such (no retry helps), anything else
-    keeps DVC's own words."""
-    lines = stderr.strip().splitlines()
-    refusal = next((line for line in lines if any(marker in line for marker in REMOTE_FULL_MARKERS)), None)
-    if refusal is None:
-        return RuntimeError(f"dvc push failed: {stderr.strip()[-2000:]}")
-    failed = re.search(r"(\d+) files? failed to upload", stderr)
-    count = int(failed.group(1)) if failed else 0
-    refused = f"{count} file was" if count == 1 else f"{count} files were" if count else "uploads were"
-    where = f"DVC remote '{remote.get('name', 'default')}' ({remote.get('url', '?')})"
-    return RemoteFullError(
-        f"dvc push failed: {where} is full: {refused} refused "
-        "for lack of space (its bucket quota or disk). Free space or raise the quota, then run again: what was "
-        "uploaded is kept and not sent twice, and this push is not recorded as done until every object is there.\n"
-        f"The store said: {refusal.strip()[:500]}\n{lines[-1].strip()[:500]}"
-    )
-
-
 def retry_unless_remote_full(task: Any, task_run: Any, state: State) -> bool:
     """Prefect's retry condition for the push: retry a store that hiccuped, not one that is full."""
-    return not isinstance(state.data, RemoteFullError)
+    return not isinstance(state.data, dvc_repo.RemoteFullError)
 
 
 @task(name="push to DVC remote", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_remote_full)
 def push(root: str) -> None:
     """Data and every cached stage output to the default DVC remote, so the run can be reproduced elsewhere.
     Skipped when nothing changed since the last successful push (the record lives in .conveyor/)."""
-    from pipelines import data as data_step
 
     paths = ProjectPaths(Path(root))
-    state = pushed_state(paths.root)
+    state = dvc_repo.pushed_state(paths.root)
     record = paths.scratch / "last-push"
     if record.is_file() and record.read_text() == state:
         get_run_logger().info("dvc push: nothing new since the last successful push")
         return
-    result = data_step.dvc(Path(root), "push", check=False)
+    result = dvc_repo.dvc(Path(root), "push", check=False)
     if result.returncode != 0:
-        raise push_failure(result.stderr, default_remote(paths.root))
+        raise dvc_repo.push_failure(result.stderr, dvc_repo.default_remote(paths.root))
     write_atomically(record, state)
 
 
@@ -406,7 +219,7 @@ def summary_markdown(
     )
 
 
-@flow(name="conveyor-training")
+@flow(name=TRAINING_FLOW)
 def training_flow(
     reason: str = "manual", warm_start: str | None = None, project_dir: str | None = None
 ) -> dict[str, Any]:
@@ -449,7 +262,7 @@ def training_flow(
                     raise CancelledRun(f"stage {stage}")
                 stage_seconds[stage] = seconds
                 upstream_ran = True
-            decided = None if upstream_ran else previous_decision(paths)
+            decided = None if upstream_ran else decisions.previous_decision(paths)
             if decided is not None:
                 logger.info(
                     "nothing changed since run %s was registered as v%s: registry not consulted",
@@ -459,7 +272,7 @@ def training_flow(
                 outcome = decided
             else:
                 outcome = register_and_promote(root, run_id, reason)
-                record_decision(paths, outcome)
+                decisions.record_decision(paths, outcome)
             if settings.orchestration.push:
                 push(root)
     except (TerminationSignal, CancelledRun) as stop:
@@ -487,23 +300,3 @@ def training_flow(
         overhead,
     )
     return {**outcome, "data_md5": md5, **timing}
-
-
-def set_warm_start(paths: ProjectPaths, settings: Settings, warm_start: str) -> None:
-    """Point train.weights at the checkpoint (the champion's, downloaded, or a local file) in params.yaml."""
-    from conveyor.tracking import Tracker
-    from pipelines import registry
-
-    if warm_start == "champion":
-        tracker_client = Tracker.client_for(paths)
-        champion = registry.current_champion(tracker_client, settings.registry.model_name)
-        if champion is None:
-            raise FileNotFoundError("warm_start=champion, but there is no champion yet")
-        weights = registry.download_weights(
-            tracker_client, champion, paths.scratch / "warm-start" / str(champion.version)
-        )
-    else:
-        weights = Path(warm_start).resolve()
-        if not weights.is_file():
-            raise FileNotFoundError(f"warm-start checkpoint {warm_start} not found")
-    set_param(paths.params, ("train", "weights"), os.path.relpath(weights, paths.root))

@@ -37,23 +37,22 @@ class Selection:
 
 def select_frames(paths: ProjectPaths, settings: Settings, options: SelectOptions, console: Console) -> Selection:
     from conveyor.tracking import Tracker
-    from monitoring.reference import ProfileMissingError, load_reference
     from pipelines.features import EMBEDDING
-    from serving import source as registry_source
+    from pipelines.model_source import open_version
+    from pipelines.reference import ProfileMissingError, load_reference
 
     if options.source is not None:
         frames, described = frames_in(options.source), str(options.source)
     else:
         hours = options.hours or settings.monitor.window_hours
-        log_dir = paths.prediction_log_dir(settings.serve.prediction_log.directory)
-        frames = frames_from_log(log_dir, since=datetime.now(UTC) - timedelta(hours=hours))
-        described = f"prediction log {log_dir}, last {hours:g} h"
+        log = settings.serve.prediction_log
+        location = paths.prediction_log_source(log.directory, log.s3)  # where `conveyor drift` reads it
+        since = datetime.now(UTC) - timedelta(hours=hours)
+        frames = frames_from_log(location, since=since, cache=paths.labelling / "frames")
+        described = f"prediction log {location}, last {hours:g} h"
     client = Tracker.client_for(paths)
-    version = registry_source.resolve_version(
-        client, settings.registry.model_name, options.model or settings.serve.model
-    )
-    files = registry_source.fetch(client, version, paths.model_cache)
-    loaded = registry_source.load(files, settings.serve.runtime, 1, settings.serve.conf)
+    opened = open_version(paths, settings, options.model, client=client)
+    version, files, loaded = opened.version, opened.files, opened.model
     model = f"{files.name} v{files.version}"
     try:
         profile = load_reference(client, paths, version, settings.serve.conf)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from conveyor.errors import ConveyorError
+from conveyor.paths import write_atomically
 from conveyor.settings import LabelSettings
 from pipelines.inference import Detection, Detector, decode_image
 from pipelines.validate import IMAGE_SUFFIXES
@@ -33,7 +36,7 @@ from pipelines.validate import IMAGE_SUFFIXES
 NEIGHBOURS = 5  # novelty: mean distance to this many nearest reference embeddings
 
 
-class NothingToSelectError(ValueError):
+class NothingToSelectError(ConveyorError, ValueError):
     """No frame to choose from (an empty folder, a log without kept frames)."""
 
 
@@ -59,20 +62,44 @@ def frames_in(folder: Path) -> list[Path]:
     return frames
 
 
-def frames_from_log(log_dir: Path, since: Any = None) -> list[Path]:
-    """The frames the server kept (`serve.prediction_log.keep_frames`) in the window."""
-    from serving.predlog import read_log
+def frames_from_log(location: Path | str, since: Any = None, cache: Path | None = None) -> list[Path]:
+    """The frames the server kept (`serve.prediction_log.keep_frames`) in the window, from the log where drift checks
+    read it: the local folder, or `s3://...` (`serve.prediction_log.s3`, every replica's frames), whose frames are
+    downloaded into `cache` once."""
+    from pipelines.prediction_log import read_log
 
-    records = read_log(log_dir, since=since).records
-    if not len(records) or "frame" not in records:
-        kept = []
+    records = read_log(location, since=since).records
+    names = [] if not len(records) or "frame" not in records else [str(f) for f in records["frame"].dropna()]
+    if isinstance(location, Path):
+        kept = [location / f for f in names if (location / f).is_file()]
     else:
-        kept = [log_dir / f for f in records["frame"].dropna() if (log_dir / f).is_file()]
+        kept = _downloaded(location, names, cache or Path(tempfile.mkdtemp(prefix="conveyor-frames-")))
     if not kept:
         raise NothingToSelectError(
-            f"{log_dir}: no kept frames in this window. The server keeps a share of served images when "
+            f"{location}: no kept frames in this window. The server keeps a share of served images when "
             "params.yaml `serve.prediction_log.keep_frames` is above 0 (e.g. 0.1); or select from a folder (--source)"
         )
+    return kept
+
+
+def _downloaded(url: str, names: list[str], cache: Path) -> list[Path]:
+    """Each named frame under the s3:// log `url`, downloaded into `cache` unless already there; one that is gone
+    (its hour expired meanwhile) is left out."""
+    from conveyor.storage import ObjectReader
+
+    reader: ObjectReader | None = None
+    kept = []
+    for name in names:
+        local = cache / name
+        if not local.is_file():
+            reader = reader or ObjectReader()
+            try:
+                content = reader(f"{url.rstrip('/')}/{name}")
+            except FileNotFoundError:
+                continue
+            local.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(local, content)
+        kept.append(local)
     return kept
 
 

@@ -25,9 +25,9 @@ from conveyor.settings import MonitorSettings, Settings
 from conveyor.tracking import Tracker, ensure_experiment, metric_name
 from monitoring import alerts, current, drift
 from monitoring.estimate import WindowEstimate, estimate_window
-from monitoring.reference import load_reference
+from pipelines import model_source as source
 from pipelines.profile import Profile
-from serving import source
+from pipelines.reference import load_reference
 
 
 @dataclass(frozen=True)
@@ -76,10 +76,9 @@ def run_check(paths: ProjectPaths, settings: Settings, options: CheckOptions, co
     client = Tracker.client_for(paths)
     name = settings.registry.model_name
     if options.source is not None:
-        version = source.resolve_version(client, name, options.model or settings.serve.model)
-        files = source.fetch(client, version, paths.model_cache)
-        loaded = source.load(files, settings.serve.runtime, 1, settings.serve.conf)
-        data = current.from_folder(options.source, loaded.detectors[0], console)
+        opened = source.open_version(paths, settings, options.model, client=client)
+        version = opened.version
+        data = current.from_folder(options.source, opened.detector, console)
         data.model_version = str(version.version)
     else:
         wanted = str(source.resolve_version(client, name, options.model).version) if options.model else None

@@ -14,14 +14,15 @@ from typing import Any
 
 from rich.console import Console
 
+from conveyor.errors import ConveyorError
 from pipelines.batches import batch_of
 from pipelines.inference import Detector
+from pipelines.prediction_log import read_log
 from pipelines.profile import ImageSource, describe_images
 from pipelines.validate import IMAGE_SUFFIXES
-from serving.predlog import read_log
 
 
-class NoCurrentDataError(RuntimeError):
+class NoCurrentDataError(ConveyorError, RuntimeError):
     """Nothing to check: no prediction log, an empty window, or an empty folder. The message says which."""
 
 

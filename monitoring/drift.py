@@ -1,9 +1,10 @@
 """Drift of current traffic against a version's reference profile: a verdict per group of related features.
 
-Conveyor's part is making the two DataFrames (features) and deciding what a result means; the statistics are
-Evidently's: per feature, the two-sample Kolmogorov-Smirnov test (its p-value) and the Wasserstein distance in
-reference standard deviations (the effect size), and for the embedding the distance between the mean embeddings;
-its report draws the comparison for people.
+Conveyor's part is making the two DataFrames (features) and deciding what a result means; the per-feature
+statistics are Evidently's: the two-sample Kolmogorov-Smirnov test (its p-value) and the Wasserstein distance in
+reference standard deviations (the effect size), and for the embedding the distance between the mean embeddings
+(Hotelling's test beside it is SciPy's). The verdict is Conveyor's own, from those numbers (the rules below), not
+Evidently's share of drifted columns; Evidently's report draws the same comparison for people.
 
 Rules:
 - Features come in groups that move together (`GROUPS`): focus and noise, exposure and colour, geometry, the
@@ -350,37 +351,65 @@ def _thresholds(columns: list[str], policy: MonitorSettings) -> dict[str, float]
 
 
 def _compare(batch: str, reference: Any, current: Any, policy: MonitorSettings) -> DriftResult:
-    from evidently.legacy.calculations.stattests import ks_stat_test, wasserstein_stat_test
-    from evidently.legacy.core import ColumnType
-    from evidently.legacy.metrics.data_drift.embedding_drift_methods import DistanceDriftMethod
-
+    """The verdict for `current` against one reference batch: every feature's statistics, then one decision per
+    group, then the window's."""
     ref, cur, varying, constant, skipped = _prepared(reference, current, policy)
-    thresholds = _thresholds(varying, policy)
-    embedding_columns = [c for c in varying if c.startswith("emb_")]
-    numeric = ColumnType.Numerical
-    features: list[FeatureDrift] = []
-    for column in varying:
-        before, now = ref[column].dropna(), cur[column].dropna()
-        p_value = float(ks_stat_test(before, now, numeric, policy.p_value).drift_score)
-        effect = float(wasserstein_stat_test(before, now, numeric, thresholds[column]).drift_score)
-        floor = MIN_SCALE.get(column, COUNT_SCALE if column.startswith(CLASS_PREFIX) or column == "detections" else 0)
-        if floor:  # Evidently divides by max(std, 0.001): too fine a unit for a share of pixels or a count
-            spread = max(float(np.std(before)), 0.001)
-            effect *= spread / max(spread, floor)
+    features = [
+        *_varying_drifts(ref, cur, reference, current, varying, policy),
+        *_constant_drifts(reference, current, constant, policy),
+        *_embedding_drift(ref, cur, varying, policy),
+    ]
+    groups = _groups(features)
+    status, message = _verdict(batch, features, groups)
+    return DriftResult(status, message, len(current), len(reference), batch, features, groups, skipped)
+
+
+def _varying_drifts(
+    ref: Any, cur: Any, reference: Any, current: Any, columns: list[str], policy: MonitorSettings
+) -> list[FeatureDrift]:
+    """Each varying column (embedding components included), tested on the compared scale (`ref`, `cur`: logs for
+    sharpness and noise), its means on the original one (`reference`, `current`)."""
+    thresholds = _thresholds(columns, policy)
+    features = []
+    for column in columns:
+        threshold = thresholds[column]
+        p_value, effect = _statistics(column, ref[column].dropna(), cur[column].dropna(), threshold, policy)
         features.append(
             FeatureDrift(
                 column,
                 group_of(column),
                 "K-S p-value, Wasserstein (ref. std)",
                 effect,
-                thresholds[column],
+                threshold,
                 p_value,
-                effect >= thresholds[column] and p_value < policy.p_value,
+                effect >= threshold and p_value < policy.p_value,
                 _mean(reference[column]),
                 _mean(current[column]),
             )
         )
-    for column in constant:
+    return features
+
+
+def _statistics(column: str, before: Any, now: Any, threshold: float, policy: MonitorSettings) -> tuple[float, float]:
+    """(K-S p-value, Wasserstein distance in reference standard deviations) of one column's values, both Evidently's;
+    the distance in units of at least the column's material amount (`MIN_SCALE`, `COUNT_SCALE`)."""
+    from evidently.legacy.calculations.stattests import ks_stat_test, wasserstein_stat_test
+    from evidently.legacy.core import ColumnType
+
+    numeric = ColumnType.Numerical
+    p_value = float(ks_stat_test(before, now, numeric, policy.p_value).drift_score)
+    effect = float(wasserstein_stat_test(before, now, numeric, threshold).drift_score)
+    floor = MIN_SCALE.get(column, COUNT_SCALE if column.startswith(CLASS_PREFIX) or column == "detections" else 0)
+    if floor:  # Evidently divides by max(std, 0.001): too fine a unit for a share of pixels or a count
+        spread = max(float(np.std(before)), 0.001)
+        effect *= spread / max(spread, floor)
+    return p_value, effect
+
+
+def _constant_drifts(reference: Any, current: Any, columns: list[str], policy: MonitorSettings) -> list[FeatureDrift]:
+    """Each column constant in the reference (the image size): the share of current rows unlike that constant."""
+    features = []
+    for column in columns:
         value = reference[column].dropna().iloc[0]
         share = float((current[column].dropna() != value).mean())
         features.append(
@@ -396,36 +425,44 @@ def _compare(batch: str, reference: Any, current: Any, policy: MonitorSettings) 
                 _mean(current[column]),
             )
         )
-    if len(embedding_columns) >= 2:
-        before, now = ref[embedding_columns].dropna(), cur[embedding_columns].dropna()
-        distance = float(DistanceDriftMethod(dist="euclidean", threshold=policy.embedding_effect)(now, before)[0])
-        p_value = hotelling_p(before.to_numpy(), now.to_numpy())
-        features.append(
-            FeatureDrift(
-                EMBEDDING,
-                EMBEDDING_GROUP,
-                "mean distance (ref. std), Hotelling T² p-value",
-                distance,
-                policy.embedding_effect,
-                p_value,
-                distance >= policy.embedding_effect and p_value < policy.p_value,
-                math.nan,
-                math.nan,
-            )
+    return features
+
+
+def _embedding_drift(ref: Any, cur: Any, varying: list[str], policy: MonitorSettings) -> list[FeatureDrift]:
+    """The embedding as a whole (none with fewer than 2 components): Evidently's distance between the mean
+    embeddings and Hotelling's T² p-value."""
+    from evidently.legacy.metrics.data_drift.embedding_drift_methods import DistanceDriftMethod
+
+    columns = [c for c in varying if c.startswith("emb_")]
+    if len(columns) < 2:
+        return []
+    before, now = ref[columns].dropna(), cur[columns].dropna()
+    distance = float(DistanceDriftMethod(dist="euclidean", threshold=policy.embedding_effect)(now, before)[0])
+    p_value = hotelling_p(before.to_numpy(), now.to_numpy())
+    return [
+        FeatureDrift(
+            EMBEDDING,
+            EMBEDDING_GROUP,
+            "mean distance (ref. std), Hotelling T² p-value",
+            distance,
+            policy.embedding_effect,
+            p_value,
+            distance >= policy.embedding_effect and p_value < policy.p_value,
+            math.nan,
+            math.nan,
         )
-    groups = _groups(features)
-    drifted = [g for g in groups if g.drifted]
-    status: Status = "drift" if drifted else "no drift"
-    if not features:
-        status = "insufficient data"
+    ]
+
+
+def _verdict(batch: str, features: list[FeatureDrift], groups: list[GroupDrift]) -> tuple[Status, str]:
+    """The window's status and message: drift when any group drifted, naming the drifted groups strongest first."""
     against = f"against reference batch '{batch}'"
+    drifted = [g for g in groups if g.drifted]
     if drifted:
-        message = f"drift {against}: " + "; ".join(g.summary() for g in drifted)
-    elif features:
-        message = f"no drift {against}: no group moved past its thresholds"
-    else:
-        message = f"nothing to compare {against}: every feature was skipped"
-    return DriftResult(status, message, len(current), len(reference), batch, features, groups, skipped)
+        return "drift", f"drift {against}: " + "; ".join(g.summary() for g in drifted)
+    if features:
+        return "no drift", f"no drift {against}: no group moved past its thresholds"
+    return "insufficient data", f"nothing to compare {against}: every feature was skipped"
 
 
 def evidently_report(reference: Any, current: Any, policy: MonitorSettings) -> Any:

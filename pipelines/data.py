@@ -5,11 +5,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,46 +16,20 @@ from pathlib import Path
 import psutil
 from rich.console import Console
 
+from conveyor.errors import ConveyorError
 from conveyor.lineage import data_version
 from conveyor.paths import ProjectPaths
 from conveyor.settings import SPLITS, SynthSettings, load_settings
 from pipelines import formats, synth
 from pipelines.batches import BATCH_SEPARATOR
+from pipelines.dvc_repo import dvc, dvc_lock_holders
 from pipelines.validate import DataValidationError, read_class_names, validate_dataset
 
 DEMO_REMOTE = "demo"  # read-only remote shipped in the repository (infra/demo-remote)
 
 
-class DataVersionError(RuntimeError):
+class DataVersionError(ConveyorError, RuntimeError):
     """data/ is not, and cannot be made, the version data.dvc names."""
-
-
-def dvc(root: Path, *args: str, check: bool = True, capture: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run the DVC CLI of this environment in the project."""
-    return subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=root, check=check, capture_output=capture, text=True
-    )
-
-
-def dvc_lock_holders(root: Path) -> list[psutil.Process]:
-    """The live processes (other than this one) that DVC's stage lock (.dvc/tmp/rwlock) names. DVC removes dead
-    holders itself, but a killed run's `dvc repro` is still listed while the kernel tears it down or until it is
-    reaped, and DVC then refuses with "is busy"."""
-    path = root / ".dvc" / "tmp" / "rwlock"
-    try:
-        lock = json.loads(path.read_text() or "{}")
-    except (OSError, ValueError):
-        return []
-    infos = [*lock.get("write", {}).values()]
-    for readers in lock.get("read", {}).values():
-        infos.extend(readers)
-    holders = []
-    for pid in sorted({int(info["pid"]) for info in infos if isinstance(info, dict) and "pid" in info}):
-        if pid == os.getpid():
-            continue
-        with contextlib.suppress(psutil.Error):
-            holders.append(psutil.Process(pid))
-    return holders
 
 
 def wait_for_dvc_lock(root: Path, timeout: float = 60.0) -> list[int]:

@@ -21,13 +21,15 @@ from typing import Any
 
 import numpy as np
 
+from conveyor.errors import ConveyorError
+
 FEATURES_OUTPUT = "features"
 _ONNX_SCOPE = re.compile(r"^/model\.(\d+)/")
 _OPENVINO_SCOPE = re.compile(r"__module\.model\.(\d+)(?:[./]|$)")
 _ACTIVATIONS = {"Swish", "Sigmoid", "Relu", "HSwish", "HSigmoid", "Gelu", "Mish", "Elu", "PRelu", "Clamp"}
 
 
-class FeatureOutputError(RuntimeError):
+class FeatureOutputError(ConveyorError, RuntimeError):
     """The exported graph does not show the head's inputs where expected; the message names the layer."""
 
 

@@ -26,13 +26,14 @@ from typing import Any
 
 import numpy as np
 
+from conveyor.errors import ConveyorError
 from pipelines.inference import Detection
 
 IOU_THRESHOLDS = [round(0.5 + 0.05 * i, 2) for i in range(10)]
 MAX_IMAGES = 2000  # a larger window is estimated on a random sample of this many images
 
 
-class CalibrationError(ValueError):
+class CalibrationError(ConveyorError, ValueError):
     """The estimate cannot be made: no calibration, or nothing to read; the message says what is missing."""
 
 

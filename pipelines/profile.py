@@ -26,6 +26,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 
+from conveyor.errors import ConveyorError
 from conveyor.paths import ProjectPaths
 from conveyor.settings import Settings
 from pipelines import performance, runtimes
@@ -40,7 +41,7 @@ CALIBRATION_FILE = "calibration.json"
 CHUNK = 16
 
 
-class ProfileError(ValueError):
+class ProfileError(ConveyorError, ValueError):
     """The profile cannot be built from what is there; the message says what is missing."""
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
+from conveyor.errors import ConveyorError
 from conveyor.lineage import data_version
 from conveyor.paths import ProjectPaths
 from conveyor.scaffold import REPO
@@ -231,7 +232,7 @@ def decide(
     return PromotionOutcome(number, newly_registered, True, number, f"v{number} is the new champion")
 
 
-class StaleGateError(RuntimeError):
+class StaleGateError(ConveyorError, RuntimeError):
     def __init__(self, now: str | None, gated: str | None) -> None:
         super().__init__(f"the champion is v{now} but the gate compared against v{gated}: re-run the gate")
         self.now = now

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -23,6 +24,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from conveyor.errors import ConveyorError
+
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 HISTORY_PREFIX = "conveyor.alias_history."
@@ -31,7 +34,7 @@ MODEL_DESCRIPTION = "YOLO defect detector trained by Conveyor."
 DESCRIPTION_LIMIT = 5000  # MLflow's description column (VARCHAR(5000) on PostgreSQL)
 
 
-class PromotionRefusedError(RuntimeError):
+class PromotionRefusedError(ConveyorError, RuntimeError):
     """The version may not become champion (gates failed and no --force, or it does not exist)."""
 
 
@@ -73,6 +76,35 @@ def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersio
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
         raise
+
+
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+
+
+class ModelRefError(ConveyorError, ValueError):
+    """A model reference that names no version."""
+
+
+def resolve(client: MlflowClient, default_name: str, ref: str) -> ModelVersion:
+    """`models:/NAME@alias`, `models:/NAME/3`, `@champion`, or a version number of the configured model."""
+    match = _MODEL_URI.match(ref)
+    name, alias, version = (match["name"], match["alias"], match["version"]) if match else (default_name, None, None)
+    if not match:
+        if ref.startswith("@"):
+            alias = ref[1:]
+        elif ref.lstrip("v").isdigit():
+            version = ref.lstrip("v")
+        else:
+            raise ModelRefError(f"'{ref}' is not models:/NAME@alias, models:/NAME/VERSION, @alias or a version")
+    if alias:
+        found = version_by_alias(client, name, alias)
+        if found is None:
+            raise ModelRefError(f"{name} has no version with alias '{alias}'")
+        return found
+    try:
+        return client.get_model_version(name, str(version))
+    except Exception as exc:
+        raise ModelRefError(f"{name} has no version {version}") from exc
 
 
 def current_champion(client: MlflowClient, name: str) -> ModelVersion | None:

@@ -21,6 +21,7 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import track
 
+from conveyor.errors import ConveyorError
 from conveyor.settings import SPLITS, ValidateSettings
 from conveyor.tables import FoldingTable
 
@@ -31,7 +32,7 @@ EDGE_TOLERANCE = 0.01  # boxes may overhang the frame by rounding, not by 1 %
 Severity = Literal["error", "warning"]
 
 
-class DataValidationError(RuntimeError):
+class DataValidationError(ConveyorError, RuntimeError):
     """The data has errors and the policy is to fail; the message is the readable summary."""
 
 

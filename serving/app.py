@@ -5,6 +5,10 @@ Every inference, from `/predict` or `/v2`, goes through Triton: one batching que
 adds what Triton does not do: image uploads as JSON detections, readiness that means "a model is loaded", a bearer
 token, `Retry-After` when the queue is full, and the served version and last load error in `/v2/models/{name}`.
 Bad input is a 4xx JSON error naming the problem; nothing from a request is unpickled or loaded as a model.
+
+`create_app` puts a `ServerState` on `app.state.server` (configuration, model slot, counters, and the Triton clients
+the lifespan opens) and includes four routers, in this order: health, the image API, the protocol (its catch-all
+last, so the routes above it win), metrics. The bearer-token check and the request counters are one middleware.
 """
 
 from __future__ import annotations
@@ -15,13 +19,13 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import numpy as np
-from fastapi import FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import generate_latest
 
@@ -60,224 +64,300 @@ class ApiConfig:
     extra_metrics: Path | None = None
 
 
+@dataclass
+class ServerState:
+    """What the handlers share (`app.state.server`): the configuration, the model slot, the counters, and the
+    clients to Triton, which exist only while the app's lifespan runs."""
+
+    config: ApiConfig
+    slot: ModelSlot
+    metrics: ServingMetrics
+    grpc_client: Any = None  # tritonclient.grpc.aio.InferenceServerClient (imported lazily: it is heavy)
+    http_client: httpx.AsyncClient | None = None
+    names: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.names = frozenset({self.config.model_name, self.config.model_name + TENSOR_SUFFIX})
+
+    @property
+    def grpc_url(self) -> str:
+        ports = self.config.ports
+        return f"{'127.0.0.1' if ports.grpc_host in ('0.0.0.0', '::') else ports.grpc_host}:{ports.grpc}"
+
+    @property
+    def triton_http(self) -> str:
+        return f"http://127.0.0.1:{self.config.ports.http}"
+
+    @property
+    def triton_metrics(self) -> str:
+        return f"http://127.0.0.1:{self.config.ports.metrics}/metrics"
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        if self.http_client is None:
+            raise RuntimeError("the app's lifespan has not started: no HTTP client to Triton")
+        return self.http_client
+
+    def require_ready(self) -> None:
+        if self.slot.current is None:
+            raise ApiError(503, f"not ready: {self.slot.state.reason}", {"Retry-After": RETRY_AFTER_SECONDS})
+
+    def require_known(self, name: str) -> None:
+        if name not in self.names:
+            raise ApiError(404, f"unknown model '{name}': this server serves {sorted(self.names)}")
+
+    def forward_headers(self, request_headers: dict[str, str]) -> dict[str, str]:
+        headers = {k: v for k, v in request_headers.items() if k.lower() not in HOP_HEADERS | {"authorization"}}
+        if self.config.token:
+            headers["triton-access-token"] = self.config.token
+        return headers
+
+
+async def _server(request: Request) -> ServerState:
+    """The handlers' dependency (async: FastAPI would run a plain function in its thread pool on every request)."""
+    server: ServerState = request.app.state.server
+    return server
+
+
+Server = Annotated[ServerState, Depends(_server)]
+
+
 def create_app(config: ApiConfig, slot: ModelSlot, metrics: ServingMetrics) -> FastAPI:
-    grpc_url = (
-        f"{'127.0.0.1' if config.ports.grpc_host in ('0.0.0.0', '::') else config.ports.grpc_host}:{config.ports.grpc}"
-    )
-    triton_http = f"http://127.0.0.1:{config.ports.http}"
-    triton_metrics = f"http://127.0.0.1:{config.ports.metrics}/metrics"
-    state: dict[str, Any] = {}
-    names = {config.model_name, config.model_name + TENSOR_SUFFIX}
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        import tritonclient.grpc.aio as grpcclient
-
-        state["grpc"] = grpcclient.InferenceServerClient(grpc_url)
-        state["http"] = httpx.AsyncClient(base_url=triton_http, timeout=60)
-        try:
-            yield
-        finally:
-            await state["grpc"].close()
-            await state["http"].aclose()
-
     app = FastAPI(
         title="Conveyor model server",
         description="YOLO detections over HTTP: POST /predict with images, or the Open Inference Protocol under /v2.",
         version="1",
-        lifespan=lifespan,
+        lifespan=_lifespan,
+        # The routers' own routes, in order: `/v2/{path:path}` would otherwise answer for the health routes. Not
+        # `include_router`: FastAPI (0.150) adds a router as one lazy entry of `app.routes`, which then no longer
+        # lists the paths that tools read (tests/test_infra.py checks the probes against them).
+        routes=[route for router in (health, images, protocol, metrics_routes) for route in router.routes],
     )
-
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
-
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        route = _route_label(request.url.path)
-        try:
-            if config.token and request.url.path not in HEALTH_ROUTES:
-                _check_token(request, config.token)
-            response = await call_next(request)
-        except ApiError as exc:
-            response = JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
-        metrics.requests.labels(route, str(response.status_code)).inc()
-        metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
-        return response
-
-    def require_ready() -> None:
-        if slot.current is None:
-            raise ApiError(503, f"not ready: {slot.state.reason}", {"Retry-After": RETRY_AFTER_SECONDS})
-
-    # --- health -------------------------------------------------------------------------------------------------
-
-    @app.get("/v2/health/live", tags=["health"])
-    async def live() -> dict[str, bool]:
-        return {"live": True}
-
-    @app.get("/v2/health/ready", tags=["health"])
-    async def ready() -> JSONResponse:
-        if slot.current is None:
-            return JSONResponse({"ready": False, "reason": slot.state.reason}, status_code=503)
-        return JSONResponse({"ready": True, "model": config.model_name, "version": slot.current.version})
-
-    # --- the image API ----------------------------------------------------------------------------------------------
-
-    @app.post(
-        "/predict",
-        tags=["predict"],
-        openapi_extra={
-            "requestBody": {
-                "content": {
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
-                        }
-                    },
-                    "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-                    "image/png": {"schema": {"type": "string", "format": "binary"}},
-                },
-                "required": True,
-            }
-        },
-    )
-    async def predict(request: Request) -> JSONResponse:
-        """Images (multipart `files`, or one image as the body) → detections per image, boxes in image pixels."""
-        uploads = await _read_uploads(request, config)
-        sizes = []
-        for filename, data in uploads:
-            try:
-                sizes.append(check_image_bytes(data, config.limits))
-            except ImageError as exc:
-                raise ApiError(400, f"{filename}: {exc}") from None
-        require_ready()
-        chunks = [uploads[i : i + config.max_batch_size] for i in range(0, len(uploads), config.max_batch_size)]
-        results = await asyncio.gather(
-            *(_infer(state["grpc"], config.model_name, chunk, config.token) for chunk in chunks)
-        )
-        model = slot.current
-        card_names = model.card.names if model else None
-        images: list[dict[str, Any]] = []
-        versions = set()
-        for chunk, (table, counts, chunk_versions, errors) in zip(chunks, results, strict=True):
-            for (filename, _), found, version, error in zip(
-                chunk, detections_from_outputs(table, counts, card_names), chunk_versions, errors, strict=True
-            ):
-                if error:
-                    raise ApiError(400, f"{filename}: {error}")
-                versions.add(version)
-                images.append({"index": len(images), "filename": filename, "detections": found})
-        for image, (width, height) in zip(images, sizes, strict=True):
-            image["width"], image["height"] = width, height
-        version = ",".join(sorted(versions))
-        return JSONResponse(
-            {"model": {"name": config.model_name, "version": version}, "images": images},
-            headers={"X-Model-Name": config.model_name, "X-Model-Version": version},
-        )
-
-    # --- the Open Inference Protocol (Triton's, passed through) ------------------------------------------------
-
-    @app.get("/v2", tags=["v2"])
-    @app.get("/v2/", tags=["v2"], include_in_schema=False)  # the protocol's specification writes it with the slash
-    async def server_metadata() -> Response:
-        """The server's name, version and protocol extensions (Triton's). Routed here, not through the catch-all below:
-        `/v2` would otherwise be redirected to `/v2/`, which Triton does not know."""
-        return await forward("GET", "", b"", None, {})
-
-    @app.post("/v2/repository/index", tags=["v2"])
-    async def repository_index() -> list[dict[str, str]]:
-        """The models this server serves and their state. Triton's own index lists its model repository, which
-        PyTriton leaves empty (its models are bound in process), so a client that lists models would see none."""
-        status = {"state": "READY"} if slot.ready else {"state": "UNAVAILABLE", "reason": slot.state.reason}
-        return [{"name": name, "version": "1", **status} for name in sorted(names)]
-
-    @app.get("/v2/models/{name}/ready", tags=["v2"])
-    async def model_ready(name: str) -> JSONResponse:
-        if name not in names:
-            raise ApiError(404, f"unknown model '{name}': this server serves {sorted(names)}")
-        if slot.current is None:
-            return JSONResponse({"name": name, "ready": False, "reason": slot.state.reason}, status_code=503)
-        return JSONResponse({"name": name, "ready": True})
-
-    @app.get("/v2/models/{name}", tags=["v2"])
-    async def model_metadata(name: str) -> Response:
-        """Triton's model metadata, plus `conveyor`: the registry version served, its state and the last load error."""
-        if name not in names:
-            raise ApiError(404, f"unknown model '{name}': this server serves {sorted(names)}")
-        upstream = await state["http"].get(f"/v2/models/{name}", headers=_forward_headers(request_headers={}))
-        body = upstream.json()
-        body["conveyor"] = slot.describe()
-        return JSONResponse(body, status_code=upstream.status_code)
-
-    @app.api_route(
-        "/v2/{path:path}",
-        methods=["GET", "POST"],
-        tags=["v2"],
-        openapi_extra={
-            "requestBody": {
-                "content": {"application/json": {"schema": {"type": "object"}}},
-                "required": False,
-            }
-        },
-    )
-    async def v2_passthrough(path: str, request: Request) -> Response:
-        """The rest of the protocol (infer with JSON or binary tensors, the versioned routes), forwarded to Triton."""
-        infer = request.method == "POST" and path.endswith("/infer")
-        if infer:
-            require_ready()
-        body = await _read_body(request, config.limits.max_bytes * config.max_images)
-        if infer and not body:
-            # Triton answers an empty inference request with 200 and an empty binary body: refuse it here, by name.
-            raise ApiError(400, "an inference request needs a body: the protocol's JSON inference request object")
-        return await forward(request.method, path, body, request.query_params, dict(request.headers))
-
-    async def forward(method: str, path: str, body: bytes, params: Any, request_headers: dict[str, str]) -> Response:
-        """One request passed to Triton's `/v2/{path}` and its answer passed back (Triton's 500s are the client's)."""
-        try:
-            upstream = await state["http"].request(
-                method,
-                f"/v2/{path}" if path else "/v2",
-                content=body,
-                params=params,
-                headers=_forward_headers(request_headers),
-            )
-        except (httpx.InvalidURL, UnicodeError, ValueError) as exc:
-            raise ApiError(400, f"malformed request path /v2/{path[:80]!r}: {exc}") from None
-        except httpx.HTTPError as exc:
-            raise ApiError(503, f"Triton is not answering: {exc}", {"Retry-After": RETRY_AFTER_SECONDS}) from None
-        headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS}
-        if upstream.status_code == 503:
-            headers["Retry-After"] = RETRY_AFTER_SECONDS
-        status = upstream.status_code
-        if status >= 500 and status != 503:
-            # Triton answers 500 for a malformed request it could not parse; that is the client's error.
-            status = 400
-        return Response(upstream.content, status_code=status, headers=headers)
-
-    # --- metrics ------------------------------------------------------------------------------------------------
-
-    @app.get("/metrics", tags=["metrics"])
-    async def metrics_page() -> Response:
-        """Conveyor's metrics, the last drift check's gauges, then Triton's (`nv_inference_*`), in Prometheus' text
-        format."""
-        ours = generate_latest(metrics.registry).decode()
-        if config.extra_metrics is not None and config.extra_metrics.is_file():
-            ours += config.extra_metrics.read_text()
-        try:
-            triton = (await state["http"].get(triton_metrics, timeout=2)).text
-        except httpx.HTTPError as exc:
-            triton = f"# triton metrics unavailable: {exc}\n"
-        return Response(ours + triton, media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    def _forward_headers(request_headers: dict[str, str]) -> dict[str, str]:
-        headers = {k: v for k, v in request_headers.items() if k.lower() not in HOP_HEADERS | {"authorization"}}
-        if config.token:
-            headers["triton-access-token"] = config.token
-        return headers
-
+    app.state.server = ServerState(config, slot, metrics)
+    app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]  # Starlette types it for Exception
+    app.middleware("http")(_observe)
     return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    import tritonclient.grpc.aio as grpcclient
+
+    server: ServerState = app.state.server
+    server.grpc_client = grpcclient.InferenceServerClient(server.grpc_url)
+    server.http_client = httpx.AsyncClient(base_url=server.triton_http, timeout=60)
+    try:
+        yield
+    finally:
+        await server.grpc_client.close()
+        await server.http_client.aclose()
+
+
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+
+
+async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    """The bearer token (health excepted), then the request counters, errors included."""
+    server: ServerState = request.app.state.server
+    started = time.perf_counter()
+    route = _route_label(request.url.path)
+    try:
+        if server.config.token and request.url.path not in HEALTH_ROUTES:
+            _check_token(request, server.config.token)
+        response = await call_next(request)
+    except ApiError as exc:
+        response = JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+    server.metrics.requests.labels(route, str(response.status_code)).inc()
+    server.metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+    return response
+
+
+# --- health -----------------------------------------------------------------------------------------------------
+
+health = APIRouter(tags=["health"])
+
+
+@health.get("/v2/health/live")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@health.get("/v2/health/ready")
+async def ready(server: Server) -> JSONResponse:
+    if server.slot.current is None:
+        return JSONResponse({"ready": False, "reason": server.slot.state.reason}, status_code=503)
+    return JSONResponse({"ready": True, "model": server.config.model_name, "version": server.slot.current.version})
+
+
+# --- the image API ----------------------------------------------------------------------------------------------
+
+images = APIRouter(tags=["predict"])
+
+
+@images.post(
+    "/predict",
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    }
+                },
+                "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+                "image/png": {"schema": {"type": "string", "format": "binary"}},
+            },
+            "required": True,
+        }
+    },
+)
+async def predict(request: Request, server: Server) -> JSONResponse:
+    """Images (multipart `files`, or one image as the body) → detections per image, boxes in image pixels."""
+    config = server.config
+    uploads = await _read_uploads(request, config)
+    sizes = []
+    for filename, data in uploads:
+        try:
+            sizes.append(check_image_bytes(data, config.limits))
+        except ImageError as exc:
+            raise ApiError(400, f"{filename}: {exc}") from None
+    server.require_ready()
+    chunks = [uploads[i : i + config.max_batch_size] for i in range(0, len(uploads), config.max_batch_size)]
+    results = await asyncio.gather(
+        *(_infer(server.grpc_client, config.model_name, chunk, config.token) for chunk in chunks)
+    )
+    model = server.slot.current
+    card_names = model.card.names if model else None
+    found_images: list[dict[str, Any]] = []
+    versions = set()
+    for chunk, (table, counts, chunk_versions, errors) in zip(chunks, results, strict=True):
+        for (filename, _), found, version, error in zip(
+            chunk, detections_from_outputs(table, counts, card_names), chunk_versions, errors, strict=True
+        ):
+            if error:
+                raise ApiError(400, f"{filename}: {error}")
+            versions.add(version)
+            found_images.append({"index": len(found_images), "filename": filename, "detections": found})
+    for image, (width, height) in zip(found_images, sizes, strict=True):
+        image["width"], image["height"] = width, height
+    version = ",".join(sorted(versions))
+    return JSONResponse(
+        {"model": {"name": config.model_name, "version": version}, "images": found_images},
+        headers={"X-Model-Name": config.model_name, "X-Model-Version": version},
+    )
+
+
+# --- the Open Inference Protocol (Triton's, passed through) -----------------------------------------------------
+
+protocol = APIRouter(tags=["v2"])
+
+
+@protocol.get("/v2")
+@protocol.get("/v2/", include_in_schema=False)  # the protocol's specification writes it with the slash
+async def server_metadata(server: Server) -> Response:
+    """The server's name, version and protocol extensions (Triton's). Routed here, not through the catch-all below:
+    `/v2` would otherwise be redirected to `/v2/`, which Triton does not know."""
+    return await _forward(server, "GET", "", b"", None, {})
+
+
+@protocol.post("/v2/repository/index")
+async def repository_index(server: Server) -> list[dict[str, str]]:
+    """The models this server serves and their state. Triton's own index lists its model repository, which
+    PyTriton leaves empty (its models are bound in process), so a client that lists models would see none."""
+    slot = server.slot
+    status = {"state": "READY"} if slot.ready else {"state": "UNAVAILABLE", "reason": slot.state.reason}
+    return [{"name": name, "version": "1", **status} for name in sorted(server.names)]
+
+
+@protocol.get("/v2/models/{name}/ready")
+async def model_ready(name: str, server: Server) -> JSONResponse:
+    server.require_known(name)
+    if server.slot.current is None:
+        return JSONResponse({"name": name, "ready": False, "reason": server.slot.state.reason}, status_code=503)
+    return JSONResponse({"name": name, "ready": True})
+
+
+@protocol.get("/v2/models/{name}")
+async def model_metadata(name: str, server: Server) -> Response:
+    """Triton's model metadata, plus `conveyor`: the registry version served, its state and the last load error."""
+    server.require_known(name)
+    upstream = await server.http.get(f"/v2/models/{name}", headers=server.forward_headers(request_headers={}))
+    body = upstream.json()
+    body["conveyor"] = server.slot.describe()
+    return JSONResponse(body, status_code=upstream.status_code)
+
+
+@protocol.api_route(
+    "/v2/{path:path}",
+    methods=["GET", "POST"],
+    openapi_extra={
+        "requestBody": {
+            "content": {"application/json": {"schema": {"type": "object"}}},
+            "required": False,
+        }
+    },
+)
+async def v2_passthrough(path: str, request: Request, server: Server) -> Response:
+    """The rest of the protocol (infer with JSON or binary tensors, the versioned routes), forwarded to Triton."""
+    infer = request.method == "POST" and path.endswith("/infer")
+    if infer:
+        server.require_ready()
+    body = await _read_body(request, server.config.limits.max_bytes * server.config.max_images)
+    if infer and not body:
+        # Triton answers an empty inference request with 200 and an empty binary body: refuse it here, by name.
+        raise ApiError(400, "an inference request needs a body: the protocol's JSON inference request object")
+    return await _forward(server, request.method, path, body, request.query_params, dict(request.headers))
+
+
+async def _forward(
+    server: ServerState, method: str, path: str, body: bytes, params: Any, request_headers: dict[str, str]
+) -> Response:
+    """One request passed to Triton's `/v2/{path}` and its answer passed back (Triton's 500s are the client's)."""
+    try:
+        upstream = await server.http.request(
+            method,
+            f"/v2/{path}" if path else "/v2",
+            content=body,
+            params=params,
+            headers=server.forward_headers(request_headers),
+        )
+    except (httpx.InvalidURL, UnicodeError, ValueError) as exc:
+        raise ApiError(400, f"malformed request path /v2/{path[:80]!r}: {exc}") from None
+    except httpx.HTTPError as exc:
+        raise ApiError(503, f"Triton is not answering: {exc}", {"Retry-After": RETRY_AFTER_SECONDS}) from None
+    headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS}
+    if upstream.status_code == 503:
+        headers["Retry-After"] = RETRY_AFTER_SECONDS
+    status = upstream.status_code
+    if status >= 500 and status != 503:
+        # Triton answers 500 for a malformed request it could not parse; that is the client's error.
+        status = 400
+    return Response(upstream.content, status_code=status, headers=headers)
+
+
+# --- metrics ----------------------------------------------------------------------------------------------------
+
+metrics_routes = APIRouter(tags=["metrics"])
+
+
+@metrics_routes.get("/metrics")
+async def metrics_page(server: Server) -> Response:
+    """Conveyor's metrics, the last drift check's gauges, then Triton's (`nv_inference_*`), in Prometheus' text
+    format."""
+    ours = generate_latest(server.metrics.registry).decode()
+    extra = server.config.extra_metrics
+    if extra is not None and extra.is_file():
+        ours += extra.read_text()
+    try:
+        triton = (await server.http.get(server.triton_metrics, timeout=2)).text
+    except httpx.HTTPError as exc:
+        triton = f"# triton metrics unavailable: {exc}\n"
+    return Response(ours + triton, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+# --- helpers ----------------------------------------------------------------------------------------------------
 
 
 def _check_token(request: Request, token: str) -> None:

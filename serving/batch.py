@@ -1,6 +1,6 @@
 """`conveyor predict SOURCE`: batch prediction over a folder, a glob, a list file or an S3 prefix of images, into JSONL.
 
-The same model, runtime and post-processing as the server (`serving.source` + `pipelines.inference.Detector`).
+The same model, runtime and post-processing as the server (`pipelines.model_source` + `pipelines.inference.Detector`).
 Resumable: images already in the output file are skipped, and a line cut short by a crash is dropped and redone.
 A bad image becomes an `error` line and the run goes on; the summary counts them.
 """
@@ -17,13 +17,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from conveyor.errors import ConveyorError
 from pipelines.inference import ImageError, ImageLimits, decode_image
-from serving.source import LoadedModel
+from pipelines.model_source import LoadedModel
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
-class SourceError(ValueError):
+class SourceError(ConveyorError, ValueError):
     """The SOURCE names no images (or a kind of source this command does not read); the message says which."""
 
 
@@ -46,7 +47,7 @@ def list_images(source: str) -> list[str]:
     """A folder (recursively), a glob pattern, a text file listing one image path per line, or s3://bucket/prefix
     (every image object under it; endpoint and credentials from the environment)."""
     if source.startswith("s3://"):
-        from stack import storage
+        from conveyor import storage
 
         urls = storage.list_objects(source, IMAGE_SUFFIXES)
         if not urls:
@@ -73,7 +74,7 @@ def list_images(source: str) -> list[str]:
 def reader_for(source: str) -> Callable[[str], bytes]:
     """How to read the images `list_images(source)` names: files, or objects through one S3 client."""
     if source.startswith("s3://"):
-        from stack import storage
+        from conveyor import storage
 
         return storage.ObjectReader()
     return lambda image: Path(image).read_bytes()

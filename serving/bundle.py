@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.source import ModelFiles
+from pipelines.model_source import ModelFiles
 
 EDGE_RUNNER = Path(__file__).parent / "edge" / "run.py"
 REQUIREMENTS = "numpy\nopencv-python-headless\n# one runtime:\nopenvino\n# or: onnxruntime\n"

@@ -1,8 +1,10 @@
-"""The served model, as an inference server wants it: a load step and a batch-in, batch-out step.
+"""The served model, as an inference server wants it: a batch-in, batch-out step over whatever model the slot holds.
 
-Same shape as Triton's Python backend (`initialize` / `execute`) and KServe's `Model` (`load` / `predict`): the
-server around it (here PyTriton, in a cluster Triton itself) owns the protocol, the batching queue and the
-transport; this class only turns a batch of requests into a batch of responses with the model in the slot.
+Same shape as the `execute` of Triton's Python backend and the `predict` of KServe's `Model`: the server around it
+(here PyTriton, in a cluster Triton itself) owns the protocol, the batching queue and the transport; this class only
+turns a batch of requests into a batch of responses. It has no load step of its own: loading is the slot's
+(`serving.swap.ModelSlot`, filled by `pipelines.model_source.load` at start and on every hot swap), so a request
+always runs whole on one model version.
 
 Tensors (the Open Inference Protocol view):
 - image model `NAME`: input `image` BYTES [1] (an encoded JPEG or PNG);
@@ -24,14 +26,35 @@ import numpy as np
 
 from pipelines.features import sample_image
 from pipelines.inference import Detection, Detector, ImageError, ImageLimits, Inference, decode_image, postprocess
+from pipelines.model_source import LoadedModel
+from pipelines.prediction_log import Pending, PredictionLog
 from serving.metrics import ServingMetrics
-from serving.predlog import Pending, PredictionLog
-from serving.source import LoadedModel
 from serving.swap import ModelSlot
 
 IMAGE_INPUT = "image"
 TENSOR_INPUT = "images"
-OUTPUTS = ("detections", "num_detections", "model_version", "error")
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """One output of the served model, as both Triton front ends declare it (PyTriton and a Triton repository)."""
+
+    name: str
+    dtype: type  # numpy's: np.float32, np.int32, or bytes for strings
+    shape: tuple[int, ...]  # per request; -1 is any length
+
+    @property
+    def triton_type(self) -> str:
+        return {np.float32: "TYPE_FP32", np.int32: "TYPE_INT32", bytes: "TYPE_STRING"}[self.dtype]
+
+
+# What `execute_images` returns per request, in this order.
+OUTPUTS = (
+    OutputSpec("detections", np.float32, (-1, 6)),  # x1, y1, x2, y2, confidence, class per row
+    OutputSpec("num_detections", np.int32, (1,)),
+    OutputSpec("model_version", bytes, (1,)),
+    OutputSpec("error", bytes, (1,)),  # empty, or why this image could not be read
+)
 
 
 class NoModelError(RuntimeError):

@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from typing import Any
 
+from conveyor.errors import ConveyorError
+from conveyor.net import free_port, port_free
 from conveyor.paths import ProjectPaths
 from conveyor.settings import ServeSettings, Settings
 from conveyor.tracking import Tracker
-from pipelines import runtimes
 from pipelines.inference import ImageLimits
+from pipelines.model_source import check_runtime
+from pipelines.prediction_log import LogShipper, PredictionLog
 from serving.app import ApiConfig, create_app
 from serving.metrics import ServingMetrics
 from serving.model import ServedModel
-from serving.predlog import LogShipper, PredictionLog
-from serving.source import RuntimeUnavailableError
 from serving.swap import ModelSlot, RegistryWatcher
 from serving.triton import TritonPorts, start_triton
 
@@ -26,7 +26,7 @@ LOG = logging.getLogger("conveyor.serving")
 TOKEN_ENV = "CONVEYOR_SERVE_TOKEN"
 
 
-class PortInUseError(RuntimeError):
+class PortInUseError(ConveyorError, RuntimeError):
     """A port the server needs is taken; the message names it."""
 
 
@@ -47,27 +47,9 @@ class ServeOptions:
         return ServeSettings.model_validate({**cfg.model_dump(), **given})
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def _check_port(host: str, port: int, what: str) -> None:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as exc:
-            raise PortInUseError(f"{what} port {host}:{port} is not free ({exc.strerror}): pick another") from None
-
-
-def check_runtime(runtime: str) -> None:
-    """Refuse at start, with the reason, a runtime this machine cannot run."""
-    if runtime == "tensorrt":
-        reason = runtimes.tensorrt_unavailable_reason()
-        if reason:
-            raise RuntimeUnavailableError(f"cannot serve on tensorrt: {reason}; use serve.runtime openvino or onnx")
+    if not port_free(port, host):
+        raise PortInUseError(f"{what} port {host}:{port} is not free: pick another")
 
 
 def serve(paths: ProjectPaths, settings: Settings, options: ServeOptions) -> None:
@@ -114,7 +96,7 @@ def serve(paths: ProjectPaths, settings: Settings, options: ServeOptions) -> Non
         metrics,
     )
     watcher.check()  # the current version, before the first request (or the reason there is none)
-    ports = TritonPorts(http=_free_port(), grpc=cfg.grpc_port, metrics=_free_port(), grpc_host=cfg.host)
+    ports = TritonPorts(http=free_port(), grpc=cfg.grpc_port, metrics=free_port(), grpc_host=cfg.host)
     instances = [ServedModel(slot, i, metrics, predlog, limits) for i in range(cfg.workers)]
     triton: Any = None
     try:

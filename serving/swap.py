@@ -25,10 +25,10 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from pipelines.lineage_report import ModelRefError
-from serving import source
+from pipelines import model_source as source
+from pipelines.model_source import LoadedModel
+from pipelines.registry import ModelRefError
 from serving.metrics import ServingMetrics
-from serving.source import LoadedModel
 
 LOG = logging.getLogger("conveyor.serving")
 MAX_ATTEMPTS = 3

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.model import IMAGE_INPUT, TENSOR_INPUT, ServedModel
+from serving.model import IMAGE_INPUT, OUTPUTS, TENSOR_INPUT, ServedModel
 
 TENSOR_SUFFIX = "_preprocessed"
 
@@ -83,12 +83,7 @@ def start_triton(
             ),
         ),
     )
-    outputs = [
-        Tensor(name="detections", dtype=np.float32, shape=(-1, 6)),
-        Tensor(name="num_detections", dtype=np.int32, shape=(1,)),
-        Tensor(name="model_version", dtype=bytes, shape=(1,)),
-        Tensor(name="error", dtype=bytes, shape=(1,)),
-    ]
+    outputs = [Tensor(name=o.name, dtype=o.dtype, shape=o.shape) for o in OUTPUTS]
 
     def image_fn(served: ServedModel) -> Any:
         def infer(requests: list[Any]) -> list[dict[str, np.ndarray]]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from conveyor.settings import ServeSettings
-from serving.source import ModelFiles
+from pipelines.model_source import ModelFiles
 
 MODEL_PY = '''"""Conveyor's served model in Triton's Python backend (written by `conveyor triton-repository`)."""
 
@@ -29,6 +29,8 @@ from serving.triton_repository import TritonPythonModel  # noqa: F401
 
 def config_pbtxt(name: str, cfg: ServeSettings) -> str:
     """Triton's model configuration with the same batching and queue settings `conveyor serve` uses."""
+    from serving.model import OUTPUTS
+
     delay = int(cfg.max_queue_delay_ms * 1000) if cfg.max_batch_size > 1 else 0
     return (
         "\n".join(
@@ -38,10 +40,10 @@ def config_pbtxt(name: str, cfg: ServeSettings) -> str:
                 f"max_batch_size: {cfg.max_batch_size}",
                 'input [{ name: "image", data_type: TYPE_STRING, dims: [ 1 ] }]',
                 "output [",
-                '  { name: "detections", data_type: TYPE_FP32, dims: [ -1, 6 ] },',
-                '  { name: "num_detections", data_type: TYPE_INT32, dims: [ 1 ] },',
-                '  { name: "model_version", data_type: TYPE_STRING, dims: [ 1 ] },',
-                '  { name: "error", data_type: TYPE_STRING, dims: [ 1 ] }',
+                ",\n".join(
+                    f'  {{ name: "{o.name}", data_type: {o.triton_type}, dims: [ {", ".join(map(str, o.shape))} ] }}'
+                    for o in OUTPUTS
+                ),
                 "]",
                 f"instance_group [{{ count: {cfg.workers}, kind: KIND_CPU }}]",
                 f'parameters [{{ key: "runtime", value: {{ string_value: "{cfg.runtime}" }} }}, '
@@ -74,8 +76,8 @@ class TritonPythonModel:
 
     def initialize(self, args: dict[str, Any]) -> None:
         import conveyor  # noqa: F401  (offline switches)
+        from pipelines import model_source as source
         from pipelines.inference import ImageLimits
-        from serving import source
         from serving.metrics import ServingMetrics
         from serving.model import ServedModel
         from serving.swap import ModelSlot

@@ -6,6 +6,8 @@ clients need no S3 credentials of their own) and the Prefect server (PostgreSQL)
 `stack.env` (0600: it holds the stack's generated credentials) for a user to `source`, and points this project's DVC
 default remote at s3://BUCKET/dvc in `.dvc/config.local` (never the committed config). `down` stops only what `up`
 started and restores the DVC remote; the data stays for the next `up`. `make run` never needs any of it.
+
+The parts are a table (`_tiers`: a `PartSpec` per part, in tiers that start side by side) that `up` walks.
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conveyor import storage
+from conveyor.net import http_answers, port_free, wait_started
 from conveyor.paths import ProjectPaths
 from conveyor.settings import Settings
-from stack import parts, storage
+from flows import local_server
+from pipelines.dvc_repo import dvc
+from stack import parts
 from stack.parts import StackError, Started
 
 REMOTE = "stack"  # the DVC remote `up` adds to .dvc/config.local
@@ -54,6 +60,10 @@ class Layout:
     @property
     def secrets_file(self) -> Path:
         return self.root / "secrets.env"
+
+    @property
+    def prometheus_config(self) -> Path:
+        return self.root / "prometheus.yml"
 
     def log(self, name: str) -> Path:
         return self.root / "logs" / f"{name}.log"
@@ -121,7 +131,182 @@ class UpReport:
     seconds: float = 0.0
 
 
+def _none() -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """How `up` starts one part. At the part's turn, started or already up: `skip` (a reason not to start it),
+    `prepare` (folders, the cluster's initdb, a config file), then `argv` and `user`; only a part that is not up is
+    then started and waited on with `healthy`. Its address is `Layout.url(name)`."""
+
+    name: str
+    argv: Callable[[], list[str]]
+    healthy: Callable[[], bool]
+    env: dict[str, str]
+    cwd: Path
+    port: int | None = None  # checked free before anything starts (the worker listens on none)
+    user: Callable[[], str | None] = _none
+    prepare: Callable[[], object] = _none
+    skip: Callable[[], str | None] = _none
+
+
+@dataclass(frozen=True)
+class Tier:
+    """Parts started side by side: `before` runs first, `then` once every part of the tier is healthy."""
+
+    parts: list[PartSpec]
+    before: Callable[[], object] = _none
+    then: Callable[[], object] = _none
+
+
+def _tiers(
+    paths: ProjectPaths, settings: Settings, layout: Layout, keys: dict[str, str], state: dict[str, Started]
+) -> list[Tier]:
+    """The stack, in the order `up` starts it (`ORDER`); `state` is read as `up` fills it."""
+    ports = settings.stack.ports
+    env = {**_base_env(), **client_env(layout, keys)}
+    server_env = {
+        **env,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_S3_ENDPOINT_URL": layout.url("s3"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    pg_url = f"conveyor:{keys['PG_PASSWORD']}@127.0.0.1:{ports.postgres}"
+    pg_folder = layout.root / "postgres"
+    s3_data = layout.root / "s3"
+    prefect_home = layout.root / "prefect"
+
+    def storage_ready() -> None:
+        parts.ensure_databases(
+            ports.postgres, keys["PG_SUPERUSER_PASSWORD"], keys["PG_PASSWORD"], ("mlflow", "prefect")
+        )
+        storage.ensure_bucket(settings.stack.bucket, layout.url("s3"), (keys["S3_ACCESS_KEY"], keys["S3_SECRET_KEY"]))
+
+    def project_on_stack() -> None:
+        use_dvc_remote(paths, settings, layout)
+        write_env_file(layout, keys)
+        if "worker" not in state:
+            _deploy(paths, env)
+
+    # 1. PostgreSQL and the S3 store.
+    store = Tier(
+        [
+            PartSpec(
+                "postgres",
+                lambda: parts.postgres_argv(pg_folder, ports.postgres),
+                lambda: parts.postgres_ready(ports.postgres, keys["PG_SUPERUSER_PASSWORD"]),
+                env=_base_env(),
+                cwd=pg_folder,
+                port=ports.postgres,
+                user=parts.postgres_user,
+                prepare=lambda: parts.init_postgres(pg_folder, keys["PG_SUPERUSER_PASSWORD"]),
+            ),
+            PartSpec(
+                "s3",
+                lambda: [
+                    str(parts.VENV_BIN / "nanio"),
+                    "serve",
+                    *("--host", "127.0.0.1", "--port", str(ports.s3), "--data-dir", str(s3_data)),
+                    "--no-access-log",
+                ],
+                lambda: http_answers(layout.url("s3"), accept_errors=True),
+                env={
+                    **_base_env(),
+                    "NANIO_ACCESS_KEY": keys["S3_ACCESS_KEY"],
+                    "NANIO_SECRET_KEY": keys["S3_SECRET_KEY"],
+                },
+                cwd=layout.root,
+                port=ports.s3,
+                prepare=lambda: s3_data.mkdir(parents=True, exist_ok=True),
+            ),
+        ],
+        then=storage_ready,
+    )
+    # 2. MLflow and Prefect, side by side (each takes ~8 s to come up).
+    servers = Tier(
+        [
+            PartSpec(
+                "mlflow",
+                lambda: [
+                    str(parts.VENV_BIN / "mlflow"),
+                    "server",
+                    *("--host", "127.0.0.1", "--port", str(ports.mlflow), "--workers", "1"),
+                    *("--backend-store-uri", f"postgresql://{pg_url}/mlflow"),
+                    *("--artifacts-destination", f"s3://{settings.stack.bucket}/mlflow"),
+                ],
+                lambda: http_answers(f"{layout.url('mlflow')}/health"),
+                env=server_env,
+                cwd=layout.root,
+                port=ports.mlflow,
+            ),
+            PartSpec(
+                "prefect",
+                lambda: local_server.server_argv("127.0.0.1", ports.prefect),
+                lambda: http_answers(f"{layout.url('prefect')}/ready"),
+                env={
+                    **server_env,
+                    **local_server.server_env(prefect_home, "127.0.0.1", ports.prefect),
+                    "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{pg_url}/prefect",
+                },
+                cwd=layout.root,
+                port=ports.prefect,
+                prepare=lambda: prefect_home.mkdir(parents=True, exist_ok=True),
+            ),
+        ]
+    )
+    # 3. This project on the stack: its DVC remote, its deployments, a worker, the model server, Prometheus.
+    project = [
+        PartSpec(
+            "worker",
+            lambda: [str(parts.VENV_BIN / "conveyor"), "worker"],
+            lambda: _worker_online(layout.url("prefect"), settings.orchestration.work_pool),
+            env=env,
+            cwd=paths.root,
+        )
+    ]
+    if settings.stack.serve:
+        project += [
+            PartSpec(
+                "server",
+                lambda: [str(parts.VENV_BIN / "conveyor"), "serve"],
+                lambda: http_answers(f"{layout.url('server')}/v2/health/live"),
+                env=env,
+                cwd=paths.root,
+                port=settings.serve.port,
+            ),
+            PartSpec(
+                "prometheus",
+                lambda: [
+                    shutil.which("prometheus") or "prometheus",  # found: `skip` looked first
+                    f"--config.file={layout.prometheus_config}",
+                    f"--storage.tsdb.path={layout.root / 'prometheus'}",
+                    f"--web.listen-address=127.0.0.1:{ports.prometheus}",
+                ],
+                lambda: http_answers(f"{layout.url('prometheus')}/-/ready"),
+                env=_base_env(),
+                cwd=layout.root,
+                port=ports.prometheus,
+                prepare=lambda: write_prometheus_config(layout),
+                skip=lambda: None if shutil.which("prometheus") else "not installed (apt-get install prometheus)",
+            ),
+        ]
+    return [store, servers, Tier(project, before=project_on_stack)]
+
+
+@dataclass(frozen=True)
+class _Starting:
+    spec: PartSpec
+    process: subprocess.Popen[bytes]
+    log: Path
+    began: float
+
+
 def up(paths: ProjectPaths, settings: Settings, timeout: float = 120.0) -> UpReport:
+    """Start what is not running, tier by tier (`_tiers`): every port is checked free first, then each tier's parts
+    start side by side and are waited on until healthy before the next tier begins."""
     layout = Layout.of(paths, settings)
     started_at = time.perf_counter()
     keys = _secrets(layout)
@@ -132,150 +317,37 @@ def up(paths: ProjectPaths, settings: Settings, timeout: float = 120.0) -> UpRep
             del state[name]  # died or stopped since: started again below
         else:
             report.already[name] = entry
-    ports = settings.stack.ports
-    wanted = ["postgres", "s3", "mlflow", "prefect", "worker"]
-    if settings.stack.serve:
-        wanted += ["server", "prometheus"]
-    port_of = {
-        "postgres": ports.postgres,
-        "s3": ports.s3,
-        "mlflow": ports.mlflow,
-        "prefect": ports.prefect,
-        "server": settings.serve.port,
-        "prometheus": ports.prometheus,
-    }
-    for name in wanted:
-        if name not in state and name in port_of and not parts.port_free(port_of[name]):
-            raise StackError(f"port {port_of[name]} for {name} is in use by another program: set stack.ports.{name}")
-
-    env = {**_base_env(), **client_env(layout, keys)}
-    server_env = {
-        **env,
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "MLFLOW_S3_ENDPOINT_URL": layout.url("s3"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    }
-    pg_url = f"conveyor:{keys['PG_PASSWORD']}@127.0.0.1:{ports.postgres}"
-
-    def launch(name: str, argv: list[str], healthy: Callable[[], bool], **kwargs: object) -> None:
-        if name in state:
-            return
-        began = time.perf_counter()
-        log = layout.log(name)
-        process = parts.start(name, argv, log=log, url=layout.url(name), **kwargs)  # type: ignore[arg-type]
-        pending.append((name, process, healthy, log, began))
-
-    def settle() -> None:
-        for name, process, healthy, log, began in pending:
-            parts.wait_healthy(name, process, healthy, log, timeout)
-            state[name] = report.started[name] = parts.record(
-                name, process, layout.url(name), log, time.perf_counter() - began
+    tiers = _tiers(paths, settings, layout, keys, state)
+    for spec in (spec for tier in tiers for spec in tier.parts):
+        if spec.name not in state and spec.port is not None and not port_free(spec.port):
+            raise StackError(
+                f"port {spec.port} for {spec.name} is in use by another program: set stack.ports.{spec.name}"
             )
-            parts.save_state(layout.state_file, state)
-        pending.clear()
-
-    pending: list[tuple[str, subprocess.Popen[bytes], Callable[[], bool], Path, float]] = []
     try:
-        # 1. PostgreSQL and the S3 store.
-        pg_folder = layout.root / "postgres"
-        parts.init_postgres(pg_folder, keys["PG_SUPERUSER_PASSWORD"])
-        launch(
-            "postgres",
-            parts.postgres_argv(pg_folder, ports.postgres),
-            lambda: parts.postgres_ready(ports.postgres, keys["PG_SUPERUSER_PASSWORD"]),
-            env=_base_env(),
-            cwd=pg_folder,
-            user=parts.postgres_user(),
-        )
-        s3_data = layout.root / "s3"
-        s3_data.mkdir(parents=True, exist_ok=True)
-        launch(
-            "s3",
-            [
-                str(parts.VENV_BIN / "nanio"),
-                "serve",
-                *("--host", "127.0.0.1", "--port", str(ports.s3), "--data-dir", str(s3_data)),
-                "--no-access-log",
-            ],
-            lambda: parts.http_answers(layout.url("s3"), accept_errors=True),
-            env={**_base_env(), "NANIO_ACCESS_KEY": keys["S3_ACCESS_KEY"], "NANIO_SECRET_KEY": keys["S3_SECRET_KEY"]},
-            cwd=layout.root,
-        )
-        settle()
-        parts.ensure_databases(
-            ports.postgres, keys["PG_SUPERUSER_PASSWORD"], keys["PG_PASSWORD"], ("mlflow", "prefect")
-        )
-        storage.ensure_bucket(settings.stack.bucket, layout.url("s3"), (keys["S3_ACCESS_KEY"], keys["S3_SECRET_KEY"]))
-
-        # 2. MLflow and Prefect, side by side (each takes ~8 s to come up).
-        launch(
-            "mlflow",
-            [
-                str(parts.VENV_BIN / "mlflow"),
-                "server",
-                *("--host", "127.0.0.1", "--port", str(ports.mlflow), "--workers", "1"),
-                *("--backend-store-uri", f"postgresql://{pg_url}/mlflow"),
-                *("--artifacts-destination", f"s3://{settings.stack.bucket}/mlflow"),
-            ],
-            lambda: parts.http_answers(f"{layout.url('mlflow')}/health"),
-            env=server_env,
-            cwd=layout.root,
-        )
-        prefect_home = layout.root / "prefect"
-        prefect_home.mkdir(parents=True, exist_ok=True)
-        launch(
-            "prefect",
-            [str(parts.VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(ports.prefect)],
-            lambda: parts.http_answers(f"{layout.url('prefect')}/ready"),
-            env={
-                **server_env,
-                "PREFECT_HOME": str(prefect_home),
-                "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{pg_url}/prefect",
-                "PREFECT_SERVER_API_PORT": str(ports.prefect),  # where the UI sends its browser
-            },
-            cwd=layout.root,
-        )
-        settle()
-
-        # 3. This project on the stack: its DVC remote, its deployments, a worker, the model server, Prometheus.
-        use_dvc_remote(paths, settings, layout)
-        write_env_file(layout, keys)
-        if "worker" not in state:
-            _deploy(paths, env)
-        launch(
-            "worker",
-            [str(parts.VENV_BIN / "conveyor"), "worker"],
-            lambda: _worker_online(layout.url("prefect"), settings.orchestration.work_pool),
-            env=env,
-            cwd=paths.root,
-        )
-        if settings.stack.serve:
-            launch(
-                "server",
-                [str(parts.VENV_BIN / "conveyor"), "serve"],
-                lambda: parts.http_answers(f"{layout.url('server')}/v2/health/live"),
-                env=env,
-                cwd=paths.root,
-            )
-            prometheus = shutil.which("prometheus")
-            if prometheus is None:
-                report.skipped["prometheus"] = "not installed (apt-get install prometheus)"
-            else:
-                config = write_prometheus_config(layout)
-                launch(
-                    "prometheus",
-                    [
-                        prometheus,
-                        f"--config.file={config}",
-                        f"--storage.tsdb.path={layout.root / 'prometheus'}",
-                        f"--web.listen-address=127.0.0.1:{ports.prometheus}",
-                    ],
-                    lambda: parts.http_answers(f"{layout.url('prometheus')}/-/ready"),
-                    env=_base_env(),
-                    cwd=layout.root,
+        for tier in tiers:
+            tier.before()
+            starting = []
+            for spec in tier.parts:
+                reason = spec.skip()
+                if reason is not None:
+                    report.skipped[spec.name] = reason
+                    continue
+                spec.prepare()
+                argv, user = spec.argv(), spec.user()
+                if spec.name not in state:
+                    began, log = time.perf_counter(), layout.log(spec.name)
+                    process = parts.start(
+                        spec.name, argv, env=spec.env, log=log, cwd=spec.cwd, url=layout.url(spec.name), user=user
+                    )
+                    starting.append(_Starting(spec, process, log, began))
+            for part in starting:
+                name = part.spec.name
+                wait_started(name, part.spec.healthy, timeout, part.process, part.log)
+                state[name] = report.started[name] = parts.record(
+                    name, part.process, layout.url(name), part.log, time.perf_counter() - part.began
                 )
-        settle()
+                parts.save_state(layout.state_file, state)
+            tier.then()
     finally:
         parts.save_state(layout.state_file, state)
     report.env_file = layout.env_file
@@ -324,7 +396,7 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 
 def write_prometheus_config(layout: Layout) -> Path:
-    config = layout.root / "prometheus.yml"
+    config = layout.prometheus_config
     target = layout.url("server").removeprefix("http://")
     config.write_text(
         "# Written by `conveyor stack up`: the model server's /metrics every 5 s.\n"
@@ -336,12 +408,6 @@ def write_prometheus_config(layout: Layout) -> Path:
     return config
 
 
-def _dvc(paths: ProjectPaths, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(parts.VENV_BIN / "dvc"), *args], cwd=paths.root, capture_output=True, text=True, env=_base_env()
-    )
-
-
 def use_dvc_remote(paths: ProjectPaths, settings: Settings, layout: Layout) -> None:
     """This project's default DVC remote becomes s3://BUCKET/dvc on the stack, in .dvc/config.local only (the
     credentials stay in the environment: the env file)."""
@@ -350,15 +416,15 @@ def use_dvc_remote(paths: ProjectPaths, settings: Settings, layout: Layout) -> N
         ("remote", "add", "--local", "--force", "--default", REMOTE, url),
         ("remote", "modify", "--local", REMOTE, "endpointurl", layout.url("s3")),
     ):
-        result = _dvc(paths, *args)
+        result = dvc(paths.root, *args, check=False, env=_base_env())
         if result.returncode != 0:
             raise StackError(f"dvc {' '.join(args)}: {result.stderr.strip()}")
 
 
 def release_dvc_remote(paths: ProjectPaths) -> None:
     """Back to the committed default remote."""
-    _dvc(paths, "remote", "default", "--local", "--unset")
-    _dvc(paths, "remote", "remove", "--local", REMOTE)
+    dvc(paths.root, "remote", "default", "--local", "--unset", check=False, env=_base_env())
+    dvc(paths.root, "remote", "remove", "--local", REMOTE, check=False, env=_base_env())
 
 
 @dataclass(frozen=True)
@@ -376,12 +442,12 @@ def status(paths: ProjectPaths, settings: Settings) -> list[PartStatus]:
         "postgres": lambda: parts.postgres_ready(
             settings.stack.ports.postgres, _secrets(layout)["PG_SUPERUSER_PASSWORD"]
         ),
-        "s3": lambda: parts.http_answers(layout.url("s3"), accept_errors=True),
-        "mlflow": lambda: parts.http_answers(f"{layout.url('mlflow')}/health"),
-        "prefect": lambda: parts.http_answers(f"{layout.url('prefect')}/ready"),
+        "s3": lambda: http_answers(layout.url("s3"), accept_errors=True),
+        "mlflow": lambda: http_answers(f"{layout.url('mlflow')}/health"),
+        "prefect": lambda: http_answers(f"{layout.url('prefect')}/ready"),
         "worker": lambda: _worker_online(layout.url("prefect"), settings.orchestration.work_pool),
-        "server": lambda: parts.http_answers(f"{layout.url('server')}/v2/health/ready"),
-        "prometheus": lambda: parts.http_answers(f"{layout.url('prometheus')}/-/ready"),
+        "server": lambda: http_answers(f"{layout.url('server')}/v2/health/ready"),
+        "prometheus": lambda: http_answers(f"{layout.url('prometheus')}/-/ready"),
     }
     rows = []
     for name in ORDER:
@@ -394,7 +460,7 @@ def status(paths: ProjectPaths, settings: Settings) -> list[PartStatus]:
             continue
         healthy = health[name]()
         detail = f"pid {entry.pid}, up in {entry.seconds:.1f} s"
-        if name == "server" and not healthy and parts.http_answers(f"{layout.url('server')}/v2/health/live"):
+        if name == "server" and not healthy and http_answers(f"{layout.url('server')}/v2/health/live"):
             healthy, detail = True, detail + "; live, no model loaded yet (waiting for a champion)"
         rows.append(PartStatus(name, "up" if healthy else "not healthy", layout.url(name), detail))
     return rows

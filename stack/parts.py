@@ -14,22 +14,20 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
 
+from conveyor.errors import ConveyorError
+
 VENV_BIN = Path(sys.executable).parent
 
 
-class StackError(RuntimeError):
+class StackError(ConveyorError, RuntimeError):
     """A part cannot start (missing program, port taken, did not become healthy); the message says which and why."""
 
 
@@ -69,27 +67,6 @@ def save_state(path: Path, state: dict[str, Started]) -> None:
     temporary.replace(path)
 
 
-def port_free(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def http_answers(url: str, accept_errors: bool = False) -> bool:
-    """True when `url` answers 200 (or any HTTP status, with accept_errors: a store that wants a signature)."""
-    try:
-        with urllib.request.urlopen(url, timeout=3) as response:
-            return bool(response.status == 200)
-    except urllib.error.HTTPError:
-        return accept_errors
-    except OSError:
-        return False
-
-
 def start(
     name: str,
     argv: list[str],
@@ -120,20 +97,6 @@ def start(
             )
         except FileNotFoundError as exc:
             raise StackError(f"{name}: cannot run {argv[0]} ({exc.strerror})") from None
-
-
-def wait_healthy(
-    name: str, process: subprocess.Popen[bytes], healthy: Callable[[], bool], log: Path, timeout: float
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log.read_text(errors="replace")[-1500:] if log.is_file() else ""
-            raise StackError(f"{name} exited with {process.returncode} while starting; the end of {log}:\n{tail}")
-        if healthy():
-            return
-        time.sleep(0.25)
-    raise StackError(f"{name} did not become healthy within {timeout:.0f} s; see {log}")
 
 
 def record(name: str, process: subprocess.Popen[bytes], url: str, log: Path, seconds: float) -> Started:

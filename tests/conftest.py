@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conveyor.net import free_port, http_answers, wait_started
 from conveyor.scaffold import create_project
+from flows import local_server
 
 VENV_BIN = Path(sys.executable).parent
 NETGUARD = Path(__file__).parent / "netguard"
@@ -67,24 +66,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int) -> None:
             terminalreporter.write_line(line)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_http(url: str, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer within {timeout} s")
+    wait_started(url, lambda: http_answers(url, timeout=2), timeout, process)
 
 
 def stop_tree(process: subprocess.Popen[bytes]) -> None:
@@ -161,13 +144,12 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     log = (home / "server.log").open("wb")
     env = base_env(
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        **local_server.server_env(home, "127.0.0.1", port),
         # An enqueued run re-checks for a free slot every 30 s by default.
         PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="2",
     )
     process = subprocess.Popen(
-        [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        local_server.server_argv("127.0.0.1", port),
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -17,8 +17,9 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
+from conveyor.net import free_port
 from conveyor.scaffold import REPO
-from tests.conftest import VENV_BIN, base_env, free_port, make_project, stop_tree, wait_http
+from tests.conftest import VENV_BIN, base_env, make_project, stop_tree, wait_http
 
 CHECKPOINT = REPO / "tests" / "assets" / "yolo11n-defects-320.pt"
 NAMES = ["scratch", "dent", "stain"]

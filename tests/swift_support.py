@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from stack import parts
-from tests.conftest import free_port, stop_tree, wait_http
+from conveyor.net import free_port, port_free, wait_started
+from tests.conftest import stop_tree, wait_http
 
 SERVERS = ("account", "container", "object")
 PROGRAMS = ("memcached", "swift-proxy-server", *(f"swift-{kind}-server" for kind in SERVERS), "swift-ring-builder")
@@ -123,11 +123,11 @@ def swift_store(root: Path) -> Iterator[SwiftStore]:
             started[part] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             stack.callback(stop_tree, started[part])
         for part, process in started.items():  # listening, or the end of the log saying why not
-            parts.wait_healthy(part, process, partial(_listening, ports[part]), log_path, 60)
+            wait_started(part, partial(_listening, ports[part]), 60, process, log_path)
         endpoint = f"http://127.0.0.1:{ports['proxy']}"
         wait_http(f"{endpoint}/info", 30)
         yield SwiftStore(endpoint)
 
 
 def _listening(port: int) -> bool:
-    return not parts.port_free(port)
+    return not port_free(port)

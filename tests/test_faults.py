@@ -24,7 +24,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
 
-from tests.conftest import free_port, start_mlflow_server, stop_tree
+from conveyor.net import free_port
+from tests.conftest import start_mlflow_server, stop_tree
 from tests.flow_support import (
     champion_version,
     conveyor,

@@ -24,9 +24,10 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from conveyor.net import free_port
 from conveyor.scaffold import REPO
 from pipelines import registry
-from tests.conftest import VENV_BIN, base_env, free_port
+from tests.conftest import VENV_BIN, base_env
 from tests.flow_support import (
     champion_version,
     conveyor,

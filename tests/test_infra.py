@@ -27,7 +27,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import free_port, stop_tree, wait_http
+from conveyor.net import free_port
+from tests.conftest import stop_tree, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"

@@ -69,7 +69,7 @@ def test_drift_is_detected_retrained_promoted_and_swapped(
     from prefect.client.schemas.objects import ConcurrencyLimitStrategy
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.drift_demo import DemoSizes, run_demo
+    from stack.drift_demo import DemoSizes, run_demo
 
     name = f"drift-{uuid.uuid4().hex[:8]}"
     pool = f"pool-{uuid.uuid4().hex[:6]}"

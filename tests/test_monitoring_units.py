@@ -30,7 +30,7 @@ from pipelines.features import (
     sample_image,
 )
 from pipelines.inference import Detection, Detector, Inference, ModelCard
-from serving.predlog import Pending, PredictionLog, read_log
+from pipelines.prediction_log import Pending, PredictionLog, read_log
 from tests.monitoring_support import NAMES, feature_rows, profile_of
 from tests.serving_support import CHECKPOINT
 
@@ -364,11 +364,12 @@ def test_alert_history_is_read_back_from_the_tracking_server_after_it_restarts(t
     cooldown and de-duplication decide on that history."""
     from mlflow.tracking import MlflowClient
 
+    from conveyor.net import free_port
     from conveyor.paths import ProjectPaths
     from conveyor.settings import Settings
     from monitoring.check import CheckOutcome, log_check, mark_alert_emitted
     from monitoring.current import CurrentData
-    from tests.conftest import free_port, start_mlflow_server, stop_tree
+    from tests.conftest import start_mlflow_server, stop_tree
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -494,7 +495,7 @@ def test_a_reference_made_at_another_threshold_is_refused_and_says_how_to_fix_it
     from types import SimpleNamespace
 
     from conveyor.paths import ProjectPaths
-    from monitoring import reference
+    from pipelines import reference
     from pipelines.profile import write_profile
 
     folder = tmp_path / "model" / "profile"

@@ -29,9 +29,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from conveyor.net import free_port
 from conveyor.paths import ProjectPaths
 from pipelines import registry
-from tests.conftest import free_port, stop_tree, wait_http
+from tests.conftest import stop_tree, wait_http
 from tests.serving_support import NAMES, RunningServer, export_checkpoint, register, start_server
 
 pytestmark = pytest.mark.slow
@@ -446,7 +447,7 @@ def test_prometheus_scrapes_the_metrics(server: RunningServer, tmp_path: Path, t
 
 def test_prediction_log_records_what_the_model_saw(server: RunningServer, test_images: list[Path]) -> None:
     from pipelines.features import EMBEDDING, IMAGE_FEATURES, PREDICTION_FEATURES, SCORE_CLASS, SCORE_CONFIDENCE
-    from serving.predlog import read_log
+    from pipelines.prediction_log import read_log
 
     assert post_images(server, test_images)[0] == 200
     directory = server.project / ".conveyor" / "predictions"

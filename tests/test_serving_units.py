@@ -18,9 +18,9 @@ from pydantic import ValidationError
 
 from conveyor.settings import ServeSettings
 from pipelines.inference import Detection, ImageError, ImageLimits, ModelCard, check_image_bytes, postprocess
+from pipelines.prediction_log import Pending, PredictionLog, read_log
 from pipelines.runtimes import letterbox
 from serving import batch
-from serving.predlog import Pending, PredictionLog, read_log
 from serving.server import ServeOptions
 
 EDGE = Path(__file__).resolve().parents[1] / "serving" / "edge" / "run.py"
@@ -166,7 +166,7 @@ def test_serve_refuses_tensorrt_without_a_gpu_and_a_taken_port(tmp_path: Path) -
     refused = subprocess.run(
         ["conveyor", "serve", "--runtime", "tensorrt"], cwd=project, env=base_env(), capture_output=True, text=True
     )
-    assert refused.returncode == 1 and "cannot serve on tensorrt" in refused.stderr, refused.stderr
+    assert refused.returncode == 1 and "cannot run on tensorrt" in refused.stderr, refused.stderr
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

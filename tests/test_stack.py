@@ -22,12 +22,14 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conveyor import storage
+from conveyor.net import free_port, http_answers
 from conveyor.paths import ProjectPaths
 from conveyor.settings import load_settings
 from pipelines import registry
-from stack import parts, storage
+from stack import parts
 from stack.control import Layout, read_env_file
-from tests.conftest import base_env, free_port
+from tests.conftest import base_env
 from tests.flow_support import conveyor, flow_run_state, make_flow_project, set_params, wait_for
 
 pytestmark = pytest.mark.slow
@@ -162,7 +164,7 @@ def test_the_flow_runs_through_the_worker_with_artifacts_in_s3(stack: RunningSta
 
     # The model server follows the registry: ready with the champion; Prometheus scrapes it.
     server = stack.url("server")
-    wait_for(lambda: parts.http_answers(f"{server}/v2/health/ready"), 120, "the server to load the champion")
+    wait_for(lambda: http_answers(f"{server}/v2/health/ready"), 120, "the server to load the champion")
 
     def scraped() -> bool:
         query = urllib.parse.urlencode({"query": "conveyor_model_ready"})
@@ -235,7 +237,7 @@ def test_prediction_log_ships_to_s3_and_catches_up_after_an_outage(
     the store stopped, serving goes on (records stay local); once it is back, the next flush ships what is missing.
     Two logs (two replicas) ship to one prefix, and the window holds both."""
     from monitoring.current import from_log
-    from serving.predlog import LogShipper, Pending, PredictionLog, read_log
+    from pipelines.prediction_log import LogShipper, Pending, PredictionLog, read_log
     from tests.test_serving_units import pending
 
     for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):

@@ -22,11 +22,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 from prefect.states import Failed
 
+from conveyor import storage
+from conveyor.net import free_port
 from conveyor.tracking import ArtifactStoreError, Tracker
 from flows import training
+from pipelines import dvc_repo
 from pipelines.data import dir_md5
-from stack import storage
-from tests.conftest import base_env, free_port, start_mlflow_server, stop_tree
+from tests.conftest import base_env, start_mlflow_server, stop_tree
 from tests.flow_support import make_flow_project
 from tests.swift_support import SwiftStore, missing_programs, swift_store
 
@@ -64,7 +66,7 @@ def test_full_bucket_fails_the_push_clearly_and_a_rerun_completes(
     data_bytes = sum(path.stat().st_size for path in cached)
     swift.set_quota(BUCKET, data_bytes // 3)
 
-    with pytest.raises(training.RemoteFullError) as refused:
+    with pytest.raises(dvc_repo.RemoteFullError) as refused:
         training.push.fn(str(project))
     message = str(refused.value)
     assert f"DVC remote 'team' (s3://{BUCKET}/dvc) is full" in message and "raise the quota" in message, message
@@ -85,7 +87,7 @@ def test_full_bucket_fails_the_push_clearly_and_a_rerun_completes(
 
     swift.set_quota(BUCKET, data_bytes * 2)  # the team raises the quota
     training.push.fn(str(project))
-    assert (project / ".conveyor/last-push").read_text() == training.pushed_state(project)
+    assert (project / ".conveyor/last-push").read_text() == dvc_repo.pushed_state(project)
     assert "Cache and remote 'team' are in sync" in _dvc(project, env, "status", "--cloud").stdout
 
     clone = tmp_path / "clone"
@@ -97,10 +99,10 @@ def test_full_bucket_fails_the_push_clearly_and_a_rerun_completes(
 def test_only_a_lack_of_space_is_called_full() -> None:
     remote = {"name": "team", "url": "s3://conveyor-team/dvc"}
     lost = "ERROR: failed to transfer 'ab12' - Could not connect to the endpoint URL\nERROR: 3 files failed to upload"
-    assert type(training.push_failure(lost, remote)) is RuntimeError
+    assert type(dvc_repo.push_failure(lost, remote)) is RuntimeError
     disk = "ERROR: failed to transfer 'ab12' - [Errno 28] No space left on device\nERROR: 1 file failed to upload"
-    full = training.push_failure(disk, {"name": "nas", "url": "/mnt/nas/dvc"})
-    assert isinstance(full, training.RemoteFullError)
+    full = dvc_repo.push_failure(disk, {"name": "nas", "url": "/mnt/nas/dvc"})
+    assert isinstance(full, dvc_repo.RemoteFullError)
     assert "DVC remote 'nas' (/mnt/nas/dvc) is full: 1 file was refused" in str(full)
     assert "No space left on device" in str(full)
 

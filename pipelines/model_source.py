@@ -1,8 +1,10 @@
 """A registered model version, fetched from the registry and opened on a runtime, ready to detect.
 
-The registry version carries everything serving needs as pyfunc artifacts (see `pipelines/promotion.py`): the ONNX
-and OpenVINO exports, the PyTorch weights and `metadata.json` (class names, input size, thresholds). Versions are
-downloaded once into a local cache keyed by name and version; a partial download never becomes a cache entry.
+`open_version` is the one path from a reference (`@champion`, `models:/NAME/3`, a version) to a model ready to
+detect: resolve, fetch, load. The registry version carries everything serving needs as pyfunc artifacts (see
+`pipelines/promotion.py`): the ONNX and OpenVINO exports, the PyTorch weights and `metadata.json` (class names, input
+size, thresholds). Versions are downloaded once into a local cache keyed by name and version; a partial download
+never becomes a cache entry. Serving, monitoring, labelling and the benchmarks all open versions here.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ import yaml
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
-from conveyor.paths import available_cores
+from conveyor.errors import ConveyorError
+from conveyor.paths import ProjectPaths, available_cores
+from conveyor.settings import Settings
 from pipelines import runtimes
 from pipelines.inference import Detector, ModelCard
-from pipelines.lineage_report import resolve
+from pipelines.registry import resolve
 
 
-class RuntimeUnavailableError(RuntimeError):
+class RuntimeUnavailableError(ConveyorError, RuntimeError):
     """The configured runtime cannot run here (for example TensorRT without a GPU); the message says why."""
 
 
@@ -99,6 +103,14 @@ def read_model_dir(root: Path, name: str, version: str) -> ModelFiles:
     return ModelFiles(name, version, root, ModelCard.load(artifacts["metadata"]), artifacts)
 
 
+def check_runtime(runtime: str) -> None:
+    """Refuse, with the reason, a runtime this machine cannot run (before anything is downloaded or served)."""
+    if runtime == "tensorrt":
+        reason = runtimes.tensorrt_unavailable_reason()
+        if reason:
+            raise RuntimeUnavailableError(f"cannot run on tensorrt: {reason}; use openvino or onnx")
+
+
 def open_runtime(files: ModelFiles, runtime: str, threads: int | None = None) -> runtimes.Runtime:
     """The version's export for `runtime`; TensorRT builds its engine here, on the GPU that will run it."""
     if runtime in ("openvino", "openvino_int8"):
@@ -111,9 +123,7 @@ def open_runtime(files: ModelFiles, runtime: str, threads: int | None = None) ->
     if runtime == "onnx":
         return runtimes.OnnxRuntime(files.artifact("onnx"), threads=threads)
     if runtime == "tensorrt":
-        reason = runtimes.tensorrt_unavailable_reason()
-        if reason:
-            raise RuntimeUnavailableError(f"runtime tensorrt: {reason}")
+        check_runtime(runtime)
         return runtimes.TensorRTRuntime(build_engine(files))
     raise RuntimeUnavailableError(f"unknown runtime {runtime!r}: openvino, openvino_int8, onnx or tensorrt")
 
@@ -138,3 +148,43 @@ def load(files: ModelFiles, runtime: str, workers: int, conf: float | None = Non
     for detector in detectors:
         detector.warm_up()
     return LoadedModel(files.name, files.version, runtime, detectors, time.time(), time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class OpenedVersion:
+    """A registered version, its files, and the model opened on them."""
+
+    version: ModelVersion
+    files: ModelFiles
+    model: LoadedModel
+
+    @property
+    def detector(self) -> Detector:
+        return self.model.detectors[0]
+
+
+def open_version(
+    paths: ProjectPaths,
+    settings: Settings,
+    ref: str | None = None,
+    *,
+    client: MlflowClient | None = None,
+    runtime: str | None = None,
+) -> OpenedVersion:
+    """The version `ref` names (default `serve.model`, then the champion), fetched into the project's model cache and
+    opened on `runtime` (default `serve.runtime`) at `serve.conf`, with one detector: what a command outside the
+    server (drift, labelling, a benchmark) detects with."""
+    if client is None:
+        from conveyor.tracking import Tracker
+
+        client = Tracker.client_for(paths)
+    version = resolve_version(client, settings.registry.model_name, ref or settings.serve.model)
+    files = fetch(client, version, paths.model_cache)
+    return OpenedVersion(version, files, load(files, runtime or settings.serve.runtime, 1, settings.serve.conf))
+
+
+def profiling_runtime(files: ModelFiles, serving_runtime: str) -> str:
+    """The runtime a version's drift reference is computed on: the serving export the profile stage uses
+    (`gates.serving_runtime`) when the version has it, else ONNX. All run in f32, so a reference made on one host
+    compares with another host's features."""
+    return serving_runtime if serving_runtime in files.artifacts else "onnx"

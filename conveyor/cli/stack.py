@@ -1,28 +1,26 @@
-"""`conveyor stack up | status | down`: the production stack as processes on this machine (registered on the main
-CLI)."""
+"""`conveyor stack up | status | down`: the production stack as processes on this machine."""
 
 from __future__ import annotations
 
 import typer
 
-from conveyor.cli import _project, app, console, friendly_errors
+from conveyor.cli.common import console, friendly_errors, open_project
 from conveyor.tables import FoldingTable
 
-stack_app = typer.Typer(
+app = typer.Typer(
     help="The local production stack: PostgreSQL, an S3 store, MLflow, Prefect server and worker, the model server, "
     "Prometheus. Data under stack.directory; `source` the env file it writes.",
     no_args_is_help=True,
 )
-app.add_typer(stack_app, name="stack")
 
 
-@stack_app.command("up")
+@app.command("up")
 @friendly_errors
 def stack_up() -> None:
     """Start every part that is not running (PostgreSQL, S3, MLflow, Prefect, worker, server, Prometheus)."""
     from stack.control import Layout, up
 
-    paths, settings = _project()
+    paths, settings = open_project()
     console.print(f"starting the stack under {Layout.of(paths, settings).root} ...")
     report = up(paths, settings)
     table = FoldingTable(title=f"Conveyor stack up ({report.seconds:.1f} s)")
@@ -43,13 +41,13 @@ def stack_up() -> None:
     )
 
 
-@stack_app.command("status")
+@app.command("status")
 @friendly_errors
 def stack_status() -> None:
     """Each part's health."""
     from stack.control import status
 
-    paths, settings = _project()
+    paths, settings = open_project()
     rows = status(paths, settings)
     table = FoldingTable(title="Conveyor stack")
     for column in ("part", "state", "address", "detail"):
@@ -62,13 +60,13 @@ def stack_status() -> None:
         raise typer.Exit(1)
 
 
-@stack_app.command("down")
+@app.command("down")
 @friendly_errors
 def stack_down() -> None:
     """Stop what `stack up` started (nothing else); the data stays for the next `up`."""
     from stack.control import down
 
-    paths, settings = _project()
+    paths, settings = open_project()
     for name, outcome in down(paths, settings):
         console.print(f"{name}: {outcome}", highlight=False)
     console.print("the project's DVC default remote is the committed one again")

@@ -1,4 +1,4 @@
-"""`conveyor label select | import`: the labelling round trip (registered on the main CLI)."""
+"""`conveyor label select | import`: the labelling round trip."""
 
 from __future__ import annotations
 
@@ -7,16 +7,15 @@ from typing import Annotated
 
 import typer
 
-from conveyor.cli import _project, app, console, friendly_errors, print_added
+from conveyor.cli.common import console, friendly_errors, open_project, print_added
 from conveyor.tables import FoldingTable
 
-label_app = typer.Typer(
+app = typer.Typer(
     help="Frames worth labelling out to Label Studio or CVAT, and their labels back.", no_args_is_help=True
 )
-app.add_typer(label_app, name="label")
 
 
-@label_app.command("select")
+@app.command("select")
 @friendly_errors
 def label_select(
     source: Annotated[
@@ -36,7 +35,7 @@ def label_select(
     Label Studio tasks and a CVAT COCO package with the model's boxes as pre-annotations."""
     from labelling.run import SelectOptions, select_frames
 
-    paths, settings = _project()
+    paths, settings = open_project()
     selection = select_frames(paths, settings, SelectOptions(source, hours, count, model, out, image_url), console)
     table = FoldingTable(title=f"{selection.files.frames} of {selection.pool} frames selected by {selection.model}")
     for column in ("frame", "score", "uncertainty", "novelty", "boxes"):
@@ -55,7 +54,7 @@ def label_select(
     )
 
 
-@label_app.command("import")
+@app.command("import")
 @friendly_errors
 def label_import(
     export: Annotated[Path, typer.Argument(help="a Label Studio JSON export, or a CVAT/COCO/VOC/YOLO export folder")],
@@ -67,7 +66,7 @@ def label_import(
     """Bring a labelling tool's export back as a new data version (checked like `conveyor data add`)."""
     from labelling.studio import import_labels
 
-    paths, _ = _project()
+    paths, _ = open_project()
     result = import_labels(paths, export, selections=selections, commit=commit)
     if result.labelled < result.tasks:
         console.print(f"{result.tasks - result.labelled} of {result.tasks} tasks had no annotation and were left out")

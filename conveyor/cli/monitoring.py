@@ -1,4 +1,4 @@
-"""`conveyor drift` and `conveyor demo drift`: the monitoring command group (registered on the main CLI)."""
+"""`conveyor drift` and `conveyor demo drift`: the drift check and the whole monitoring loop as a demo."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from conveyor.cli import _project, app, console, friendly_errors
+from conveyor.cli.common import console, friendly_errors, open_project
 from conveyor.tables import FoldingTable
 
 if TYPE_CHECKING:
     from monitoring.check import CheckOutcome
 
+app = typer.Typer()
 demo_app = typer.Typer(help="Guided demonstrations on this machine.", no_args_is_help=True)
 app.add_typer(demo_app, name="demo")
 
@@ -33,15 +34,9 @@ def drift(
     """Check what the served model sees and predicts against its version's reference profile: a verdict per group
     of features (Evidently's statistics), the label-free performance estimate, and whether to alert or retrain."""
     from monitoring.check import CheckOptions, run_check
-    from monitoring.current import NoCurrentDataError
-    from monitoring.reference import ProfileMissingError
 
-    paths, settings = _project()
-    try:
-        outcome = run_check(paths, settings, CheckOptions(source, model, hours, last), console)
-    except (NoCurrentDataError, ProfileMissingError) as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+    paths, settings = open_project()
+    outcome = run_check(paths, settings, CheckOptions(source, model, hours, last), console)
     print_outcome(outcome)
     if open_report and (outcome.report_dir / "report.html").is_file():
         import webbrowser
@@ -130,9 +125,9 @@ def demo_drift(
     through the gates, hot swap, and no drift on the same traffic after it."""
     import time
 
-    from flows.drift_demo import run_demo
+    from stack.drift_demo import run_demo
 
-    paths, settings = _project()
+    paths, settings = open_project()
     started = time.perf_counter()
     result = run_demo(paths, settings, console, open_browser=browser, keep_serving=keep_serving)
     table = FoldingTable(title=f"conveyor demo drift ({time.perf_counter() - started:.0f} s)")

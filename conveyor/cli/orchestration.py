@@ -1,5 +1,5 @@
 """`conveyor deploy | worker | server | status`: Prefect deployments, the worker, the local Prefect server, and where
-the project stands (registered on the main CLI)."""
+the project stands."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from typing import Annotated
 
 import typer
 
-from conveyor.cli import _exec, _project, app, console, friendly_errors
+from conveyor.cli.common import console, exec_tool, friendly_errors, open_project
 
+app = typer.Typer()
 server_app = typer.Typer(
     help="The local Prefect server (API and UI) that `conveyor run`, `deploy` and `worker` use when "
     "PREFECT_API_URL is not set.",
@@ -24,7 +25,7 @@ def deploy() -> None:
     """Register the scheduled training and drift-check deployments and the drift -> retraining automation."""
     from flows.local_server import use_api
 
-    paths, settings = _project()
+    paths, settings = open_project()
     use_api()
     from flows.deploy import deploy as register_deployment
 
@@ -55,7 +56,7 @@ def worker() -> None:
     """Run a Prefect worker for the training work pool (it runs the scheduled and triggered trainings)."""
     from flows.local_server import use_api
 
-    _, settings = _project()
+    _, settings = open_project()
     use_api()
     # How soon a triggered run (a drift retraining) starts: the worker asks for work this often (Prefect's default 10).
     os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", str(settings.orchestration.worker_poll_seconds))
@@ -63,7 +64,7 @@ def worker() -> None:
     # stops sending them (its machine died with the worker) Crashed.
     if settings.orchestration.heartbeat_seconds:
         os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(settings.orchestration.heartbeat_seconds))
-    _exec(
+    exec_tool(
         "prefect",
         "worker",
         "start",
@@ -93,7 +94,7 @@ def server_start(
             f"Prefect UI on http://{host}:{port or 4200}; elsewhere: "
             f"export PREFECT_API_URL=http://{host}:{port or 4200}/api"
         )
-        _exec("prefect", "server", "start", "--host", host, "--port", str(port or 4200))
+        exec_tool("prefect", "server", "start", "--host", host, "--port", str(port or 4200))
     running = local_server.find()
     server = running or local_server.start(port)
     console.print(
@@ -135,7 +136,7 @@ def server_status() -> None:
 @friendly_errors
 def status() -> None:
     """Where the project stands: data, stages, champion and challenger, the last flow run, the schedule."""
-    from conveyor.project_status import gather, render
+    from conveyor.cli.project_status import gather, render
 
-    paths, settings = _project()
+    paths, settings = open_project()
     console.print(render(gather(paths, settings)))

@@ -1,4 +1,5 @@
-"""`conveyor demo drift`: the monitoring loop on one machine, every part real, both of its answers.
+"""`conveyor demo drift`: the monitoring loop on one machine, every part real, both of its answers. It lives with
+the stack (not in `flows/`: it is not a flow) because, like `conveyor stack up`, it starts and stops processes.
 
 The champion serves; traffic like its training data is checked (the control: nothing happens). The camera is
 changed to send larger frames: the inputs drifted, the estimate says the model is not hurt, so the event only
@@ -18,11 +19,9 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 from rich.console import Console
 
+from conveyor.net import free_port, http_answers, wait_started, wait_until
 from conveyor.paths import ProjectPaths
 from conveyor.settings import DomainShift, Settings
 
@@ -61,30 +61,6 @@ class DemoResult:
 
     def phase(self, name: str) -> Phase:
         return next(p for p in self.phases if p.name == name)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 1.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=3) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
 
 
 @contextlib.contextmanager
@@ -214,7 +190,7 @@ class DriftDemo:
     def _send(self, server: str, folder: Path, what: str) -> tuple[str, dict[str, Any]]:
         import httpx
 
-        from serving.predlog import read_log
+        from pipelines.prediction_log import read_log
 
         images = sorted(folder.rglob("*.jpg"))
         log_dir = self.paths.prediction_log_dir(self.settings.serve.prediction_log.directory)
@@ -226,7 +202,7 @@ class DriftDemo:
                 response = client.post("/predict", files=files)
                 response.raise_for_status()
                 versions.add(str(response.json()["model"]["version"]))
-        _wait(lambda: len(read_log(log_dir).records) >= before + len(images), 60, "the prediction log", 0.5)
+        wait_until(lambda: len(read_log(log_dir).records) >= before + len(images), 60, "the prediction log", 0.5)
         self.last_traffic = len(images)
         return f"{len(images)} images ({what}) served by v{', v'.join(sorted(versions))}", {"versions": versions}
 
@@ -310,7 +286,9 @@ class DriftDemo:
     def _wait_for_retraining(self) -> tuple[str, dict[str, Any]]:
         from prefect.client.orchestration import get_client
 
-        run = _wait(lambda: next(iter(self._drift_runs()), None), 120, "the automation to start the retraining")
+        run = wait_until(
+            lambda: next(iter(self._drift_runs()), None), 120, "the automation to start the retraining", 1.0
+        )
         self.console.print(f"retraining run {run.name} started by the drift event; waiting for it to finish")
 
         def finished() -> Any:
@@ -318,7 +296,7 @@ class DriftDemo:
                 current = client.read_flow_run(run.id)
             return current if current.state and current.state.is_final() else None
 
-        final = _wait(finished, self.sizes.timeout_s, "the retraining run", 3)
+        final = wait_until(finished, self.sizes.timeout_s, "the retraining run", 3)
         if not final.state.is_completed():
             raise RuntimeError(f"the retraining run {final.name} ended {final.state.name}")
         from conveyor.tracking import Tracker
@@ -342,7 +320,7 @@ class DriftDemo:
             body = httpx.get(f"{server}/v2/models/{self.model_name}", timeout=10).json()
             return bool(body.get("conveyor", {}).get("version") == self.champion_after)
 
-        _wait(served, 120, f"the server to serve v{self.champion_after}")
+        wait_until(served, 120, f"the server to serve v{self.champion_after}", 1.0)
         return f"the server serves v{self.champion_after}", {}
 
     # --- processes --------------------------------------------------------------------------------------------
@@ -357,21 +335,20 @@ class DriftDemo:
 
     @contextlib.contextmanager
     def _prefect_server(self) -> Iterator[str]:
-        port = _free_port()
-        env = {
-            **self.env,
-            "PREFECT_HOME": str(self.work / "prefect"),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            # A run waiting for the deployment's one slot asks again this often (Prefect's default: 30 s).
-            "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
-        }
-        self.console.print(f"starting a Prefect server on port {port} for the demo (set PREFECT_API_URL to use yours)")
-        args = [str(self.bin / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-        with _process(args, self.paths.root, env, self.work / "prefect-server.log") as process:
-            _wait(lambda: process.poll() is not None or _http_ok(f"http://127.0.0.1:{port}/api/health"), 180, "Prefect")
-            if process.poll() is not None:
-                raise RuntimeError(f"the Prefect server exited: see {self.work / 'prefect-server.log'}")
-            yield f"http://127.0.0.1:{port}/api"
+        from flows import local_server
+
+        home = self.work / "prefect"
+        # A run waiting for the deployment's one slot asks again this often (Prefect's default: 30 s).
+        server = local_server.start(
+            port=free_port(), home=home, extra_env={"PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2"}
+        )
+        self.console.print(
+            f"started a Prefect server on port {server.port} for the demo (set PREFECT_API_URL to use yours)"
+        )
+        try:
+            yield server.api_url
+        finally:
+            local_server.stop(home)
 
     @contextlib.contextmanager
     def _worker(self) -> Iterator[None]:
@@ -380,15 +357,12 @@ class DriftDemo:
 
     @contextlib.contextmanager
     def _server(self) -> Iterator[str]:
-        port, grpc = _free_port(), _free_port()
+        port, grpc = free_port(), free_port()
         args = [str(self.bin / "conveyor"), "serve", "--port", str(port), "--grpc-port", str(grpc)]
-        with _process(args, self.paths.root, self.env, self.work / "serve.log") as process:
+        log = self.work / "serve.log"
+        with _process(args, self.paths.root, self.env, log) as process:
             url = f"http://127.0.0.1:{port}"
-            _wait(
-                lambda: process.poll() is not None or _http_ok(f"{url}/v2/health/ready"), 300, "the server to be ready"
-            )
-            if process.poll() is not None:
-                raise RuntimeError(f"`conveyor serve` exited: see {self.work / 'serve.log'}")
+            wait_started("`conveyor serve`", lambda: http_answers(f"{url}/v2/health/ready"), 300, process, log)
             yield url
 
 

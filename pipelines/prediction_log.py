@@ -188,7 +188,7 @@ class LogShipper:
     expire by the bucket's lifecycle rules, not here."""
 
     def __init__(self, url: str) -> None:
-        from stack.storage import S3Location
+        from conveyor.storage import S3Location
 
         self.location = S3Location.parse(url)
         self.behind = True
@@ -201,7 +201,7 @@ class LogShipper:
 
     def _s3(self) -> Any:
         if self._client is None:
-            from stack import storage
+            from conveyor import storage
 
             self._client = storage.client(attempts=2)
         return self._client
@@ -219,7 +219,7 @@ class LogShipper:
 
     def catch_up(self, directory: Path) -> None:
         """Upload every local log file the store lacks (frames before part files)."""
-        from stack import storage
+        from conveyor import storage
 
         try:
             remote = set(storage.list_keys(self.location, s3=self._s3()))
@@ -271,7 +271,7 @@ def _log_parts(location: Path | str, since: datetime | None) -> Iterator[tuple[s
         return hour is not None and (since is None or hour + timedelta(hours=1) > since)
 
     if isinstance(location, str) and location.startswith("s3://"):
-        from stack import storage
+        from conveyor import storage
 
         root = storage.S3Location.parse(location)
         reader = storage.ObjectReader()

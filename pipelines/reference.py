@@ -11,16 +11,17 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
+from conveyor.errors import ConveyorError
 from conveyor.paths import ProjectPaths
 from conveyor.settings import Settings
+from pipelines import model_source as source
 from pipelines.data import dir_md5
 from pipelines.profile import Profile, ProfileError, build, training_sources
-from serving import source
 
 RUN_ARTIFACT_PATH = "monitoring/profile"
 
 
-class ProfileMissingError(FileNotFoundError):
+class ProfileMissingError(ConveyorError, FileNotFoundError):
     """The version has no reference profile; the message says how to make one."""
 
 
@@ -66,7 +67,7 @@ def compute_reference(
     except ProfileError as exc:
         raise ProfileMissingError(f"{exc} (on this version's data)") from None
     files = source.fetch(client, version, paths.model_cache)
-    runtime = "openvino" if "openvino" in files.artifacts else "onnx"
+    runtime = source.profiling_runtime(files, settings.gates.serving_runtime)
     detector = source.load(files, runtime, 1, settings.serve.conf).detectors[0]
     folder = paths.monitoring / "profiles" / version.name / str(version.version)
     build(folder, sources, detector, runtime, settings, console, {"computed": "on demand", "data_md5": actual})

@@ -1,4 +1,5 @@
-"""`conveyor serve | predict | bundle`: the serving command group (registered on the main CLI)."""
+"""`conveyor serve | predict | bundle | triton-repository`: serving the registry's models online, in batch, at the edge
+and in a Triton cluster."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from conveyor.tables import FoldingTable
 
 if TYPE_CHECKING:
     from conveyor.settings import Settings
-    from serving.source import ModelFiles
+    from pipelines.model_source import ModelFiles
 
-from conveyor.cli import _project, _registry, app, console, friendly_errors
+from conveyor.cli.common import console, friendly_errors, open_project, open_registry
+
+app = typer.Typer()
 
 RefArgument = Annotated[
     str, typer.Argument(help="models:/NAME@alias, models:/NAME/VERSION, @alias or a version (default @champion)")
@@ -43,7 +46,7 @@ def serve(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pytriton").setLevel(logging.WARNING)
-    paths, settings = _project()
+    paths, settings = open_project()
     options = ServeOptions(model, host, port, grpc_port, workers, runtime, max_batch_size)
     run_server(paths, settings, options)
 
@@ -66,17 +69,16 @@ def predict(
 ) -> None:
     """Batch prediction: detections for every image into JSONL, with the server's model, runtime and code."""
     from pipelines.inference import ImageLimits
+    from pipelines.model_source import check_runtime, open_version
     from serving import batch
-    from serving import source as registry_source
-    from serving.server import check_runtime
 
     images = batch.list_images(source)  # a wrong SOURCE fails before anything is downloaded
-    settings, files = _version_files(model)
+    paths, settings, client = open_registry()
     cfg = settings.serve
     runtime = runtime or cfg.runtime
     check_runtime(runtime)
-    console.print(f"{len(images)} images; model {files.name} v{files.version} on {runtime}")
-    loaded = registry_source.load(files, runtime, 1, cfg.conf)
+    loaded = open_version(paths, settings, model, client=client, runtime=runtime).model
+    console.print(f"{len(images)} images; model {loaded.name} v{loaded.version} on {runtime}")
     limits = ImageLimits(cfg.max_image_bytes, cfg.max_image_pixels)
     summary = batch.predict(loaded, images, out, cfg.max_batch_size, limits, console, batch.reader_for(source))
     table = FoldingTable(title=f"predictions -> {summary.out}")
@@ -97,9 +99,9 @@ def predict(
 
 def _version_files(ref: str | None) -> tuple[Settings, ModelFiles]:
     """A registry version's files, downloaded once into the project's model cache."""
-    from serving import source
+    from pipelines import model_source as source
 
-    paths, settings, client = _registry()
+    paths, settings, client = open_registry()
     version = source.resolve_version(client, settings.registry.model_name, ref or settings.serve.model)
     return settings, source.fetch(client, version, paths.model_cache)
 

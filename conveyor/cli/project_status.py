@@ -18,8 +18,7 @@ from rich.console import Group
 from conveyor.paths import ProjectPaths
 from conveyor.settings import Settings
 from conveyor.tables import FoldingTable
-
-FLOW_NAME = "conveyor-training"
+from flows import TRAINING_FLOW
 
 
 @dataclass
@@ -49,7 +48,7 @@ def gather(paths: ProjectPaths, settings: Settings) -> ProjectStatus:
 
 def _repair(paths: ProjectPaths, settings: Settings) -> list[tuple[str, str]]:
     """Records a killed run of this project left open (MLflow RUNNING, Prefect Running), closed as what happened."""
-    from flows.training import close_abandoned, close_runs_of_ended_flow_runs
+    from flows.repair import close_abandoned, close_runs_of_ended_flow_runs
 
     lines = close_abandoned(paths, "conveyor status")
     lines += close_runs_of_ended_flow_runs(paths, "conveyor status")
@@ -156,7 +155,7 @@ def _prefect_rows(paths: ProjectPaths, settings: Settings, api: str) -> list[tup
     rows = [("Prefect API", api)]
     with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW_NAME])),
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[TRAINING_FLOW])),
             sort=FlowRunSort.START_TIME_DESC,
             limit=50,
         )
@@ -175,7 +174,7 @@ def _prefect_rows(paths: ProjectPaths, settings: Settings, api: str) -> list[tup
         else:
             rows.append(("last training run", "none recorded for this project"))
         try:
-            deployment = client.read_deployment_by_name(f"{FLOW_NAME}/{settings.orchestration.deployment}")
+            deployment = client.read_deployment_by_name(f"{TRAINING_FLOW}/{settings.orchestration.deployment}")
         except ObjectNotFound:
             rows.append(("schedule", "not deployed (`conveyor deploy`)"))
             return rows

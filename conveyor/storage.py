@@ -13,8 +13,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from conveyor.errors import ConveyorError
 
-class StorageError(RuntimeError):
+
+class StorageError(ConveyorError, RuntimeError):
     """The S3 store cannot be used: unreachable, credentials refused, no such bucket. The message names the
     endpoint and the bucket."""
 

@@ -1,0 +1,134 @@
+"""`conveyor models | promote | rollback | history | lineage`: the registry, its champion and where a model came
+from."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+
+from conveyor.cli.common import console, friendly_errors, open_registry
+from conveyor.tables import FoldingTable
+
+app = typer.Typer()
+
+# --- registry -------------------------------------------------------------------------------------------------------
+
+
+@app.command()
+@friendly_errors
+def models() -> None:
+    """Registered versions with their aliases, gate status and test metrics."""
+    from pipelines import registry
+
+    _, settings, client = open_registry()
+    name = settings.registry.model_name
+    table = FoldingTable(title=f"registered model {name}")
+    for column in ("version", "aliases", "gates", "test mAP50-95", "data", "created", "run"):
+        table.add_column(column)
+    found = registry.versions(client, name)
+    aliases = registry.aliases_by_version(client, name) if found else {}
+    for v in found:
+        metrics = client.get_run(v.run_id).data.metrics
+        gates = "pass" if registry.gates_passed(v) else f"FAIL ({v.tags.get('conveyor.gates.failed', '?')})"
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000))
+        table.add_row(
+            str(v.version),
+            registry.alias_text(aliases, v.version),
+            gates,
+            f"{metrics.get('test/mAP50-95', float('nan')):.3f}",
+            v.tags.get("conveyor.data_md5", "?")[:12],
+            created,
+            str(v.run_id)[:12],
+        )
+    console.print(table)
+
+
+@app.command()
+@friendly_errors
+def promote(
+    version: Annotated[str, typer.Argument(help="the version to make champion")],
+    reason: Annotated[str, typer.Option(help="why (recorded in the history)")],
+    force: Annotated[bool, typer.Option(help="promote even though its gates failed (recorded)")] = False,
+) -> None:
+    """Make a version the champion (refused if its gates failed, unless --force)."""
+    from pipelines import registry
+
+    _, settings, client = open_registry()
+    move = registry.promote(client, settings.registry.model_name, version.lstrip("v"), reason=reason, force=force)
+    console.print(f"champion: v{move.from_version or '-'} -> v{move.to_version} ({move.kind}: {move.reason})")
+
+
+@app.command()
+@friendly_errors
+def rollback(reason: Annotated[str, typer.Option(help="why (recorded in the history)")]) -> None:
+    """Move the champion back to the previous champion."""
+    from pipelines import registry
+
+    _, settings, client = open_registry()
+    move = registry.rollback(client, settings.registry.model_name, reason=reason)
+    console.print(f"champion: v{move.from_version} -> v{move.to_version} (rollback: {move.reason})")
+
+
+@app.command()
+@friendly_errors
+def history() -> None:
+    """Every alias move: from, to, when, why, by whom."""
+    from pipelines import registry
+
+    _, settings, client = open_registry()
+    table = FoldingTable(title=f"alias history of {settings.registry.model_name}")
+    for column in ("#", "when", "alias", "from", "to", "kind", "by", "reason"):
+        table.add_column(column)
+    for m in registry.history(client, settings.registry.model_name):
+        table.add_row(
+            str(m.seq),
+            m.at,
+            m.alias,
+            f"v{m.from_version}" if m.from_version else "-",
+            f"v{m.to_version}",
+            m.kind,
+            m.actor,
+            m.reason,
+        )
+    console.print(table)
+
+
+@app.command()
+@friendly_errors
+def lineage(
+    ref: Annotated[str, typer.Argument(help="models:/NAME@alias, models:/NAME/VERSION, @champion or a version")] = (
+        "@champion"
+    ),
+    data: Annotated[str | None, typer.Option("--data", help="list the versions trained on this data md5")] = None,
+) -> None:
+    """Where a model came from (data, code, params, runs, gates, exports), or what a data version produced."""
+    from pipelines import lineage_report, registry
+
+    paths, settings, client = open_registry()
+    name = settings.registry.model_name
+    if data:
+        found = lineage_report.versions_for_data(client, name, data)
+        table = FoldingTable(title=f"versions of {name} trained on data {data}")
+        for column in ("version", "aliases", "gates", "run"):
+            table.add_column(column)
+        aliases = registry.aliases_by_version(client, name) if found else {}
+        for v in found:
+            table.add_row(
+                str(v.version),
+                registry.alias_text(aliases, v.version),
+                v.tags.get("conveyor.gates.passed", "?"),
+                str(v.run_id),
+            )
+        console.print(table if found else f"no version of {name} was trained on data {data}")
+        return
+    result = lineage_report.lineage(client, paths, name, ref)
+    table = FoldingTable(
+        title=f"{result.model} v{result.version} ({', '.join(result.aliases) or 'no alias'})", show_header=False
+    )
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in result.rows:
+        table.add_row(key, value)
+    console.print(table)

@@ -1,0 +1,82 @@
+"""Ports and health checks for the servers Conveyor starts (the model server, Prefect, the production stack, the
+demo): one copy of each, used by all."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from conveyor.errors import ConveyorError
+
+T = TypeVar("T")
+
+
+class StartupError(ConveyorError, RuntimeError):
+    """A server that exited, or did not answer in time, while starting; the message says where its log is."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port no one listens on now (the kernel's pick)."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on `port` now (a port in TIME_WAIT counts as free, as it does for servers)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def http_answers(url: str, accept_errors: bool = False, timeout: float = 3.0) -> bool:
+    """True when `url` answers 200 (or any HTTP status, with accept_errors: a store that wants a signature)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return bool(response.status == 200)
+    except urllib.error.HTTPError:
+        return accept_errors
+    except (OSError, ValueError):
+        return False
+
+
+def wait_until(predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.25) -> T:
+    """The first truthy value of `predicate`, asked every `interval` s; TimeoutError naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_started(
+    what: str,
+    healthy: Callable[[], bool],
+    timeout: float,
+    process: subprocess.Popen[bytes] | None = None,
+    log: Path | None = None,
+) -> None:
+    """Until `healthy()`; a StartupError (with the end of `log`) when `process` exits first or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while not healthy():
+        if process is not None and process.poll() is not None:
+            tail = log.read_text(errors="replace")[-1500:] if log is not None and log.is_file() else ""
+            where = f"; the end of {log}:\n{tail}" if log is not None else ""
+            raise StartupError(f"{what} exited with {process.returncode} while starting{where}")
+        if time.monotonic() >= deadline:
+            see = f"; see {log}" if log is not None else ""
+            raise StartupError(f"{what} did not become healthy within {timeout:.0f} s{see}")
+        time.sleep(0.25)

@@ -1,0 +1,129 @@
+"""COCO sources: one or several COCO JSON files (in `annotations/`, beside the images, or one per split folder as
+Roboflow writes them); a file's split comes from its name or folder (`instances_val.json`,
+`valid/_annotations.coco.json`). Categories are mapped by name, never by id; crowd regions are skipped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from conveyor.settings import Split
+from pipelines.formats.common import Item, Source, box_line, image_size, relative_name, split_from_name
+from pipelines.validate import DataValidationError, Problem
+
+
+def json_candidates(source: Path) -> list[Path]:
+    if source.is_file():
+        return [source]
+    found = sorted(source.glob("*.json")) + sorted(source.glob("annotations/*.json")) + sorted(source.glob("*/*.json"))
+    return list(dict.fromkeys(found))
+
+
+def _coco_documents(source: Path) -> list[tuple[Path, Any]]:
+    """Each annotation file, parsed once (None: unreadable). A file named as the source is always kept, so its
+    errors are reported; in a folder, only JSON shaped like COCO (images and annotations) counts."""
+    documents: list[tuple[Path, Any]] = []
+    for path in json_candidates(source):
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            doc = None
+        if source.is_file() or (isinstance(doc, dict) and "images" in doc and "annotations" in doc):
+            documents.append((path, doc))
+    return documents
+
+
+def _image_dirs(json_file: Path, root: Path, split: Split | None) -> list[Path]:
+    """Where a COCO file's `file_name`s may live: beside it, in images/ beside it or beside annotations/."""
+    base = json_file.parent.parent if json_file.parent.name == "annotations" else json_file.parent
+    candidates = [json_file.parent, json_file.parent / "images", base / "images", base, root / "images", root]
+    if split:
+        candidates += [base / "images" / split, root / "images" / split, root / split]
+    return list(dict.fromkeys(candidates))
+
+
+def read_coco(source: Path) -> Source:
+    documents = _coco_documents(source)
+    if not documents:
+        raise DataValidationError(f"{source}: no COCO annotation file (*.json with images and annotations)")
+    root = source if source.is_dir() else source.parent
+    names: list[str] = []
+    items: list[Item] = []
+    problems: list[Problem] = []
+    splits_named = 0
+    for file, doc in documents:
+        shown = relative_name(file, root)
+        if not isinstance(doc, dict):
+            problems.append(Problem(shown, "not a readable COCO file (not a JSON object)"))
+            continue
+        try:
+            categories = {int(c["id"]): str(c["name"]) for c in doc.get("categories", [])}
+            images = list(doc["images"])
+            annotations = list(doc["annotations"])
+        except (ValueError, KeyError, TypeError) as exc:
+            problems.append(Problem(shown, f"not a readable COCO file: {exc}"))
+            continue
+        for name in categories.values():
+            if name not in names:
+                names.append(name)
+        split = split_from_name(file.stem, file.parent.name)
+        splits_named += split is not None
+        by_id: dict[int, Item] = {}
+        sizes: dict[int, tuple[float, float]] = {}
+        repeated: set[int] = set()
+        for image in images:
+            image_id, file_name = int(image["id"]), str(image["file_name"])
+            folders = _image_dirs(file, root, split)
+            path = next((d / file_name for d in folders if (d / file_name).is_file()), None)
+            if image_id in by_id:
+                repeated.add(image_id)
+                problems.append(
+                    Problem(
+                        shown,
+                        f"image id {image_id} is used twice ({by_id[image_id].name}, {file_name}): its annotations "
+                        "cannot be told apart",
+                    )
+                )
+                continue
+            item = Item(path or folders[0] / file_name, Path(file_name).as_posix(), split, None, label_source=file)
+            if path is None:
+                item.errors.append(
+                    Problem(shown, f"image '{file_name}' is named but not there (looked in {folders[0]} and beside)")
+                )
+            by_id[image_id] = item
+            width, height = image.get("width"), image.get("height")
+            if not (width and height) and path is not None:
+                width, height = image_size(path) or (0, 0)
+            sizes[image_id] = (float(width or 0), float(height or 0))
+        for item_id in repeated:
+            by_id[item_id].errors.append(Problem(shown, f"image id {item_id} is used twice"))
+        for ann in annotations:
+            image_id = int(ann.get("image_id", -1))
+            owner = by_id.get(image_id)
+            if owner is None:
+                problems.append(Problem(shown, f"annotation {ann.get('id')}: image id {image_id} is not in images"))
+                continue
+            item = owner
+            if item.lines is None:
+                item.lines = []
+            if ann.get("iscrowd"):
+                continue  # a crowd region is not one object (Ultralytics skips them too)
+            category = categories.get(int(ann.get("category_id", -1)))
+            if category is None:
+                what = f"annotation {ann.get('id')} ({item.name})"
+                item.errors.append(Problem(shown, f"{what}: unknown category id {ann.get('category_id')}"))
+                continue
+            width, height = sizes[image_id]
+            try:
+                x, y, w, h = (float(v) for v in ann["bbox"])
+            except (KeyError, TypeError, ValueError):
+                item.errors.append(Problem(shown, f"annotation {ann.get('id')} ({item.name}): no valid bbox"))
+                continue
+            line, reason = box_line(names.index(category), x, y, x + w, y + h, width, height)
+            if line is None:
+                item.errors.append(Problem(shown, f"annotation {ann.get('id')} ({item.name}): {reason}"))
+            else:
+                item.lines.append(line)
+        items += by_id.values()
+    return Source("coco", names, items, problems, has_splits=splits_named == len(documents) and splits_named > 0)

@@ -1,0 +1,30 @@
+"""Warm start: train from a checkpoint (the champion's, downloaded from the registry, or a local file) by pointing
+`train.weights` in params.yaml at it, so DVC sees the change and the train stage re-runs from it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from conveyor.paths import ProjectPaths
+from conveyor.settings import Settings, set_param
+
+
+def set_warm_start(paths: ProjectPaths, settings: Settings, warm_start: str) -> None:
+    """Point train.weights at the checkpoint (the champion's, downloaded, or a local file) in params.yaml."""
+    from conveyor.tracking import Tracker
+    from pipelines import registry
+
+    if warm_start == "champion":
+        tracker_client = Tracker.client_for(paths)
+        champion = registry.current_champion(tracker_client, settings.registry.model_name)
+        if champion is None:
+            raise FileNotFoundError("warm_start=champion, but there is no champion yet")
+        weights = registry.download_weights(
+            tracker_client, champion, paths.scratch / "warm-start" / str(champion.version)
+        )
+    else:
+        weights = Path(warm_start).resolve()
+        if not weights.is_file():
+            raise FileNotFoundError(f"warm-start checkpoint {warm_start} not found")
+    set_param(paths.params, ("train", "weights"), os.path.relpath(weights, paths.root))
