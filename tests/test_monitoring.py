@@ -84,7 +84,8 @@ def test_drift_is_detected_retrained_promoted_and_swapped(
     # An old version has no profile: the check says so and how to make one; then it is made on demand.
     refused = conveyor(project, env, "drift", "--source", str(project / "data/images/test"), check=False)
     assert refused.returncode == 1
-    assert "has no reference profile" in refused.stdout and "conveyor profile --model 1" in refused.stdout
+    # Expected errors go to stderr, as every command's do (conveyor.cli.common.friendly_errors).
+    assert "has no reference profile" in refused.stderr and "conveyor profile --model 1" in refused.stderr
     # It is profiled on the validated images of its data (the manifest the train stage reads, not every file in data/).
     missing = conveyor(project, env, "profile", "--model", "1", check=False)
     assert missing.returncode == 1 and "run the validate stage first (`conveyor validate`)" in missing.stderr
