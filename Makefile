@@ -11,7 +11,7 @@ STAMP := $(VENV)/.synced-$(shell cat uv.lock pyproject.toml | cksum | cut -d' ' 
 export UV_PYTHON := $(PYTHON)
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: run test lint docs env bench bench-serving bench-monitoring bench-drift bench-labelling bench-first-run bench-stack ui clean system-packages
+.PHONY: run test lint docs env bench bench-serving bench-monitoring bench-drift bench-labelling bench-edge bench-first-run bench-stack ui clean system-packages
 
 run: $(STAMP)
 	$(VENV)/bin/conveyor run
@@ -46,6 +46,10 @@ bench-drift: $(STAMP)
 bench-labelling: $(STAMP)
 	$(VENV)/bin/python -m bench.labelling
 
+# The edge runner on the line simulator's stream against the raw runtime on the same frames (about 2 minutes).
+bench-edge: $(STAMP)
+	$(VENV)/bin/python -m bench.edge
+
 # A fresh clone of this checkout to a promoted champion with `make run`, then a no-op `make run` (about 12 minutes).
 bench-first-run: $(STAMP)
 	$(VENV)/bin/python -m bench.first_run
@@ -56,11 +60,11 @@ bench-stack: $(STAMP)
 
 # Servers the tests start for real, from Debian's packages: Prometheus (the serving tests scrape the server),
 # PostgreSQL (the production stack's tests), OpenStack Swift and memcached (an S3 store with bucket quotas, for the
-# full-bucket test). Installed when this user can (root with apt); otherwise the tests that need them say why they
-# skipped.
+# full-bucket test), mosquitto (the MQTT broker of the edge tests). Installed when this user can (root with apt);
+# otherwise the tests that need them say why they skipped.
 SYSTEM_PACKAGES := prometheus:prometheus postgresql:/usr/lib/postgresql/*/bin/postgres memcached:memcached \
 	swift-proxy:swift-proxy-server swift-account:swift-account-server swift-container:swift-container-server \
-	swift-object:swift-object-server
+	swift-object:swift-object-server mosquitto:/usr/sbin/mosquitto
 system-packages:
 	@missing=""; for entry in $(SYSTEM_PACKAGES); do \
 	  package=$${entry%%:*}; program=$${entry#*:}; \

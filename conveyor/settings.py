@@ -358,6 +358,34 @@ class MonitorSettings(_Section):
     experiment: str = Field("conveyor-monitoring", min_length=1, description="MLflow experiment of the checks")
 
 
+class RejectSettings(_Section):
+    """When the edge runner rejects a part: one decision per frame from the frame's detections."""
+
+    classes: list[str] | None = Field(None, description="classes that reject a part; null: any class")
+    min_confidence: float = Field(0.5, gt=0, le=1, description="a detection rejects from this confidence up")
+    min_area: float = Field(0.0, ge=0, description="and from this box area up, in frame pixels")
+    roi: tuple[float, float, float, float] = Field(
+        (0.0, 0.0, 1.0, 1.0), description="region of interest x0, y0, x1, y1 as fractions; a box's centre counts"
+    )
+
+    @model_validator(mode="after")
+    def _roi_inside_frame(self) -> RejectSettings:
+        x0, y0, x1, y1 = self.roi
+        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+            raise ValueError(f"roi {list(self.roi)}: want 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
+        return self
+
+
+class EdgeSettings(_Section):
+    """The edge runner on the line (`conveyor bundle` writes it into the bundle's edge.json)."""
+
+    line: str = Field("line-1", pattern=r"^[A-Za-z0-9_.-]+$", description="the line's name: MQTT topic, channel key")
+    reject: RejectSettings = RejectSettings()
+    queue: int = Field(10_000, ge=1, description="decisions kept while the MQTT broker is away; past it, dropped")
+    channel: str | None = Field(None, description="folder or s3://bucket/prefix the runner takes new bundles from")
+    poll_seconds: float = Field(10.0, gt=0, description="how often the runner looks at the channel")
+
+
 class LabelSettings(_Section):
     """`conveyor label select`: which frames are worth a person's time."""
 
@@ -404,6 +432,7 @@ class Settings(_Section):
     serve: ServeSettings = ServeSettings()
     monitor: MonitorSettings = MonitorSettings()
     label: LabelSettings = LabelSettings()
+    edge: EdgeSettings = EdgeSettings()
     stack: StackSettings = StackSettings()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

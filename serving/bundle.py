@@ -1,8 +1,18 @@
-"""`conveyor bundle MODEL_REF --out DIR`: a self-contained folder (and .tar.gz) for a device on the line.
+"""`conveyor bundle MODEL_REF --out DIR`: a self-contained folder (and .tar.gz) for a device on the line, and its
+rollout to the line through a channel.
 
 Contents: `model/` (OpenVINO IR, ONNX, metadata.json with class names, input size and thresholds), `run.py` (the
-edge runner: numpy, OpenCV and one runtime), `requirements.txt`, and `manifest.json` (which model version, and the
-SHA-256 of every file, checked by `run.py --verify`). Nothing in it imports torch, Ultralytics or Conveyor.
+edge runner: numpy, OpenCV and one runtime; paho-mqtt and cryptography for decisions over MQTT and signed rollouts),
+`edge.json` (the line, the reject rule, the queue and the channel: params.yaml `edge`), `requirements.txt`, and
+`manifest.json` (which model version, and the SHA-256 of every file, checked by `run.py --verify`). Nothing in it
+imports torch, Ultralytics or Conveyor.
+
+Rollout: with the team's Ed25519 key (`conveyor edge keygen`), `sign` writes `manifest.sig` beside the manifest; the
+manifest holds every file's SHA-256, so one signature covers the whole bundle. `publish` puts the archive in the
+channel (a folder or s3://bucket/prefix) under `bundles/`, then points `LINE.json` at it (written last, so a runner
+never sees an entry whose archive is not there yet); `LINE.history.json` keeps every entry, newest last.
+`roll_back_channel` points the line back at the newest earlier entry of a given model version: `conveyor rollback`
+does it when `edge.channel` is set.
 """
 
 from __future__ import annotations
@@ -14,11 +24,22 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from conveyor.errors import ConveyorError
+from conveyor.settings import EdgeSettings
 from pipelines.model_source import ModelFiles
 
 EDGE_RUNNER = Path(__file__).parent / "edge" / "run.py"
-REQUIREMENTS = "numpy\nopencv-python-headless\n# one runtime:\nopenvino\n# or: onnxruntime\n"
+REQUIREMENTS = (
+    "numpy\nopencv-python-headless\n# one runtime:\nopenvino\n# or: onnxruntime\n"
+    "# decisions over MQTT (--mqtt):\npaho-mqtt\n# signed rollouts (--public-key):\ncryptography\n"
+    "# a channel on S3:\nboto3\n"
+)
+
+
+class ChannelError(ConveyorError, RuntimeError):
+    """A channel that cannot be published to or rolled back (nothing published, no such version, unreachable)."""
 
 
 @dataclass(frozen=True)
@@ -37,10 +58,20 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build(files: ModelFiles, out: Path, conf: float, *, overwrite: bool = False) -> Bundle:
-    """The bundle folder and its .tar.gz; its runner returns detections at `conf` (serve.conf) unless told otherwise."""
+def build(
+    files: ModelFiles,
+    out: Path,
+    conf: float,
+    edge: EdgeSettings | None = None,
+    *,
+    overwrite: bool = False,
+    private_key: Path | None = None,
+) -> Bundle:
+    """The bundle folder and its .tar.gz; its runner returns detections at `conf` (serve.conf) unless told otherwise
+    and decides by `edge` (params.yaml `edge`). With `private_key`, the manifest is signed."""
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty: pass --overwrite to replace it")
+    edge = edge or EdgeSettings()
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "model").mkdir(parents=True)
@@ -51,6 +82,7 @@ def build(files: ModelFiles, out: Path, conf: float, *, overwrite: bool = False)
     if "openvino_int8" in files.artifacts:  # passed the parity gate at registration
         shutil.copytree(files.artifact("openvino_int8"), staging / "model" / "openvino_int8")
     shutil.copyfile(EDGE_RUNNER, staging / "run.py")
+    (staging / "edge.json").write_text(json.dumps(edge.model_dump(mode="json"), indent=2) + "\n")
     (staging / "requirements.txt").write_text(REQUIREMENTS)
     listed = sorted(p for p in staging.rglob("*") if p.is_file())
     manifest = {
@@ -63,6 +95,8 @@ def build(files: ModelFiles, out: Path, conf: float, *, overwrite: bool = False)
         "sha256": {p.relative_to(staging).as_posix(): sha256(p) for p in listed},
     }
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    if private_key is not None:
+        sign(staging, private_key)
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)  # the bundle appears whole or not at all
     archive = out.with_name(out.name + ".tar.gz")
@@ -70,3 +104,134 @@ def build(files: ModelFiles, out: Path, conf: float, *, overwrite: bool = False)
         tar.add(out, arcname=out.name)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
     return Bundle(out, archive, len(listed) + 1, round(size, 2))
+
+
+# --- signing ---------------------------------------------------------------------------------------------------------
+
+
+def keygen(out: Path) -> tuple[Path, Path]:
+    """A new Ed25519 key pair: `edge-signing.key` (the team keeps it; it signs bundles) and `edge-signing.pub`
+    (every runner gets it; it only verifies)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    private, public = out / "edge-signing.key", out / "edge-signing.pub"
+    if private.exists():
+        raise FileExistsError(f"{private} exists: a new key would orphan every runner that trusts the old one")
+    out.mkdir(parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    private.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    private.chmod(0o600)
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return private, public
+
+
+def sign(bundle: Path, private_key: Path) -> Path:
+    """`manifest.sig`: the Ed25519 signature of the bundle's manifest.json."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    key = load_pem_private_key(private_key.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ChannelError(f"{private_key}: not an Ed25519 private key (make one with `conveyor edge keygen`)")
+    signature = bundle / "manifest.sig"
+    signature.write_bytes(key.sign((bundle / "manifest.json").read_bytes()))
+    return signature
+
+
+# --- the channel -----------------------------------------------------------------------------------------------------
+
+
+class ChannelStore:
+    """A channel's objects in a folder or under s3://bucket/prefix (conveyor.storage's client)."""
+
+    def __init__(self, location: str) -> None:
+        self.location = location.rstrip("/")
+
+    def _s3(self) -> tuple[Any, str, str]:
+        from conveyor import storage
+
+        where = storage.S3Location.parse(self.location)
+        return storage.client(), where.bucket, where.prefix
+
+    def write(self, relative: str, content: bytes) -> None:
+        if self.location.startswith("s3://"):
+            s3, bucket, prefix = self._s3()
+            s3.put_object(Bucket=bucket, Key=f"{prefix}/{relative}" if prefix else relative, Body=content)
+            return
+        path = Path(self.location) / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.partial")
+        staging.write_bytes(content)
+        staging.replace(path)  # a runner reading LINE.json sees the old entry or the new one, never half
+
+    def read(self, relative: str) -> bytes | None:
+        if self.location.startswith("s3://"):
+            from botocore.exceptions import ClientError
+
+            s3, bucket, prefix = self._s3()
+            try:
+                body = s3.get_object(Bucket=bucket, Key=f"{prefix}/{relative}" if prefix else relative)["Body"]
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return None
+                raise
+            return bytes(body.read())
+        path = Path(self.location) / relative
+        return path.read_bytes() if path.is_file() else None
+
+
+def publish(built: Bundle, channel: str, line: str) -> dict[str, Any]:
+    """The bundle's archive into the channel, then the line pointed at it. A bundle must be signed to be published:
+    runners that check signatures would refuse it anyway, and one that does not would run anything."""
+    if not (built.directory / "manifest.sig").is_file():
+        raise ChannelError(f"{built.directory} is not signed: build it with --key (`conveyor edge keygen` makes one)")
+    manifest = json.loads((built.directory / "manifest.json").read_text())
+    archive = built.archive.read_bytes()
+    digest = hashlib.sha256(archive).hexdigest()
+    relative = f"bundles/{manifest['model']}-v{manifest['version']}-{digest[:12]}.tar.gz"
+    entry = {
+        "bundle": relative,
+        "sha256": digest,
+        "manifest_sha256": sha256(built.directory / "manifest.json"),
+        "model": manifest["model"],
+        "version": str(manifest["version"]),
+        "published": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    store = ChannelStore(channel)
+    store.write(relative, archive)
+    _point(store, line, entry)
+    return entry
+
+
+def roll_back_channel(channel: str, line: str, version: str) -> dict[str, Any]:
+    """Point the line back at the newest entry of its history that ran `version` (the champion after a rollback)."""
+    store = ChannelStore(channel)
+    history = _history(store, line)
+    earlier = [e for e in history if e["version"] == str(version)]
+    if not earlier:
+        raise ChannelError(
+            f"{channel}: line {line} never ran v{version}: publish it with `conveyor bundle @champion --publish`"
+        )
+    entry = {**earlier[-1], "published": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rolled_back": True}
+    _point(store, line, entry)
+    return entry
+
+
+def current(channel: str, line: str) -> dict[str, Any] | None:
+    raw = ChannelStore(channel).read(f"{line}.json")
+    return None if raw is None else dict(json.loads(raw))
+
+
+def _history(store: ChannelStore, line: str) -> list[dict[str, Any]]:
+    raw = store.read(f"{line}.history.json")
+    return list(json.loads(raw)) if raw is not None else []
+
+
+def _point(store: ChannelStore, line: str, entry: dict[str, Any]) -> None:
+    store.write(f"{line}.history.json", json.dumps([*_history(store, line), entry], indent=2).encode())
+    store.write(f"{line}.json", json.dumps(entry, indent=2).encode())  # last: what runners read

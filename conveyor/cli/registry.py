@@ -69,6 +69,14 @@ def rollback(reason: Annotated[str, typer.Option(help="why (recorded in the hist
     _, settings, client = open_registry()
     move = registry.rollback(client, settings.registry.model_name, reason=reason)
     console.print(f"champion: v{move.from_version} -> v{move.to_version} (rollback: {move.reason})")
+    if settings.edge.channel:  # the line follows: its channel back to the bundle it ran of that version
+        from serving import bundle
+
+        try:
+            entry = bundle.roll_back_channel(settings.edge.channel, settings.edge.line, str(move.to_version))
+        except bundle.ChannelError as exc:
+            raise bundle.ChannelError(f"the registry rolled back, the edge channel did not: {exc}") from None
+        console.print(f"edge channel {settings.edge.channel}: line {settings.edge.line} back to {entry['bundle']}")
 
 
 @app.command()

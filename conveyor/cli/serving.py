@@ -4,6 +4,7 @@ and in a Triton cluster."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from pipelines.model_source import ModelFiles
 
 from conveyor.cli.common import console, friendly_errors, open_project, open_registry
+from conveyor.settings import ConfigError
 
 app = typer.Typer()
 
@@ -106,23 +108,102 @@ def _version_files(ref: str | None) -> tuple[Settings, ModelFiles]:
     return settings, source.fetch(client, version, paths.model_cache)
 
 
+KEY_ENV = "CONVEYOR_EDGE_KEY"  # path of the team's signing key (a secret: not in params.yaml)
+
+
 @app.command()
 @friendly_errors
 def bundle(
     ref: RefArgument = "@champion",
     out: Annotated[Path, typer.Option(help="the bundle folder (a .tar.gz is written beside it)")] = Path("edge-bundle"),
     overwrite: Annotated[bool, typer.Option(help="replace an existing bundle folder")] = False,
+    key: Annotated[
+        Path | None, typer.Option(help=f"sign with this Ed25519 key (default ${KEY_ENV}; `conveyor edge keygen`)")
+    ] = None,
+    publish: Annotated[bool, typer.Option(help="publish it to the line's channel (edge.channel) for rollout")] = False,
+    channel: Annotated[str | None, typer.Option(help="a folder or s3://bucket/prefix (default edge.channel)")] = None,
+    line: Annotated[str | None, typer.Option(help="the line to roll it out to (default edge.line)")] = None,
 ) -> None:
-    """An edge bundle: OpenVINO + ONNX models, class names, preprocessing, checksums and a runner that needs only
-    numpy, OpenCV and one runtime."""
+    """An edge bundle: OpenVINO + ONNX models, class names, preprocessing, the reject rule (edge), checksums and a
+    runner that needs only numpy, OpenCV and one runtime; signed with --key, rolled out to a line with --publish."""
     from serving import bundle as edge
 
     settings, files = _version_files(ref)
-    built = edge.build(files, out, settings.serve.conf, overwrite=overwrite)
+    key = key or (Path(os.environ[KEY_ENV]) if os.environ.get(KEY_ENV) else None)
+    target = channel or settings.edge.channel
+    if publish and target is None:
+        raise ConfigError("--publish needs a channel: --channel DIR|s3://... or params.yaml edge.channel")
+    if publish and key is None:
+        raise ConfigError(f"--publish needs a signed bundle: --key PATH or ${KEY_ENV} (`conveyor edge keygen`)")
+    built = edge.build(files, out, settings.serve.conf, settings.edge, overwrite=overwrite, private_key=key)
     console.print(
         f"bundle of {files.name} v{files.version}: {built.directory} ({built.files} files, {built.size_mb} MB) and "
-        f"{built.archive}\non the device: pip install -r requirements.txt && python run.py --verify IMAGE..."
+        f"{built.archive}{', signed' if key else ''}\non the device: pip install -r requirements.txt && "
+        "python run.py --verify IMAGE...  or  python run.py --stream CAMERA [--mqtt BROKER]"
     )
+    if publish and target is not None:
+        entry = edge.publish(built, target, line or settings.edge.line)
+        console.print(f"published to {target}: line {line or settings.edge.line} now runs {entry['bundle']}")
+
+
+edge_app = typer.Typer(help="The edge: signing keys, a line simulator, decisions scored.", no_args_is_help=True)
+app.add_typer(edge_app, name="edge")
+
+
+@edge_app.command("keygen")
+@friendly_errors
+def edge_keygen(
+    out: Annotated[Path, typer.Option(help="where the key pair goes")] = Path("edge-keys"),
+) -> None:
+    """A new Ed25519 key pair: the private key signs bundles (keep it), the public key goes to every runner."""
+    from serving import bundle as edge
+
+    private, public = edge.keygen(out)
+    console.print(
+        f"signing key {private} (keep it secret; `export {KEY_ENV}={private}`); runners verify with {public} "
+        "(`run.py --public-key`)"
+    )
+
+
+@edge_app.command("simulate")
+@friendly_errors
+def edge_simulate(
+    out: Annotated[Path, typer.Option(help="folder for line.avi and truth.json")] = Path("line-simulation"),
+    parts: Annotated[int, typer.Option(min=1, help="parts passing under the camera")] = 40,
+    fps: Annotated[float, typer.Option(min=1, help="the camera's frame rate")] = 10.0,
+    frames_per_part: Annotated[int, typer.Option(min=1, help="frames each part is in view")] = 5,
+    defect_rate: Annotated[float, typer.Option(min=0, max=1, help="share of defective parts")] = 0.4,
+) -> None:
+    """A line simulator: a video of synthetic parts passing under the camera, and which of them are defective."""
+    from serving.line_simulator import simulate
+
+    video = simulate(out, parts, fps, frames_per_part, defect_rate)
+    defective = sum(p.defective for p in video.parts)
+    console.print(
+        f"{video.video}: {video.frames} frames at {video.fps:g} fps, {len(video.parts)} parts ({defective} defective); "
+        f"truth in {video.truth}. Run: python BUNDLE/run.py --stream {video.video} > decisions.jsonl, then "
+        f"`conveyor edge score decisions.jsonl --truth {video.truth}`"
+    )
+
+
+@edge_app.command("score")
+@friendly_errors
+def edge_score(
+    decisions: Annotated[Path, typer.Argument(help="the runner's JSON lines (its stdout without --mqtt)")],
+    truth: Annotated[Path, typer.Option(help="the simulator's truth.json")],
+) -> None:
+    """Missed and false rejects of a runner's decisions on a simulated line."""
+    import json
+
+    from serving.line_simulator import load_truth, score
+
+    lines = [json.loads(line) for line in decisions.read_text().splitlines() if line.strip().startswith("{")]
+    result = score([d for d in lines if "frame" in d], load_truth(truth))
+    table = FoldingTable(title=f"{decisions} against {truth}")
+    for column in ("parts", "defective", "rejected", "missed rejects", "false rejects", "undecided"):
+        table.add_column(column, justify="right")
+    table.add_row(*(str(v) for v in result.to_json().values()))
+    console.print(table)
 
 
 @app.command("triton-repository")

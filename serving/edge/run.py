@@ -1,24 +1,49 @@
 #!/usr/bin/env python3
-"""Conveyor edge runner: detections for images, from this bundle alone.
+"""Conveyor edge runner: detections for images, or reject decisions for a camera stream, from this bundle alone.
 
-Needs numpy, opencv-python-headless (the image decoder) and one runtime: openvino or onnxruntime. No torch, no
-Ultralytics, no Conveyor. Letterbox, NMS and box scaling follow Ultralytics' (what the model was evaluated and is
-served with); Conveyor's tests hold this file to the server's detections.
+Needs numpy, opencv-python-headless (the image and video decoder) and one runtime: openvino or onnxruntime; for
+decisions over MQTT paho-mqtt, for signed rollouts cryptography. No torch, no Ultralytics, no Conveyor. Letterbox,
+NMS and box scaling follow Ultralytics' (what the model was evaluated and is served with); Conveyor's tests hold this
+file to the server's detections.
 
     python run.py IMAGE [IMAGE ...] [--runtime openvino|onnx] [--conf C] [--verify]
+    python run.py --stream SOURCE [--mqtt HOST[:PORT]] [--line NAME] [--channel DIR|s3://...] [--public-key PEM]
 
---conf defaults to the bundle's threshold: serve.conf when the bundle was built.
+Images: one JSON line per image, {"image", "width", "height", "detections": [{class_id, class_name, confidence,
+box}]}. --conf defaults to the bundle's threshold (serve.conf when the bundle was built).
 
-Prints one JSON line per image: {"image", "width", "height", "detections": [{class_id, class_name, confidence, box}]}.
+Stream: SOURCE is a camera index (0), an RTSP/HTTP URL or a video file. A reader thread keeps only the newest frame,
+so a slow model never falls behind the camera (the frames it never saw are counted as skipped); a video file plays
+at its own frame rate, like a camera (--every-frame decides every frame instead, as fast as the model goes, or at
+the file's rate with --paced). Each
+frame gets one decision by the bundle's reject rule (edge.json: classes, minimum confidence, minimum box area, region
+of interest), printed as a JSON line or published to MQTT (QoS 1, topic conveyor/LINE/decisions). While the broker is
+away, decisions wait in a bounded queue and go out in order once it is back; a decision that finds the queue full is
+dropped and counted. With --channel, the runner polls the line's channel for a new bundle, verifies its checksums
+and its signature (--public-key), loads it beside the running model and swaps between two frames; a bundle that fails
+is refused and the running model goes on. At the end (the stream ended, Ctrl-C, --frames reached) a summary line:
+frames, frames/s, capture-to-decision p50/p99, skipped frames, rejects, decisions published and dropped.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
+import os
+import queue
+import shutil
+import signal
 import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -27,13 +52,42 @@ HERE = Path(__file__).resolve().parent
 MAX_WH = 7680  # class offset for class-aware NMS, as Ultralytics
 
 
-def verify(root: Path = HERE) -> None:
-    """Every file the manifest lists is present with its SHA-256: a copied bundle is checked before it is trusted."""
-    manifest = json.loads((root / "manifest.json").read_text())
+class BundleError(Exception):
+    """A bundle that cannot be trusted or run: damaged, unsigned, for another model, or unloadable."""
+
+
+def verify(root: Path = HERE, public_key: Path | None = None) -> dict[str, Any]:
+    """Every file the manifest lists is present with its SHA-256 (a copied bundle is checked before it is trusted),
+    and, with `public_key`, the manifest carries the team's signature. Returns the manifest."""
+    manifest_file = root / "manifest.json"
+    if not manifest_file.is_file():
+        raise BundleError(f"{root}: no manifest.json: not a Conveyor bundle")
+    manifest = json.loads(manifest_file.read_text())
     for rel, expected in manifest["sha256"].items():
-        digest = hashlib.sha256((root / rel).read_bytes()).hexdigest()
+        path = root / rel
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
         if digest != expected:
-            raise SystemExit(f"bundle damaged: {rel} has sha256 {digest}, manifest says {expected}")
+            raise BundleError(f"bundle damaged: {rel} has sha256 {digest}, manifest says {expected}")
+    if public_key is not None:
+        verify_signature(manifest_file.read_bytes(), root / "manifest.sig", public_key)
+    return dict(manifest)
+
+
+def verify_signature(message: bytes, signature_file: Path, public_key: Path) -> None:
+    """The Ed25519 signature of the manifest, made with the team's private key (`conveyor edge keygen`)."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    if not signature_file.is_file():
+        raise BundleError("bundle unsigned: no manifest.sig, and this runner only accepts signed bundles")
+    key = load_pem_public_key(public_key.read_bytes())
+    if not isinstance(key, Ed25519PublicKey):
+        raise BundleError(f"{public_key}: not an Ed25519 public key")
+    try:
+        key.verify(signature_file.read_bytes(), message)
+    except InvalidSignature:
+        raise BundleError("bundle signature invalid: not signed by the team's key, or changed since") from None
 
 
 def letterbox(image: np.ndarray, size: int) -> np.ndarray:
@@ -100,7 +154,10 @@ def postprocess(raw: np.ndarray, shape: tuple[int, int], card: dict, conf: float
 
 class Model:
     def __init__(self, runtime: str, root: Path = HERE) -> None:
+        self.root = root
         self.card = json.loads((root / "model" / "metadata.json").read_text())
+        manifest = root / "manifest.json"
+        self.manifest = json.loads(manifest.read_text()) if manifest.is_file() else {}
         if runtime in ("openvino", "openvino_int8"):
             import openvino as ov
 
@@ -119,34 +176,548 @@ class Model:
         else:
             raise SystemExit(f"unknown runtime {runtime!r}: openvino, openvino_int8 (if bundled) or onnx")
 
+    @property
+    def version(self) -> str:
+        return f"{self.manifest.get('model', '?')} v{self.manifest.get('version', '?')}"
+
     def detect(self, image: np.ndarray, conf: float | None = None) -> list[dict]:
         raw = self._infer(letterbox(image, self.card["imgsz"])[None])
         height, width = image.shape[:2]
         return postprocess(raw[0], (height, width), self.card, self.card.get("conf", 0.25) if conf is None else conf)
 
 
+# --- decisions ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RejectRule:
+    """When a part is rejected: a detection of one of `classes` (all when None) at `min_confidence` or more, whose box
+    covers at least `min_area` pixels and whose centre lies in the region of interest (fractions of the frame)."""
+
+    classes: tuple[str, ...] | None = None
+    min_confidence: float = 0.5
+    min_area: float = 0.0
+    roi: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
+
+    @classmethod
+    def load(cls, root: Path = HERE) -> RejectRule:
+        config = root / "edge.json"
+        rule = json.loads(config.read_text()).get("reject", {}) if config.is_file() else {}
+        classes = rule.get("classes")
+        return cls(
+            tuple(classes) if classes else None,
+            float(rule.get("min_confidence", 0.5)),
+            float(rule.get("min_area", 0.0)),
+            tuple(rule.get("roi", (0.0, 0.0, 1.0, 1.0))),
+        )
+
+    def reasons(self, detections: list[dict], width: int, height: int) -> list[dict]:
+        """The detections that reject the part (none: it passes)."""
+        x0, y0, x1, y1 = self.roi[0] * width, self.roi[1] * height, self.roi[2] * width, self.roi[3] * height
+        found = []
+        for d in detections:
+            bx0, by0, bx1, by1 = d["box"]
+            cx, cy = (bx0 + bx1) / 2, (by0 + by1) / 2
+            if (
+                (self.classes is None or d["class_name"] in self.classes)
+                and d["confidence"] >= self.min_confidence
+                and (bx1 - bx0) * (by1 - by0) >= self.min_area
+                and x0 <= cx <= x1
+                and y0 <= cy <= y1
+            ):
+                found.append(d)
+        return found
+
+
+# --- the stream -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Frame:
+    index: int  # position in the stream (frames the reader saw, skipped ones included)
+    captured: float  # time.monotonic() when the reader got it
+    image: np.ndarray
+
+
+def open_capture(source: str) -> Any:
+    return cv2.VideoCapture(int(source) if source.isdigit() else source)
+
+
+class FrameReader:
+    """The stream's frames, newest first. By default a thread reads the stream and keeps only the newest frame: the
+    consumer always gets the latest one, and every frame overwritten before it was taken is counted in `skipped`.
+    With `every_frame`, frames are read in the consumer's own thread, one per call, so every frame is decided and
+    none is skipped (and no thread competes with the model for the cores). A video file is paced at its own frame
+    rate, as a camera delivers frames, unless `paced` is False (by default it is when not `every_frame`). A live
+    source that stops delivering is reopened (a camera unplugged and back); a file that ends, or whose frames stop
+    being readable (damaged, cut short), ends the stream."""
+
+    def __init__(
+        self,
+        source: str,
+        every_frame: bool = False,
+        paced: bool | None = None,
+        reopen_after: int = 25,
+        open_capture: Callable = open_capture,
+    ) -> None:
+        self.source = source
+        self.live = not Path(source).is_file()
+        self.every_frame = every_frame
+        self.reopen_after = reopen_after
+        self._open = open_capture
+        self.capture = self._open(source)
+        if not self.capture.isOpened():
+            raise SystemExit(f"cannot open the stream {source!r}: not a camera index, URL or readable video file")
+        fps = float(self.capture.get(cv2.CAP_PROP_FPS) or 0.0)
+        paced = not every_frame if paced is None else paced
+        self.period = 1.0 / fps if (fps > 0 and not self.live and paced) else 0.0
+        self.skipped = 0
+        self.unreadable = 0  # frames the decoder could not read (a corrupt frame, a camera that hiccuped)
+        self.reopened = 0
+        self.problems: list[str] = []
+        self.ended = threading.Event()
+        self._index = 0
+        self._started = time.monotonic()
+        self._newest: Frame | None = None
+        self._ready = threading.Condition()
+        self._thread: threading.Thread | None = None
+        if not every_frame:
+            self._thread = threading.Thread(target=self._run, name="frame-reader", daemon=True)
+            self._thread.start()
+
+    def _next(self) -> Frame | None:
+        """The next frame of the stream, paced; None when it has ended."""
+        failures = 0
+        while not self.ended.is_set():
+            ok, image = self.capture.read()
+            if ok and image is not None:
+                break
+            if not self.live and self._at_end():
+                return None
+            failures += 1
+            self.unreadable += 1
+            if failures < self.reopen_after:
+                continue
+            if not self.live:  # a file damaged or cut short: its end
+                self.problems.append(
+                    f"{self.source}: no readable frame after frame {self._index}: damaged or truncated"
+                )
+                print(f"warning: {self.problems[-1]}", file=sys.stderr)
+                return None
+            self.problems.append(f"the stream stopped delivering: reopening {self.source}")
+            print(f"warning: no frame from {self.source} {failures} times: reopening it", file=sys.stderr)
+            self.capture.release()
+            time.sleep(min(5.0, 0.5 * (1 + self.reopened)))
+            self.capture = self._open(self.source)
+            self.reopened += 1
+            failures = 0
+        else:
+            return None
+        if self.period:
+            delay = self._started + self._index * self.period - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        frame = Frame(self._index, time.monotonic(), image)
+        self._index += 1
+        return frame
+
+    def _run(self) -> None:
+        while (frame := self._next()) is not None:
+            with self._ready:
+                if self._newest is not None:
+                    self.skipped += 1
+                self._newest = frame
+                self._ready.notify()
+        self.ended.set()
+        with self._ready:
+            self._ready.notify_all()
+
+    def _at_end(self) -> bool:
+        position = self.capture.get(cv2.CAP_PROP_POS_FRAMES)
+        count = self.capture.get(cv2.CAP_PROP_FRAME_COUNT)
+        return count <= 0 or position >= count
+
+    def frames(self) -> Iterator[Frame]:
+        """The newest frame each time (every frame, with `every_frame`), until the stream ends."""
+        if self._thread is None:
+            while (frame := self._next()) is not None:
+                yield frame
+            return
+        while True:
+            with self._ready:
+                while self._newest is None and not self.ended.is_set():
+                    self._ready.wait(0.5)
+                frame, self._newest = self._newest, None
+            if frame is None:
+                return
+            yield frame
+
+    def close(self) -> None:
+        self.ended.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.capture.release()
+
+
+# --- where decisions go ---------------------------------------------------------------------------------------------
+
+
+class Publisher:
+    published = 0
+    dropped = 0
+
+    def publish(self, decision: dict) -> None:
+        raise NotImplementedError
+
+    def close(self, timeout: float = 10.0) -> None:
+        pass
+
+
+class JsonLines(Publisher):
+    def publish(self, decision: dict) -> None:
+        print(json.dumps(decision), flush=True)
+        self.published += 1
+
+
+def topic_of(line: str) -> str:
+    return f"conveyor/{line}/decisions"
+
+
+class Mqtt(Publisher):
+    """QoS 1 to `topic`, through paho-mqtt's own session: it reconnects by itself, and while the broker is away the
+    decisions wait in paho's outgoing queue (bounded at `queue_size`) and go out in order once it is back. A decision
+    that finds the queue full is dropped and counted; the ones queued before it keep their order."""
+
+    def __init__(self, address: str, topic: str, client_id: str, queue_size: int = 10_000) -> None:
+        import paho.mqtt.client as mqtt
+
+        host, _, port = address.partition(":")
+        self.topic = topic
+        self._mqtt = mqtt
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+        self.client.max_queued_messages_set(queue_size)
+        self.client.max_inflight_messages_set(100)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=5)
+        self.connected = threading.Event()
+        self.acknowledged = 0  # PUBACKs from the broker: delivered
+        self._lock = threading.Lock()
+        self.client.on_connect = lambda *args: self.connected.set()
+        self.client.on_disconnect = lambda *args: self.connected.clear()
+        self.client.on_publish = self._acknowledged
+        self.client.connect_async(host, int(port or 1883))
+        self.client.loop_start()
+
+    def _acknowledged(self, *args: Any) -> None:
+        with self._lock:
+            self.acknowledged += 1
+
+    def publish(self, decision: dict) -> None:
+        # Not connected (NO_CONN) still queues a QoS 1 message: paho sends it once the broker is back.
+        info = self.client.publish(self.topic, json.dumps(decision), qos=1)
+        if info.rc == self._mqtt.MQTT_ERR_QUEUE_SIZE:
+            self.dropped += 1
+            return
+        self.published += 1
+
+    def pending(self) -> int:
+        with self._lock:
+            return self.published - self.acknowledged
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Wait up to `timeout` s for the broker to acknowledge what is queued, then disconnect."""
+        deadline = time.monotonic() + timeout
+        while self.pending() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.pending():
+            print(f"warning: {self.pending()} decisions not acknowledged by the broker at exit", file=sys.stderr)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+# --- rollout --------------------------------------------------------------------------------------------------------
+
+
+def manifest_digest(root: Path) -> str:
+    """What names a bundle in the channel: the SHA-256 of its manifest (which holds the SHA-256 of every file)."""
+    manifest = root / "manifest.json"
+    return hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else ""
+
+
+class Channel:
+    """Where the team publishes the bundle each line should run: `LINE.json` ({"bundle": the .tar.gz's path relative
+    to the channel, "sha256" of the archive, "manifest_sha256", "model", "version"}) in a folder or under
+    s3://bucket/prefix (boto3; endpoint and credentials from AWS_ENDPOINT_URL and AWS_*)."""
+
+    def __init__(self, location: str, line: str) -> None:
+        self.location = location.rstrip("/")
+        self.line = line
+
+    def _read(self, relative: str) -> bytes:
+        """The object's bytes; FileNotFoundError when it is not there (a channel nothing was published to yet)."""
+        if not self.location.startswith("s3://"):
+            return (Path(self.location) / relative).read_bytes()
+        import boto3
+        from botocore.exceptions import ClientError
+
+        bucket, _, prefix = self.location[5:].partition("/")
+        key = f"{prefix}/{relative}" if prefix else relative
+        s3 = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))
+        try:
+            return bytes(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise FileNotFoundError(f"{self.location}/{key}: no such object") from None
+            raise
+
+    def current(self) -> dict[str, Any] | None:
+        """The line's entry, or None when nothing was published for it."""
+        try:
+            return dict(json.loads(self._read(f"{self.line}.json")))
+        except FileNotFoundError:
+            return None
+
+    def fetch(self, entry: dict[str, Any], into: Path) -> Path:
+        """The entry's bundle, checked against its sha256 and unpacked into `into`; returns the bundle folder."""
+        archive = self._read(entry["bundle"])
+        digest = hashlib.sha256(archive).hexdigest()
+        if digest != entry.get("sha256"):
+            raise BundleError(f"{entry['bundle']}: sha256 {digest}, the channel says {entry.get('sha256')}")
+        into.mkdir(parents=True, exist_ok=True)
+        path = into / "bundle.tar.gz"
+        path.write_bytes(archive)
+        with tarfile.open(path) as tar:
+            tar.extractall(into, filter="data")
+        path.unlink()
+        folders = [p for p in into.iterdir() if p.is_dir()]
+        if len(folders) != 1:
+            raise BundleError(f"{entry['bundle']}: expected one bundle folder in the archive, found {len(folders)}")
+        return folders[0]
+
+
+class Rollout:
+    """Polls the channel in a thread; a new entry is fetched, verified (checksums, signature, same model name) and
+    loaded beside the running model; the stream loop takes it between two frames (`swap_if_ready`)."""
+
+    def __init__(
+        self, channel: Channel, model: Model, runtime: str, public_key: Path | None, poll_seconds: float
+    ) -> None:
+        self.channel = channel
+        self.runtime = runtime
+        self.public_key = public_key
+        self.poll_seconds = poll_seconds
+        self.current = manifest_digest(model.root)
+        self.running_name = model.manifest.get("model")
+        self.refused: list[str] = []
+        self.swaps: list[str] = []
+        self._seen: str | None = None
+        self._ready: queue.Queue[Model] = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._work = Path(tempfile.mkdtemp(prefix="conveyor-edge-"))
+        self._thread = threading.Thread(target=self._run, name="rollout", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll_once()
+            except Exception as exc:  # a store that is down: the running model goes on; ask again next time
+                print(f"warning: rollout channel {self.channel.location}: {exc}", file=sys.stderr)
+            self._stop.wait(self.poll_seconds)
+
+    def poll_once(self) -> None:
+        entry = self.channel.current()
+        # Running it already, or tried this very archive before (a refused bundle is not fetched again and again).
+        if entry is None or entry.get("manifest_sha256") == self.current or entry.get("sha256") == self._seen:
+            return
+        self._seen = entry.get("sha256")
+        target = self._work / entry["sha256"][:16]
+        shutil.rmtree(target, ignore_errors=True)
+        try:
+            root = self.channel.fetch(entry, target)
+            manifest = verify(root, self.public_key)
+            if self.running_name and manifest.get("model") != self.running_name:
+                raise BundleError(
+                    f"the bundle is for model {manifest.get('model')!r}, this line runs {self.running_name!r}"
+                )
+            model = Model(self.runtime, root)
+            model.detect(np.zeros((model.card["imgsz"], model.card["imgsz"], 3), np.uint8))  # loads, and warms up
+        except (BundleError, OSError, ValueError, KeyError, RuntimeError, tarfile.TarError) as exc:
+            reason = f"{entry.get('bundle')}: {exc}"
+            self.refused.append(reason)
+            print(f"refused bundle {reason}; the running model goes on", file=sys.stderr)
+            return
+        self._ready.put(model)
+
+    def swap_if_ready(self) -> Model | None:
+        try:
+            model = self._ready.get_nowait()
+        except queue.Empty:
+            return None
+        self.current = manifest_digest(model.root)
+        self.swaps.append(model.version)
+        return model
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        shutil.rmtree(self._work, ignore_errors=True)
+
+
+# --- the loop -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StreamStats:
+    frames: int = 0
+    rejects: int = 0
+    seconds: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+
+    def summary(self, reader: FrameReader, publisher: Publisher, rollout: Rollout | None) -> dict[str, Any]:
+        latencies = np.array(self.latencies_ms) if self.latencies_ms else np.zeros(1)
+        return {
+            "summary": True,
+            "frames": self.frames,
+            "frames_per_second": round(self.frames / self.seconds, 2) if self.seconds else 0.0,
+            "latency_p50_ms": round(float(np.percentile(latencies, 50)), 2),
+            "latency_p99_ms": round(float(np.percentile(latencies, 99)), 2),
+            "skipped": reader.skipped,
+            "unreadable": reader.unreadable,
+            "reopened": reader.reopened,
+            "rejects": self.rejects,
+            "published": publisher.published,
+            "dropped": publisher.dropped,
+            "swaps": rollout.swaps if rollout else [],
+            "refused": rollout.refused if rollout else [],
+        }
+
+
+def run_stream(
+    model: Model,
+    reader: FrameReader,
+    rule: RejectRule,
+    publisher: Publisher,
+    line: str,
+    conf: float | None = None,
+    max_frames: int | None = None,
+    rollout: Rollout | None = None,
+) -> dict[str, Any]:
+    """One decision per frame the reader hands over, until the stream ends or `max_frames`; returns the summary."""
+    stats = StreamStats()
+    started = time.monotonic()
+    stop = threading.Event()
+    previous = (
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        if threading.current_thread() is threading.main_thread()
+        else None
+    )
+    try:
+        for frame in reader.frames():
+            if rollout is not None and (swapped := rollout.swap_if_ready()) is not None:
+                # Between two frames: this frame and every later one on the new bundle (its model and its rule).
+                model, rule = swapped, RejectRule.load(swapped.root)
+            found = model.detect(frame.image, conf)
+            height, width = frame.image.shape[:2]
+            reasons = rule.reasons(found, width, height)
+            decided = time.monotonic()
+            publisher.publish(
+                {
+                    "line": line,
+                    "frame": frame.index,
+                    "reject": bool(reasons),
+                    "reasons": reasons,
+                    "detections": len(found),
+                    "model": model.version,
+                    "latency_ms": round((decided - frame.captured) * 1000, 2),
+                    "time": time.time(),
+                }
+            )
+            stats.frames += 1
+            stats.rejects += bool(reasons)
+            stats.latencies_ms.append((decided - frame.captured) * 1000)
+            if stop.is_set() or (max_frames is not None and stats.frames >= max_frames):
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stats.seconds = time.monotonic() - started
+        reader.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return stats.summary(reader, publisher, rollout)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("images", nargs="+", type=Path)
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("images", nargs="*", type=Path)
     parser.add_argument("--runtime", default="openvino", choices=["openvino", "openvino_int8", "onnx"])
     parser.add_argument("--conf", type=float, default=None)
     parser.add_argument("--verify", action="store_true", help="check the manifest's checksums first")
+    parser.add_argument("--stream", help="a camera index, an RTSP/HTTP URL or a video file: decisions per frame")
+    parser.add_argument("--every-frame", action="store_true", help="decide every frame (no newest-frame skipping)")
+    parser.add_argument("--paced", action="store_true", help="with --every-frame: a file still plays at its rate")
+    parser.add_argument("--frames", type=int, default=None, help="stop after this many decided frames")
+    parser.add_argument("--line", default=None, help="the line's name (default: edge.json's)")
+    parser.add_argument("--mqtt", default=None, help="HOST[:PORT] of an MQTT broker; default: JSON lines on stdout")
+    parser.add_argument("--queue", type=int, default=None, help="decisions kept while the broker is away")
+    parser.add_argument("--channel", default=None, help="a folder or s3://bucket/prefix to take new bundles from")
+    parser.add_argument("--public-key", type=Path, default=None, help="the team's Ed25519 public key (PEM)")
+    parser.add_argument("--poll", type=float, default=None, help="seconds between looks at the channel")
     args = parser.parse_args(argv)
-    if args.verify:
-        verify()
-    model = Model(args.runtime)
+    try:
+        if args.verify or args.public_key:
+            verify(HERE, args.public_key)
+        model = Model(args.runtime)
+    except BundleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.stream is None:
+        if not args.images:
+            parser.error("give IMAGE files, or --stream SOURCE")
+        return detect_images(model, args.images, args.conf)
+    config = json.loads((HERE / "edge.json").read_text()) if (HERE / "edge.json").is_file() else {}
+    line = args.line or config.get("line", "line-1")
+    reader = FrameReader(args.stream, every_frame=args.every_frame, paced=True if args.paced else None)
+    publisher: Publisher = (
+        Mqtt(
+            args.mqtt, f"conveyor/{line}/decisions", f"conveyor-edge-{line}", args.queue or config.get("queue", 10_000)
+        )
+        if args.mqtt
+        else JsonLines()
+    )
+    channel = args.channel or config.get("channel")
+    rollout = (
+        Rollout(
+            Channel(channel, line), model, args.runtime, args.public_key, args.poll or config.get("poll_seconds", 10)
+        )
+        if channel
+        else None
+    )
+    try:
+        summary = run_stream(model, reader, RejectRule.load(HERE), publisher, line, args.conf, args.frames, rollout)
+    finally:
+        publisher.close()
+        if rollout is not None:
+            rollout.close()
+    summary["published"], summary["dropped"] = publisher.published, publisher.dropped
+    print(json.dumps(summary), file=sys.stderr if args.mqtt is None else sys.stdout, flush=True)
+    return 0
+
+
+def detect_images(model: Model, images: list[Path], conf: float | None) -> int:
     failed = 0
-    for path in args.images:
+    for path in images:
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if image is None:
             print(json.dumps({"image": str(path), "error": "cannot read or decode image"}))
             failed += 1
             continue
-        found = model.detect(image, args.conf)
+        found = model.detect(image, conf)
         height, width = image.shape[:2]
         print(json.dumps({"image": str(path), "width": width, "height": height, "detections": found}))
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())

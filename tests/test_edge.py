@@ -1,0 +1,434 @@
+"""The line at the edge: the bundle's runner on a camera stream (the line simulator's video), one reject decision per
+frame, over a real MQTT broker (Debian's mosquitto) that is stopped and started again, and signed bundles rolled out
+through a channel in a folder and in a real S3 store (nanio) while the stream runs.
+
+No camera can be plugged in here: the reader's reconnect is the one part checked against a stand-in capture (a
+class that fails as an unplugged camera does), and the test says so."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from conveyor.net import free_port, wait_until
+from conveyor.settings import EdgeSettings, RejectSettings
+from pipelines.inference import ModelCard
+from pipelines.model_source import ModelFiles
+from serving import bundle
+from serving.line_simulator import LineVideo, load_truth, score, simulate
+from tests.conftest import VENV_BIN, stop_tree
+from tests.serving_support import export_checkpoint
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+PYTHON = str(VENV_BIN / "python")
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory: pytest.TempPathFactory) -> ModelFiles:
+    """The tests' checkpoint exported as a registered version's files (ONNX, OpenVINO, metadata)."""
+    root = tmp_path_factory.mktemp("edge-model")
+    artifacts = {k: Path(v) for k, v in export_checkpoint(root).items()}
+    return ModelFiles("conveyor-defect-detector", "1", root, ModelCard.load(artifacts["metadata"]), artifacts)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return bundle.keygen(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="module")
+def line(tmp_path_factory: pytest.TempPathFactory) -> LineVideo:
+    return simulate(tmp_path_factory.mktemp("line"), parts=16, fps=10, frames_per_part=4)
+
+
+def _bundle(files: ModelFiles, out: Path, key: Path | None, version: str = "1", **edge: Any) -> bundle.Bundle:
+    return bundle.build(replace(files, version=version), out, 0.25, EdgeSettings(**edge), private_key=key)
+
+
+def _run(root: Path, *args: str, timeout: float = 240) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
+    """The runner in a process of its own: its decisions (stdout), its summary and its stderr."""
+    result = subprocess.run(
+        [PYTHON, str(root / "run.py"), *args], capture_output=True, text=True, timeout=timeout, cwd=root
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    summary = next((json.loads(line) for line in result.stderr.splitlines() if '"summary"' in line), None)
+    summary = summary or next(d for d in lines if d.get("summary"))
+    return [d for d in lines if "frame" in d], summary, result.stderr
+
+
+# --- decisions --------------------------------------------------------------------------------------------------
+
+
+def test_the_reject_rule_follows_classes_confidence_area_and_region() -> None:
+    from serving.edge.run import RejectRule
+
+    def box(name: str, conf: float, x0: float, y0: float, x1: float, y1: float) -> dict[str, Any]:
+        return {"class_name": name, "confidence": conf, "box": [x0, y0, x1, y1]}
+
+    rule = RejectRule(("scratch",), 0.5, 100.0, (0.25, 0.0, 1.0, 1.0))
+    assert rule.reasons([box("scratch", 0.9, 100, 10, 120, 20)], 200, 100)  # 200 px², centre inside
+    assert not rule.reasons([box("dent", 0.9, 100, 10, 120, 20)], 200, 100)  # another class
+    assert not rule.reasons([box("scratch", 0.4, 100, 10, 120, 20)], 200, 100)  # not sure enough
+    assert not rule.reasons([box("scratch", 0.9, 100, 10, 105, 20)], 200, 100)  # too small: 50 px²
+    assert not rule.reasons([box("scratch", 0.9, 0, 10, 40, 20)], 200, 100)  # centre left of the region
+    with pytest.raises(ValueError, match="roi"):
+        RejectSettings(roi=(0.5, 0, 0.4, 1))
+
+
+def test_every_frame_decided_on_the_simulated_line_and_scored(
+    model_files: ModelFiles, line: LineVideo, tmp_path: Path
+) -> None:
+    built = _bundle(model_files, tmp_path / "bundle", None, reject={"min_confidence": 0.5})
+    decisions, summary, _ = _run(built.directory, "--stream", str(line.video), "--every-frame")
+    assert [d["frame"] for d in decisions] == list(range(line.frames))
+    assert summary["frames"] == line.frames and summary["skipped"] == 0
+    assert all(d["model"] == "conveyor-defect-detector v1" and d["line"] == "line-1" for d in decisions)
+    # Each decision is the rule applied to the runner's own detections of that frame.
+    import cv2
+
+    from serving.edge.run import Model, RejectRule
+
+    model, rule = Model("openvino", built.directory), RejectRule.load(built.directory)
+    capture = cv2.VideoCapture(str(line.video))
+    for decision in decisions[:8]:
+        ok, frame = capture.read()
+        assert ok
+        assert decision["reject"] == bool(rule.reasons(model.detect(frame), frame.shape[1], frame.shape[0]))
+    result = score(decisions, load_truth(line.truth))
+    assert result.parts == 16 and result.undecided == 0
+    assert result.missed_rejects + result.false_rejects < result.parts  # the model decides, not a coin
+
+
+def test_a_camera_paced_stream_takes_the_newest_frame(model_files: ModelFiles, tmp_path: Path) -> None:
+    """A video plays at its frame rate, like a camera: at 60 fps the model cannot keep up, so frames are skipped
+    (counted), and every decided frame is newer than the one before."""
+    fast = simulate(tmp_path / "fast", parts=12, fps=60, frames_per_part=5)
+    built = _bundle(model_files, tmp_path / "bundle", None)
+    decisions, summary, _ = _run(built.directory, "--stream", str(fast.video))
+    frames = [d["frame"] for d in decisions]
+    assert frames == sorted(set(frames)) and summary["skipped"] > 0
+    assert summary["frames"] + summary["skipped"] == fast.frames
+    assert summary["latency_p99_ms"] >= summary["latency_p50_ms"] > 0
+
+
+# --- MQTT ---------------------------------------------------------------------------------------------------------
+
+
+class Broker:
+    """Debian's mosquitto on a free port, persisting its sessions so that a restart keeps a subscriber's queue."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, free_port()
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "mosquitto.conf").write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+            f"persistence_location {root}/\nautosave_interval 1\n"
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = (self.root / "mosquitto.log").open("ab")
+        self.process = subprocess.Popen(
+            [MOSQUITTO, "-c", str(self.root / "mosquitto.conf")], stdout=log, stderr=log, start_new_session=True
+        )
+        from conveyor.net import port_free
+
+        wait_until(lambda: not port_free(self.port), 10, "mosquitto to listen")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(10)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    if not Path(MOSQUITTO).is_file():
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto; `make test` installs it as root)")
+    found = Broker(tmp_path / "mosquitto")
+    found.start()
+    try:
+        yield found
+    finally:
+        found.stop()
+
+
+class Subscriber:
+    """A persistent session (clean_session False): the broker keeps its QoS 1 messages while it is away."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.received: list[dict[str, Any]] = []
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="line-test", clean_session=False)
+        self.client.on_connect = lambda client, *_: client.subscribe(topic, qos=1)
+        self.client.on_message = lambda _c, _u, message: self.received.append(json.loads(message.payload))
+        self.client.reconnect_delay_set(1, 2)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_decisions_arrive_in_order_through_a_broker_that_restarts(
+    model_files: ModelFiles, line: LineVideo, broker: Broker, tmp_path: Path
+) -> None:
+    from serving.edge.run import topic_of
+
+    built = _bundle(model_files, tmp_path / "bundle", None, line="press-7")
+    subscriber = Subscriber(broker.port, topic_of("press-7"))
+    wait_until(lambda: subscriber.client.is_connected(), 10, "the subscriber")
+    time.sleep(0.5)  # its subscription is in place
+    mqtt = ["--mqtt", f"127.0.0.1:{broker.port}"]
+    runner = subprocess.Popen(
+        [PYTHON, str(built.directory / "run.py"), "--stream", str(line.video), "--every-frame", "--paced", *mqtt],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: len(subscriber.received) >= 5, 120, "the first decisions")
+        broker.stop()  # the broker goes away mid-stream; decisions made meanwhile wait in the runner's queue
+        down = time.time()
+        time.sleep(3)
+        broker.start()
+        up = time.time()
+        out, err = runner.communicate(timeout=180)
+        assert runner.returncode == 0, err[-3000:]
+        wait_until(lambda: {d["frame"] for d in subscriber.received} >= set(range(line.frames)), 60, "every decision")
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        subscriber.close()
+    summary = json.loads(next(s for s in out.splitlines() if '"summary"' in s))
+    assert summary["dropped"] == 0 and summary["published"] == line.frames
+    frames = [d["frame"] for d in subscriber.received]
+    firsts = [f for i, f in enumerate(frames) if f not in frames[:i]]  # QoS 1 is at least once: a resend may repeat
+    assert firsts == list(range(line.frames)), "decisions out of order"
+    assert all(d["line"] == "press-7" for d in subscriber.received)
+    # The stream (a 10 fps camera) went on deciding while the broker was away: those decisions were queued.
+    assert sum(down < d["time"] < up for d in subscriber.received) >= 15
+
+
+def test_a_full_queue_drops_the_excess_and_says_how_many(
+    model_files: ModelFiles, line: LineVideo, tmp_path: Path
+) -> None:
+    """No broker at all: the queue (5) fills, the rest are dropped and counted, and the runner still decides every
+    frame and ends."""
+    built = _bundle(model_files, tmp_path / "bundle", None)
+    nobody = free_port()
+    _, summary, err = _run(
+        built.directory, "--stream", str(line.video), "--every-frame", "--mqtt", f"127.0.0.1:{nobody}", "--queue", "5"
+    )
+    assert summary["frames"] == line.frames
+    assert summary["published"] == 5 and summary["dropped"] == line.frames - 5
+    assert "not acknowledged by the broker" in err
+
+
+# --- rollout ------------------------------------------------------------------------------------------------------
+
+
+def _tampered(good: bundle.Bundle, out: Path) -> bundle.Bundle:
+    """The good bundle with its reject rule changed after signing."""
+    shutil.copytree(good.directory, out)
+    (out / "edge.json").write_text('{"reject": {"min_confidence": 0.01}}')
+    archive = out.with_name(out.name + ".tar.gz")
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(out, arcname=out.name)
+    return bundle.Bundle(out, archive, 0, 0.0)
+
+
+def _rollout_under_a_stream(
+    files: ModelFiles, keys: tuple[Path, Path], channel: str, video: Path, tmp_path: Path, env: dict[str, str]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """v1 runs every frame of a video played at its rate; a tampered bundle and another model's are published and
+    refused, an unsigned one cannot be published, then v2 is published and swapped in while frames keep coming."""
+    private, public = keys
+    v1 = _bundle(files, tmp_path / "v1", private)
+    v2 = _bundle(files, tmp_path / "v2", private, version="2")
+    other = bundle.build(
+        replace(files, name="another-model", version="9"), tmp_path / "other", 0.25, private_key=private
+    )
+    unsigned = _bundle(files, tmp_path / "unsigned", None, version="3")
+    bundle.publish(v1, channel, "line-1")
+    follow = ["--channel", channel, "--public-key", str(public), "--poll", "0.2"]
+    runner = subprocess.Popen(
+        [PYTHON, str(v1.directory / "run.py"), "--stream", str(video), "--every-frame", "--paced", *follow],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    out: list[str] = []
+    err: list[str] = []
+    readers = [
+        threading.Thread(target=lambda: out.extend(runner.stdout or []), daemon=True),
+        threading.Thread(target=lambda: err.extend(runner.stderr or []), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
+    try:
+        wait_until(lambda: len(out) >= 5, 120, "the first decisions")
+        bundle.publish(_tampered(v2, tmp_path / "tampered"), channel, "line-1")
+        wait_until(lambda: sum("refused bundle" in line for line in err) >= 1, 60, "the tampered bundle refused")
+        bundle.publish(other, channel, "line-1")
+        wait_until(lambda: sum("refused bundle" in line for line in err) >= 2, 60, "another model's bundle refused")
+        with pytest.raises(bundle.ChannelError, match="not signed"):
+            bundle.publish(unsigned, channel, "line-1")
+        bundle.publish(v2, channel, "line-1")
+        assert runner.wait(timeout=300) == 0, "".join(err)[-3000:]
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        for reader in readers:
+            reader.join(timeout=10)
+    lines = [json.loads(line) for line in out if line.startswith("{")]
+    summary = json.loads(next(s for s in err if '"summary"' in s))
+    return [d for d in lines if "frame" in d], summary
+
+
+def test_a_signed_bundle_is_swapped_in_under_a_running_stream_and_bad_ones_refused(
+    model_files: ModelFiles, keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    video = simulate(tmp_path / "line", parts=50, fps=20, frames_per_part=4)  # 10 s at its rate
+    decisions, summary = _rollout_under_a_stream(
+        model_files, keys, str(tmp_path / "channel"), video.video, tmp_path, dict(os.environ)
+    )
+    assert [d["frame"] for d in decisions] == list(range(video.frames)), "a frame left undecided"
+    models = [d["model"] for d in decisions]
+    switch = models.index("conveyor-defect-detector v2")
+    assert set(models[:switch]) == {"conveyor-defect-detector v1"}
+    assert set(models[switch:]) == {"conveyor-defect-detector v2"}
+    assert summary["swaps"] == ["conveyor-defect-detector v2"]
+    refusals = " ".join(summary["refused"])
+    assert "bundle damaged: edge.json" in refusals
+    assert "for model 'another-model', this line runs 'conveyor-defect-detector'" in refusals
+    # The line follows a registry rollback: back to the newest entry it had of v1.
+    entry = bundle.roll_back_channel(str(tmp_path / "channel"), "line-1", "1")
+    assert entry["version"] == "1" and bundle.current(str(tmp_path / "channel"), "line-1") == entry
+    with pytest.raises(bundle.ChannelError, match="never ran v7"):
+        bundle.roll_back_channel(str(tmp_path / "channel"), "line-1", "7")
+
+
+def test_a_channel_in_a_real_s3_store(model_files: ModelFiles, keys: tuple[Path, Path], tmp_path: Path) -> None:
+    nanio = VENV_BIN / "nanio"
+    port = free_port()
+    secret = {"NANIO_ACCESS_KEY": "edge-test", "NANIO_SECRET_KEY": "edge-test-secret-key"}
+    store = subprocess.Popen(
+        [str(nanio), "serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(tmp_path / "s3")],
+        env={**os.environ, **secret},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+        "AWS_ACCESS_KEY_ID": secret["NANIO_ACCESS_KEY"],
+        "AWS_SECRET_ACCESS_KEY": secret["NANIO_SECRET_KEY"],
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = dict(os.environ)
+    try:
+        os.environ.update(env)
+        from conveyor import storage
+
+        wait_until(lambda: _bucket_ready(storage), 30, "the S3 store")
+        video = simulate(tmp_path / "line", parts=50, fps=20, frames_per_part=4)  # 10 s at its rate
+        decisions, summary = _rollout_under_a_stream(model_files, keys, "s3://edge/channel", video.video, tmp_path, env)
+        assert [d["frame"] for d in decisions] == list(range(video.frames))
+        assert summary["swaps"] == ["conveyor-defect-detector v2"] and len(summary["refused"]) == 2
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        stop_tree(store)
+
+
+def _bucket_ready(storage: Any) -> bool:
+    try:
+        storage.ensure_bucket("edge")
+    except Exception:
+        return False
+    return True
+
+
+# --- bad input ------------------------------------------------------------------------------------------------------
+
+
+def test_bad_streams_and_bundles_get_clear_messages(model_files: ModelFiles, line: LineVideo, tmp_path: Path) -> None:
+    private, _ = bundle.keygen(tmp_path / "keys")
+    built = _bundle(model_files, tmp_path / "bundle", private)
+    run = [PYTHON, str(built.directory / "run.py")]
+    missing = subprocess.run(
+        [*run, "--stream", str(tmp_path / "nope.avi")], capture_output=True, text=True, timeout=120
+    )
+    assert missing.returncode != 0 and "cannot open the stream" in missing.stderr
+    # A stream that ends early (a truncated file): what was there is decided, then the summary.
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(line.video.read_bytes()[: line.video.stat().st_size // 2])
+    decisions, summary, err = _run(built.directory, "--stream", str(cut), "--every-frame")
+    assert 0 < summary["frames"] < line.frames and len(decisions) == summary["frames"]
+    assert "damaged or truncated" in err
+    # Another team's key: the runner refuses its own bundle before deciding anything.
+    _, stranger = bundle.keygen(tmp_path / "stranger")
+    refused = subprocess.run(
+        [*run, "--stream", str(line.video), "--public-key", str(stranger)], capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode == 2 and "bundle signature invalid" in refused.stderr
+    with pytest.raises(FileExistsError, match="orphan"):
+        bundle.keygen(tmp_path / "keys")
+
+
+def test_a_camera_that_disappears_is_reopened() -> None:
+    """Stand-in capture (no camera can be attached here): a live source that stops delivering frames is released
+    and opened again, and frames flow once it is back."""
+    from serving.edge.run import FrameReader
+
+    opened: list[int] = []
+
+    class Camera:
+        def __init__(self) -> None:
+            opened.append(1)
+            self.reads = 0
+
+        def isOpened(self) -> bool:
+            return True
+
+        def get(self, prop: int) -> float:
+            return 0.0
+
+        def read(self) -> tuple[bool, np.ndarray | None]:
+            self.reads += 1
+            if len(opened) == 1 and self.reads > 3:  # unplugged after three frames
+                return False, None
+            time.sleep(0.01)
+            return True, np.zeros((8, 8, 3), np.uint8)
+
+        def release(self) -> None:
+            pass
+
+    reader = FrameReader("0", reopen_after=5, open_capture=lambda source: Camera())
+    try:
+        for seen, _ in enumerate(reader.frames(), start=1):
+            if seen >= 10:
+                break
+    finally:
+        reader.close()
+    assert len(opened) == 2 and reader.reopened == 1 and reader.unreadable >= 5
+    assert "reopening 0" in reader.problems[0]
