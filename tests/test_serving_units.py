@@ -7,6 +7,7 @@ import importlib.util
 import io
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -33,9 +34,11 @@ def encoded(fmt: str, size: tuple[int, int] = (64, 48)) -> bytes:
 
 
 def edge_module() -> ModuleType:
+    """The bundle's run.py loaded as the device loads it: a file, not a module of Conveyor's."""
     spec = importlib.util.spec_from_file_location("edge_run", EDGE)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
