@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -68,6 +69,31 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int) -> None:
 
 def wait_http(url: str, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
     wait_started(url, lambda: http_answers(url, timeout=2), timeout, process)
+
+
+@contextlib.contextmanager
+def nanio_store(root: Path, user: str) -> Iterator[dict[str, str]]:
+    """A real S3-compatible store (nanio, from PyPI) on a free port, data under `root`; yields the environment a
+    client needs to reach it (AWS_* only: any AWS_ variable of this process is left out)."""
+    port = free_port()
+    keys = {"NANIO_ACCESS_KEY": user, "NANIO_SECRET_KEY": f"{user}-secret-key"}
+    server = subprocess.Popen(
+        [VENV_BIN / "nanio", "serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(root)],
+        env={**os.environ, **keys},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        yield {
+            **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+            "AWS_ACCESS_KEY_ID": keys["NANIO_ACCESS_KEY"],
+            "AWS_SECRET_ACCESS_KEY": keys["NANIO_SECRET_KEY"],
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    finally:
+        stop_tree(server)
 
 
 def stop_tree(process: subprocess.Popen[bytes]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import yaml
 from mlflow.tracking import MlflowClient
 
+from conveyor.net import wait_until
 from conveyor.scaffold import REPO
 from pipelines import registry
 from tests.conftest import base_env, make_project
@@ -86,12 +86,7 @@ def champion_version(client: MlflowClient, name: str) -> str | None:
 
 
 def wait_for(predicate: Any, timeout: float, what: str, poll: float = 0.5) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(poll)
-    raise TimeoutError(f"timed out waiting for {what}")
+    wait_until(predicate, timeout, what, poll)
 
 
 def flow_run_state(api: str, flow_run_id: str) -> str:

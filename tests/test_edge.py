@@ -29,7 +29,7 @@ from pipelines.inference import ModelCard
 from pipelines.model_source import ModelFiles
 from serving import bundle
 from serving.line_simulator import LineVideo, load_truth, score, simulate
-from tests.conftest import VENV_BIN, stop_tree
+from tests.conftest import VENV_BIN, nanio_store
 from tests.serving_support import export_checkpoint
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -327,37 +327,22 @@ def test_a_signed_bundle_is_swapped_in_under_a_running_stream_and_bad_ones_refus
 
 
 def test_a_channel_in_a_real_s3_store(model_files: ModelFiles, keys: tuple[Path, Path], tmp_path: Path) -> None:
-    nanio = VENV_BIN / "nanio"
-    port = free_port()
-    secret = {"NANIO_ACCESS_KEY": "edge-test", "NANIO_SECRET_KEY": "edge-test-secret-key"}
-    store = subprocess.Popen(
-        [str(nanio), "serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(tmp_path / "s3")],
-        env={**os.environ, **secret},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
-        "AWS_ACCESS_KEY_ID": secret["NANIO_ACCESS_KEY"],
-        "AWS_SECRET_ACCESS_KEY": secret["NANIO_SECRET_KEY"],
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
     saved = dict(os.environ)
-    try:
-        os.environ.update(env)
-        from conveyor import storage
+    with nanio_store(tmp_path / "s3", "edge-test") as env:
+        try:
+            os.environ.update(env)
+            from conveyor import storage
 
-        wait_until(lambda: _bucket_ready(storage), 30, "the S3 store")
-        video = simulate(tmp_path / "line", parts=50, fps=20, frames_per_part=4)  # 10 s at its rate
-        decisions, summary = _rollout_under_a_stream(model_files, keys, "s3://edge/channel", video.video, tmp_path, env)
-        assert [d["frame"] for d in decisions] == list(range(video.frames))
-        assert summary["swaps"] == ["conveyor-defect-detector v2"] and len(summary["refused"]) == 2
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-        stop_tree(store)
+            wait_until(lambda: _bucket_ready(storage), 30, "the S3 store")
+            video = simulate(tmp_path / "line", parts=50, fps=20, frames_per_part=4)  # 10 s at its rate
+            decisions, summary = _rollout_under_a_stream(
+                model_files, keys, "s3://edge/channel", video.video, tmp_path, env
+            )
+            assert [d["frame"] for d in decisions] == list(range(video.frames))
+            assert summary["swaps"] == ["conveyor-defect-detector v2"] and len(summary["refused"]) == 2
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
 
 
 def _bucket_ready(storage: Any) -> bool:

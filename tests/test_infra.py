@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from conveyor.net import free_port
-from tests.conftest import stop_tree, wait_http
+from tests.conftest import nanio_store, stop_tree, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -752,31 +752,13 @@ def test_bucket_init_creates_the_bucket_once(tmp_path: Path) -> None:
     """compose's bucket-init script against a real S3-compatible server (nanio, where installed)."""
     if shutil.which("nanio", path=str(VENV_BIN)) is None:
         pytest.skip("nanio is not installed in this environment")
-    port = free_port()
-    keys = {"NANIO_ACCESS_KEY": "infra-test", "NANIO_SECRET_KEY": "infra-test-secret-key"}
-    server = subprocess.Popen(
-        [VENV_BIN / "nanio", "serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(tmp_path / "s3")],
-        env={**os.environ, **keys},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
-        "AWS_ACCESS_KEY_ID": keys["NANIO_ACCESS_KEY"],
-        "AWS_SECRET_ACCESS_KEY": keys["NANIO_SECRET_KEY"],
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "S3_BUCKET": "conveyor",
-    }
     script = INFRA / "compose" / "minio" / "create_bucket.py"
-    try:
+    with nanio_store(tmp_path / "s3", "infra-test") as store:
+        env = {**store, "S3_BUCKET": "conveyor"}
         first = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=120)
         second = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=60)
-        assert first.returncode == 0 and "created bucket conveyor" in first.stdout, first.stderr
-        assert second.returncode == 0 and "bucket conveyor exists" in second.stdout, second.stderr
-    finally:
-        stop_tree(server)
+    assert first.returncode == 0 and "created bucket conveyor" in first.stdout, first.stderr
+    assert second.returncode == 0 and "bucket conveyor exists" in second.stdout, second.stderr
 
 
 # --- shared -----------------------------------------------------------------------------------------------------

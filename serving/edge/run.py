@@ -398,11 +398,8 @@ class Mqtt(Publisher):
         self.client.max_queued_messages_set(queue_size)
         self.client.max_inflight_messages_set(100)
         self.client.reconnect_delay_set(min_delay=1, max_delay=5)
-        self.connected = threading.Event()
         self.acknowledged = 0  # PUBACKs from the broker: delivered
         self._lock = threading.Lock()
-        self.client.on_connect = lambda *args: self.connected.set()
-        self.client.on_disconnect = lambda *args: self.connected.clear()
         self.client.on_publish = self._acknowledged
         self.client.connect_async(host, int(port or 1883))
         self.client.loop_start()
@@ -699,7 +696,6 @@ def main(argv: list[str] | None = None) -> int:
         publisher.close()
         if rollout is not None:
             rollout.close()
-    summary["published"], summary["dropped"] = publisher.published, publisher.dropped
     print(json.dumps(summary), file=sys.stderr if args.mqtt is None else sys.stdout, flush=True)
     return 0
 
