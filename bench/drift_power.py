@@ -248,7 +248,7 @@ def speed(project: Path, rows: Any, profile: Any, monitor: MonitorSettings) -> d
 
     from monitoring.check import judge as verdict
     from pipelines import shifts
-    from pipelines.prediction_log import hour_partition
+    from pipelines.log_parts import hour_partition
 
     work = project.parent
     folder = work / "source-40"

@@ -9,12 +9,15 @@ of which parts are defective is known):
 - stream, every frame: the runner reading the video itself, deciding each frame by the reject rule and writing the
   decision: frames/s, so `throughput_ratio` = stream / raw says what the stream costs beyond the model (five
   interleaved rounds of each, medians);
-- stream, camera-paced: the video played at its 10 fps, as a camera delivers it, the newest frame taken:
-  capture-to-decision p50/p99 and skipped frames at the line's own rate;
+- stream, every frame, with the prediction log (params.yaml `edge.log`, on by default: the server's records for
+  each frame, for the drift check): `throughput_ratio_with_log`, in the same interleaved rounds;
+- stream, camera-paced, with the log: the video played at its 10 fps, as a camera delivers it, the newest frame
+  taken: capture-to-decision p50/p99 and skipped frames at the line's own rate;
 - the line's outcome: missed rejects (defective parts let through) and false rejects (good parts rejected) of the
   paced run, beside the model's own part-level recall and precision on the still images of the same parts.
 
-Writes bench/results/edge.json (keys: throughput_ratio, stream_fps, raw_fps, p50_ms, p99_ms, skipped,
+Writes bench/results/edge.json (keys: throughput_ratio, throughput_ratio_with_log, stream_fps, raw_fps, p50_ms,
+p99_ms, skipped,
 missed_rejects, false_rejects, parts, defective, still_recall, still_precision).
 """
 
@@ -81,20 +84,24 @@ def main() -> None:
             model.detect(frame)
         return len(frames) / (time.perf_counter() - started)
 
-    def stream(every_frame: bool) -> tuple[dict, list[dict]]:
+    def stream(every_frame: bool, log: bool = False) -> tuple[dict, list[dict]]:
         out = io.StringIO()
         reader = runner.FrameReader(str(line.video), every_frame=every_frame)
+        config = {**edge.log.model_dump(mode="json"), "directory": str(work / "edge-log")}
+        edge_log = runner.EdgeLog(config, "bench", edge.line, 320, built.directory) if log else None
         with redirect_stdout(out):
-            summary = runner.run_stream(model, reader, rule, runner.JsonLines(), edge.line)
+            summary = runner.run_stream(model, reader, rule, runner.JsonLines(), edge.line, log=edge_log)
         return summary, [json.loads(s) for s in out.getvalue().splitlines()]
 
-    # Interleaved rounds, medians: a busy moment of the host falls on both sides alike.
-    raw_rounds, stream_rounds = [], []
+    # Interleaved rounds, medians: a busy moment of the host falls on every side alike.
+    raw_rounds, stream_rounds, logged_rounds = [], [], []
     for _ in range(ROUNDS):
         raw_rounds.append(raw())
         stream_rounds.append(stream(every_frame=True)[0]["frames_per_second"])
+        logged_rounds.append(stream(every_frame=True, log=True)[0]["frames_per_second"])
     raw_fps, stream_fps = statistics.median(raw_rounds), statistics.median(stream_rounds)
-    paced, decisions = stream(every_frame=False)
+    logged_fps = statistics.median(logged_rounds)
+    paced, decisions = stream(every_frame=False, log=True)
     outcome = score(decisions, load_truth(line.truth))
 
     # The model on the still parts: a part is flagged when the rule rejects its image.
@@ -108,14 +115,22 @@ def main() -> None:
         fn += (not flagged) and bool(boxes)
     result = {
         "throughput_ratio": round(stream_fps / raw_fps, 3),
+        "throughput_ratio_with_log": round(logged_fps / raw_fps, 3),
         "stream_fps": round(stream_fps, 2),
-        "rounds": {"raw_fps": [round(v, 2) for v in raw_rounds], "stream_fps": stream_rounds},
+        "stream_with_log_fps": round(logged_fps, 2),
+        "rounds": {
+            "raw_fps": [round(v, 2) for v in raw_rounds],
+            "stream_fps": stream_rounds,
+            "with_log": logged_rounds,
+        },
         "raw_fps": round(raw_fps, 2),
         "camera_fps": FPS,
         "p50_ms": paced["latency_p50_ms"],
         "p99_ms": paced["latency_p99_ms"],
         "skipped": paced["skipped"],
         "paced_frames": paced["frames"],
+        "paced_logged": paced["logged"],
+        "paced_log_dropped": paced["log_dropped"],
         "missed_rejects": outcome.missed_rejects,
         "false_rejects": outcome.false_rejects,
         "undecided_parts": outcome.undecided,
@@ -137,8 +152,10 @@ def main() -> None:
         (f"raw runtime, frames/s (median of {ROUNDS})", f"{raw_fps:.1f}"),
         ("stream (every frame), frames/s", f"{stream_fps:.1f}"),
         ("throughput ratio (goal >= 0.9)", f"{result['throughput_ratio']:.3f}"),
+        ("stream with the prediction log, frames/s", f"{logged_fps:.1f}"),
+        ("throughput ratio with the log", f"{result['throughput_ratio_with_log']:.3f}"),
         (
-            "camera-paced capture -> decision p50 / p99",
+            "camera-paced, with the log: capture -> decision p50 / p99",
             f"{paced['latency_p50_ms']:.1f} / {paced['latency_p99_ms']:.1f} ms",
         ),
         ("camera-paced skipped frames", f"{paced['skipped']} of {line.frames}"),

@@ -376,6 +376,23 @@ class RejectSettings(_Section):
         return self
 
 
+class EdgeLogSettings(_Section):
+    """The runner's prediction log: the server's records for the frames it decides, read by `conveyor drift --device`
+    and the monitoring flow."""
+
+    enabled: bool = Field(True, description="write it (the runner then needs pyarrow)")
+    directory: str = Field("edge-log", description="on the device; relative to the runner's working directory")
+    s3: str | None = Field(
+        None,
+        pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$",
+        description="where its parts are shipped; default serve.prediction_log.s3 (where drift checks read)",
+    )
+    every: int = Field(1, ge=1, description="log one frame in N: a camera sees each part in several frames")
+    flush_seconds: float = Field(5.0, gt=0, description="how often buffered records are written (and shipped)")
+    keep_hours: int = Field(24 * 14, ge=1, description="hourly folders older than this are deleted on the device")
+    queue_size: int = Field(10_000, ge=1, description="records waiting for the writer; past it they are dropped")
+
+
 class EdgeSettings(_Section):
     """The edge runner on the line (`conveyor bundle` writes it into the bundle's edge.json)."""
 
@@ -384,6 +401,7 @@ class EdgeSettings(_Section):
     queue: int = Field(10_000, ge=1, description="decisions kept while the MQTT broker is away; past it, dropped")
     channel: str | None = Field(None, description="folder or s3://bucket/prefix the runner takes new bundles from")
     poll_seconds: float = Field(10.0, gt=0, description="how often the runner looks at the channel")
+    log: EdgeLogSettings = EdgeLogSettings()
 
 
 class LabelSettings(_Section):

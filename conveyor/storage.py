@@ -46,16 +46,20 @@ def endpoint_from_env() -> str | None:
 
 def client(endpoint: str | None = None, attempts: int = 2, credentials: tuple[str, str] | None = None) -> Any:
     """A boto3 S3 client on `endpoint` (default: the environment's, else AWS), path-style addressing (what
-    S3-compatible stores on an IP address need), few retries: a check should answer in seconds. Credentials from
-    boto3's chain (the environment), unless given."""
+    S3-compatible stores on an IP address need), few retries: a check should answer in seconds. Credentials as
+    given, else AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, else the rest of boto3's chain."""
     import boto3
     from botocore.config import Config
 
-    key, secret = credentials or (None, None)
+    # Read from the environment on every call: boto3's default session resolves its credential chain once per process
+    # and keeps the answer, so a process whose environment names another store would sign with the old keys.
+    from_env = (os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY"))
+    key, secret = credentials or (from_env if all(from_env) else (None, None))
     return boto3.client(
         "s3",
         aws_access_key_id=key,
         aws_secret_access_key=secret,
+        aws_session_token=None if credentials or not key else os.environ.get("AWS_SESSION_TOKEN"),
         endpoint_url=endpoint or endpoint_from_env(),
         region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
         config=Config(

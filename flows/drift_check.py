@@ -1,4 +1,5 @@
-"""The monitoring flow: one drift check (`conveyor drift`), and on an alert the Prefect event that closes the loop.
+"""The monitoring flow: a drift check (`conveyor drift`) per device with records in the window (the server, each
+edge runner that ships its log), and on an alert the Prefect event that closes the loop.
 
 `conveyor deploy` schedules it (monitor.schedule) and creates the automation that answers the event
 `conveyor.drift.detected` with the resource label `conveyor.drift.action: retrain` by running the training
@@ -28,6 +29,7 @@ ACTION_LABEL = "conveyor.drift.action"  # a resource label of the event: "retrai
 PAYLOAD_KEYS = (
     "model_name",
     "model_version",
+    "device",
     "action",
     "drifted_groups",
     "deciding",
@@ -45,17 +47,36 @@ def model_resource(model_name: str) -> str:
     return f"conveyor.model.{model_name}"
 
 
-@task(name="drift check")
-def drift_check(root: str, hours: float | None, last: int | None) -> dict[str, Any]:
+@task(name="devices in the window")
+def window_devices(root: str, hours: float | None) -> list[str]:
+    """The devices with records in the window, the server first; the server alone when the log is empty (its
+    check then says why)."""
+    from monitoring.current import NoCurrentDataError, devices_in_log
+
+    paths = ProjectPaths(Path(root))
+    settings = load_settings(paths.params)
+    log = settings.serve.prediction_log
+    try:
+        found = devices_in_log(
+            paths.prediction_log_source(log.directory, log.s3), hours or settings.monitor.window_hours
+        )
+    except NoCurrentDataError:
+        found = {}
+    get_run_logger().info("records in the window: %s", found or "none")
+    return list(found) or ["server"]
+
+
+@task(name="drift check", task_run_name="drift check {device}")
+def drift_check(root: str, hours: float | None, last: int | None, device: str = "server") -> dict[str, Any]:
     from rich.console import Console
 
     from monitoring.check import CheckOptions, run_check
 
     paths = ProjectPaths(Path(root))
     settings = load_settings(paths.params)
-    outcome = run_check(paths, settings, CheckOptions(hours=hours, last=last), Console(width=120))
+    outcome = run_check(paths, settings, CheckOptions(hours=hours, last=last, device=device), Console(width=120))
     logger = get_run_logger()
-    logger.info("v%s: %s (%s)", outcome.model_version, outcome.result.status, outcome.result.message)
+    logger.info("%s v%s: %s (%s)", device, outcome.model_version, outcome.result.status, outcome.result.message)
     if outcome.data.other_versions:
         logger.info("left out, served by other versions: %s", outcome.data.other_versions)
     return {
@@ -82,6 +103,7 @@ def emit_drift_event(root: str, result: dict[str, Any]) -> str:
             "prefect.resource.id": model_resource(result["model_name"]),
             "prefect.resource.name": result["model_name"],
             "conveyor.model.version": str(result["model_version"]),
+            "conveyor.device": str(result["device"]),
             ACTION_LABEL: str(result["action"]),  # the automation retrains only on action "retrain"
         },
         payload={k: result[k] for k in PAYLOAD_KEYS},
@@ -90,8 +112,9 @@ def emit_drift_event(root: str, result: dict[str, Any]) -> str:
         raise RuntimeError("Prefect did not accept the drift event (no API to send it to: set PREFECT_API_URL)")
     mark_alert_emitted(Tracker.client_for(ProjectPaths(Path(root))), result["mlflow_run_id"], str(event.id))
     get_run_logger().warning(
-        "drift on v%s (%s; estimated cost %s): event %s emitted, action %s",
+        "drift on v%s seen by %s (%s; estimated cost %s): event %s emitted, action %s",
         result["model_version"],
+        result["device"],
         "; ".join(result["deciding"]),
         result["estimated_cost"],
         event.id,
@@ -102,20 +125,37 @@ def emit_drift_event(root: str, result: dict[str, Any]) -> str:
 
 @flow(name=MONITORING_FLOW)
 def monitoring_flow(
-    project_dir: str | None = None, hours: float | None = None, last: int | None = None
-) -> dict[str, Any]:
-    """Check the serving model's recent traffic for drift; emit `conveyor.drift.detected` when the policy says so.
+    project_dir: str | None = None,
+    hours: float | None = None,
+    last: int | None = None,
+    devices: list[str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Check the serving model's recent traffic for drift, one device's window at a time; emit
+    `conveyor.drift.detected` when the policy says so.
 
     project_dir: the Conveyor project (default: the working directory's).
     hours, last: the window (default monitor.window_hours / monitor.window_records).
+    devices: whose records ("server", edge runners' names); default every device with records in the window.
     """
     paths = ProjectPaths.discover(Path(project_dir) if project_dir else None)
     root = str(paths.root)
-    result = drift_check(root, hours, last)
-    if result["alert"]:
-        result["event_id"] = emit_drift_event(root, result)
-    create_markdown_artifact(result["markdown"], key="conveyor-drift-check", description="Conveyor drift check")
-    return {k: v for k, v in result.items() if k != "markdown"}
+    results: dict[str, dict[str, Any]] = {}
+    for device in devices or window_devices(root, hours):
+        result = drift_check(root, hours, last, device)
+        if result["alert"]:
+            result["event_id"] = emit_drift_event(root, result)
+        create_markdown_artifact(
+            result["markdown"], key=artifact_key(device), description=f"Conveyor drift check ({device})"
+        )
+        results[device] = {k: v for k, v in result.items() if k != "markdown"}
+    return results
+
+
+def artifact_key(device: str) -> str:
+    """Prefect artifact keys are lowercase letters, digits and dashes; the server's keeps its old key."""
+    if device == "server":
+        return "conveyor-drift-check"
+    return "conveyor-drift-check-" + "".join(c if c.isalnum() else "-" for c in device.lower())
 
 
 def summary_markdown(outcome: CheckOutcome) -> str:
@@ -136,7 +176,7 @@ def summary_markdown(outcome: CheckOutcome) -> str:
     )
     skipped = "".join(f"- skipped {name}: {why}\n" for name, why in result.skipped.items())
     return (
-        f"## Drift check of {outcome.model_name} v{outcome.model_version}: {result.status}\n\n"
+        f"## Drift check of {outcome.model_name} v{outcome.model_version} ({outcome.data.device}): {result.status}\n\n"
         f"- {result.message}\n- current: {outcome.data.source} ({result.current_rows} rows)\n"
         f"- performance: {estimate}\n"
         f"- alert: {outcome.decision.action if outcome.decision.alert else 'no'} ({outcome.decision.reason})\n"

@@ -12,6 +12,8 @@ Rules:
   no event at all: the check says why and how to fix it, rather than retraining or staying silent on a guess.
 - Cooldown: no retraining alert within `monitor.cooldown_hours` of the last one (for any version). The retraining
   it started needs time, and until the new champion serves, the window still holds the traffic that alerted.
+- Checks are per device (the server's window, each edge runner's): persistence counts one device's checks; the
+  cooldown and the de-duplication are per model, whichever device alerted (one retraining serves them all).
 - De-duplication: one alert per model version, action and set of drifted groups per `monitor.dedupe_hours`; a
   version that keeps drifting the same way is not alerted again and again on the same evidence.
 - Every check is an MLflow run in the monitoring experiment; an alert is a run tagged `conveyor.drift.alert=emitted`
@@ -38,6 +40,7 @@ ACTION_TAG = "conveyor.drift.action"
 STATUS_TAG = "conveyor.drift.status"
 VERSION_TAG = "conveyor.model_version"
 MODEL_TAG = "conveyor.model_name"
+DEVICE_TAG = "conveyor.drift.device"  # whose window: "server", an edge runner's name, or "folder"
 Action = Literal["retrain", "alert"]
 
 
@@ -81,14 +84,20 @@ def past_alerts(client: MlflowClient, experiment: str, model_name: str, since: d
     ]
 
 
-def recent_statuses(client: MlflowClient, experiment: str, model_name: str, version: str, count: int) -> list[str]:
-    """The verdicts of this version's last `count` checks, newest first (for `monitor.retrain_after`)."""
+def recent_statuses(
+    client: MlflowClient, experiment: str, model_name: str, version: str, count: int, device: str
+) -> list[str]:
+    """The verdicts of this version's last `count` checks of one device's window, newest first (for
+    `monitor.retrain_after`: drift that persists on one camera, not the checks of several interleaved)."""
     found = client.get_experiment_by_name(experiment)
     if found is None or count <= 0:
         return []
     runs = client.search_runs(
         [found.experiment_id],
-        filter_string=f"tags.`{MODEL_TAG}` = '{model_name}' and tags.`{VERSION_TAG}` = '{version}'",
+        filter_string=(
+            f"tags.`{MODEL_TAG}` = '{model_name}' and tags.`{VERSION_TAG}` = '{version}' "
+            f"and tags.`{DEVICE_TAG}` = '{device}'"
+        ),
         order_by=["attributes.start_time DESC"],
         max_results=count,
     )

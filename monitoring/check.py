@@ -26,6 +26,7 @@ from conveyor.tracking import Tracker, ensure_experiment, metric_name
 from monitoring import alerts, current, drift
 from monitoring.estimate import WindowEstimate, estimate_window
 from pipelines import model_source as source
+from pipelines.prediction_log import SERVER_DEVICE
 from pipelines.profile import Profile
 from pipelines.reference import load_reference
 
@@ -36,6 +37,7 @@ class CheckOptions:
     model: str | None = None  # the version to check against (default: the one that served the window / champion)
     hours: float | None = None  # default monitor.window_hours
     last: int | None = None  # default monitor.window_records
+    device: str = SERVER_DEVICE  # whose log records: the server's, or an edge runner's (its --device name)
 
 
 @dataclass
@@ -57,6 +59,7 @@ class CheckOutcome:
         return {
             "model_name": self.model_name,
             "model_version": self.model_version,
+            "device": self.data.device,
             "action": self.decision.action,
             "drifted_groups": self.result.drifted_groups,
             "deciding": [g.summary() for g in self.result.groups if g.drifted],
@@ -87,6 +90,7 @@ def run_check(paths: ProjectPaths, settings: Settings, options: CheckOptions, co
             options.hours or monitor.window_hours,
             options.last or monitor.window_records,
             wanted,
+            device=options.device,
         )
         assert data.model_version is not None
         version = client.get_model_version(name, data.model_version)
@@ -96,7 +100,9 @@ def run_check(paths: ProjectPaths, settings: Settings, options: CheckOptions, co
     history = alerts.past_alerts(
         client, monitor.experiment, name, now - timedelta(hours=max(monitor.cooldown_hours, monitor.dedupe_hours))
     )
-    earlier = alerts.recent_statuses(client, monitor.experiment, name, str(version.version), monitor.retrain_after - 1)
+    earlier = alerts.recent_statuses(
+        client, monitor.experiment, name, str(version.version), monitor.retrain_after - 1, data.device
+    )
     decision = alerts.decide(result, str(version.version), history, earlier, estimate, monitor, now)
     report_dir = paths.monitoring / "reports" / now.strftime("%Y%m%dT%H%M%S%fZ")
     outcome = CheckOutcome(name, str(version.version), result, estimate, data, decision, report_dir, "", None, now)
@@ -148,6 +154,7 @@ def write_reports(outcome: CheckOutcome) -> None:
     summary = {
         **result.to_json(),
         "model_version": outcome.model_version,
+        "device": data.device,
         "estimate": outcome.estimate.to_json(),
         "source": data.source,
         "left_out_other_versions": data.other_versions,
@@ -224,6 +231,7 @@ def log_check(
     tags = {
         alerts.MODEL_TAG: name,
         alerts.VERSION_TAG: version,
+        alerts.DEVICE_TAG: outcome.data.device,
         alerts.STATUS_TAG: result.status,
         alerts.GROUPS_TAG: ",".join(result.drifted_groups),
         "conveyor.drift.features": ",".join(result.drifted)[:250],
@@ -234,7 +242,8 @@ def log_check(
         "conveyor.drift.reference_batch": result.reference_batch,
         "conveyor.estimate": outcome.estimate.reason[:250],
     }
-    run = client.create_run(experiment_id, run_name=f"drift v{version}", tags=tags)
+    device = "" if outcome.data.device == SERVER_DEVICE else f" {outcome.data.device}"
+    run = client.create_run(experiment_id, run_name=f"drift v{version}{device}", tags=tags)
     now = int(datetime.now(UTC).timestamp() * 1000)
     metrics = [
         Metric("drifted_groups", len(result.drifted_groups), now, 0),
@@ -269,12 +278,15 @@ def mark_alert_emitted(client: MlflowClient, run_id: str, event_id: str) -> None
 
 
 def write_gauges(path: Path, outcome: CheckOutcome) -> None:
-    """The last check as Prometheus gauges, in the text format the server appends to its /metrics."""
-    from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+    """The last check of each device as Prometheus gauges (label `device`), in the text format the server appends
+    to its /metrics: this check's gauges replace its device's in `gauges/<device>.prom` beside `path`, and `path`
+    is all devices' merged (one family per metric, as the text format requires)."""
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
     result, at = outcome.result, outcome.checked_at
     registry = CollectorRegistry()
-    labels = {"model": outcome.model_name, "version": outcome.model_version}
+    device = outcome.data.device
+    labels = {"model": outcome.model_name, "version": outcome.model_version, "device": device}
 
     def gauge(name: str, help_text: str, value: float) -> None:
         Gauge(name, help_text, list(labels), registry=registry).labels(**labels).set(value)
@@ -299,28 +311,62 @@ def write_gauges(path: Path, outcome: CheckOutcome) -> None:
             found.validation_map50_95,
         )
         gauge("conveyor_performance_cost", "Estimated mAP50-95 lost against the validation split", found.cost)
-    Gauge("conveyor_drift_last_check_timestamp_seconds", "When the last drift check ran", registry=registry).set(
-        at.timestamp()
-    )
+    Gauge(
+        "conveyor_drift_last_check_timestamp_seconds", "When the last drift check ran", ["device"], registry=registry
+    ).labels(device).set(at.timestamp())
     group = Gauge(
         "conveyor_drift_group_strength",
         "Per group: the strongest feature's effect over its threshold (>= 1 with drift)",
-        ["group"],
+        ["group", "device"],
         registry=registry,
     )
-    group_drifted = Gauge("conveyor_drift_group_drifted", "1 when the group drifted", ["group"], registry=registry)
+    group_drifted = Gauge(
+        "conveyor_drift_group_drifted", "1 when the group drifted", ["group", "device"], registry=registry
+    )
     for g in result.groups:
-        group.labels(g.group).set(g.strength)
-        group_drifted.labels(g.group).set(1.0 if g.drifted else 0.0)
+        group.labels(g.group, device).set(g.strength)
+        group_drifted.labels(g.group, device).set(1.0 if g.drifted else 0.0)
     effect = Gauge(
         "conveyor_drift_feature_effect",
         "Per feature: the effect size (Wasserstein distance in reference standard deviations)",
-        ["feature", "group"],
+        ["feature", "group", "device"],
         registry=registry,
     )
-    drifted = Gauge("conveyor_drift_feature_drifted", "1 when the feature drifted", ["feature"], registry=registry)
+    drifted = Gauge(
+        "conveyor_drift_feature_drifted", "1 when the feature drifted", ["feature", "device"], registry=registry
+    )
     for feature in result.features:
-        effect.labels(feature.name, feature.group).set(feature.effect)
-        drifted.labels(feature.name).set(1.0 if feature.drifted else 0.0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_to_textfile(str(path), registry)  # written to a temporary file and renamed: a scrape never sees half
+        effect.labels(feature.name, feature.group, device).set(feature.effect)
+        drifted.labels(feature.name, device).set(1.0 if feature.drifted else 0.0)
+    per_device = path.parent / "gauges"
+    per_device.mkdir(parents=True, exist_ok=True)
+    _write_atomically(per_device / f"{device}.prom", generate_latest(registry))
+    _write_atomically(path, merged_gauges(sorted(per_device.glob("*.prom"))))
+
+
+def merged_gauges(files: list[Path]) -> bytes:
+    """Several text-format files as one: each metric family once, with every file's samples."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, Metric] = {}
+    for file in files:
+        for family in text_string_to_metric_families(file.read_text()):
+            merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+            merged.samples.extend(family.samples)
+
+    class Merged:
+        def collect(self) -> list[Metric]:
+            return list(families.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Merged())
+    return generate_latest(registry)
+
+
+def _write_atomically(path: Path, content: bytes) -> None:
+    """A scrape never sees half a file: written beside it, then renamed."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(content)
+    temporary.replace(path)

@@ -14,6 +14,10 @@ The features come in groups of related measurements, and a drift check decides p
 - predictions: detections per image, their confidences and box areas, per-class counts, and the scores (confidence
   and class of every detection from the score floor up) that the performance estimate reads;
 - the embedding: the model's own `features` output (`pipelines/model_features.py`), from the same inference.
+
+The edge runner carries this file in its bundle and computes its records with it (`serving/edge/run.py --log`), so
+it imports only numpy and OpenCV at run time; `record` reads any detections with `class_name`, `confidence` and
+`box`, and any inference result with `detections`, `scores` and `features`.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipelines.inference import Detection, Inference
+if TYPE_CHECKING:  # this file is also shipped alone in edge bundles: no Conveyor import at run time
+    from pipelines.inference import Detection, Inference
 
 THUMBNAIL_SIDE = 128
 EXPOSURE_FEATURES = ["brightness", "contrast", "mean_red", "mean_green", "mean_blue", "saturation"]

@@ -2,8 +2,10 @@
 rollout to the line through a channel.
 
 Contents: `model/` (OpenVINO IR, ONNX, metadata.json with class names, input size and thresholds), `run.py` (the
-edge runner: numpy, OpenCV and one runtime; paho-mqtt and cryptography for decisions over MQTT and signed rollouts),
-`edge.json` (the line, the reject rule, the queue and the channel: params.yaml `edge`), `requirements.txt`, and
+edge runner: numpy, OpenCV and one runtime; paho-mqtt and cryptography for decisions over MQTT and signed rollouts;
+pyarrow for its prediction log), `features.py` and `log_parts.py` (the server's own feature and log-writing code, which
+the runner loads for its prediction log), `edge.json` (the line, the reject rule, the queue, the channel and the log:
+params.yaml `edge`), `requirements.txt`, and
 `manifest.json` (which model version, and the SHA-256 of every file, checked by `run.py --verify`). Nothing in it
 imports torch, Ultralytics or Conveyor.
 
@@ -28,13 +30,17 @@ from typing import Any
 
 from conveyor.errors import ConveyorError
 from conveyor.settings import EdgeSettings
+from pipelines import features, log_parts
 from pipelines.model_source import ModelFiles
 
 EDGE_RUNNER = Path(__file__).parent / "edge" / "run.py"
+# Conveyor's own modules the runner imports from the bundle (no Conveyor import at run time): its prediction-log
+# records are computed and written by the server's code.
+EDGE_MODULES = (Path(features.__file__), Path(log_parts.__file__))
 REQUIREMENTS = (
     "numpy\nopencv-python-headless\n# one runtime:\nopenvino\n# or: onnxruntime\n"
     "# decisions over MQTT (--mqtt):\npaho-mqtt\n# signed rollouts (--public-key):\ncryptography\n"
-    "# a channel on S3:\nboto3\n"
+    "# a channel on S3, and shipping the prediction log:\nboto3\n# the prediction log (edge.log):\npyarrow\n"
 )
 
 
@@ -66,9 +72,11 @@ def build(
     *,
     overwrite: bool = False,
     private_key: Path | None = None,
+    log_s3: str | None = None,
 ) -> Bundle:
     """The bundle folder and its .tar.gz; its runner returns detections at `conf` (serve.conf) unless told otherwise
-    and decides by `edge` (params.yaml `edge`). With `private_key`, the manifest is signed."""
+    and decides by `edge` (params.yaml `edge`). Its prediction log is shipped to `edge.log.s3`, else `log_s3` (the
+    server's, serve.prediction_log.s3). With `private_key`, the manifest is signed."""
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty: pass --overwrite to replace it")
     edge = edge or EdgeSettings()
@@ -82,7 +90,11 @@ def build(
     if "openvino_int8" in files.artifacts:  # passed the parity gate at registration
         shutil.copytree(files.artifact("openvino_int8"), staging / "model" / "openvino_int8")
     shutil.copyfile(EDGE_RUNNER, staging / "run.py")
-    (staging / "edge.json").write_text(json.dumps(edge.model_dump(mode="json"), indent=2) + "\n")
+    for module in EDGE_MODULES:
+        shutil.copyfile(module, staging / module.name)
+    config = edge.model_dump(mode="json")
+    config["log"]["s3"] = config["log"]["s3"] or log_s3
+    (staging / "edge.json").write_text(json.dumps(config, indent=2) + "\n")
     (staging / "requirements.txt").write_text(REQUIREMENTS)
     listed = sorted(p for p in staging.rglob("*") if p.is_file())
     manifest = {

@@ -15,7 +15,7 @@ from conveyor.settings import ServeSettings, Settings
 from conveyor.tracking import Tracker
 from pipelines.inference import ImageLimits
 from pipelines.model_source import check_runtime
-from pipelines.prediction_log import LogShipper, PredictionLog
+from pipelines.prediction_log import PredictionLog, s3_shipper
 from serving.app import ApiConfig, create_app
 from serving.metrics import ServingMetrics
 from serving.model import ServedModel
@@ -77,7 +77,7 @@ def serve(paths: ProjectPaths, settings: Settings, options: ServeOptions) -> Non
             keep_frames=log_cfg.keep_frames,
             on_written=metrics.log_written.inc,
             on_dropped=metrics.log_dropped.inc,
-            shipper=LogShipper(log_cfg.s3) if log_cfg.s3 else None,
+            shipper=s3_shipper(log_cfg.s3) if log_cfg.s3 else None,
         ).start()
         if log_cfg.enabled
         else None

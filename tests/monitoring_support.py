@@ -5,14 +5,19 @@ of its reference standard deviations (negative: down)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from mlflow.tracking import MlflowClient
 
+from pipelines import registry
+from pipelines.data import dir_md5
 from pipelines.features import EMBEDDING, SCORE_CLASS, SCORE_CONFIDENCE
 from pipelines.profile import EmbeddingBasis, Profile
+from tests.serving_support import CHECKPOINT, export_checkpoint, register
 
 NAMES = ["scratch", "dent", "stain"]
 EMBEDDING_DIMS = 32
@@ -70,7 +75,9 @@ def feature_rows(
     return pd.DataFrame(rows)
 
 
-def outcome_of(result: Any, model_name: str, version: str, report_dir: Path, cost: float | None = 0.01) -> Any:
+def outcome_of(
+    result: Any, model_name: str, version: str, report_dir: Path, cost: float | None = 0.01, device: str = "server"
+) -> Any:
     """A check's outcome around a constructed verdict (for the gauges and reports, without a model)."""
     from datetime import UTC, datetime
 
@@ -89,7 +96,7 @@ def outcome_of(result: Any, model_name: str, version: str, report_dir: Path, cos
         version,
         result,
         WindowEstimate(found, "constructed"),
-        current.CurrentData(None, "constructed", version),
+        current.CurrentData(None, "constructed", version, device=device),
         alerts.AlertDecision(False, result.status),
         report_dir,
         "run",
@@ -102,3 +109,16 @@ def profile_of(*frames: pd.DataFrame, calibration: Any = None) -> Profile:
     frame = pd.concat(frames, ignore_index=True)
     basis = EmbeddingBasis.fit(np.stack(frame[EMBEDDING].to_numpy()), 10) if EMBEDDING in frame else None
     return Profile(frame, basis, calibration, {"names": NAMES})
+
+
+def register_old_version(client: MlflowClient, name: str, project: Path, export_dir: Path) -> None:
+    """The checkpoint as v1, the way the pipeline registers (weights in its run), minus the reference profile."""
+    version = register(client, name, export_checkpoint(export_dir))
+    run_id = client.get_model_version(name, version).run_id
+    assert run_id is not None
+    weights = export_dir / "weights" / "best.pt"
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(CHECKPOINT, weights)
+    client.log_artifact(run_id, str(weights), "weights")
+    client.set_model_version_tag(name, version, "conveyor.data_md5", dir_md5(project / "data"))
+    registry.promote(client, name, version, reason="the line's first model", actor="user:test")

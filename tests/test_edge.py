@@ -417,3 +417,121 @@ def test_a_camera_that_disappears_is_reopened() -> None:
         reader.close()
     assert len(opened) == 2 and reader.reopened == 1 and reader.unreadable >= 5
     assert "reopening 0" in reader.problems[0]
+
+
+# --- the edge feeds monitoring --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_edge_logs_the_servers_records_and_they_reach_the_drift_check(
+    line: LineVideo, tmp_path: Path, mlflow_server: str, prefect_server: str
+) -> None:
+    """A runner with a bundle made by `conveyor bundle` ships its prediction log to the store the server ships to
+    (a real S3 store); its records are the server's for the same frames (same feature code, same model), and
+    `conveyor drift` and the monitoring flow check its window as its own device, beside the server's."""
+    import cv2
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.features import sample_image
+    from pipelines.inference import Detector, ModelCard
+    from pipelines.prediction_log import Pending, PredictionLog, read_log, s3_shipper
+    from pipelines.runtimes import open_runtime
+    from tests.conftest import make_project
+    from tests.flow_support import conveyor, flow_params, servers_env
+    from tests.monitoring_support import register_old_version
+
+    name = f"edge-{os.getpid()}-{int(time.time())}"
+    params = flow_params(name)
+    params["monitor"] = {"min_samples": 20, "experiment": f"monitoring-{name}"}
+    params["serve"] = {"prediction_log": {"s3": "s3://edge/predictions", "flush_seconds": 1}}
+    params["edge"] = {"log": {"flush_seconds": 1}}
+    project = make_project(tmp_path / "project", params)
+    saved = dict(os.environ)
+    with nanio_store(tmp_path / "s3", "edge-log") as store:
+        try:
+            os.environ.update(store)
+            from conveyor import storage
+
+            wait_until(lambda: _bucket_ready(storage), 30, "the S3 store")
+            env = {**servers_env(mlflow_server, prefect_server), **{k: v for k, v in store.items() if "AWS" in k}}
+            conveyor(project, env, "data", "synth")
+            register_old_version(MlflowClient(mlflow_server), name, project, tmp_path / "export")
+            conveyor(project, env, "validate")
+            conveyor(project, env, "profile", "--model", "1")
+            conveyor(project, env, "bundle", "1", "--out", str(tmp_path / "bundle"))
+            config = json.loads((tmp_path / "bundle" / "edge.json").read_text())
+            assert config["log"]["s3"] == "s3://edge/predictions"  # where the server ships, by default
+
+            device = tmp_path / "device"
+            device.mkdir()
+            runner = [PYTHON, str(tmp_path / "bundle" / "run.py"), "--stream", str(line.video), "--every-frame"]
+            result = subprocess.run(
+                [*runner, "--device", "cam-7"], capture_output=True, text=True, timeout=240, cwd=device, env=env
+            )
+            assert result.returncode == 0, result.stderr[-3000:]
+            summary = json.loads(next(s for s in result.stderr.splitlines() if '"summary"' in s))
+            assert summary["logged"] == line.frames and summary["log_dropped"] == 0, summary
+            assert summary["log_shipped"] >= 1 and summary["log_behind"] is False, summary
+            assert list((device / "edge-log").glob("date=*/hour=*/part-*.parquet"))  # kept on the device too
+
+            # The server's records for the same frames, by the server's code, shipped to the same prefix.
+            card = ModelCard.load(Path(tmp_path / "bundle" / "model" / "metadata.json"))
+            xml = next((tmp_path / "bundle" / "model" / "openvino").glob("*.xml")).parent
+            detector = Detector(open_runtime("openvino", xml), card)
+            capture = cv2.VideoCapture(str(line.video))
+            frames = [capture.read()[1] for _ in range(line.frames)]
+            server_log = PredictionLog(
+                tmp_path / "server-log", 1000, 60, 48, shipper=s3_shipper("s3://edge/predictions")
+            )
+            server_log.start()
+            for frame in frames:
+                found = detector.run([frame])[0]
+                server_log.offer(Pending(time.time(), "1", sample_image(frame, card.imgsz), found))
+            server_log.close()
+            window = read_log("s3://edge/predictions").records
+            assert window["device"].value_counts().to_dict() == {"cam-7": line.frames, "server": line.frames}
+            edge_rows = window[window["device"] == "cam-7"].reset_index(drop=True)
+            server_rows = window[window["device"] == "server"].reset_index(drop=True)
+            assert set(edge_rows["line"]) == {"line-1"} and set(edge_rows["model_version"]) == {"1"}
+            shared = [c for c in server_rows.columns if c not in ("time", "device", "line")]
+            assert set(shared) <= set(edge_rows.columns)  # every column the server writes
+            for column in ("brightness", "sharpness", "noise", "blockiness", "detections", "mean_confidence"):
+                np.testing.assert_allclose(
+                    edge_rows[column].astype(float), server_rows[column].astype(float), rtol=1e-4, atol=1e-4
+                )
+            for k in range(line.frames):
+                np.testing.assert_allclose(edge_rows["embedding"][k], server_rows["embedding"][k], rtol=1e-3, atol=1e-3)
+                assert len(edge_rows["score_confidence"][k]) == len(server_rows["score_confidence"][k])
+
+            # `conveyor drift` checks one device's window at a time; an unknown device names those present.
+            edge_check = conveyor(project, {**env, "COLUMNS": "200"}, "drift", "--device", "cam-7")
+            assert f"{name} v1 on cam-7: " in edge_check.stdout, edge_check.stdout
+            assert f"({line.frames} current rows" in edge_check.stdout
+            server_check = conveyor(project, {**env, "COLUMNS": "200"}, "drift")
+            assert f"{name} v1: " in server_check.stdout and f"({line.frames} current rows" in server_check.stdout
+            unknown = conveyor(project, env, "drift", "--device", "cam-9", check=False)
+            assert unknown.returncode == 1
+            assert f"cam-7 ({line.frames}), server ({line.frames})" in unknown.stderr.replace("\n", " ")
+            gauges = (project / ".conveyor" / "monitoring" / "drift.prom").read_text()
+            assert 'device="cam-7"' in gauges and 'device="server"' in gauges
+            assert gauges.count("# TYPE conveyor_drift_detected gauge") == 1  # one family, both devices' samples
+
+            # The monitoring flow checks every device with records in the window, each on its own.
+            flow = subprocess.run(
+                [PYTHON, "-c", "import json, sys; from flows.drift_check import monitoring_flow; "
+                 "print(json.dumps(monitoring_flow(project_dir=sys.argv[1]), default=str))", str(project)],
+                capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parent.parent,
+            )  # fmt: skip
+            assert flow.returncode == 0, flow.stderr[-3000:]
+            checked = json.loads(flow.stdout.strip().splitlines()[-1])
+            assert list(checked) == ["server", "cam-7"]
+            assert checked["cam-7"]["device"] == "cam-7" and checked["cam-7"]["current_rows"] == line.frames
+            client = MlflowClient(mlflow_server)
+            runs = client.search_runs(
+                [client.get_experiment_by_name(f"monitoring-{name}").experiment_id],  # type: ignore[union-attr]
+                filter_string="tags.`conveyor.drift.device` = 'cam-7'",
+            )
+            assert len(runs) == 2 and {r.info.run_name for r in runs} == {"drift v1 cam-7"}
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)

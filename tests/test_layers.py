@@ -132,3 +132,26 @@ def test_a_command_group_imports_no_sibling() -> None:
     assert not {name: found for name, found in wrong.items() if found}
     users = [f.name for f in groups if "conveyor.cli.project_status" in project_imports(f)]
     assert users == ["orchestration.py"]
+
+
+def test_the_modules_an_edge_bundle_carries_import_no_conveyor(tmp_path: Path) -> None:
+    """The edge runner loads the server's feature and log code from its bundle (`serving.bundle.EDGE_MODULES`):
+    copied alone, each imports and runs with no Conveyor module loaded."""
+    import shutil
+
+    from serving.bundle import EDGE_MODULES
+
+    for module in EDGE_MODULES:
+        shutil.copyfile(module, tmp_path / module.name)
+    probe = (
+        "import sys, numpy as np\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "import features, log_parts\n"
+        "row = features.image_features(features.sample_image(np.full((48, 64, 3), 90, np.uint8), 320))\n"
+        "assert row['brightness'] == 90.0, row\n"
+        "print(','.join(sorted({m.split('.')[0] for m in sys.modules} & {'conveyor', 'pipelines', 'serving'})))\n"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert loaded.stdout.strip() == "", f"loaded: {loaded.stdout.strip()}"

@@ -12,7 +12,6 @@ declares are checked here too, and the retraining is the run through a worker.
 from __future__ import annotations
 
 import inspect
-import shutil
 import subprocess
 import uuid
 from pathlib import Path
@@ -25,10 +24,9 @@ from rich.console import Console
 from conveyor.paths import ProjectPaths
 from conveyor.settings import load_settings
 from pipelines import registry
-from pipelines.data import dir_md5
 from tests.conftest import make_project
 from tests.flow_support import conveyor, flow_params, servers_env
-from tests.serving_support import CHECKPOINT, export_checkpoint, register
+from tests.monitoring_support import register_old_version
 
 pytestmark = pytest.mark.slow
 
@@ -45,19 +43,6 @@ def drift_params(name: str, pool: str) -> dict[str, Any]:
         "on_overlap": "reject",
     }
     return params
-
-
-def register_old_version(client: MlflowClient, name: str, project: Path, export_dir: Path) -> None:
-    """The checkpoint as v1, the way the pipeline registers (weights in its run), minus the reference profile."""
-    version = register(client, name, export_checkpoint(export_dir))
-    run_id = client.get_model_version(name, version).run_id
-    assert run_id is not None
-    weights = export_dir / "weights" / "best.pt"
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(CHECKPOINT, weights)
-    client.log_artifact(run_id, str(weights), "weights")
-    client.set_model_version_tag(name, version, "conveyor.data_md5", dir_md5(project / "data"))
-    registry.promote(client, name, version, reason="the line's first model", actor="user:test")
 
 
 def test_drift_is_detected_retrained_promoted_and_swapped(

@@ -290,6 +290,50 @@ def test_missing_and_empty_logs_are_clear_errors(tmp_path: Path) -> None:
         current.from_log(tmp_path / "old", hours=1)
 
 
+def test_each_device_is_its_own_window_and_its_own_gauges(tmp_path: Path) -> None:
+    """The server's records and an edge runner's share the log (same parts, same prefix); a check reads one
+    device's; the gauges of every device's last check are served together, one family per metric."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from monitoring.check import write_gauges
+    from pipelines.log_parts import PartLog
+    from pipelines.prediction_log import to_record
+    from tests.monitoring_support import outcome_of
+
+    server = PredictionLog(tmp_path / "log", queue_size=100, flush_seconds=60, keep_hours=48)
+    edge = PartLog(server.directory, 100, 60, 48, lambda item: {**to_record(item), "device": "cam-7"})
+    server.directory.mkdir()
+    now = time.time()
+    for i in range(12):
+        server.offer(pending(now - 100 + i, "1"))
+    for i in range(30):
+        edge.offer(pending(now - 50 + i, "2"))
+    server.flush()
+    edge.flush()
+    assert current.devices_in_log(tmp_path / "log", hours=1) == {"server": 12, "cam-7": 30}
+    mine = current.from_log(tmp_path / "log", hours=1)
+    assert mine.device == "server" and len(mine.records) == 12 and mine.model_version == "1" and not mine.other_versions
+    camera = current.from_log(tmp_path / "log", hours=1, device="cam-7")
+    assert camera.device == "cam-7" and len(camera.records) == 30 and camera.model_version == "2"
+    with pytest.raises(current.NoCurrentDataError, match=r"records of cam-7 \(30\), server \(12\): choose one"):
+        current.from_log(tmp_path / "log", hours=1, device="cam-9")
+    with pytest.raises(current.NoCurrentDataError, match="device names are letters"):
+        current.from_log(tmp_path / "log", hours=1, device="../etc")
+
+    result = drift.DriftResult("drift", "test", 40, groups=[drift.GroupDrift("focus & noise", True, 3.0, "x", "y")])
+    calm = drift.DriftResult("no drift", "test", 40, groups=[drift.GroupDrift("focus & noise", False, 0.2, "x", "")])
+    gauges = tmp_path / "monitoring" / "drift.prom"
+    write_gauges(gauges, outcome_of(result, "model", "2", tmp_path, device="cam-7"))
+    write_gauges(gauges, outcome_of(calm, "model", "1", tmp_path))
+    write_gauges(gauges, outcome_of(result, "model", "1", tmp_path))  # the server's newest check replaces its last
+    families = {f.name: f for f in text_string_to_metric_families(gauges.read_text())}
+    detected = {s.labels["device"]: s.value for s in families["conveyor_drift_detected"].samples}
+    assert detected == {"cam-7": 1.0, "server": 1.0}
+    strengths = {(s.labels["device"], s.labels["group"]) for s in families["conveyor_drift_group_strength"].samples}
+    assert strengths == {("cam-7", "focus & noise"), ("server", "focus & noise")}
+    assert gauges.read_text().count("# TYPE conveyor_drift_detected gauge") == 1
+
+
 # --- the alert policy ---------------------------------------------------------------------------------------------
 
 

@@ -88,6 +88,16 @@ def test_edge_postprocess_gives_conveyors_detections() -> None:
         assert np.allclose([d["confidence"] for d in got], [d["confidence"] for d in expected], atol=1e-5)
 
 
+def test_edge_runner_logs_what_the_server_logs() -> None:
+    """The runner keeps its own copies of two constants (it imports no Conveyor): they are the server's."""
+    from pipelines import inference, model_features
+
+    edge = edge_module()
+    assert edge.SCORE_FLOOR == inference.SCORE_FLOOR and edge.FEATURES_OUTPUT == model_features.FEATURES_OUTPUT
+    found = edge.Found([{"class_id": 1, "class_name": "dent", "confidence": 0.9, "box": [0, 0, 4, 4]}], [], None)
+    assert found.detections[0].class_name == "dent" and found.scores == []
+
+
 def pending(version: str = "1") -> Pending:
     from pipelines.features import sample_image
     from pipelines.inference import Inference

@@ -237,7 +237,7 @@ def test_prediction_log_ships_to_s3_and_catches_up_after_an_outage(
     the store stopped, serving goes on (records stay local); once it is back, the next flush ships what is missing.
     Two logs (two replicas) ship to one prefix, and the window holds both."""
     from monitoring.current import from_log
-    from pipelines.prediction_log import LogShipper, Pending, PredictionLog, read_log
+    from pipelines.prediction_log import Pending, PredictionLog, read_log, s3_shipper
     from tests.test_serving_units import pending
 
     for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -245,7 +245,7 @@ def test_prediction_log_ships_to_s3_and_catches_up_after_an_outage(
     url = "s3://conveyor/predictions-test"
 
     def replica(name: str) -> PredictionLog:
-        return PredictionLog(tmp_path / name, 100, 60, 48, shipper=LogShipper(url))
+        return PredictionLog(tmp_path / name, 100, 60, 48, shipper=s3_shipper(url))
 
     def offer(log: PredictionLog, count: int) -> None:
         log.directory.mkdir(exist_ok=True)

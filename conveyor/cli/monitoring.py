@@ -29,14 +29,18 @@ def drift(
     ] = None,
     hours: Annotated[float | None, typer.Option(help="window: the last T hours (default monitor.window_hours)")] = None,
     last: Annotated[int | None, typer.Option(help="window: only its last N records (monitor.window_records)")] = None,
+    device: Annotated[
+        str, typer.Option(help="whose records in the log: 'server', or an edge runner's --device name")
+    ] = "server",
     open_report: Annotated[bool, typer.Option("--open", help="open the report in a browser")] = False,
 ) -> None:
     """Check what the served model sees and predicts against its version's reference profile: a verdict per group
-    of features (Evidently's statistics), the label-free performance estimate, and whether to alert or retrain."""
+    of features (Evidently's statistics), the label-free performance estimate, and whether to alert or retrain.
+    The log holds the server's records and those the edge runners ship (`run.py --log`): one device per check."""
     from monitoring.check import CheckOptions, run_check
 
     paths, settings = open_project()
-    outcome = run_check(paths, settings, CheckOptions(source, model, hours, last), console)
+    outcome = run_check(paths, settings, CheckOptions(source, model, hours, last, device), console)
     print_outcome(outcome)
     if open_report and (outcome.report_dir / "report.html").is_file():
         import webbrowser
@@ -49,7 +53,7 @@ def print_outcome(outcome: CheckOutcome) -> None:
     result = outcome.result
     colour = {"drift": "red", "no drift": "green", "insufficient data": "yellow"}[result.status]
     groups = FoldingTable(
-        title=f"{outcome.model_name} v{outcome.model_version}: [{colour}]{result.status}[/] "
+        title=f"{outcome.model_name} v{outcome.model_version}{where_from(outcome)}: [{colour}]{result.status}[/] "
         f"({result.current_rows} current rows vs {result.reference_rows} reference, batch '{result.reference_batch}')"
     )
     for column in ("group", "verdict", "strength", "deciding feature", "what changed"):
@@ -111,6 +115,11 @@ def print_outcome(outcome: CheckOutcome) -> None:
         highlight=False,
         soft_wrap=True,
     )
+
+
+def where_from(outcome: CheckOutcome) -> str:
+    """' on DEVICE' for an edge runner's window; nothing for the server's or a folder."""
+    return f" on {outcome.data.device}" if outcome.data.device not in ("server", "folder") else ""
 
 
 @demo_app.command("drift")

@@ -135,7 +135,15 @@ def bundle(
         raise ConfigError("--publish needs a channel: --channel DIR|s3://... or params.yaml edge.channel")
     if publish and key is None:
         raise ConfigError(f"--publish needs a signed bundle: --key PATH or ${KEY_ENV} (`conveyor edge keygen`)")
-    built = edge.build(files, out, settings.serve.conf, settings.edge, overwrite=overwrite, private_key=key)
+    built = edge.build(
+        files,
+        out,
+        settings.serve.conf,
+        settings.edge,
+        overwrite=overwrite,
+        private_key=key,
+        log_s3=settings.serve.prediction_log.s3,
+    )
     console.print(
         f"bundle of {files.name} v{files.version}: {built.directory} ({built.files} files, {built.size_mb} MB) and "
         f"{built.archive}{', signed' if key else ''}\non the device: pip install -r requirements.txt && "

@@ -2,12 +2,15 @@
 """Conveyor edge runner: detections for images, or reject decisions for a camera stream, from this bundle alone.
 
 Needs numpy, opencv-python-headless (the image and video decoder) and one runtime: openvino or onnxruntime; for
-decisions over MQTT paho-mqtt, for signed rollouts cryptography. No torch, no Ultralytics, no Conveyor. Letterbox,
+decisions over MQTT paho-mqtt, for signed rollouts cryptography, for the prediction log pyarrow (and boto3 to ship
+it). No torch, no Ultralytics, no Conveyor beyond the two modules the bundle carries (features.py, log_parts.py: the
+server's own feature and log code). Letterbox,
 NMS and box scaling follow Ultralytics' (what the model was evaluated and is served with); Conveyor's tests hold this
 file to the server's detections.
 
     python run.py IMAGE [IMAGE ...] [--runtime openvino|onnx] [--conf C] [--verify]
     python run.py --stream SOURCE [--mqtt HOST[:PORT]] [--line NAME] [--channel DIR|s3://...] [--public-key PEM]
+                  [--device NAME] [--log DIR] [--log-s3 s3://...] [--no-log]
 
 Images: one JSON line per image, {"image", "width", "height", "detections": [{class_id, class_name, confidence,
 box}]}. --conf defaults to the bundle's threshold (serve.conf when the bundle was built).
@@ -21,8 +24,11 @@ of interest), printed as a JSON line or published to MQTT (QoS 1, topic conveyor
 away, decisions wait in a bounded queue and go out in order once it is back; a decision that finds the queue full is
 dropped and counted. With --channel, the runner polls the line's channel for a new bundle, verifies its checksums
 and its signature (--public-key), loads it beside the running model and swaps between two frames; a bundle that fails
-is refused and the running model goes on. At the end (the stream ended, Ctrl-C, --frames reached) a summary line:
-frames, frames/s, capture-to-decision p50/p99, skipped frames, rejects, decisions published and dropped.
+is refused and the running model goes on. With the prediction log (edge.json `log`, on by default), each decided
+frame also leaves the server's prediction-log record, with this runner's --device and the line, in hourly Parquet
+parts under --log, shipped to the s3:// prefix where the server's land (edge.json, or --log-s3): `conveyor drift
+--device NAME` checks them. At the end (the stream ended, Ctrl-C, --frames reached) a summary line: frames, frames/s,
+capture-to-decision p50/p99, skipped frames, rejects, decisions published and dropped, records logged and shipped.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import sys
@@ -43,6 +50,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import cv2
@@ -50,6 +58,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 MAX_WH = 7680  # class offset for class-aware NMS, as Ultralytics
+DEVICE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # as `conveyor drift --device` takes it
+FEATURES_OUTPUT = "features"  # the model's pooled features, added at export (Conveyor's pipelines/model_features.py)
+SCORE_FLOOR = 0.01  # candidates kept for the log's performance estimate, as the server's (pipelines/inference.py)
 
 
 class BundleError(Exception):
@@ -163,16 +174,29 @@ class Model:
 
             xml = next((root / "model" / runtime).glob("*.xml"))
             # f32 as on the server: OpenVINO's bf16 default (CPUs with AMX) would move confidences in the 3rd digit.
-            self._compiled = ov.Core().compile_model(
+            compiled = ov.Core().compile_model(
                 xml, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
             )
-            self._infer = lambda x: np.asarray(self._compiled(x)[0])
+            named = [o for o in compiled.outputs if FEATURES_OUTPUT in o.get_names()]
+
+            def infer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+                out = compiled(x)
+                return np.asarray(out[0]), np.asarray(out[named[0]]) if named else None
+
+            self._infer = infer
         elif runtime == "onnx":
             import onnxruntime as ort
 
             session = ort.InferenceSession(str(root / "model" / "model.onnx"), providers=["CPUExecutionProvider"])
             name = session.get_inputs()[0].name
-            self._infer = lambda x: np.asarray(session.run(None, {name: x})[0])
+            outputs = [o.name for o in session.get_outputs()]
+            wanted = [outputs[0]] + ([FEATURES_OUTPUT] if FEATURES_OUTPUT in outputs else [])
+
+            def infer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+                out = session.run(wanted, {name: x})
+                return np.asarray(out[0]), np.asarray(out[1]) if len(out) > 1 else None
+
+            self._infer = infer
         else:
             raise SystemExit(f"unknown runtime {runtime!r}: openvino, openvino_int8 (if bundled) or onnx")
 
@@ -180,10 +204,44 @@ class Model:
     def version(self) -> str:
         return f"{self.manifest.get('model', '?')} v{self.manifest.get('version', '?')}"
 
+    @property
+    def version_number(self) -> str:
+        return str(self.manifest.get("version", "?"))
+
     def detect(self, image: np.ndarray, conf: float | None = None) -> list[dict]:
-        raw = self._infer(letterbox(image, self.card["imgsz"])[None])
+        raw, _ = self._infer(letterbox(image, self.card["imgsz"])[None])
         height, width = image.shape[:2]
         return postprocess(raw[0], (height, width), self.card, self.card.get("conf", 0.25) if conf is None else conf)
+
+    def infer(self, image: np.ndarray, conf: float | None = None) -> Found:
+        """Detections at `conf`, every candidate from SCORE_FLOOR up and the `features` output, from one inference
+        and one NMS (greedy NMS never lets a lower score suppress a higher one): what the server logs per image."""
+        raw, features = self._infer(letterbox(image, self.card["imgsz"])[None])
+        threshold = self.card.get("conf", 0.25) if conf is None else conf
+        height, width = image.shape[:2]
+        candidates = postprocess(raw[0], (height, width), self.card, min(SCORE_FLOOR, threshold))
+        return Found(
+            [d for d in candidates if d["confidence"] >= threshold],
+            [d for d in candidates if d["confidence"] >= SCORE_FLOOR],
+            None if features is None else features[0],
+        )
+
+
+@dataclass(frozen=True)
+class Found:
+    """One frame's inference, read by the log's feature code (`features.record`) as the server's `Inference` is."""
+
+    found: list[dict]  # at the decision threshold
+    candidate_dicts: list[dict]  # from SCORE_FLOOR up
+    features: np.ndarray | None
+
+    @property
+    def detections(self) -> list[Any]:
+        return [SimpleNamespace(**d) for d in self.found]
+
+    @property
+    def scores(self) -> list[tuple[float, int]]:
+        return [(round(d["confidence"], 4), d["class_id"]) for d in self.candidate_dicts]
 
 
 # --- decisions ------------------------------------------------------------------------------------------------------
@@ -453,12 +511,11 @@ class Channel:
         """The object's bytes; FileNotFoundError when it is not there (a channel nothing was published to yet)."""
         if not self.location.startswith("s3://"):
             return (Path(self.location) / relative).read_bytes()
-        import boto3
         from botocore.exceptions import ClientError
 
         bucket, _, prefix = self.location[5:].partition("/")
         key = f"{prefix}/{relative}" if prefix else relative
-        s3 = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))
+        s3 = s3_client()
         try:
             return bytes(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
         except ClientError as exc:
@@ -560,6 +617,102 @@ class Rollout:
         shutil.rmtree(self._work, ignore_errors=True)
 
 
+# --- the log for monitoring ----------------------------------------------------------------------------------------
+
+
+def bundled_module(name: str, root: Path = HERE) -> ModuleType:
+    """One of Conveyor's own modules the bundle carries (features.py, log_parts.py), loaded from the bundle: the
+    same code the server logs with. Registered in sys.modules first (its dataclasses look themselves up there)."""
+    import importlib.util
+
+    key = f"conveyor_edge_{name}"
+    if key in sys.modules:
+        return sys.modules[key]
+    path = root / f"{name}.py"
+    if not path.is_file():
+        raise BundleError(f"{path} missing: this bundle was built without the prediction log's code; rebuild it")
+    spec = importlib.util.spec_from_file_location(key, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[key] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def s3_client() -> Any:
+    """boto3's S3 client; endpoint and credentials from the environment (AWS_ENDPOINT_URL, AWS_*)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))
+
+
+@dataclass(frozen=True)
+class LogItem:
+    at: float
+    version: str
+    sample: Any  # features.ImageSample
+    found: Found
+    frame: bytes | None = None
+
+
+class EdgeLog:
+    """The server's prediction-log records for the frames this runner decides, with its `device` and `line`: the
+    bundle's features.py computes them and its log_parts.py writes the Parquet parts (date=/hour=/ folders under
+    `directory`) on a writer thread and ships them to `s3` (the prefix the server ships to, where `conveyor drift
+    --device NAME` and the monitoring flow read them). One frame in `every` is logged (a camera sees each part in
+    many frames); the stream never waits for the log (a full queue drops records and counts them)."""
+
+    def __init__(self, config: dict[str, Any], device: str, line: str, imgsz: int, root: Path = HERE) -> None:
+        try:
+            import pyarrow  # noqa: F401  (the writer needs it; fail now, not on the writer thread)
+        except ImportError:
+            raise BundleError("the edge log writes Parquet: pip install pyarrow, or run with --no-log") from None
+        self.features = bundled_module("features", root)
+        parts = bundled_module("log_parts", root)
+        self.device, self.line, self.imgsz = device, line, imgsz
+        self.every = max(1, int(config.get("every", 1)))
+        s3 = config.get("s3")
+        self.writer = parts.PartLog(
+            Path(config.get("directory") or "edge-log"),
+            int(config.get("queue_size", 10_000)),
+            float(config.get("flush_seconds", 5.0)),
+            int(config.get("keep_hours", 336)),
+            self._record,
+            shipper=parts.LogShipper(s3, s3_client) if s3 else None,
+        ).start()
+        self._seen = 0
+
+    def offer(self, image: np.ndarray, found: Found, version: str) -> None:
+        self._seen += 1
+        if (self._seen - 1) % self.every == 0:
+            # The cheap part here (a sample of the frame); the statistics are computed on the writer thread.
+            self.writer.offer(LogItem(time.time(), version, self.features.sample_image(image, self.imgsz), found))
+
+    def _record(self, item: LogItem) -> dict[str, Any]:
+        from datetime import UTC, datetime
+
+        return {
+            "time": datetime.fromtimestamp(item.at, UTC),
+            "model_version": item.version,
+            "frame": None,
+            "device": self.device,
+            "line": self.line,
+            **self.features.record(item.sample, item.found),
+        }
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def counts(self) -> dict[str, Any]:
+        shipper = self.writer.shipper
+        return {
+            "logged": self.writer.written,
+            "log_dropped": self.writer.dropped,
+            "log_shipped": shipper.shipped if shipper else None,
+            "log_behind": shipper.behind if shipper else None,
+        }
+
+
 # --- the loop -------------------------------------------------------------------------------------------------------
 
 
@@ -570,7 +723,9 @@ class StreamStats:
     seconds: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
 
-    def summary(self, reader: FrameReader, publisher: Publisher, rollout: Rollout | None) -> dict[str, Any]:
+    def summary(
+        self, reader: FrameReader, publisher: Publisher, rollout: Rollout | None, log: EdgeLog | None
+    ) -> dict[str, Any]:
         latencies = np.array(self.latencies_ms) if self.latencies_ms else np.zeros(1)
         return {
             "summary": True,
@@ -586,6 +741,7 @@ class StreamStats:
             "dropped": publisher.dropped,
             "swaps": rollout.swaps if rollout else [],
             "refused": rollout.refused if rollout else [],
+            **(log.counts() if log else {}),
         }
 
 
@@ -598,8 +754,10 @@ def run_stream(
     conf: float | None = None,
     max_frames: int | None = None,
     rollout: Rollout | None = None,
+    log: EdgeLog | None = None,
 ) -> dict[str, Any]:
-    """One decision per frame the reader hands over, until the stream ends or `max_frames`; returns the summary."""
+    """One decision per frame the reader hands over, until the stream ends or `max_frames`; returns the summary.
+    With `log`, the frames' prediction-log records too (closed, so flushed and shipped, before the summary)."""
     stats = StreamStats()
     started = time.monotonic()
     stop = threading.Event()
@@ -613,7 +771,11 @@ def run_stream(
             if rollout is not None and (swapped := rollout.swap_if_ready()) is not None:
                 # Between two frames: this frame and every later one on the new bundle (its model and its rule).
                 model, rule = swapped, RejectRule.load(swapped.root)
-            found = model.detect(frame.image, conf)
+            if log is None:
+                found = model.detect(frame.image, conf)
+            else:
+                inference = model.infer(frame.image, conf)
+                found = inference.found
             height, width = frame.image.shape[:2]
             reasons = rule.reasons(found, width, height)
             decided = time.monotonic()
@@ -632,6 +794,8 @@ def run_stream(
             stats.frames += 1
             stats.rejects += bool(reasons)
             stats.latencies_ms.append((decided - frame.captured) * 1000)
+            if log is not None:  # after the decision is out: the log never delays it
+                log.offer(frame.image, inference, model.version_number)
             if stop.is_set() or (max_frames is not None and stats.frames >= max_frames):
                 break
     except KeyboardInterrupt:
@@ -639,9 +803,11 @@ def run_stream(
     finally:
         stats.seconds = time.monotonic() - started
         reader.close()
+        if log is not None:
+            log.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    return stats.summary(reader, publisher, rollout)
+    return stats.summary(reader, publisher, rollout, log)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -660,6 +826,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channel", default=None, help="a folder or s3://bucket/prefix to take new bundles from")
     parser.add_argument("--public-key", type=Path, default=None, help="the team's Ed25519 public key (PEM)")
     parser.add_argument("--poll", type=float, default=None, help="seconds between looks at the channel")
+    parser.add_argument("--device", default=None, help="this runner's name in the prediction log (default: the line)")
+    parser.add_argument("--log", default=None, help="folder of the prediction log (default: edge.json's log)")
+    parser.add_argument("--log-s3", default=None, help="s3://bucket/prefix the log is shipped to (the server's)")
+    parser.add_argument("--no-log", action="store_true", help="write no prediction log")
     args = parser.parse_args(argv)
     try:
         if args.verify or args.public_key:
@@ -674,6 +844,23 @@ def main(argv: list[str] | None = None) -> int:
         return detect_images(model, args.images, args.conf)
     config = json.loads((HERE / "edge.json").read_text()) if (HERE / "edge.json").is_file() else {}
     line = args.line or config.get("line", "line-1")
+    device = args.device or line
+    if not DEVICE_NAME.fullmatch(device) or device in (".", "..", "server", "folder"):
+        parser.error(f"--device {device!r}: letters, digits, '_', '.', '-', and not 'server' or 'folder'")
+    log_config = {
+        **config.get("log", {}),
+        **({"directory": args.log} if args.log else {}),
+        **({"s3": args.log_s3} if args.log_s3 else {}),
+    }
+    try:
+        log = (
+            EdgeLog(log_config, device, line, model.card["imgsz"])
+            if not args.no_log and (log_config.get("enabled") or args.log or args.log_s3)
+            else None
+        )
+    except BundleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     reader = FrameReader(args.stream, every_frame=args.every_frame, paced=True if args.paced else None)
     publisher: Publisher = (
         Mqtt(
@@ -691,7 +878,9 @@ def main(argv: list[str] | None = None) -> int:
         else None
     )
     try:
-        summary = run_stream(model, reader, RejectRule.load(HERE), publisher, line, args.conf, args.frames, rollout)
+        summary = run_stream(
+            model, reader, RejectRule.load(HERE), publisher, line, args.conf, args.frames, rollout, log
+        )
     finally:
         publisher.close()
         if rollout is not None:

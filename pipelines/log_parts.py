@@ -1,0 +1,240 @@
+"""The prediction log's files: a writer thread that turns records into Parquet part files partitioned by hour, and a
+shipper that copies them to S3.
+
+Used by the server (`pipelines/prediction_log.py` gives it the server's records) and by the edge runner, which
+carries this file in its bundle (`serving/bundle.py`): the same parts, in the same layout, under the same prefix, so
+`conveyor drift` reads the edge's windows where it reads the server's. It therefore imports nothing from Conveyor:
+the standard library, pyarrow when it writes, and the S3 client its caller hands in.
+
+Rules: `offer` never blocks (a full queue drops the record and counts it); the writer thread builds the records
+(`to_record`, where the image statistics are computed) and writes part files `date=YYYY-MM-DD/hour=HH/part-*.parquet`
+atomically; hour folders older than `keep_hours` are deleted. With `keep_frames` > 0, that share of images is also
+kept as bytes in the hour's `frames/` folder (written before the record that names it).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing import Self
+
+LOG = logging.getLogger("conveyor.serving")
+PART_GLOB = "date=*/hour=*/part-*.parquet"
+JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def hour_partition(at: datetime) -> str:
+    """The log's folder for an hour: records and kept frames of that hour live (and expire) together."""
+    return at.strftime("date=%Y-%m-%d/hour=%H")
+
+
+def frame_suffix(data: bytes) -> str:
+    return ".png" if data.startswith(PNG_MAGIC) else ".jpg" if data.startswith(JPEG_MAGIC) else ".img"
+
+
+class PartLog:
+    """Records handed over by `offer` (any object with `.at`, seconds since the epoch, and `.frame`, bytes or None),
+    turned into rows by `to_record` on the writer thread and written every `flush_seconds`."""
+
+    def __init__(
+        self,
+        directory: Path,
+        queue_size: int,
+        flush_seconds: float,
+        keep_hours: int,
+        to_record: Callable[[Any], dict[str, Any]],
+        keep_frames: float = 0.0,
+        on_written: Any = None,
+        on_dropped: Any = None,
+        shipper: LogShipper | None = None,
+    ) -> None:
+        self.directory = directory
+        self.shipper = shipper
+        self.flush_seconds = flush_seconds
+        self.keep_hours = keep_hours
+        self.keep_frames = keep_frames
+        self._to_record = to_record
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._on_written = on_written or (lambda n: None)
+        self._on_dropped = on_dropped or (lambda n: None)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self.dropped = 0
+        self.written = 0
+
+    def start(self) -> Self:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._thread.start()
+        return self
+
+    def wants_frame(self) -> bool:
+        """Whether to keep the next image's bytes (a `keep_frames` share of them, at random)."""
+        return self.keep_frames > 0 and random.random() < self.keep_frames
+
+    def offer(self, item: Any) -> None:
+        """Hand a record to the writer; never blocks (a full queue drops the record and counts it)."""
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self.dropped += 1
+            self._on_dropped(1)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._stop.wait(self.flush_seconds)
+            self.flush()
+            if self.shipper is not None and self.shipper.behind:
+                self.shipper.catch_up(self.directory)
+        self.flush()
+
+    def flush(self) -> None:
+        batch: list[Any] = []
+        while True:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        if not batch:
+            return
+        try:
+            records = [self._to_record(item) for item in batch]
+            for item, row in zip(batch, records, strict=True):
+                if item.frame is not None:
+                    row["frame"] = self._keep_frame(row["time"], item.frame)
+            written = self._write(records)
+            self.written += len(batch)
+            self._on_written(len(batch))
+            self._expire()
+        except Exception:  # a full or read-only disk must not take the server down: count and log the loss
+            LOG.exception("prediction log: could not write %d records to %s", len(batch), self.directory)
+            self.dropped += len(batch)
+            self._on_dropped(len(batch))
+            return
+        if self.shipper is not None:  # frames first: a shipped record never names a frame the store lacks
+            frames = [row["frame"] for row in records if row["frame"]]
+            self.shipper.ship(self.directory, [*frames, *written])
+
+    def _keep_frame(self, at: datetime, data: bytes) -> str:
+        """Write the image into its hour's frames/ folder; returns its path relative to the log directory."""
+        relative = f"{hour_partition(at)}/frames/{uuid.uuid4().hex}{frame_suffix(data)}"
+        path = self.directory / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return relative
+
+    def _write(self, records: list[dict[str, Any]]) -> list[str]:
+        """Part files of the records, one per hour; returns their paths relative to the log directory."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        by_hour: dict[str, list[dict[str, Any]]] = {}
+        for row in records:
+            by_hour.setdefault(hour_partition(row["time"]), []).append(row)
+        written = []
+        for partition, rows in by_hour.items():
+            folder = self.directory / partition
+            folder.mkdir(parents=True, exist_ok=True)
+            name = f"part-{int(time.time() * 1000)}-{uuid.uuid4().hex[:8]}.parquet"
+            temporary = folder / f".{name}"
+            pq.write_table(pa.Table.from_pylist(rows), temporary)
+            temporary.rename(folder / name)  # readers never see half a file
+            written.append(f"{partition}/{name}")
+        return written
+
+    def _expire(self) -> None:
+        cutoff = datetime.now(UTC) - timedelta(hours=self.keep_hours)
+        for folder in self.directory.glob("date=*/hour=*"):
+            try:
+                hour = datetime.strptime(f"{folder.parent.name[5:]} {folder.name[5:]}", "%Y-%m-%d %H").replace(
+                    tzinfo=UTC
+                )
+            except ValueError:
+                continue
+            if hour < cutoff - timedelta(hours=1):
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+class LogShipper:
+    """Copies the log's files to s3://bucket/prefix/<same relative path> (one PUT each: atomic, so a reader never
+    sees half a file). A failed upload (the store is down, credentials refused) never reaches the request path: the
+    file stays in the local log and the shipper is `behind`; each flush then compares the local log with the store's
+    listing and uploads what is missing, so an outage or a restart loses nothing the local log still keeps
+    (`keep_hours`). It starts behind, to carry over what an earlier process left unshipped. Objects in the store
+    expire by the bucket's lifecycle rules, not here. `make_client` returns a boto3 S3 client."""
+
+    def __init__(self, url: str, make_client: Callable[[], Any]) -> None:
+        if not url.startswith("s3://") or not url.removeprefix("s3://").partition("/")[0]:
+            raise ValueError(f"not an S3 URL: {url} (expected s3://bucket/prefix)")
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        self.url, self.bucket, self.prefix = url, bucket, prefix.strip("/")
+        self.behind = True
+        self.shipped = 0
+        self.failures = 0
+        self._make_client = make_client
+        self._client: Any = None
+
+    def key(self, relative: str) -> str:
+        return f"{self.prefix}/{relative}" if self.prefix else relative
+
+    def _s3(self) -> Any:
+        if self._client is None:
+            self._client = self._make_client()
+        return self._client
+
+    def ship(self, directory: Path, relative: list[str]) -> None:
+        if self.behind:
+            self.catch_up(directory)  # includes these files
+            return
+        try:
+            for name in relative:
+                self._s3().upload_file(str(directory / name), self.bucket, self.key(name))
+                self.shipped += 1
+        except Exception as exc:  # botocore raises many types; the files wait in the local log
+            self._failed(exc)
+
+    def catch_up(self, directory: Path) -> None:
+        """Upload every local log file the store lacks (frames before part files)."""
+        try:
+            remote = set()
+            pages = self._s3().get_paginator("list_objects_v2")
+            for page in pages.paginate(Bucket=self.bucket, Prefix=f"{self.prefix}/" if self.prefix else ""):
+                remote |= {item["Key"] for item in page.get("Contents", [])}
+            local = sorted(directory.glob("date=*/hour=*/frames/*")) + sorted(directory.glob(PART_GLOB))
+            for path in local:
+                name = path.relative_to(directory).as_posix()
+                if self.key(name) not in remote:
+                    self._s3().upload_file(str(path), self.bucket, self.key(name))
+                    self.shipped += 1
+        except Exception as exc:
+            self._failed(exc)
+            return
+        if self.behind and self.failures:
+            LOG.info("prediction log: caught up with %s", self.url)
+        self.behind = False
+
+    def _failed(self, exc: Exception) -> None:
+        if not self.behind:
+            LOG.warning(
+                "prediction log: cannot ship to %s (%s); records stay in the local log and are shipped when the "
+                "store answers again",
+                self.url,
+                str(exc).splitlines()[0][:300],
+            )
+        self.behind = True
+        self.failures += 1
