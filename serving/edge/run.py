@@ -667,11 +667,16 @@ class EdgeLog:
             import pyarrow  # noqa: F401  (the writer needs it; fail now, not on the writer thread)
         except ImportError:
             raise BundleError("the edge log writes Parquet: pip install pyarrow, or run with --no-log") from None
+        s3 = config.get("s3")
+        if s3:
+            try:
+                import boto3  # noqa: F401  (the shipper's client)
+            except ImportError:
+                raise BundleError(f"shipping the log to {s3} needs boto3: pip install boto3, or --no-log") from None
         self.features = bundled_module("features", root)
         parts = bundled_module("log_parts", root)
         self.device, self.line, self.imgsz = device, line, imgsz
         self.every = max(1, int(config.get("every", 1)))
-        s3 = config.get("s3")
         self.writer = parts.PartLog(
             Path(config.get("directory") or "edge-log"),
             int(config.get("queue_size", 10_000)),
