@@ -7,6 +7,7 @@ Importing the `conveyor` package calls it, so every entry point (CLI, DVC stages
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -58,9 +59,27 @@ def configure() -> None:
     """Set the offline switches for this process and its children. Idempotent and cheap (no heavy imports)."""
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+    _caches_where_writable()
     os.environ.setdefault("YOLO_CONFIG_DIR", str(ultralytics_config_dir()))
-    _install_fonts(Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics")
+    with contextlib.suppress(OSError):  # a read-only config dir someone set: only training's plots miss the font
+        _install_fonts(Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics")
     _decline_openvino_telemetry()
+
+
+def _caches_where_writable() -> None:
+    """Per-user caches (Ultralytics' settings, PyTriton's workspace, Matplotlib's) live under the home; on a read-only
+    root filesystem (a hardened container) they move to this user's folder in the temporary directory, which such a
+    container mounts writable. Variables already set are left alone."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    with contextlib.suppress(OSError):
+        cache.mkdir(parents=True, exist_ok=True)
+    if os.access(cache, os.W_OK):
+        return
+    import tempfile
+
+    base = Path(tempfile.gettempdir()) / f"conveyor-{os.getuid()}"
+    os.environ.setdefault("XDG_CACHE_HOME", str(base / "cache"))
+    os.environ.setdefault("MPLCONFIGDIR", str(base / "matplotlib"))
 
 
 def _install_fonts(target: Path) -> None:

@@ -26,6 +26,10 @@ LOG = logging.getLogger("conveyor.serving")
 TOKEN_ENV = "CONVEYOR_SERVE_TOKEN"
 
 
+class StateNotWritableError(ConveyorError, OSError):
+    """A folder the server writes (the prediction log, the model cache) is read-only; the message says what to mount."""
+
+
 class PortInUseError(ConveyorError, RuntimeError):
     """A port the server needs is taken; the message names it."""
 
@@ -68,6 +72,9 @@ def serve(paths: ProjectPaths, settings: Settings, options: ServeOptions) -> Non
     slot = ModelSlot()
     limits = ImageLimits(cfg.max_image_bytes, cfg.max_image_pixels)
     log_cfg = cfg.prediction_log
+    _check_writable(paths.model_cache, "the model cache")
+    if log_cfg.enabled:
+        _check_writable(paths.prediction_log_dir(log_cfg.directory), "the prediction log (serve.prediction_log)")
     predlog = (
         PredictionLog(
             paths.prediction_log_dir(cfg.prediction_log.directory),
@@ -137,3 +144,18 @@ def serve(paths: ProjectPaths, settings: Settings, options: ServeOptions) -> Non
             predlog.close()
         if triton is not None:
             triton.stop()
+
+
+def _check_writable(folder: Any, what: str) -> None:
+    """Before anything starts: a read-only root filesystem without a volume for the project's state is a clear
+    error, not a traceback halfway through the start."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StateNotWritableError(
+            f"{what} at {folder} is not writable ({exc.strerror}): mount a writable volume there (in the image: "
+            f"/app/.conveyor), or turn the prediction log off (serve.prediction_log.enabled: false)"
+        ) from None

@@ -110,7 +110,8 @@ class RegistryWatcher:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=self.poll_seconds + 60)
+        if self._thread.is_alive():  # stopped before it started when the server failed to come up
+            self._thread.join(timeout=self.poll_seconds + 60)
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_seconds):

@@ -1,0 +1,222 @@
+"""The images of infra/docker, built by `make images` (podman) and run as a team runs them: `make test-images`.
+
+The server image serves the registry's champion from a real MLflow server on the host, with the bearer token, to
+Triton's own clients over HTTP and gRPC and to `/predict`, as uid 10001 on a read-only root filesystem with a
+volume for `.conveyor/`; it reports live before any champion exists (ready only after), and a SIGTERM stops it in
+under 10 s without failing a request it accepted. The worker image runs Conveyor's CLI with its DVC and Prefect.
+
+Not part of `make test`: the two images take about 15 minutes to build here and 12 GB of disk (uv.lock's torch is
+the CUDA build). Run with `make test-images`; the tests fail (never skip) when the images are missing.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conveyor.net import free_port, wait_until
+from pipelines import registry
+from serving.app import GRPC_TOKEN_HEADER
+from stack.images import PODMAN, ULIMITS
+from tests.serving_support import export_checkpoint, register
+
+pytestmark = pytest.mark.images
+SERVER_IMAGE = "localhost/conveyor-server:latest"
+MODEL = "conveyor-defect-detector"  # what the image's params.yaml serves: this session's MLflow server registers it
+HOST_FROM_CONTAINER = "10.0.2.2"  # slirp4netns' address of the host's loopback (allow_host_loopback=true)
+WORKER_IMAGE = "localhost/conveyor-worker:latest"
+
+
+def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([*PODMAN, *args], capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args)}: {result.stderr[-3000:]}")
+    return result
+
+
+def require(image: str) -> None:
+    assert podman("image", "exists", image, check=False).returncode == 0, f"{image} missing: run `make images`"
+
+
+@dataclass
+class Container:
+    name: str
+    url: str
+    grpc: str
+    token: str
+    model: str = MODEL  # the image's params.yaml: registry.model_name
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def status(self, path: str) -> int:
+        request = urllib.request.Request(self.url + path, headers=self.headers())
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return 0
+
+    def logs(self) -> str:
+        """The container's output without Triton's start-up tables."""
+        found = podman("logs", self.name, check=False)
+        lines = (found.stdout + found.stderr).splitlines()
+        return "\n".join(line for line in lines if not line.startswith(("I1", "+", "|", "W1", "E1")))[-4000:]
+
+
+def run_server(name: str, mlflow_server: str, token: str, *extra: str) -> tuple[int, int]:
+    """The server image as shipped (its CMD, ports 8080 and 8081 inside), on a network of its own with the ports
+    published on the host's loopback; the host's MLflow server is reached through slirp4netns' gateway to it."""
+    port, grpc_port = free_port(), free_port()
+    registry_uri = mlflow_server.replace("127.0.0.1", HOST_FROM_CONTAINER)
+    podman(
+        "run", "--detach", "--name", name, *ULIMITS,
+        "--network", "slirp4netns:allow_host_loopback=true",
+        "--publish", f"127.0.0.1:{port}:8080", "--publish", f"127.0.0.1:{grpc_port}:8081",
+        "--read-only", "--tmpfs", "/tmp", *extra,
+        "--env", f"MLFLOW_TRACKING_URI={registry_uri}", "--env", f"CONVEYOR_SERVE_TOKEN={token}",
+        SERVER_IMAGE,
+    )  # fmt: skip
+    return port, grpc_port
+
+
+@pytest.fixture
+def server_container(mlflow_server: str, tmp_path: Path) -> Iterator[Container]:
+    """The server image, read-only, its state on a named volume, no champion yet."""
+    require(SERVER_IMAGE)
+    name = f"conveyor-test-{uuid.uuid4().hex[:8]}"
+    token = uuid.uuid4().hex
+    podman("volume", "create", name)
+    try:
+        port, grpc_port = run_server(name, mlflow_server, token, "--volume", f"{name}:/app/.conveyor")
+        container = Container(name, f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", token)
+        wait_until(lambda: container.status("/v2/health/live") == 200, 180, "the container to answer")
+        yield container
+    finally:
+        podman("rm", "--force", "--time", "5", name, check=False)
+        podman("volume", "rm", "--force", name, check=False)
+
+
+def test_a_read_only_container_without_a_volume_says_what_to_mount(mlflow_server: str) -> None:
+    require(SERVER_IMAGE)
+    name = f"conveyor-test-{uuid.uuid4().hex[:8]}"
+    try:
+        run_server(name, mlflow_server, "token")
+        assert podman("wait", name, timeout=120).stdout.strip() == "1"
+        logs = podman("logs", name).stderr + podman("logs", name).stdout
+        assert "is not writable" in logs and "mount a writable volume there" in logs and "Traceback" not in logs
+    finally:
+        podman("rm", "--force", name, check=False)
+
+
+def test_the_server_image_serves_the_champion_as_the_process_does(
+    server_container: Container, mlflow_server: str, tmp_path: Path
+) -> None:
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    from conveyor.settings import SynthSettings
+    from pipelines.synth import generate
+
+    server = server_container
+    # Live, not ready, before the registry has a champion; the image's health check says healthy all the same.
+    assert server.status("/v2/health/ready") == 503
+    assert podman("healthcheck", "run", server.name, check=False).returncode == 0, server.logs()
+    # As uid 10001, on a read-only root filesystem.
+    assert podman("exec", server.name, "id", "-u").stdout.strip() == "10001"
+    denied = podman("exec", server.name, "touch", "/app/conveyor/x", check=False)
+    assert denied.returncode != 0 and "Read-only file system" in denied.stderr
+
+    client = MlflowClient(mlflow_server)
+    version = register(client, server.model, export_checkpoint(tmp_path / "export"))
+    registry.promote(client, server.model, version, reason="container test", actor="user:test")
+    wait_until(lambda: server.status("/v2/health/ready") == 200, 180, f"the champion to be served\n{server.logs()}")
+
+    generate(SynthSettings(seed=11, counts={"train": 0, "val": 0, "test": 2}), tmp_path / "images")
+    image = sorted((tmp_path / "images" / "images" / "test").glob("*.jpg"))[0].read_bytes()
+    request = urllib.request.Request(
+        server.url + "/predict", data=image, headers={"Content-Type": "image/jpeg", **server.headers()}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        import json
+
+        served = json.loads(response.read())
+    assert served["model"]["version"] == version and len(served["images"]) == 1
+    data = np.array([[image]], dtype=object)
+    http = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+    tensor = httpclient.InferInput("image", [1, 1], "BYTES")
+    tensor.set_data_from_numpy(data, binary_data=True)
+    over_http = http.infer(server.model, [tensor], headers=server.headers())
+    grpc = grpcclient.InferenceServerClient(server.grpc)
+    gtensor = grpcclient.InferInput("image", [1, 1], "BYTES")
+    gtensor.set_data_from_numpy(data)
+    over_grpc = grpc.infer(server.model, [gtensor], headers={GRPC_TOKEN_HEADER: server.token})
+    detections = len(served["images"][0]["detections"])
+    assert int(over_http.as_numpy("num_detections")[0]) == detections == int(over_grpc.as_numpy("num_detections")[0])
+    # The prediction log is on the volume: what the drift check reads.
+    logged = podman("exec", server.name, "sh", "-c", "ls /app/.conveyor/predictions 2>/dev/null | head -1")
+    wait_until(
+        lambda: podman("exec", server.name, "sh", "-c", "ls /app/.conveyor/predictions").stdout.strip(),
+        30,
+        f"the prediction log on the volume ({logged.stdout!r})",
+    )
+
+    # SIGTERM under load: it stops within 10 s, and no request it accepted fails.
+    outcomes: list[int] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                with urllib.request.urlopen(
+                    urllib.request.Request(
+                        server.url + "/predict", data=image, headers={"Content-Type": "image/jpeg", **server.headers()}
+                    ),
+                    timeout=30,
+                ) as answer:
+                    outcomes.append(answer.status)
+            except urllib.error.HTTPError as exc:
+                outcomes.append(exc.code)
+            except OSError:  # refused: the server no longer accepts connections (not a failed request)
+                time.sleep(0.05)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(3)
+    started = time.monotonic()
+    podman("kill", "--signal", "TERM", server.name)
+    podman("wait", server.name, timeout=30)
+    stopped = time.monotonic() - started
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=40)
+    assert stopped < 10, f"SIGTERM took {stopped:.1f} s\n{server.logs()}"
+    assert outcomes and all(code in (200, 503) for code in outcomes), sorted(set(outcomes))
+    assert outcomes.count(200) >= 4
+
+
+def test_the_worker_image_runs_the_cli_with_its_tools() -> None:
+    require(WORKER_IMAGE)
+    found = podman("run", "--rm", "--network", "host", *ULIMITS, WORKER_IMAGE, "conveyor", "--help", timeout=300)
+    assert "pipeline" in found.stdout.lower() or "run" in found.stdout
+    tools = podman(
+        "run", "--rm", "--network", "host", *ULIMITS, "--entrypoint", "sh", WORKER_IMAGE, "-c",
+        "id -u && dvc --version && prefect version | head -1",
+        timeout=300,
+    )  # fmt: skip
+    lines = tools.stdout.split()
+    assert lines[0] == "10001" and lines[1].startswith("3.")
