@@ -155,4 +155,3 @@ def test_the_modules_an_edge_bundle_carries_import_no_conveyor(tmp_path: Path) -
         [sys.executable, "-c", probe, str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, check=True
     )
     assert loaded.stdout.strip() == "", f"loaded: {loaded.stdout.strip()}"
-
