@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.log_parts import JPEG_MAGIC, PNG_MAGIC
 from pipelines.runtimes import Runtime, letterbox
 
 JPEG_END = b"\xff\xd9"
@@ -72,6 +71,10 @@ class Detection:
 class ImageLimits:
     max_bytes: int = 20_000_000
     max_pixels: int = 40_000_000  # a decompression bomb is refused before it is decoded
+
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def check_image_bytes(data: bytes, limits: ImageLimits) -> tuple[int, int]:

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 LOG = logging.getLogger("conveyor.serving")
 PART_GLOB = "date=*/hour=*/part-*.parquet"
+# A kept frame's file suffix, from its first bytes. The image checks have their own copy (pipelines/inference.py):
+# this file imports nothing of Conveyor (edge bundles carry it), and the DAG's stages that decode images must not
+# depend on the log's writer.
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

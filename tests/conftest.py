@@ -44,15 +44,17 @@ _file_seconds: dict[str, float] = {}  # setup + call + teardown of every test, p
 # longest first: a long file started last would leave one worker running it alone at the end. Unlisted files are
 # short; a stale figure only costs balance, never a test.
 FILE_SECONDS = {
-    "test_faults.py": 690,
-    "test_flow.py": 517,
-    "test_monitoring.py": 362,
-    "test_stack.py": 268,
-    "test_edge.py": 250,
-    "test_pipeline_e2e.py": 126,
-    "test_serving.py": 103,
-    "test_monitoring_units.py": 62,
-    "test_storage_quota.py": 47,
+    "test_faults.py": 803,
+    "test_flow.py": 643,
+    "test_monitoring.py": 392,
+    "test_stack.py": 265,
+    "test_pipeline_e2e.py": 212,
+    "test_edge.py": 185,
+    "test_serving.py": 132,
+    "test_monitoring_units.py": 95,
+    "test_data.py": 51,
+    "test_gate.py": 48,
+    "test_storage_quota.py": 45,
 }
 
 
