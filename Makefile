@@ -11,7 +11,7 @@ STAMP := $(VENV)/.synced-$(shell cat uv.lock pyproject.toml | cksum | cut -d' ' 
 export UV_PYTHON := $(PYTHON)
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: run test lint docs env bench bench-serving bench-monitoring bench-drift bench-labelling bench-edge bench-first-run bench-stack images test-images ui clean system-packages
+.PHONY: run test lint docs env bench bench-serving bench-monitoring bench-drift bench-labelling bench-edge bench-first-run bench-stack images test-images gpu-check ui clean system-packages
 
 run: $(STAMP)
 	$(VENV)/bin/conveyor run
@@ -31,6 +31,14 @@ images: $(STAMP)
 
 test-images: images
 	$(VENV)/bin/pytest --images -m images tests/test_images.py
+
+# The GPU path in one command (bench/gpu.py): NVIDIA's TensorRT from uv.lock's gpu group, an engine built on this GPU,
+# the parity gate, `conveyor serve --runtime tensorrt` and its benchmark beside OpenVINO, bench/results/gpu.json.
+# Without a CUDA device it refuses in one line, before installing anything.
+gpu-check: $(STAMP)
+	@$(VENV)/bin/python -m bench.gpu --gpu-only
+	$(UV) sync --locked --inexact --compile-bytecode --group gpu
+	$(VENV)/bin/python -m bench.gpu
 
 # The manual (docs/, MkDocs with Material) into site/, offline; --strict: a broken link or a missing page fails.
 docs: $(STAMP)

@@ -23,12 +23,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
+from conveyor import storage
 from conveyor.net import free_port, wait_until
+from conveyor.scaffold import REPO
 from pipelines import registry
 from serving.app import GRPC_TOKEN_HEADER
 from stack.images import PODMAN, ULIMITS
+from tests.conftest import nanio_store
+from tests.flow_support import flow_run_state
 from tests.serving_support import export_checkpoint, register
 
 pytestmark = pytest.mark.images
@@ -207,6 +212,93 @@ def test_the_server_image_serves_the_champion_as_the_process_does(
     assert stopped < 10, f"SIGTERM took {stopped:.1f} s\n{server.logs()}"
     assert outcomes and all(code in (200, 503) for code in outcomes), sorted(set(outcomes))
     assert outcomes.count(200) >= 4
+
+
+def worker_params(model_name: str, pool: str) -> str:
+    """The image's own params.yaml with a tiny training (1 epoch at 96 px from scratch, no thresholds)
+    and this test's model, work pool and deployment names, so nothing else on the servers is touched."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"].update({"epochs": 1, "imgsz": 96, "close_mosaic": 0})
+    params["export"].update(
+        {"formats": ["onnx_dynamic", "openvino"], "parity_images": 4, "latency": {"warmup": 1, "runs": 3}}
+    )
+    params["gates"].update({"min_map50_95": 0.0, "min_map50": 0.0, "min_class_recall": 0.0, "latency_ratio": 100.0})
+    params["registry"]["model_name"] = model_name
+    params["orchestration"].update({"work_pool": pool, "deployment": f"train-{model_name}"})
+    params["monitor"]["deployment"] = f"drift-{model_name}"
+    params["tracking"]["experiment"] = "image-tests"
+    return yaml.safe_dump(params, sort_keys=False)
+
+
+def test_the_worker_image_runs_the_training_deployment(mlflow_server: str, prefect_server: str, tmp_path: Path) -> None:
+    """As infra/compose.yaml runs it: `conveyor deploy && exec conveyor worker` in the worker image, against the host's
+    Prefect and MLflow servers and an S3 store (nanio) as the DVC remote. A run of its training deployment, started
+    from the host, pulls the demo data, trains, gates, promotes and pushes, all inside the container."""
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    require(WORKER_IMAGE)
+    name = f"img-{uuid.uuid4().hex[:8]}"
+    params = tmp_path / "params.yaml"
+    params.write_text(worker_params(name, f"pool-{name}"))
+    with nanio_store(tmp_path / "s3", "worker") as s3:
+        keys = (s3["AWS_ACCESS_KEY_ID"], s3["AWS_SECRET_ACCESS_KEY"])
+        storage.client(s3["AWS_ENDPOINT_URL"], credentials=keys).create_bucket(Bucket="team")
+        endpoint = s3["AWS_ENDPOINT_URL"].replace("127.0.0.1", HOST_FROM_CONTAINER)
+        podman(
+            "run", "--detach", "--name", name, *ULIMITS, "--network", "slirp4netns:allow_host_loopback=true",
+            "--volume", f"{params}:/app/params.yaml:ro",
+            "--env", f"MLFLOW_TRACKING_URI={mlflow_server.replace('127.0.0.1', HOST_FROM_CONTAINER)}",
+            "--env", f"PREFECT_API_URL={prefect_server.replace('127.0.0.1', HOST_FROM_CONTAINER)}",
+            "--env", "CONVEYOR_DVC_REMOTE=s3://team/dvc", "--env", f"AWS_ENDPOINT_URL={endpoint}",
+            "--env", f"AWS_ACCESS_KEY_ID={s3['AWS_ACCESS_KEY_ID']}",
+            "--env", f"AWS_SECRET_ACCESS_KEY={s3['AWS_SECRET_ACCESS_KEY']}",
+            WORKER_IMAGE, "sh", "-c", "conveyor deploy && exec conveyor worker",
+        )  # fmt: skip
+        try:
+            deployment = f"conveyor-training/train-{name}"
+            with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
+                wait_until(
+                    lambda: _deployed(deployment, name), 300, f"`conveyor deploy` in the container\n{_logs(name)}"
+                )
+                flow_run = run_deployment(deployment, timeout=0, parameters={"reason": "test"})
+            assert isinstance(flow_run, FlowRun)
+            final = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+            wait_until(lambda: flow_run_state(prefect_server, str(flow_run.id)) in final, 900, "the run to end", 2)
+            assert flow_run_state(prefect_server, str(flow_run.id)) == "COMPLETED", _logs(name)
+        finally:
+            logs = _logs(name)
+            podman("rm", "--force", "--time", "10", name, check=False)
+        # The champion's run is the flow run's (lineage), trained in the container (its data version, no git there).
+        client = MlflowClient(mlflow_server)
+        champion = registry.current_champion(client, name)
+        assert champion is not None and champion.version == "1" and champion.run_id, logs
+        tags = client.get_run(champion.run_id).data.tags
+        assert tags["conveyor.prefect_flow_run_id"] == str(flow_run.id), tags
+        assert tags["conveyor.data_md5"] == yaml.safe_load((REPO / "data.dvc").read_text())["outs"][0]["md5"]
+        # The demo data seeded the empty team remote (721 files), and the run pushed its outputs beside it.
+        pushed = storage.list_keys(storage.S3Location("team", "dvc"), s3["AWS_ENDPOINT_URL"], keys)
+        assert len(pushed) > 721, len(pushed)
+
+
+def _deployed(deployment: str, container: str) -> bool:
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    state = podman("inspect", "--format", "{{.State.Status}}", container, check=False).stdout.strip()
+    assert state in ("running", "created", ""), f"the worker container stopped:\n{_logs(container)}"
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_deployment_by_name(deployment)
+    except ObjectNotFound:
+        return False
+    return True
+
+
+def _logs(container: str) -> str:
+    found = podman("logs", container, check=False)
+    return (found.stdout + found.stderr)[-5000:]
 
 
 def test_the_worker_image_runs_the_cli_with_its_tools() -> None:
