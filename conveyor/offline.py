@@ -30,6 +30,12 @@ OFFLINE_ENV: dict[str, str] = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # tqdm bars would flood the Prefect task logs
+    # Artifacts go through the MLflow server both ways: only the server reaches the object store. MLflow 3.17's
+    # client otherwise downloads from presigned URLs on the server's S3 endpoint whenever the server can make them,
+    # and that endpoint is often an address only the server resolves (compose's `minio:9000`, a cluster's service
+    # name): a laptop or an edge box then cannot fetch a model (found bringing infra/compose.yaml up).
+    "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
+    "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false",
 }
 
 # Ultralytics settings: integrations off (we track MLflow ourselves and fail loudly), no sync to its hub.

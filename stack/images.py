@@ -10,6 +10,10 @@ are built here and passed instead:
 - `localhost/conveyor-uv:VERSION`: uv's binary alone, the version the Makefile pins (its `.tools/bin/uv`, from the uv
   wheel on PyPI).
 
+For `make test-images`, which brings infra/compose.yaml up, it also builds `localhost/conveyor-postgres:15-bookworm`:
+Debian's PostgreSQL behind the official image's entrypoint contract (stand_ins/postgres-entrypoint.sh), standing in
+for compose's `postgres:17`. (MinIO's stand-in is nanio, which the worker image already has.)
+
 A build host behind a TLS-inspecting proxy names its CA bundle in SSL_CERT_FILE: it is mounted for the builds'
 downloads (and uv told to trust it); nothing of it lands in an image.
 
@@ -101,23 +105,57 @@ def python_base() -> str:
     if pulled(UPSTREAM_PYTHON):
         return UPSTREAM_PYTHON
     if not image_exists(STAND_IN_PYTHON):
-        if shutil.which("mmdebstrap") is None:
-            raise ImageBuildError(
-                f"{UPSTREAM_PYTHON} cannot be pulled and mmdebstrap is missing: apt-get install mmdebstrap"
-            )
         with tempfile.TemporaryDirectory(prefix="conveyor-base-") as work:
             rootfs = Path(work) / "base.tar"
-            packages = "python3,libpython3.11,python-is-python3,ca-certificates"
-            result = subprocess.run(
-                ["mmdebstrap", "--variant=apt", f"--include={packages}", "bookworm", str(rootfs)],
-                capture_output=True,
-                text=True,
-                timeout=1800,
-            )
-            if result.returncode != 0:
-                raise ImageBuildError(f"mmdebstrap failed:\n{result.stderr[-3000:]}")
+            debian_rootfs(["python3", "libpython3.11", "python-is-python3", "ca-certificates"], rootfs)
             podman("import", "--change", "ENV LANG=C.UTF-8", str(rootfs), STAND_IN_PYTHON)
     return STAND_IN_PYTHON
+
+
+POSTGRES_STAND_IN = "localhost/conveyor-postgres:15-bookworm"
+POSTGRES_ENTRYPOINT = Path(__file__).parent / "stand_ins" / "postgres-entrypoint.sh"
+
+
+def debian_rootfs(packages: list[str], out: Path, *hooks: str) -> None:
+    """A Debian bookworm root filesystem as a tarball, from Debian's mirror (mmdebstrap, no registry needed)."""
+    if shutil.which("mmdebstrap") is None:
+        raise ImageBuildError("no registry answers and mmdebstrap is missing: apt-get install mmdebstrap")
+    args = ["mmdebstrap", "--variant=apt", f"--include={','.join(packages)}"]
+    args += [arg for hook in hooks for arg in ("--customize-hook", hook)]
+    result = subprocess.run([*args, "bookworm", str(out)], capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        raise ImageBuildError(f"mmdebstrap failed:\n{result.stderr[-3000:]}")
+
+
+def postgres_stand_in() -> str:
+    """For infra/compose.yaml's `postgres:17` where no registry answers: Debian's PostgreSQL 15 behind an entrypoint
+    with the official image's contract as compose uses it (stand_ins/postgres-entrypoint.sh). Built once."""
+    if not image_exists(POSTGRES_STAND_IN):
+        with tempfile.TemporaryDirectory(prefix="conveyor-postgres-") as work:
+            rootfs = Path(work) / "postgres.tar"
+            debian_rootfs(
+                ["postgresql-15"],
+                rootfs,
+                f"upload {POSTGRES_ENTRYPOINT} /usr/local/bin/docker-entrypoint.sh",
+                'chroot "$1" sh -c "chmod 755 /usr/local/bin/docker-entrypoint.sh'
+                " && rm -rf /var/lib/postgresql/15 /etc/postgresql/15"  # Debian's default cluster: not used
+                " && mkdir -p /var/lib/postgresql/data /docker-entrypoint-initdb.d"
+                ' && chown -R postgres:postgres /var/lib/postgresql && chmod 700 /var/lib/postgresql/data"',
+            )
+            changes = [
+                "USER postgres",
+                "ENV PATH=/usr/lib/postgresql/15/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "ENV PGDATA=/var/lib/postgresql/data",
+                "ENV PGHOST=/var/lib/postgresql",
+                "ENV LANG=C.UTF-8",
+                'ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]',
+                'CMD ["postgres"]',
+                "EXPOSE 5432",
+                "STOPSIGNAL SIGINT",  # PostgreSQL's fast shutdown, as the official image
+            ]
+            podman("import", *[arg for change in changes for arg in ("--change", change)], str(rootfs),
+                   POSTGRES_STAND_IN)  # fmt: skip
+    return POSTGRES_STAND_IN
 
 
 def uv_base(version: str) -> str:
@@ -178,6 +216,8 @@ def build_all(only: list[str] | None = None) -> list[Built]:
         built.append(build(tag, dockerfile, python_image, uv_image))
         podman("image", "prune", "--force")  # the image this tag named before: gigabytes, untagged
         print(f"  {built[-1].size_mb / 1000:.2f} GB in {built[-1].build_s:.0f} s", flush=True)
+    if not only:
+        print(f"compose's PostgreSQL for `make test-images`: {postgres_stand_in()}", flush=True)
     return built
 
 

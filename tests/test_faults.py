@@ -120,17 +120,55 @@ def _files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
 
 
-def test_killed_during_dvc_push(
-    flow_project: tuple[Path, str], mlflow_server: str, prefect_server: str, tmp_path: Path
+@pytest.fixture
+def small_disk(flow_project: tuple[Path, str]) -> Iterator[Path]:
+    """The project's artifacts/ on a 30 MB filesystem of its own (tmpfs): room for training's outputs (~13 MB, more
+    while it writes checkpoints), not for the exports as well (~21 MB). Needs root (mount); skipped elsewhere."""
+    artifacts = flow_project[0] / "artifacts"
+    artifacts.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(artifacts)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here to fill: {mounted.stderr.strip() or 'mount failed'}")
+    try:
+        yield artifacts
+    finally:
+        subprocess.run(["umount", "-l", str(artifacts)], check=False)
+
+
+def test_disk_full_while_writing_artifacts_then_killed_during_dvc_push(
+    flow_project: tuple[Path, str], small_disk: Path, mlflow_server: str, prefect_server: str, tmp_path: Path
 ) -> None:
-    """SIGKILL the run the moment its push has put the first object on the DVC remote. The push is not recorded as
-    done, the next run pushes the rest without re-running a stage, and a fresh clone pulls the exact data version and
-    stage outputs: no object cut short by the kill is taken as complete."""
+    """Two faults in one project's life (one test, so that the second costs no pipeline run of its own).
+
+    The disk fills up while the export stage writes its models. The run fails with an error naming where and how
+    much is free; the stage is not recorded as done (dvc.lock), its MLflow run ends FAILED, and after space is freed
+    the next run re-does export onward and promotes.
+
+    That run is SIGKILLed the moment its push has put the first object on the DVC remote. The push is not recorded
+    as done, the next run pushes the rest without re-running a stage, and a fresh clone pulls the exact data version
+    and stage outputs: no object cut short by the kill is taken as complete."""
     from pipelines.data import dir_md5
 
-    project, _ = flow_project
-    remote = project / ".dvc-remote"  # the default remote, `local` (../.dvc-remote from .dvc/)
+    project, name = flow_project
     env = servers_env(mlflow_server, prefect_server)
+    client = MlflowClient(mlflow_server)
+    set_params(project, orchestration={"stage_retries": 0})  # a retry of the export fails the same way
+    failed = conveyor(project, env, "run", check=False)
+    text = failed.stdout + failed.stderr
+    assert failed.returncode == 1, text[-5000:]
+    assert f"stage 'export' failed (exit 255): disk full writing under {small_disk}/export" in text, text[-5000:]
+    assert "MB free of 31 MB there" in text
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert "train" in lock and "export" not in lock  # the half-written exports are not current
+    run_id = json.loads((project / "artifacts/train/run.json").read_text())["run_id"]
+    assert client.get_run(run_id).info.status == "FAILED"
+    assert champion_version(client, name) is None
+
+    subprocess.run(["mount", "-o", "remount,size=200m", str(small_disk)], check=True)  # space freed
+    remote = project / ".dvc-remote"  # the default remote, `local` (../.dvc-remote from .dvc/)
+    assert not _files(remote)  # the failed run stopped before its push
     log = tmp_path / "killed.log"
     run = start_run(project, env, log)
     try:
@@ -139,8 +177,12 @@ def test_killed_during_dvc_push(
     finally:
         if run.poll() is None:
             kill_tree(run)
+    text = log.read_text()
     at_kill = len(_files(remote))
-    assert at_kill > 0, log.read_text()[-5000:]
+    assert at_kill > 0, text[-5000:]
+    # Registration comes before the push: this run re-did export onward, and promoted.
+    assert "stage train: up to date" in text and "v1 is the new champion" in text, text[-5000:]
+    assert "export" in yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     assert not (project / ".conveyor/last-push").exists()  # a push killed halfway is not a push
 
     again = conveyor(project, env, "run")
@@ -160,50 +202,6 @@ def test_killed_during_dvc_push(
     assert dir_md5(clone / "data") == data_md5
     status = subprocess.run(["dvc", "status"], cwd=clone, env=env, check=True, capture_output=True, text=True)
     assert "up to date" in status.stdout, status.stdout  # every stage output pulled matches dvc.lock
-
-
-@pytest.fixture
-def small_disk(flow_project: tuple[Path, str]) -> Iterator[Path]:
-    """The project's artifacts/ on a 30 MB filesystem of its own (tmpfs): room for training's outputs (~13 MB, more
-    while it writes checkpoints), not for the exports as well (~21 MB). Needs root (mount); skipped elsewhere."""
-    artifacts = flow_project[0] / "artifacts"
-    artifacts.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(artifacts)], capture_output=True, text=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small filesystem here to fill: {mounted.stderr.strip() or 'mount failed'}")
-    try:
-        yield artifacts
-    finally:
-        subprocess.run(["umount", "-l", str(artifacts)], check=False)
-
-
-def test_disk_full_while_writing_artifacts(
-    flow_project: tuple[Path, str], small_disk: Path, mlflow_server: str, prefect_server: str, tmp_path: Path
-) -> None:
-    """The disk fills up while the export stage writes its models. The run fails with an error naming where and how
-    much is free; the stage is not recorded as done (dvc.lock), its MLflow run ends FAILED, and after space is freed
-    the next run re-does export onward and promotes."""
-    project, name = flow_project
-    env = servers_env(mlflow_server, prefect_server)
-    client = MlflowClient(mlflow_server)
-    failed = conveyor(project, env, "run", check=False)
-    text = failed.stdout + failed.stderr
-    assert failed.returncode == 1, text[-5000:]
-    assert f"stage 'export' failed (exit 255): disk full writing under {small_disk}/export" in text, text[-5000:]
-    assert "MB free of 31 MB there" in text
-    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
-    assert "train" in lock and "export" not in lock  # the half-written exports are not current
-    run_id = json.loads((project / "artifacts/train/run.json").read_text())["run_id"]
-    assert client.get_run(run_id).info.status == "FAILED"
-    assert champion_version(client, name) is None
-
-    subprocess.run(["mount", "-o", "remount,size=200m", str(small_disk)], check=True)  # space freed
-    again = conveyor(project, env, "run")
-    assert "stage train: up to date" in again.stdout + again.stderr
-    assert "v1 is the new champion" in again.stdout
-    assert "export" in yaml.safe_load((project / "dvc.lock").read_text())["stages"]
 
 
 def test_worker_machine_dies_mid_run(

@@ -3,7 +3,10 @@
 The server image serves the registry's champion from a real MLflow server on the host, with the bearer token, to
 Triton's own clients over HTTP and gRPC and to `/predict`, as uid 10001 on a read-only root filesystem with a
 volume for `.conveyor/`; it reports live before any champion exists (ready only after), and a SIGTERM stops it in
-under 10 s without failing a request it accepted. The worker image runs Conveyor's CLI with its DVC and Prefect.
+under 10 s without failing a request it accepted. The worker image runs Conveyor's CLI with its DVC and Prefect, and
+runs the training deployment against the host's Prefect and MLflow servers. infra/compose.yaml comes up with
+podman-compose (PostgreSQL and MinIO stood in for), and a training run started from the host reaches its model
+server.
 
 Not part of `make test`: the two images take about 15 minutes to build here and 12 GB of disk (uv.lock's torch is
 the CUDA build). Run with `make test-images`; the tests fail (never skip) when the images are missing.
@@ -11,6 +14,8 @@ the CUDA build). Run with `make test-images`; the tests fail (never skip) when t
 
 from __future__ import annotations
 
+import json
+import socket
 import subprocess
 import threading
 import time
@@ -20,6 +25,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,7 +37,7 @@ from conveyor.net import free_port, wait_until
 from conveyor.scaffold import REPO
 from pipelines import registry
 from serving.app import GRPC_TOKEN_HEADER
-from stack.images import PODMAN, ULIMITS
+from stack.images import PODMAN, POSTGRES_STAND_IN, ULIMITS
 from tests.conftest import nanio_store
 from tests.flow_support import flow_run_state
 from tests.serving_support import export_checkpoint, register
@@ -41,6 +47,12 @@ SERVER_IMAGE = "localhost/conveyor-server:latest"
 MODEL = "conveyor-defect-detector"  # what the image's params.yaml serves: this session's MLflow server registers it
 HOST_FROM_CONTAINER = "10.0.2.2"  # slirp4netns' address of the host's loopback (allow_host_loopback=true)
 WORKER_IMAGE = "localhost/conveyor-worker:latest"
+INFRA_COMPOSE = REPO / "infra" / "compose.yaml"
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) != 0
 
 
 def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -156,8 +168,6 @@ def test_the_server_image_serves_the_champion_as_the_process_does(
         server.url + "/predict", data=image, headers={"Content-Type": "image/jpeg", **server.headers()}
     )
     with urllib.request.urlopen(request, timeout=60) as response:
-        import json
-
         served = json.loads(response.read())
     assert served["model"]["version"] == version and len(served["images"]) == 1
     data = np.array([[image]], dtype=object)
@@ -214,19 +224,24 @@ def test_the_server_image_serves_the_champion_as_the_process_does(
     assert outcomes.count(200) >= 4
 
 
-def worker_params(model_name: str, pool: str) -> str:
-    """The image's own params.yaml with a tiny training (1 epoch at 96 px from scratch, no thresholds)
-    and this test's model, work pool and deployment names, so nothing else on the servers is touched."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+def tiny_training_params() -> dict[str, Any]:
+    """The image's own params.yaml with a tiny training: 1 epoch at 96 px from scratch, no thresholds."""
+    params: dict[str, Any] = yaml.safe_load((REPO / "params.yaml").read_text())
     params["train"].update({"epochs": 1, "imgsz": 96, "close_mosaic": 0})
-    params["export"].update(
-        {"formats": ["onnx_dynamic", "openvino"], "parity_images": 4, "latency": {"warmup": 1, "runs": 3}}
-    )
+    params["export"].update({"formats": ["onnx_dynamic", "openvino"], "parity_images": 4})
+    params["export"]["latency"] = {"warmup": 1, "runs": 3}
     params["gates"].update({"min_map50_95": 0.0, "min_map50": 0.0, "min_class_recall": 0.0, "latency_ratio": 100.0})
-    params["registry"]["model_name"] = model_name
-    params["orchestration"].update({"work_pool": pool, "deployment": f"train-{model_name}"})
-    params["monitor"]["deployment"] = f"drift-{model_name}"
     params["tracking"]["experiment"] = "image-tests"
+    return params
+
+
+def worker_params(model_name: str) -> str:
+    """Tiny training, with this test's model, work pool and deployment names: nothing else on the servers is
+    touched."""
+    params = tiny_training_params()
+    params["registry"]["model_name"] = model_name
+    params["orchestration"].update({"work_pool": f"pool-{model_name}", "deployment": f"train-{model_name}"})
+    params["monitor"]["deployment"] = f"drift-{model_name}"
     return yaml.safe_dump(params, sort_keys=False)
 
 
@@ -241,7 +256,7 @@ def test_the_worker_image_runs_the_training_deployment(mlflow_server: str, prefe
     require(WORKER_IMAGE)
     name = f"img-{uuid.uuid4().hex[:8]}"
     params = tmp_path / "params.yaml"
-    params.write_text(worker_params(name, f"pool-{name}"))
+    params.write_text(worker_params(name))
     with nanio_store(tmp_path / "s3", "worker") as s3:
         keys = (s3["AWS_ACCESS_KEY_ID"], s3["AWS_SECRET_ACCESS_KEY"])
         storage.client(s3["AWS_ENDPOINT_URL"], credentials=keys).create_bucket(Bucket="team")
@@ -312,3 +327,166 @@ def test_the_worker_image_runs_the_cli_with_its_tools() -> None:
     )  # fmt: skip
     lines = tools.stdout.split()
     assert lines[0] == "10001" and lines[1].startswith("3.")
+
+
+# --- infra/compose.yaml under podman-compose ------------------------------------------------------------------------
+
+# Every service but Prometheus and Grafana, whose images no registry here serves. PostgreSQL and MinIO are stand-ins
+# (an override file, written by the test): Debian's PostgreSQL behind the official image's entrypoint contract
+# (`make images` builds it) and nanio, an S3 server from PyPI that the worker image carries.
+COMPOSE_SERVICES = ["postgres", "minio", "bucket-init", "mlflow", "prefect-server", "worker", "model-server"]
+COMPOSE_PORTS = (5000, 4200, 8080, 8081, 9001)  # what compose.yaml publishes on the host
+
+
+class ComposeProject:
+    """podman-compose with this host's podman flags. podman 4.3 cannot run health checks (it schedules them with
+    systemd, which these hosts lack) and its dependency graph fails on a dependency's own dependencies, so `up`
+    starts one service at a time, in compose's order, after waiting for each of its `depends_on` conditions as
+    compose would: a health check run until it passes (what systemd's timer would run), a one-shot's exit code 0."""
+
+    def __init__(self, name: str, files: list[Path], env_file: Path) -> None:
+        self.name = name
+        self.base = [str(REPO / ".venv" / "bin" / "podman-compose"), "--podman-args", " ".join(PODMAN[1:]),
+                     "--podman-run-args", " ".join(ULIMITS), "-p", name, "--env-file", str(env_file)]  # fmt: skip
+        for file in files:
+            self.base += ["-f", str(file)]
+        self.config: dict[str, Any] = yaml.safe_load(self.compose("config").stdout)
+
+    def compose(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([*self.base, *args], capture_output=True, text=True, timeout=timeout)
+        if result.returncode != 0:
+            raise AssertionError(f"podman-compose {' '.join(args)}: {(result.stderr or result.stdout)[-3000:]}")
+        return result
+
+    def container(self, service: str) -> str:
+        return f"{self.name}_{service}_1"
+
+    def up(self, services: list[str]) -> None:
+        for service in services:
+            for dependency, rule in self.config["services"][service].get("depends_on", {}).items():
+                self.wait_for(dependency, rule["condition"])
+            self.compose("up", "--detach", "--no-deps", service)
+
+    def wait_for(self, service: str, condition: str) -> None:
+        name = self.container(service)
+        if condition == "service_healthy":
+            wait_until(lambda: self._healthy(name), 300, f"{service} to be healthy\n{_logs(name)}", interval=2)
+        elif condition == "service_completed_successfully":
+            code = podman("wait", name, timeout=300).stdout.strip()
+            assert code == "0", f"{service} exited {code}\n{_logs(name)}"
+
+    def _healthy(self, name: str) -> bool:
+        state = podman("inspect", "--format", "{{.State.Status}}", name, check=False).stdout.strip()
+        assert state in ("running", "created", "configured"), f"{name} is {state}\n{_logs(name)}"
+        return podman("healthcheck", "run", name, check=False, timeout=60).returncode == 0
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {s}\n{_logs(self.container(s))[-1500:]}" for s in self.config["services"])
+
+
+def compose_override(tmp_path: Path, params: Path) -> Path:
+    """The stand-ins, and a tiny training (1 epoch at 96 px) so that the test's run takes a minute. `!override`
+    (Compose Specification): the stand-in's health check replaces MinIO's `mc ready` instead of joining it."""
+    path = tmp_path / "compose.podman.yaml"
+    path.write_text(
+        f"""services:
+  postgres:
+    image: {POSTGRES_STAND_IN}
+  minio:
+    image: conveyor-worker:local
+    user: "0:0"  # the volume at /data is root's, as with MinIO's image
+    entrypoint:
+      - sh
+      - -c
+      - NANIO_ACCESS_KEY="$$MINIO_ROOT_USER" NANIO_SECRET_KEY="$$MINIO_ROOT_PASSWORD"
+        exec nanio serve --host 0.0.0.0 --port 9000 --data-dir /data
+    healthcheck: !override
+      test: ["CMD", "python", "-c", "import socket; socket.create_connection(('127.0.0.1', 9000), 4)"]
+      interval: 5s
+      timeout: 5s
+      retries: 30
+  worker:
+    volumes:
+      - {params}:/app/params.yaml:ro
+"""
+    )
+    return path
+
+
+def test_compose_brings_the_stack_up_and_a_training_run_reaches_the_model_server(tmp_path: Path) -> None:
+    """infra/compose.yaml as a team starts it (`compose up` with infra/.env filled in), the images of `make images`:
+    the worker registers the deployments; a run of the training deployment, started from the host through the
+    published Prefect port, trains, promotes and pushes to the S3 store; the model server, not ready until then,
+    loads the champion by itself and answers /predict with the token."""
+    import secrets
+
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from conveyor.settings import SynthSettings
+    from pipelines.synth import generate
+
+    for image in (WORKER_IMAGE, SERVER_IMAGE, POSTGRES_STAND_IN):
+        require(image)
+    for port in COMPOSE_PORTS:
+        assert port_is_free(port), f"compose publishes 127.0.0.1:{port}, which something on this host holds"
+    podman("tag", WORKER_IMAGE, "localhost/conveyor-worker:local")  # the names compose.yaml gives them
+    podman("tag", SERVER_IMAGE, "localhost/conveyor-server:local")
+    secret_keys = ("POSTGRES_PASSWORD", "MLFLOW_DB_PASSWORD", "PREFECT_DB_PASSWORD", "AWS_SECRET_ACCESS_KEY",
+                   "CONVEYOR_SERVE_TOKEN", "GRAFANA_ADMIN_PASSWORD")  # fmt: skip
+    env = {key: secrets.token_hex(12) for key in secret_keys} | {"S3_BUCKET": "conveyor", "AWS_ACCESS_KEY_ID": "team"}
+    env_file = tmp_path / ".env"
+    env_file.write_text("".join(f"{key}={value}\n" for key, value in env.items()))
+    params = tmp_path / "params.yaml"
+    tiny = tiny_training_params()  # the image's model, pool and deployment names, as compose runs it
+    params.write_text(yaml.safe_dump(tiny, sort_keys=False))
+    model, deployment = tiny["registry"]["model_name"], f"conveyor-training/{tiny['orchestration']['deployment']}"
+
+    project = ComposeProject(
+        f"ctest{uuid.uuid4().hex[:6]}", [INFRA_COMPOSE, compose_override(tmp_path, params)], env_file
+    )
+    try:
+        project.up(COMPOSE_SERVICES)
+        server = Container(project.container("model-server"), "http://127.0.0.1:8080", "127.0.0.1:8081",
+                           env["CONVEYOR_SERVE_TOKEN"], model)  # fmt: skip
+        wait_until(lambda: server.status("/v2/health/live") == 200, 300, f"the model server\n{project.logs()}")
+        assert server.status("/v2/health/ready") == 503  # no champion yet
+        prefect_api = "http://127.0.0.1:4200/api"
+        with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
+            wait_until(
+                lambda: _deployed(deployment, project.container("worker")), 300, f"the deployments\n{project.logs()}"
+            )
+            flow_run = run_deployment(deployment, timeout=0, parameters={"reason": "test"})
+        assert isinstance(flow_run, FlowRun)
+        final = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+        wait_until(lambda: flow_run_state(prefect_api, str(flow_run.id)) in final, 900, "the run to end", 2)
+        assert flow_run_state(prefect_api, str(flow_run.id)) == "COMPLETED", project.logs()
+
+        # The champion, its artifacts through the MLflow server (in the S3 store behind it), and the model server.
+        client = MlflowClient("http://127.0.0.1:5000")
+        champion = registry.current_champion(client, model)
+        assert champion is not None and champion.version == "1" and champion.run_id
+        import mlflow
+
+        weights = mlflow.artifacts.download_artifacts(
+            run_id=champion.run_id, artifact_path="weights/best.pt", tracking_uri=client.tracking_uri,
+            dst_path=str(tmp_path / "download"),
+        )  # fmt: skip
+        assert Path(weights).stat().st_size > 1_000_000
+        wait_until(lambda: server.status("/v2/health/ready") == 200, 300, f"the champion served\n{project.logs()}")
+        generate(SynthSettings(seed=11, counts={"train": 0, "val": 0, "test": 1}), tmp_path / "images")
+        frame = next((tmp_path / "images" / "images" / "test").glob("*.jpg")).read_bytes()
+        request = urllib.request.Request(
+            server.url + "/predict", data=frame, headers={"Content-Type": "image/jpeg", **server.headers()}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert json.loads(response.read())["model"]["version"] == "1"
+        # DVC's remote in the S3 store, as the worker sees it: the demo data seeded (721 files), and the run's outputs.
+        count = "from conveyor import storage; print(len(storage.list_keys(storage.S3Location('conveyor', 'dvc'))))"
+        pushed = podman("exec", project.container("worker"), "python", "-c", count)
+        assert int(pushed.stdout.strip()) > 721, pushed.stdout
+    finally:
+        logs = project.logs()
+        project.compose("down", "--volumes", timeout=300)
+        (tmp_path / "compose.log").write_text(logs)

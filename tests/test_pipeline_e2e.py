@@ -103,7 +103,7 @@ def test_dvc_repro_end_to_end(project: Path, mlflow_server: str, netguard_env: t
 
     # --- train.epochs changes: train and what follows re-run, validate does not ---
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"]["epochs"] = 3
+    params["train"]["epochs"] = 1  # fewer than before: the cheapest change that re-runs training
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     rerun = _dvc(project, env, "repro")
     assert "Running stage 'validate'" not in rerun
@@ -111,5 +111,5 @@ def test_dvc_repro_end_to_end(project: Path, mlflow_server: str, netguard_env: t
         assert f"Running stage '{stage}'" in rerun
     new_run_id = json.loads((project / "artifacts/train/run.json").read_text())["run_id"]
     assert new_run_id != run_id
-    assert len(client.get_metric_history(new_run_id, "metrics/mAP50-95")) == 3
+    assert len(client.get_metric_history(new_run_id, "metrics/mAP50-95")) == 1
     assert netlog.read_text() == ""
