@@ -35,6 +35,8 @@ from rich.console import Console
 from rich.table import Table
 
 import conveyor  # noqa: F401  (offline switches before the ML imports)
+from conveyor.lineage import cpu_model
+from conveyor.paths import available_cores
 from conveyor.scaffold import REPO
 
 RESULTS = REPO / "bench" / "results" / "gpu.json"
@@ -225,7 +227,7 @@ def run_check(runtime: str, images: int, requests: int, max_seconds: float, out:
         "runtime": runtime,
         "stand_in": runtime != "tensorrt",
         "device": device_name(runtime),
-        "host": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
+        "host": {"cpu": cpu_model(), "cores": available_cores(), "python": platform.python_version()},
         "artifact": variant.name,
         "parity": {
             "max_abs_diff": parity.max_abs_diff,

@@ -1,4 +1,5 @@
-"""Keep the ML stack offline and quiet: no downloads, update checks, auto-installs or telemetry.
+"""Keep the ML stack offline and quiet: no downloads, update checks, auto-installs or telemetry; and the few other
+process-wide switches every entry point needs (artifacts through the MLflow server, OpenMP threads that yield).
 
 A factory line has no internet, and a pipeline that phones home (or waits on a DNS timeout) is a pipeline that hangs.
 `configure()` must run before Ultralytics is imported: Ultralytics decides ONLINE and reads its settings at import.
@@ -36,6 +37,11 @@ OFFLINE_ENV: dict[str, str] = {
     # name): a laptop or an edge box then cannot fetch a model (found bringing infra/compose.yaml up).
     "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
     "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false",
+    # PyTorch's OpenMP threads sleep instead of spinning while they wait for work. Alone on its cores a run is as
+    # fast either way; with anything else busy beside it (a second run, the model server, a drift check, a test
+    # worker) spinning threads take the cores from it: two small flow runs at once took 76.5 s each with libgomp's
+    # default and 40 s each with PASSIVE, 35-36 s alone either way (2 cores; `make bench-concurrency`).
+    "OMP_WAIT_POLICY": "PASSIVE",
 }
 
 # Ultralytics settings: integrations off (we track MLflow ourselves and fail loudly), no sync to its hub.

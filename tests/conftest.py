@@ -44,17 +44,19 @@ _file_seconds: dict[str, float] = {}  # setup + call + teardown of every test, p
 # longest first: a long file started last would leave one worker running it alone at the end. Unlisted files are
 # short; a stale figure only costs balance, never a test.
 FILE_SECONDS = {
-    "test_faults.py": 803,
-    "test_flow.py": 643,
-    "test_monitoring.py": 392,
-    "test_stack.py": 265,
-    "test_pipeline_e2e.py": 212,
-    "test_edge.py": 185,
-    "test_serving.py": 132,
-    "test_monitoring_units.py": 95,
-    "test_data.py": 51,
-    "test_gate.py": 48,
-    "test_storage_quota.py": 45,
+    "test_faults.py": 226,
+    "test_flow.py": 213,
+    "test_monitoring.py": 164,
+    "test_stack.py": 160,
+    "test_edge.py": 110,
+    "test_serving.py": 83,
+    "test_pipeline_e2e.py": 70,
+    "test_gpu_check.py": 43,
+    "test_monitoring_units.py": 42,
+    "test_storage_quota.py": 27,
+    "test_data.py": 26,
+    "test_registry.py": 19,
+    "test_gate.py": 17,
 }
 
 
