@@ -214,7 +214,11 @@ def build_all(only: list[str] | None = None) -> list[Built]:
             continue
         print(f"building {tag} from {dockerfile.relative_to(REPO)} on {python_image} ...", flush=True)
         built.append(build(tag, dockerfile, python_image, uv_image))
-        podman("image", "prune", "--force")  # the image this tag named before: gigabytes, untagged
+        # The image this tag named before, and the build stage: gigabytes, untagged. Not fatal: a container left by
+        # an interrupted build keeps its image, and says so.
+        pruned = podman("image", "prune", "--force", check=False)
+        if pruned.returncode != 0:
+            print(f"  (images not pruned: {pruned.stderr.strip()[:300]})", flush=True)
         print(f"  {built[-1].size_mb / 1000:.2f} GB in {built[-1].build_s:.0f} s", flush=True)
     if not only:
         print(f"compose's PostgreSQL for `make test-images`: {postgres_stand_in()}", flush=True)
