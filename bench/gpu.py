@@ -26,9 +26,9 @@ import sys
 import tempfile
 import urllib.request
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 from rich.console import Console
@@ -38,6 +38,9 @@ import conveyor  # noqa: F401  (offline switches before the ML imports)
 from conveyor.lineage import cpu_model
 from conveyor.paths import available_cores
 from conveyor.scaffold import REPO
+
+if TYPE_CHECKING:
+    from bench.serving import Cell
 
 RESULTS = REPO / "bench" / "results" / "gpu.json"
 # The runtime under test -> its export variant (what the registry version's files and the gate call it).
@@ -67,18 +70,6 @@ def preflight(runtime: str, gpu_only: bool = False) -> None:
     reason = None if gpu_only else tensorrt_unavailable_reason()
     if reason:
         refuse(reason)
-
-
-@dataclass
-class Served:
-    runtime: str
-    path: str
-    concurrency: int
-    requests: int
-    errors: int
-    p50_ms: float
-    p99_ms: float
-    rps: float
 
 
 def detections_agree(ours: list[dict[str, Any]], theirs: list[dict[str, Any]], min_iou: float = 0.5) -> float:
@@ -134,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
 def run_check(runtime: str, images: int, requests: int, max_seconds: float, out: Path) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
-    from bench.serving import clients, drive, percentile, start_mlflow
+    from bench.serving import Cell, clients, drive, percentile, start_mlflow
     from conveyor.settings import EvaluateSettings, SynthSettings, load_settings
     from pipelines import registry, runtimes
     from pipelines.evaluate import evaluate_checkpoint
@@ -187,7 +178,7 @@ def run_check(runtime: str, images: int, requests: int, max_seconds: float, out:
 
         # 3. Served by `conveyor serve --runtime ...` and by the OpenVINO server, from one registry version.
         console.print(f"[bold]3/4[/] serving with --runtime {runtime} beside --runtime {BASELINE} ...")
-        cells: list[Served] = []
+        cells: list[Cell] = []  # Cell.config: the runtime served
         agreement: list[float] = []
         mlflow, url = start_mlflow(root / "mlflow")
         servers = {}
@@ -213,7 +204,7 @@ def run_check(runtime: str, images: int, requests: int, max_seconds: float, out:
                     for c in CONCURRENCY:
                         drive(factories[path_name], c, max(8, 2 * c), 15)  # warm-up
                         times, errors, seconds = drive(factories[path_name], c, max(requests, c), max_seconds)
-                        cells.append(Served(served, path_name, c, len(times), errors, statistics.median(times),
+                        cells.append(Cell(served, path_name, c, len(times), errors, statistics.median(times),
                                             percentile(times, 0.99), len(times) / seconds))  # fmt: skip
         finally:
             for server in servers.values():
@@ -240,7 +231,7 @@ def run_check(runtime: str, images: int, requests: int, max_seconds: float, out:
         "latency_ms": {name: round(ms, 3) for name, ms in latency.items()},
         "speedup_vs_openvino": round(latency[BASELINE] / latency[runtime], 3),
         "served_agreement": round(served_agreement, 4),
-        "serving": [asdict(cell) for cell in cells],
+        "serving": [{"runtime": cell.config, **asdict(cell)} for cell in cells],
         "errors": errors,
         "ok": passed and served_agreement >= 0.95 and errors == 0,
     }
@@ -261,7 +252,7 @@ def device_name(runtime: str) -> str:
     return f"CPU stand-in ({platform.machine()})"
 
 
-def show(console: Console, result: dict[str, Any], cells: list[Served]) -> None:
+def show(console: Console, result: dict[str, Any], cells: list[Cell]) -> None:
     gates = Table(title=f"gpu-check: {result['artifact']} on {result['device']}")
     for column in ("check", "threshold", "value", "passed"):
         gates.add_column(column)
@@ -276,7 +267,7 @@ def show(console: Console, result: dict[str, Any], cells: list[Served]) -> None:
     for name, ms in result["latency_ms"].items():
         table.add_row(name, "raw, batch 1", "1", f"{ms:.2f}", "", f"{1000 / ms:.1f}", "")
     for cell in cells:
-        table.add_row(cell.runtime, cell.path, str(cell.concurrency), f"{cell.p50_ms:.1f}", f"{cell.p99_ms:.1f}",
+        table.add_row(cell.config, cell.path, str(cell.concurrency), f"{cell.p50_ms:.1f}", f"{cell.p99_ms:.1f}",
                       f"{cell.rps:.1f}", str(cell.errors))  # fmt: skip
     console.print(table)
 
