@@ -201,6 +201,7 @@ def test_decisions_arrive_in_order_through_a_broker_that_restarts(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        cwd=tmp_path,  # its prediction log (edge-log/) lands there, as on a device
     )
     try:
         wait_until(lambda: len(subscriber.received) >= 5, 120, "the first decisions")
@@ -274,6 +275,7 @@ def _rollout_under_a_stream(
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        cwd=tmp_path,  # its prediction log (edge-log/) lands there, as on a device
     )
     out: list[str] = []
     err: list[str] = []
@@ -361,7 +363,7 @@ def test_bad_streams_and_bundles_get_clear_messages(model_files: ModelFiles, lin
     built = _bundle(model_files, tmp_path / "bundle", private)
     run = [PYTHON, str(built.directory / "run.py")]
     missing = subprocess.run(
-        [*run, "--stream", str(tmp_path / "nope.avi")], capture_output=True, text=True, timeout=120
+        [*run, "--stream", str(tmp_path / "nope.avi")], capture_output=True, text=True, timeout=120, cwd=tmp_path
     )
     assert missing.returncode != 0 and "cannot open the stream" in missing.stderr
     # A stream that ends early (a truncated file): what was there is decided, then the summary.
@@ -373,8 +375,9 @@ def test_bad_streams_and_bundles_get_clear_messages(model_files: ModelFiles, lin
     # Another team's key: the runner refuses its own bundle before deciding anything.
     _, stranger = bundle.keygen(tmp_path / "stranger")
     refused = subprocess.run(
-        [*run, "--stream", str(line.video), "--public-key", str(stranger)], capture_output=True, text=True, timeout=120
-    )
+        [*run, "--stream", str(line.video), "--public-key", str(stranger)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
     assert refused.returncode == 2 and "bundle signature invalid" in refused.stderr
     with pytest.raises(FileExistsError, match="orphan"):
         bundle.keygen(tmp_path / "keys")
