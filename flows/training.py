@@ -197,6 +197,8 @@ def push(root: str) -> None:
     if record.is_file() and record.read_text() == state:
         get_run_logger().info("dvc push: nothing new since the last successful push")
         return
+    for partial in dvc_repo.remove_partial_objects(paths.root):
+        get_run_logger().warning("removed %s from the DVC remote: cut short by an earlier push; sent again", partial)
     result = dvc_repo.dvc(Path(root), "push", check=False)
     if result.returncode != 0:
         raise dvc_repo.push_failure(result.stderr, dvc_repo.default_remote(paths.root))

@@ -73,6 +73,32 @@ def check_remote_storage(root: Path) -> None:
     check_bucket(S3Location.parse(url).bucket, remote.get("endpointurl") or endpoint_from_env())
 
 
+def remove_partial_objects(root: Path) -> list[Path]:
+    """Objects a killed push left cut short in a folder remote, removed so that the next push sends them again.
+
+    DVC writes some objects (a directory's `.dir` listing among them) to a folder remote at their final name, and
+    on the next push takes any object that exists there as sent: a `.dir` left empty by a SIGKILL then failed every
+    later push ("object ... .dir is corrupted"), found by tests/test_faults.py. An object whose size differs from
+    the cache's copy of it is such a leftover. Object stores (S3) write an object whole or not at all: nothing to do
+    there. Returns what was removed."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        if not repo.config["core"].get("remote"):
+            return []
+        remote = repo.cloud.get_remote_odb()
+        if remote.fs.protocol != "local":
+            return []
+        cache, remote_root = Path(repo.cache.local.path), Path(remote.path)
+    removed = []
+    for local in cache.glob("*/*"):
+        there = remote_root / local.parent.name / local.name
+        if there.is_file() and there.stat().st_size != local.stat().st_size:
+            there.unlink()
+            removed.append(there)
+    return removed
+
+
 def pushed_state(root: Path) -> str:
     """What a push covers: the data and stage versions (data.dvc, dvc.lock) and where they go (the DVC config)."""
     digest = hashlib.sha256()

@@ -104,3 +104,26 @@ def test_conveyor_status_closes_a_run_left_running_by_a_dead_process(project: Pa
     assert not list((project / ".conveyor/open").glob("*.json"))
     again = run_cmd(["conveyor", "status"], cwd=project, env=env).stdout
     assert "Left open by a run that died" not in again  # nothing left to close
+
+
+def test_objects_a_killed_push_cut_short_in_a_folder_remote_are_sent_again(tmp_path: Path) -> None:
+    """A SIGKILL during `dvc push` left a `.dir` object empty at its final name in a folder remote, and every later
+    push failed on it; the push step removes such leftovers first (found by test_faults' killed push)."""
+    from pipelines.dvc_repo import remove_partial_objects
+
+    project = tmp_path / "project"
+    project.mkdir()
+    env = base_env()
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=project, env=env, check=True)
+    subprocess.run(["dvc", "remote", "add", "-d", "-q", "local", "../remote"], cwd=project, env=env, check=True)
+    assert remove_partial_objects(project) == []  # nothing pushed yet
+    cache = project / ".dvc" / "cache" / "files" / "md5" / "77"
+    remote = tmp_path / "remote" / "files" / "md5" / "77"
+    cache.mkdir(parents=True)
+    remote.mkdir(parents=True)
+    (cache / "18b4.dir").write_text('[{"md5": "977d", "relpath": "report.json"}]')
+    (remote / "18b4.dir").write_bytes(b"")  # cut short by the kill
+    (cache / "aaaa").write_bytes(b"whole")
+    (remote / "aaaa").write_bytes(b"whole")  # sent whole: kept
+    assert remove_partial_objects(project) == [remote / "18b4.dir"]
+    assert not (remote / "18b4.dir").exists() and (remote / "aaaa").read_bytes() == b"whole"
