@@ -32,8 +32,7 @@ from conveyor.lineage import cpu_model
 from conveyor.net import free_port
 from conveyor.paths import available_cores
 from conveyor.scaffold import REPO
-from flows import local_server
-from tests.conftest import base_env, start_mlflow_server, stop_tree, wait_http
+from tests.conftest import base_env, start_mlflow_server, start_prefect_server, stop_tree
 from tests.flow_support import make_flow_project
 
 RESULTS = REPO / "bench" / "results" / "concurrency.json"
@@ -70,17 +69,9 @@ def main() -> None:
         (root / "mlflow").mkdir()
         mlflow_port, prefect_port = free_port(), free_port()
         mlflow = start_mlflow_server(root / "mlflow", mlflow_port)
-        home = root / "prefect"
-        home.mkdir()
-        prefect = subprocess.Popen(
-            local_server.server_argv("127.0.0.1", prefect_port),
-            env=base_env(**local_server.server_env(home, "127.0.0.1", prefect_port)),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        (root / "prefect").mkdir()
+        prefect = start_prefect_server(root / "prefect", prefect_port)
         try:
-            wait_http(f"http://127.0.0.1:{prefect_port}/api/health", 180, prefect)
             servers = {
                 "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
                 "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",

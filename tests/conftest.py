@@ -198,30 +198,36 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stop_tree(process)
 
 
+def start_prefect_server(home: Path, port: int, **env: str) -> subprocess.Popen[bytes]:
+    """A real Prefect server (API and UI) with its own home, its log in home/server.log; healthy when this returns."""
+    with (home / "server.log").open("ab") as log:
+        process = subprocess.Popen(
+            local_server.server_argv("127.0.0.1", port),
+            env=base_env(**local_server.server_env(home, "127.0.0.1", port), **env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/health", 180, process)
+    except BaseException:
+        stop_tree(process)
+        raise
+    return process
+
+
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One real Prefect server for the whole test session (not a temporary server per process)."""
-    home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
-    log = (home / "server.log").open("wb")
-    env = base_env(
-        **local_server.server_env(home, "127.0.0.1", port),
-        # An enqueued run re-checks for a free slot every 30 s by default.
-        PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="2",
-    )
-    process = subprocess.Popen(
-        local_server.server_argv("127.0.0.1", port),
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    # An enqueued run re-checks for a free slot every 30 s by default.
+    process = start_prefect_server(
+        tmp_path_factory.mktemp("prefect-home"), port, PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="2"
     )
     try:
-        wait_http(f"http://127.0.0.1:{port}/api/health", 180, process)
         yield f"http://127.0.0.1:{port}/api"
     finally:
         stop_tree(process)
-        log.close()
 
 
 def run_cmd(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess[str]:

@@ -15,14 +15,13 @@ the CUDA build). Run with `make test-images`; the tests fail (never skip) when t
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,14 +30,15 @@ import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from prefect.client.schemas.objects import FlowRun
 
 from conveyor import storage
-from conveyor.net import free_port, wait_until
+from conveyor.net import free_port, port_free, wait_until
 from conveyor.scaffold import REPO
 from pipelines import registry
 from serving.app import GRPC_TOKEN_HEADER
 from stack.images import PODMAN, POSTGRES_STAND_IN, ULIMITS
-from tests.conftest import nanio_store
+from tests.conftest import VENV_BIN, nanio_store
 from tests.flow_support import flow_run_state
 from tests.serving_support import export_checkpoint, register
 
@@ -48,11 +48,6 @@ MODEL = "conveyor-defect-detector"  # what the image's params.yaml serves: this 
 HOST_FROM_CONTAINER = "10.0.2.2"  # slirp4netns' address of the host's loopback (allow_host_loopback=true)
 WORKER_IMAGE = "localhost/conveyor-worker:latest"
 INFRA_COMPOSE = REPO / "infra" / "compose.yaml"
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) != 0
 
 
 def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -89,8 +84,7 @@ class Container:
 
     def logs(self) -> str:
         """The container's output without Triton's start-up tables."""
-        found = podman("logs", self.name, check=False)
-        lines = (found.stdout + found.stderr).splitlines()
+        lines = _logs(self.name, tail=None).splitlines()
         return "\n".join(line for line in lines if not line.startswith(("I1", "+", "|", "W1", "E1")))[-4000:]
 
 
@@ -249,10 +243,6 @@ def test_the_worker_image_runs_the_training_deployment(mlflow_server: str, prefe
     """As infra/compose.yaml runs it: `conveyor deploy && exec conveyor worker` in the worker image, against the host's
     Prefect and MLflow servers and an S3 store (nanio) as the DVC remote. A run of its training deployment, started
     from the host, pulls the demo data, trains, gates, promotes and pushes, all inside the container."""
-    from prefect.client.schemas.objects import FlowRun
-    from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     require(WORKER_IMAGE)
     name = f"img-{uuid.uuid4().hex[:8]}"
     params = tmp_path / "params.yaml"
@@ -272,16 +262,7 @@ def test_the_worker_image_runs_the_training_deployment(mlflow_server: str, prefe
             WORKER_IMAGE, "sh", "-c", "conveyor deploy && exec conveyor worker",
         )  # fmt: skip
         try:
-            deployment = f"conveyor-training/train-{name}"
-            with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
-                wait_until(
-                    lambda: _deployed(deployment, name), 300, f"`conveyor deploy` in the container\n{_logs(name)}"
-                )
-                flow_run = run_deployment(deployment, timeout=0, parameters={"reason": "test"})
-            assert isinstance(flow_run, FlowRun)
-            final = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
-            wait_until(lambda: flow_run_state(prefect_server, str(flow_run.id)) in final, 900, "the run to end", 2)
-            assert flow_run_state(prefect_server, str(flow_run.id)) == "COMPLETED", _logs(name)
+            flow_run = run_training(prefect_server, f"conveyor-training/train-{name}", name, lambda: _logs(name))
         finally:
             logs = _logs(name)
             podman("rm", "--force", "--time", "10", name, check=False)
@@ -297,23 +278,42 @@ def test_the_worker_image_runs_the_training_deployment(mlflow_server: str, prefe
         assert len(pushed) > 721, len(pushed)
 
 
-def _deployed(deployment: str, container: str) -> bool:
+def run_training(api: str, deployment: str, worker: str, logs: Callable[[], str]) -> FlowRun:
+    """Once the worker container's `conveyor deploy` has registered `deployment`: a run of it started from the host,
+    waited for, and COMPLETED (`logs` says why not)."""
     from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    def deployed() -> bool:
+        _assert_running(worker)
+        try:
+            with get_client(sync_client=True) as client:
+                client.read_deployment_by_name(deployment)
+        except ObjectNotFound:
+            return False
+        return True
+
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        wait_until(deployed, 300, f"`conveyor deploy` in {worker}\n{logs()}")
+        flow_run = run_deployment(deployment, timeout=0, parameters={"reason": "test"})
+    assert isinstance(flow_run, FlowRun)
+    final = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+    wait_until(lambda: flow_run_state(api, str(flow_run.id)) in final, 900, "the run to end", 2)
+    assert flow_run_state(api, str(flow_run.id)) == "COMPLETED", logs()
+    return flow_run
+
+
+def _assert_running(container: str) -> None:
     state = podman("inspect", "--format", "{{.State.Status}}", container, check=False).stdout.strip()
-    assert state in ("running", "created", ""), f"the worker container stopped:\n{_logs(container)}"
-    try:
-        with get_client(sync_client=True) as client:
-            client.read_deployment_by_name(deployment)
-    except ObjectNotFound:
-        return False
-    return True
+    assert state in ("running", "created", "configured", ""), f"{container} is {state}\n{_logs(container)}"
 
 
-def _logs(container: str) -> str:
+def _logs(container: str, tail: int | None = 5000) -> str:
     found = podman("logs", container, check=False)
-    return (found.stdout + found.stderr)[-5000:]
+    text = found.stdout + found.stderr
+    return text[-tail:] if tail else text
 
 
 def test_the_worker_image_runs_the_cli_with_its_tools() -> None:
@@ -346,7 +346,7 @@ class ComposeProject:
 
     def __init__(self, name: str, files: list[Path], env_file: Path) -> None:
         self.name = name
-        self.base = [str(REPO / ".venv" / "bin" / "podman-compose"), "--podman-args", " ".join(PODMAN[1:]),
+        self.base = [str(VENV_BIN / "podman-compose"), "--podman-args", " ".join(PODMAN[1:]),
                      "--podman-run-args", " ".join(ULIMITS), "-p", name, "--env-file", str(env_file)]  # fmt: skip
         for file in files:
             self.base += ["-f", str(file)]
@@ -376,8 +376,7 @@ class ComposeProject:
             assert code == "0", f"{service} exited {code}\n{_logs(name)}"
 
     def _healthy(self, name: str) -> bool:
-        state = podman("inspect", "--format", "{{.State.Status}}", name, check=False).stdout.strip()
-        assert state in ("running", "created", "configured"), f"{name} is {state}\n{_logs(name)}"
+        _assert_running(name)
         return podman("healthcheck", "run", name, check=False, timeout=60).returncode == 0
 
     def logs(self) -> str:
@@ -420,17 +419,13 @@ def test_compose_brings_the_stack_up_and_a_training_run_reaches_the_model_server
     loads the champion by itself and answers /predict with the token."""
     import secrets
 
-    from prefect.client.schemas.objects import FlowRun
-    from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     from conveyor.settings import SynthSettings
     from pipelines.synth import generate
 
     for image in (WORKER_IMAGE, SERVER_IMAGE, POSTGRES_STAND_IN):
         require(image)
     for port in COMPOSE_PORTS:
-        assert port_is_free(port), f"compose publishes 127.0.0.1:{port}, which something on this host holds"
+        assert port_free(port), f"compose publishes 127.0.0.1:{port}, which something on this host holds"
     podman("tag", WORKER_IMAGE, "localhost/conveyor-worker:local")  # the names compose.yaml gives them
     podman("tag", SERVER_IMAGE, "localhost/conveyor-server:local")
     secret_keys = ("POSTGRES_PASSWORD", "MLFLOW_DB_PASSWORD", "PREFECT_DB_PASSWORD", "AWS_SECRET_ACCESS_KEY",
@@ -452,16 +447,7 @@ def test_compose_brings_the_stack_up_and_a_training_run_reaches_the_model_server
                            env["CONVEYOR_SERVE_TOKEN"], model)  # fmt: skip
         wait_until(lambda: server.status("/v2/health/live") == 200, 300, f"the model server\n{project.logs()}")
         assert server.status("/v2/health/ready") == 503  # no champion yet
-        prefect_api = "http://127.0.0.1:4200/api"
-        with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
-            wait_until(
-                lambda: _deployed(deployment, project.container("worker")), 300, f"the deployments\n{project.logs()}"
-            )
-            flow_run = run_deployment(deployment, timeout=0, parameters={"reason": "test"})
-        assert isinstance(flow_run, FlowRun)
-        final = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
-        wait_until(lambda: flow_run_state(prefect_api, str(flow_run.id)) in final, 900, "the run to end", 2)
-        assert flow_run_state(prefect_api, str(flow_run.id)) == "COMPLETED", project.logs()
+        run_training("http://127.0.0.1:4200/api", deployment, project.container("worker"), project.logs)
 
         # The champion, its artifacts through the MLflow server (in the S3 store behind it), and the model server.
         client = MlflowClient("http://127.0.0.1:5000")
