@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +103,11 @@ def busy_host() -> Iterator[None]:
 def test_a_model_as_fast_as_the_champion_passes_on_a_busy_host(exports: dict[str, Path], busy_host: None) -> None:
     sample = np.full((1, 3, 320, 320), 114 / 255, np.float32)
     comparison = gate.compare_latency(
-        runtimes.OpenVinoRuntime(exports["same"]), runtimes.OpenVinoRuntime(exports["champion"]), sample, 3, 20
+        partial(runtimes.OpenVinoRuntime, exports["same"]),
+        partial(runtimes.OpenVinoRuntime, exports["champion"]),
+        sample,
+        3,
+        20,
     )
     (row,) = gate.latency_gates(GateSettings(), comparison, "", comparison.challenger_ms, "busy")
     assert row.passed, (row, comparison)
@@ -111,7 +116,11 @@ def test_a_model_as_fast_as_the_champion_passes_on_a_busy_host(exports: dict[str
 def test_a_slower_model_fails_the_latency_gate(exports: dict[str, Path]) -> None:
     sample = np.full((1, 3, 320, 320), 114 / 255, np.float32)
     comparison = gate.compare_latency(
-        runtimes.OpenVinoRuntime(exports["larger"]), runtimes.OpenVinoRuntime(exports["champion"]), sample, 3, 20
+        partial(runtimes.OpenVinoRuntime, exports["larger"]),
+        partial(runtimes.OpenVinoRuntime, exports["champion"]),
+        sample,
+        3,
+        20,
     )
     (row,) = gate.latency_gates(GateSettings(), comparison, "", comparison.challenger_ms, "host")
     assert not row.passed and comparison.ratio > 1.5, (row, comparison)
