@@ -30,7 +30,10 @@ from conveyor.errors import ConveyorError
 from pipelines.inference import Detection
 
 IOU_THRESHOLDS = [round(0.5 + 0.05 * i, 2) for i in range(10)]
-MAX_IMAGES = 2000  # a larger window is estimated on a random sample of this many images
+# A larger window is estimated on a random sample of this many images. Measured on a logged window of 10,000 records
+# (2 cores): 4.7 s at 2000 images, 1.8 s at 1000, the cost's 90 % interval 0.078 wide against 0.086: the calibration
+# on the validation split decides the interval, not the window.
+MAX_IMAGES = 1000
 
 
 class CalibrationError(ConveyorError, ValueError):

@@ -78,6 +78,7 @@ def test_image_and_prediction_features_measure_what_they_say() -> None:
         ({"exposure": -3.0}, drift.EXPOSURE),
         ({"width": 640.0}, drift.GEOMETRY),
         ({"predictions": 4.0}, drift.PREDICTIONS),
+        ({"box_scale": 0.7}, drift.PREDICTIONS),  # defects 0.7x the size: only a log scale sees it past 1 std
         ({"embedding": 3.0}, drift.EMBEDDING_GROUP),
     ],
 )
