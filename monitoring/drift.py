@@ -370,7 +370,7 @@ def _varying_drifts(
     ref: Any, cur: Any, reference: Any, current: Any, columns: list[str], policy: MonitorSettings
 ) -> list[FeatureDrift]:
     """Each varying column (embedding components included), tested on the compared scale (`ref`, `cur`: logs for
-    sharpness and noise), its means on the original one (`reference`, `current`)."""
+    the `LOG_SCALE` columns), its means on the original one (`reference`, `current`)."""
     thresholds = _thresholds(columns, policy)
     features = []
     for column in columns:
