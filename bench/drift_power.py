@@ -85,6 +85,13 @@ class Row:
         return self.windows_drift == IMAGES // WINDOW
 
     @property
+    def covered(self) -> bool | None:
+        """The true mAP50-95 within the estimate's interval."""
+        if self.estimate_low is None or self.estimate_high is None:
+            return None
+        return self.estimate_low <= self.true_map <= self.estimate_high
+
+    @property
     def error(self) -> float | None:
         return None if self.estimate is None else self.estimate - self.true_map
 
@@ -275,6 +282,8 @@ def speed(project: Path, rows: Any, profile: Any, monitor: MonitorSettings) -> d
 
 
 def print_table(rows: list[Row], control: dict[str, Any], timing: dict[str, float]) -> None:
+    from pipelines import performance
+
     table = Table(title=f"drift power: {len(rows)} changes, windows of {WINDOW}, estimate on {IMAGES} images")
     for column in (
         "change",
@@ -307,7 +316,9 @@ def print_table(rows: list[Row], control: dict[str, Any], timing: dict[str, floa
     console.print(
         f"harmful (cost >= {HARMFUL}): {sum(r.detected for r in harmful)} of {len(harmful)} detected in every window; "
         f"false alarms: {control['false_alarms']} of {CONTROL_WINDOWS} windows per size; estimate MAE "
-        f"{statistics.mean(errors):.3f} (max {max(errors):.3f}); `conveyor drift --source` 40 images "
+        f"{statistics.mean(errors):.3f} (max {max(errors):.3f}), its {performance.INTERVAL_LEVEL:.0%} interval "
+        f"holding the truth in "
+        f"{sum(r.covered is True for r in rows)} of {len(rows)} rows; `conveyor drift --source` 40 images "
         f"{timing['source_check_s']:.1f} s, logged 10k window {timing['log_check_s_10k']:.1f} s (the check itself "
         f"{timing['check_s_10k']:.1f} s)",
         highlight=False,
@@ -361,6 +372,10 @@ def main() -> None:
         "estimate_mae": round(statistics.mean(errors), 4),
         "estimate_max_error": round(max(errors), 4),
         "estimate_mae_controls": control["estimate_mae"],
+        # The share of rows whose true mAP50-95 lies in the estimate's interval: is the interval honest?
+        "estimate_interval_coverage": round(
+            sum(r.covered is True for r in rows) / max(sum(r.covered is not None for r in rows), 1), 3
+        ),
         **timing,
         # From bench/drift_loop.py (the retraining loop), kept when this benchmark runs alone.
         "loop_s": previous.get("loop_s"),
