@@ -4,11 +4,13 @@ Calibrated on the version's validation split (labelled, never trained on), at th
 - for each class and each of mAP's ten IoU thresholds, the chance that a detection with a given confidence is a true
   positive: isotonic regression of "matched a label" on confidence (scikit-learn), over every detection from the
   score floor up;
-- how many objects of each class an image holds on average.
+- how many objects of each class an image holds on average: counted on every labelled image of the version's data
+  (training and validation split), since that is the line's and not the model's. Measured over calibration draws
+  (`bench/drift_power.py`): 60 images alone put a class's rate off by up to 15 %, which moves every estimate.
 
 The estimate for a window of traffic rebuilds mAP as Ultralytics computes it (`ap_per_class`, the validator's own
 function): each detection is a true positive with the chance its confidence earned on the validation split, the
-number of objects is the validation rate, and the mAP is averaged over outcomes drawn from those chances. A
+number of objects is that rate, and the mAP is averaged over outcomes drawn from those chances. A
 production line's camera changes (focus, light, dust) change how well the model sees, not how many defects pass
 under it; where the detections would claim more true positives than there are objects (a dirty lens makes defects
 everywhere), the claims are scaled down to the objects there are, so the excess counts as false positives.
@@ -75,6 +77,9 @@ class Calibration:
     # per detection [image index, class, confidence, tp@0.50 ... tp@0.95], and per image its objects per class.
     detections: list[list[float]]
     objects: list[list[int]]
+    # Per labelled image of the version's data (training and validation), its objects per class: the sample of
+    # `objects_per_image`. None in a calibration made before it was kept (the validation images' `objects` then).
+    counted: list[list[int]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -175,8 +180,17 @@ def _fit_curves(table: np.ndarray, classes: int) -> list[list[Curve]]:
     return curves
 
 
-def fit(images: Sequence[Labelled], names: Sequence[str], floor: float) -> Calibration:
-    """The calibration from the validation images (their detections from `floor` up, and their labels)."""
+def class_counts(labels: np.ndarray, classes: int) -> list[int]:
+    """How many objects of each class labels [n, 5] hold."""
+    found = labels[:, 0].astype(int) if len(labels) else np.zeros(0, int)
+    return [int((found == c).sum()) for c in range(classes)]
+
+
+def fit(
+    images: Sequence[Labelled], names: Sequence[str], floor: float, counted: Sequence[np.ndarray] = ()
+) -> Calibration:
+    """The calibration from the validation images (their detections from `floor` up, and their labels); the objects
+    per image from `counted`, the labels of every image of the version's data, where given."""
     if not images:
         raise CalibrationError("no validation images to calibrate the performance estimate on")
     table = []
@@ -185,10 +199,10 @@ def fit(images: Sequence[Labelled], names: Sequence[str], floor: float) -> Calib
         kept = [d for d in image.detections if d.confidence >= floor]
         for detection, correct in zip(kept, match(kept, image.labels), strict=True):
             table.append([index, detection.class_id, detection.confidence, *correct.astype(float)])
-        classes = image.labels[:, 0].astype(int) if len(image.labels) else np.zeros(0, int)
-        objects.append([int((classes == c).sum()) for c in range(len(names))])
+        objects.append(class_counts(image.labels, len(names)))
     array = np.array(table, dtype=np.float64).reshape(-1, 3 + len(IOU_THRESHOLDS))
-    counts = np.array(objects, dtype=np.float64)
+    per_image = [class_counts(labels, len(names)) for labels in counted] if len(counted) else None
+    counts = np.array(per_image or objects, dtype=np.float64)
     return Calibration(
         names=list(names),
         floor=floor,
@@ -200,6 +214,7 @@ def fit(images: Sequence[Labelled], names: Sequence[str], floor: float) -> Calib
         ),
         detections=[[round(v, 5) for v in row] for row in array.tolist()],
         objects=objects,
+        counted=per_image,
     )
 
 
@@ -275,12 +290,13 @@ def estimate(
     else:
         base = calibration.validation_map50_95
     table = np.array(calibration.detections, dtype=np.float64).reshape(-1, 3 + len(IOU_THRESHOLDS))
-    objects = np.array(calibration.objects, dtype=np.float64)
+    counted = np.array(calibration.counted or calibration.objects, dtype=np.float64)
     maps, costs = [], []
     for _ in range(bootstrap):
         chosen = rng.integers(0, calibration.images, calibration.images)
         rows = np.concatenate([table[table[:, 0] == i] for i in chosen]) if len(table) else table
-        resampled, resampled_rates = _fit_curves(rows, len(calibration.names)), objects[chosen].mean(axis=0)
+        resampled = _fit_curves(rows, len(calibration.names))
+        resampled_rates = counted[rng.integers(0, len(counted), len(counted))].mean(axis=0)
         value = _window_map(resampled, resampled_rates, window, rng.integers(0, n, n), rng, 1)
         against = _window_map(resampled, resampled_rates, reference, same_size(), rng, 1) if reference else base
         maps.append(value)

@@ -161,7 +161,8 @@ def _describe(
 def calibrate(
     seen: Sequence[tuple[ImageSource, np.ndarray, Inference]], names: Sequence[str]
 ) -> performance.Calibration:
-    """The performance estimate's calibration from the validation images among `seen` (with their labels)."""
+    """The performance estimate's calibration from the validation images among `seen` (with their labels); the
+    objects per image from every labelled image among them."""
     from pipelines.inference import SCORE_FLOOR
 
     labelled = [
@@ -171,7 +172,12 @@ def calibrate(
     ]
     if not labelled:
         raise ProfileError("the validation split has no images: the performance estimate is calibrated on it")
-    return performance.fit(labelled, names, SCORE_FLOOR)
+    counted = [
+        read_labels(source.label, image.shape[1], image.shape[0])
+        for source, image, _ in seen
+        if source.label is not None
+    ]
+    return performance.fit(labelled, names, SCORE_FLOOR, counted)
 
 
 def write_profile(

@@ -233,6 +233,26 @@ def test_the_estimate_follows_a_known_shift(detector: Detector) -> None:
     assert estimate_clean.low <= estimate_clean.map50_95 <= estimate_clean.high
 
 
+def test_the_object_rate_is_counted_on_every_labelled_image() -> None:
+    """How many defects an image holds is the line's, not the model's: the rate comes from every labelled image of the
+    version's data, not only the validation split, and the bootstrap resamples those images. A calibration made
+    before the counts were kept still loads and estimates from the validation images."""
+    dent = np.array([[1, 10, 10, 50, 50]], np.float64)
+    validation = [performance.Labelled([Detection(1, "dent", 0.9, (10, 10, 50, 50))], dent)] * 4
+    calibration = performance.fit(validation, NAMES, 0.01, [dent] * 4 + [np.zeros((0, 5))] * 12)
+    assert calibration.objects_per_image == [0.0, 0.25, 0.0] and calibration.counted is not None
+    assert performance.Calibration.from_json(json.loads(json.dumps(calibration.to_json()))) == calibration
+    from_validation = performance.fit(validation, NAMES, 0.01).to_json()
+    assert from_validation["objects_per_image"] == [0.0, 1.0, 0.0]
+    loaded = performance.Calibration.from_json({k: v for k, v in from_validation.items() if k != "counted"})
+    assert loaded.counted is None
+    window = [([0.9], [1])] * 8
+    # One dent an image in the window against a rate of 0.25: three in four of its sure detections are false ...
+    rare = performance.estimate(calibration, window, bootstrap=10).map50_95
+    # ... against a rate of 1.0 (the validation images alone), every one is right.
+    assert rare < 0.5 < performance.estimate(loaded, window, bootstrap=10).map50_95
+
+
 def test_the_estimate_names_what_it_lacks() -> None:
     records = feature_rows(40, seed=1)
     assert "no performance calibration" in estimate_window(profile_of(records), records, "3").reason
