@@ -163,6 +163,25 @@ def test_nan_and_missing_features_are_skipped_and_named() -> None:
     assert drift.check(reference, other_size, POLICY, report=False).status == "no drift"
 
 
+def test_a_prediction_feature_is_tested_where_the_model_found_few_defects() -> None:
+    """Box areas exist only where the model found something, so a window of 40 images with 14 detections has 14 of
+    them: fewer than min_samples, and still tested (smaller defects are when a model finds fewer). Below
+    MIN_FEATURE_VALUES a feature is skipped and named."""
+    reference = profile_of(feature_rows(300, seed=1))
+    smaller = feature_rows(40, seed=2, box_scale=0.6)
+    found_nothing = ["mean_confidence", "min_confidence", "mean_box_area", "max_box_area"]
+    found = smaller.index[smaller["mean_box_area"].notna()]
+    smaller.loc[found[:-14], found_nothing] = None
+    assert smaller["mean_box_area"].notna().sum() == 14 < POLICY.min_samples
+    result = drift.check(reference, smaller, POLICY, report=False)
+    assert result.status == "drift" and result.drifted_groups == [drift.PREDICTIONS], result.message
+    assert "mean_box_area" in result.drifted and "smaller than usual" in result.message
+    smaller.loc[found[: -(drift.MIN_FEATURE_VALUES - 1)], found_nothing] = None  # 9 values left
+    skipped = drift.check(reference, smaller, POLICY, report=False)
+    assert "mean_box_area" not in {f.name for f in skipped.features}
+    assert "current values" in skipped.skipped["mean_box_area"]
+
+
 # --- the model's features output and the performance estimate, with the demo checkpoint --------------------------
 
 
