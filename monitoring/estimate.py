@@ -55,8 +55,13 @@ def estimate_window(
     return WindowEstimate(
         estimate,
         f"from the confidences of {len(pairs)} images, calibrated on {profile.calibration.images} validation "
-        f"images; cost against {against}",
+        f"images{counted_on(profile.calibration)}; cost against {against}",
     )
+
+
+def counted_on(calibration: performance.Calibration) -> str:
+    """Where the objects per image were counted, when not on the validation images alone."""
+    return f" (objects per image counted on {len(calibration.counted)} labelled images)" if calibration.counted else ""
 
 
 def scores_of(records: Any) -> list[tuple[list[float], list[int]]]:

@@ -257,7 +257,8 @@ def build(
     console.print(
         f"reference profile: {len(frame)} images ({', '.join(f'{k} {v}' for k, v in _batches(frame).items())}), "
         f"{'with' if EMBEDDING in frame else 'without'} model features; performance estimate calibrated on "
-        f"{calibration.images} validation images (mAP50-95 {calibration.validation_map50_95:.3f}) -> {folder}",
+        f"{calibration.images} validation images (mAP50-95 {calibration.validation_map50_95:.3f}; objects per image "
+        f"counted on {len(calibration.counted or calibration.objects)} labelled images) -> {folder}",
         highlight=False,
     )
     return frame

@@ -270,6 +270,9 @@ def test_the_object_rate_is_counted_on_every_labelled_image() -> None:
     rare = performance.estimate(calibration, window, bootstrap=10).map50_95
     # ... against a rate of 1.0 (the validation images alone), every one is right.
     assert rare < 0.5 < performance.estimate(loaded, window, bootstrap=10).map50_95
+    records = feature_rows(40, seed=1)
+    said = estimate_window(profile_of(records, calibration=calibration), records, "3", bootstrap=5).reason
+    assert "calibrated on 4 validation images (objects per image counted on 16 labelled images)" in said
 
 
 def test_the_estimate_names_what_it_lacks() -> None:
