@@ -215,10 +215,13 @@ def compare_latency(
     each runtime's threads were placed), so no model is always the first."""
     mine: list[float] = []
     theirs: list[float] = []
-    halves = ((open_challenger, open_champion, False), (open_champion, open_challenger, True))
-    for open_first, open_second, swapped in halves:
-        first, second = open_first(), open_second()
-        challenger, champion = (second, first) if swapped else (first, second)
+    for challenger_first in (True, False):
+        if challenger_first:
+            challenger = open_challenger()
+            champion = open_champion()
+        else:
+            champion = open_champion()
+            challenger = open_challenger()
         for _ in range(warmup):
             challenger.infer(sample)
             champion.infer(sample)
@@ -227,7 +230,7 @@ def compare_latency(
                 started = time.perf_counter()
                 runtime.infer(sample)
                 times.append((time.perf_counter() - started) * 1000)
-        del first, second, challenger, champion  # one pair of compiled models in memory at a time
+        del challenger, champion  # one pair of compiled models in memory at a time
     return LatencyComparison(statistics.median(mine), statistics.median(theirs), len(mine))
 
 

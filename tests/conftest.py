@@ -156,31 +156,35 @@ def start_mlflow_server(root: Path, port: int, artifacts: str | None = None, **e
     """A real MLflow tracking server (SQLite backend, proxied artifacts: under root, or at `artifacts` such as an
     s3:// URL with the store's endpoint and credentials in `env`), lean: one worker, no job runner; healthy when this
     returns. Started again on the same root and port: the same server, restarted."""
-    with (root / "server.log").open("ab") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                "--backend-store-uri",
-                f"sqlite:///{root}/mlflow.db",
-                "--artifacts-destination",
-                artifacts or str(root / "artifacts"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                "1",
-            ],
-            env=base_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true", **env),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    argv = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root}/mlflow.db",
+        "--artifacts-destination",
+        artifacts or str(root / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    server_env = base_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true", **env)
+    return start_logged_server(argv, server_env, root / "server.log", f"http://127.0.0.1:{port}/health", 90)
+
+
+def start_logged_server(
+    argv: list[str], env: dict[str, str], log_path: Path, health_url: str, timeout: float
+) -> subprocess.Popen[bytes]:
+    """A server in its own process group, its output appended to `log_path`; healthy when this returns, stopped
+    when it never is."""
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", 90, process)
+        wait_http(health_url, timeout, process)
     except BaseException:
         stop_tree(process)
         raise
@@ -200,20 +204,13 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def start_prefect_server(home: Path, port: int, **env: str) -> subprocess.Popen[bytes]:
     """A real Prefect server (API and UI) with its own home, its log in home/server.log; healthy when this returns."""
-    with (home / "server.log").open("ab") as log:
-        process = subprocess.Popen(
-            local_server.server_argv("127.0.0.1", port),
-            env=base_env(**local_server.server_env(home, "127.0.0.1", port), **env),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/api/health", 180, process)
-    except BaseException:
-        stop_tree(process)
-        raise
-    return process
+    return start_logged_server(
+        local_server.server_argv("127.0.0.1", port),
+        base_env(**local_server.server_env(home, "127.0.0.1", port), **env),
+        home / "server.log",
+        f"http://127.0.0.1:{port}/api/health",
+        180,
+    )
 
 
 @pytest.fixture(scope="session")
