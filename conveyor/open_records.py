@@ -154,13 +154,17 @@ class StopRequested(BaseException):
 
 
 def _raise_stop(signum: int, frame: object) -> None:
+    # One stop is enough: a second SIGTERM (a supervisor that repeats itself) must not end the process while it is
+    # closing its record, which would leave the record open.
+    signal.signal(signum, signal.SIG_IGN)
     raise StopRequested(f"stopped by {signal.Signals(signum).name}")
 
 
 @contextlib.contextmanager
 def sigterm_stops() -> Iterator[None]:
-    """Within the block, SIGTERM raises StopRequested (so the record is closed as stopped) instead of ending the
-    process on the spot. Only the main thread can install a handler; elsewhere the block runs unchanged."""
+    """Within the block, the first SIGTERM raises StopRequested (so the record is closed as stopped) instead of ending
+    the process on the spot, and later ones are ignored: close the record inside the block. Only the main thread can
+    install a handler; elsewhere the block runs unchanged."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -178,18 +182,23 @@ def stop_note(reason: str) -> str:
 
 def stop_descendants(process: subprocess.Popen[str], grace: float = 30.0) -> None:
     """SIGTERM to every process below `process` (a stage's command, through DVC and a shell), then wait up to
-    `grace` s for `process` to exit on its own; what is still alive then is killed."""
-    _signal_descendants(process.pid, signal.SIGTERM)
+    `grace` s for all of them to exit on their own; what is still alive then is killed.
+
+    All of them, not `process` alone: a shell between DVC and the stage's command dies of SIGTERM at once, and DVC
+    then exits while the command is still closing its MLflow run. Returning then would let the caller exit, and report
+    the stop, before the record is closed."""
+    below: list[psutil.Process] = []
+    with contextlib.suppress(psutil.NoSuchProcess):
+        below = psutil.Process(process.pid).children(recursive=True)
+    for child in below:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(below, timeout=grace)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
     try:
-        process.wait(timeout=grace)
+        process.wait(timeout=10.0)  # DVC, once its command is gone, releases its lock and exits
     except subprocess.TimeoutExpired:
-        _signal_descendants(process.pid, signal.SIGKILL)
         process.kill()
         process.wait()
-
-
-def _signal_descendants(pid: int, signum: int) -> None:
-    with contextlib.suppress(psutil.NoSuchProcess):
-        for child in psutil.Process(pid).children(recursive=True):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.send_signal(signum)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -233,12 +234,15 @@ class Tracker:
         started = time.perf_counter()
         try:
             with open_records.sigterm_stops():
-                yield
-        except open_records.StopRequested as stop:
-            self._end("KILLED", open_records.stop_note(str(stop)))
+                try:
+                    yield
+                except open_records.StopRequested as stop:
+                    self._end_stopped(str(stop))  # still in the block: a second SIGTERM is ignored now
+                    raise
+        except open_records.StopRequested:
             raise
         except BaseException as failure:
-            if self._end("FAILED") or not _is_tracking_failure(failure):
+            if self._end("FAILED") is None or not _is_tracking_failure(failure):
                 raise
             if self.paths is not None:  # the next look closes the run as FAILED, saying why
                 uri = tracking_uri(self.paths)
@@ -253,19 +257,34 @@ class Tracker:
         self.client.set_terminated(self.run_id, "FINISHED")
         self._closed()
 
-    def _end(self, status: str, note: str | None = None) -> bool:
-        """End the run after a failure or a stop, if the server answers now (False when not: its marker stays, and
-        the next run's preflight or `conveyor status` closes it, rather than this process waiting out MLflow's
-        retries for minutes and hiding the first error)."""
+    def _end(self, status: str, note: str | None = None) -> str | None:
+        """End the run after a failure or a stop, if the server answers now; None when it did, else why not (its
+        marker then stays, and the next run's preflight or `conveyor status` closes it, rather than this process
+        waiting out MLflow's retries for minutes and hiding the first error)."""
         try:
             check_reachable(self.client.tracking_uri)
             if note is not None:
                 self.client.set_tag(self.run_id, f"{TAG_PREFIX}ended_by", note)
             self.client.set_terminated(self.run_id, status)
-        except Exception:
-            return False
+        except Exception as exc:
+            return f"{type(exc).__name__}: {_first_line(exc)}"
         self._closed()
-        return True
+        return None
+
+    def _end_stopped(self, reason: str, tries: int = 3, pause: float = 2.0) -> None:
+        """End the run as KILLED after a stop. A stopped process has its grace period (Kubernetes gives 30 s), so a
+        server that does not answer at once gets two more tries; if none closes it, say so on stderr."""
+        note = open_records.stop_note(reason)
+        for attempt in range(tries):
+            failed = self._end("KILLED", note)
+            if failed is None:
+                return
+            if attempt + 1 < tries:
+                time.sleep(pause)
+        sys.stderr.write(
+            f"could not close MLflow run {self.run_id} as stopped ({failed}): the next run or `conveyor status` "
+            "closes it\n"
+        )
 
     def _closed(self) -> None:
         if self.paths is not None:

@@ -138,6 +138,9 @@ def run_stage(root: str, stage: str, flow_run_id: str | None, force: bool = Fals
         # stage's command, which closes its MLflow run as stopped; DVC then exits on its own and releases its lock.
         logger.warning("SIGTERM: stopping stage %s", stage)
         open_records.stop_descendants(process)
+        for line in process.stdout:  # what the stage said while it stopped: a pipe's worth at most, read once it ended
+            if line.strip():
+                logger.info(line.rstrip())
         return Cancelled(message=f"stage {stage} stopped by SIGTERM")  # type: ignore[return-value]
     if process.returncode != 0:
         said = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import uuid
@@ -85,6 +86,59 @@ def test_holding_removes_the_marker_on_return_and_on_error(tmp_path: Path) -> No
         assert [p.name for p in folder.iterdir()] == ["prefect-flow-run-fails.json"]
         raise ValueError("a stage failed")
     assert not list(folder.iterdir())  # a failure is reported by the live process itself
+
+
+STOPPED_WHILE_CLOSING = """
+import sys, time
+from pathlib import Path
+from mlflow.tracking import MlflowClient
+from conveyor import open_records
+from conveyor.paths import ProjectPaths
+from conveyor.tracking import Tracker
+
+client = MlflowClient(sys.argv[2])
+tracker = Tracker(client, sys.argv[3], ProjectPaths(Path(sys.argv[1])))
+real_set_tag = client.set_tag
+def slow_set_tag(*args, **kwargs):  # a server slow to answer: the second SIGTERM lands while the run is being closed
+    print("closing", flush=True)
+    time.sleep(2)
+    return real_set_tag(*args, **kwargs)
+client.set_tag = slow_set_tag
+try:
+    with tracker.stage("train"):
+        print("working", flush=True)
+        time.sleep(60)
+except open_records.StopRequested:
+    sys.exit(open_records.StopRequested.exit_code)
+"""
+
+
+def test_a_second_sigterm_while_the_run_is_closed_does_not_leave_it_open(project: Path, mlflow_server: str) -> None:
+    """Supervisors repeat SIGTERM (systemd to every process of the unit, a user pressing twice): the first stops the
+    stage, and one that arrives while the stage is ending its MLflow run must not kill it half way."""
+    client = MlflowClient(mlflow_server)
+    run_id = client.create_run(client.create_experiment(f"stop-{uuid.uuid4().hex[:8]}")).info.run_id
+    stage = subprocess.Popen(
+        [sys.executable, "-c", STOPPED_WHILE_CLOSING, str(project), mlflow_server, run_id],
+        cwd=REPO,
+        env=base_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert stage.stdout is not None
+    try:
+        assert stage.stdout.readline().strip() == "working"
+        stage.send_signal(signal.SIGTERM)
+        assert stage.stdout.readline().strip() == "closing"
+        stage.send_signal(signal.SIGTERM)
+        assert stage.wait(timeout=60) == open_records.StopRequested.exit_code, stage.stdout.read()
+    finally:
+        stage.kill()
+    ended = client.get_run(run_id)
+    assert ended.info.status == "KILLED", ended.data.tags
+    assert "stopped by SIGTERM" in ended.data.tags["conveyor.ended_by"]
+    assert not list((project / ".conveyor/open").glob("*.json"))
 
 
 def test_conveyor_status_closes_a_run_left_running_by_a_dead_process(project: Path, mlflow_server: str) -> None:
