@@ -184,9 +184,9 @@ def stop_descendants(process: subprocess.Popen[str], grace: float = 30.0) -> Non
     """SIGTERM to every process below `process` (a stage's command, through DVC and a shell), then wait up to
     `grace` s for all of them to exit on their own; what is still alive then is killed.
 
-    All of them, not `process` alone: a shell between DVC and the stage's command dies of SIGTERM at once, and DVC
-    then exits while the command is still closing its MLflow run. Returning then would let the caller exit, and report
-    the stop, before the record is closed."""
+    All of them, not `process` alone: DVC runs the command through `$SHELL -c`. bash execs a single command, but a
+    shell that stays between them dies of SIGTERM at once, and DVC then exits while the command is still closing its
+    MLflow run; returning then would let the caller exit, and report the stop, before the record is closed."""
     below: list[psutil.Process] = []
     with contextlib.suppress(psutil.NoSuchProcess):
         below = psutil.Process(process.pid).children(recursive=True)
