@@ -165,18 +165,15 @@ def calibrate(
     objects per image from every labelled image among them."""
     from pipelines.inference import SCORE_FLOOR
 
+    labels = [read_labels(source.label, image.shape[1], image.shape[0]) for source, image, _ in seen]  # each once
     labelled = [
-        performance.Labelled(list(result.candidates), read_labels(source.label, image.shape[1], image.shape[0]))
-        for source, image, result in seen
+        performance.Labelled(list(result.candidates), found)
+        for (source, _, result), found in zip(seen, labels, strict=True)
         if source.split == "val"
     ]
     if not labelled:
         raise ProfileError("the validation split has no images: the performance estimate is calibrated on it")
-    counted = [
-        read_labels(source.label, image.shape[1], image.shape[0])
-        for source, image, _ in seen
-        if source.label is not None
-    ]
+    counted = [found for (source, _, _), found in zip(seen, labels, strict=True) if source.label is not None]
     return performance.fit(labelled, names, SCORE_FLOOR, counted)
 
 
