@@ -162,7 +162,7 @@ def calibrate(
     seen: Sequence[tuple[ImageSource, np.ndarray, Inference]], names: Sequence[str]
 ) -> performance.Calibration:
     """The performance estimate's calibration from the validation images among `seen` (with their labels); the
-    objects per image from every labelled image among them."""
+    objects per image from every image among them (the training and validation splits)."""
     from pipelines.inference import SCORE_FLOOR
 
     labels = [read_labels(source.label, image.shape[1], image.shape[0]) for source, image, _ in seen]  # each once
@@ -173,8 +173,9 @@ def calibrate(
     ]
     if not labelled:
         raise ProfileError("the validation split has no images: the performance estimate is calibrated on it")
-    counted = [found for (source, _, _), found in zip(seen, labels, strict=True) if source.label is not None]
-    return performance.fit(labelled, names, SCORE_FLOOR, counted)
+    # Every image counts, a background image without a label file too (zero objects, as the validate stage reads it):
+    # leaving those out would raise the rate.
+    return performance.fit(labelled, names, SCORE_FLOOR, labels)
 
 
 def write_profile(

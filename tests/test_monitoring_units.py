@@ -252,6 +252,25 @@ def test_the_estimate_follows_a_known_shift(detector: Detector) -> None:
     assert estimate_clean.low <= estimate_clean.map50_95 <= estimate_clean.high
 
 
+def test_background_images_without_a_label_file_count_as_images_without_objects(tmp_path: Path) -> None:
+    """The validate stage reads an image without a label file as a background image; the object rate counts it as one
+    with no objects, so a dataset whose backgrounds have no label files does not get a rate that is too high."""
+    from pipelines.profile import ImageSource, calibrate
+
+    label = tmp_path / "dent.txt"
+    label.write_text("1 0.5 0.5 0.2 0.2\n")
+    image = np.zeros((100, 100, 3), np.uint8)
+    found = Inference([], [Detection(1, "dent", 0.9, (40, 40, 60, 60))], None)
+    nothing = Inference([], [], None)
+    seen = [
+        (ImageSource(tmp_path / "v.jpg", "val", "b", label), image, found),
+        (ImageSource(tmp_path / "t.jpg", "train", "b", label), image, found),
+        *[(ImageSource(tmp_path / f"bg{i}.jpg", "train", "b", None), image, nothing) for i in range(2)],
+    ]
+    calibration = calibrate(seen, NAMES)
+    assert calibration.images == 1 and calibration.objects_per_image == [0.0, 0.5, 0.0]
+
+
 def test_the_object_rate_is_counted_on_every_labelled_image() -> None:
     """How many defects an image holds is the line's, not the model's: the rate comes from every labelled image of the
     version's data, not only the validation split, and the bootstrap resamples those images. A calibration made
