@@ -37,7 +37,7 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,7 @@ class Row:
     estimate_cost: float | None
     window_estimates: list[float] = field(default_factory=list)
     scores: list[Any] = field(default_factory=list, repr=False)  # every image's (confidences, classes)
+    objects: list[float] = field(default_factory=list)  # the images' true objects per image, per class
 
     @property
     def harmful(self) -> bool:
@@ -174,8 +175,9 @@ def judge(frame: Any, profile: Any, monitor: MonitorSettings) -> tuple[str, list
 
 def bank_rows(detector: Any, profile: Any, monitor: MonitorSettings) -> list[Row]:
     from monitoring.estimate import scores_of
-    from pipelines import shifts
+    from pipelines import performance, shifts
 
+    classes = len(detector.card.names)
     base_settings = SynthSettings(seed=BASE_SEED)
     base = [render(base_settings, i) for i in range(IMAGES)]
     unchanged = [shifts.encode_decode(image, 92) for image, _ in base]
@@ -210,6 +212,7 @@ def bank_rows(detector: Any, profile: Any, monitor: MonitorSettings) -> list[Row
             None if whole is None else whole.cost,
             [round(e.map50_95, 4) for _, _, e in verdicts if e is not None],
             scores_of(frame),
+            np.mean([performance.class_counts(p[1], classes) for p in pairs], axis=0).tolist(),
         )
         rows.append(row)
         console.print(
@@ -305,6 +308,35 @@ def calibration_draws(rows: list[Row], pool: list[Any], names: list[str], draws:
             }
             for name, values in maes.items()
         },
+    }
+
+
+CEILING_IMAGES = 2000
+
+
+def estimate_ceiling(rows: list[Row], pool: list[Any], names: list[str]) -> dict[str, Any]:
+    """The estimator at its best, to tell its own error from its calibration's: curves fitted on 2000 labelled
+    unchanged images (33 times the demo's validation split), and then also each row's true objects per image, which
+    no estimate in production has. What error is left at the end is what the model's confidence cannot see."""
+    from pipelines import performance
+    from pipelines.inference import SCORE_FLOOR
+
+    rng = np.random.default_rng(1)
+    chosen = [pool[i] for i in rng.choice(len(pool), min(CEILING_IMAGES, len(pool)), replace=False)]
+    large = performance.fit(chosen, names, SCORE_FLOOR)
+    by_rate = [performance.estimate(large, r.scores, bootstrap=0).map50_95 - r.true_map for r in rows]
+    by_count = [
+        performance.estimate(replace(large, objects_per_image=r.objects), r.scores, bootstrap=0).map50_95 - r.true_map
+        for r in rows
+    ]
+    largest = sorted(zip(by_count, rows, strict=True), key=lambda pair: -abs(pair[0]))[:6]
+    return {
+        "labelled_images": len(chosen),
+        "estimate_mae": round(statistics.mean(abs(e) for e in by_rate), 4),
+        "estimate_mae_true_counts": round(statistics.mean(abs(e) for e in by_count), 4),
+        "largest_errors_true_counts": [
+            {"kind": r.kind, "strength": r.strength, "error": round(e, 4)} for e, r in largest
+        ],
     }
 
 
@@ -427,12 +459,20 @@ def main() -> None:
         rows = bank_rows(detector, profile, settings.monitor)
         control, control_rows, pool = controls(detector, profile, settings.monitor)
         draws = calibration_draws(rows, pool, list(detector.card.names))
+        ceiling = estimate_ceiling(rows, pool, list(detector.card.names))
         timing = speed(project, control_rows, profile, settings.monitor)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print_table(rows, control, timing)
     print_draws(draws)
+    console.print(
+        f"the estimator at its best: curves on {ceiling['labelled_images']} labelled images, MAE "
+        f"{ceiling['estimate_mae']:.4f}; with each change's true objects per image too, "
+        f"{ceiling['estimate_mae_true_counts']:.4f}; largest then: "
+        + ", ".join(f"{e['kind']} {e['strength']} {e['error']:+.3f}" for e in ceiling["largest_errors_true_counts"]),
+        highlight=False,
+    )
     harmful = [r for r in rows if r.harmful]
     errors = [abs(r.error) for r in rows if r.error is not None]
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
@@ -447,6 +487,8 @@ def main() -> None:
         "estimate_mae_controls": control["estimate_mae"],
         # The MAE over 8 other calibrations of 60 images: the one above is a single draw of the validation split.
         "estimate_mae_over_calibrations": draws,
+        # The same estimator on a large calibration, then with true object counts: its own floor on this bank.
+        "estimate_ceiling": ceiling,
         # The share of rows whose true mAP50-95 lies in the estimate's interval: is the interval honest?
         "estimate_interval_coverage": round(
             sum(r.covered is True for r in rows) / max(sum(r.covered is not None for r in rows), 1), 3
