@@ -273,9 +273,9 @@ def test_the_worker_image_runs_the_training_deployment(mlflow_server: str, prefe
         tags = client.get_run(champion.run_id).data.tags
         assert tags["conveyor.prefect_flow_run_id"] == str(flow_run.id), tags
         assert tags["conveyor.data_md5"] == yaml.safe_load((REPO / "data.dvc").read_text())["outs"][0]["md5"]
-        # The demo data seeded the empty team remote (721 files), and the run pushed its outputs beside it.
+        # The demo data seeded the empty team remote (1201 files), and the run pushed its outputs beside it.
         pushed = storage.list_keys(storage.S3Location("team", "dvc"), s3["AWS_ENDPOINT_URL"], keys)
-        assert len(pushed) > 721, len(pushed)
+        assert len(pushed) > 1201, len(pushed)
 
 
 def run_training(api: str, deployment: str, worker: str, logs: Callable[[], str]) -> FlowRun:
@@ -468,10 +468,10 @@ def test_compose_brings_the_stack_up_and_a_training_run_reaches_the_model_server
         )
         with urllib.request.urlopen(request, timeout=60) as response:
             assert json.loads(response.read())["model"]["version"] == "1"
-        # DVC's remote in the S3 store, as the worker sees it: the demo data seeded (721 files), and the run's outputs.
+        # DVC's remote in the S3 store, as the worker sees it: the demo data seeded (1201 files), and the run's outputs.
         count = "from conveyor import storage; print(len(storage.list_keys(storage.S3Location('conveyor', 'dvc'))))"
         pushed = podman("exec", project.container("worker"), "python", "-c", count)
-        assert int(pushed.stdout.strip()) > 721, pushed.stdout
+        assert int(pushed.stdout.strip()) > 1201, pushed.stdout
     finally:
         logs = project.logs()
         project.compose("down", "--volumes", timeout=300)
