@@ -11,7 +11,7 @@ STAMP := $(VENV)/.synced-$(shell cat uv.lock pyproject.toml | cksum | cut -d' ' 
 export UV_PYTHON := $(PYTHON)
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: run test lint docs env bench bench-serving bench-monitoring bench-drift bench-labelling bench-edge bench-first-run bench-stack bench-concurrency images test-images gpu-check ui clean system-packages
+.PHONY: run test lint docs env bench bench-serving bench-monitoring bench-drift bench-labelling bench-edge bench-first-run bench-stack bench-concurrency bench-gate images test-images gpu-check ui clean system-packages
 
 run: $(STAMP)
 	$(VENV)/bin/conveyor run
@@ -61,6 +61,10 @@ bench-monitoring: $(STAMP)
 # Two small flow runs at once by OpenMP wait policy (about 7 minutes): why every Conveyor process sets PASSIVE.
 bench-concurrency: $(STAMP)
 	$(VENV)/bin/python -m bench.concurrency
+
+# The latency gate's verdict on the same model and on a larger one, quiet and busy, by its statistic (about 6 minutes).
+bench-gate: $(STAMP)
+	$(VENV)/bin/python -m bench.latency_gate
 
 # The shift bank against the drift check and the label-free estimate (about 20 minutes), then the drift loop timed
 # from the first harmful window to the retrained champion serving (about 15 minutes).

@@ -14,7 +14,6 @@ Prints one table and writes bench/results/concurrency.json.
 
 from __future__ import annotations
 
-import json
 import statistics
 import subprocess
 import tempfile
@@ -28,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 import conveyor  # noqa: F401  (offline switches before the ML imports)
+from bench.record import host, write_result
 from conveyor.lineage import cpu_model
 from conveyor.net import free_port
 from conveyor.paths import available_cores
@@ -109,11 +109,10 @@ def main() -> None:
         "passive_vs_default_two_at_once": round(
             statistics.mean(rows[2]["two_at_once_s"]) / statistics.mean(rows[0]["two_at_once_s"]), 2
         ),
-        "host": {"cpu": cpu_model(), "cores": available_cores()},
+        "host": host(),
         "date": time.strftime("%Y-%m-%d"),
     }
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    console.print(f"written to {RESULTS.relative_to(REPO)}")
+    write_result(RESULTS, result, console)
 
 
 if __name__ == "__main__":

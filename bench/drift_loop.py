@@ -36,8 +36,8 @@ from rich.table import Table
 
 import conveyor  # noqa: F401  (offline switches before the ML imports)
 from bench.drift_power import MODEL, RESULTS, render, setup
-from conveyor.lineage import cpu_model
-from conveyor.paths import ProjectPaths, available_cores
+from bench.record import host, write_result
+from conveyor.paths import ProjectPaths
 from conveyor.scaffold import REPO
 from conveyor.settings import SynthSettings, load_settings
 
@@ -176,12 +176,11 @@ def main() -> None:
         "failures": [] if client is None else client.errors[:5],
         "versions_served": [] if client is None else sorted(client.versions),
         "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
-        "host": {"cpu": cpu_model(), "cores": available_cores()},
+        "host": host(),
     }
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     results.update({"loop_s": round(loop_s, 1), "recovered_map": round(after - before, 4), "loop": loop})
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    console.print(f"written to {RESULTS.relative_to(REPO)}")
+    write_result(RESULTS, results, console)
 
 
 def _log_weights(paths: ProjectPaths, weights: Path) -> None:

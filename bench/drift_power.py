@@ -30,7 +30,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -47,8 +46,8 @@ from rich.console import Console
 from rich.table import Table
 
 import conveyor  # noqa: F401  (offline switches before the ML imports)
-from conveyor.lineage import cpu_model
-from conveyor.paths import ProjectPaths, available_cores
+from bench.record import host, write_result
+from conveyor.paths import ProjectPaths
 from conveyor.scaffold import REPO
 from conveyor.settings import MonitorSettings, Settings, SynthSettings, load_settings
 
@@ -529,12 +528,10 @@ def main() -> None:
             "weights": str(weights.relative_to(REPO)) if weights.is_relative_to(REPO) else str(weights),
             "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
         },
-        "host": {"cpu": cpu_model(), "cores": available_cores(), "platform": platform.platform()},
+        "host": host(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    console.print(f"written to {args.out}")
+    write_result(args.out, result, console)
 
 
 if __name__ == "__main__":

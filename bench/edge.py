@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -38,8 +37,8 @@ from rich.console import Console
 from rich.table import Table
 
 import conveyor  # noqa: F401  (offline switches before the ML imports)
+from bench.record import host, write_result
 from conveyor.lineage import cpu_model
-from conveyor.paths import available_cores
 from conveyor.scaffold import REPO
 from conveyor.settings import EdgeSettings, SynthSettings
 from pipelines import synth
@@ -142,7 +141,7 @@ def main() -> None:
         "model": str(weights.relative_to(REPO)) if weights.is_relative_to(REPO) else "the demo champion (make run)",
         "runtime": "openvino",
         "imgsz": 320,
-        "host": {"cpu": cpu_model(), "cores": available_cores(), "platform": platform.platform()},
+        "host": host(),
         "date": time.strftime("%Y-%m-%d"),
     }
     table = Table(title=f"edge runner, {PARTS} parts at {FPS:g} fps, OpenVINO 320 px ({cpu_model()})")
@@ -166,8 +165,7 @@ def main() -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    console.print(f"written to {RESULTS.relative_to(REPO)}")
+    write_result(RESULTS, result, console)
 
 
 if __name__ == "__main__":

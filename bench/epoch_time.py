@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import platform
 import statistics
 import tempfile
 import time
@@ -28,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 import conveyor  # noqa: F401  (offline switches before the ML imports)
+from bench.record import host, write_result
 from conveyor.lineage import cpu_model
 from conveyor.paths import available_cores
 from conveyor.scaffold import REPO
@@ -99,10 +98,10 @@ def main() -> None:
     record = {
         "epochs": args.epochs,
         "settings": results,
-        "host": {"cores": available_cores(), "cpu": cpu_model(), "machine": platform.machine()},
+        "host": host(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    RESULTS.write_text(json.dumps(record, indent=2) + "\n")
+    write_result(RESULTS, record)
     table = Table(title=f"Training epoch time, yolo11n 320 px, {available_cores()} cores ({cpu_model()})")
     for column in ("setting", "train s/epoch (median)", "range", "val s/epoch (median)", "total s"):
         table.add_column(column)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -31,6 +30,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from bench.record import host, write_result
 from conveyor.lineage import cpu_model
 from conveyor.paths import available_cores
 from conveyor.scaffold import REPO
@@ -122,16 +122,10 @@ def main() -> None:
             "recall_per_class": {name: (c or {}).get("recall") for name, c in evaluation["per_class"].items()},
         },
         "commit": commit,
-        "host": {
-            "cores": available_cores(),
-            "cpu": cpu_model(),
-            "python": platform.python_version(),
-            "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE", ""),
-        },
+        "host": host(PYTHONDONTWRITEBYTECODE=os.environ.get("PYTHONDONTWRITEBYTECODE", "")),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
 
     table = Table(title=f"First run on {available_cores()} cores ({cpu_model()})")
     for column in ("measure", "seconds", "target"):

@@ -35,8 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 import conveyor  # noqa: F401  (offline switches before the ML imports)
-from conveyor.lineage import cpu_model
-from conveyor.paths import available_cores
+from bench.record import host, write_result
 from conveyor.scaffold import REPO
 
 if TYPE_CHECKING:
@@ -218,7 +217,7 @@ def run_check(runtime: str, images: int, requests: int, max_seconds: float, out:
         "runtime": runtime,
         "stand_in": runtime != "tensorrt",
         "device": device_name(runtime),
-        "host": {"cpu": cpu_model(), "cores": available_cores(), "python": platform.python_version()},
+        "host": host(),
         "artifact": variant.name,
         "parity": {
             "max_abs_diff": parity.max_abs_diff,
@@ -236,9 +235,7 @@ def run_check(runtime: str, images: int, requests: int, max_seconds: float, out:
         "ok": passed and served_agreement >= 0.95 and errors == 0,
     }
     show(console, result, cells)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    console.print(f"wrote {out}")
+    write_result(out, result, console)
     if not result["ok"]:
         raise SystemExit(1)
     return result

@@ -17,7 +17,6 @@ Writes bench/results/labelling.json with the shifted shares, the mean mAP50-95 p
 from __future__ import annotations
 
 import json
-import platform
 import random
 import shutil
 import statistics
@@ -31,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 import conveyor  # noqa: F401  (offline switches before the ML imports)
-from conveyor.paths import available_cores
+from bench.record import host, write_result
 from conveyor.scaffold import REPO
 from conveyor.settings import DomainShift, EvaluateSettings, LabelSettings, SynthSettings
 from conveyor.yolo import load_yolo
@@ -153,7 +152,7 @@ def main() -> dict[str, Any]:
     console.print(f"selection of {PICK} among {len(pool)} frames took {select_s:.1f} s (model on CPU, PyTorch)")
     result = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": available_cores()},
+        "host": host(),
         "pool": {"frames": len(pool), "shifted": POOL_EACH, "picked": PICK, "replay": REPLAY, "epochs": EPOCHS},
         "repeats": REPEATS,
         "shifted_share_selected": shifted_share(chosen),
@@ -164,8 +163,7 @@ def main() -> dict[str, Any]:
         "runs": scores,
         "select_s": round(select_s, 2),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(RESULTS, result)
     return result
 
 

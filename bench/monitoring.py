@@ -17,8 +17,6 @@ Writes bench/results/monitoring.json with `images_per_s` (every feature), `check
 
 from __future__ import annotations
 
-import json
-import platform
 import statistics
 import subprocess
 import tempfile
@@ -32,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 import conveyor  # noqa: F401  (offline switches before the ML imports)
+from bench.record import host, write_result
 from conveyor.net import free_port
 from conveyor.paths import available_cores
 from conveyor.scaffold import REPO
@@ -184,20 +183,16 @@ def main() -> None:
         "<= 15 s",
     )
     console.print(table)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                **headline,
-                "trigger_s_each": [round(t, 2) for t in triggers],
-                "worker_poll_seconds": _worker_poll(),
-                "machine": {"cores": available_cores(), "platform": platform.platform()},
-            },
-            indent=2,
-        )
-        + "\n"
+    write_result(
+        RESULTS,
+        {
+            **headline,
+            "trigger_s_each": [round(t, 2) for t in triggers],
+            "worker_poll_seconds": _worker_poll(),
+            "host": host(),
+        },
+        console,
     )
-    console.print(f"written to {RESULTS.relative_to(REPO)}")
 
 
 def _worker_poll() -> float:

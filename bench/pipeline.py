@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 import conveyor  # noqa: F401  (offline switches before the ML imports)
+from bench.record import host, write_result
 from conveyor.paths import ProjectPaths, available_cores
 from conveyor.scaffold import REPO, create_project
 from flows.training import pipeline_stages
@@ -140,14 +141,11 @@ def main() -> None:
             )
     console.print(stage_table)
     console.print(latency_table)
-    out = REPO / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    (out / f"pipeline-{args.profile}-{stamp}.json").write_text(
-        json.dumps(
-            {"profile": args.profile, "machine": machine, "stages_s": times, "latency": rows, "params": params},
-            indent=2,
-        )
+    write_result(
+        REPO / "bench" / "results" / f"pipeline-{args.profile}-{stamp}.json",
+        {"profile": args.profile, "host": host(), "stages_s": times, "latency": rows, "params": params},
+        console,
     )
 
 

@@ -19,8 +19,6 @@ concurrency 8, /predict) and `errors` (failed requests over the whole run).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,6 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 import conveyor  # noqa: F401  (offline switches before the ML imports)
+from bench.record import host, write_result
 from conveyor.net import free_port
 from conveyor.paths import available_cores
 from conveyor.scaffold import REPO
@@ -266,20 +265,16 @@ def main() -> None:
                       f"{cell.p99_ms:.1f}", f"{cell.rps:.1f}", str(cell.errors))  # fmt: skip
     console.print(table)
     console.print(headline)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                **headline,
-                "machine": {"cores": available_cores(), "platform": platform.platform()},
-                "raw_p50_ms": round(raw_p50, 2),
-                "cells": [asdict(cell) for cell in cells],
-            },
-            indent=2,
-        )
-        + "\n"
+    write_result(
+        RESULTS,
+        {
+            **headline,
+            "host": host(),
+            "raw_p50_ms": round(raw_p50, 2),
+            "cells": [asdict(cell) for cell in cells],
+        },
+        console,
     )
-    console.print(f"written to {RESULTS.relative_to(REPO)}")
 
 
 if __name__ == "__main__":

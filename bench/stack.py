@@ -13,8 +13,6 @@ Writes bench/results/stack.json with `stack_up_s`, `flow_embedded_s`, `flow_stac
 
 from __future__ import annotations
 
-import json
-import platform
 import shutil
 import tempfile
 import time
@@ -25,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 import conveyor  # noqa: F401  (offline switches before the ML imports)
+from bench.record import host, write_result
 from conveyor.net import free_port
 from conveyor.paths import ProjectPaths, available_cores
 from conveyor.scaffold import REPO
@@ -99,24 +98,20 @@ def main() -> None:
     table.add_row("  overhead on the stack", f"{flow_stack - flow_embedded:+.1f}")
     table.add_row("conveyor stack down", f"{stack_down:.1f}")
     console.print(table)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "stack_up_s": round(stack_up, 1),
-                "parts_healthy_s": {name: entry.seconds for name, entry in started.items()},
-                "flow_embedded_s": round(flow_embedded, 1),
-                "flow_stack_s": round(flow_stack, 1),
-                "overhead_s": round(flow_stack - flow_embedded, 1),
-                "stack_down_s": round(stack_down, 1),
-                "machine": {"cores": available_cores(), "platform": platform.platform()},
-                "when": datetime.now(UTC).isoformat(timespec="seconds"),
-            },
-            indent=2,
-        )
-        + "\n"
+    write_result(
+        RESULTS,
+        {
+            "stack_up_s": round(stack_up, 1),
+            "parts_healthy_s": {name: entry.seconds for name, entry in started.items()},
+            "flow_embedded_s": round(flow_embedded, 1),
+            "flow_stack_s": round(flow_stack, 1),
+            "overhead_s": round(flow_stack - flow_embedded, 1),
+            "stack_down_s": round(stack_down, 1),
+            "host": host(),
+            "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+        console,
     )
-    console.print(f"written to {RESULTS.relative_to(REPO)}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ runtimes: a model as fast as the champion passes on a busy host, a slower one fa
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from conveyor.settings import GateSettings
 from pipelines import gate, runtimes
 from pipelines.evaluate import ClassMetrics, Evaluation
-from tests.serving_support import CHECKPOINT
+from tests.load_support import busy_with_bursts, latency_exports
 
 
 def evaluation(recalls: dict[str, float]) -> Evaluation:
@@ -50,10 +49,11 @@ def test_parity_fails_an_export_that_scores_or_sees_differently() -> None:
 
 def test_latency_is_judged_against_the_champion_and_a_declared_target() -> None:
     cfg = GateSettings(latency_ratio=1.1)
-    same = gate.LatencyComparison(40.0, 38.0, 5)
+    same = gate.LatencyComparison.from_pairs([40.0, 41.0, 39.0, 80.0, 40.0, 40.0, 42.0], [38.0] * 7)
     (row,) = gate.latency_gates(cfg, same, "", 40.0, "a slow host")
-    assert row.passed and row.value == "1.05x" and "side by side on this host" in row.detail
-    slower = gate.LatencyComparison(60.0, 38.0, 5)
+    assert row.passed and row.value == "1.05x" and "median of 7 back-to-back pairs on this host" in row.detail
+    assert "95 % CI 1.03-2.11x" in row.detail  # one pair hit by a burst widens the interval, not the median
+    slower = gate.LatencyComparison.from_pairs([60.0] * 7, [38.0] * 7)
     assert not gate.latency_gates(cfg, slower, "", 60.0, "a slow host")[0].passed
     (first,) = gate.latency_gates(cfg, None, "no champion yet: nothing to compare with", 40.0, "host")
     assert first.passed and first.detail.startswith("no champion yet")
@@ -66,38 +66,14 @@ def test_latency_is_judged_against_the_champion_and_a_declared_target() -> None:
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The demo checkpoint exported twice (a challenger as fast as its champion), and a model five times its size."""
-    from conveyor.yolo import load_yolo
-    from pipelines.export import VARIANTS, export_variant
-
-    root = tmp_path_factory.mktemp("latency")
-    larger = root / "yolo11s.pt"
-    model = load_yolo("yolo11s.yaml")
-    model.model.names = {0: "scratch", 1: "dent", 2: "stain"}  # type: ignore[union-attr]
-    model.save(str(larger))
-    return {
-        "champion": export_variant(CHECKPOINT, VARIANTS["openvino"], 320, root / "champion", root),
-        "same": export_variant(CHECKPOINT, VARIANTS["openvino"], 320, root / "same", root),
-        "larger": export_variant(larger, VARIANTS["openvino"], 320, root / "larger", root),
-    }
+    return latency_exports(tmp_path_factory.mktemp("latency"))
 
 
 @pytest.fixture
 def busy_host() -> Iterator[None]:
-    """Another process's work on the host: a thread that keeps one core busy while the gate measures."""
-    stop = threading.Event()
-
-    def burn() -> None:
-        x = np.random.default_rng(0).random((400, 400))
-        while not stop.is_set():
-            x = x @ x
-            x /= np.abs(x).max()
-
-    thread = threading.Thread(target=burn, daemon=True)
-    thread.start()
-    yield
-    stop.set()
-    thread.join()
+    """Other work on the host while the gate measures: one core kept busy, and another process's bursts of work."""
+    with busy_with_bursts():
+        yield
 
 
 def test_a_model_as_fast_as_the_champion_passes_on_a_busy_host(exports: dict[str, Path], busy_host: None) -> None:
