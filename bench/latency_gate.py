@@ -3,13 +3,13 @@
     python -m bench.latency_gate            # or: make bench-gate
 
 The gate's own measurement (`pipelines.gate.compare_latency`: the challenger's and the champion's OpenVINO exports at
-batch 1, 120 pairs of back-to-back calls, two openings in either order) of the tests' demo checkpoint against itself
-(exported twice: a model exactly as fast as its champion) and of a five times larger model (YOLO11s) against it,
-repeated on this host:
+batch 1, 120 pairs of back-to-back calls over six fresh openings, in turns challenger first and champion first) of
+the tests' demo checkpoint against itself (exported twice: a model exactly as fast as its champion) and of a five
+times larger model (YOLO11s) against it, repeated on this host:
 - quiet: nothing else running;
-- one core busy: a thread of this process multiplying matrices, as `tests/test_gate.py` does;
+- one core busy: a thread of this process multiplying matrices;
 - busy, with bursts: that thread, and another process doing bursts of BLAS work (50-500 ms on, 0-300 ms off) the way
-  a second test worker or a training beside the gate does.
+  a second test worker or a training beside the gate does (what `tests/test_gate.py` runs the gate beside).
 
 Each repetition is judged two ways from the same calls: the ratio of the two medians (the gate before this bench)
 and the median of the pairs' ratios (the gate now), against `gates.latency_ratio` (1.10x). The same model should
