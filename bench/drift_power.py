@@ -509,12 +509,6 @@ def main() -> None:
         f"{correction['estimate_mae_groups_correction']:.4f} by which groups drifted (not shipped: tuned to the bank)",
         highlight=False,
     )
-    console.print(
-        f"corrected by the other {correction['kinds'] - 1} kinds of change, each left out in turn: MAE "
-        f"{correction['estimate_mae_constant_correction']:.4f} by their mean error, "
-        f"{correction['estimate_mae_groups_correction']:.4f} by which groups drifted (not shipped: tuned to the bank)",
-        highlight=False,
-    )
     harmful = [r for r in rows if r.harmful]
     errors = [abs(r.error) for r in rows if r.error is not None]
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}

@@ -223,7 +223,8 @@ class GateSettings(_Section):
     latency_ratio: float = Field(
         1.10,
         ge=1,
-        description="challenger's median over the champion's, calls interleaved in the gate stage on this host",
+        description="the median over back-to-back pairs of calls of challenger time / champion time, in the gate stage"
+        " on this host",
     )
     latency_target: LatencyTarget | None = Field(
         None, description="an absolute budget, checked only where the gate runs on the serving target's hardware"

@@ -186,7 +186,9 @@ def export_gates(export: dict[str, Any], cfg: GateSettings) -> list[GateResult]:
 class LatencyComparison:
     """The challenger's and the champion's serving exports timed side by side at batch 1: the challenger's time over
     the champion's in each pair of back-to-back calls, and the median of those ratios with its distribution-free 95 %
-    interval (order statistics, scipy's `quantile_test`). The medians in ms are for the report."""
+    interval (order statistics, scipy's `quantile_test`). The interval takes the pairs as independent; pairs of one
+    opening share its thread placement, so it shows how steady the calls were, not a guarantee. The medians in ms are
+    for the report."""
 
     challenger_ms: float
     champion_ms: float
@@ -223,17 +225,20 @@ def compare_latency(
     """Both models on the same input on this host, one call each in turn (`rounds` x `runs` pairs, the order swapped
     every pair), judged by the median of the pairs' ratios. Whatever else the host does lands on both calls of a pair
     alike; a burst of other work that lands on one model's calls more than the other's moves a ratio of medians but
-    not the median of ratios. Measured by `make bench-gate` (bench/latency_gate.py): the same model twice, with one
-    core kept busy (and in half of the 20 comparisons bursts of other work beside it), read 0.78x to 1.22x as a ratio
-    of medians (2 over 1.10x) and 0.95x to 1.04x as the median of pair ratios. Rounds of 20 calls compared by p95
-    gave 1.72x.
+    not the median of ratios. Measured by `make bench-gate` (bench/latency_gate.py, the same calls judged both ways):
+    the same model twice, with one core kept busy or with bursts of other work beside it, read 0.93x to 1.16x as a
+    ratio of medians (1 of 20 over 1.10x) and 1.003x to 1.007x as the median of pair ratios. Rounds of 20 calls
+    compared by p95 gave 1.72x.
 
-    Every round opens both runtimes afresh, challenger first in one round and champion first in the next: where a
-    runtime's threads land moves its times for as long as it is open, so each verdict averages over `rounds`
-    openings, and no model is always the one opened first. With one core busy, the same model read 0.91x to 1.01x
-    over two openings and 0.95x to 1.04x over six."""
+    Every round opens both runtimes afresh, challenger first in one round and champion first in the next (an even
+    number of rounds, so that neither model is opened first more often). With OpenVINO's threads pinned to cores, as
+    they were, where they landed stayed with a runtime while it was open and moved the verdict by 0.02-0.03 (sd);
+    Conveyor's runtimes now leave them unpinned (`runtimes.OpenVinoRuntime`), and the openings cost 0.2 s each."""
+    if rounds < 2 or rounds % 2:
+        raise ValueError(f"rounds must be even and at least 2 (half open the challenger first), not {rounds}")
     mine: list[float] = []
     theirs: list[float] = []
+    pair = 0
     for r in range(rounds):
         if r % 2 == 0:
             challenger = open_challenger()
@@ -244,11 +249,13 @@ def compare_latency(
         for _ in range(warmup):
             challenger.infer(sample)
             champion.infer(sample)
-        for i in range(runs):
-            for runtime, times in ((challenger, mine), (champion, theirs))[:: 1 if i % 2 == 0 else -1]:
+        for _ in range(runs):
+            # Across rounds too, so that with an odd `runs` neither model is called first more often.
+            for runtime, times in ((challenger, mine), (champion, theirs))[:: 1 if pair % 2 == 0 else -1]:
                 started = time.perf_counter()
                 runtime.infer(sample)
                 times.append((time.perf_counter() - started) * 1000)
+            pair += 1
         del challenger, champion  # one pair of compiled models in memory at a time
     return LatencyComparison.from_pairs(mine, theirs)
 

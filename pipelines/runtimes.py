@@ -106,9 +106,17 @@ class OpenVinoRuntime:
     image, Xeon with AMX), but the model's features output then moves by up to 14 % (relative L2, a fine-tuned
     checkpoint; 1.7 % the demo champion) and its detections by a little. A drift reference made on one host would
     then be compared with another host's features, and the parity gate would judge the host. f32 gives the same
-    numbers on every CPU (3e-7 of PyTorch's)."""
+    numbers on every CPU (3e-7 of PyTorch's).
 
-    def __init__(self, model_dir: Path, name: str = "openvino", threads: int | None = None) -> None:
+    Its threads are not pinned to cores (OpenVINO pins them on Linux by default). A model server or a line PC shares
+    its cores with other work, and a pinned thread cannot leave the core that work landed on: on 2 cores, the demo
+    model took 52.3 ms per image pinned against 10.4 ms unpinned with one core busy, and 17.1 against 11.0 ms with
+    another process's bursts of work; quiet, the two are alike. The latency gate's verdict on a model against itself
+    moved by 0.02-0.03 (sd) pinned and by 0.001-0.002 unpinned (`make bench-gate`)."""
+
+    def __init__(
+        self, model_dir: Path, name: str = "openvino", threads: int | None = None, *, pin_threads: bool = False
+    ) -> None:
         import openvino as ov
 
         xml = next(model_dir.glob("*.xml"), None)
@@ -125,6 +133,7 @@ class OpenVinoRuntime:
                 "PERFORMANCE_HINT": "LATENCY",
                 "INFERENCE_NUM_THREADS": threads or available_cores(),
                 "INFERENCE_PRECISION_HINT": "f32",
+                "ENABLE_CPU_PINNING": pin_threads,
             },
         )
         hint = self._compiled.get_property("INFERENCE_PRECISION_HINT")

@@ -13,11 +13,12 @@ import numpy as np
 
 from tests.serving_support import CHECKPOINT
 
-# Another worker's work: bursts of matrix products on numpy's BLAS threads, with pauses, until killed.
+# Another worker's work: bursts of matrix products on numpy's BLAS threads, with pauses, until killed or orphaned.
 BURSTS = """
-import random, time, numpy as np
+import os, random, time, numpy as np
+parent = os.getppid()
 x = np.random.default_rng(0).random((600, 600))
-while True:
+while os.getppid() == parent:  # ends with its parent, however that ends
     end = time.time() + random.uniform(0.05, 0.5)
     while time.time() < end:
         x = x @ x

@@ -100,3 +100,15 @@ def test_a_slower_model_fails_the_latency_gate(exports: dict[str, Path]) -> None
     )
     (row,) = gate.latency_gates(GateSettings(), comparison, "", comparison.challenger_ms, "host")
     assert not row.passed and comparison.ratio > 1.5, (row, comparison)
+
+
+def test_openvino_threads_are_left_unpinned_and_rounds_balance_the_opening_order(exports: dict[str, Path]) -> None:
+    # Pinned threads cannot leave a core that other work landed on (bench/latency_gate.py): 5x slower there.
+    assert runtimes.OpenVinoRuntime(exports["champion"])._compiled.get_property("ENABLE_CPU_PINNING") is False
+    pinned = runtimes.OpenVinoRuntime(exports["champion"], pin_threads=True)
+    assert pinned._compiled.get_property("ENABLE_CPU_PINNING") is True
+    sample = np.full((1, 3, 320, 320), 114 / 255, np.float32)
+    opened = partial(runtimes.OpenVinoRuntime, exports["champion"])
+    with pytest.raises(ValueError, match="rounds must be even"):
+        gate.compare_latency(opened, opened, sample, 0, 1, rounds=3)
+    assert gate.compare_latency(opened, opened, sample, 0, 3, rounds=2).pairs == 6
