@@ -47,9 +47,19 @@ from tests.load_support import busy_core, busy_with_bursts, latency_exports
 RESULTS = REPO / "bench" / "results" / "latency_gate.json"
 
 
+def judged(key: str, values: list[float], threshold: float) -> dict[str, Any]:
+    """One statistic's verdicts over a condition's comparisons: the values, how many the gate would have failed, and
+    their spread."""
+    return {
+        key: [round(v, 4) for v in values],
+        f"{key}_fails": sum(v > threshold for v in values),
+        f"{key}_sd": round(statistics.pstdev(values), 4),
+    }
+
+
 def print_table(rows: list[dict[str, Any]], threshold: float, console: Console) -> None:
     """One row per condition: the champion's median ms, then each statistic's range and failures (and the pair
-    ratios' spread across comparisons). Adds the fails and sd to each row for the results file."""
+    ratios' spread across comparisons)."""
     title = f"the latency gate's verdict (<= {threshold:.2f}x), {cpu_model()}, {available_cores()} cores"
     table = FoldingTable(title=title)
     for column in ("comparison", "n", "ms", "ratio of medians", "fails", "pair ratios (sd)", "fails"):
@@ -58,8 +68,6 @@ def print_table(rows: list[dict[str, Any]], threshold: float, console: Console) 
         cells: list[str] = []
         for key in ("ratio_of_medians", "median_of_pair_ratios"):
             values = row[key]
-            row[f"{key}_fails"] = sum(v > threshold for v in values)
-            row[f"{key}_sd"] = round(statistics.pstdev(values), 4)
             spread = f" ({row[f'{key}_sd']:.3f})" if key == "median_of_pair_ratios" else ""
             cells += [f"{min(values):.3f}-{max(values):.3f}{spread}", f"{row[f'{key}_fails']}/{len(values)}"]
         model = "" if row["challenger"] == "the same model" else ", 5x larger"
@@ -125,9 +133,9 @@ def main() -> None:
                     "challenger": "the same model" if challenger == "same" else "YOLO11s (5x larger)",
                     "threads": threads,
                     "repeats": repeats,
-                    "ratio_of_medians": [round(r, 4) for r in of_medians],
-                    "median_of_pair_ratios": [round(r, 4) for r in of_pairs],
                     "champion_ms": [round(ms, 2) for ms in champion_ms],
+                    **judged("ratio_of_medians", of_medians, threshold),
+                    **judged("median_of_pair_ratios", of_pairs, threshold),
                 }
             )
 

@@ -187,7 +187,7 @@ class LatencyComparison:
     """The challenger's and the champion's serving exports timed side by side at batch 1: the challenger's time over
     the champion's in each pair of back-to-back calls, and the median of those ratios with its distribution-free 95 %
     interval (order statistics, scipy's `quantile_test`). The interval takes the pairs as independent; pairs of one
-    opening share its thread placement, so it shows how steady the calls were, not a guarantee. The medians in ms are
+    opening share its state, so it shows how steady the calls were, not a guarantee. The medians in ms are
     for the report."""
 
     challenger_ms: float
