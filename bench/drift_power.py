@@ -233,6 +233,7 @@ def controls(detector: Any, profile: Any, monitor: MonitorSettings) -> tuple[dic
     frames: list[Any] = []
     alarms = {str(WINDOW): 0, str(IMAGES): 0}
     errors: list[float] = []
+    costs: dict[str, list[float]] = {str(WINDOW): [], str(IMAGES): []}
     maps: list[float] = []
     labelled: list[Any] = []
     for w in range(CONTROL_WINDOWS):
@@ -243,8 +244,11 @@ def controls(detector: Any, profile: Any, monitor: MonitorSettings) -> tuple[dic
         )
         frames.append(frame)
         labelled.extend(images)
-        small, _, _ = judge(frame.iloc[:WINDOW], profile, monitor)
+        small, _, small_estimate = judge(frame.iloc[:WINDOW], profile, monitor)
         large, groups, estimate = judge(frame, profile, monitor)
+        for size, found in ((WINDOW, small_estimate), (IMAGES, estimate)):
+            if found is not None:
+                costs[str(size)].append(found.cost)
         alarms[str(WINDOW)] += small == "drift"
         alarms[str(IMAGES)] += large == "drift"
         maps.append(true_map)
@@ -258,6 +262,12 @@ def controls(detector: Any, profile: Any, monitor: MonitorSettings) -> tuple[dic
             "true_map_mean": round(statistics.mean(maps), 4),
             "estimate_mae": round(statistics.mean(abs(e) for e in errors), 4) if errors else None,
             "estimate_bias": round(statistics.mean(errors), 4) if errors else None,
+            # Nothing changed, so the estimated cost should be near 0: its mean is the cost's bias at each size.
+            "estimated_cost": {
+                size: {"mean": round(statistics.mean(values), 4), "mae": round(statistics.mean(map(abs, values)), 4)}
+                for size, values in costs.items()
+                if values
+            },
         },
         pd.concat(frames, ignore_index=True),
         labelled,
@@ -422,6 +432,7 @@ def print_table(rows: list[Row], control: dict[str, Any], timing: dict[str, floa
         "strength",
         "true mAP50-95",
         "cost",
+        "estimated cost",
         "drift windows",
         "deciding groups",
         "estimate",
@@ -437,6 +448,7 @@ def print_table(rows: list[Row], control: dict[str, Any], timing: dict[str, floa
             r.strength,
             f"{r.true_map:.3f}",
             f"{mark}{r.cost:+.3f}",
+            "-" if r.estimate_cost is None else f"{r.estimate_cost:+.3f}",
             f"{mark}{r.windows_drift}/{IMAGES // WINDOW}",
             groups,
             estimate,
@@ -453,6 +465,12 @@ def print_table(rows: list[Row], control: dict[str, Any], timing: dict[str, floa
         f"{sum(r.covered is True for r in rows)} of {len(rows)} rows; `conveyor drift --source` 40 images "
         f"{timing['source_check_s']:.1f} s, logged 10k window {timing['log_check_s_10k']:.1f} s (the check itself "
         f"{timing['check_s_10k']:.1f} s)",
+        highlight=False,
+    )
+    cost_errors = [abs(r.estimate_cost - r.cost) for r in rows if r.estimate_cost is not None]
+    console.print(
+        f"estimated cost against the true cost: MAE {statistics.mean(cost_errors):.3f}; unchanged windows read "
+        + ", ".join(f"{v['mean']:+.3f} at {size} images" for size, v in control["estimated_cost"].items()),
         highlight=False,
     )
 
@@ -520,6 +538,11 @@ def main() -> None:
         "control_windows": CONTROL_WINDOWS * len(control["false_alarms"]),
         "estimate_mae": round(statistics.mean(errors), 4),
         "estimate_max_error": round(max(errors), 4),
+        # The cost (what retraining decides on) against each change's true cost, and on unchanged windows.
+        "estimate_cost_mae": round(
+            statistics.mean(abs(r.estimate_cost - r.cost) for r in rows if r.estimate_cost is not None), 4
+        ),
+        "estimate_cost_controls": control["estimated_cost"],
         "estimate_mae_controls": control["estimate_mae"],
         # The MAE over 8 other calibrations of 60 images: the one above is a single draw of the validation split.
         "estimate_mae_over_calibrations": draws,

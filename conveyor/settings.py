@@ -327,7 +327,7 @@ class MonitorSettings(_Section):
         1.0,
         gt=0,
         description="a feature drifted when its distribution moved at least this far (Wasserstein distance in "
-        "reference standard deviations) ...",
+        "reference standard deviations; for the prediction features together, their means' Mahalanobis distance) ...",
     )
     p_value: float = Field(0.001, gt=0, lt=1, description="... and the two-sample K-S test's p-value is below this")
     constant_share: float = Field(

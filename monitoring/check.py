@@ -24,7 +24,7 @@ from conveyor.paths import ProjectPaths
 from conveyor.settings import MonitorSettings, Settings
 from conveyor.tracking import Tracker, ensure_experiment, metric_name
 from monitoring import alerts, current, drift
-from monitoring.estimate import WindowEstimate, estimate_window
+from monitoring.estimate import WindowEstimate, described, estimate_window
 from pipelines import model_source as source
 from pipelines.prediction_log import SERVER_DEVICE
 from pipelines.profile import Profile
@@ -132,7 +132,7 @@ def add_performance_group(result: drift.DriftResult, estimate: WindowEstimate, r
     drifted = low >= retrain_cost > 0
     words = (
         f"the model's confidence says it lost {found.cost:.3f} mAP50-95 ({low:.3f} to {high:.3f}) against its "
-        "training images"
+        "validation images"
     )
     group = drift.GroupDrift("performance", drifted, low / retrain_cost if retrain_cost else 0.0, "estimate", words)
     result.groups = sorted(
@@ -184,13 +184,7 @@ def report_html(outcome: CheckOutcome) -> str:
         for f in result.features
     )
     if found is not None:
-        low, high = found.cost_interval
-        estimate = (
-            f"estimated mAP50-95 <b>{found.map50_95:.3f}</b> ({found.low:.3f} to {found.high:.3f}, "
-            f"{found.level:.0%}) against {found.reference:.3f} on its training images (validation split, labelled: "
-            f"{found.validation_map50_95:.3f}): cost <b>{found.cost:+.3f}</b> "
-            f"({low:+.3f} to {high:+.3f}), {escape(outcome.estimate.reason)}"
-        )
+        estimate = f"{escape(described(found))}, {escape(outcome.estimate.reason)}"
     else:
         estimate = f"no estimate: {escape(outcome.estimate.reason)}"
     decision = outcome.decision
@@ -304,7 +298,7 @@ def write_gauges(path: Path, outcome: CheckOutcome) -> None:
         gauge("conveyor_performance_estimate", "Estimated mAP50-95 of the last window (label-free)", found.map50_95)
         gauge("conveyor_performance_estimate_low", "Lower end of the estimate's interval", found.low)
         gauge("conveyor_performance_estimate_high", "Upper end of the estimate's interval", found.high)
-        gauge("conveyor_performance_reference", "The same estimate on the version's training images", found.reference)
+        gauge("conveyor_performance_reference", "The same estimate on the version's validation images", found.reference)
         gauge(
             "conveyor_performance_validation",
             "True mAP50-95 of the version's validation split",

@@ -24,7 +24,7 @@ class WindowEstimate:
 def estimate_window(
     profile: Profile, records: Any, version: str, batch: str = "all", bootstrap: int = 50
 ) -> WindowEstimate:
-    """The estimate of the window, and its cost against the version's training images of `batch` (the condition
+    """The estimate of the window, and its cost against the version's validation images of `batch` (the condition
     the drift check found nearest; "all": every batch)."""
     if profile.calibration is None:
         return WindowEstimate(
@@ -41,21 +41,25 @@ def estimate_window(
     pairs = scores_of(records)
     if not pairs:
         return WindowEstimate(None, "no record of the window carries confidences")
-    frame = profile.frame
-    if batch != "all" and "batch" in frame:
-        frame = frame[frame["batch"] == batch]
-    training = frame[frame["split"] == "train"] if "split" in frame and (frame["split"] == "train").any() else frame
-    reference = scores_of(training) if SCORE_CONFIDENCE in training else []
-    estimate = performance.estimate(profile.calibration, pairs, reference, bootstrap=bootstrap)
-    against = (
-        f"{len(reference)} training images" + (f" of batch '{batch}'" if batch != "all" else "")
-        if reference
-        else "the validation split's true mAP50-95"
-    )
+    calibration = profile.calibration
+    estimate = performance.estimate(calibration, pairs, batch=batch, bootstrap=bootstrap)
+    reference = len(performance.reference_images(calibration, batch))
+    of_batch = f" of batch '{batch}'" if reference < calibration.images else ""
     return WindowEstimate(
         estimate,
-        f"from the confidences of {len(pairs)} images, calibrated on {profile.calibration.images} validation "
-        f"images{counted_on(profile.calibration)}; cost against {against}",
+        f"from the confidences of {len(pairs)} images, calibrated on {calibration.images} validation "
+        f"images{counted_on(calibration)}; cost against {reference} validation images{of_batch}, each read out of "
+        "fold",
+    )
+
+
+def described(found: performance.Estimate) -> str:
+    """The estimate and its cost in one sentence, as `conveyor drift` and the report say it."""
+    low, high = found.cost_interval
+    return (
+        f"estimated mAP50-95 {found.map50_95:.3f} ({found.low:.3f} to {found.high:.3f}, {found.level:.0%}) against "
+        f"{found.reference:.3f} on its validation images read the same way (their true mAP50-95: "
+        f"{found.validation_map50_95:.3f}): cost {found.cost:+.3f} ({low:+.3f} to {high:+.3f})"
     )
 
 

@@ -166,16 +166,18 @@ def calibrate(
     from pipelines.inference import SCORE_FLOOR
 
     labels = [read_labels(source.label, image.shape[1], image.shape[0]) for source, image, _ in seen]  # each once
-    labelled = [
-        performance.Labelled(list(result.candidates), found)
+    validation = [
+        (source.batch, performance.Labelled(list(result.candidates), found))
         for (source, _, result), found in zip(seen, labels, strict=True)
         if source.split == "val"
     ]
-    if not labelled:
+    if not validation:
         raise ProfileError("the validation split has no images: the performance estimate is calibrated on it")
     # Every image counts, a background image without a label file too (zero objects, as the validate stage reads it):
     # leaving those out would raise the rate.
-    return performance.fit(labelled, names, SCORE_FLOOR, labels)
+    return performance.fit(
+        [image for _, image in validation], names, SCORE_FLOOR, labels, [batch for batch, _ in validation]
+    )
 
 
 def write_profile(

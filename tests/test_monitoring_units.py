@@ -90,6 +90,24 @@ def test_each_group_decides_on_its_own_change(change: dict[str, Any], group: str
     assert result.groups[0].group == group and result.groups[0].words in result.message
 
 
+def test_the_predictions_moving_together_are_drift_where_each_alone_is_short() -> None:
+    """Defects 1.6x larger moved the demo champion's box areas by 0.78-1.08 standard deviations in windows of 40 and
+    its confidences down at the same time: two windows of five had no prediction feature past its threshold. The
+    predictions as one (their means' Mahalanobis distance, Hotelling's p-value) moved 1.10-1.52. Here larger boxes
+    and a few more of them: each feature short of its threshold, together past it; unchanged, together far short."""
+    reference = profile_of(feature_rows(400, seed=0))
+    moved = drift.check(reference, feature_rows(40, seed=6, box_scale=1.22, predictions=0.6), POLICY, report=False)
+    alone = [f for f in moved.features if f.group == drift.PREDICTIONS and f.name != drift.PREDICTIONS_TOGETHER]
+    assert len(alone) >= 5 and not any(f.drifted for f in alone), [(f.name, f.effect) for f in alone]
+    together = next(f for f in moved.features if f.name == drift.PREDICTIONS_TOGETHER)
+    assert together.drifted and together.effect > together.threshold and together.p_value < POLICY.p_value
+    assert moved.status == "drift" and moved.drifted_groups == [drift.PREDICTIONS], moved.message
+    assert "changed as a whole" in moved.message
+    unchanged = drift.check(reference, feature_rows(40, seed=5), POLICY, report=False)
+    still = next(f for f in unchanged.features if f.name == drift.PREDICTIONS_TOGETHER)
+    assert unchanged.status == "no drift" and still.effect < 0.5 * still.threshold
+
+
 def test_same_distribution_is_not_drift_at_either_window_size() -> None:
     reference = profile_of(feature_rows(300, seed=1))
     for size, seed in ((40, 2), (200, 3), (2000, 4)):
@@ -229,7 +247,6 @@ def test_the_estimate_follows_a_known_shift(detector: Detector) -> None:
     validation = labelled(SynthSettings(), "val", 60, detector)
     calibration = performance.fit([v for v, _ in validation], NAMES, 0.01)
     assert calibration.images == 60 and 0.3 < calibration.validation_map50_95 < 0.8
-    training = [f for _, f in labelled(SynthSettings(), "train", 120, detector)]
     new = SynthSettings(seed=1001)
     clean = labelled(new, "test", 120, detector)
     noisy = labelled(new, "test", 120, detector, shifts.sensor_noise(14))
@@ -240,9 +257,8 @@ def test_the_estimate_follows_a_known_shift(detector: Detector) -> None:
     def scores(found: list[Inference]) -> list[tuple[list[float], list[int]]]:
         return [([s for s, _ in f.scores], [c for _, c in f.scores]) for f in found]
 
-    reference = scores(training)
-    estimate_clean = performance.estimate(calibration, scores([f for _, f in clean]), reference, bootstrap=30)
-    estimate_noisy = performance.estimate(calibration, scores([f for _, f in noisy]), reference, bootstrap=30)
+    estimate_clean = performance.estimate(calibration, scores([f for _, f in clean]), bootstrap=30)
+    estimate_noisy = performance.estimate(calibration, scores([f for _, f in noisy]), bootstrap=30)
     print(truth_clean, estimate_clean, truth_noisy, estimate_noisy)
     assert abs(estimate_clean.map50_95 - truth_clean) < 0.05, (estimate_clean, truth_clean)
     assert abs(estimate_noisy.map50_95 - truth_noisy) < 0.08, (estimate_noisy, truth_noisy)
@@ -269,6 +285,7 @@ def test_background_images_without_a_label_file_count_as_images_without_objects(
     ]
     calibration = calibrate(seen, NAMES)
     assert calibration.images == 1 and calibration.objects_per_image == [0.0, 0.5, 0.0]
+    assert calibration.batches == ["b"]  # each validation image's batch: the cost's reference of a batch
 
 
 def test_the_object_rate_is_counted_on_every_labelled_image() -> None:
@@ -292,6 +309,73 @@ def test_the_object_rate_is_counted_on_every_labelled_image() -> None:
     records = feature_rows(40, seed=1)
     said = estimate_window(profile_of(records, calibration=calibration), records, "3", bootstrap=5).reason
     assert "calibrated on 4 validation images (objects per image counted on 16 labelled images)" in said
+
+
+def test_the_cost_is_against_the_validation_images_of_the_batch_the_traffic_is_nearest() -> None:
+    """The cost's reference is the version's validation images, of the batch the drift check found the traffic
+    nearest where the calibration knows its images' batches: traffic read as well as a batch the model sees well
+    costs nothing against that batch, and less than nothing against one it sees badly. A calibration made before
+    the batches were kept is against every validation image."""
+    dent = np.array([[1, 10, 10, 50, 50]], np.float64)
+    seen = performance.Labelled([Detection(1, "dent", 0.9, (10, 10, 50, 50))], dent)
+    missed = performance.Labelled([Detection(1, "dent", 0.3, (60, 60, 90, 90))], dent)  # a false box, a missed dent
+    batches = ["line-a"] * 10 + ["dusty"] * 10
+    calibration = performance.fit([seen] * 10 + [missed] * 10, NAMES, 0.01, batches=batches)
+    assert calibration.batches == batches
+    assert performance.Calibration.from_json(json.loads(json.dumps(calibration.to_json()))) == calibration
+    window = [([0.9], [1])] * 20
+    line_a = performance.estimate(calibration, window, batch="line-a", bootstrap=0)
+    dusty = performance.estimate(calibration, window, batch="dusty", bootstrap=0)
+    every = performance.estimate(calibration, window, bootstrap=0)
+    assert line_a.map50_95 > 0.9 and abs(line_a.cost) < 0.05
+    assert dusty.reference < 0.05 and dusty.cost < -0.9
+    assert dusty.reference < every.reference < line_a.reference
+    assert performance.estimate(calibration, window, batch="no such batch", bootstrap=0).reference == every.reference
+    older = performance.Calibration.from_json({k: v for k, v in calibration.to_json().items() if k != "batches"})
+    assert older.batches is None
+    assert performance.estimate(older, window, batch="dusty", bootstrap=0).reference == every.reference
+    with pytest.raises(performance.CalibrationError, match="2 batches for 20 validation images"):
+        performance.fit([seen] * 10 + [missed] * 10, NAMES, 0.01, batches=["a", "b"])
+    records = feature_rows(40, seed=1)
+    said = estimate_window(profile_of(records, calibration=calibration), records, "3", "dusty", bootstrap=5).reason
+    assert "cost against 10 validation images of batch 'dusty', each read out of fold" in said
+    said = estimate_window(profile_of(records, calibration=older), records, "3", "dusty", bootstrap=5).reason
+    assert "cost against 20 validation images, each read out of fold" in said
+
+
+def test_the_reference_reads_each_validation_image_with_curves_it_did_not_teach(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Read by curves it taught, a validation image reads what it taught, so the reference would hold none of the
+    calibration's error that a new window meets: each image is read with curves fitted on the other folds (contiguous
+    blocks of images). A class the other folds hardly show is read with every image's curves, or a rare class would
+    read as always wrong there and every window would look better than its reference."""
+    box = np.array([[1, 10, 10, 50, 50.0]])
+    dents = [performance.Labelled([Detection(1, "dent", 0.5 + 0.02 * i, (10, 10, 50, 50))], box) for i in range(20)]
+    calibration = performance.fit(dents, NAMES, 0.01)
+    fitted_on: list[set[int]] = []
+    fit_curves = performance._fit_curves
+
+    def recorded(table: np.ndarray, classes: int) -> Any:
+        fitted_on.append({int(i) for i in table[:, 0]})
+        return fit_curves(table, classes)
+
+    monkeypatch.setattr(performance, "_fit_curves", recorded)
+    table = np.array(calibration.detections).reshape(-1, 13)
+    performance._held_out(calibration, table, range(20))
+    assert len(fitted_on) == performance.FOLDS
+    for image in range(20):
+        fold = performance.fold_of(image, 20)
+        assert image not in fitted_on[fold] and len(fitted_on[fold]) == 16
+    assert [performance.fold_of(i, 20) for i in (0, 3, 4, 19)] == [0, 0, 1, 4]  # blocks, not every fifth image
+    monkeypatch.setattr(performance, "_fit_curves", fit_curves)
+
+    stain = performance.Labelled([Detection(2, "stain", 0.9, (10, 10, 50, 50))], np.array([[2, 10, 10, 50, 50.0]]))
+    dent = performance.Labelled([Detection(1, "dent", 0.9, (10, 10, 50, 50))], np.array([[1, 10, 10, 50, 50.0]]))
+    rare = performance.fit([stain] * 4 + [dent] * 16, NAMES, 0.01)  # every stain in the first fold
+    found = performance.estimate(rare, [([0.9], [2])] * 4 + [([0.9], [1])] * 16, bootstrap=0)
+    # Read without the first fold's curves, its stains would all be misses: a reference of 0.46.
+    assert found.map50_95 > 0.9 and found.reference > 0.75
 
 
 def test_the_estimate_names_what_it_lacks() -> None:

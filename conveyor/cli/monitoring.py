@@ -86,12 +86,10 @@ def print_outcome(outcome: CheckOutcome) -> None:
     console.print(result.message, highlight=False, soft_wrap=True)
     found = outcome.estimate.estimate
     if found is not None:
-        low, high = found.cost_interval
+        from monitoring.estimate import described
+
         console.print(
-            f"performance (label-free): estimated mAP50-95 {found.map50_95:.3f} ({found.low:.3f} to {found.high:.3f}) "
-            f"against {found.reference:.3f} on its training images (validation split, labelled: "
-            f"{found.validation_map50_95:.3f}): cost {found.cost:+.3f} ({low:+.3f} to "
-            f"{high:+.3f}); {outcome.estimate.reason}",
+            f"performance (label-free): {described(found)}; {outcome.estimate.reason}",
             highlight=False,
             soft_wrap=True,
         )
