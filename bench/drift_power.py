@@ -468,6 +468,8 @@ def print_table(rows: list[Row], control: dict[str, Any], timing: dict[str, floa
         highlight=False,
     )
     cost_errors = [abs(r.estimate_cost - r.cost) for r in rows if r.estimate_cost is not None]
+    if not cost_errors or not control["estimated_cost"]:
+        return
     console.print(
         f"estimated cost against the true cost: MAE {statistics.mean(cost_errors):.3f}; unchanged windows read "
         + ", ".join(f"{v['mean']:+.3f} at {size} images" for size, v in control["estimated_cost"].items()),
@@ -529,6 +531,7 @@ def main() -> None:
     )
     harmful = [r for r in rows if r.harmful]
     errors = [abs(r.error) for r in rows if r.error is not None]
+    cost_errors = [abs(r.estimate_cost - r.cost) for r in rows if r.estimate_cost is not None]
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     result = {
         "harmful_total": len(harmful),
@@ -539,9 +542,7 @@ def main() -> None:
         "estimate_mae": round(statistics.mean(errors), 4),
         "estimate_max_error": round(max(errors), 4),
         # The cost (what retraining decides on) against each change's true cost, and on unchanged windows.
-        "estimate_cost_mae": round(
-            statistics.mean(abs(r.estimate_cost - r.cost) for r in rows if r.estimate_cost is not None), 4
-        ),
+        "estimate_cost_mae": round(statistics.mean(cost_errors), 4) if cost_errors else None,
         "estimate_cost_controls": control["estimated_cost"],
         "estimate_mae_controls": control["estimate_mae"],
         # The MAE over 8 other calibrations of 60 images: the one above is a single draw of the validation split.

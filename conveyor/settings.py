@@ -329,7 +329,13 @@ class MonitorSettings(_Section):
         description="a feature drifted when its distribution moved at least this far (Wasserstein distance in "
         "reference standard deviations; for the prediction features together, their means' Mahalanobis distance) ...",
     )
-    p_value: float = Field(0.001, gt=0, lt=1, description="... and the two-sample K-S test's p-value is below this")
+    p_value: float = Field(
+        0.001,
+        gt=0,
+        lt=1,
+        description="... and the two-sample K-S test's p-value is below this (Hotelling's T² test's, for the embedding "
+        "and the predictions together)",
+    )
     constant_share: float = Field(
         0.1, gt=0, le=1, description="a feature constant in the reference drifted when this share of rows differ"
     )

@@ -45,11 +45,11 @@ def estimate_window(
     estimate = performance.estimate(calibration, pairs, batch=batch, bootstrap=bootstrap)
     reference = len(performance.reference_images(calibration, batch))
     of_batch = f" of batch '{batch}'" if reference < calibration.images else ""
+    read = "each read out of fold" if calibration.images > 1 else "read in sample (one validation image: no folds)"
     return WindowEstimate(
         estimate,
         f"from the confidences of {len(pairs)} images, calibrated on {calibration.images} validation "
-        f"images{counted_on(calibration)}; cost against {reference} validation images{of_batch}, each read out of "
-        "fold",
+        f"images{counted_on(calibration)}; cost against {reference} validation images{of_batch}, {read}",
     )
 
 
