@@ -421,11 +421,16 @@ def _statistics(column: str, before: Any, now: Any, threshold: float, policy: Mo
     numeric = ColumnType.Numerical
     p_value = float(ks_stat_test(before, now, numeric, policy.p_value).drift_score)
     effect = float(wasserstein_stat_test(before, now, numeric, threshold).drift_score)
-    floor = MIN_SCALE.get(column, COUNT_SCALE if column.startswith(CLASS_PREFIX) or column == "detections" else 0)
+    floor = material_amount(column)
     if floor:  # Evidently divides by max(std, 0.001): too fine a unit for a share of pixels or a count
         spread = max(float(np.std(before)), 0.001)
         effect *= spread / max(spread, floor)
     return p_value, effect
+
+
+def material_amount(column: str) -> float:
+    """The smallest move of a column that can matter, its effect's unit where the reference hardly varies (0: none)."""
+    return MIN_SCALE.get(column, COUNT_SCALE if column.startswith(CLASS_PREFIX) or column == "detections" else 0)
 
 
 def _constant_drifts(reference: Any, current: Any, columns: list[str], policy: MonitorSettings) -> list[FeatureDrift]:
@@ -494,8 +499,7 @@ def _predictions_together(ref: Any, cur: Any, varying: list[str], policy: Monito
     before, now = ref[columns].dropna().to_numpy(), cur[columns].dropna().to_numpy()
     if len(now) < MIN_FEATURE_VALUES or len(before) <= len(columns):
         return []
-    floors = np.array([COUNT_SCALE if c == "detections" else 0.0 for c in columns])
-    unit = np.maximum(before.std(axis=0), np.maximum(floors, 1e-9))
+    unit = np.maximum(before.std(axis=0), np.maximum([material_amount(c) for c in columns], 1e-9))
     before, now = before / unit, now / unit
     shift = now.mean(axis=0) - before.mean(axis=0)
     precision = LedoitWolf().fit(before).precision_

@@ -58,7 +58,7 @@ def described(found: performance.Estimate) -> str:
     low, high = found.cost_interval
     return (
         f"estimated mAP50-95 {found.map50_95:.3f} ({found.low:.3f} to {found.high:.3f}, {found.level:.0%}) against "
-        f"{found.reference:.3f} on its validation images read the same way (their true mAP50-95: "
+        f"{found.reference:.3f} on its validation images read out of fold (their true mAP50-95: "
         f"{found.validation_map50_95:.3f}): cost {found.cost:+.3f} ({low:+.3f} to {high:+.3f})"
     )
 

@@ -301,33 +301,29 @@ def fold_of(image: int, images: int) -> int:
 
 
 def _held_out(
-    calibration: Calibration, table: np.ndarray, images: Sequence[int]
+    calibration: Calibration, table: np.ndarray, rows_of: Sequence[np.ndarray], images: Sequence[int]
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[np.ndarray]]:
-    """The detections of each of the validation `images` (from the calibration's table) and their chances read with
+    """The detections of each of the validation `images` (`rows_of` each image in the calibration's table) and their
+    chances read with
     curves fitted on the other folds, so that no image is read by curves it taught (in sample, a validation image reads
     what it taught: its own estimate holds none of the calibration's error that a new window meets). A class the other
     folds hardly show is read with every image's curves: curves without it would read it as always wrong, and a rare
     class would make every window look better than its reference."""
-    owner = table[:, 0].astype(np.int64)
-    folds = min(FOLDS, calibration.images)
-    if folds < 2:
-        curves = [calibration.curves]
-    else:
-        block = np.array([fold_of(int(i), calibration.images) for i in owner], dtype=np.int64)
-        curves = []
-        for k in range(folds):
-            taught = table[block != k]
-            fitted = _fit_curves(taught, len(calibration.names))
-            shown = np.bincount(taught[:, 1].astype(np.int64), minlength=len(calibration.names))
-            curves.append(
-                [fitted[c] if shown[c] >= MIN_FOLD_DETECTIONS else calibration.curves[c] for c in range(len(fitted))]
-            )
+    # One image, one fold: the other folds show no class, and every class is read with every image's curves.
+    block = np.array([fold_of(int(i), calibration.images) for i in table[:, 0]], dtype=np.int64)
+    curves = []
+    for k in range(min(FOLDS, calibration.images)):
+        taught = table[block != k]
+        fitted = _fit_curves(taught, len(calibration.names))
+        shown = np.bincount(taught[:, 1].astype(np.int64), minlength=len(calibration.names))
+        curves.append(
+            [fitted[c] if shown[c] >= MIN_FOLD_DETECTIONS else calibration.curves[c] for c in range(len(fitted))]
+        )
     per_image, chances = [], []
     for i in images:
-        rows = table[owner == i]
-        confidence, classes = rows[:, 2], rows[:, 1].astype(np.int64)
+        confidence, classes = rows_of[i][:, 2], rows_of[i][:, 1].astype(np.int64)
         per_image.append((confidence, classes))
-        chances.append(_chance(curves[fold_of(i, calibration.images) if folds > 1 else 0], confidence, classes))
+        chances.append(_chance(curves[fold_of(i, calibration.images)], confidence, classes))
     return per_image, chances
 
 
@@ -353,14 +349,14 @@ def estimate(
         window = [window[i] for i in sorted(rng.choice(len(window), MAX_IMAGES, replace=False))]
     table = np.array(calibration.detections, dtype=np.float64).reshape(-1, 3 + len(IOU_THRESHOLDS))
     reference_ids = np.array(reference_images(calibration, batch), dtype=np.int64)
-    reference, reference_chances = _held_out(calibration, table, reference_ids.tolist())
+    owner = table[:, 0].astype(np.int64)
+    rows_of = [table[owner == i] for i in range(calibration.images)]  # each validation image's detections
+    reference, reference_chances = _held_out(calibration, table, rows_of, reference_ids.tolist())
     position = np.full(calibration.images, -1, dtype=np.int64)  # of each validation image among the reference's
     position[reference_ids] = np.arange(len(reference_ids))
     n, m = len(window), len(reference)
     curves, rates = calibration.curves, calibration.objects_per_image
 
-    # Reference windows are drawn with replacement, as windows of traffic are: drawn without, 40 of 60 images would
-    # vary less than a window does (+0.035 on unchanged windows of 40, against +0.013).
     def against(curves: list[list[Curve]] | None, chosen: np.ndarray, rates: Sequence[float]) -> float:
         """The reference images at positions `chosen`, read by `curves` (None: out of fold)."""
         confidence, classes = _joined([reference[i] for i in chosen])
@@ -376,6 +372,8 @@ def estimate(
         return _sampled_map(_chance(curves, confidence, classes), rates, confidence, classes, len(chosen), rng, draws)
 
     point = read(curves, np.arange(n), rates, draws)
+    # Reference windows are drawn with replacement, as windows of traffic are: drawn without, 40 of 60 images would
+    # vary less than a window does (+0.035 on unchanged windows of 40, against +0.013).
     windows = [rng.integers(0, m, n) for _ in range(min(400, max(16, -(-REFERENCE_IMAGES // n))))]
     base = float(np.mean([against(None, chosen, rates) for chosen in windows]))
     # A bootstrap draw reads both sides with its own curves, so that the calibration's error moves both alike, and
@@ -385,14 +383,15 @@ def estimate(
     maps, costs = [], []
     for _ in range(bootstrap):
         chosen = rng.integers(0, calibration.images, calibration.images)
-        rows = np.concatenate([table[table[:, 0] == i] for i in chosen]) if len(table) else table
+        rows = np.concatenate([rows_of[i] for i in chosen]) if len(table) else table
         resampled = _fit_curves(rows, len(calibration.names))
         resampled_rates = counted[rng.integers(0, len(counted), len(counted))].mean(axis=0)
         value = read(resampled, rng.integers(0, n, n), resampled_rates, 1)
         maps.append(value)
         # The reference images as this draw resampled them (the same draw as its curves: one validation image is one
         # unit), so how few of them there are is an uncertainty of the cost too.
-        pool = position[chosen][position[chosen] >= 0]
+        mapped = position[chosen]
+        pool = mapped[mapped >= 0]
         if not len(pool):
             pool = np.arange(m)
         costs.append(against(resampled, pool[rng.integers(0, len(pool), n)], resampled_rates) + out_of_fold - value)

@@ -362,7 +362,7 @@ def test_the_reference_reads_each_validation_image_with_curves_it_did_not_teach(
 
     monkeypatch.setattr(performance, "_fit_curves", recorded)
     table = np.array(calibration.detections).reshape(-1, 13)
-    performance._held_out(calibration, table, range(20))
+    performance._held_out(calibration, table, [table[table[:, 0] == i] for i in range(20)], range(20))
     assert len(fitted_on) == performance.FOLDS
     for image in range(20):
         fold = performance.fold_of(image, 20)
