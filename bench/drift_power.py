@@ -172,7 +172,9 @@ def judge(frame: Any, profile: Any, monitor: MonitorSettings) -> tuple[str, list
     return result.status, result.drifted_groups, estimate.estimate
 
 
-def bank_rows(detector: Any, profile: Any, monitor: MonitorSettings) -> list[Row]:
+def bank_rows(detector: Any, profile: Any, monitor: MonitorSettings) -> tuple[list[Row], dict[str, Any]]:
+    """Every change of the bank; also the estimate on the bank's own images unchanged, whose error every camera
+    change's row shares (its images are those images, changed)."""
     from monitoring.estimate import scores_of
     from pipelines import performance, shifts
 
@@ -180,7 +182,19 @@ def bank_rows(detector: Any, profile: Any, monitor: MonitorSettings) -> list[Row
     base_settings = SynthSettings(seed=BASE_SEED)
     base = [render(base_settings, i) for i in range(IMAGES)]
     unchanged = [shifts.encode_decode(image, 92) for image, _ in base]
-    _, base_map, _ = observe(unchanged, [lab for _, lab in base], detector)
+    base_frame, base_map, _ = observe(unchanged, [lab for _, lab in base], detector)
+    _, _, base_estimate = judge(base_frame, profile, monitor)
+    objects = sum(len(lab) for _, lab in base)
+    unchanged_row = {
+        "true_map50_95": round(base_map, 4),
+        "estimate": None if base_estimate is None else round(base_estimate.map50_95, 4),
+        "estimate_error": None if base_estimate is None else round(base_estimate.map50_95 - base_map, 4),
+        "objects": objects,
+        # The line's objects at the calibration's rate: the estimate assumes this many (`performance._sampled_map`).
+        "objects_assumed": sum(round(rate * IMAGES) for rate in profile.calibration.objects_per_image)
+        if profile.calibration is not None
+        else None,
+    }
     rows: list[Row] = []
     for shift in shifts.bank():
         started = time.perf_counter()
@@ -220,7 +234,7 @@ def bank_rows(detector: Any, profile: Any, monitor: MonitorSettings) -> list[Row
             f"({time.perf_counter() - started:.0f} s)",
             highlight=False,
         )
-    return rows
+    return rows, unchanged_row
 
 
 def controls(detector: Any, profile: Any, monitor: MonitorSettings) -> tuple[dict[str, Any], Any, list[Any]]:
@@ -505,7 +519,7 @@ def main() -> None:
         opened = source.open_version(paths, settings, f"models:/{MODEL}/1", client=client)
         version, detector = opened.version, opened.detector
         profile: Profile = load_reference(client, paths, version, settings.serve.conf)
-        rows = bank_rows(detector, profile, settings.monitor)
+        rows, unchanged = bank_rows(detector, profile, settings.monitor)
         control, control_rows, pool = controls(detector, profile, settings.monitor)
         draws = calibration_draws(rows, pool, list(detector.card.names))
         ceiling = estimate_ceiling(rows, pool, list(detector.card.names))
@@ -516,6 +530,13 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     print_table(rows, control, timing)
     print_draws(draws)
+    if unchanged["estimate_error"] is not None:
+        console.print(
+            f"the bank's own images unchanged: true {unchanged['true_map50_95']:.3f}, estimate "
+            f"{unchanged['estimate']:.3f} (error {unchanged['estimate_error']:+.3f}, shared by every camera change's "
+            f"row); they hold {unchanged['objects']} objects, the estimate assumes {unchanged['objects_assumed']}",
+            highlight=False,
+        )
     console.print(
         f"the estimator at its best: curves on {ceiling['labelled_images']} labelled images, MAE "
         f"{ceiling['estimate_mae']:.4f}; with each change's true objects per image too, "
@@ -545,6 +566,8 @@ def main() -> None:
         "estimate_cost_mae": round(statistics.mean(cost_errors), 4) if cost_errors else None,
         "estimate_cost_controls": control["estimated_cost"],
         "estimate_mae_controls": control["estimate_mae"],
+        # The bank's own images unchanged: the error every camera change's row starts from.
+        "estimate_unchanged_bank": unchanged,
         # The MAE over 8 other calibrations of 60 images: the one above is a single draw of the validation split.
         "estimate_mae_over_calibrations": draws,
         # The same estimator on a large calibration, then with true object counts: its own floor on this bank.

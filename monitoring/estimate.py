@@ -4,8 +4,11 @@ check reports, never a guess: no calibration, no scores in the data, nothing in 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from pipelines import performance
 from pipelines.features import SCORE_CLASS, SCORE_CONFIDENCE
@@ -68,10 +71,17 @@ def counted_on(calibration: performance.Calibration) -> str:
     return f" (objects per image counted on {len(calibration.counted)} labelled images)" if calibration.counted else ""
 
 
-def scores_of(records: Any) -> list[tuple[list[float], list[int]]]:
-    """Each record's scores (confidences and classes); records without them are left out."""
+def scores_of(records: Any) -> list[tuple[Sequence[float], Sequence[int]]]:
+    """Each record's scores (confidences and classes, as the log holds them: arrays, read from Parquet); records
+    without them are left out. (Copied into lists, 10,000 records took 0.3 s of the check.)"""
     return [
-        (list(conf), list(cls))
+        (conf, cls)
         for conf, cls in zip(records[SCORE_CONFIDENCE], records[SCORE_CLASS], strict=True)
-        if conf is not None and cls is not None and len(conf) == len(cls)
+        if _listed(conf) and _listed(cls) and len(conf) == len(cls)
     ]
+
+
+def _listed(cell: Any) -> bool:
+    """A cell holding scores; not None, nor the NaN a window gets where it joins log files written before scores were
+    logged."""
+    return isinstance(cell, list | tuple | np.ndarray)

@@ -24,6 +24,7 @@ from pipelines import performance, shifts, synth
 from pipelines.features import (
     EMBEDDING,
     IMAGE_FEATURES,
+    SCORE_CLASS,
     SCORE_CONFIDENCE,
     image_features,
     prediction_features,
@@ -343,6 +344,34 @@ def test_the_cost_is_against_the_validation_images_of_the_batch_the_traffic_is_n
     assert "cost against 20 validation images, each read out of fold" in said
 
 
+def test_the_curves_are_scikit_learns_isotonic_regression() -> None:
+    """The calibration's curves are refitted 55 times an estimate (folds, bootstrap), so they are fitted without the
+    estimator class; they must be the very thresholds `IsotonicRegression(y_min=0, y_max=1)` keeps: tied confidences,
+    a class with one detection, one never matched, and one absent."""
+    from sklearn.isotonic import IsotonicRegression
+
+    rng = np.random.default_rng(3)
+    for draw in range(40):
+        n = 1 if draw == 0 else int(rng.integers(1, 300))
+        confidence = np.round(rng.random(n), int(rng.integers(1, 4)))  # coarse rounding: many ties
+        matched = rng.random((n, 10)) < confidence[:, None] * np.linspace(1.0, 0.1, 10)
+        classes = rng.integers(0, 2, n) if draw % 4 else np.zeros(n, int)  # class 2 never shows; 1 sometimes not
+        matched[classes == 1, :] = False if draw % 3 == 0 else matched[classes == 1, :]
+        table = np.column_stack([np.zeros(n), classes, confidence, matched.astype(float)])
+        curves = performance._fit_curves(table, 3)
+        for c in range(3):
+            rows = table[table[:, 1] == c]
+            for t in range(10):
+                if not len(rows):
+                    assert curves[c][t].x == [] and curves[c][t](np.array([0.5])).tolist() == [0.0]
+                    continue
+                model = IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(rows[:, 2], rows[:, 3 + t])
+                assert curves[c][t].x == model.X_thresholds_.tolist()
+                assert np.allclose(curves[c][t].y, model.y_thresholds_, rtol=0, atol=1e-12)
+                grid = np.linspace(-0.2, 1.2, 57)
+                assert np.allclose(curves[c][t](grid), model.predict(grid), rtol=0, atol=1e-12)
+
+
 def test_the_reference_reads_each_validation_image_with_curves_it_did_not_teach(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -389,6 +418,20 @@ def test_the_estimate_names_what_it_lacks() -> None:
     assert empty.estimate is None and "no records" in empty.reason
     with pytest.raises(performance.CalibrationError, match="no images"):
         performance.estimate(calibration, [])
+    # A window joining log files written before scores were logged and after: those without are left out, by name.
+    joined = records.copy()
+    joined.loc[:9, SCORE_CONFIDENCE] = np.nan
+    joined.loc[10:19, SCORE_CLASS] = None
+    box = np.array([[1, 10, 10, 50, 50.0]])
+    fitted = performance.fit(
+        [performance.Labelled([Detection(1, "dent", 0.5 + 0.02 * i, (10, 10, 50, 50))], box) for i in range(10)],
+        NAMES,
+        0.01,
+    )
+    found = estimate_window(profile_of(records, calibration=fitted), joined, "3", bootstrap=2)
+    assert found.estimate is not None and "from the confidences of 20 images" in found.reason
+    joined[SCORE_CONFIDENCE] = np.nan
+    assert "no record of the window carries confidences" in estimate_window(with_calibration, joined, "3").reason
 
 
 # --- the prediction log --------------------------------------------------------------------------------------------
