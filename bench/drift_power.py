@@ -100,6 +100,11 @@ class Row:
     def error(self) -> float | None:
         return None if self.estimate is None else self.estimate - self.true_map
 
+    @property
+    def cost_error(self) -> float | None:
+        """The estimated cost against the true cost."""
+        return None if self.estimate_cost is None else self.estimate_cost - self.cost
+
 
 def conveyor_cmd(project: Path, *args: str) -> float:
     from tests.conftest import VENV_BIN, base_env
@@ -190,8 +195,10 @@ def bank_rows(detector: Any, profile: Any, monitor: MonitorSettings) -> tuple[li
         "estimate": None if base_estimate is None else round(base_estimate.map50_95, 4),
         "estimate_error": None if base_estimate is None else round(base_estimate.map50_95 - base_map, 4),
         "objects": objects,
-        # The line's objects at the calibration's rate: the estimate assumes this many (`performance._sampled_map`).
-        "objects_assumed": sum(round(rate * IMAGES) for rate in profile.calibration.objects_per_image)
+        # The line's objects at the calibration's rate: the estimate assumes this many.
+        "objects_assumed": sum(
+            performance.objects_assumed(rate, IMAGES) for rate in profile.calibration.objects_per_image
+        )
         if profile.calibration is not None
         else None,
     }
@@ -481,7 +488,7 @@ def print_table(rows: list[Row], control: dict[str, Any], timing: dict[str, floa
         f"{timing['check_s_10k']:.1f} s)",
         highlight=False,
     )
-    cost_errors = [abs(r.estimate_cost - r.cost) for r in rows if r.estimate_cost is not None]
+    cost_errors = [abs(r.cost_error) for r in rows if r.cost_error is not None]
     if not cost_errors or not control["estimated_cost"]:
         return
     console.print(
@@ -552,7 +559,7 @@ def main() -> None:
     )
     harmful = [r for r in rows if r.harmful]
     errors = [abs(r.error) for r in rows if r.error is not None]
-    cost_errors = [abs(r.estimate_cost - r.cost) for r in rows if r.estimate_cost is not None]
+    cost_errors = [abs(r.cost_error) for r in rows if r.cost_error is not None]
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     result = {
         "harmful_total": len(harmful),

@@ -259,6 +259,11 @@ def _chance(curves: list[list[Curve]], confidence: np.ndarray, classes: np.ndarr
     return chance
 
 
+def objects_assumed(rate: float, images: int) -> int:
+    """How many objects of a class the estimate takes `images` images to hold, at `rate` objects per image."""
+    return round(rate * images)
+
+
 def _sampled_map(
     chance: np.ndarray,
     objects_per_image: Sequence[float],
@@ -273,7 +278,7 @@ def _sampled_map(
     chance = chance.copy()
     targets = []
     for c, rate in enumerate(objects_per_image):
-        expected_objects = round(rate * n)
+        expected_objects = objects_assumed(rate, n)
         targets.append(np.full(expected_objects, c))
         mine = classes == c
         if not mine.any():
@@ -314,11 +319,10 @@ def _held_out(
     calibration: Calibration, table: np.ndarray, rows_of: Sequence[np.ndarray], images: Sequence[int]
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[np.ndarray]]:
     """The detections of each of the validation `images` (`rows_of` each image in the calibration's table) and their
-    chances read with
-    curves fitted on the other folds, so that no image is read by curves it taught (in sample, a validation image reads
-    what it taught: its own estimate holds none of the calibration's error that a new window meets). A class the other
-    folds hardly show is read with every image's curves: curves without it would read it as always wrong, and a rare
-    class would make every window look better than its reference."""
+    chances read with curves fitted on the other folds, so that no image is read by curves it taught (in sample, a
+    validation image reads what it taught: its own estimate holds none of the calibration's error that a new window
+    meets). A class the other folds hardly show is read with every image's curves: curves without it would read it as
+    always wrong, and a rare class would make every window look better than its reference."""
     # One image, one fold: the other folds show no class, and every class is read with every image's curves.
     block = np.array([fold_of(int(i), calibration.images) for i in table[:, 0]], dtype=np.int64)
     curves = []
