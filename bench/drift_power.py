@@ -166,7 +166,10 @@ def observe(images: list[np.ndarray], labels: list[np.ndarray], detector: Any) -
         {"batch": "current", **record(sample_image(im, detector.card.imgsz), f)}
         for im, f in zip(images, found, strict=True)
     ]
-    labelled = [performance.Labelled(f.candidates, lab) for f, lab in zip(found, labels, strict=True)]
+    labelled = [
+        performance.Labelled(f.candidates, lab, (im.shape[1], im.shape[0]))
+        for f, lab, im in zip(found, labels, images, strict=True)
+    ]
     return pd.DataFrame(rows), performance.score(labelled), labelled
 
 

@@ -4,14 +4,13 @@ check reports, never a guess: no calibration, no scores in the data, nothing in 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from pipelines import performance
-from pipelines.features import SCORE_CLASS, SCORE_CONFIDENCE
+from pipelines.features import SCORE_BOX, SCORE_CLASS, SCORE_CONFIDENCE
 from pipelines.profile import Profile
 
 
@@ -52,8 +51,24 @@ def estimate_window(
     return WindowEstimate(
         estimate,
         f"from the confidences of {len(pairs)} images, calibrated on {calibration.images} validation "
-        f"images{counted_on(calibration)}; cost against {reference} validation images{of_batch}, {read}",
+        f"images{counted_on(calibration)}; cost against {reference} validation images{of_batch}, {read}"
+        f"{fixed_note(estimate, calibration, boxed=sum(len(p) > 2 and p[2] is not None for p in pairs))}",
     )
+
+
+def fixed_note(found: performance.Estimate, calibration: performance.Calibration, boxed: int) -> str:
+    """What the estimate made of detections fixed in the frame, when anything."""
+    if found.fixed_detections:
+        return (
+            f"; {found.fixed_detections} detections in {found.fixed_images} images stay at one place of the frame "
+            f"(in >= {performance.STATIC_SHARE:.0%} of the images: dust on the lens, or a mark in the view?), "
+            "read as false"
+        )
+    if calibration.fixed_defects:
+        return "; detections fixed in the frame read as any other (the validation images' defects recur at one place)"
+    if not boxed:
+        return "; the records carry no boxes (logged before they were): dust on the lens cannot be told from defects"
+    return ""
 
 
 def described(found: performance.Estimate) -> str:
@@ -71,12 +86,14 @@ def counted_on(calibration: performance.Calibration) -> str:
     return f" (objects per image counted on {len(calibration.counted)} labelled images)" if calibration.counted else ""
 
 
-def scores_of(records: Any) -> list[tuple[Sequence[float], Sequence[int]]]:
-    """Each record's scores (confidences and classes, as the log holds them: arrays, read from Parquet); records
-    without them are left out. (Copied into lists, 10,000 records took 0.3 s of the check.)"""
+def scores_of(records: Any) -> list[performance.Scores]:
+    """Each record's scores (confidences, classes and boxes, as the log holds them: arrays, read from Parquet; boxes
+    None where not logged); records without confidences are left out. (Copied into lists, 10,000 records took 0.3 s
+    of the check.)"""
+    boxes = records[SCORE_BOX] if SCORE_BOX in records else [None] * len(records)
     return [
-        (conf, cls)
-        for conf, cls in zip(records[SCORE_CONFIDENCE], records[SCORE_CLASS], strict=True)
+        (conf, cls, box if _listed(box) and len(box) == 4 * len(conf) else None)
+        for conf, cls, box in zip(records[SCORE_CONFIDENCE], records[SCORE_CLASS], boxes, strict=True)
         if _listed(conf) and _listed(cls) and len(conf) == len(cls)
     ]
 

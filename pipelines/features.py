@@ -44,6 +44,7 @@ CLASS_PREFIX = "count_"  # per-class detections per image: count_<class name>
 EMBEDDING = "embedding"  # the model's features output, a list column
 SCORE_CONFIDENCE = "score_confidence"  # confidences of every detection from the score floor up, a list column
 SCORE_CLASS = "score_class"  # and their class ids
+SCORE_BOX = "score_box"  # and their boxes as fractions of the frame: x0, y0, x1, y1 each, one after the other
 BLOCK = 8  # JPEG's block size
 BLOCKINESS_CROP = 256  # blockiness is measured on the central crop of this size, aligned to the block grid
 # Immerkær (1996): the Laplacian difference mask that cancels image structure up to second order.
@@ -170,6 +171,11 @@ def record(sample: ImageSample, found: Inference) -> dict[str, Any]:
         **prediction_features(found.detections, sample.width, sample.height),
         SCORE_CONFIDENCE: [s for s, _ in found.scores],
         SCORE_CLASS: [c for _, c in found.scores],
+        SCORE_BOX: [
+            round(v / side, 4)
+            for box in found.score_boxes
+            for v, side in zip(box, (sample.width, sample.height) * 2, strict=True)
+        ],
     }
     if found.features is not None:
         row[EMBEDDING] = np.asarray(found.features, dtype=np.float32).tolist()

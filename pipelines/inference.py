@@ -162,6 +162,11 @@ class Inference:
         """Confidence and class of every candidate: what the performance estimate reads from the log."""
         return [(round(d.confidence, 4), d.class_id) for d in self.candidates]
 
+    @property
+    def score_boxes(self) -> list[tuple[float, float, float, float]]:
+        """Their boxes in pixels: the estimate reads a detection that stays at one place of the frame as the lens's."""
+        return [d.box for d in self.candidates]
+
 
 class Detector:
     """A runtime with its model card: images in, detections out, in batches as large as the runtime takes."""

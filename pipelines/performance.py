@@ -22,6 +22,11 @@ model is surer of the images it was trained on than of new ones, so they read hi
 costly (+0.039 on unchanged windows of 200 images, measured on the demo's champion: docs/monitoring.md). The interval
 is a bootstrap over the window's images, the validation images and the calibration together. Measured
 on a bank of shifts the estimate was never fitted on (`bench/drift_power.py`).
+
+A detection that stays at one place of the frame while the parts move past is on the lens or in the view (dust, a
+droplet, a scratch on the window), not on a part: where the log holds the detections' boxes, those found at one place
+(same class, IoU >= 0.5) in at least STATIC_SHARE of a window's images are read as false (`fixed_in_frame`), unless
+the version's own validation labels recur at one place that way (a line whose defects do: `Calibration.fixed_defects`).
 """
 
 from __future__ import annotations
@@ -47,6 +52,15 @@ MIN_FOLD_DETECTIONS = 10  # of a class in the other folds; fewer, and the class 
 # The cost's reference is averaged over windows of the window's size drawn from the validation images, this many
 # images in all (16 to 400 windows): on 40 images one window's sampled mAP moves by about 0.05.
 REFERENCE_IMAGES = 4000
+# A detection at one place of the frame (same class, IoU >= STATIC_IOU) in this share of a window's images, and in at
+# least STATIC_MIN_IMAGES of them, is fixed in the frame. Measured (docs/monitoring.md): on unchanged windows of 40 and
+# 200 images no detection recurs in more than 7 % of them; 12 dust spots on the lens put 66 % of the window's
+# detections in more than half of its images.
+STATIC_SHARE = 0.3
+STATIC_MIN_IMAGES = 5
+STATIC_IOU = 0.5
+_STATIC_CELL = 0.05  # boxes are compared with those whose centre is within a cell of theirs (fractions of the frame)
+_STATIC_GRID = 0.005  # boxes whose corners round to the same multiple of this are compared as one
 
 
 class CalibrationError(ConveyorError, ValueError):
@@ -60,6 +74,7 @@ class Labelled:
 
     detections: list[Detection]
     labels: np.ndarray
+    size: tuple[int, int] | None = None  # the frame's width and height, where known (`fit`'s `fixed_defects`)
 
 
 @dataclass(frozen=True)
@@ -93,6 +108,10 @@ class Calibration:
     # Per validation image, the batch of the version's data it belongs to (a cost against the batch the traffic is
     # nearest). None in a calibration made before it was kept: every validation image is then the reference.
     batches: list[str] | None = None
+    # Whether the validation images' own objects recur at one place of the frame (`fixed_in_frame` of their labels):
+    # detections fixed in a window's frames are then the line's, and are read like any other. None in a calibration
+    # made before it was kept (read as False).
+    fixed_defects: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,6 +133,8 @@ class Estimate:
     validation_map50_95: float  # the true mAP50-95 of the validation split, for scale
     images: int
     level: float  # of the intervals
+    fixed_detections: int = 0  # read as false: fixed in the frame (`fixed_in_frame`) ...
+    fixed_images: int = 0  # ... in this many of the window's images
 
     @property
     def cost(self) -> float:
@@ -153,15 +174,46 @@ def match(detections: Sequence[Detection], labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def _map(tp: np.ndarray, confidence: np.ndarray, classes: np.ndarray, targets: np.ndarray) -> float:
-    """mAP50-95 with Ultralytics' `ap_per_class` (tp may hold expected shares instead of booleans)."""
-    from ultralytics.utils.metrics import ap_per_class
+_AP_RECALL = np.linspace(0, 1, 101)  # COCO's 101 recall points, as Ultralytics' `compute_ap`
+_TRAPEZOID = getattr(np, "trapezoid", None) or np.trapz  # NumPy 2 renamed it; Ultralytics picks the same way
 
+
+def average_precision(tp: np.ndarray, confidence: np.ndarray, classes: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Per class with objects (sorted) and per IoU threshold, the AP exactly as Ultralytics' `ap_per_class` computes
+    it (its `ap`, element [5]; `test_the_average_precision_is_ultralytics` holds it there): detections sorted by
+    confidence the same way, precision and recall accumulated, the precision envelope read at COCO's 101 recall
+    points. Not the library's function itself: importing `ultralytics.utils.metrics` imports PyTorch, 1.4 s of a
+    10,000-record drift check's 10 s that reads nothing else of it, and the function also builds the
+    precision-recall curves at 1000 points and the F1 curve for every call, which the estimate's 130 calls never
+    read."""
+    order = np.argsort(-confidence)  # the same call as `ap_per_class`: the same order among ties
+    tp, classes = tp[order], classes[order]
+    found, objects = np.unique(targets, return_counts=True)
+    ap = np.zeros((len(found), tp.shape[1]))
+    for k, (c, labelled) in enumerate(zip(found, objects, strict=True)):
+        mine = classes == c
+        if not mine.any():
+            continue
+        true_positives = tp[mine].cumsum(0)
+        recall = true_positives / (labelled + 1e-16)
+        precision = true_positives / (true_positives + (1 - tp[mine]).cumsum(0))
+        last = recall[-1:]
+        extended_recall = np.concatenate([np.zeros((1, tp.shape[1])), recall, last, np.ones((1, tp.shape[1]))])
+        envelope = np.concatenate([np.ones((1, tp.shape[1])), precision, np.zeros((2, tp.shape[1]))])
+        envelope = np.flip(np.maximum.accumulate(np.flip(envelope, 0), 0), 0)
+        for j in range(tp.shape[1]):
+            ap[k, j] = _TRAPEZOID(np.interp(_AP_RECALL, extended_recall[:, j], envelope[:, j]), _AP_RECALL)
+    return ap
+
+
+def _map(tp: np.ndarray, confidence: np.ndarray, classes: np.ndarray, targets: np.ndarray) -> float:
+    """mAP50-95 as Ultralytics' validator computes it (`average_precision`: tp may hold expected shares instead of
+    booleans), averaged over the classes with objects."""
     if not len(targets):
         return float("nan")
     if not len(confidence):
         return 0.0
-    return float(ap_per_class(tp, confidence, classes, targets)[5].mean())  # over classes with objects
+    return float(average_precision(tp, confidence, classes, targets).mean())
 
 
 def score(images: Sequence[Labelled]) -> float:
@@ -246,7 +298,69 @@ def fit(
         objects=objects,
         counted=per_image,
         batches=list(batches) or None,
+        fixed_defects=_fixed_defects(images),
     )
+
+
+def _fixed_defects(images: Sequence[Labelled]) -> bool | None:
+    """Whether the labelled objects of these images (those whose frame size is known) recur at one place of the frame
+    as `fixed_in_frame` reads detections; None where no image's size is known."""
+    sized = [i for i in images if i.size is not None]
+    if not sized:
+        return None
+    boxes = [i.labels[:, 1:5] / np.array([*i.size, *i.size], np.float64) for i in sized if i.size]
+    return any(part.any() for part in fixed_in_frame(boxes, [i.labels[:, 0] for i in sized]))
+
+
+def fixed_in_frame(boxes: Sequence[np.ndarray], classes: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Per image, which of its boxes ([k, 4]: x0, y0, x1, y1 as fractions of the frame; `classes` [k]) are fixed in
+    the frame: a box of the same class at IoU >= STATIC_IOU is in at least STATIC_SHARE of the images (and in
+    STATIC_MIN_IMAGES), its own included. Parts move past a camera; what stays is on the lens or in the view.
+
+    Boxes that round to the same place (_STATIC_GRID) are compared as one, by their mean box, and only with those
+    whose centre is within a cell of theirs: a dirty lens gives 90 detections an image, and every pair of them over
+    1000 images would be 8 billion (all pairs within cells, without the rounding: 12 s on 2 cores)."""
+    need = max(STATIC_MIN_IMAGES, STATIC_SHARE * len(boxes))
+    sizes = [len(b) for b in boxes]
+    if len(boxes) < need or not sum(sizes):
+        return [np.zeros(size, bool) for size in sizes]
+    every = np.concatenate([np.asarray(b, np.float64).reshape(-1, 4) for b in boxes])
+    kind = np.concatenate([np.asarray(c, np.int64).reshape(-1) for c in classes])
+    image = np.repeat(np.arange(len(boxes)), sizes)
+    # Places: a class and a box rounded to the grid; each with its mean box and the images that hold it.
+    rounded = np.column_stack([kind, np.round(every / _STATIC_GRID).astype(np.int64)])
+    _, place = np.unique(rounded, axis=0, return_inverse=True)
+    place = place.reshape(-1)
+    places = int(place.max()) + 1
+    held = np.bincount(place, minlength=places).astype(np.float64)
+    box = np.column_stack([np.bincount(place, weights=every[:, k], minlength=places) for k in range(4)]) / held[:, None]
+    place_class = np.zeros(places, np.int64)
+    place_class[place] = kind
+    pairs = np.unique(np.column_stack([place, image]), axis=0)  # each place's images, each once, by place
+    images_of = np.split(pairs[:, 1], np.searchsorted(pairs[:, 0], np.arange(1, places)))
+    cell = np.floor((box[:, :2] + box[:, 2:]) / 2 / _STATIC_CELL).astype(np.int64)
+    keys, group = np.unique(np.column_stack([place_class, cell]), axis=0, return_inverse=True)
+    order = np.argsort(group.reshape(-1), kind="stable")
+    members = np.split(order, np.flatnonzero(np.diff(group.reshape(-1)[order])) + 1)
+    where = {tuple(key): members[g] for g, key in enumerate(keys.tolist())}
+    area = (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])
+    fixed_place = np.zeros(places, bool)
+    shown = {key: sum(len(images_of[k]) for k in mine) for key, mine in where.items()}  # images, with repeats
+    for (c, x, y), mine in where.items():
+        near = [(c, x + dx, y + dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1) if (c, x + dx, y + dy) in where]
+        if sum(shown[key] for key in near) < need:  # too few images around to be fixed, whatever overlaps
+            continue
+        other = np.concatenate([where[key] for key in near])
+        a, b = box[mine], box[other]
+        width = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+        height = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+        inter = width * height
+        overlap = inter / np.maximum(area[mine][:, None] + area[other][None, :] - inter, 1e-12) >= STATIC_IOU
+        holds = np.zeros((len(other), len(boxes)), np.float32)  # which images hold each nearby place
+        held_by = [images_of[k] for k in other]
+        holds[np.repeat(np.arange(len(other)), [len(h) for h in held_by]), np.concatenate(held_by)] = 1.0
+        fixed_place[mine] = ((overlap.astype(np.float32) @ holds) > 0).sum(axis=1) >= need
+    return list(np.split(fixed_place[place], np.cumsum(sizes)[:-1]))
 
 
 def _chance(curves: list[list[Curve]], confidence: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -292,12 +406,32 @@ def _sampled_map(
     return float(np.mean(samples))
 
 
-def _per_image(scores: Sequence[tuple[Sequence[float], Sequence[int]]], floor: float) -> list[tuple[Any, Any]]:
+# One image's scores as the log holds them: confidences and classes, and where logged their boxes (fractions of the
+# frame, x0, y0, x1, y1 each, one after the other).
+Scores = tuple[Sequence[float], Sequence[int]] | tuple[Sequence[float], Sequence[int], Sequence[float] | None]
+
+
+def _per_image(scores: Sequence[Scores], floor: float) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """Each image's confidences, classes and boxes ([k, 4], None where not logged) from `floor` up."""
     out = []
-    for conf, cls in scores:
-        confidence, classes = np.asarray(conf, dtype=np.float64), np.asarray(cls, dtype=np.int64)
-        out.append((confidence[confidence >= floor], classes[confidence >= floor]))
+    for image in scores:
+        confidence, classes = np.asarray(image[0], dtype=np.float64), np.asarray(image[1], dtype=np.int64)
+        kept = confidence >= floor
+        boxes = None
+        if len(image) > 2 and image[2] is not None and len(image[2]) == 4 * len(confidence):
+            boxes = np.asarray(image[2], dtype=np.float64).reshape(-1, 4)[kept]
+        out.append((confidence[kept], classes[kept], boxes))
     return out
+
+
+def _fixed_of(window: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray | None]]) -> list[np.ndarray]:
+    """`fixed_in_frame` over the window's images whose boxes were logged (the others: none fixed)."""
+    boxed = [i for i, (_, _, boxes) in enumerate(window) if boxes is not None]
+    fixed = [np.zeros(len(confidence), bool) for confidence, _, _ in window]
+    found = fixed_in_frame([window[i][2] for i in boxed], [window[i][1] for i in boxed])  # type: ignore[misc]
+    for i, part in zip(boxed, found, strict=True):
+        fixed[i] = part
+    return fixed
 
 
 def reference_images(calibration: Calibration, batch: str = "all") -> list[int]:
@@ -343,7 +477,7 @@ def _held_out(
 
 def estimate(
     calibration: Calibration,
-    scores: Sequence[tuple[Sequence[float], Sequence[int]]],
+    scores: Sequence[Scores],
     *,
     batch: str = "all",
     bootstrap: int = 50,
@@ -361,6 +495,12 @@ def estimate(
     window = _per_image(scores, calibration.floor)
     if len(window) > MAX_IMAGES:  # a sample this large decides mAP to well under the calibration's uncertainty
         window = [window[i] for i in sorted(rng.choice(len(window), MAX_IMAGES, replace=False))]
+    # Read as false, on the window's own images (a bootstrap draw repeats images: that is no place in the frame).
+    fixed = (
+        [np.zeros(len(confidence), bool) for confidence, _, _ in window]
+        if calibration.fixed_defects
+        else _fixed_of(window)
+    )
     table = np.array(calibration.detections, dtype=np.float64).reshape(-1, 3 + len(IOU_THRESHOLDS))
     reference_ids = np.array(reference_images(calibration, batch), dtype=np.int64)
     owner = table[:, 0].astype(np.int64)
@@ -383,7 +523,9 @@ def estimate(
 
     def read(curves: list[list[Curve]], chosen: np.ndarray, rates: Sequence[float], draws: int) -> float:
         confidence, classes = _joined([window[i] for i in chosen])
-        return _sampled_map(_chance(curves, confidence, classes), rates, confidence, classes, len(chosen), rng, draws)
+        chance = _chance(curves, confidence, classes)
+        chance[np.concatenate([fixed[i] for i in chosen])] = 0.0
+        return _sampled_map(chance, rates, confidence, classes, len(chosen), rng, draws)
 
     point = read(curves, np.arange(n), rates, draws)
     # Reference windows are drawn with replacement, as windows of traffic are: drawn without, 40 of 60 images would
@@ -424,10 +566,12 @@ def estimate(
         calibration.validation_map50_95,
         n,
         level,
+        int(sum(part.sum() for part in fixed)),
+        sum(bool(part.any()) for part in fixed),
     )
 
 
-def _joined(images: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+def _joined(images: Sequence[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, np.ndarray]:
     """The confidences and classes of these images' detections, one after the other."""
     if not images:
         return np.zeros(0), np.zeros(0, np.int64)

@@ -167,8 +167,8 @@ def calibrate(
 
     labels = [read_labels(source.label, image.shape[1], image.shape[0]) for source, image, _ in seen]  # each once
     validation = [
-        (source.batch, performance.Labelled(list(result.candidates), found))
-        for (source, _, result), found in zip(seen, labels, strict=True)
+        (source.batch, performance.Labelled(list(result.candidates), found, (image.shape[1], image.shape[0])))
+        for (source, image, result), found in zip(seen, labels, strict=True)
         if source.split == "val"
     ]
     if not validation:

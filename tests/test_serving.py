@@ -446,7 +446,14 @@ def test_prometheus_scrapes_the_metrics(server: RunningServer, tmp_path: Path, t
 
 
 def test_prediction_log_records_what_the_model_saw(server: RunningServer, test_images: list[Path]) -> None:
-    from pipelines.features import EMBEDDING, IMAGE_FEATURES, PREDICTION_FEATURES, SCORE_CLASS, SCORE_CONFIDENCE
+    from pipelines.features import (
+        EMBEDDING,
+        IMAGE_FEATURES,
+        PREDICTION_FEATURES,
+        SCORE_BOX,
+        SCORE_CLASS,
+        SCORE_CONFIDENCE,
+    )
     from pipelines.prediction_log import read_log
 
     assert post_images(server, test_images)[0] == 200
@@ -466,6 +473,7 @@ def test_prediction_log_records_what_the_model_saw(server: RunningServer, test_i
         EMBEDDING,
         SCORE_CONFIDENCE,
         SCORE_CLASS,
+        SCORE_BOX,
     }
     assert expected <= set(frame.columns)
     assert frame["brightness"].between(1, 254).all() and (frame["sharpness"] > 0).all()
@@ -478,6 +486,10 @@ def test_prediction_log_records_what_the_model_saw(server: RunningServer, test_i
         len(c) == len(k) and len(c) >= n
         for c, k, n in zip(frame[SCORE_CONFIDENCE], frame[SCORE_CLASS], frame["detections"], strict=True)
     )
+    # and their boxes, as fractions of the frame (the estimate tells dust on the lens from defects by them)
+    boxes = [np.asarray(b).reshape(-1, 4) for b in frame[SCORE_BOX]]
+    assert [len(b) for b in boxes] == [len(c) for c in frame[SCORE_CONFIDENCE]] and sum(len(b) for b in boxes) > 0
+    assert all(((b >= -0.01) & (b <= 1.01)).all() and (b[:, 2:] > b[:, :2]).all() for b in boxes)
     assert set(frame["model_version"]) >= {"1"}
     # keep_frames 1.0: every served image is also kept, byte for byte, where `conveyor label select` reads them.
     from labelling.select import frames_from_log

@@ -243,6 +243,10 @@ class Found:
     def scores(self) -> list[tuple[float, int]]:
         return [(round(d["confidence"], 4), d["class_id"]) for d in self.candidate_dicts]
 
+    @property
+    def score_boxes(self) -> list[tuple[float, float, float, float]]:
+        return [tuple(d["box"]) for d in self.candidate_dicts]
+
 
 # --- decisions ------------------------------------------------------------------------------------------------------
 
