@@ -80,6 +80,7 @@ class Row:
     window_estimates: list[float] = field(default_factory=list)
     scores: list[Any] = field(default_factory=list, repr=False)  # every image's (confidences, classes)
     objects: list[float] = field(default_factory=list)  # the images' true objects per image, per class
+    fixed_detections: int = 0  # read as the lens's: fixed in the frame (`performance.fixed_in_frame`)
 
     @property
     def harmful(self) -> bool:
@@ -236,6 +237,7 @@ def bank_rows(detector: Any, profile: Any, monitor: MonitorSettings) -> tuple[li
             [round(e.map50_95, 4) for _, _, e in verdicts if e is not None],
             scores_of(frame),
             np.mean([performance.class_counts(p[1], classes) for p in pairs], axis=0).tolist(),
+            0 if whole is None else whole.fixed_detections,
         )
         rows.append(row)
         console.print(
@@ -615,6 +617,7 @@ def main() -> None:
                 "estimate_cost": None if r.estimate_cost is None else round(r.estimate_cost, 4),
                 "estimate_error": None if r.error is None else round(r.error, 4),
                 "window_estimates": r.window_estimates,
+                "fixed_detections": r.fixed_detections,
             }
             for r in rows
         ],

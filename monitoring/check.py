@@ -234,7 +234,7 @@ def log_check(
         alerts.ACTION_TAG: decision.action or "-",
         "conveyor.drift.source": outcome.data.source[:250],
         "conveyor.drift.reference_batch": result.reference_batch,
-        "conveyor.estimate": outcome.estimate.reason[:250],
+        "conveyor.estimate": outcome.estimate.reason[:5000],
     }
     device = "" if outcome.data.device == SERVER_DEVICE else f" {outcome.data.device}"
     run = client.create_run(experiment_id, run_name=f"drift v{version}{device}", tags=tags)

@@ -48,27 +48,33 @@ def estimate_window(
     reference = len(performance.reference_images(calibration, batch))
     of_batch = f" of batch '{batch}'" if reference < calibration.images else ""
     read = "each read out of fold" if calibration.images > 1 else "read in sample (one validation image: no folds)"
+    boxed = sum(len(p) > 2 and p[2] is not None for p in pairs)
     return WindowEstimate(
         estimate,
         f"from the confidences of {len(pairs)} images, calibrated on {calibration.images} validation "
         f"images{counted_on(calibration)}; cost against {reference} validation images{of_batch}, {read}"
-        f"{fixed_note(estimate, calibration, boxed=sum(len(p) > 2 and p[2] is not None for p in pairs))}",
+        f"{fixed_note(estimate, calibration, boxed, len(pairs))}",
     )
 
 
-def fixed_note(found: performance.Estimate, calibration: performance.Calibration, boxed: int) -> str:
-    """What the estimate made of detections fixed in the frame, when anything."""
-    if found.fixed_detections:
-        return (
-            f"; {found.fixed_detections} detections in {found.fixed_images} images stay at one place of the frame "
-            f"(in >= {performance.STATIC_SHARE:.0%} of the images: dust on the lens, or a mark in the view?), "
-            "read as false"
-        )
-    if calibration.fixed_defects:
-        return "; detections fixed in the frame read as any other (the validation images' defects recur at one place)"
+def fixed_note(found: performance.Estimate, calibration: performance.Calibration, boxed: int, of: int) -> str:
+    """What the estimate made of detections fixed in the frame, when anything; `boxed` of the `of` records carried
+    boxes."""
     if not boxed:
         return "; the records carry no boxes (logged before they were): dust on the lens cannot be told from defects"
-    return ""
+    unboxed = f"; {of - boxed} of the records carry no boxes (logged before they were)" if boxed < of else ""
+    if calibration.fixed_defects:
+        return (
+            "; detections fixed in the frame read as any other (the validation images' defects recur at one place)"
+            + unboxed
+        )
+    if found.fixed_detections:
+        return (
+            f"; {found.fixed_detections} detections in {found.fixed_images} of the {found.images} images read stay at "
+            f"one place of the frame (in >= {performance.STATIC_SHARE:.0%} of them: dust on the lens, a mark in the "
+            f"view, or the same defect on every part?), read as false{unboxed}"
+        )
+    return unboxed
 
 
 def described(found: performance.Estimate) -> str:

@@ -9,9 +9,9 @@ Calibrated on the version's validation split (labelled, never trained on), at th
   (training and validation split), since that is the line's and not the model's. Measured over calibration draws
   (`bench/drift_power.py`): 60 images alone put a class's rate off by up to 15 %, which moves every estimate.
 
-The estimate for a window of traffic rebuilds mAP as Ultralytics computes it (`ap_per_class`, the validator's own
-function): each detection is a true positive with the chance its confidence earned on the validation split, the
-number of objects is that rate, and the mAP is averaged over outcomes drawn from those chances. A
+The estimate for a window of traffic rebuilds mAP as Ultralytics' validator computes it (its `ap_per_class`, to the
+last digit: `average_precision`): each detection is a true positive with the chance its confidence earned on the
+validation split, the number of objects is that rate, and the mAP is averaged over outcomes drawn from those chances. A
 production line's camera changes (focus, light, dust) change how well the model sees, not how many defects pass
 under it; where the detections would claim more true positives than there are objects (a dirty lens makes defects
 everywhere), the claims are scaled down to the objects there are, so the excess counts as false positives.
@@ -32,7 +32,7 @@ the version's own validation labels recur at one place that way (a line whose de
 from __future__ import annotations
 
 import types
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -59,8 +59,9 @@ REFERENCE_IMAGES = 4000
 STATIC_SHARE = 0.3
 STATIC_MIN_IMAGES = 5
 STATIC_IOU = 0.5
-_STATIC_CELL = 0.05  # boxes are compared with those whose centre is within a cell of theirs (fractions of the frame)
-_STATIC_GRID = 0.005  # boxes whose corners round to the same multiple of this are compared as one
+STATIC_SAMPLE = 200  # images of a window the rule is decided on (`fixed_in_frame`)
+_STATIC_CELL = 0.05  # boxes are grouped by the cell of the frame their centre is in (fractions of the frame)
+_STATIC_ANCHORS = 32  # fixed boxes of the sample a window's boxes are compared with, per class and cell
 
 
 class CalibrationError(ConveyorError, ValueError):
@@ -308,8 +309,13 @@ def _fixed_defects(images: Sequence[Labelled]) -> bool | None:
     sized = [i for i in images if i.size is not None]
     if not sized:
         return None
-    boxes = [i.labels[:, 1:5] / np.array([*i.size, *i.size], np.float64) for i in sized if i.size]
-    return any(part.any() for part in fixed_in_frame(boxes, [i.labels[:, 0] for i in sized]))
+    labels = [np.asarray(i.labels, np.float64).reshape(-1, 5) for i in sized]
+    boxes = [
+        found[:, 1:5] / np.array([*i.size, *i.size], np.float64)
+        for found, i in zip(labels, sized, strict=True)
+        if i.size
+    ]
+    return any(part.any() for part in fixed_in_frame(boxes, [found[:, 0] for found in labels]))
 
 
 def fixed_in_frame(boxes: Sequence[np.ndarray], classes: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -317,50 +323,92 @@ def fixed_in_frame(boxes: Sequence[np.ndarray], classes: Sequence[np.ndarray]) -
     the frame: a box of the same class at IoU >= STATIC_IOU is in at least STATIC_SHARE of the images (and in
     STATIC_MIN_IMAGES), its own included. Parts move past a camera; what stays is on the lens or in the view.
 
-    Boxes that round to the same place (_STATIC_GRID) are compared as one, by their mean box, and only with those
-    whose centre is within a cell of theirs: a dirty lens gives 90 detections an image, and every pair of them over
-    1000 images would be 8 billion (all pairs within cells, without the rounding: 12 s on 2 cores)."""
-    need = max(STATIC_MIN_IMAGES, STATIC_SHARE * len(boxes))
+    Decided on up to STATIC_SAMPLE of the images, spread over the window (a share of 30 % is read within about 3 points
+    on 200 images), pair by pair. A box of any image is fixed where it is at the place of one the sample found so
+    (IoU >= STATIC_IOU, same class; compared with up to _STATIC_ANCHORS of those per class and cell of the frame): at
+    a spot the sample saw in 30 % of its images, not only where its own box recurs that often. Every pair of a dirty
+    lens's 90 detections an image over 1000 images would be 8 billion; this is at most 1 s on 2 cores, whatever the
+    window's size or how its boxes jitter."""
     sizes = [len(b) for b in boxes]
-    if len(boxes) < need or not sum(sizes):
+    if len(boxes) < STATIC_MIN_IMAGES or not sum(sizes):
         return [np.zeros(size, bool) for size in sizes]
     every = np.concatenate([np.asarray(b, np.float64).reshape(-1, 4) for b in boxes])
     kind = np.concatenate([np.asarray(c, np.int64).reshape(-1) for c in classes])
     image = np.repeat(np.arange(len(boxes)), sizes)
-    # Places: a class and a box rounded to the grid; each with its mean box and the images that hold it.
-    rounded = np.column_stack([kind, np.round(every / _STATIC_GRID).astype(np.int64)])
-    _, place = np.unique(rounded, axis=0, return_inverse=True)
-    place = place.reshape(-1)
-    places = int(place.max()) + 1
-    held = np.bincount(place, minlength=places).astype(np.float64)
-    box = np.column_stack([np.bincount(place, weights=every[:, k], minlength=places) for k in range(4)]) / held[:, None]
-    place_class = np.zeros(places, np.int64)
-    place_class[place] = kind
-    pairs = np.unique(np.column_stack([place, image]), axis=0)  # each place's images, each once, by place
-    images_of = np.split(pairs[:, 1], np.searchsorted(pairs[:, 0], np.arange(1, places)))
-    cell = np.floor((box[:, :2] + box[:, 2:]) / 2 / _STATIC_CELL).astype(np.int64)
-    keys, group = np.unique(np.column_stack([place_class, cell]), axis=0, return_inverse=True)
-    order = np.argsort(group.reshape(-1), kind="stable")
-    members = np.split(order, np.flatnonzero(np.diff(group.reshape(-1)[order])) + 1)
-    where = {tuple(key): members[g] for g, key in enumerate(keys.tolist())}
-    area = (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])
-    fixed_place = np.zeros(places, bool)
-    shown = {key: sum(len(images_of[k]) for k in mine) for key, mine in where.items()}  # images, with repeats
-    for (c, x, y), mine in where.items():
-        near = [(c, x + dx, y + dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1) if (c, x + dx, y + dy) in where]
-        if sum(shown[key] for key in near) < need:  # too few images around to be fixed, whatever overlaps
+    usable = np.isfinite(every).all(axis=1) & (every[:, 2] > every[:, 0]) & (every[:, 3] > every[:, 1])
+    sampled = np.unique(np.linspace(0, len(boxes) - 1, min(len(boxes), STATIC_SAMPLE)).round().astype(np.int64))
+    position = np.full(len(boxes), -1, np.int64)
+    position[sampled] = np.arange(len(sampled))
+    in_sample = np.flatnonzero(usable & (position[image] >= 0))
+    need = max(STATIC_MIN_IMAGES, STATIC_SHARE * len(sampled))
+    # Phase 1: in the sample, the images holding a box at each box's place.
+    holders = np.zeros(len(every), np.int64)
+    for mine, other, overlap in _overlapping(every, kind, in_sample, in_sample):
+        held = np.zeros((len(other), len(sampled)), np.float32)
+        held[np.arange(len(other)), position[image[other]]] = 1.0
+        holders[mine] = ((overlap.astype(np.float32) @ held) > 0).sum(axis=1)
+    anchors = _thinned(every, kind, in_sample[holders[in_sample] >= need])
+    # Phase 2: every box at the place of a fixed one.
+    fixed = np.zeros(len(every), bool)
+    if len(anchors):
+        for mine, _, overlap in _overlapping(every, kind, np.flatnonzero(usable), anchors):
+            fixed[mine] = overlap.any(axis=1)
+    return list(np.split(fixed, np.cumsum(sizes)[:-1]))
+
+
+def _thinned(every: np.ndarray, kind: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """At most _STATIC_ANCHORS of the boxes `indices` per class and cell of the frame, spread over them: a dust spot
+    found in 200 sampled images is 200 near-copies of one box, and a box at its place overlaps nearly all of them."""
+    cell = np.floor((every[indices, :2] + every[indices, 2:]) / 2 / _STATIC_CELL).astype(np.int64)  # finite ones
+    _, group = np.unique(np.column_stack([kind[indices], cell]), axis=0, return_inverse=True)
+    kept = []
+    for g in range(int(group.max()) + 1 if len(indices) else 0):
+        members = indices[group.reshape(-1) == g]
+        kept.append(
+            members[
+                np.unique(np.linspace(0, len(members) - 1, min(len(members), _STATIC_ANCHORS)).round().astype(np.int64))
+            ]
+        )
+    return np.concatenate(kept) if kept else indices
+
+
+def _overlapping(
+    every: np.ndarray, kind: np.ndarray, queries: np.ndarray, candidates: np.ndarray
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """For the boxes `queries` (indices into `every`), in groups of one class and one cell of the frame
+    (_STATIC_CELL): the group, the `candidates` of that class within its reach, and which pairs overlap at IoU >=
+    STATIC_IOU. Reach: at that IoU two boxes' centres are apart by at most half the smaller width (height) on each
+    axis, so a group looks as many cells away as half its widest (tallest) box spans, and misses no pair."""
+    centre = np.nan_to_num(
+        (every[:, :2] + every[:, 2:]) / 2
+    )  # a box that is not finite is never a query nor a candidate
+    cell = np.floor(centre / _STATIC_CELL).astype(np.int64)
+    area = (every[:, 2] - every[:, 0]) * (every[:, 3] - every[:, 1])
+    where: dict[tuple[int, int, int], list[int]] = {}
+    for index in candidates.tolist():
+        where.setdefault((int(kind[index]), int(cell[index, 0]), int(cell[index, 1])), []).append(index)
+    placed = {key: np.array(indices, np.int64) for key, indices in where.items()}
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for index in queries.tolist():
+        groups.setdefault((int(kind[index]), int(cell[index, 0]), int(cell[index, 1])), []).append(index)
+    for (c, x, y), indices in groups.items():
+        mine = np.array(indices, np.int64)
+        span = every[mine, 2:] - every[mine, :2]
+        reach_x, reach_y = (max(1, int(np.ceil(v / 2 / _STATIC_CELL))) for v in span.max(axis=0))
+        near = [
+            placed[key]
+            for dx in range(-reach_x, reach_x + 1)
+            for dy in range(-reach_y, reach_y + 1)
+            if (key := (c, x + dx, y + dy)) in placed
+        ]
+        if not near:
             continue
-        other = np.concatenate([where[key] for key in near])
-        a, b = box[mine], box[other]
+        other = np.concatenate(near)
+        a, b = every[mine], every[other]
         width = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
         height = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
         inter = width * height
-        overlap = inter / np.maximum(area[mine][:, None] + area[other][None, :] - inter, 1e-12) >= STATIC_IOU
-        holds = np.zeros((len(other), len(boxes)), np.float32)  # which images hold each nearby place
-        held_by = [images_of[k] for k in other]
-        holds[np.repeat(np.arange(len(other)), [len(h) for h in held_by]), np.concatenate(held_by)] = 1.0
-        fixed_place[mine] = ((overlap.astype(np.float32) @ holds) > 0).sum(axis=1) >= need
-    return list(np.split(fixed_place[place], np.cumsum(sizes)[:-1]))
+        yield mine, other, inter / np.maximum(area[mine][:, None] + area[other][None, :] - inter, 1e-12) >= STATIC_IOU
 
 
 def _chance(curves: list[list[Curve]], confidence: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -418,7 +466,7 @@ def _per_image(scores: Sequence[Scores], floor: float) -> list[tuple[np.ndarray,
         confidence, classes = np.asarray(image[0], dtype=np.float64), np.asarray(image[1], dtype=np.int64)
         kept = confidence >= floor
         boxes = None
-        if len(image) > 2 and image[2] is not None and len(image[2]) == 4 * len(confidence):
+        if len(image) > 2 and isinstance(image[2], list | tuple | np.ndarray) and len(image[2]) == 4 * len(confidence):
             boxes = np.asarray(image[2], dtype=np.float64).reshape(-1, 4)[kept]
         out.append((confidence[kept], classes[kept], boxes))
     return out

@@ -487,12 +487,20 @@ def test_detections_fixed_in_the_frame_are_the_lens_not_the_parts() -> None:
     # The speck as one of three classes in turn: each in 10 of 40 images, too few (a place is per class).
     turns = [np.array([1, i % 3])[: len(c)] for i, c in enumerate(classes)]
     assert not any(f.any() for f in performance.fixed_in_frame(boxes, turns))
-    # A dirty lens over a large window: 90 boxes an image over 1000 images, compared a place at a time.
+    # A dirty lens over a large window: 90 jittering boxes an image over 1000 images (decided on 200 of them).
     rng = np.random.default_rng(0)
     specks = rng.uniform(0, 0.9, (90, 2))
-    lens = [np.column_stack([specks, specks + 0.05]) + rng.normal(0, 0.001, (90, 4)) for _ in range(1000)]
+    lens = [np.column_stack([specks, specks + 0.05]) + rng.normal(0, 0.004, (90, 4)) for _ in range(1000)]
     flagged = performance.fixed_in_frame(lens, [np.zeros(90, np.int64)] * 1000)
-    assert sum(f.sum() for f in flagged) > 0.9 * 90_000
+    assert sum(f.sum() for f in flagged) > 0.9 * 90_000 and all(f.any() for f in flagged[200:])
+    # A large box, its centre jittering more than a cell of the frame: every pair within reach is compared.
+    glare = [np.array([[0.2, 0.2, 0.8, 0.5]]) + np.tile(rng.normal(0, 0.06, 2), 2) for _ in range(40)]
+    assert all(f.tolist() == [True] for f in performance.fixed_in_frame(glare, [np.zeros(1, np.int64)] * 40))
+    # Boxes that cannot be compared (not finite, no area) are never fixed, and do not stop the others being.
+    odd = [np.array([[np.nan, 0.1, 0.2, 0.2], [0.5, 0.5, 0.5, 0.6], [0.40, 0.20, 0.44, 0.24]]) for _ in range(10)]
+    assert [f.tolist() for f in performance.fixed_in_frame(odd, [np.ones(3, np.int64)] * 10)] == [
+        [False, False, True]
+    ] * 10
 
 
 def test_the_estimate_reads_detections_fixed_in_the_frame_as_false() -> None:
@@ -528,6 +536,8 @@ def test_the_estimate_reads_detections_fixed_in_the_frame_as_false() -> None:
     still = [performance.Labelled(v.detections, np.array([[1, 20, 30, 60, 70.0]]), (320, 320)) for v in validation]
     assert performance.fit(still, NAMES, 0.01).fixed_defects is True
     assert performance.fit([replace(v, size=None) for v in validation], NAMES, 0.01).fixed_defects is None
+    empty = performance.Labelled([], np.zeros(0), (320, 320))  # labels read as a flat empty array: no objects
+    assert performance.fit([empty, *validation], NAMES, 0.01).fixed_defects is False
 
 
 def test_the_check_says_what_it_read_as_the_lens() -> None:
@@ -542,7 +552,20 @@ def test_the_check_says_what_it_read_as_the_lens() -> None:
     fitted = ten_dents()
     found = estimate_window(profile_of(records, calibration=fitted), records, "3", bootstrap=2)
     assert found.estimate is not None and found.estimate.fixed_images == 40
-    assert "40 images stay at one place of the frame" in found.reason and "dust on the lens" in found.reason
+    assert "in 40 of the 40 images read stay at one place of the frame" in found.reason
+    assert "dust on the lens" in found.reason and "carry no boxes" not in found.reason
+    # A window joining records with boxes and without says how many lack them.
+    joined = records.copy()
+    joined.loc[:9, SCORE_BOX] = np.nan
+    assert (
+        "10 of the records carry no boxes"
+        in estimate_window(profile_of(records, calibration=fitted), joined, "3").reason
+    )
+    # A window larger than the estimate reads: counted on the images it read.
+    large = performance.estimate(
+        fitted, [([0.9, 0.3], [1, 1], [0.1, 0.1, 0.2, 0.2, 0.40, 0.20, 0.44, 0.24])] * 1200, bootstrap=0
+    )
+    assert large.images == performance.MAX_IMAGES and large.fixed_images == performance.MAX_IMAGES
 
 
 # --- the prediction log --------------------------------------------------------------------------------------------
