@@ -18,7 +18,15 @@ from PIL import Image
 from pydantic import ValidationError
 
 from conveyor.settings import ServeSettings
-from pipelines.inference import Detection, ImageError, ImageLimits, ModelCard, check_image_bytes, postprocess
+from pipelines.inference import (
+    Detection,
+    ImageError,
+    ImageLimits,
+    Inference,
+    ModelCard,
+    check_image_bytes,
+    postprocess,
+)
 from pipelines.prediction_log import Pending, PredictionLog, read_log
 from pipelines.runtimes import letterbox
 from serving import batch
@@ -95,7 +103,17 @@ def test_edge_runner_logs_what_the_server_logs() -> None:
     edge = edge_module()
     assert edge.SCORE_FLOOR == inference.SCORE_FLOOR and edge.FEATURES_OUTPUT == model_features.FEATURES_OUTPUT
     found = edge.Found([{"class_id": 1, "class_name": "dent", "confidence": 0.9, "box": [0, 0, 4, 4]}], [], None)
-    assert found.detections[0].class_name == "dent" and found.scores == []
+    assert found.detections[0].class_name == "dent" and found.scores == [] and found.score_boxes == []
+    # The log's record from the runner's inference and from the server's, for the same detections: the same columns
+    # and values (boxes as fractions of the frame: the drift check tells dust on the lens from defects by them).
+    from pipelines.features import SCORE_BOX, record, sample_image
+
+    detections = [Detection(1, "dent", 0.9, (12.5, 30.0, 60.25, 90.0)), Detection(2, "stain", 0.05, (200, 10, 230, 40))]
+    image = np.full((240, 320, 3), 90, np.uint8)
+    sample = sample_image(image, 320)
+    server = record(sample, Inference(detections[:1], detections, None))
+    runner = record(sample, edge.Found([d.to_json() for d in detections[:1]], [d.to_json() for d in detections], None))
+    assert runner == server and server[SCORE_BOX][:4] == [0.0391, 0.125, 0.1883, 0.375]
 
 
 def pending(version: str = "1") -> Pending:
