@@ -306,16 +306,11 @@ def fit(
 def _fixed_defects(images: Sequence[Labelled]) -> bool | None:
     """Whether the labelled objects of these images (those whose frame size is known) recur at one place of the frame
     as `fixed_in_frame` reads detections; None where no image's size is known."""
-    sized = [i for i in images if i.size is not None]
+    sized = [(np.asarray(i.labels, np.float64).reshape(-1, 5), i.size) for i in images if i.size is not None]
     if not sized:
         return None
-    labels = [np.asarray(i.labels, np.float64).reshape(-1, 5) for i in sized]
-    boxes = [
-        found[:, 1:5] / np.array([*i.size, *i.size], np.float64)
-        for found, i in zip(labels, sized, strict=True)
-        if i.size
-    ]
-    return any(part.any() for part in fixed_in_frame(boxes, [found[:, 0] for found in labels]))
+    boxes = [found[:, 1:5] / np.array([*size, *size], np.float64) for found, size in sized]
+    return any(part.any() for part in fixed_in_frame(boxes, [found[:, 0] for found, _ in sized]))
 
 
 def fixed_in_frame(boxes: Sequence[np.ndarray], classes: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -336,6 +331,9 @@ def fixed_in_frame(boxes: Sequence[np.ndarray], classes: Sequence[np.ndarray]) -
     kind = np.concatenate([np.asarray(c, np.int64).reshape(-1) for c in classes])
     image = np.repeat(np.arange(len(boxes)), sizes)
     usable = np.isfinite(every).all(axis=1) & (every[:, 2] > every[:, 0]) & (every[:, 3] > every[:, 1])
+    # Each box's class and cell of the frame (a box that is not finite is never compared: its cell is any).
+    place = np.column_stack([kind, np.floor(np.nan_to_num((every[:, :2] + every[:, 2:]) / 2) / _STATIC_CELL)])
+    place = place.astype(np.int64)
     sampled = np.unique(np.linspace(0, len(boxes) - 1, min(len(boxes), STATIC_SAMPLE)).round().astype(np.int64))
     position = np.full(len(boxes), -1, np.int64)
     position[sampled] = np.arange(len(sampled))
@@ -343,56 +341,49 @@ def fixed_in_frame(boxes: Sequence[np.ndarray], classes: Sequence[np.ndarray]) -
     need = max(STATIC_MIN_IMAGES, STATIC_SHARE * len(sampled))
     # Phase 1: in the sample, the images holding a box at each box's place.
     holders = np.zeros(len(every), np.int64)
-    for mine, other, overlap in _overlapping(every, kind, in_sample, in_sample):
+    for mine, other, overlap in _overlapping(every, place, in_sample, in_sample):
         held = np.zeros((len(other), len(sampled)), np.float32)
         held[np.arange(len(other)), position[image[other]]] = 1.0
         holders[mine] = ((overlap.astype(np.float32) @ held) > 0).sum(axis=1)
-    anchors = _thinned(every, kind, in_sample[holders[in_sample] >= need])
+    anchors = _thinned(place, in_sample[holders[in_sample] >= need])
     # Phase 2: every box at the place of a fixed one.
     fixed = np.zeros(len(every), bool)
     if len(anchors):
-        for mine, _, overlap in _overlapping(every, kind, np.flatnonzero(usable), anchors):
+        for mine, _, overlap in _overlapping(every, place, np.flatnonzero(usable), anchors):
             fixed[mine] = overlap.any(axis=1)
     return list(np.split(fixed, np.cumsum(sizes)[:-1]))
 
 
-def _thinned(every: np.ndarray, kind: np.ndarray, indices: np.ndarray) -> np.ndarray:
+def _by_place(place: np.ndarray, indices: np.ndarray) -> dict[tuple[int, int, int], np.ndarray]:
+    """The boxes `indices` grouped by their class and cell of the frame (`place` rows), each group in index order."""
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for index, (c, x, y) in zip(indices.tolist(), place[indices].tolist(), strict=True):
+        groups.setdefault((c, x, y), []).append(index)
+    return {key: np.array(members, np.int64) for key, members in groups.items()}
+
+
+def _thinned(place: np.ndarray, indices: np.ndarray) -> np.ndarray:
     """At most _STATIC_ANCHORS of the boxes `indices` per class and cell of the frame, spread over them: a dust spot
     found in 200 sampled images is 200 near-copies of one box, and a box at its place overlaps nearly all of them."""
-    cell = np.floor((every[indices, :2] + every[indices, 2:]) / 2 / _STATIC_CELL).astype(np.int64)  # finite ones
-    _, group = np.unique(np.column_stack([kind[indices], cell]), axis=0, return_inverse=True)
-    kept = []
-    for g in range(int(group.max()) + 1 if len(indices) else 0):
-        members = indices[group.reshape(-1) == g]
-        kept.append(
-            members[
-                np.unique(np.linspace(0, len(members) - 1, min(len(members), _STATIC_ANCHORS)).round().astype(np.int64))
-            ]
-        )
+    kept = [
+        members[
+            np.unique(np.linspace(0, len(members) - 1, min(len(members), _STATIC_ANCHORS)).round().astype(np.int64))
+        ]
+        for members in _by_place(place, indices).values()
+    ]
     return np.concatenate(kept) if kept else indices
 
 
 def _overlapping(
-    every: np.ndarray, kind: np.ndarray, queries: np.ndarray, candidates: np.ndarray
+    every: np.ndarray, place: np.ndarray, queries: np.ndarray, candidates: np.ndarray
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """For the boxes `queries` (indices into `every`), in groups of one class and one cell of the frame
-    (_STATIC_CELL): the group, the `candidates` of that class within its reach, and which pairs overlap at IoU >=
-    STATIC_IOU. Reach: at that IoU two boxes' centres are apart by at most half the smaller width (height) on each
-    axis, so a group looks as many cells away as half its widest (tallest) box spans, and misses no pair."""
-    centre = np.nan_to_num(
-        (every[:, :2] + every[:, 2:]) / 2
-    )  # a box that is not finite is never a query nor a candidate
-    cell = np.floor(centre / _STATIC_CELL).astype(np.int64)
+    """For the boxes `queries` (indices into `every`), in groups of one class and one cell of the frame (`place`):
+    the group, the `candidates` of that class within its reach, and which pairs overlap at IoU >= STATIC_IOU. Reach:
+    at that IoU two boxes' centres are apart by at most half the smaller width (height) on each axis, so a group looks
+    as many cells away as half its widest (tallest) box spans, and misses no pair."""
     area = (every[:, 2] - every[:, 0]) * (every[:, 3] - every[:, 1])
-    where: dict[tuple[int, int, int], list[int]] = {}
-    for index in candidates.tolist():
-        where.setdefault((int(kind[index]), int(cell[index, 0]), int(cell[index, 1])), []).append(index)
-    placed = {key: np.array(indices, np.int64) for key, indices in where.items()}
-    groups: dict[tuple[int, int, int], list[int]] = {}
-    for index in queries.tolist():
-        groups.setdefault((int(kind[index]), int(cell[index, 0]), int(cell[index, 1])), []).append(index)
-    for (c, x, y), indices in groups.items():
-        mine = np.array(indices, np.int64)
+    placed = _by_place(place, candidates)
+    for (c, x, y), mine in _by_place(place, queries).items():
         span = every[mine, 2:] - every[mine, :2]
         reach_x, reach_y = (max(1, int(np.ceil(v / 2 / _STATIC_CELL))) for v in span.max(axis=0))
         near = [
