@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from conveyor.errors import ConveyorError
 
@@ -150,11 +150,15 @@ class TrainSettings(_Section):
 
     @model_validator(mode="after")
     def _extra_does_not_repeat(self) -> TrainSettings:
-        repeated = sorted(set(self.extra) & (set(type(self).model_fields) | {"data", "project", "name"}))
-        if repeated:
-            raise ValueError(
-                f"train.extra repeats {', '.join(repeated)}: set it as train.{repeated[0]} (or not at all)"
-            )
+        # Both are passed beside the train section's own arguments (`model.train(imgsz=..., **effective_extra)`).
+        reserved = set(type(self).model_fields) | {"data", "project", "name"}
+        for where, extra in (("train.extra", self.extra), ("train.finetune.extra", self.finetune.extra)):
+            repeated = sorted(set(extra) & reserved)
+            if repeated:
+                hint = "train.finetune.epochs" if repeated[0] == "epochs" and where != "train.extra" else None
+                raise ValueError(
+                    f"{where} repeats {', '.join(repeated)}: set it as {hint or 'train.' + repeated[0]} (or not at all)"
+                )
         return self
 
 
@@ -241,7 +245,7 @@ class OrchestrationSettings(_Section):
     deployment: str = Field("scheduled-training", min_length=1)
     work_pool: str = Field("conveyor", min_length=1)
     cron: str = Field("0 3 * * 1", description="when the scheduled training runs (default: Mondays 03:00)")
-    timezone: str = "UTC"
+    timezone: str = Field("UTC", description="IANA time zone of both deployments' crons (e.g. Europe/Berlin)")
     on_overlap: Literal["wait", "reject"] = Field(
         "wait", description="a training run started while another runs: wait for it, or be rejected"
     )
@@ -255,6 +259,17 @@ class OrchestrationSettings(_Section):
     crashed_after_seconds: int = Field(
         90, gt=0, description="`conveyor deploy`'s automation marks a flow run Crashed after this long without one"
     )
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}: an IANA name such as UTC or Europe/Berlin") from None
+        return value
 
     @model_validator(mode="after")
     def _heartbeat_window(self) -> OrchestrationSettings:
@@ -492,12 +507,15 @@ def _describe(error: dict[str, Any]) -> str:
 def set_param(path: Path, key: tuple[str, ...], value: Any) -> None:
     """Change one value in params.yaml, keeping its comments and layout, and check the result still loads."""
     from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedMap
 
     editor = YAML()
     editor.preserve_quotes = True
-    document = editor.load(path.read_text(encoding="utf-8"))
+    document = editor.load(path.read_text(encoding="utf-8")) or CommentedMap()
     node = document
     for part in key[:-1]:
+        if node.get(part) is None:  # a section left to its defaults (absent or empty) is written in
+            node[part] = CommentedMap()
         node = node[part]
     original = path.read_text(encoding="utf-8")
     node[key[-1]] = value

@@ -12,7 +12,16 @@ if TYPE_CHECKING:
 
 def load_yolo(model: str) -> YOLO:
     """A YOLO model from a model YAML (trained from scratch) or a local checkpoint; never downloads."""
+    from pathlib import Path
+
     from conveyor.offline import apply_ultralytics_settings
+
+    if Path(model).suffix not in {".yaml", ".yml"} and not Path(model).is_file():
+        # Ultralytics would try to download a name it does not find (yolo11n.pt from GitHub): refused here instead.
+        raise FileNotFoundError(
+            f"model {model} is neither a model YAML (e.g. yolo11n.yaml, trained from scratch) nor a local checkpoint: "
+            "Conveyor never downloads weights; set train.model to a YAML, or train.weights to a local .pt"
+        )
 
     apply_ultralytics_settings()
     import ultralytics.utils.torch_utils as torch_utils

@@ -14,7 +14,7 @@ from typing import Any
 
 from conveyor.errors import ConveyorError
 from conveyor.paths import ProjectPaths
-from conveyor.settings import Settings
+from conveyor.settings import ConfigError, Settings
 from flows import MONITORING_FLOW, TRAINING_FLOW
 
 ENTRYPOINT = "flows/training.py:training_flow"
@@ -63,13 +63,27 @@ def ensure_work_pool(name: str) -> None:
         )
 
 
+def cron_of(key: str, cron: str, timezone: str) -> Any:
+    """Prefect's schedule for a cron of params.yaml, checked by Prefect's own parser before anything is created (a
+    bad one is refused naming its key; importing Prefect to check it at every settings load would cost ~0.8 s)."""
+    from prefect.schedules import Cron
+
+    try:
+        return Cron(cron, timezone=timezone)
+    except ValueError as exc:
+        raise ConfigError(f"params.yaml: {key}: {cron!r} is not a cron Prefect accepts (e.g. '0 3 * * 1')") from exc
+
+
 def deploy(paths: ProjectPaths, settings: Settings) -> DeploymentInfo:
     from prefect import flow
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
-    from prefect.schedules import Cron
 
     require_server()
     cfg = settings.orchestration
+    training_schedule, monitoring_schedule = (
+        cron_of(key, value, cfg.timezone)
+        for key, value in (("orchestration.cron", cfg.cron), ("monitor.schedule", settings.monitor.schedule))
+    )
     ensure_work_pool(cfg.work_pool)
     strategy = ConcurrencyLimitStrategy.ENQUEUE if cfg.on_overlap == "wait" else ConcurrencyLimitStrategy.CANCEL_NEW
     source = flow.from_source(source=str(paths.root), entrypoint=ENTRYPOINT)
@@ -77,7 +91,7 @@ def deploy(paths: ProjectPaths, settings: Settings) -> DeploymentInfo:
     deployment_id = source.deploy(
         name=cfg.deployment,
         work_pool_name=cfg.work_pool,
-        schedules=[Cron(cfg.cron, timezone=cfg.timezone)],
+        schedules=[training_schedule],
         parameters={"reason": "schedule", "project_dir": str(paths.root)},
         concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=strategy),
         tags=["conveyor"],
@@ -91,7 +105,7 @@ def deploy(paths: ProjectPaths, settings: Settings) -> DeploymentInfo:
     monitoring.deploy(
         name=monitor.deployment,
         work_pool_name=cfg.work_pool,
-        schedules=[Cron(monitor.schedule, timezone=cfg.timezone)],
+        schedules=[monitoring_schedule],
         parameters={"project_dir": str(paths.root)},
         # One check at a time: a check started while another runs (a manual one beside the schedule) waits for it.
         concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),

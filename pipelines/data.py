@@ -110,9 +110,26 @@ def ensure_data_version(paths: ProjectPaths, synth_settings: SynthSettings, cons
 
 
 def record_version(paths: ProjectPaths) -> str:
-    """`dvc add data`: store the current data/ in the cache and name it in data.dvc."""
-    dvc(paths.root, "add", "data")
+    """`dvc add data`: store the current data/ in the cache and name it in data.dvc. DVC's own words when it fails."""
+    try:
+        dvc(paths.root, "add", "data")
+    except subprocess.CalledProcessError as exc:
+        said = (exc.stderr or exc.stdout or "").strip().splitlines()
+        raise DataVersionError(f"`dvc add data` failed: {said[-1] if said else f'exit {exc.returncode}'}") from None
     return data_version(paths.data_dvc).md5
+
+
+def _require_dvc(paths: ProjectPaths) -> None:
+    """Checked before data/ is touched: a version that cannot be recorded is not written."""
+    if not (paths.root / ".dvc").is_dir():
+        raise DataVersionError(
+            f"{paths.root} is not a DVC project (no .dvc/): run `dvc init` first; nothing was changed"
+        )
+    holders = dvc_lock_holders(paths.root)
+    if holders:
+        raise DataVersionError(
+            f"DVC is busy (process {holders[0].pid}: a pipeline run?): try again when it ends; nothing was changed"
+        )
 
 
 def synthesize(
@@ -120,6 +137,8 @@ def synthesize(
 ) -> synth.SynthSummary:
     """Generate the synthetic dataset into data/ (recorded with DVC) or into `out` (not recorded)."""
     target = out or paths.data
+    if out is None:
+        _require_dvc(paths)
     summary = synth.generate(settings, target, overwrite=overwrite)
     if out is None:
         record_version(paths)
@@ -147,6 +166,7 @@ def import_dataset(paths: ProjectPaths, source: Path, *, replace: bool = False) 
     if paths.data.exists() and any(paths.data.iterdir()) and not replace:
         raise FileExistsError(f"{paths.data} already holds a dataset; pass --replace (the old version stays in DVC)")
     settings = load_settings(paths.params)
+    _require_dvc(paths)
     staging = Path(tempfile.mkdtemp(dir=paths.root, prefix=".import-"))
     try:
         conversion = formats.convert(source, staging, settings.data, settings.validate_.on_error)
@@ -155,7 +175,13 @@ def import_dataset(paths: ProjectPaths, source: Path, *, replace: bool = False) 
         shutil.move(str(staging), paths.data)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    record_version(paths)
+    try:
+        record_version(paths)
+    except DataVersionError as exc:
+        raise DataVersionError(
+            f"{exc}. data/ holds the imported dataset, not recorded: fix that and run `dvc add data`, or get the "
+            "version data.dvc names back with `dvc checkout data.dvc`"
+        ) from None
     return ImportSummary(conversion.images, conversion.labels, conversion.names, conversion)
 
 
@@ -301,22 +327,20 @@ def add_dataset(paths: ProjectPaths, source: Path, *, commit: bool = False, name
         )
     current = read_class_names(paths.data)
     settings = load_settings(paths.params)
+    _require_dvc(paths)
     batch = batch_id(name or source.stem)
     staging = Path(tempfile.mkdtemp(dir=paths.root, prefix=".add-"))
     try:
-        try:
-            conversion = formats.convert(
-                source,
-                staging,
-                settings.data,
-                "fail",
-                target_names=current,
-                carve_named=False,
-                action="add",
-                prefix=f"{batch}{BATCH_SEPARATOR}",
-            )
-        except ValueError as exc:  # an image folder without an 'images' part
-            raise DataValidationError(str(exc)) from None
+        conversion = formats.convert(
+            source,
+            staging,
+            settings.data,
+            "fail",
+            target_names=current,
+            carve_named=False,
+            action="add",
+            prefix=f"{batch}{BATCH_SEPARATOR}",
+        )
         _check_batch(paths, staging, conversion.origin, source)
         taken = sorted(rel for rel in conversion.origin if (paths.data / rel).exists())
         if taken:
@@ -330,10 +354,8 @@ def add_dataset(paths: ProjectPaths, source: Path, *, commit: bool = False, name
         md5 = record_version(paths)
     except BaseException as exc:
         _take_back(placed, made)
-        if isinstance(exc, subprocess.CalledProcessError):
-            raise DataVersionError(
-                f"`dvc add data` failed ({(exc.stderr or '').strip()}); the batch was taken out of data/ again"
-            ) from None
+        if isinstance(exc, DataVersionError):
+            raise DataVersionError(f"{exc}; the batch was taken out of data/ again") from None
         raise
     if commit:
         _git_commit(paths.root, f"data: add {batch} ({sum(conversion.images.values())} images)")

@@ -23,6 +23,7 @@ from conveyor.yolo import load_yolo
 from pipelines import model_features, runtimes
 from pipelines.dataset_view import materialize
 from pipelines.evaluate import Evaluation, evaluate_checkpoint, trained_imgsz
+from pipelines.validate import DataValidationError
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ def _export(paths: ProjectPaths, settings: Settings, tracker: Tracker, console: 
     )
     test_images = sorted((view.parent / "images" / "test").rglob("*.*"))[: cfg.parity_images]
     if not test_images:
-        raise ValueError("the test split has no images: nothing to measure export parity on")
+        raise DataValidationError("the test split has no images: nothing to measure export parity on")
     inputs = runtimes.load_images(test_images, imgsz)
 
     shutil.rmtree(paths.export, ignore_errors=True)

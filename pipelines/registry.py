@@ -212,17 +212,26 @@ def promote(
 
 
 def rollback_target(moves: list[AliasMove], current: str | None) -> str | None:
-    """The champion before the current one, skipping versions that were rolled back from."""
-    champion_moves = [m for m in moves if m.alias == CHAMPION]
-    rolled_back = {m.from_version for m in champion_moves if m.kind == "rollback"}
-    seen: list[str] = []
-    for move in champion_moves:  # the order in which versions became champion
-        if move.kind != "rollback" and move.to_version not in seen:
-            seen.append(move.to_version)
-    if current not in seen:
-        return seen[-1] if seen else None
-    earlier = seen[: seen.index(current)]
-    candidates = [v for v in earlier if v not in rolled_back and v != current]
+    """The champion before the current one, skipping versions that were rolled back from.
+
+    The champions form a stack: a promotion (forced or not) pushes its version, a rollback returns to the last time
+    its target was champion. A version promoted again after others (v1, v2, v1) is a new entry, so the previous
+    champion of the last v1 is v2, not nothing."""
+    stack: list[str] = []
+    rolled_back: set[str] = set()
+    for move in (m for m in moves if m.alias == CHAMPION):
+        if move.kind != "rollback":
+            stack.append(move.to_version)
+            continue
+        if move.from_version is not None:
+            rolled_back.add(move.from_version)
+        if move.to_version in stack:
+            del stack[len(stack) - stack[::-1].index(move.to_version) :]
+        else:
+            stack.append(move.to_version)
+    if current in stack:
+        stack = stack[: len(stack) - 1 - stack[::-1].index(current)]
+    candidates = [v for v in stack if v not in rolled_back and v != current]
     return candidates[-1] if candidates else None
 
 

@@ -180,6 +180,8 @@ def run(paths: ProjectPaths, settings: Settings, console: Console | None = None)
         raise FileNotFoundError(f"train.weights: checkpoint {cfg.weights} not found (relative to {paths.root})")
     data_yaml = materialize(manifest_path, paths.data, paths.scratch / "views" / "train", ("train", "val"))
 
+    # Loaded before a run is opened: a model that cannot load leaves no failed run and run.json as it was.
+    model = load_yolo(str(paths.root / cfg.weights) if cfg.weights else cfg.model)
     paths.train.mkdir(parents=True, exist_ok=True)
     tracker = Tracker.start(paths, settings, run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}")
     with tracker.stage("train"):
@@ -193,7 +195,6 @@ def run(paths: ProjectPaths, settings: Settings, console: Console | None = None)
             }
         )
 
-        model = load_yolo(str(paths.root / cfg.weights) if cfg.weights else cfg.model)
         epochs = cfg.effective_epochs
         reporter = EpochReporter(tracker, epochs, console)
         model.add_callback("on_train_epoch_end", reporter.on_train_epoch_end)

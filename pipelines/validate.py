@@ -299,6 +299,10 @@ def validate_dataset(
                 counts.boxes += n_boxes
         if counts.images == 0:
             report.problems.append(Problem(shown(f"images/{split}"), "split is empty: no images"))
+        elif counts.accepted == 0:  # every image skipped by policy: training would read an empty split all the same
+            report.problems.append(
+                Problem(shown(f"images/{split}"), f"split is empty: all {counts.images} images have errors")
+            )
         accepted[split] = kept
     report.skipped = [shown(f) for f in report.skipped]
     return report, accepted

@@ -136,6 +136,29 @@ def test_import_without_data_yaml(paths: ProjectPaths, tmp_path: Path) -> None:
         data.import_dataset(paths, tmp_path / "nothing")
 
 
+def test_import_outside_a_dvc_project_or_while_dvc_is_busy_changes_nothing(paths: ProjectPaths, tmp_path: Path) -> None:
+    """Checked before data/ is touched (was: data/ replaced, then `dvc add` failed with a traceback)."""
+    source = tmp_path / "src"
+    synth.generate(SynthSettings(image_size=64, seed=3, counts={"train": 4, "val": 2, "test": 2}), source)
+    data.synthesize(paths, synth_settings(paths))
+    before = data.dir_md5(paths.data)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    lock = paths.root / ".dvc" / "tmp" / "rwlock"
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        lock.write_text(json.dumps({"write": {"artifacts/train": {"cmd": "dvc repro", "pid": holder.pid}}}))
+        with pytest.raises(data.DataVersionError, match=rf"DVC is busy \(process {holder.pid}.*nothing was changed"):
+            data.import_dataset(paths, source, replace=True)
+    finally:
+        holder.kill()
+        holder.wait()
+        lock.unlink()
+    shutil.rmtree(paths.root / ".dvc")
+    with pytest.raises(data.DataVersionError, match=r"not a DVC project \(no \.dvc/\): run `dvc init`"):
+        data.import_dataset(paths, source, replace=True)
+    assert data.dir_md5(paths.data) == before
+
+
 def test_make_project_helper_is_isolated(tmp_path: Path) -> None:
     root = make_project(tmp_path / "p")
     assert (root / ".dvc").is_dir() and (root / ".git").is_dir() and not (root / "data").exists()
@@ -284,11 +307,11 @@ def test_add_name_collision_and_failed_record_leave_data_as_it_was(
 
     monkeypatch.setattr(data, "batch_id", lambda name: "add-20250101-000001-other")
 
-    def failing_record(paths: ProjectPaths) -> str:
-        raise subprocess.CalledProcessError(1, ["dvc", "add", "data"], stderr="disk full")
+    def failing_dvc(root: Path, *args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+        raise subprocess.CalledProcessError(1, ["dvc", *args], stderr="ERROR: disk full")
 
-    monkeypatch.setattr(data, "record_version", failing_record)
-    with pytest.raises(data.DataVersionError, match="taken out of data/ again"):
+    monkeypatch.setattr(data, "dvc", failing_dvc)
+    with pytest.raises(data.DataVersionError, match=r"`dvc add data` failed: ERROR: disk full; the batch was taken"):
         data.add_dataset(paths, _batch(tmp_path / "three", seed=13, counts={"train": 2, "val": 0, "test": 1}))
     assert data.dir_md5(paths.data) == before
     assert not [p for p in paths.data.rglob("*") if batch_of(p.name) == "add-20250101-000001-other"]

@@ -164,8 +164,9 @@ def _coco_doc(folder: Path) -> dict[str, Any]:
         (lambda d: d["annotations"][0].update(bbox=[50, 50, 40, 40]), r"outside the 64x64 image"),
         (lambda d: d["annotations"][0].update(category_id=99), r"unknown category id 99"),
         (lambda d: d["images"][1].update(file_name="gone.jpg"), r"image 'gone\.jpg' is named but not there"),
+        (lambda d: d["annotations"][0].update(category_id=None), r"unknown category id None"),
     ],
-    ids=["overlapping-image-ids", "box-outside", "unknown-category", "missing-image"],
+    ids=["overlapping-image-ids", "box-outside", "unknown-category", "missing-image", "null-category"],
 )
 def test_bad_coco_is_refused_whole_or_skipped_by_policy(
     yolo: Path, tmp_path: Path, break_it: object, message: str
@@ -219,3 +220,39 @@ def test_the_gate_refuses_to_compare_with_a_champion_of_other_classes(paths: Pro
     regression = next(g for g in report.gates if g.gate == "no regression vs champion")
     assert not regression.passed and not report.passed
     assert "classes changed" in regression.detail and "conveyor promote VERSION --force" in regression.detail
+
+
+def test_coco_string_ids_are_ids_and_an_image_without_a_file_name_is_named(yolo: Path, tmp_path: Path) -> None:
+    """COCO allows string ids ("img-a0"): read as keys (was a ValueError traceback); an image entry without a
+    file_name is a problem the report names (was a KeyError traceback)."""
+    coco = to_coco(yolo, tmp_path / "coco", {"train": "instances_train"})
+    formats.convert(coco, tmp_path / "ints", DataSettings(), "fail")
+    doc = _coco_doc(coco)
+    for image in doc["images"]:
+        image["id"] = f"img-{image['id']}"
+    for annotation in doc["annotations"]:
+        annotation["image_id"] = f"img-{annotation['image_id']}"
+    (coco / "annotations/instances_train.json").write_text(json.dumps(doc))
+    summary = formats.convert(coco, tmp_path / "strings", DataSettings(), "fail")
+    assert sum(summary.images.values()) == 16 and boxes_of(tmp_path / "strings") == boxes_of(tmp_path / "ints")
+    del doc["images"][0]["file_name"]
+    (coco / "annotations/instances_train.json").write_text(json.dumps(doc))
+    with pytest.raises(DataValidationError, match=r"image entry without an id and a file_name"):
+        formats.convert(coco, tmp_path / "out", DataSettings(), "fail")
+
+
+def test_remapped_class_ids_written_as_floats_keep_their_class(tmp_path: Path) -> None:
+    """A label line "0.0 ..." is class 0 to the validate stage, so a batch's remapping reads it so too (it was left
+    unmapped: a stain became the dataset's class 0, a scratch)."""
+    from collections import Counter
+
+    from pipelines.formats.conversion import _remap
+
+    dropped: Counter[str] = Counter()
+    lines = ["0.0 0.5 0.5 0.2 0.2", "1 0.5 0.5 0.1 0.1", "0.5 0.1 0.1 0.1 0.1", "x"]
+    assert _remap(lines, {0: 2, 1: 0}, ["stain", "scratch"], dropped) == [
+        "2 0.5 0.5 0.2 0.2",
+        "0 0.5 0.5 0.1 0.1",
+        "0.5 0.1 0.1 0.1 0.1",  # not a class id: left for the validation report to name
+        "x",
+    ]

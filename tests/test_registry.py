@@ -115,6 +115,17 @@ def test_rollback_target_never_returns_to_a_rolled_back_version() -> None:
     assert rollback_target(challenger_only, None) is None
 
 
+def test_rollback_returns_to_the_previous_champion_after_a_re_promotion() -> None:
+    # v1, v2, then v1 promoted again by hand: the champion before it is v2 (was "no earlier champion").
+    assert rollback_target([_move(1, None, "1"), _move(2, "1", "2"), _move(3, "2", "1")], "1") == "2"
+    # v1, v2, v3, then v2 forced back in: the previous champion is v3 (was v1, the first champion before v2).
+    forced = [_move(1, None, "1"), _move(2, "1", "2"), _move(3, "2", "3"), _move(4, "3", "2", "force")]
+    assert rollback_target(forced, "2") == "3"
+    # Rolled back twice, to the first champion: nothing earlier is left.
+    twice = [*forced[:3], _move(4, "3", "2", "rollback"), _move(5, "2", "1", "rollback")]
+    assert rollback_target(twice, "1") is None
+
+
 class Killed(BaseException):
     """What the process dying looks like to the code under test: nothing catches it, nothing after it runs."""
 

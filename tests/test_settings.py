@@ -91,3 +91,34 @@ def test_extra_may_not_repeat_a_train_setting(tmp_path: Path) -> None:
     # Ultralytics would fail much later ("got multiple values for keyword argument"), mid-pipeline.
     with pytest.raises(ConfigError, match=r"train\.extra repeats nbs"):
         load_settings(write(tmp_path, "train:\n  extra: {nbs: 16, lr0: 0.01}\n"))
+
+
+def test_finetune_extra_may_not_repeat_a_train_setting_either(tmp_path: Path) -> None:
+    # Passed beside the same arguments when train.weights is set: a drift retraining would fail mid-flow.
+    with pytest.raises(ConfigError, match=r"train\.finetune\.extra repeats epochs, imgsz: set it as train\.finetune"):
+        load_settings(write(tmp_path, "train:\n  finetune:\n    extra: {imgsz: 640, epochs: 5}\n"))
+
+
+def test_an_unknown_time_zone_is_refused_at_load(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"orchestration\.timezone: .*unknown time zone 'Mars/Olympus'"):
+        load_settings(write(tmp_path, "orchestration:\n  timezone: Mars/Olympus\n"))
+    assert load_settings(write(tmp_path, "orchestration:\n  timezone: Europe/Berlin\n"))
+
+
+def test_a_bad_cron_is_refused_before_anything_is_deployed() -> None:
+    from flows.deploy import cron_of
+
+    with pytest.raises(ConfigError, match=r"params\.yaml: monitor\.schedule: 'every monday' is not a cron"):
+        cron_of("monitor.schedule", "every monday", "UTC")
+    assert cron_of("orchestration.cron", "0 3 * * 1", "UTC").cron == "0 3 * * 1"
+
+
+def test_set_param_writes_a_section_left_to_its_defaults(tmp_path: Path) -> None:
+    """--warm-start writes train.weights: a params.yaml without a train section is valid, and gets one."""
+    from conveyor.settings import set_param
+
+    path = write(tmp_path, "# the line's settings\nvalidate:\n  on_error: skip\n")
+    set_param(path, ("train", "weights"), "champion.pt")
+    settings = load_settings(path)
+    assert str(settings.train.weights) == "champion.pt" and settings.validate_.on_error == "skip"
+    assert path.read_text().startswith("# the line's settings")

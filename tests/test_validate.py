@@ -127,6 +127,16 @@ def test_empty_split(data: Path) -> None:
     assert not report.ok  # skipping cannot mend an empty split
 
 
+def test_a_split_whose_every_image_is_skipped_is_empty(data: Path) -> None:
+    """Skipping every image of a split leaves it as empty as no images: training would read nothing from it."""
+    for label in (data / "labels/val").glob("*.txt"):
+        label.write_text("7 0.5 0.5 0.1 0.1\n")  # a class the dataset does not have
+    report, accepted = validate_dataset(data, SKIP)
+    images = report.counts["val"].images
+    assert f"data/images/val: split is empty: all {images} images have errors" in [str(p) for p in report.problems]
+    assert not report.ok and accepted["val"] == []
+
+
 def test_missing_data_yaml(data: Path) -> None:
     (data / "data.yaml").unlink()
     report, _ = validate_dataset(data, SKIP)

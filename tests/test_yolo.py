@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils.torch_utils import ModelEMA
@@ -60,3 +62,14 @@ def test_the_time_estimate_calibrates_here_and_scales_with_the_work() -> None:
     assert "the whole run about" in short.describe()
     warm = estimate_training(str(CHECKPOINT), cfg, epochs=10, train_images=10, val_images=4, steps=1)
     assert warm.epochs == 10 and warm.step_s > 0
+
+
+def test_a_model_that_is_neither_a_yaml_nor_a_local_file_is_refused_without_a_download(tmp_path: Path) -> None:
+    """Ultralytics would fetch yolo11n.pt from GitHub (offline here: a ConnectionError traceback after the MLflow run
+    was opened); Conveyor never downloads weights."""
+    from conveyor.yolo import load_yolo
+
+    with pytest.raises(FileNotFoundError, match=r"model yolo11n\.pt is neither a model YAML .* never downloads"):
+        load_yolo("yolo11n.pt")
+    with pytest.raises(FileNotFoundError, match="neither a model YAML"):
+        load_yolo(str(tmp_path / "gone.pt"))

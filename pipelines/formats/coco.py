@@ -43,6 +43,19 @@ def _image_dirs(json_file: Path, root: Path, split: Split | None) -> list[Path]:
     return list(dict.fromkeys(candidates))
 
 
+def _id(value: object) -> str:
+    """An image's or category's id as a key: COCO ids are usually integers, but strings are legal too ("img-a0")."""
+    return str(value)
+
+
+def _number(value: object) -> float:
+    """A width or height as the file gives it; 0 (read from the image instead) when missing or not a number."""
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0.0
+
+
 def read_coco(source: Path) -> Source:
     documents = _coco_documents(source)
     if not documents:
@@ -58,7 +71,7 @@ def read_coco(source: Path) -> Source:
             problems.append(Problem(shown, "not a readable COCO file (not a JSON object)"))
             continue
         try:
-            categories = {int(c["id"]): str(c["name"]) for c in doc.get("categories", [])}
+            categories = {_id(c["id"]): str(c["name"]) for c in doc.get("categories", [])}
             images = list(doc["images"])
             annotations = list(doc["annotations"])
         except (ValueError, KeyError, TypeError) as exc:
@@ -69,11 +82,14 @@ def read_coco(source: Path) -> Source:
                 names.append(name)
         split = split_from_name(file.stem, file.parent.name)
         splits_named += split is not None
-        by_id: dict[int, Item] = {}
-        sizes: dict[int, tuple[float, float]] = {}
-        repeated: set[int] = set()
+        by_id: dict[str, Item] = {}
+        sizes: dict[str, tuple[float, float]] = {}
+        repeated: set[str] = set()
         for image in images:
-            image_id, file_name = int(image["id"]), str(image["file_name"])
+            if not isinstance(image, dict) or image.get("id") is None or not isinstance(image.get("file_name"), str):
+                problems.append(Problem(shown, f"image entry without an id and a file_name: {str(image)[:80]}"))
+                continue
+            image_id, file_name = _id(image["id"]), image["file_name"]
             folders = _image_dirs(file, root, split)
             path = next((d / file_name for d in folders if (d / file_name).is_file()), None)
             if image_id in by_id:
@@ -92,14 +108,17 @@ def read_coco(source: Path) -> Source:
                     Problem(shown, f"image '{file_name}' is named but not there (looked in {folders[0]} and beside)")
                 )
             by_id[image_id] = item
-            width, height = image.get("width"), image.get("height")
+            width, height = _number(image.get("width")), _number(image.get("height"))
             if not (width and height) and path is not None:
                 width, height = image_size(path) or (0, 0)
-            sizes[image_id] = (float(width or 0), float(height or 0))
+            sizes[image_id] = (float(width), float(height))
         for item_id in repeated:
             by_id[item_id].errors.append(Problem(shown, f"image id {item_id} is used twice"))
         for ann in annotations:
-            image_id = int(ann.get("image_id", -1))
+            if not isinstance(ann, dict):
+                problems.append(Problem(shown, f"annotation is not an object: {str(ann)[:80]}"))
+                continue
+            image_id = _id(ann.get("image_id"))
             owner = by_id.get(image_id)
             if owner is None:
                 problems.append(Problem(shown, f"annotation {ann.get('id')}: image id {image_id} is not in images"))
@@ -109,7 +128,7 @@ def read_coco(source: Path) -> Source:
                 item.lines = []
             if ann.get("iscrowd"):
                 continue  # a crowd region is not one object (Ultralytics skips them too)
-            category = categories.get(int(ann.get("category_id", -1)))
+            category = categories.get(_id(ann.get("category_id")))
             if category is None:
                 what = f"annotation {ann.get('id')} ({item.name})"
                 item.errors.append(Problem(shown, f"{what}: unknown category id {ann.get('category_id')}"))

@@ -81,10 +81,13 @@ def _remap(lines: list[str], ids: dict[int, int | None], source_names: list[str]
     for line in lines:
         fields = line.split()
         try:
-            source_id = int(fields[0])
+            value = float(fields[0])  # "0.0" is class 0, as the validate stage reads it
         except (IndexError, ValueError):
+            value = float("nan")
+        if not value.is_integer():
             out.append(line)  # not a label line: kept as it is, so the validation report names it
             continue
+        source_id = int(value)
         if source_id not in ids:
             out.append(line)  # out of range: the validation report names it
         elif ids[source_id] is None:

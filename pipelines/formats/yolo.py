@@ -63,7 +63,9 @@ def label_dir(image_dir: Path) -> Path:
     """Ultralytics' rule: the labels folder replaces the last 'images' part of the image folder's path."""
     parts = list(image_dir.parts)
     if "images" not in parts:
-        raise ValueError(f"{image_dir}: image folders must have an 'images' part (YOLO layout) to find the labels")
+        raise DataValidationError(
+            f"{image_dir}: image folders must have an 'images' part (YOLO layout) to find the labels"
+        )
     index = len(parts) - 1 - parts[::-1].index("images")
     parts[index] = "labels"
     return Path(*parts)
