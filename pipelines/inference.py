@@ -77,6 +77,10 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+EXIF_ORIENTATION = 0x0112
+TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that turn the image a quarter: width and height swap
+
+
 def check_image_bytes(data: bytes, limits: ImageLimits) -> tuple[int, int]:
     """Width and height of an encoded JPEG or PNG, after the checks that need no full decode: size, format, pixel
     count (decompression bombs) and a JPEG's end marker (truncation). Raises ImageError naming the problem."""
@@ -97,6 +101,10 @@ def check_image_bytes(data: bytes, limits: ImageLimits) -> tuple[int, int]:
     try:
         with parser(io.BytesIO(data)) as image:
             width, height = image.size
+            # OpenCV's decoder turns a JPEG upright by its EXIF orientation, as a viewer does: the detections are in
+            # that frame, so its width and height are reported.
+            if image.getexif().get(EXIF_ORIENTATION) in TRANSPOSED:
+                width, height = height, width
     except Exception as exc:  # a damaged header: decoders raise many types
         raise ImageError(f"not a decodable image ({type(exc).__name__}: {exc})") from None
     if width * height > limits.max_pixels:

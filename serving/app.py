@@ -17,7 +17,7 @@ import asyncio
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +168,10 @@ async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Re
         response = await call_next(request)
     except ApiError as exc:
         response = JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+    except Exception:  # a bug: counted as the 500 it becomes, then left to the server's handler
+        server.metrics.requests.labels(route, "500").inc()
+        server.metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+        raise
     server.metrics.requests.labels(route, str(response.status_code)).inc()
     server.metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
     return response
@@ -228,16 +232,16 @@ async def predict(request: Request, server: Server) -> JSONResponse:
     results = await asyncio.gather(
         *(_infer(server.grpc_client, config.model_name, chunk, config.token) for chunk in chunks)
     )
-    model = server.slot.current
-    card_names = model.card.names if model else None
     found_images: list[dict[str, Any]] = []
     versions = set()
     for chunk, (table, counts, chunk_versions, errors) in zip(chunks, results, strict=True):
-        for (filename, _), found, version, error in zip(
-            chunk, detections_from_outputs(table, counts, card_names), chunk_versions, errors, strict=True
+        for (filename, _), rows, count, version, error in zip(
+            chunk, table, np.asarray(counts).reshape(-1), chunk_versions, errors, strict=True
         ):
             if error:
                 raise ApiError(400, f"{filename}: {error}")
+            # Named by the classes of the version that answered (a hot swap may land between inference and here).
+            found = detections_from_outputs(rows[None], np.asarray([count]), server.slot.names(version))[0]
             versions.add(version)
             found_images.append({"index": len(found_images), "filename": filename, "detections": found})
     for image, (width, height) in zip(found_images, sizes, strict=True):
@@ -283,8 +287,15 @@ async def model_ready(name: str, server: Server) -> JSONResponse:
 async def model_metadata(name: str, server: Server) -> Response:
     """Triton's model metadata, plus `conveyor`: the registry version served, its state and the last load error."""
     server.require_known(name)
-    upstream = await server.http.get(f"/v2/models/{name}", headers=server.forward_headers(request_headers={}))
-    body = upstream.json()
+    try:
+        upstream = await server.http.get(f"/v2/models/{name}", headers=server.forward_headers(request_headers={}))
+        body = upstream.json()
+    except httpx.HTTPError as exc:
+        raise ApiError(503, f"Triton is not answering: {exc}", {"Retry-After": RETRY_AFTER_SECONDS}) from None
+    except ValueError:  # JSONDecodeError
+        raise ApiError(502, f"Triton's model metadata is not JSON (status {upstream.status_code})") from None
+    if not isinstance(body, dict):
+        raise ApiError(502, f"Triton's model metadata is not a JSON object (status {upstream.status_code})")
     body["conveyor"] = server.slot.describe()
     return JSONResponse(body, status_code=upstream.status_code)
 
@@ -377,14 +388,19 @@ def _route_label(path: str) -> str:
     return "/v2" if path.startswith("/v2") else "other"
 
 
+async def _limited_stream(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
+    """The request body as it arrives, refused with 413 as soon as it passes `limit` bytes."""
+    seen = 0
+    async for chunk in request.stream():
+        seen += len(chunk)
+        if seen > limit:
+            raise ApiError(413, f"body is over the limit of {limit} bytes")
+        yield chunk
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it passes `limit` bytes (never held whole beyond it)."""
-    body = bytearray()
-    async for chunk in request.stream():
-        body.extend(chunk)
-        if len(body) > limit:
-            raise ApiError(413, f"body is over the limit of {limit} bytes")
-    return bytes(body)
+    return b"".join([chunk async for chunk in _limited_stream(request, limit)])
 
 
 async def _read_uploads(request: Request, config: ApiConfig) -> list[tuple[str, bytes]]:
@@ -395,8 +411,19 @@ async def _read_uploads(request: Request, config: ApiConfig) -> list[tuple[str, 
         raise ApiError(413, f"body of {length} bytes is over the limit of {limit}")
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
+        from starlette.formparsers import MultiPartParser
+
+        # Starlette's own parser (what request.form() runs) over the body counted as it streams in: a chunked body
+        # has no Content-Length to refuse up front, and max_part_size bounds only text fields, not files.
         try:
-            form = await request.form(max_files=config.max_images, max_part_size=config.limits.max_bytes)
+            form = await MultiPartParser(
+                request.headers,
+                _limited_stream(request, limit),
+                max_files=config.max_images,
+                max_part_size=config.limits.max_bytes,
+            ).parse()
+        except ApiError:
+            raise
         except Exception as exc:  # malformed multipart, too many files or a part over the limit
             raise ApiError(400, f"could not read the multipart body: {exc}") from None
         uploads = []

@@ -129,8 +129,13 @@ class ServedModel:
             raw = self._detector(model).runtime.infer(np.ascontiguousarray(np.stack(frames)))
             found = postprocess(raw, [(card.imgsz, card.imgsz)] * len(frames), card)
         per_item = _scatter(items, found)
-        self.metrics.inference_seconds.observe(time.perf_counter() - started)
-        self.metrics.batch_size.observe(len(items))
+        # Counted like images, but not logged: a letterboxed tensor is not the camera's frame, and the drift check
+        # compares what the camera sends with the training images.
+        self._count(
+            items,
+            [d if item.image is not None else None for item, d in zip(items, per_item, strict=True)],
+            time.perf_counter() - started,
+        )
         return self._responses(len(tensors), items, per_item, model.version)
 
     def _model(self) -> LoadedModel:
@@ -151,23 +156,30 @@ class ServedModel:
     def _account(
         self, model: LoadedModel, items: list[BatchItem], per_item: list[Inference | None], seconds: float
     ) -> None:
-        m = self.metrics
-        m.inference_seconds.observe(seconds)
-        m.batch_size.observe(len(items))
+        self._count(items, [result.detections if result is not None else None for result in per_item], seconds)
         now = time.time()
         for item, result in zip(items, per_item, strict=True):
             if item.image is None or result is None:
-                m.images.labels("refused").inc()
                 continue
-            m.images.labels("ok").inc()
-            m.detections_per_image.observe(len(result.detections))
-            for d in result.detections:
-                m.confidence.observe(d.confidence)
-                m.detections.labels(d.class_name).inc()
             if self.predlog is not None:
                 frame = item.encoded if item.encoded and self.predlog.wants_frame() else None
                 sample = sample_image(item.image, model.card.imgsz)
                 self.predlog.offer(Pending(now, model.version, sample, result, frame))
+
+    def _count(self, items: list[BatchItem], per_item: list[list[Detection] | None], seconds: float) -> None:
+        """The batch in the serving metrics: its time and size, each image served or refused, its detections."""
+        m = self.metrics
+        m.inference_seconds.observe(seconds)
+        m.batch_size.observe(len(items))
+        for item, detections in zip(items, per_item, strict=True):
+            if item.image is None or detections is None:
+                m.images.labels("refused").inc()
+                continue
+            m.images.labels("ok").inc()
+            m.detections_per_image.observe(len(detections))
+            for d in detections:
+                m.confidence.observe(d.confidence)
+                m.detections.labels(d.class_name).inc()
 
     @staticmethod
     def _responses(

@@ -49,6 +49,13 @@ class ModelSlot:
     def __init__(self) -> None:
         self.current: LoadedModel | None = None
         self.state = SlotState()
+        # The class names of each version served lately: a request answered by the version being swapped out is
+        # named by that version's classes, not the new one's.
+        self._names: dict[str, list[str]] = {}
+
+    def names(self, version: str) -> list[str] | None:
+        """The class names of a version this slot served (None when it never did, or too long ago)."""
+        return self._names.get(str(version))
 
     @property
     def ready(self) -> bool:
@@ -61,6 +68,9 @@ class ModelSlot:
             {"version": model.version, "at": model.loaded_at, "from": previous.version if previous else None}
         )
         del self.state.history[:-20]
+        self._names[str(model.version)] = list(model.card.names)
+        for old in list(self._names)[:-20]:
+            del self._names[old]
         return previous
 
     def describe(self) -> dict[str, Any]:

@@ -379,6 +379,24 @@ def test_bad_streams_and_bundles_get_clear_messages(model_files: ModelFiles, lin
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )  # fmt: skip
     assert refused.returncode == 2 and "bundle signature invalid" in refused.stderr
+    # A model put beside the signed ones: no checksum or signature covers it, so the bundle is refused (the runner
+    # would have loaded model/openvino_int8/*.xml with --runtime openvino_int8).
+    public = tmp_path / "keys" / "edge-signing.pub"
+    planted = built.directory / "model" / "openvino_int8" / "model.xml"
+    planted.parent.mkdir()
+    planted.write_text("<net/>")
+    refused = subprocess.run(
+        [*run, "--verify", "--public-key", str(public)], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert "manifest does not list (model/openvino_int8/model.xml): added after it was built" in refused.stderr
+    shutil.rmtree(planted.parent)
+    # A channel without the team's key: unsigned bundles would be swapped in on checksums alone.
+    unsigned = subprocess.run(
+        [*run, "--stream", str(line.video), "--channel", str(tmp_path / "channel")],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert unsigned.returncode == 2 and "needs --public-key" in unsigned.stderr
     with pytest.raises(FileExistsError, match="orphan"):
         bundle.keygen(tmp_path / "keys")
 

@@ -276,6 +276,39 @@ def test_v2_body_over_the_limit_is_a_413(server: RunningServer, test_images: lis
     assert post_images(server, test_images[:1])[0] == 200
 
 
+def test_a_chunked_multipart_body_over_the_limit_is_a_413(server: RunningServer, test_images: list[Path]) -> None:
+    """A chunked upload has no Content-Length to refuse up front: it is counted as it arrives and refused as soon
+    as it passes the limit (it was spooled whole, then refused image by image with a 400)."""
+    import http.client
+    import urllib.parse
+
+    limit = MAX_IMAGE_BYTES * 32  # max_images_per_request's default
+    boundary = "conveyor-test-boundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="big.jpg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n"
+    ).encode()
+    address = urllib.parse.urlsplit(server.url)
+    connection = http.client.HTTPConnection(address.hostname or "127.0.0.1", address.port, timeout=120)
+    connection.putrequest("POST", "/predict")
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}", "Transfer-Encoding": "chunked"}
+    for key, value in {**headers, **server.headers()}.items():
+        connection.putheader(key, value)
+    connection.endheaders()
+    chunk = b"\xff" * (1 << 20)
+    try:
+        connection.send(b"%x\r\n%s\r\n" % (len(head), head))
+        for _ in range(limit // len(chunk) + 2):
+            connection.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        connection.send(b"0\r\n\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server answered before the body ended
+    response = connection.getresponse()
+    assert response.status == 413 and "over the limit" in json.loads(response.read())["error"]
+    connection.close()
+    assert post_images(server, test_images[:1])[0] == 200
+
+
 def test_v2_non_image_bytes_fail_only_that_image(server: RunningServer, test_images: list[Path]) -> None:
     """A garbage image in a v2 batch gets its own error output; the good image beside it is still detected."""
     import tritonclient.grpc as grpcclient

@@ -25,6 +25,7 @@ from pipelines.inference import (
     Inference,
     ModelCard,
     check_image_bytes,
+    decode_image,
     postprocess,
 )
 from pipelines.prediction_log import Pending, PredictionLog, read_log
@@ -232,3 +233,96 @@ def test_int8_is_bundled_only_within_the_parity_limit(tmp_path: Path, delta: flo
     assert {"metadata", "weights", "onnx", "openvino"} <= set(artifacts)
     # serve.conf is the version's threshold: the pyfunc, the edge bundle and the Triton repository start from it.
     assert json.loads(Path(artifacts["metadata"]).read_text())["conf"] == 0.4
+
+
+def test_edge_rollout_fetches_again_after_a_transient_error_and_not_after_a_refusal(tmp_path: Path) -> None:
+    """A download cut short (an error that is not the bundle's fault) leaves the entry to be fetched again; a bundle
+    that fails its checks is refused once and not fetched again (it was never retried after either)."""
+    from types import SimpleNamespace
+
+    edge = edge_module()
+    entry = {"bundle": "bundles/m-v2.tar.gz", "sha256": "ab" * 32, "manifest_sha256": "cd" * 32}
+    fetched: list[str] = []
+
+    class FlakyChannel:
+        location = "test"
+        offered: dict[str, str] | None = None  # nothing until the test asks: the rollout thread's first look is idle
+
+        def current(self) -> dict[str, str] | None:
+            return self.offered
+
+        def fetch(self, entry: dict[str, str], into: Path) -> Path:
+            fetched.append(entry["sha256"])
+            if len(fetched) == 1:
+                raise ConnectionError("the store went away mid-download")
+            into.mkdir(parents=True, exist_ok=True)
+            return into  # no manifest.json: refused by verify
+
+    channel = FlakyChannel()
+    running = SimpleNamespace(root=tmp_path, manifest={"model": "m"})
+    rollout = edge.Rollout(channel, running, "onnx", None, 3600)
+    try:
+        channel.offered = entry
+        with pytest.raises(ConnectionError):
+            rollout.poll_once()  # the thread's loop prints it as a warning and asks again next time
+        rollout.poll_once()
+        assert len(fetched) == 2 and len(rollout.refused) == 1
+        assert rollout.refused[0].startswith("bundles/m-v2.tar.gz: ") and "not a Conveyor bundle" in rollout.refused[0]
+        rollout.poll_once()
+        assert len(fetched) == 2, "a refused bundle was fetched again"
+    finally:
+        rollout.close()
+
+
+def test_an_exif_rotated_jpeg_reports_the_frame_its_detections_are_in() -> None:
+    """OpenCV turns a JPEG upright by its EXIF orientation: /predict's width and height are that frame's (they were
+    the stored frame's, so boxes and size disagreed)."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (320, 480, 3), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=exif)
+    decoded = decode_image(buffer.getvalue())
+    assert check_image_bytes(buffer.getvalue(), ImageLimits()) == (decoded.shape[1], decoded.shape[0]) == (320, 480)
+
+
+def test_the_api_answers_503_when_triton_is_away_and_counts_every_500() -> None:
+    """The model metadata route with Triton not answering is a 503 with Retry-After (it was a 500), and a request
+    that fails on a bug is counted in conveyor_http_requests as the 500 it becomes (it was not counted at all)."""
+    import socket
+
+    from fastapi.testclient import TestClient
+
+    from serving.app import ApiConfig, create_app
+    from serving.metrics import ServingMetrics
+    from serving.swap import ModelSlot
+    from serving.triton import TritonPorts
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    config = ApiConfig("m", TritonPorts(closed, closed, closed, "127.0.0.1"), ImageLimits(), 4, 4, None)
+    app = create_app(config, ModelSlot(), ServingMetrics())
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answer = client.get("/v2/models/m")
+        assert answer.status_code == 503 and "Triton is not answering" in answer.json()["error"]
+        assert answer.headers["Retry-After"]
+        app.state.server.slot = None  # a bug in a handler
+        assert client.get("/v2/health/ready").status_code == 500
+        app.state.server.slot = ModelSlot()
+        page = client.get("/metrics").text
+    assert 'conveyor_http_requests_total{route="/v2/models/{name}",status="503"} 1.0' in page
+    assert 'conveyor_http_requests_total{route="/v2/health/ready",status="500"} 1.0' in page
+
+
+def test_a_slot_names_classes_by_the_version_that_answered() -> None:
+    """A request answered by the version being swapped out is named by its classes, not the new version's."""
+    from types import SimpleNamespace
+
+    from serving.swap import ModelSlot
+
+    slot = ModelSlot()
+    for version, names in (("1", ["scratch", "dent", "stain"]), ("2", ["dent", "scratch"])):
+        slot.swap(SimpleNamespace(version=version, name="m", loaded_at=0.0, card=SimpleNamespace(names=names)))  # type: ignore[arg-type]
+    assert slot.names("1") == ["scratch", "dent", "stain"] and slot.names("2") == ["dent", "scratch"]
+    assert slot.names("9") is None

@@ -63,6 +63,9 @@ FEATURES_OUTPUT = "features"  # the model's pooled features, added at export (Co
 SCORE_FLOOR = 0.01  # candidates kept for the log's performance estimate, as the server's (pipelines/inference.py)
 
 
+UNLISTED = {"manifest.json", "manifest.sig"}  # the only files of a bundle its manifest cannot list
+
+
 class BundleError(Exception):
     """A bundle that cannot be trusted or run: damaged, unsigned, for another model, or unloadable."""
 
@@ -79,9 +82,28 @@ def verify(root: Path = HERE, public_key: Path | None = None) -> dict[str, Any]:
         digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
         if digest != expected:
             raise BundleError(f"bundle damaged: {rel} has sha256 {digest}, manifest says {expected}")
+    # A file the manifest does not list is covered by no checksum and no signature: a model put beside the signed
+    # ones, or a module beside run.py (the first place Python imports from), would be loaded all the same. Other
+    # folders hold what the runner writes (its prediction log, edge-log/, when started in the bundle) and load
+    # nothing.
+    unlisted = sorted(
+        rel
+        for rel in (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink())
+        if rel not in manifest["sha256"] and rel not in UNLISTED and _loaded_from(rel)
+    )
+    if unlisted:
+        raise BundleError(
+            f"bundle holds {len(unlisted)} file(s) its manifest does not list ({', '.join(unlisted[:3])}): added "
+            "after it was built, so not trusted"
+        )
     if public_key is not None:
         verify_signature(manifest_file.read_bytes(), root / "manifest.sig", public_key)
     return dict(manifest)
+
+
+def _loaded_from(rel: str) -> bool:
+    """Whether a bundle path is where the runner or Python loads from: the top level, model/, bytecode caches."""
+    return "/" not in rel or rel.startswith(("model/", "__pycache__/"))
 
 
 def verify_signature(message: bytes, signature_file: Path, public_key: Path) -> None:
@@ -172,7 +194,13 @@ class Model:
         if runtime in ("openvino", "openvino_int8"):
             import openvino as ov
 
-            xml = next((root / "model" / runtime).glob("*.xml"))
+            listed = sorted(
+                rel
+                for rel in self.manifest.get("sha256", {})
+                if rel.startswith(f"model/{runtime}/") and rel.endswith(".xml")
+            )
+            # The network the manifest lists (a bundle without one, unverified: the folder's).
+            xml = root / listed[0] if listed else next((root / "model" / runtime).glob("*.xml"))
             # f32 as on the server: OpenVINO's bf16 default (CPUs with AMX) would move confidences in the 3rd digit.
             compiled = ov.Core().compile_model(
                 xml, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
@@ -587,11 +615,16 @@ class Rollout:
         # Running it already, or tried this very archive before (a refused bundle is not fetched again and again).
         if entry is None or entry.get("manifest_sha256") == self.current or entry.get("sha256") == self._seen:
             return
-        self._seen = entry.get("sha256")
         target = self._work / entry["sha256"][:16]
         shutil.rmtree(target, ignore_errors=True)
         try:
             root = self.channel.fetch(entry, target)
+        except (BundleError, tarfile.TarError) as exc:  # not the archive the channel names, or not an archive
+            self._refuse(entry, exc)
+            return
+        # Anything else (the store away, a download cut short) leaves the entry to be fetched again next time.
+        self._seen = entry.get("sha256")
+        try:
             manifest = verify(root, self.public_key)
             if self.running_name and manifest.get("model") != self.running_name:
                 raise BundleError(
@@ -599,12 +632,17 @@ class Rollout:
                 )
             model = Model(self.runtime, root)
             model.detect(np.zeros((model.card["imgsz"], model.card["imgsz"], 3), np.uint8))  # loads, and warms up
-        except (BundleError, OSError, ValueError, KeyError, RuntimeError, tarfile.TarError) as exc:
-            reason = f"{entry.get('bundle')}: {exc}"
-            self.refused.append(reason)
-            print(f"refused bundle {reason}; the running model goes on", file=sys.stderr)
+        except (BundleError, OSError, ValueError, KeyError, RuntimeError) as exc:
+            self._refuse(entry, exc)
             return
         self._ready.put(model)
+
+    def _refuse(self, entry: dict[str, Any], exc: BaseException) -> None:
+        """A bundle that failed a check is not fetched again (until the channel names another)."""
+        self._seen = entry.get("sha256")
+        reason = f"{entry.get('bundle')}: {exc}"
+        self.refused.append(reason)
+        print(f"refused bundle {reason}; the running model goes on", file=sys.stderr)
 
     def swap_if_ready(self) -> Model | None:
         try:
@@ -639,7 +677,12 @@ def bundled_module(name: str, root: Path = HERE) -> ModuleType:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[key] = module
-    spec.loader.exec_module(module)
+    # No bytecode cache beside the bundle's modules: its folder keeps exactly what its manifest lists (`verify`).
+    writes, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.dont_write_bytecode = writes
     return module
 
 
@@ -770,10 +813,13 @@ def run_stream(
     stats = StreamStats()
     started = time.monotonic()
     stop = threading.Event()
+
+    def on_sigterm(*_: object) -> None:
+        stop.set()
+        reader.ended.set()  # a camera that delivers nothing would otherwise keep the loop waiting for a frame
+
     previous = (
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        if threading.current_thread() is threading.main_thread()
-        else None
+        signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() else None
     )
     try:
         for frame in reader.frames():
@@ -852,6 +898,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("give IMAGE files, or --stream SOURCE")
         return detect_images(model, args.images, args.conf)
     config = json.loads((HERE / "edge.json").read_text()) if (HERE / "edge.json").is_file() else {}
+    channel = args.channel or config.get("channel")
+    if channel and args.public_key is None:
+        # Unsigned bundles from a channel would be swapped in on checksums alone: anyone who can write the channel
+        # could change what the line rejects.
+        print(
+            f"error: rollout channel {channel} needs --public-key (the team's Ed25519 key): only signed bundles are "
+            "swapped in",
+            file=sys.stderr,
+        )
+        return 2
     line = args.line or config.get("line", "line-1")
     device = args.device or line
     if not DEVICE_NAME.fullmatch(device) or device in (".", "..", "server", "folder"):
@@ -873,12 +929,14 @@ def main(argv: list[str] | None = None) -> int:
     reader = FrameReader(args.stream, every_frame=args.every_frame, paced=True if args.paced else None)
     publisher: Publisher = (
         Mqtt(
-            args.mqtt, f"conveyor/{line}/decisions", f"conveyor-edge-{line}", args.queue or config.get("queue", 10_000)
+            args.mqtt,
+            f"conveyor/{line}/decisions",
+            f"conveyor-edge-{line}-{device}",  # one client per camera: a broker drops a client whose id reconnects
+            args.queue or config.get("queue", 10_000),
         )
         if args.mqtt
         else JsonLines()
     )
-    channel = args.channel or config.get("channel")
     rollout = (
         Rollout(
             Channel(channel, line), model, args.runtime, args.public_key, args.poll or config.get("poll_seconds", 10)
