@@ -363,12 +363,15 @@ class MonitorSettings(_Section):
     )
     retrain_cost: float = Field(
         0.03,
-        ge=0,
+        gt=0,  # at 0 any drift would retrain, and the estimate alone could never decide (it needs a threshold)
         le=1,
         description="drift starts a retraining when the estimated mAP50-95 cost reaches this; below it, an alert only",
     )
     retrain_after: int = Field(
-        3, ge=1, description="... or when drift persisted this many checks in a row, whatever the estimate says"
+        3,
+        ge=1,
+        description="... or when drift persisted over this many windows in a row that do not overlap, whatever the "
+        "estimate says",
     )
     cooldown_hours: float = Field(
         6.0, ge=0, description="after a drift alert started a retraining, no new alert for this long"

@@ -41,6 +41,11 @@ STATUS_TAG = "conveyor.drift.status"
 VERSION_TAG = "conveyor.model_version"
 MODEL_TAG = "conveyor.model_name"
 DEVICE_TAG = "conveyor.drift.device"  # whose window: "server", an edge runner's name, or "folder"
+# The time span of a check's window (its first and last record, Unix seconds): persistence counts windows that do not
+# overlap, so a check run again by hand over the same records, or an hourly check of a 24 h window, is not a new one.
+WINDOW_START_TAG = "conveyor.drift.window_start"
+WINDOW_END_TAG = "conveyor.drift.window_end"
+PERSISTENCE_LOOKBACK = 500  # checks read back to find `retrain_after` windows that do not overlap
 Action = Literal["retrain", "alert"]
 
 
@@ -87,8 +92,10 @@ def past_alerts(client: MlflowClient, experiment: str, model_name: str, since: d
 def recent_statuses(
     client: MlflowClient, experiment: str, model_name: str, version: str, count: int, device: str
 ) -> list[str]:
-    """The verdicts of this version's last `count` checks of one device's window, newest first (for
-    `monitor.retrain_after`: drift that persists on one camera, not the checks of several interleaved)."""
+    """The verdicts of this version's last `count` windows of one device, newest first, each window ending before
+    the next one began (for `monitor.retrain_after`: drift that persists on one camera over windows of its own
+    records, not the same records checked again, nor the checks of several cameras interleaved). Checks without a
+    window's span (a folder of images) are not counted."""
     found = client.get_experiment_by_name(experiment)
     if found is None or count <= 0:
         return []
@@ -99,9 +106,22 @@ def recent_statuses(
             f"and tags.`{DEVICE_TAG}` = '{device}'"
         ),
         order_by=["attributes.start_time DESC"],
-        max_results=count,
+        max_results=PERSISTENCE_LOOKBACK,
     )
-    return [run.data.tags.get(STATUS_TAG, "") for run in runs]
+    statuses: list[str] = []
+    earliest: float | None = None  # where the last counted window began
+    for run in runs:
+        try:
+            start, end = float(run.data.tags[WINDOW_START_TAG]), float(run.data.tags[WINDOW_END_TAG])
+        except (KeyError, ValueError):
+            continue
+        if earliest is not None and end >= earliest:
+            continue  # overlaps a window already counted
+        statuses.append(run.data.tags.get(STATUS_TAG, ""))
+        earliest = start
+        if len(statuses) == count:
+            break
+    return statuses
 
 
 def decide(
@@ -143,7 +163,9 @@ def decide(
         if recent:
             last, until = recent[0].at, recent[0].at + cooldown
             return AlertDecision(
-                False, f"cooldown: the last retraining alert was at {last:%Y-%m-%d %H:%M} UTC, next after {until:%H:%M}"
+                False,
+                f"cooldown: the last retraining alert was at {last:%Y-%m-%d %H:%M} UTC, "
+                f"next after {until:%Y-%m-%d %H:%M} UTC",
             )
     dedupe = timedelta(hours=policy.dedupe_hours)
     groups = frozenset(result.drifted_groups)

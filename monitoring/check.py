@@ -122,6 +122,17 @@ def judge(
     return result, estimate
 
 
+def window_span(records: Any) -> dict[str, str]:
+    """The window's first and last record time as tags (none for a folder of images, whose records have no time)."""
+    if records is None or "time" not in records or not len(records):
+        return {}
+    times = records["time"]
+    return {
+        alerts.WINDOW_START_TAG: f"{times.min().timestamp():.3f}",
+        alerts.WINDOW_END_TAG: f"{times.max().timestamp():.3f}",
+    }
+
+
 def add_performance_group(result: drift.DriftResult, estimate: WindowEstimate, retrain_cost: float) -> None:
     """The estimate decides too: a cost whose whole interval is past `monitor.retrain_cost` is drift that matters,
     even where no input feature moved past its threshold (the model's own confidence saw it)."""
@@ -129,12 +140,12 @@ def add_performance_group(result: drift.DriftResult, estimate: WindowEstimate, r
     if found is None or result.status == "insufficient data":
         return
     low, high = found.cost_interval
-    drifted = low >= retrain_cost > 0
+    drifted = low >= retrain_cost
     words = (
         f"the model's confidence says it lost {found.cost:.3f} mAP50-95 ({low:.3f} to {high:.3f}) against its "
         "validation images"
     )
-    group = drift.GroupDrift("performance", drifted, low / retrain_cost if retrain_cost else 0.0, "estimate", words)
+    group = drift.GroupDrift("performance", drifted, low / retrain_cost, "estimate", words)
     result.groups = sorted(
         [*result.groups, group], key=lambda g: (not g.drifted, -g.strength if g.strength == g.strength else 0)
     )
@@ -235,6 +246,7 @@ def log_check(
         "conveyor.drift.source": outcome.data.source[:250],
         "conveyor.drift.reference_batch": result.reference_batch,
         "conveyor.estimate": outcome.estimate.reason[:5000],
+        **window_span(outcome.data.records),
     }
     device = "" if outcome.data.device == SERVER_DEVICE else f" {outcome.data.device}"
     run = client.create_run(experiment_id, run_name=f"drift v{version}{device}", tags=tags)

@@ -44,7 +44,12 @@ def estimate_window(
     if not pairs:
         return WindowEstimate(None, "no record of the window carries confidences")
     calibration = profile.calibration
-    estimate = performance.estimate(calibration, pairs, batch=batch, bootstrap=bootstrap)
+    try:
+        estimate = performance.estimate(calibration, pairs, batch=batch, bootstrap=bootstrap)
+    except performance.CalibrationError as exc:
+        return WindowEstimate(None, str(exc))
+    if not np.isfinite([estimate.map50_95, estimate.reference, *estimate.cost_interval]).all():
+        return WindowEstimate(None, "the estimate is not a number on this window (no objects to score)")
     reference = len(performance.reference_images(calibration, batch))
     of_batch = f" of batch '{batch}'" if reference < calibration.images else ""
     read = "each read out of fold" if calibration.images > 1 else "read in sample (one validation image: no folds)"
@@ -82,7 +87,7 @@ def described(found: performance.Estimate) -> str:
     low, high = found.cost_interval
     return (
         f"estimated mAP50-95 {found.map50_95:.3f} ({found.low:.3f} to {found.high:.3f}, {found.level:.0%}) against "
-        f"{found.reference:.3f} on its validation images read out of fold (their true mAP50-95: "
+        f"{found.reference:.3f} on its validation images read the same way (their true mAP50-95: "
         f"{found.validation_map50_95:.3f}): cost {found.cost:+.3f} ({low:+.3f} to {high:+.3f})"
     )
 

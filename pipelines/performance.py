@@ -62,6 +62,9 @@ STATIC_IOU = 0.5
 STATIC_SAMPLE = 200  # images of a window the rule is decided on (`fixed_in_frame`)
 _STATIC_CELL = 0.05  # boxes are grouped by the cell of the frame their centre is in (fractions of the frame)
 _STATIC_ANCHORS = 32  # fixed boxes of the sample a window's boxes are compared with, per class and cell
+_STATIC_PAIRS = 40_000_000  # box pairs phase 1 compares at most (a dirty lens over 200 images: well under)
+_STATIC_MIN_SAMPLE = 50  # images the sample keeps however crowded
+_STATIC_CHUNK = 1_000_000  # box pairs compared at once (a few arrays of this many float64: tens of MB)
 
 
 class CalibrationError(ConveyorError, ValueError):
@@ -334,10 +337,18 @@ def fixed_in_frame(boxes: Sequence[np.ndarray], classes: Sequence[np.ndarray]) -
     # Each box's class and cell of the frame (a box that is not finite is never compared: its cell is any).
     place = np.column_stack([kind, np.floor(np.nan_to_num((every[:, :2] + every[:, 2:]) / 2) / _STATIC_CELL)])
     place = place.astype(np.int64)
-    sampled = np.unique(np.linspace(0, len(boxes) - 1, min(len(boxes), STATIC_SAMPLE)).round().astype(np.int64))
-    position = np.full(len(boxes), -1, np.int64)
-    position[sampled] = np.arange(len(sampled))
-    in_sample = np.flatnonzero(usable & (position[image] >= 0))
+    target = min(len(boxes), STATIC_SAMPLE)
+    while True:
+        sampled = np.unique(np.linspace(0, len(boxes) - 1, target).round().astype(np.int64))
+        position = np.full(len(boxes), -1, np.int64)
+        position[sampled] = np.arange(len(sampled))
+        in_sample = np.flatnonzero(usable & (position[image] >= 0))
+        # Crowded candidates at one place (clutter in a fixture) make pairs grow with the square of the sample: fewer
+        # images then, so that the work stays bounded (a share read on 50 images is still within about 6 points).
+        pairs = sum(len(mine) * len(other) for mine, other in _neighbours(every, place, in_sample, in_sample))
+        if pairs <= _STATIC_PAIRS or target <= _STATIC_MIN_SAMPLE:
+            break
+        target = max(_STATIC_MIN_SAMPLE, target // 2)
     need = max(STATIC_MIN_IMAGES, STATIC_SHARE * len(sampled))
     # Phase 1: in the sample, the images holding a box at each box's place.
     holders = np.zeros(len(every), np.int64)
@@ -374,14 +385,13 @@ def _thinned(place: np.ndarray, indices: np.ndarray) -> np.ndarray:
     return np.concatenate(kept) if kept else indices
 
 
-def _overlapping(
+def _neighbours(
     every: np.ndarray, place: np.ndarray, queries: np.ndarray, candidates: np.ndarray
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """For the boxes `queries` (indices into `every`), in groups of one class and one cell of the frame (`place`):
-    the group, the `candidates` of that class within its reach, and which pairs overlap at IoU >= STATIC_IOU. Reach:
-    at that IoU two boxes' centres are apart by at most half the smaller width (height) on each axis, so a group looks
-    as many cells away as half its widest (tallest) box spans, and misses no pair."""
-    area = (every[:, 2] - every[:, 0]) * (every[:, 3] - every[:, 1])
+    the group and the `candidates` of that class within its reach. Reach: at IoU >= STATIC_IOU two boxes' centres
+    are apart by at most half the smaller width (height) on each axis, so a group looks as many cells away as half
+    its widest (tallest) box spans, and misses no pair."""
     placed = _by_place(place, candidates)
     for (c, x, y), mine in _by_place(place, queries).items():
         span = every[mine, 2:] - every[mine, :2]
@@ -392,14 +402,30 @@ def _overlapping(
             for dy in range(-reach_y, reach_y + 1)
             if (key := (c, x + dx, y + dy)) in placed
         ]
-        if not near:
-            continue
-        other = np.concatenate(near)
-        a, b = every[mine], every[other]
-        width = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-        height = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-        inter = width * height
-        yield mine, other, inter / np.maximum(area[mine][:, None] + area[other][None, :] - inter, 1e-12) >= STATIC_IOU
+        if near:
+            yield mine, np.concatenate(near)
+
+
+def _overlapping(
+    every: np.ndarray, place: np.ndarray, queries: np.ndarray, candidates: np.ndarray
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`_neighbours`, with which pairs overlap at IoU >= STATIC_IOU; a group's rows in chunks, so that memory stays
+    bounded however many boxes crowd one place."""
+    area = (every[:, 2] - every[:, 0]) * (every[:, 3] - every[:, 1])
+    for group, other in _neighbours(every, place, queries, candidates):
+        b = every[other]
+        for start in range(0, len(group), max(1, _STATIC_CHUNK // len(other))):
+            mine = group[start : start + max(1, _STATIC_CHUNK // len(other))]
+            a = every[mine]
+            width = np.clip(
+                np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None
+            )
+            height = np.clip(
+                np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None
+            )
+            inter = width * height
+            union = np.maximum(area[mine][:, None] + area[other][None, :] - inter, 1e-12)
+            yield mine, other, inter / union >= STATIC_IOU
 
 
 def _chance(curves: list[list[Curve]], confidence: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -530,6 +556,14 @@ def estimate(
     and the reference images, and reads both sides with its curves: the intervals hold all three uncertainties."""
     if not scores:
         raise CalibrationError("no images to estimate on")
+    expected = sum(calibration.objects_per_image) * min(len(scores), MAX_IMAGES)
+    if not any(objects_assumed(rate, min(len(scores), MAX_IMAGES)) for rate in calibration.objects_per_image):
+        # mAP is not defined without objects: a window this small, on a line this clean, holds none to score.
+        raise CalibrationError(
+            f"{len(scores)} images are expected to hold {expected:.1f} objects at the line's rate "
+            f"({sum(calibration.objects_per_image):.3f} per image): too few to estimate mAP on; a longer window "
+            "holds more"
+        )
     rng = np.random.default_rng(seed)
     window = _per_image(scores, calibration.floor)
     if len(window) > MAX_IMAGES:  # a sample this large decides mAP to well under the calibration's uncertainty

@@ -458,6 +458,13 @@ def test_the_estimate_names_what_it_lacks() -> None:
     assert "carry no boxes" in found.reason  # logged before boxes were: dust cannot be told from defects
     joined[SCORE_CONFIDENCE] = np.nan
     assert "no record of the window carries confidences" in estimate_window(with_calibration, joined, "3").reason
+    # A clean line: 1 dent in 100 validation images, so a window of 40 is expected to hold 0.4 objects. mAP is not
+    # defined without objects: no estimate, a reason, and so no event (it was NaN, and an event went out).
+    rare = performance.Calibration(NAMES, 0.01, 100, [0.0, 0.01, 0.0], fitted.curves, 0.99, [], [[0, 0, 0]] * 100)
+    clean = estimate_window(profile_of(records, calibration=rare), records, "3", bootstrap=2)
+    assert clean.estimate is None and "expected to hold 0.4 objects at the line's rate" in clean.reason
+    decision = alerts.decide(drifted(drift.FOCUS), "3", [], [], clean, MonitorSettings(), datetime.now(UTC))
+    assert not decision.alert and "too few to estimate mAP on" in decision.reason
 
 
 def moving_and_fixed(images: int, spot_in: int, seed: int = 3) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -474,6 +481,26 @@ def moving_and_fixed(images: int, spot_in: int, seed: int = 3) -> tuple[list[np.
         boxes.append(np.array(found))
         classes.append(np.ones(len(found), np.int64))
     return boxes, classes
+
+
+def test_crowded_candidates_at_one_place_keep_the_fixed_rule_bounded() -> None:
+    """Clutter in a fixture: 100 candidates an image within a tenth of the frame. Every pair of 200 images is 400
+    million; the sample shrinks until the pairs fit, and the rows are compared in chunks (it was 4 GB and 27 s)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    boxes, classes = [], []
+    for _ in range(200):
+        centre, size = rng.uniform(0.45, 0.55, (100, 2)), rng.uniform(0.02, 0.05, (100, 2))
+        boxes.append(np.column_stack([centre - size / 2, centre + size / 2]))
+        classes.append(np.zeros(100, np.int64))
+    tracemalloc.start()
+    try:
+        fixed = performance.fixed_in_frame(boxes, classes)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 200e6 and [len(f) for f in fixed] == [100] * 200
 
 
 def test_detections_fixed_in_the_frame_are_the_lens_not_the_parts() -> None:
@@ -691,6 +718,42 @@ def test_no_estimate_means_no_event_and_says_why() -> None:
     decision = alerts.decide(drifted(drift.FOCUS), "3", [], [], missing, MonitorSettings(), now)
     assert not decision.alert and decision.action is None
     assert "conveyor profile --model 3" in decision.reason
+
+
+def test_retrain_cost_must_be_a_threshold() -> None:
+    """At 0 any drift would retrain and the estimate alone could never decide: refused."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="greater than 0"):
+        MonitorSettings(retrain_cost=0.0)
+
+
+def test_persistence_counts_windows_that_do_not_overlap(tmp_path: Path) -> None:
+    """`monitor.retrain_after` counts windows of a device's own records: the same window checked again by hand, or
+    an hourly check of a 24 h window, is not a new one (three overlapping checks had made a retraining)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("monitoring", artifact_location=(tmp_path / "artifacts").as_uri())
+    hour = 3600.0
+
+    def check(start_h: float, end_h: float | None, status: str, device: str = "server") -> None:
+        tags = {alerts.MODEL_TAG: "m", alerts.VERSION_TAG: "3", alerts.DEVICE_TAG: device, alerts.STATUS_TAG: status}
+        if end_h is not None:
+            tags |= {alerts.WINDOW_START_TAG: f"{start_h * hour}", alerts.WINDOW_END_TAG: f"{end_h * hour}"}
+        client.create_run(experiment, tags=tags)
+        time.sleep(0.01)  # runs are ordered by start time (ms)
+
+    check(0, 24, "drift")  # the first day
+    check(24, 48, "no drift")  # the second
+    check(25, 49, "drift")  # an hour later: overlaps the second day's window
+    check(25, 49, "drift")  # the same window, checked again by hand
+    check(0, None, "drift", "folder")  # a folder of images: no window
+    check(49, 73, "drift", "cam-2")  # another camera
+    statuses = alerts.recent_statuses(client, "monitoring", "m", "3", 3, "server")
+    assert statuses == ["drift", "drift"]  # the newest window, then the first day's (the overlapping ones skipped)
+    assert mlflow.get_tracking_uri()  # the client's own store, nothing global touched
 
 
 def test_a_credible_cost_is_drift_even_where_no_input_feature_moved() -> None:
