@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 from pathlib import Path
 
 from conveyor.paths import ProjectPaths
@@ -24,7 +26,14 @@ def set_warm_start(paths: ProjectPaths, settings: Settings, warm_start: str) -> 
             tracker_client, champion, paths.scratch / "warm-start" / str(champion.version)
         )
     else:
-        weights = Path(warm_start).resolve()
-        if not weights.is_file():
+        given = Path(warm_start).resolve()
+        if not given.is_file():
             raise FileNotFoundError(f"warm-start checkpoint {warm_start} not found")
+        # Kept under its content's hash: DVC sees train.weights by its value, so a file changed at the same path
+        # would otherwise not re-run the train stage (the champion's copy is named by its version for the same reason).
+        digest = hashlib.sha256(given.read_bytes()).hexdigest()[:16]
+        weights = paths.scratch / "warm-start" / f"file-{digest}" / given.name
+        if not weights.is_file():
+            weights.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(given, weights)
     set_param(paths.params, ("train", "weights"), os.path.relpath(weights, paths.root))

@@ -346,3 +346,23 @@ def test_wait_for_dvc_lock_waits_for_a_dying_holder_and_names_a_live_one(tmp_pat
         short.kill()
         long.kill()
         long.wait()
+
+
+def test_a_warm_start_file_is_kept_by_its_content(paths: ProjectPaths, tmp_path: Path) -> None:
+    """DVC reads train.weights by its value: a checkpoint changed at the same path must change it, or the train
+    stage would not re-run (it kept the path, and `dvc status` said up to date)."""
+    from pipelines.warm_start import set_warm_start
+
+    checkpoint = tmp_path / "ck.pt"
+    checkpoint.write_bytes(b"first weights")
+    set_warm_start(paths, load_settings(paths.params), str(checkpoint))
+    first = load_settings(paths.params).train.weights
+    checkpoint.write_bytes(b"other weights")
+    set_warm_start(paths, load_settings(paths.params), str(checkpoint))
+    second = load_settings(paths.params).train.weights
+    assert first is not None and second is not None and first != second
+    assert (paths.root / first).read_bytes() == b"first weights" and (
+        paths.root / second
+    ).read_bytes() == b"other weights"
+    with pytest.raises(FileNotFoundError, match="not found"):
+        set_warm_start(paths, load_settings(paths.params), str(tmp_path / "gone.pt"))
