@@ -16,8 +16,9 @@ def load_yolo(model: str) -> YOLO:
 
     from conveyor.offline import apply_ultralytics_settings
 
-    if Path(model).suffix not in {".yaml", ".yml"} and not Path(model).is_file():
+    if Path(model).suffix not in {".yaml", ".yml"} and not Path(model).exists():
         # Ultralytics would try to download a name it does not find (yolo11n.pt from GitHub): refused here instead.
+        # (A folder is an exported model, an OpenVINO export's `*_openvino_model/`.)
         raise FileNotFoundError(
             f"model {model} is neither a model YAML (e.g. yolo11n.yaml, trained from scratch) nor a local checkpoint: "
             "Conveyor never downloads weights; set train.model to a YAML, or train.weights to a local .pt"

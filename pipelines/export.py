@@ -15,6 +15,7 @@ from typing import Any
 
 from rich.console import Console
 
+from conveyor.errors import ConveyorError
 from conveyor.paths import ProjectPaths
 from conveyor.settings import ExportSettings, Settings
 from conveyor.tables import FoldingTable
@@ -23,7 +24,6 @@ from conveyor.yolo import load_yolo
 from pipelines import model_features, runtimes
 from pipelines.dataset_view import materialize
 from pipelines.evaluate import Evaluation, evaluate_checkpoint, trained_imgsz
-from pipelines.validate import DataValidationError
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,10 @@ def run(paths: ProjectPaths, settings: Settings, console: Console | None = None)
         return _export(paths, settings, tracker, console or Console())
 
 
+class ExportInputError(ConveyorError, ValueError):
+    """The export has nothing to be checked on (an empty test split)."""
+
+
 def _export(paths: ProjectPaths, settings: Settings, tracker: Tracker, console: Console) -> ExportReport:
     cfg = settings.export
     weights = paths.train / "weights" / "best.pt"
@@ -154,7 +158,7 @@ def _export(paths: ProjectPaths, settings: Settings, tracker: Tracker, console: 
     )
     test_images = sorted((view.parent / "images" / "test").rglob("*.*"))[: cfg.parity_images]
     if not test_images:
-        raise DataValidationError("the test split has no images: nothing to measure export parity on")
+        raise ExportInputError("the test split has no images: nothing to measure export parity on")
     inputs = runtimes.load_images(test_images, imgsz)
 
     shutil.rmtree(paths.export, ignore_errors=True)
