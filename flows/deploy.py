@@ -18,6 +18,8 @@ from conveyor.settings import ConfigError, Settings
 from flows import MONITORING_FLOW, TRAINING_FLOW
 
 ENTRYPOINT = "flows/training.py:training_flow"
+MAX_DUPLICATES = 100  # automations of one name `remove_automation` deletes at most
+DEPLOYMENT_TAG = "conveyor"  # on both deployments, so on their runs (the zombie automation matches it)
 
 MONITORING_ENTRYPOINT = "flows/drift_check.py:monitoring_flow"
 
@@ -94,7 +96,7 @@ def deploy(paths: ProjectPaths, settings: Settings) -> DeploymentInfo:
         schedules=[training_schedule],
         parameters={"reason": "schedule", "project_dir": str(paths.root)},
         concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=strategy),
-        tags=["conveyor"],
+        tags=[DEPLOYMENT_TAG],
         description="Scheduled Conveyor training: stages, gates, registry promotion, DVC push.",
         print_next_steps=False,
         ignore_warnings=True,
@@ -109,7 +111,7 @@ def deploy(paths: ProjectPaths, settings: Settings) -> DeploymentInfo:
         parameters={"project_dir": str(paths.root)},
         # One check at a time: a check started while another runs (a manual one beside the schedule) waits for it.
         concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
-        tags=["conveyor"],
+        tags=[DEPLOYMENT_TAG],
         description="Conveyor drift check of the serving model's recent traffic; emits conveyor.drift.detected.",
         print_next_steps=False,
         ignore_warnings=True,
@@ -161,6 +163,9 @@ def ensure_zombie_automation(settings: Settings) -> str:
             after={heartbeat},
             expect={heartbeat, *(f"prefect.flow-run.{end}" for end in FLOW_RUN_ENDS)},
             match={"prefect.resource.id": "prefect.flow-run.*"},
+            # Conveyor's runs only (its deployments' tag): on a team's server, another project's runs may send
+            # heartbeats less often, and this would mark them Crashed.
+            match_related={"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.{DEPLOYMENT_TAG}"},
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
             threshold=1,
@@ -184,8 +189,12 @@ def automation_name(settings: Settings) -> str:
 def remove_automation(name: str) -> None:
     from prefect.automations import Automation
 
-    with contextlib.suppress(ValueError):
-        existing = Automation.read(name=name)
+    # Every one of that name: Automation.read returns the first only, and two deploys at once can each create one.
+    for _ in range(MAX_DUPLICATES):
+        try:
+            existing = Automation.read(name=name)
+        except ValueError:  # none (left)
+            return
         assert not inspect.isawaitable(existing)  # sync context
         existing.delete()
 

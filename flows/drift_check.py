@@ -10,6 +10,7 @@ polls or retrains by itself: the event and the automation are Prefect's.
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from monitoring.check import CheckOutcome
 
 DRIFT_EVENT = "conveyor.drift.detected"
+EVENT_NAMESPACE = uuid.UUID("5f1c0d2e-7b7e-4b8e-9a56-3c0f2f0e1d21")  # of the drift events' ids (`event_id`)
 ACTION_LABEL = "conveyor.drift.action"  # a resource label of the event: "retrain" or "alert"
 PAYLOAD_KEYS = (
     "model_name",
@@ -90,14 +92,18 @@ def drift_check(root: str, hours: float | None, last: int | None, device: str = 
     }
 
 
+def event_id(check_run_id: str) -> uuid.UUID:
+    """The drift event's id, from its check's MLflow run: a retried emit sends the same event, which Prefect's
+    triggers count once (a new id each try had started one retraining per try)."""
+    return uuid.uuid5(EVENT_NAMESPACE, check_run_id)
+
+
 @task(name="emit drift event", retries=2, retry_delay_seconds=2)
 def emit_drift_event(root: str, result: dict[str, Any]) -> str:
     from prefect.events import emit_event
 
-    from conveyor.tracking import Tracker
-    from monitoring.check import mark_alert_emitted
-
     event = emit_event(
+        id=event_id(result["mlflow_run_id"]),
         event=DRIFT_EVENT,
         resource={
             "prefect.resource.id": model_resource(result["model_name"]),
@@ -110,7 +116,6 @@ def emit_drift_event(root: str, result: dict[str, Any]) -> str:
     )
     if event is None:
         raise RuntimeError("Prefect did not accept the drift event (no API to send it to: set PREFECT_API_URL)")
-    mark_alert_emitted(Tracker.client_for(ProjectPaths(Path(root))), result["mlflow_run_id"], str(event.id))
     get_run_logger().warning(
         "drift on v%s seen by %s (%s; estimated cost %s): event %s emitted, action %s",
         result["model_version"],
@@ -121,6 +126,16 @@ def emit_drift_event(root: str, result: dict[str, Any]) -> str:
         result["action"],
     )
     return str(event.id)
+
+
+@task(name="record drift event", retries=3, retry_delay_seconds=2)
+def record_drift_event(root: str, result: dict[str, Any], emitted: str) -> None:
+    """On the check's MLflow run, which the cooldown and de-duplication read: a task of its own, so that a tracking
+    server that hiccups retries this, not the event."""
+    from conveyor.tracking import Tracker
+    from monitoring.check import mark_alert_emitted
+
+    mark_alert_emitted(Tracker.client_for(ProjectPaths(Path(root))), result["mlflow_run_id"], emitted)
 
 
 @flow(name=MONITORING_FLOW)
@@ -144,6 +159,7 @@ def monitoring_flow(
         result = drift_check(root, hours, last, device)
         if result["alert"]:
             result["event_id"] = emit_drift_event(root, result)
+            record_drift_event(root, result, result["event_id"])
         create_markdown_artifact(
             result["markdown"], key=artifact_key(device), description=f"Conveyor drift check ({device})"
         )

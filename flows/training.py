@@ -32,7 +32,7 @@ from conveyor.paths import ProjectPaths, tracking_uri, write_atomically
 from conveyor.settings import Settings, load_settings
 from flows import TRAINING_FLOW, decisions, repair
 from pipelines import dvc_repo
-from pipelines.warm_start import set_warm_start
+from pipelines.warm_start import clear_earlier_warm_start, set_warm_start
 
 # MLflow (3.4 s to import here) and the pipeline modules load inside the tasks: a run triggered by a drift event is
 # Running (and visible as such) that much sooner.
@@ -252,6 +252,9 @@ def training_flow(
             if warm_start:
                 set_warm_start(paths, settings, warm_start)
                 stale = pipeline_stages(paths)  # train.weights changed after DVC was asked
+            elif clear_earlier_warm_start(paths, settings):
+                logger.info("train.weights named an earlier run's warm start: this run trains from train.model")
+                stale = pipeline_stages(paths)
             stage_seconds: dict[str, float] = {}
             retries = settings.orchestration.stage_retries
             upstream_ran = False

@@ -278,7 +278,8 @@ def log_check(
 
 
 def mark_alert_emitted(client: MlflowClient, run_id: str, event_id: str) -> None:
-    """Recorded only after the event was accepted: the cooldown and de-duplication read this tag."""
+    """Recorded once the event was handed to Prefect (its events client sends it in the background, and resends
+    what the server did not confirm); the cooldown and de-duplication read this tag."""
     client.set_tag(run_id, alerts.ALERT_TAG, alerts.EMITTED)
     client.set_tag(run_id, "conveyor.drift.event_id", event_id)
 

@@ -37,3 +37,15 @@ def set_warm_start(paths: ProjectPaths, settings: Settings, warm_start: str) -> 
             weights.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(given, weights)
     set_param(paths.params, ("train", "weights"), os.path.relpath(weights, paths.root))
+
+
+def clear_earlier_warm_start(paths: ProjectPaths, settings: Settings) -> bool:
+    """A warm start that `set_warm_start` wrote for an earlier run is that run's: a run that asks for none trains from
+    train.model again (a scheduled training after a drift fine-tune had stayed a fine-tune from that day's champion,
+    and a committed params.yaml named a file other clones do not have). A checkpoint set by hand is left alone.
+    Returns whether train.weights was cleared."""
+    weights = settings.train.weights
+    if weights is None or not (paths.root / weights).resolve().is_relative_to((paths.scratch / "warm-start").resolve()):
+        return False
+    set_param(paths.params, ("train", "weights"), None)
+    return True

@@ -234,11 +234,12 @@ def _tiers(
                     str(parts.VENV_BIN / "mlflow"),
                     "server",
                     *("--host", "127.0.0.1", "--port", str(ports.mlflow), "--workers", "1"),
-                    *("--backend-store-uri", f"postgresql://{pg_url}/mlflow"),
                     *("--artifacts-destination", f"s3://{settings.stack.bucket}/mlflow"),
                 ],
                 lambda: http_answers(f"{layout.url('mlflow')}/health"),
-                env=server_env,
+                # In the environment, not on the command line: the password stays out of the process list and of
+                # the log's first line (which records the command).
+                env={**server_env, "MLFLOW_BACKEND_STORE_URI": f"postgresql://{pg_url}/mlflow"},
                 cwd=layout.root,
                 port=ports.mlflow,
             ),

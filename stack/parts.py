@@ -78,6 +78,8 @@ def start(
     user: str | None = None,
 ) -> subprocess.Popen[bytes]:
     log.parent.mkdir(parents=True, exist_ok=True)
+    log.touch()
+    log.chmod(0o600)  # a server may print its connection settings: readable by the stack's user only
     with log.open("ab") as out:
         out.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} conveyor stack up: {' '.join(argv)}\n".encode())
         out.flush()

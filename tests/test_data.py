@@ -366,3 +366,20 @@ def test_a_warm_start_file_is_kept_by_its_content(paths: ProjectPaths, tmp_path:
     ).read_bytes() == b"other weights"
     with pytest.raises(FileNotFoundError, match="not found"):
         set_warm_start(paths, load_settings(paths.params), str(tmp_path / "gone.pt"))
+
+
+def test_a_warm_start_is_one_runs_and_a_hand_set_checkpoint_stays(paths: ProjectPaths, tmp_path: Path) -> None:
+    """After a drift fine-tune, a run that asks for no warm start trains from train.model again (it stayed a
+    fine-tune from that day's champion, from a file under .conveyor/ that other clones do not have)."""
+    from conveyor.settings import set_param
+    from pipelines.warm_start import clear_earlier_warm_start, set_warm_start
+
+    checkpoint = tmp_path / "ck.pt"
+    checkpoint.write_bytes(b"weights")
+    set_warm_start(paths, load_settings(paths.params), str(checkpoint))
+    assert clear_earlier_warm_start(paths, load_settings(paths.params))
+    assert load_settings(paths.params).train.weights is None
+    assert not clear_earlier_warm_start(paths, load_settings(paths.params))
+    set_param(paths.params, ("train", "weights"), "checkpoints/line-7.pt")  # set by hand: the team's choice
+    assert not clear_earlier_warm_start(paths, load_settings(paths.params))
+    assert str(load_settings(paths.params).train.weights) == "checkpoints/line-7.pt"

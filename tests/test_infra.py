@@ -495,6 +495,11 @@ def test_k8s_server_ports_probes_and_secret_match_the_code() -> None:
             assert container[probe]["httpGet"]["path"] in routes
         token = next(e for e in container["env"] if e["name"] == TOKEN_ENV)
         assert token["valueFrom"]["secretKeyRef"]["name"] == "conveyor-secrets"
+        # The prediction log's S3 keys, under the names boto3 reads (conveyor/storage.py): without them every
+        # upload failed quietly and the cluster's drift check saw no records.
+        keys = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if e["name"].startswith("AWS_")}
+        assert set(keys) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        assert all(ref["name"] == "conveyor-secrets" and ref["key"] == name for name, ref in keys.items())
     deployment = next(d for d in servers if d["kind"] == "Deployment")
     assert deployment["spec"]["replicas"] == 2
     service = next(d for d in k8s_documents(K8S / "base") if d["kind"] == "Service")
@@ -512,6 +517,17 @@ def test_k8s_server_ports_probes_and_secret_match_the_code() -> None:
     assert {main[p]["httpGet"]["path"] for p in ("readinessProbe", "livenessProbe")} == set(HEALTH_ROUTES)
     init = containers(triton)[0]
     assert init["args"][:2] == ["conveyor", "triton-repository"] and init["args"][-1] == "/models"
+
+
+def test_flow_run_pods_send_the_heartbeats_the_zombie_automation_waits_for() -> None:
+    """`conveyor worker` turns heartbeats on for its runs; in the cluster the runs are Jobs of Prefect's Kubernetes
+    worker, which read the ConfigMap: without the setting there, no run ever sent one."""
+    (config,) = [
+        d
+        for d in k8s_documents(K8S / "base")
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "conveyor-config"
+    ]
+    assert int(config["data"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]) == params()["orchestration"]["heartbeat_seconds"]
 
 
 def test_prefect_worker_runs_a_kubernetes_pool_with_jobs_it_may_create() -> None:

@@ -170,3 +170,33 @@ def test_drift_is_detected_retrained_promoted_and_swapped(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["conveyor-training-summary"]))
         )
         assert any(str(a.flow_run_id) == retraining["flow_run"] and "Gate report" in str(a.data) for a in artifacts)
+
+
+def test_a_redeploy_removes_every_automation_of_its_name_and_a_drift_event_id_is_its_check(
+    prefect_server: str,
+) -> None:
+    """Two deploys at once can each create the automation; re-deploying must remove both (Automation.read returns
+    the first only, so one stayed for good and every drift event retrained twice). A retried emit must send the same
+    event (its id is the check's), or Prefect counts one retraining per try."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.events.actions import DoNothing
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.deploy import remove_automation
+    from flows.drift_check import event_id
+
+    name = f"conveyor: duplicated {uuid.uuid4().hex[:8]}"
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        for _ in range(2):
+            Automation(
+                name=name,
+                trigger=EventTrigger(expect={"x"}, posture=Posture.Reactive, threshold=1, within=timedelta(0)),
+                actions=[DoNothing()],
+            ).create()
+        remove_automation(name)
+        with pytest.raises(ValueError, match="not found"):
+            Automation.read(name=name)  # type: ignore[unused-coroutine]  # sync context: the automation itself
+    assert event_id("run-1") == event_id("run-1") != event_id("run-2")

@@ -96,6 +96,13 @@ def test_stack_is_up_and_says_so(stack: RunningStack) -> None:
     config_local = (stack.project / ".dvc/config.local").read_text()
     assert "s3://" in config_local and "endpointurl" in config_local
     assert "AWS_SECRET" not in (stack.project / ".dvc/config").read_text()
+    # The database password is in no part's command line (the process list) nor in its log, readable by all.
+    secret = dict(line.split("=", 1) for line in stack.layout.secrets_file.read_text().splitlines())["PG_PASSWORD"]
+    for part in ("mlflow", "prefect", "worker", "server"):
+        started = stack.entry(part)
+        process = started.process()
+        assert process is not None and secret not in " ".join(process.cmdline()), part
+        assert secret not in Path(started.log).read_text() and Path(started.log).stat().st_mode & 0o077 == 0, part
 
 
 def _restart_postgres(stack: RunningStack) -> None:
