@@ -95,6 +95,11 @@ class ProjectPaths:
         return self.root / ".conveyor"
 
     @property
+    def training_lock(self) -> Path:
+        """The file a training run holds locked from start to promotion (and a change of data/ while it runs)."""
+        return self.scratch / "training.lock"
+
+    @property
     def monitoring(self) -> Path:
         """Drift checks' reports, gauges and cached profiles."""
         return self.scratch / "monitoring"

@@ -41,10 +41,11 @@ def previous_decision(paths: ProjectPaths) -> dict[str, Any] | None:
         return None
     if record.get("key") != key or record.get("tracking_uri") != tracking_uri(paths):
         return None
-    version = record["outcome"]["version"]
+    version, then = record["outcome"]["version"], record["outcome"].get("champion")
     return {
         **record["outcome"],
         "newly_registered": False,
         "promoted": False,
-        "message": f"v{version} already decided; champion unchanged",
+        # Not "champion unchanged": the registry was not asked, and a rollback or promotion may have moved it since.
+        "message": f"v{version} already decided (champion then: {f'v{then}' if then else 'none'})",
     }

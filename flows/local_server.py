@@ -68,12 +68,18 @@ def healthy(api_url: str, timeout: float = 2.0) -> bool:
 
 def find(home: Path | None = None) -> LocalServer | None:
     """The server this user's Conveyor started, if it is still up and answering."""
-    state = _state_file(home or prefect_home())
+    server = _recorded(home or prefect_home())
+    return server if server is not None and healthy(server.api_url) else None
+
+
+def _recorded(home: Path) -> LocalServer | None:
+    """The server the state file names, if its process is still a Prefect server (answering or not: under load,
+    /health may take longer than its timeout, and that server still holds the port and the database)."""
     try:
-        server = LocalServer(**json.loads(state.read_text()))
+        server = LocalServer(**json.loads(_state_file(home).read_text()))
     except (OSError, ValueError, TypeError):
         return None
-    return server if _alive(server.pid) and healthy(server.api_url) else None
+    return server if _alive(server.pid) and _is_prefect_server(server.pid) else None
 
 
 def _alive(pid: int) -> bool:
@@ -84,6 +90,17 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process reuses the pid
         return False
     return True
+
+
+def _is_prefect_server(pid: int) -> bool:
+    """Whether the pid is (still) a Prefect server's, not another process that reuses it."""
+    import psutil
+
+    try:
+        command = psutil.Process(pid).cmdline()
+    except (psutil.Error, OSError):
+        return False
+    return any(part.endswith("prefect") for part in command) and "server" in command
 
 
 def server_argv(host: str, port: int) -> list[str]:
@@ -115,8 +132,16 @@ def start(
     home.mkdir(parents=True, exist_ok=True)
     with (home / "conveyor-server.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        running = find(home)
+        running = _recorded(home)
         if running is not None:
+            # Up but slow to answer (training beside it): wait for it, never start a second server on its database.
+            try:
+                wait_started("the local Prefect server", lambda: healthy(running.api_url, 2.0), timeout)
+            except StartupError:
+                raise PrefectServerError(
+                    f"the local Prefect server (pid {running.pid}, {running.api_url}) runs but has not answered for "
+                    f"{timeout:.0f} s: `conveyor server stop`, then try again; its log: {log_file(home)}"
+                ) from None
             return running
         chosen = port or (DEFAULT_PORT if port_free(DEFAULT_PORT) else free_port())
         env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
@@ -143,7 +168,7 @@ def start(
 def stop(home: Path | None = None) -> LocalServer | None:
     """Stop the server this user's Conveyor started; None when none was running."""
     home = home or prefect_home()
-    server = find(home)
+    server = _recorded(home)  # answering or not: a slow server is stopped too, not forgotten while it runs
     state = _state_file(home)
     if server is None:
         state.unlink(missing_ok=True)

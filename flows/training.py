@@ -51,7 +51,7 @@ def pipeline_stages(paths: ProjectPaths) -> list[str]:
 @contextmanager
 def training_lock(paths: ProjectPaths, on_overlap: str) -> Iterator[None]:
     paths.scratch.mkdir(parents=True, exist_ok=True)
-    with (paths.scratch / "training.lock").open("w") as handle:
+    with paths.training_lock.open("w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -119,6 +121,25 @@ def record_version(paths: ProjectPaths) -> str:
     return data_version(paths.data_dvc).md5
 
 
+@contextlib.contextmanager
+def _no_training(paths: ProjectPaths) -> Iterator[None]:
+    """Held while data/ changes. A training run holds the same lock from its start to its promotion: data changed
+    under it would be named in the registry as the data it was trained on. A run that starts meanwhile waits."""
+    paths.scratch.mkdir(parents=True, exist_ok=True)
+    with paths.training_lock.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataVersionError(
+                "a training run is in progress in this project: data/ changed under it would be recorded as the "
+                "data it was trained on; try again when it ends; nothing was changed"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _require_dvc(paths: ProjectPaths) -> None:
     """Checked before data/ is touched: a version that cannot be recorded is not written."""
     if not (paths.root / ".dvc").is_dir():
@@ -136,11 +157,11 @@ def synthesize(
     paths: ProjectPaths, settings: SynthSettings, out: Path | None = None, *, overwrite: bool = False
 ) -> synth.SynthSummary:
     """Generate the synthetic dataset into data/ (recorded with DVC) or into `out` (not recorded)."""
-    target = out or paths.data
-    if out is None:
+    if out is not None:
+        return synth.generate(settings, out, overwrite=overwrite)
+    with _no_training(paths):
         _require_dvc(paths)
-    summary = synth.generate(settings, target, overwrite=overwrite)
-    if out is None:
+        summary = synth.generate(settings, paths.data, overwrite=overwrite)
         record_version(paths)
     return summary
 
@@ -166,23 +187,24 @@ def import_dataset(paths: ProjectPaths, source: Path, *, replace: bool = False) 
     if paths.data.exists() and any(paths.data.iterdir()) and not replace:
         raise FileExistsError(f"{paths.data} already holds a dataset; pass --replace (the old version stays in DVC)")
     settings = load_settings(paths.params)
-    _require_dvc(paths)
-    staging = Path(tempfile.mkdtemp(dir=paths.root, prefix=".import-"))
-    try:
-        conversion = formats.convert(source, staging, settings.data, settings.validate_.on_error)
-        if paths.data.exists():
-            shutil.rmtree(paths.data)
-        shutil.move(str(staging), paths.data)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    try:
-        record_version(paths)
-    except DataVersionError as exc:
-        raise DataVersionError(
-            f"{exc}. data/ holds the imported dataset, not recorded: fix that and run `dvc add data`, or get the "
-            "version data.dvc names back with `dvc checkout data.dvc`"
-        ) from None
-    return ImportSummary(conversion.images, conversion.labels, conversion.names, conversion)
+    with _no_training(paths):
+        _require_dvc(paths)
+        staging = Path(tempfile.mkdtemp(dir=paths.root, prefix=".import-"))
+        try:
+            conversion = formats.convert(source, staging, settings.data, settings.validate_.on_error)
+            if paths.data.exists():
+                shutil.rmtree(paths.data)
+            shutil.move(str(staging), paths.data)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        try:
+            record_version(paths)
+        except DataVersionError as exc:
+            raise DataVersionError(
+                f"{exc}. data/ holds the imported dataset, not recorded: fix that and run `dvc add data`, or get the "
+                "version data.dvc names back with `dvc checkout data.dvc`"
+            ) from None
+        return ImportSummary(conversion.images, conversion.labels, conversion.names, conversion)
 
 
 @dataclass(frozen=True)
@@ -327,36 +349,37 @@ def add_dataset(paths: ProjectPaths, source: Path, *, commit: bool = False, name
         )
     current = read_class_names(paths.data)
     settings = load_settings(paths.params)
-    _require_dvc(paths)
-    batch = batch_id(name or source.stem)
-    staging = Path(tempfile.mkdtemp(dir=paths.root, prefix=".add-"))
-    try:
-        conversion = formats.convert(
-            source,
-            staging,
-            settings.data,
-            "fail",
-            target_names=current,
-            carve_named=False,
-            action="add",
-            prefix=f"{batch}{BATCH_SEPARATOR}",
-        )
-        _check_batch(paths, staging, conversion.origin, source)
-        taken = sorted(rel for rel in conversion.origin if (paths.data / rel).exists())
-        if taken:
-            raise FileExistsError(
-                f"{len(taken)} file(s) of batch {batch} already exist in data/ (e.g. {taken[0]}); nothing was added"
+    with _no_training(paths):
+        _require_dvc(paths)
+        batch = batch_id(name or source.stem)
+        staging = Path(tempfile.mkdtemp(dir=paths.root, prefix=".add-"))
+        try:
+            conversion = formats.convert(
+                source,
+                staging,
+                settings.data,
+                "fail",
+                target_names=current,
+                carve_named=False,
+                action="add",
+                prefix=f"{batch}{BATCH_SEPARATOR}",
             )
-        placed, made = _place(staging, paths.data)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    try:
-        md5 = record_version(paths)
-    except BaseException as exc:
-        _take_back(placed, made)
-        if isinstance(exc, DataVersionError):
-            raise DataVersionError(f"{exc}; the batch was taken out of data/ again") from None
-        raise
-    if commit:
-        _git_commit(paths.root, f"data: add {batch} ({sum(conversion.images.values())} images)")
-    return AddSummary(batch, conversion.images, conversion.labels, conversion.names, md5, commit, conversion)
+            _check_batch(paths, staging, conversion.origin, source)
+            taken = sorted(rel for rel in conversion.origin if (paths.data / rel).exists())
+            if taken:
+                raise FileExistsError(
+                    f"{len(taken)} file(s) of batch {batch} already exist in data/ (e.g. {taken[0]}); nothing was added"
+                )
+            placed, made = _place(staging, paths.data)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        try:
+            md5 = record_version(paths)
+        except BaseException as exc:
+            _take_back(placed, made)
+            if isinstance(exc, DataVersionError):
+                raise DataVersionError(f"{exc}; the batch was taken out of data/ again") from None
+            raise
+        if commit:
+            _git_commit(paths.root, f"data: add {batch} ({sum(conversion.images.values())} images)")
+        return AddSummary(batch, conversion.images, conversion.labels, conversion.names, md5, commit, conversion)

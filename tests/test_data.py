@@ -383,3 +383,24 @@ def test_a_warm_start_is_one_runs_and_a_hand_set_checkpoint_stays(paths: Project
     set_param(paths.params, ("train", "weights"), "checkpoints/line-7.pt")  # set by hand: the team's choice
     assert not clear_earlier_warm_start(paths, load_settings(paths.params))
     assert str(load_settings(paths.params).train.weights) == "checkpoints/line-7.pt"
+
+
+def test_data_does_not_change_under_a_training_run(paths: ProjectPaths, tmp_path: Path) -> None:
+    """A training run holds the project's training lock to its promotion: a batch added meanwhile would be named in
+    the registry as the data the model was trained on. Refused, nothing changed; a run that starts during an add
+    waits for it (the same lock)."""
+    import fcntl
+
+    data.synthesize(paths, synth_settings(paths))
+    before = data.dir_md5(paths.data)
+    batch = tmp_path / "batch"
+    synth.generate(SynthSettings(image_size=64, seed=5, counts={"train": 2, "val": 1, "test": 1}), batch)
+    with paths.training_lock.open("w") as run:
+        fcntl.flock(run, fcntl.LOCK_EX)  # what flows/training.py's training_lock holds
+        with pytest.raises(data.DataVersionError, match="a training run is in progress in this project"):
+            data.add_dataset(paths, batch)
+        with pytest.raises(data.DataVersionError, match="nothing was changed"):
+            data.synthesize(paths, synth_settings(paths), overwrite=True)
+        fcntl.flock(run, fcntl.LOCK_UN)
+    assert data.dir_md5(paths.data) == before
+    assert data.add_dataset(paths, batch).images  # once the run has ended

@@ -90,7 +90,7 @@ def test_promote_reject_force_rollback(flow_project: tuple[Path, str], mlflow_se
 
     # A second run with nothing changed is a no-op that keeps the champion: DVC is asked once, MLflow not at all.
     again = conveyor(project, env, "run")
-    assert "v1 already decided; champion unchanged" in again.stdout
+    assert "v1 already decided (champion then: v1)" in again.stdout
     assert "stage train: up to date (dvc status)" in again.stdout + again.stderr
     assert "registry not consulted" in again.stdout + again.stderr
     assert len(registry.versions(client, name)) == 1

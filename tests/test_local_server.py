@@ -34,6 +34,14 @@ def test_started_once_found_again_and_stopped(tmp_path: Path) -> None:
         again = conveyor(project, env, "server", "start")
         assert "already running" in again.stdout and f"pid {server.pid}" in again.stdout
 
+        # Slow to answer (training beside it): waited for, not replaced by a second server on its database.
+        answers = iter([False, False, True])
+        real = local_server.healthy
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(local_server, "healthy", lambda url, timeout=2.0: next(answers, True) and real(url, timeout))
+            assert local_server.find(home) is None  # not answering now...
+            assert local_server.start(home=home).pid == server.pid  # ...but it is the one, and it answers again
+
         # `conveyor status` finds the server by itself, and every part says something, even with no data or model.
         status = conveyor(project, env, "status")
         assert status.returncode == 0, status.stdout + status.stderr
