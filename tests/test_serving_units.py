@@ -326,3 +326,33 @@ def test_a_slot_names_classes_by_the_version_that_answered() -> None:
         slot.swap(SimpleNamespace(version=version, name="m", loaded_at=0.0, card=SimpleNamespace(names=names)))  # type: ignore[arg-type]
     assert slot.names("1") == ["scratch", "dent", "stain"] and slot.names("2") == ["dent", "scratch"]
     assert slot.names("9") is None
+
+
+def test_sigterm_ends_a_stream_whose_camera_delivers_nothing() -> None:
+    """A service stop (SIGTERM) while the camera sends no frames: the runner ends with its summary (it waited for a
+    frame forever, until SIGKILL lost its queued decisions)."""
+    import os
+    import signal
+    import threading
+    from types import SimpleNamespace
+
+    # The runner's handler is installed from the main thread only; a SIGTERM elsewhere would end the test process.
+    assert threading.current_thread() is threading.main_thread(), "run in pytest's main thread"
+    edge = edge_module()
+    reader = object.__new__(edge.FrameReader)  # a camera that never delivers: its reader thread waits for the end
+    reader.ended, reader._newest, reader._ready = threading.Event(), None, threading.Condition()
+    reader.skipped = reader.unreadable = reader.reopened = 0
+    reader.capture = SimpleNamespace(release=lambda: None)
+    reader._thread = threading.Thread(target=reader.ended.wait, daemon=True)
+    reader._thread.start()
+    rescued = threading.Event()
+
+    def stop_then_rescue() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        if not reader.ended.wait(30):  # the fail-safe: without the fix the loop would wait forever
+            rescued.set()
+            reader.ended.set()
+
+    threading.Timer(0.5, stop_then_rescue).start()
+    summary = edge.run_stream(None, reader, None, edge.JsonLines(), "line-1")
+    assert summary["frames"] == 0 and not rescued.is_set()
