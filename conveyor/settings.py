@@ -151,7 +151,15 @@ class TrainSettings(_Section):
     @model_validator(mode="after")
     def _extra_does_not_repeat(self) -> TrainSettings:
         # Both are passed beside the train section's own arguments (`model.train(imgsz=..., **effective_extra)`).
-        reserved = set(type(self).model_fields) | {"data", "project", "name"}
+        reserved = set(type(self).model_fields) | {
+            "data",
+            "project",
+            "name",
+            "deterministic",
+            "exist_ok",
+            "plots",
+            "verbose",
+        }
         for where, extra in (("train.extra", self.extra), ("train.finetune.extra", self.finetune.extra)):
             repeated = sorted(set(extra) & reserved)
             if repeated:

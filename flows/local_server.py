@@ -134,15 +134,21 @@ def start(
         fcntl.flock(lock, fcntl.LOCK_EX)
         running = _recorded(home)
         if running is not None:
-            # Up but slow to answer (training beside it): wait for it, never start a second server on its database.
+            # Up but slow to answer (training beside it): wait for it, never start a second server on its database
+            # (unless it exits meanwhile: then one is started below).
             try:
-                wait_started("the local Prefect server", lambda: healthy(running.api_url, 2.0), timeout)
+                wait_started(
+                    "the local Prefect server",
+                    lambda: healthy(running.api_url, 2.0) or _recorded(home) is None,
+                    timeout,
+                )
             except StartupError:
                 raise PrefectServerError(
                     f"the local Prefect server (pid {running.pid}, {running.api_url}) runs but has not answered for "
                     f"{timeout:.0f} s: `conveyor server stop`, then try again; its log: {log_file(home)}"
                 ) from None
-            return running
+            if _recorded(home) is not None:
+                return running
         chosen = port or (DEFAULT_PORT if port_free(DEFAULT_PORT) else free_port())
         env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
         env.update(server_env(home, "127.0.0.1", chosen), **(extra_env or {}))

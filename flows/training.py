@@ -57,9 +57,12 @@ def training_lock(paths: ProjectPaths, on_overlap: str) -> Iterator[None]:
         except BlockingIOError:
             if on_overlap == "reject":
                 raise TrainingBusyError(
-                    f"another training run is in progress in {paths.root} (orchestration.on_overlap: reject)"
+                    "another training run, or a change of its data (conveyor data add, import, synth), is in "
+                    f"progress in {paths.root} (orchestration.on_overlap: reject)"
                 ) from None
-            get_run_logger().info("another training run is in progress in this project: waiting for it")
+            get_run_logger().info(
+                "another training run or a data change is in progress in this project: waiting for it"
+            )
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

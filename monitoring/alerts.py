@@ -90,14 +90,21 @@ def past_alerts(client: MlflowClient, experiment: str, model_name: str, since: d
 
 
 def recent_statuses(
-    client: MlflowClient, experiment: str, model_name: str, version: str, count: int, device: str
+    client: MlflowClient,
+    experiment: str,
+    model_name: str,
+    version: str,
+    count: int,
+    device: str,
+    window: tuple[float, float] | None,
 ) -> list[str]:
-    """The verdicts of this version's last `count` windows of one device, newest first, each window ending before
-    the next one began (for `monitor.retrain_after`: drift that persists on one camera over windows of its own
-    records, not the same records checked again, nor the checks of several cameras interleaved). Checks without a
-    window's span (a folder of images) are not counted."""
+    """The verdicts of this version's last `count` windows of one device before the current `window` (its first and
+    last record time), newest first, each window ending before the next one began (for `monitor.retrain_after`:
+    drift that persists on one camera over windows of its own records, not the same records checked again, nor the
+    checks of several cameras interleaved). A check without a window's span (a folder of images) has no earlier
+    windows, and is not counted as one."""
     found = client.get_experiment_by_name(experiment)
-    if found is None or count <= 0:
+    if found is None or count <= 0 or window is None:
         return []
     runs = client.search_runs(
         [found.experiment_id],
@@ -109,14 +116,14 @@ def recent_statuses(
         max_results=PERSISTENCE_LOOKBACK,
     )
     statuses: list[str] = []
-    earliest: float | None = None  # where the last counted window began
+    earliest = window[0]  # where the last counted window began: the current one first
     for run in runs:
         try:
             start, end = float(run.data.tags[WINDOW_START_TAG]), float(run.data.tags[WINDOW_END_TAG])
         except (KeyError, ValueError):
             continue
-        if earliest is not None and end >= earliest:
-            continue  # overlaps a window already counted
+        if end > earliest:
+            continue  # overlaps a window already counted (or the current one)
         statuses.append(run.data.tags.get(STATUS_TAG, ""))
         earliest = start
         if len(statuses) == count:

@@ -101,7 +101,13 @@ def run_check(paths: ProjectPaths, settings: Settings, options: CheckOptions, co
         client, monitor.experiment, name, now - timedelta(hours=max(monitor.cooldown_hours, monitor.dedupe_hours))
     )
     earlier = alerts.recent_statuses(
-        client, monitor.experiment, name, str(version.version), monitor.retrain_after - 1, data.device
+        client,
+        monitor.experiment,
+        name,
+        str(version.version),
+        monitor.retrain_after - 1,
+        data.device,
+        window_of(data.records),
     )
     decision = alerts.decide(result, str(version.version), history, earlier, estimate, monitor, now)
     report_dir = paths.monitoring / "reports" / now.strftime("%Y%m%dT%H%M%S%fZ")
@@ -122,15 +128,21 @@ def judge(
     return result, estimate
 
 
-def window_span(records: Any) -> dict[str, str]:
-    """The window's first and last record time as tags (none for a folder of images, whose records have no time)."""
+def window_of(records: Any) -> tuple[float, float] | None:
+    """The window's first and last record time (Unix seconds); None for a folder of images, whose records have no
+    time."""
     if records is None or "time" not in records or not len(records):
-        return {}
+        return None
     times = records["time"]
-    return {
-        alerts.WINDOW_START_TAG: f"{times.min().timestamp():.3f}",
-        alerts.WINDOW_END_TAG: f"{times.max().timestamp():.3f}",
-    }
+    return times.min().timestamp(), times.max().timestamp()
+
+
+def window_span(records: Any) -> dict[str, str]:
+    """`window_of` as the check run's tags (none without one)."""
+    window = window_of(records)
+    if window is None:
+        return {}
+    return {alerts.WINDOW_START_TAG: f"{window[0]:.3f}", alerts.WINDOW_END_TAG: f"{window[1]:.3f}"}
 
 
 def add_performance_group(result: drift.DriftResult, estimate: WindowEstimate, retrain_cost: float) -> None:

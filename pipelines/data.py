@@ -124,7 +124,8 @@ def record_version(paths: ProjectPaths) -> str:
 @contextlib.contextmanager
 def _no_training(paths: ProjectPaths) -> Iterator[None]:
     """Held while data/ changes. A training run holds the same lock from its start to its promotion: data changed
-    under it would be named in the registry as the data it was trained on. A run that starts meanwhile waits."""
+    under it would be named in the registry as the data it was trained on. A run that starts meanwhile waits for it
+    (orchestration.on_overlap: wait) or is turned away as busy (reject)."""
     paths.scratch.mkdir(parents=True, exist_ok=True)
     with paths.training_lock.open("a") as handle:
         try:

@@ -427,10 +427,13 @@ async def _read_uploads(request: Request, config: ApiConfig) -> list[tuple[str, 
         except Exception as exc:  # malformed multipart, too many files or a part over the limit
             raise ApiError(400, f"could not read the multipart body: {exc}") from None
         uploads = []
-        for key, value in form.multi_items():
-            if isinstance(value, str):
-                raise ApiError(400, f"form field '{key}' is text: send images as file parts")
-            uploads.append((value.filename or key, await value.read()))
+        try:
+            for key, value in form.multi_items():
+                if isinstance(value, str):
+                    raise ApiError(400, f"form field '{key}' is text: send images as file parts")
+                uploads.append((value.filename or key, await value.read()))
+        finally:
+            await form.close()  # the spooled files (request.form() has Starlette close them; parsed here, we do)
         if not uploads:
             raise ApiError(400, "no images in the multipart body: send one or more file parts")
         return uploads

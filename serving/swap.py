@@ -68,6 +68,7 @@ class ModelSlot:
             {"version": model.version, "at": model.loaded_at, "from": previous.version if previous else None}
         )
         del self.state.history[:-20]
+        self._names.pop(str(model.version), None)  # newest last: the served version is never the one evicted
         self._names[str(model.version)] = list(model.card.names)
         for old in list(self._names)[:-20]:
             del self._names[old]

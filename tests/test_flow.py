@@ -167,7 +167,7 @@ def test_overlap_kill_and_recovery(flow_project: tuple[Path, str], mlflow_server
 
         set_params(project, orchestration={"on_overlap": "reject"})
         b = conveyor(project, env, "run", check=False)
-        assert b.returncode == 1 and "another training run is in progress" in b.stdout + b.stderr
+        assert b.returncode == 1 and "another training run, or a change of its data" in b.stdout + b.stderr
 
         set_params(project, orchestration={"on_overlap": "wait"}, train={"epochs": 1})
         c_log = (logs / "c.log").open("w")

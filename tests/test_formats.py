@@ -256,3 +256,18 @@ def test_remapped_class_ids_written_as_floats_keep_their_class(tmp_path: Path) -
         "0.5 0.1 0.1 0.1 0.1",  # not a class id: left for the validation report to name
         "x",
     ]
+
+
+def test_coco_ids_written_as_floats_are_the_same_ids(yolo: Path, tmp_path: Path) -> None:
+    """Some tools write 1.0 for 1: an annotation's image and category ids match their integer ids."""
+    coco = to_coco(yolo, tmp_path / "coco", {"train": "instances_train"})
+    formats.convert(coco, tmp_path / "ints", DataSettings(), "fail")
+    doc = _coco_doc(coco)
+    for annotation in doc["annotations"]:
+        annotation["image_id"], annotation["category_id"] = (
+            float(annotation["image_id"]),
+            float(annotation["category_id"]),
+        )
+    (coco / "annotations/instances_train.json").write_text(json.dumps(doc))
+    formats.convert(coco, tmp_path / "floats", DataSettings(), "fail")
+    assert boxes_of(tmp_path / "floats") == boxes_of(tmp_path / "ints")

@@ -751,8 +751,12 @@ def test_persistence_counts_windows_that_do_not_overlap(tmp_path: Path) -> None:
     check(25, 49, "drift")  # the same window, checked again by hand
     check(0, None, "drift", "folder")  # a folder of images: no window
     check(49, 73, "drift", "cam-2")  # another camera
-    statuses = alerts.recent_statuses(client, "monitoring", "m", "3", 3, "server")
+    statuses = alerts.recent_statuses(client, "monitoring", "m", "3", 3, "server", (49 * hour, 73 * hour))
     assert statuses == ["drift", "drift"]  # the newest window, then the first day's (the overlapping ones skipped)
+    # The current check repeats the newest window (run again by hand): that window is not an earlier one.
+    assert alerts.recent_statuses(client, "monitoring", "m", "3", 3, "server", (25 * hour, 49 * hour)) == ["drift"]
+    # A folder of images has no window: it neither counts nor is counted.
+    assert alerts.recent_statuses(client, "monitoring", "m", "3", 3, "server", None) == []
     assert mlflow.get_tracking_uri()  # the client's own store, nothing global touched
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import re
 import subprocess
 import sys
 import time
@@ -356,3 +357,25 @@ def test_sigterm_ends_a_stream_whose_camera_delivers_nothing() -> None:
     threading.Timer(0.5, stop_then_rescue).start()
     summary = edge.run_stream(None, reader, None, edge.JsonLines(), "line-1")
     assert summary["frames"] == 0 and not rescued.is_set()
+
+
+def test_a_bundle_refuses_files_it_would_load_unlisted_and_leaves_the_rest(tmp_path: Path) -> None:
+    """No checksum or signature covers a file the manifest does not list: where the runner or Python would load it
+    (the model folder, a module or package beside run.py, a bytecode cache) the bundle is refused; the runner's
+    own log and a shell's nohup.out are left alone."""
+    import hashlib
+
+    edge = edge_module()
+    (tmp_path / "run.py").write_text("print('runner')\n")
+    digest = hashlib.sha256((tmp_path / "run.py").read_bytes()).hexdigest()
+    (tmp_path / "manifest.json").write_text(json.dumps({"sha256": {"run.py": digest}}))
+    for harmless in ("nohup.out", "decisions.jsonl", "edge-log/date=2026-12-06/part-1.parquet"):
+        (tmp_path / harmless).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / harmless).write_text("x")
+    assert edge.verify(tmp_path)["sha256"] == {"run.py": digest}
+    for planted in ("cv2.py", "numpy/__init__.py", "model/openvino_int8/model.xml", "__pycache__/run.cpython-311.pyc"):
+        (tmp_path / planted).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / planted).write_text("x")
+        with pytest.raises(edge.BundleError, match=rf"does not list \({re.escape(planted)}\)"):
+            edge.verify(tmp_path)
+        (tmp_path / planted).unlink()

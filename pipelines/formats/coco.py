@@ -44,7 +44,10 @@ def _image_dirs(json_file: Path, root: Path, split: Split | None) -> list[Path]:
 
 
 def _id(value: object) -> str:
-    """An image's or category's id as a key: COCO ids are usually integers, but strings are legal too ("img-a0")."""
+    """An image's or category's id as a key: COCO ids are usually integers (some tools write 1.0), but strings are
+    legal too ("img-a0")."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     return str(value)
 
 

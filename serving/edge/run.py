@@ -64,6 +64,7 @@ SCORE_FLOOR = 0.01  # candidates kept for the log's performance estimate, as the
 
 
 UNLISTED = {"manifest.json", "manifest.sig"}  # the only files of a bundle its manifest cannot list
+PYTHON_FILES = {".py", ".pyc", ".so", ".pyd"}  # what Python imports a module from
 
 
 class BundleError(Exception):
@@ -83,13 +84,12 @@ def verify(root: Path = HERE, public_key: Path | None = None) -> dict[str, Any]:
         if digest != expected:
             raise BundleError(f"bundle damaged: {rel} has sha256 {digest}, manifest says {expected}")
     # A file the manifest does not list is covered by no checksum and no signature: a model put beside the signed
-    # ones, or a module beside run.py (the first place Python imports from), would be loaded all the same. Other
-    # folders hold what the runner writes (its prediction log, edge-log/, when started in the bundle) and load
-    # nothing.
+    # ones, or a module or package beside run.py (the first place Python imports from), would be loaded all the
+    # same. Anything else (the runner's log in edge-log/, a shell's nohup.out) is not loaded, and left alone.
     unlisted = sorted(
         rel
         for rel in (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink())
-        if rel not in manifest["sha256"] and rel not in UNLISTED and _loaded_from(rel)
+        if rel not in manifest["sha256"] and rel not in UNLISTED and _loaded_from(root, rel)
     )
     if unlisted:
         raise BundleError(
@@ -101,9 +101,15 @@ def verify(root: Path = HERE, public_key: Path | None = None) -> dict[str, Any]:
     return dict(manifest)
 
 
-def _loaded_from(rel: str) -> bool:
-    """Whether a bundle path is where the runner or Python loads from: the top level, model/, bytecode caches."""
-    return "/" not in rel or rel.startswith(("model/", "__pycache__/"))
+def _loaded_from(root: Path, rel: str) -> bool:
+    """Whether the runner or Python may load a bundle file: the model's, a bytecode cache, a module at the top
+    level, or a file of a package there (Python imports from the script's folder first)."""
+    top, _, rest = rel.partition("/")
+    if not rest:
+        return Path(top).suffix in PYTHON_FILES
+    if top in ("model", "__pycache__"):
+        return True
+    return any((root / top / f"__init__{suffix}").exists() for suffix in PYTHON_FILES)
 
 
 def verify_signature(message: bytes, signature_file: Path, public_key: Path) -> None:
