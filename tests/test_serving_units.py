@@ -7,6 +7,7 @@ import importlib.util
 import io
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -331,32 +332,41 @@ def test_a_slot_names_classes_by_the_version_that_answered() -> None:
 
 def test_sigterm_ends_a_stream_whose_camera_delivers_nothing() -> None:
     """A service stop (SIGTERM) while the camera sends no frames: the runner ends with its summary (it waited for a
-    frame forever, until SIGKILL lost its queued decisions)."""
-    import os
-    import signal
-    import threading
-    from types import SimpleNamespace
+    frame forever, until SIGKILL lost its queued decisions). In a process of its own: the signal is real."""
+    script = f"""
+import importlib.util, json, sys, threading
+from types import SimpleNamespace
+spec = importlib.util.spec_from_file_location("edge_run", {str(EDGE)!r})
+edge = importlib.util.module_from_spec(spec)
+sys.modules["edge_run"] = edge
+spec.loader.exec_module(edge)
 
-    # The runner's handler is installed from the main thread only; a SIGTERM elsewhere would end the test process.
-    assert threading.current_thread() is threading.main_thread(), "run in pytest's main thread"
-    edge = edge_module()
-    reader = object.__new__(edge.FrameReader)  # a camera that never delivers: its reader thread waits for the end
-    reader.ended, reader._newest, reader._ready = threading.Event(), None, threading.Condition()
-    reader.skipped = reader.unreadable = reader.reopened = 0
-    reader.capture = SimpleNamespace(release=lambda: None)
-    reader._thread = threading.Thread(target=reader.ended.wait, daemon=True)
-    reader._thread.start()
-    rescued = threading.Event()
+class Announcing(threading.Condition):  # says when the loop waits for a frame: the handler is installed by then
+    said = False
+    def wait(self, timeout=None):
+        if not self.said:
+            self.said = True
+            print("waiting", flush=True)
+        return super().wait(timeout)
 
-    def stop_then_rescue() -> None:
-        os.kill(os.getpid(), signal.SIGTERM)
-        if not reader.ended.wait(30):  # the fail-safe: without the fix the loop would wait forever
-            rescued.set()
-            reader.ended.set()
-
-    threading.Timer(0.5, stop_then_rescue).start()
-    summary = edge.run_stream(None, reader, None, edge.JsonLines(), "line-1")
-    assert summary["frames"] == 0 and not rescued.is_set()
+reader = object.__new__(edge.FrameReader)  # a camera that never delivers: its reader thread waits for the end
+reader.ended, reader._newest, reader._ready = threading.Event(), None, Announcing()
+reader.skipped = reader.unreadable = reader.reopened = 0
+reader.capture = SimpleNamespace(release=lambda: None)
+reader._thread = threading.Thread(target=reader.ended.wait, daemon=True)
+reader._thread.start()
+print(json.dumps(edge.run_stream(None, reader, None, edge.JsonLines(), "line-1")), flush=True)
+"""
+    runner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert runner.stdout is not None and runner.stdout.readline().strip() == "waiting"
+        runner.send_signal(signal.SIGTERM)
+        out, err = runner.communicate(timeout=30)  # without the fix: it never ends, and this times out
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    assert runner.returncode == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["frames"] == 0
 
 
 def test_a_bundle_refuses_files_it_would_load_unlisted_and_leaves_the_rest(tmp_path: Path) -> None:
