@@ -328,6 +328,11 @@ def test_a_slot_names_classes_by_the_version_that_answered() -> None:
         slot.swap(SimpleNamespace(version=version, name="m", loaded_at=0.0, card=SimpleNamespace(names=names)))  # type: ignore[arg-type]
     assert slot.names("1") == ["scratch", "dent", "stain"] and slot.names("2") == ["dent", "scratch"]
     assert slot.names("9") is None
+    # v1 promoted again after eighteen others, then swapped out: requests it answered are still named by its classes
+    # (it was the oldest entry, and the next swap evicted it).
+    for version in [*(str(v) for v in range(3, 21)), "1", "21"]:
+        slot.swap(SimpleNamespace(version=version, name="m", loaded_at=0.0, card=SimpleNamespace(names=["a"])))  # type: ignore[arg-type]
+    assert slot.names("1") == ["a"] and slot.names("2") is None
 
 
 def test_sigterm_ends_a_stream_whose_camera_delivers_nothing() -> None:
