@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,6 +154,23 @@ def available_cores() -> int:
 def tracking_uri(paths: ProjectPaths) -> str:
     """The MLflow tracking URI: MLFLOW_TRACKING_URI, else the project's embedded SQLite store."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.mlflow_db}"
+
+
+@contextmanager
+def exclusive(path: Path, busy: Callable[[], None] = lambda: None) -> Iterator[None]:
+    """`path` locked for this process (flock: the OS releases it if the process dies). When another holds it,
+    `busy()` is called first: it raises to refuse, or returns to wait for the lock."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            busy()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_atomically(path: Path, text: str | bytes) -> None:

@@ -13,7 +13,6 @@ Nothing here imports Prefect: the API URL must be in the environment before Pref
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import signal
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from conveyor.errors import ConveyorError
 from conveyor.net import StartupError, free_port, http_answers, port_free, wait_started
+from conveyor.paths import exclusive
 
 DEFAULT_PORT = 4200
 START_TIMEOUT_S = 120.0  # a fresh database is migrated on first start: ~20 s on two busy cores
@@ -130,8 +130,7 @@ def start(
     """
     home = home or prefect_home()
     home.mkdir(parents=True, exist_ok=True)
-    with (home / "conveyor-server.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive(home / "conveyor-server.lock"):
         running = _recorded(home)
         if running is not None:
             # Up but slow to answer (training beside it): wait for it, never start a second server on its database

@@ -7,7 +7,6 @@ which the OS releases if the process dies) and per deployment (Prefect's concurr
 
 from __future__ import annotations
 
-import fcntl
 import os
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from prefect.states import Cancelled, State
 import conveyor  # noqa: F401  (offline switches first)
 from conveyor import open_records
 from conveyor.errors import ConveyorError
-from conveyor.paths import ProjectPaths, tracking_uri, write_atomically
+from conveyor.paths import ProjectPaths, exclusive, tracking_uri, write_atomically
 from conveyor.settings import Settings, load_settings
 from flows import TRAINING_FLOW, decisions, repair
 from pipelines import dvc_repo
@@ -50,24 +49,16 @@ def pipeline_stages(paths: ProjectPaths) -> list[str]:
 
 @contextmanager
 def training_lock(paths: ProjectPaths, on_overlap: str) -> Iterator[None]:
-    paths.scratch.mkdir(parents=True, exist_ok=True)
-    with paths.training_lock.open("w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if on_overlap == "reject":
-                raise TrainingBusyError(
-                    "another training run, or a change of its data (conveyor data add, import, synth), is in "
-                    f"progress in {paths.root} (orchestration.on_overlap: reject)"
-                ) from None
-            get_run_logger().info(
-                "another training run or a data change is in progress in this project: waiting for it"
+    def busy() -> None:
+        if on_overlap == "reject":
+            raise TrainingBusyError(
+                "another training run, or a change of its data (conveyor data add, import, synth), is in "
+                f"progress in {paths.root} (orchestration.on_overlap: reject)"
             )
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        get_run_logger().info("another training run or a data change is in progress in this project: waiting for it")
+
+    with exclusive(paths.training_lock, busy):
+        yield
 
 
 def _stage_env(flow_run_id: str | None) -> dict[str, str]:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +19,7 @@ from rich.console import Console
 
 from conveyor.errors import ConveyorError
 from conveyor.lineage import data_version
-from conveyor.paths import ProjectPaths
+from conveyor.paths import ProjectPaths, exclusive
 from conveyor.settings import SPLITS, SynthSettings, load_settings
 from pipelines import formats, synth
 from pipelines.batches import BATCH_SEPARATOR
@@ -121,24 +120,18 @@ def record_version(paths: ProjectPaths) -> str:
     return data_version(paths.data_dvc).md5
 
 
-@contextlib.contextmanager
-def _no_training(paths: ProjectPaths) -> Iterator[None]:
+def _no_training(paths: ProjectPaths) -> AbstractContextManager[None]:
     """Held while data/ changes. A training run holds the same lock from its start to its promotion: data changed
     under it would be named in the registry as the data it was trained on. A run that starts meanwhile waits for it
     (orchestration.on_overlap: wait) or is turned away as busy (reject)."""
-    paths.scratch.mkdir(parents=True, exist_ok=True)
-    with paths.training_lock.open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DataVersionError(
-                "a training run is in progress in this project: data/ changed under it would be recorded as the "
-                "data it was trained on; try again when it ends; nothing was changed"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def busy() -> None:
+        raise DataVersionError(
+            "a training run is in progress in this project: data/ changed under it would be recorded as the "
+            "data it was trained on; try again when it ends; nothing was changed"
+        )
+
+    return exclusive(paths.training_lock, busy)
 
 
 def _require_dvc(paths: ProjectPaths) -> None:

@@ -352,10 +352,13 @@ def fixed_in_frame(boxes: Sequence[np.ndarray], classes: Sequence[np.ndarray]) -
     need = max(STATIC_MIN_IMAGES, STATIC_SHARE * len(sampled))
     # Phase 1: in the sample, the images holding a box at each box's place.
     holders = np.zeros(len(every), np.int64)
+    held_of: tuple[np.ndarray, np.ndarray] | None = None  # a group's candidates and their images, across its chunks
     for mine, other, overlap in _overlapping(every, place, in_sample, in_sample):
-        held = np.zeros((len(other), len(sampled)), np.float32)
-        held[np.arange(len(other)), position[image[other]]] = 1.0
-        holders[mine] = ((overlap.astype(np.float32) @ held) > 0).sum(axis=1)
+        if held_of is None or held_of[0] is not other:
+            held = np.zeros((len(other), len(sampled)), np.float32)
+            held[np.arange(len(other)), position[image[other]]] = 1.0
+            held_of = (other, held)
+        holders[mine] = ((overlap.astype(np.float32) @ held_of[1]) > 0).sum(axis=1)
     anchors = _thinned(place, in_sample[holders[in_sample] >= need])
     # Phase 2: every box at the place of a fixed one.
     fixed = np.zeros(len(every), bool)
@@ -414,8 +417,9 @@ def _overlapping(
     area = (every[:, 2] - every[:, 0]) * (every[:, 3] - every[:, 1])
     for group, other in _neighbours(every, place, queries, candidates):
         b = every[other]
-        for start in range(0, len(group), max(1, _STATIC_CHUNK // len(other))):
-            mine = group[start : start + max(1, _STATIC_CHUNK // len(other))]
+        rows = max(1, _STATIC_CHUNK // len(other))
+        for start in range(0, len(group), rows):
+            mine = group[start : start + rows]
             a = every[mine]
             width = np.clip(
                 np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None
@@ -556,9 +560,10 @@ def estimate(
     and the reference images, and reads both sides with its curves: the intervals hold all three uncertainties."""
     if not scores:
         raise CalibrationError("no images to estimate on")
-    expected = sum(calibration.objects_per_image) * min(len(scores), MAX_IMAGES)
-    if not any(objects_assumed(rate, min(len(scores), MAX_IMAGES)) for rate in calibration.objects_per_image):
+    read_images = min(len(scores), MAX_IMAGES)
+    if not any(objects_assumed(rate, read_images) for rate in calibration.objects_per_image):
         # mAP is not defined without objects: a window this small, on a line this clean, holds none to score.
+        expected = sum(calibration.objects_per_image) * read_images
         raise CalibrationError(
             f"{len(scores)} images are expected to hold {expected:.1f} objects at the line's rate "
             f"({sum(calibration.objects_per_image):.3f} per image): too few to estimate mAP on; a longer window "

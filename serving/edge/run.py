@@ -86,11 +86,7 @@ def verify(root: Path = HERE, public_key: Path | None = None) -> dict[str, Any]:
     # A file the manifest does not list is covered by no checksum and no signature: a model put beside the signed
     # ones, or a module or package beside run.py (the first place Python imports from), would be loaded all the
     # same. Anything else (the runner's log in edge-log/, a shell's nohup.out) is not loaded, and left alone.
-    unlisted = sorted(
-        rel
-        for rel in (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink())
-        if rel not in manifest["sha256"] and rel not in UNLISTED and _loaded_from(root, rel)
-    )
+    unlisted = sorted(rel for rel in _loadable(root) if rel not in manifest["sha256"] and rel not in UNLISTED)
     if unlisted:
         raise BundleError(
             f"bundle holds {len(unlisted)} file(s) its manifest does not list ({', '.join(unlisted[:3])}): added "
@@ -101,15 +97,18 @@ def verify(root: Path = HERE, public_key: Path | None = None) -> dict[str, Any]:
     return dict(manifest)
 
 
-def _loaded_from(root: Path, rel: str) -> bool:
-    """Whether the runner or Python may load a bundle file: the model's, a bytecode cache, a module at the top
-    level, or a file of a package there (Python imports from the script's folder first)."""
-    top, _, rest = rel.partition("/")
-    if not rest:
-        return Path(top).suffix in PYTHON_FILES
-    if top in ("model", "__pycache__"):
-        return True
-    return any((root / top / f"__init__{suffix}").exists() for suffix in PYTHON_FILES)
+def _loadable(root: Path) -> Iterator[str]:
+    """The bundle's files the runner or Python may load: the model's, bytecode caches, modules at the top level and
+    the files of packages there (Python imports from the script's folder first). Other folders (the runner's log,
+    which grows by the hour) are not walked."""
+    for entry in root.iterdir():
+        if not entry.is_dir():
+            if entry.suffix in PYTHON_FILES:
+                yield entry.name
+        elif entry.name in ("model", "__pycache__") or any(
+            (entry / f"__init__{suffix}").exists() for suffix in PYTHON_FILES
+        ):
+            yield from (p.relative_to(root).as_posix() for p in entry.rglob("*") if p.is_file() or p.is_symlink())
 
 
 def verify_signature(message: bytes, signature_file: Path, public_key: Path) -> None:
