@@ -19,7 +19,15 @@ from flows import MONITORING_FLOW, TRAINING_FLOW
 
 ENTRYPOINT = "flows/training.py:training_flow"
 MAX_DUPLICATES = 100  # automations of one name `remove_automation` deletes at most
-DEPLOYMENT_TAG = "conveyor"  # on both deployments, so on their runs (the zombie automation matches it)
+DEPLOYMENT_TAG = "conveyor"  # on both deployments, so on their runs
+
+
+def model_tag(settings: Settings) -> str:
+    """The tag of one project's deployments, so of their runs: its zombie automation matches this one. Projects share
+    a team's Prefect server, each with its own heartbeat settings; one automation for every Conveyor run let the
+    project deployed last crash another's runs by its own window, or switch their detection off."""
+    return f"{DEPLOYMENT_TAG}.model.{settings.registry.model_name}"
+
 
 MONITORING_ENTRYPOINT = "flows/drift_check.py:monitoring_flow"
 
@@ -96,7 +104,7 @@ def deploy(paths: ProjectPaths, settings: Settings) -> DeploymentInfo:
         schedules=[training_schedule],
         parameters={"reason": "schedule", "project_dir": str(paths.root)},
         concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=strategy),
-        tags=[DEPLOYMENT_TAG],
+        tags=[DEPLOYMENT_TAG, model_tag(settings)],
         description="Scheduled Conveyor training: stages, gates, registry promotion, DVC push.",
         print_next_steps=False,
         ignore_warnings=True,
@@ -111,7 +119,7 @@ def deploy(paths: ProjectPaths, settings: Settings) -> DeploymentInfo:
         parameters={"project_dir": str(paths.root)},
         # One check at a time: a check started while another runs (a manual one beside the schedule) waits for it.
         concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
-        tags=[DEPLOYMENT_TAG],
+        tags=[DEPLOYMENT_TAG, model_tag(settings)],
         description="Conveyor drift check of the serving model's recent traffic; emits conveyor.drift.detected.",
         print_next_steps=False,
         ignore_warnings=True,
@@ -119,9 +127,10 @@ def deploy(paths: ProjectPaths, settings: Settings) -> DeploymentInfo:
     automation = ensure_drift_automation(paths, settings, deployment_id) if monitor.retrain_on_drift else None
     if not monitor.retrain_on_drift:
         remove_automation(automation_name(settings))
+    remove_automation(LEGACY_ZOMBIE_AUTOMATION)  # one for every project's runs, before automations were per model
     zombies = ensure_zombie_automation(settings) if cfg.heartbeat_seconds else None
     if not cfg.heartbeat_seconds:
-        remove_automation(ZOMBIE_AUTOMATION)
+        remove_automation(zombie_automation_name(settings))
     return DeploymentInfo(
         str(deployment_id),
         f"{TRAINING_FLOW}/{cfg.deployment}",
@@ -136,7 +145,7 @@ def deploy(paths: ProjectPaths, settings: Settings) -> DeploymentInfo:
     )
 
 
-ZOMBIE_AUTOMATION = "conveyor: crash flow runs that stopped sending heartbeats"
+LEGACY_ZOMBIE_AUTOMATION = "conveyor: crash flow runs that stopped sending heartbeats"
 FLOW_RUN_ENDS = ("Completed", "Failed", "Cancelled", "Crashed")
 
 
@@ -154,18 +163,19 @@ def ensure_zombie_automation(settings: Settings) -> str:
 
     cfg = settings.orchestration
     heartbeat = "prefect.flow-run.heartbeat"
-    remove_automation(ZOMBIE_AUTOMATION)
+    name = zombie_automation_name(settings)
+    remove_automation(name)
     Automation(
-        name=ZOMBIE_AUTOMATION,
+        name=name,
         description=f"No heartbeat for {cfg.crashed_after_seconds} s (sent every {cfg.heartbeat_seconds} s by runs of "
         "`conveyor worker`): the run's process is gone.",
         trigger=EventTrigger(
             after={heartbeat},
             expect={heartbeat, *(f"prefect.flow-run.{end}" for end in FLOW_RUN_ENDS)},
             match={"prefect.resource.id": "prefect.flow-run.*"},
-            # Conveyor's runs only (its deployments' tag): on a team's server, another project's runs may send
+            # This project's runs only (its deployments' tag): on a team's server, another project's runs may send
             # heartbeats less often, and this would mark them Crashed.
-            match_related={"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.{DEPLOYMENT_TAG}"},
+            match_related={"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.{model_tag(settings)}"},
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
             threshold=1,
@@ -179,7 +189,11 @@ def ensure_zombie_automation(settings: Settings) -> str:
             )
         ],
     ).create()
-    return ZOMBIE_AUTOMATION
+    return name
+
+
+def zombie_automation_name(settings: Settings) -> str:
+    return f"conveyor: crash {settings.registry.model_name}'s flow runs that stopped sending heartbeats"
 
 
 def automation_name(settings: Settings) -> str:

@@ -63,7 +63,7 @@ def test_mlflow_server_lost_then_restarted_during_training(
 ) -> None:
     """The tracking server dies mid-training. Gone for good (the client's retries cut to one): the stage fails within
     seconds with an error naming the server, and the run's record stays for the next run to close. Restarted within
-    MLflow's own retries (7, backing off from 2 s): training carries on and every epoch is in the run."""
+    MLflow's own retries (3, backing off 1, 2 and 4 s): training carries on and every epoch is in the run."""
     project, name = flow_project
     store = tmp_path / "mlflow"
     store.mkdir()
@@ -242,7 +242,7 @@ def test_worker_machine_dies_mid_run(
         psutil.wait_procs(training, timeout=30)
         died = time.monotonic()
         # The last heartbeat came at most 30 s before the kill; the automation fires 45 s after it, give or take the
-        # server's evaluation; another test file's `conveyor deploy` may have set the window back to the default 90.
+        # server's evaluation (this project's own automation: another test file's deploy cannot change its window).
         wait_for(lambda: flow_run_state(prefect_server, str(flow_run.id)) == "CRASHED", 240, "the run to be Crashed")
         crashed_after = time.monotonic() - died
     finally:
@@ -256,6 +256,7 @@ def test_worker_machine_dies_mid_run(
     named = re.search(r"no heartbeat for (\d+) s", state.message or "")
     assert named is not None, state.message
     window = int(named.group(1))
+    assert window == 45, state.message  # this project's window, not another project's on the same server
     query = {
         "filter": {
             "event": {"name": ["prefect.flow-run.heartbeat"]},
@@ -283,3 +284,42 @@ def test_worker_machine_dies_mid_run(
     closed = MlflowClient(mlflow_server).get_run(mlflow_run)
     assert closed.info.status == "KILLED" and "conveyor status" in closed.data.tags["conveyor.ended_by"]
     assert "no heartbeat" in closed.data.tags["conveyor.ended_by"]
+
+
+def test_each_project_has_its_own_zombie_automation(prefect_server: str) -> None:
+    """Projects share a team's Prefect server, each with its own heartbeat window. One automation for every Conveyor
+    run let the project deployed last crash another's runs by its window (45 s against runs that beat every 60 s), or
+    turn their detection off (`heartbeat_seconds: 0`). Each project's automation matches its own deployments' tag."""
+    from prefect.automations import Automation
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from conveyor.settings import Settings
+    from flows.deploy import ensure_zombie_automation, model_tag, remove_automation, zombie_automation_name
+
+    suffix = os.urandom(4).hex()
+    fast, slow = (
+        Settings.model_validate(
+            {
+                "registry": {"model_name": f"{label}-{suffix}"},
+                "orchestration": {"heartbeat_seconds": beat, "crashed_after_seconds": after},
+            }
+        )
+        for label, beat, after in (("fast", 30, 45), ("slow", 60, 180))
+    )
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        names = [ensure_zombie_automation(settings) for settings in (fast, slow)]
+        assert names[0] != names[1]
+        for settings, window in ((fast, 45), (slow, 180)):
+            automation = Automation.read(name=zombie_automation_name(settings))
+            assert not inspect.isawaitable(automation)  # sync context
+            assert automation.trigger.within.total_seconds() == window
+            related = automation.trigger.match_related
+            assert not isinstance(related, list)
+            assert related.model_dump()["prefect.resource.id"] == f"prefect.tag.{model_tag(settings)}"
+        # `heartbeat_seconds: 0` in the fast project removes its automation only.
+        remove_automation(zombie_automation_name(fast))
+        with pytest.raises(ValueError, match="not found"):
+            Automation.read(name=zombie_automation_name(fast))  # type: ignore[unused-coroutine]  # sync context
+        kept = Automation.read(name=zombie_automation_name(slow))
+        assert not inspect.isawaitable(kept)
+        kept.delete()
