@@ -114,9 +114,10 @@ def test_every_frame_decided_on_the_simulated_line_and_scored(
 
 
 def test_a_camera_paced_stream_takes_the_newest_frame(model_files: ModelFiles, tmp_path: Path) -> None:
-    """A video plays at its frame rate, like a camera: at 60 fps the model cannot keep up, so frames are skipped
-    (counted), and every decided frame is newer than the one before."""
-    fast = simulate(tmp_path / "fast", parts=12, fps=60, frames_per_part=5)
+    """A video plays at its frame rate, like a camera: at 240 fps (4 ms a frame) no CPU keeps up, so frames are
+    skipped (counted), and every decided frame is newer than the one before. (At 60 fps a host that infers in under
+    17 ms would skip none.)"""
+    fast = simulate(tmp_path / "fast", parts=24, fps=240, frames_per_part=5)
     built = _bundle(model_files, tmp_path / "bundle", None)
     decisions, summary, _ = _run(built.directory, "--stream", str(fast.video))
     frames = [d["frame"] for d in decisions]
@@ -379,6 +380,26 @@ def test_bad_streams_and_bundles_get_clear_messages(model_files: ModelFiles, lin
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )  # fmt: skip
     assert refused.returncode == 2 and "bundle signature invalid" in refused.stderr
+    # A key that is not there, not a public key (the private one, given by mistake) or not Ed25519: one line, no
+    # traceback (it was a FileNotFoundError or ValueError traceback).
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    rsa_key = tmp_path / "rsa.pub"
+    rsa_key.write_bytes(
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    for key, said in (
+        (tmp_path / "no-such.pub", "cannot read it"),
+        (private, "not a PEM public key"),
+        (rsa_key, "not an Ed25519 public key"),
+    ):
+        refused = subprocess.run(
+            [*run, "--verify", "--public-key", str(key)], capture_output=True, text=True, timeout=120, cwd=tmp_path
+        )
+        assert refused.returncode == 2 and said in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
     # A model put beside the signed ones: no checksum or signature covers it, so the bundle is refused (the runner
     # would have loaded model/openvino_int8/*.xml with --runtime openvino_int8).
     public = tmp_path / "keys" / "edge-signing.pub"

@@ -117,11 +117,18 @@ def verify_signature(message: bytes, signature_file: Path, public_key: Path) -> 
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+    try:
+        key = load_pem_public_key(public_key.read_bytes())
+    except OSError as exc:  # missing, a folder, unreadable
+        raise BundleError(f"--public-key {public_key}: cannot read it: {exc.strerror or exc}") from None
+    except (ValueError, TypeError):  # not PEM, or PEM of something else than a public key
+        raise BundleError(
+            f"--public-key {public_key}: not a PEM public key (`conveyor edge keygen` writes one)"
+        ) from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise BundleError(f"--public-key {public_key}: not an Ed25519 public key")
     if not signature_file.is_file():
         raise BundleError("bundle unsigned: no manifest.sig, and this runner only accepts signed bundles")
-    key = load_pem_public_key(public_key.read_bytes())
-    if not isinstance(key, Ed25519PublicKey):
-        raise BundleError(f"{public_key}: not an Ed25519 public key")
     try:
         key.verify(signature_file.read_bytes(), message)
     except InvalidSignature:
