@@ -734,6 +734,7 @@ def test_persistence_counts_windows_that_do_not_overlap(tmp_path: Path) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    global_uri = mlflow.get_tracking_uri()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.create_experiment("monitoring", artifact_location=(tmp_path / "artifacts").as_uri())
     hour = 3600.0
@@ -757,7 +758,7 @@ def test_persistence_counts_windows_that_do_not_overlap(tmp_path: Path) -> None:
     assert alerts.recent_statuses(client, "monitoring", "m", "3", 3, "server", (25 * hour, 49 * hour)) == ["drift"]
     # A folder of images has no window: it neither counts nor is counted.
     assert alerts.recent_statuses(client, "monitoring", "m", "3", 3, "server", None) == []
-    assert mlflow.get_tracking_uri()  # the client's own store, nothing global touched
+    assert mlflow.get_tracking_uri() == global_uri  # the client's own store, nothing global touched
 
 
 def test_a_credible_cost_is_drift_even_where_no_input_feature_moved() -> None:

@@ -209,13 +209,35 @@ def _bomb_png() -> bytes:
     return buffer.getvalue()
 
 
+def _multipart(*parts: tuple[str, str | None, bytes]) -> tuple[bytes, str]:
+    """A multipart body of (field name, file name or None for a text field, content) parts."""
+    boundary = "conveyor-test-boundary"
+    body = b"".join(
+        f"--{boundary}\r\nContent-Disposition: form-data; name={name}{f'; filename={filename}' if filename else ''}"
+        f"\r\n\r\n".encode()
+        + content
+        + b"\r\n"
+        for name, filename, content in parts
+    )
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
 BAD_UPLOADS: dict[str, tuple[bytes, str, int, str]] = {
     "non-image bytes": (b"this is not an image" * 10, "image/jpeg", 400, "not a JPEG or PNG"),
     "zero-byte body": (b"", "image/jpeg", 400, "empty body"),
     "decompression bomb": (_bomb_png(), "image/png", 400, "over the limit of 1000000"),
     "wrong content type": (b"{}", "application/json", 415, "content type 'application/json'"),
     "body over the size limit": (b"\xff\xd8\xff" + b"0" * 2_100_000, "image/jpeg", 413, "over the limit"),
-}
+    "malformed multipart": (
+        b"--b\r\nContent-Disposition: form-data\r\n\r\nno end", "multipart/form-data; boundary=b", 400,
+        "could not read the multipart body",
+    ),
+    "a text field": (*_multipart(("note", None, b"hello")), 400, "form field 'note' is text"),
+    "no file parts": (*_multipart(), 400, "no images in the multipart body"),
+    "more files than max_images_per_request": (
+        *_multipart(*[("files", f"{n}.jpg", b"x") for n in range(33)]), 400, "Too many files",
+    ),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(BAD_UPLOADS))
