@@ -11,7 +11,7 @@ STAMP := $(VENV)/.synced-$(shell cat uv.lock pyproject.toml | cksum | cut -d' ' 
 export UV_PYTHON := $(PYTHON)
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: run test lint docs env bench bench-serving bench-monitoring bench-drift bench-labelling bench-edge bench-first-run bench-stack bench-concurrency bench-gate images test-images gpu-check ui clean system-packages
+.PHONY: run test lint docs env bench bench-serving bench-monitoring bench-drift bench-labelling bench-edge bench-first-run bench-stack bench-concurrency bench-gate images test-images test-label-studio gpu-check ui clean system-packages
 
 run: $(STAMP)
 	$(VENV)/bin/conveyor run
@@ -31,6 +31,11 @@ images: $(STAMP)
 
 test-images: images
 	$(VENV)/bin/pytest --images -m images tests/test_images.py
+
+# The labelling round trip through a real Label Studio (installed into .tools/label-studio: its Django pins clash
+# with the project's). Not in `make test`: its first start migrates a database for one to three minutes.
+test-label-studio: $(STAMP)
+	$(VENV)/bin/pytest --label-studio -m label_studio -n 0 tests/test_labelling.py
 
 # The GPU path in one command (bench/gpu.py): NVIDIA's TensorRT from uv.lock's gpu group, an engine built on this GPU,
 # the parity gate, `conveyor serve --runtime tensorrt` and its benchmark beside OpenVINO, bench/results/gpu.json.

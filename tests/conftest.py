@@ -62,15 +62,19 @@ FILE_SECONDS = {
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--images", action="store_true", help="run the container image tests (`make test-images`)")
+    parser.addoption("--label-studio", action="store_true", help="run the real Label Studio round trip")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # The image tests need `make images` (15 minutes, 12 GB): `make test-images` runs them, `make test` leaves them out.
-    if not config.getoption("--images"):
-        left_out = [item for item in items if item.get_closest_marker("images")]
-        if left_out:
-            config.hook.pytest_deselected(items=left_out)
-            items[:] = [item for item in items if not item.get_closest_marker("images")]
+    # The real Label Studio round trip installs Label Studio into a venv of its own and migrates its database (one to
+    # three minutes on 2 cores): `make test-label-studio` runs it, `make test` leaves it out.
+    for option, marker in (("--images", "images"), ("--label-studio", "label_studio")):
+        if not config.getoption(option):
+            left_out = [item for item in items if item.get_closest_marker(marker)]
+            if left_out:
+                config.hook.pytest_deselected(items=left_out)
+                items[:] = [item for item in items if not item.get_closest_marker(marker)]
     items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))  # stable: a file's own order is kept
 
 

@@ -4,7 +4,14 @@ the labels brought back as a new data version. The model is the bundled checkpoi
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +27,7 @@ from pipelines.validate import DataValidationError
 from tests.formats_support import NAMES, yolo_boxes
 
 ASSET = Path(__file__).parent / "assets" / "yolo11n-defects-320.pt"
+LABEL_STUDIO = "label-studio==1.23.2"  # `make test-label-studio`; measured with this release
 SHIFT = DomainShift(brightness=0.45, blur_sigma=1.6, defect_scale=1.7)  # as the drift scenario's shifted line
 
 
@@ -71,14 +79,12 @@ def test_uncertainty_peaks_at_the_threshold() -> None:
     assert selecting.uncertainty(frame(0.95, 0.2), 0.25, 0.05) == pytest.approx(0.75)
 
 
-def _studio_export(selection: Path, labelled: int) -> list[dict[str, object]]:
-    """What a person hands back from Label Studio: the true boxes of the first `labelled` tasks, in percent."""
-    tasks = json.loads((selection / "tasks.json").read_text())
+def _true_result(selection: Path, image_url: str) -> list[dict[str, object]]:
+    """What a person draws in Label Studio on a task's image: its true boxes, in percent of the image."""
     record = {f["name"]: Path(f["from"]) for f in json.loads((selection / "selection.json").read_text())["frames"]}
-    for n, task in enumerate(tasks[:labelled]):
-        source = record[task["data"]["image"].rsplit("/", 1)[1]]
-        boxes = yolo_boxes(source.parents[2] / "labels/test" / f"{source.stem}.txt", 320, 320)
-        result = [
+    source = record[image_url.rsplit("/", 1)[1]]
+    boxes = yolo_boxes(source.parents[2] / "labels/test" / f"{source.stem}.txt", 320, 320)
+    return [
             {
                 "type": "rectanglelabels",
                 "from_name": "label",
@@ -90,9 +96,33 @@ def _studio_export(selection: Path, labelled: int) -> list[dict[str, object]]:
             }
             for c, x0, y0, x1, y1 in boxes
         ]  # fmt: skip
+
+
+def _studio_export(selection: Path, labelled: int) -> list[dict[str, object]]:
+    """What a person hands back from Label Studio: the true boxes of the first `labelled` tasks, in percent."""
+    tasks = json.loads((selection / "tasks.json").read_text())
+    for n, task in enumerate(tasks[:labelled]):
+        result = _true_result(selection, task["data"]["image"])
         task["id"] = n + 1
         task["annotations"] = [{"id": 1, "result": [], "was_cancelled": True}, {"id": 2, "result": result}]
     return tasks
+
+
+def _labels_match_the_truth(paths: ProjectPaths, selection: Path, batch: str) -> None:
+    """Every label file the import added holds the true boxes of the frame it came from (to 3 decimals)."""
+    added = {p.name.split("__", 1)[1]: p for p in paths.data.glob(f"labels/*/{batch}__*.txt")}
+    frames = json.loads((selection / "selection.json").read_text())["frames"]
+    origin = {Path(f["name"]).stem: Path(f["from"]) for f in frames}
+    truth = {
+        name: (origin[Path(name).stem].parents[2] / "labels/test" / f"{origin[Path(name).stem].stem}.txt")
+        .read_text()
+        .split()
+        for name in added
+    }
+    assert truth and all(
+        [round(float(v), 3) for v in added[n].read_text().split()] == [round(float(v), 3) for v in truth[n]]
+        for n in added
+    )
 
 
 def test_round_trip_through_label_studio_and_cvat(
@@ -115,19 +145,130 @@ def test_round_trip_through_label_studio_and_cvat(
     result = import_labels(paths, export)
     assert (result.tasks, result.labelled) == (8, 6) and result.added.total_images == 6
     assert result.added.batch.endswith("labelstudio-project-1-at-2026") and result.added.md5 != before
-    added = {p.name.split("__", 1)[1]: p for p in paths.data.glob(f"labels/*/{result.added.batch}__*.txt")}
-    frames = json.loads((selection / "selection.json").read_text())["frames"]
-    origin = {Path(f["name"]).stem: Path(f["from"]) for f in frames}
-    truth = {
-        name: (origin[Path(name).stem].parents[2] / "labels/test" / f"{origin[Path(name).stem].stem}.txt")
-        .read_text()
-        .split()
-        for name in added
+    _labels_match_the_truth(paths, selection, result.added.batch)
+
+
+@dataclass(frozen=True)
+class Studio:
+    url: str
+    files: Path  # LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT: what its /data/local-files/ route may serve
+    session: Any  # requests.Session, logged in
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        headers = {"X-CSRFToken": self.session.cookies["csrftoken"], "Referer": self.url}
+        answer = self.session.request(method, f"{self.url}{path}", headers=headers, timeout=120, **kwargs)
+        assert answer.status_code < 300, f"{method} {path}: {answer.status_code} {answer.text[:500]}"
+        return answer
+
+
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Studio]:
+    """A real Label Studio, started for these tests from a venv of its own (its Django pins clash with the project's):
+    installed once into .tools/ with the Makefile's uv, then a fresh database each run (its migrations take a minute or
+    two). Local files served from a folder, as docs/labelling.md tells users to start it."""
+    import requests
+
+    from conveyor.net import free_port
+    from tests.conftest import stop_tree
+    from tests.flow_support import wait_for
+
+    root = Path(__file__).parents[1]
+    venv = root / ".tools" / "label-studio"
+    program = venv / "bin" / "label-studio"
+    if not program.exists():
+        uv = root / ".tools" / "bin" / "uv"
+        subprocess.run([str(uv), "venv", "-q", str(venv), "--python", sys.executable], check=True, timeout=300)
+        install = [str(uv), "pip", "install", "-q", "--python", str(venv / "bin" / "python"), LABEL_STUDIO]
+        subprocess.run(install, check=True, timeout=1200)
+    home = tmp_path_factory.mktemp("label-studio")
+    files, store = home / "files", home / "data"
+    files.mkdir()
+    port = free_port()
+    env = {
+        **os.environ,
+        "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
+        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(files),
+        "LABEL_STUDIO_BASE_DATA_DIR": str(store),
+        "LATEST_VERSION_CHECK": "false",  # it asks PyPI for a newer release at each start
     }
-    assert truth and all(
-        [round(float(v), 3) for v in added[n].read_text().split()] == [round(float(v), 3) for v in truth[n]]
-        for n in added
+    email, password = "labeller@example.com", "conveyor-labels"  # the login form wants a valid address
+    log = home / "label-studio.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(program), "start", "--no-browser", "--host", "127.0.0.1", "--port", str(port),
+             "--username", email, "--password", password],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        assert process.poll() is None, f"Label Studio exited: {log.read_text()[-3000:]}"
+        try:
+            return requests.get(f"{url}/health", timeout=5).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    try:
+        wait_for(healthy, 900, "Label Studio to migrate its database and answer", poll=2)
+        session = requests.Session()
+        form = session.get(f"{url}/user/login/", timeout=30).text
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form)
+        assert token, form[:500]
+        login = session.post(
+            f"{url}/user/login/",
+            data={"email": email, "password": password, "csrfmiddlewaretoken": token.group(1)},
+            headers={"Referer": f"{url}/user/login/"}, allow_redirects=False, timeout=30,
+        )  # fmt: skip
+        assert login.status_code == 302, "Label Studio refused the login"
+        yield Studio(url, files, session)
+    finally:
+        stop_tree(process)
+
+
+@pytest.mark.label_studio
+def test_round_trip_through_a_real_label_studio(
+    paths: ProjectPaths, chosen: list[selecting.Candidate], label_studio: Studio, tmp_path: Path
+) -> None:
+    """The selection goes into a real Label Studio as docs/labelling.md says (its label config, its tasks with the
+    model's boxes, the frames served from the selection's folder), a person's boxes go in through its API, and its
+    own JSON export comes back as a new data version with exactly those boxes."""
+    data.synthesize(paths, load_settings(paths.params).synth)
+    selection = label_studio.files / "sel-studio"
+    files = write_selection(
+        selection, chosen, NAMES, 0.25, "test v1", "pool", image_url="/data/local-files/?d=sel-studio/images/"
     )
+    studio = label_studio
+    config = (selection / "label_config.xml").read_text()
+    project = studio.call("POST", "/api/projects", json={"title": "conveyor selection", "label_config": config})
+    project_id = project.json()["id"]
+    studio.call(
+        "POST", "/api/storages/localfiles",
+        json={"project": project_id, "path": str(selection / "images"), "use_blob_urls": False, "title": "frames"},
+    )  # fmt: skip
+    studio.call("POST", f"/api/projects/{project_id}/import", json=json.loads((selection / "tasks.json").read_text()))
+    tasks = studio.call("GET", "/api/tasks", params={"project": project_id, "page_size": 100}).json()["tasks"]
+    assert len(tasks) == files.frames == 8
+    assert sum(t["total_predictions"] for t in tasks) == 8  # the model's boxes came in with every task
+    for task in tasks:  # Label Studio serves each frame from the selection, byte for byte
+        image = studio.call("GET", task["data"]["image"])
+        assert image.content == (selection / "images" / task["data"]["image"].rsplit("/", 1)[1]).read_bytes()
+    tasks.sort(key=lambda t: t["id"])
+    for task in tasks[:6]:  # a person labels six frames; the seventh is skipped (cancelled), the last left alone
+        studio.call("POST", f"/api/tasks/{task['id']}/annotations",
+                    json={"result": _true_result(selection, task["data"]["image"])})  # fmt: skip
+    studio.call("POST", f"/api/tasks/{tasks[6]['id']}/annotations", json={"result": [], "was_cancelled": True})
+    exported = studio.call("GET", f"/api/projects/{project_id}/export", params={"exportType": "JSON"})
+    export = tmp_path / f"project-{project_id}-at-2026-12-07-01-30-0a1b2c3d.json"
+    export.write_bytes(exported.content)
+
+    before = data.data_status(paths).expected
+    # Label Studio serves its document root, here a folder outside the project: --selections names it.
+    result = import_labels(paths, export, selections=label_studio.files)
+    # Label Studio's export holds the tasks somebody opened: the cancelled one is there (and not labelled), the
+    # untouched one is not.
+    assert (result.tasks, result.labelled) == (7, 6) and result.added.total_images == 6
+    assert result.added.md5 != before
+    _labels_match_the_truth(paths, selection, result.added.batch)
 
 
 def test_label_studio_exports_that_are_refused(
