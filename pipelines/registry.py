@@ -103,8 +103,10 @@ def resolve(client: MlflowClient, default_name: str, ref: str) -> ModelVersion:
         return found
     try:
         return client.get_model_version(name, str(version))
-    except Exception as exc:
-        raise ModelRefError(f"{name} has no version {version}") from exc
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise ModelRefError(f"{name} has no version {version}") from exc
+        raise  # a server that is down is not a version that is missing
 
 
 def current_champion(client: MlflowClient, name: str) -> ModelVersion | None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from conveyor.paths import ProjectPaths
@@ -63,6 +64,23 @@ def test_failed_gates_refuse_promotion_unless_forced(client: MlflowClient, name:
     move = registry.promote(client, name, v2, reason="hotfix for line 3", force=True, actor="user:alice")
     assert move.kind == "force" and move.from_version == v1
     assert registry.history(client, name)[-1].reason == "hotfix for line 3"
+
+
+def test_a_reference_to_a_missing_version_is_not_a_server_that_is_down(
+    client: MlflowClient, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "has no version 3" for a server that did not answer sent people looking for a version that was there."""
+    from conveyor.net import free_port
+
+    new_version(client, name, passed=True)
+    with pytest.raises(registry.ModelRefError, match="has no version 7"):
+        registry.resolve(client, name, "7")
+    assert registry.resolve(client, name, f"models:/{name}/1").version == "1"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    down = MlflowClient(f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    with pytest.raises(MlflowException, match="Connection refused") as raised:
+        registry.resolve(down, name, "1")
+    assert not isinstance(raised.value, registry.ModelRefError)
 
 
 def test_promotion_needs_a_reason_and_a_version(client: MlflowClient, name: str) -> None:
