@@ -69,7 +69,7 @@ def test_failed_gates_refuse_promotion_unless_forced(client: MlflowClient, name:
 def test_a_reference_to_a_missing_version_is_not_a_server_that_is_down(
     client: MlflowClient, name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """ "has no version 3" for a server that did not answer sent people looking for a version that was there."""
+    """A server that did not answer read "has no version 3", and sent people looking for a version that was there."""
     from conveyor.net import free_port
 
     new_version(client, name, passed=True)
