@@ -175,8 +175,10 @@ class Subscriber:
         import paho.mqtt.client as mqtt
 
         self.received: list[dict[str, Any]] = []
+        self.subscribed = threading.Event()  # set by the broker's SUBACK: from then on it keeps the topic's messages
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="line-test", clean_session=False)
         self.client.on_connect = lambda client, *_: client.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda *_: self.subscribed.set()
         self.client.on_message = lambda _c, _u, message: self.received.append(json.loads(message.payload))
         self.client.reconnect_delay_set(1, 2)
         self.client.connect("127.0.0.1", port)
@@ -194,8 +196,7 @@ def test_decisions_arrive_in_order_through_a_broker_that_restarts(
 
     built = _bundle(model_files, tmp_path / "bundle", None, line="press-7")
     subscriber = Subscriber(broker.port, topic_of("press-7"))
-    wait_until(lambda: subscriber.client.is_connected(), 10, "the subscriber")
-    time.sleep(0.5)  # its subscription is in place
+    assert subscriber.subscribed.wait(10), "the broker did not acknowledge the subscription"
     mqtt = ["--mqtt", f"127.0.0.1:{broker.port}"]
     runner = subprocess.Popen(
         [PYTHON, str(built.directory / "run.py"), "--stream", str(line.video), "--every-frame", "--paced", *mqtt],
