@@ -80,23 +80,42 @@ def reader_for(source: str) -> Callable[[str], bytes]:
     return lambda image: Path(image).read_bytes()
 
 
+class OutputError(ConveyorError, ValueError):
+    """--out names something that is not this command's output: it is left as it is."""
+
+
 def done_images(out: Path) -> set[str]:
-    """Images already predicted in `out`; a torn last line (a crash mid-write) is removed so it is redone."""
+    """Images already predicted in `out`, an image that could not be decoded included (its `error` line says why; a
+    store that does not answer stops the run instead). A torn last line (a crash mid-write) is removed so it is
+    redone. A file that is not predictions (another line that does not read as one) is refused and left untouched:
+    it may be anything the user named."""
+    if out.is_dir():
+        raise OutputError(f"--out {out} is a folder: name a .jsonl file")
     if not out.is_file():
         return set()
-    done = set()
+    done: set[str] = set()
     good_bytes = 0
-    with out.open("rb") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                break
-            if not line.endswith(b"\n"):
-                break
-            done.add(record["image"])
-            good_bytes += len(line)
-    if good_bytes != out.stat().st_size:
+    data = out.read_bytes()
+    lines = data.splitlines(keepends=True)
+    for number, line in enumerate(lines, 1):
+        last = number == len(lines)
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        # Each line is written whole, with its newline; only a crash leaves one cut short, and only the last, and it
+        # starts as every line does. Anything else is not this command's file.
+        torn = last and not line.endswith(b"\n") and line.startswith(b'{"image": ')
+        if torn:
+            break
+        if not isinstance(record, dict) or not isinstance(record.get("image"), str):
+            raise OutputError(
+                f"--out {out}: line {number} is not a prediction of `conveyor predict` (it would be overwritten): "
+                "name a new file, or an earlier output of this command to resume it"
+            )
+        done.add(record["image"])
+        good_bytes += len(line)
+    if good_bytes != len(data):
         with out.open("r+b") as f:
             f.truncate(good_bytes)
     return done

@@ -165,8 +165,22 @@ def _coco_doc(folder: Path) -> dict[str, Any]:
         (lambda d: d["annotations"][0].update(category_id=99), r"unknown category id 99"),
         (lambda d: d["images"][1].update(file_name="gone.jpg"), r"image 'gone\.jpg' is named but not there"),
         (lambda d: d["annotations"][0].update(category_id=None), r"unknown category id None"),
+        # Its copy would have been written outside images/ (data add: outside the project).
+        (
+            lambda d: d["images"][1].update(file_name="../../" + d["images"][1]["file_name"]),
+            r"leaves the images folder",
+        ),
+        (lambda d: d["images"][1].update(file_name="/tmp/x.jpg"), r"image name '/tmp/x\.jpg' leaves the images folder"),
     ],
-    ids=["overlapping-image-ids", "box-outside", "unknown-category", "missing-image", "null-category"],
+    ids=[
+        "overlapping-image-ids",
+        "box-outside",
+        "unknown-category",
+        "missing-image",
+        "null-category",
+        "dot-dot",
+        "absolute",
+    ],
 )
 def test_bad_coco_is_refused_whole_or_skipped_by_policy(
     yolo: Path, tmp_path: Path, break_it: object, message: str

@@ -727,6 +727,17 @@ def test_batch_predict_writes_jsonl_and_resumes(server: RunningServer, test_imag
     redone = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(json.dumps(x, sort_keys=True) for x in redone) == sorted(json.dumps(x, sort_keys=True) for x in lines)
 
+    # A run where no image could be read fails (exit 1), with its error lines written.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.jpg").write_bytes(b"not a jpeg")
+    none = subprocess.run(
+        ["conveyor", "predict", str(broken), "--out", str(tmp_path / "none.jsonl")],
+        cwd=server.project, env={**env, "COLUMNS": "200"}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert none.returncode == 1 and "none of the 1 images could be read" in none.stdout, none.stdout + none.stderr
+    assert "not a JPEG or PNG" in (tmp_path / "none.jsonl").read_text()
+
 
 def test_edge_bundle_runs_without_conveyor(server: RunningServer, test_images: list[Path], tmp_path: Path) -> None:
     from importlib import metadata

@@ -179,6 +179,27 @@ def test_resume_drops_a_torn_last_line(tmp_path: Path) -> None:
     assert out.read_text() == '{"image": "a.jpg"}\n{"image": "b.jpg"}\n'
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "# a README\n\nSome text, no newline at the end",  # --out README.md: it was cut to nothing
+        "serve:\n  conf: 0.25\n",  # --out params.yaml
+        '{"image": "a.jpg"}\nnot json\n{"image": "b.jpg"}\n',  # a damaged line in the middle
+        '{"frame": 1}\n',  # JSON lines of something else (was a KeyError)
+        "[1, 2]\n",  # (was a TypeError)
+        "no newline and not ours",
+    ],
+)
+def test_an_output_that_is_not_predictions_is_refused_and_left_alone(tmp_path: Path, text: str) -> None:
+    out = tmp_path / "named-by-mistake"
+    out.write_text(text)
+    with pytest.raises(batch.OutputError, match="is not a prediction of `conveyor predict`"):
+        batch.done_images(out)
+    assert out.read_text() == text
+    with pytest.raises(batch.OutputError, match="is a folder"):
+        batch.done_images(tmp_path)
+
+
 def test_serve_options_are_checked_like_params() -> None:
     cfg = ServeOptions(port=9000, workers=2).apply(ServeSettings())
     assert (cfg.port, cfg.workers, cfg.runtime) == (9000, 2, "openvino")

@@ -95,6 +95,9 @@ def predict(
         f"{summary.images_per_second:.1f}",
     )
     console.print(table)
+    if summary.images and summary.failed == summary.images:
+        console.print(f"[bold red]error:[/] none of the {summary.images} images could be read: see the 'error' lines")
+        raise typer.Exit(1)
     if summary.failed:
         console.print(f"[yellow]{summary.failed} images could not be read: see their 'error' lines in {out}[/]")
 

@@ -13,7 +13,7 @@ from typing import Literal
 from conveyor.settings import SPLITS, DataSettings
 from pipelines import splits, synth
 from pipelines.formats.coco import json_candidates, read_coco
-from pipelines.formats.common import Format, Item, Source
+from pipelines.formats.common import Format, Item, Source, relative_name
 from pipelines.formats.voc import read_voc
 from pipelines.formats.yolo import read_yolo
 from pipelines.validate import DataValidationError, Problem
@@ -117,6 +117,15 @@ def convert(
     """
     parsed = read_source(source)
     names, ids = class_mapping(parsed.names, settings, target_names)
+    for item in parsed.items:
+        named = PurePosixPath(item.name)
+        if named.is_absolute() or ".." in named.parts or not named.name:
+            # Its copy would land outside the dataset's images/ (or outside the project): a COCO `file_name` or a VOC
+            # `filename` is a name under the images folder.
+            where = relative_name(item.label_source or item.image, source)
+            item.errors.append(
+                Problem(where, f"image name '{item.name}' leaves the images folder ('..' or an absolute path)")
+            )
     errors = parsed.problems + [p for item in parsed.items for p in item.errors]
     if errors and on_error == "fail":
         _refuse(source, errors, action)
