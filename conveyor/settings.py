@@ -426,10 +426,13 @@ class EdgeLogSettings(_Section):
     queue_size: int = Field(10_000, ge=1, description="records waiting for the writer; past it they are dropped")
 
 
+LINE_NAME = r"^[A-Za-z0-9_.-]+$"  # it names the line's MQTT topic and its files in the channel
+
+
 class EdgeSettings(_Section):
     """The edge runner on the line (`conveyor bundle` writes it into the bundle's edge.json)."""
 
-    line: str = Field("line-1", pattern=r"^[A-Za-z0-9_.-]+$", description="the line's name: MQTT topic, channel key")
+    line: str = Field("line-1", pattern=LINE_NAME, description="the line's name: MQTT topic, channel key")
     reject: RejectSettings = RejectSettings()
     queue: int = Field(10_000, ge=1, description="decisions kept while the MQTT broker is away; past it, dropped")
     channel: str | None = Field(None, description="folder or s3://bucket/prefix the runner takes new bundles from")

@@ -19,11 +19,13 @@ does it when `edge.channel` is set.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
 import tarfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,9 +81,29 @@ def build(
     server's, serve.prediction_log.s3). With `private_key`, the manifest is signed."""
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty: pass --overwrite to replace it")
+    if private_key is not None:
+        signing_key(private_key)  # a bad key is refused before 20 MB are copied
     edge = edge or EdgeSettings()
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _stage(staging, files, conf, edge, private_key, log_s3)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # nothing half-built is left beside the bundle
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)  # the bundle appears whole or not at all
+    archive = out.with_name(out.name + ".tar.gz")
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(out, arcname=out.name)
+    listed = sum(1 for p in out.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
+    return Bundle(out, archive, listed, round(size, 2))
+
+
+def _stage(
+    staging: Path, files: ModelFiles, conf: float, edge: EdgeSettings, private_key: Path | None, log_s3: str | None
+) -> None:
     (staging / "model").mkdir(parents=True)
     card = {**json.loads(files.artifact("metadata").read_text()), "conf": conf}
     (staging / "model" / "metadata.json").write_text(json.dumps(card, indent=2) + "\n")
@@ -109,13 +131,6 @@ def build(
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     if private_key is not None:
         sign(staging, private_key)
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)  # the bundle appears whole or not at all
-    archive = out.with_name(out.name + ".tar.gz")
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(out, arcname=out.name)
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
-    return Bundle(out, archive, len(listed) + 1, round(size, 2))
 
 
 # --- signing ---------------------------------------------------------------------------------------------------------
@@ -142,14 +157,26 @@ def keygen(out: Path) -> tuple[Path, Path]:
     return private, public
 
 
-def sign(bundle: Path, private_key: Path) -> Path:
-    """`manifest.sig`: the Ed25519 signature of the bundle's manifest.json."""
+def signing_key(private_key: Path) -> Any:
+    """The team's Ed25519 private key from its PEM file; anything else is refused with what it is."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-    key = load_pem_private_key(private_key.read_bytes(), password=None)
+    hint = "(make one with `conveyor edge keygen`; it writes edge-signing.key)"
+    try:
+        key = load_pem_private_key(private_key.read_bytes(), password=None)
+    except OSError as exc:  # missing, a folder, unreadable
+        raise ChannelError(f"--key {private_key}: cannot read it: {exc.strerror or exc}") from None
+    except (ValueError, TypeError):  # not PEM, a public key, or one with a password
+        raise ChannelError(f"--key {private_key}: not an unencrypted PEM private key {hint}") from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise ChannelError(f"{private_key}: not an Ed25519 private key (make one with `conveyor edge keygen`)")
+        raise ChannelError(f"--key {private_key}: not an Ed25519 private key {hint}")
+    return key
+
+
+def sign(bundle: Path, private_key: Path) -> Path:
+    """`manifest.sig`: the Ed25519 signature of the bundle's manifest.json."""
+    key = signing_key(private_key)
     signature = bundle / "manifest.sig"
     signature.write_bytes(key.sign((bundle / "manifest.json").read_bytes()))
     return signature
@@ -170,10 +197,22 @@ class ChannelStore:
         where = storage.S3Location.parse(self.location)
         return storage.client(), where.bucket, where.prefix
 
+    @contextlib.contextmanager
+    def _explained(self, bucket: str) -> Iterator[None]:
+        """boto3's failures as a ChannelError naming the channel, the bucket and the endpoint."""
+        from conveyor import storage
+
+        try:
+            with storage.explained(bucket, storage.endpoint_from_env()):
+                yield
+        except storage.StorageError as exc:
+            raise ChannelError(f"edge channel {self.location}: {exc}") from None
+
     def write(self, relative: str, content: bytes) -> None:
         if self.location.startswith("s3://"):
             s3, bucket, prefix = self._s3()
-            s3.put_object(Bucket=bucket, Key=f"{prefix}/{relative}" if prefix else relative, Body=content)
+            with self._explained(bucket):
+                s3.put_object(Bucket=bucket, Key=f"{prefix}/{relative}" if prefix else relative, Body=content)
             return
         path = Path(self.location) / relative
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,13 +225,14 @@ class ChannelStore:
             from botocore.exceptions import ClientError
 
             s3, bucket, prefix = self._s3()
-            try:
-                body = s3.get_object(Bucket=bucket, Key=f"{prefix}/{relative}" if prefix else relative)["Body"]
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                    return None
-                raise
-            return bytes(body.read())
+            with self._explained(bucket):
+                try:
+                    body = s3.get_object(Bucket=bucket, Key=f"{prefix}/{relative}" if prefix else relative)["Body"]
+                except ClientError as exc:
+                    if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                        return None
+                    raise
+                return bytes(body.read())
         path = Path(self.location) / relative
         return path.read_bytes() if path.is_file() else None
 

@@ -43,6 +43,13 @@ def test_help_lists_the_commands() -> None:
         assert command in registered and command in result.stdout
 
 
+def test_a_line_name_that_leaves_the_channel_is_refused(tmp_path: Path) -> None:
+    """`bundle --line` names the line's files in the channel: '../escaped' wrote them beside it."""
+    result = runner.invoke(app, ["bundle", "--publish", "--channel", str(tmp_path / "channel"), "--line", "../escaped"])
+    assert result.exit_code == 1 and "--line '../escaped'" in result.output, result.output
+    assert not any(tmp_path.iterdir())
+
+
 def test_data_help() -> None:
     result = runner.invoke(app, ["data", "--help"])
     assert result.exit_code == 0

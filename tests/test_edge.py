@@ -421,6 +421,17 @@ def test_bad_streams_and_bundles_get_clear_messages(model_files: ModelFiles, lin
     assert unsigned.returncode == 2 and "needs --public-key" in unsigned.stderr
     with pytest.raises(FileExistsError, match="orphan"):
         bundle.keygen(tmp_path / "keys")
+    # A signing key that is not one is refused before anything is copied, and nothing is left behind (it was a
+    # ValueError traceback, with 21 MB of a half-built bundle beside the project).
+    for key, said in ((public, "not an unencrypted PEM private key"), (tmp_path / "none.key", "cannot read it")):
+        with pytest.raises(bundle.ChannelError, match=said):
+            _bundle(model_files, tmp_path / "refused", key)
+        assert not (tmp_path / "refused").exists() and not (tmp_path / ".refused.partial").exists()
+    # A line name is a file name in the channel: '../x' wrote outside it.
+    bad_line = subprocess.run(
+        [*run, "--stream", str(line.video), "--line", "../x"], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert bad_line.returncode == 2 and "--line '../x'" in bad_line.stderr
 
 
 def test_a_camera_that_disappears_is_reopened() -> None:

@@ -32,7 +32,7 @@ from pipelines.inference import (
 )
 from pipelines.prediction_log import Pending, PredictionLog, read_log
 from pipelines.runtimes import letterbox
-from serving import batch
+from serving import batch, bundle
 from serving.server import ServeOptions
 
 EDGE = Path(__file__).resolve().parents[1] / "serving" / "edge" / "run.py"
@@ -415,3 +415,24 @@ def test_a_bundle_refuses_files_it_would_load_unlisted_and_leaves_the_rest(tmp_p
         with pytest.raises(edge.BundleError, match=rf"does not list \({re.escape(planted)}\)"):
             edge.verify(tmp_path)
         (tmp_path / planted).unlink()
+
+
+def test_an_s3_channel_that_cannot_be_reached_says_which_and_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rollout channel on S3 without credentials, or on a store that is down, is a ChannelError naming the channel
+    (it was a NoCredentialsError or EndpointConnectionError traceback, and `conveyor rollback` then never said that
+    the registry had rolled back and the channel had not)."""
+    from conveyor.net import free_port
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    channel = bundle.ChannelStore("s3://conveyor/channel")
+    with pytest.raises(bundle.ChannelError, match=r"edge channel s3://conveyor/channel: no S3 credentials"):
+        channel.read("line-1.json")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    with pytest.raises(bundle.ChannelError, match=r"edge channel s3://conveyor/channel: .*the store is unreachable"):
+        channel.write("line-1.json", b"{}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
     from pipelines.model_source import ModelFiles
 
 from conveyor.cli.common import console, friendly_errors, open_project, open_registry
-from conveyor.settings import ConfigError
+from conveyor.settings import LINE_NAME, ConfigError
 
 app = typer.Typer()
 
@@ -131,6 +132,9 @@ def bundle(
     runner that needs only numpy, OpenCV and one runtime; signed with --key, rolled out to a line with --publish."""
     from serving import bundle as edge
 
+    if line is not None and not re.fullmatch(LINE_NAME, line):
+        # It names the line's files in the channel: '../x' wrote them outside it.
+        raise ConfigError(f"--line {line!r}: letters, digits, '_', '.' and '-' only (as params.yaml edge.line)")
     settings, files = _version_files(ref)
     key = key or (Path(os.environ[KEY_ENV]) if os.environ.get(KEY_ENV) else None)
     target = channel or settings.edge.channel

@@ -59,6 +59,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 MAX_WH = 7680  # class offset for class-aware NMS, as Ultralytics
 DEVICE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # as `conveyor drift --device` takes it
+LINE_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # as params.yaml edge.line (the runner imports nothing of Conveyor)
 FEATURES_OUTPUT = "features"  # the model's pooled features, added at export (Conveyor's pipelines/model_features.py)
 SCORE_FLOOR = 0.01  # candidates kept for the log's performance estimate, as the server's (pipelines/inference.py)
 
@@ -921,6 +922,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     line = args.line or config.get("line", "line-1")
+    if not LINE_NAME.fullmatch(line):
+        parser.error(f"--line {line!r}: letters, digits, '_', '.' and '-' (it names the MQTT topic and channel files)")
     device = args.device or line
     if not DEVICE_NAME.fullmatch(device) or device in (".", "..", "server", "folder"):
         parser.error(f"--device {device!r}: letters, digits, '_', '.', '-', and not 'server' or 'folder'")
