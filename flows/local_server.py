@@ -199,11 +199,28 @@ def _stop_group(pid: int) -> None:
             time.sleep(0.1)
 
 
-def use_api(start_if_needed: bool = True) -> str:
+def require_answering(api_url: str, wait: float) -> None:
+    """A configured server that does not answer is said so at once, by its URL (Prefect's client raised a
+    ConnectError or UnsupportedProtocol traceback, or a worker retried for minutes)."""
+    if not api_url.startswith(("http://", "https://")):
+        raise PrefectServerError(f"PREFECT_API_URL={api_url!r} is not an http(s) URL (e.g. http://127.0.0.1:4200/api)")
+    deadline = time.monotonic() + wait
+    while not healthy(api_url, timeout=5.0):
+        if time.monotonic() >= deadline:  # a server restarting gets `wait` seconds
+            raise PrefectServerError(
+                f"the Prefect server at PREFECT_API_URL={api_url} does not answer ({api_url.rstrip('/')}/health): "
+                "start it, or unset PREFECT_API_URL to use the local one (`conveyor server start`)"
+            )
+        time.sleep(0.5)
+
+
+def use_api(start_if_needed: bool = True, wait: float = 10.0) -> str:
     """Put the Prefect API this process should use in PREFECT_API_URL (before Prefect is imported) and return it:
-    the one already set, else the local server (started when `start_if_needed`)."""
+    the one already set (once it answers, within `wait` seconds), else the local server (started when
+    `start_if_needed`)."""
     configured = os.environ.get("PREFECT_API_URL")
     if configured:
+        require_answering(configured, wait)
         return configured
     server = start() if start_if_needed else find()
     if server is None:

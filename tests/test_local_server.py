@@ -58,10 +58,17 @@ def test_started_once_found_again_and_stopped(tmp_path: Path) -> None:
     assert after.returncode == 1 and "no local Prefect server runs" in after.stdout
 
 
-def test_a_configured_api_wins_and_nothing_is_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+def test_a_configured_api_wins_and_nothing_is_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_server: str
+) -> None:
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
-    assert local_server.use_api() == "http://127.0.0.1:9/api"
+    monkeypatch.setenv("PREFECT_API_URL", prefect_server)
+    assert local_server.use_api() == prefect_server
+    # One that does not answer, or is not a URL, is said so by its URL (it was a Prefect traceback); nothing started.
+    for api, said in (("http://127.0.0.1:9/api", "does not answer"), ("notaurl", r"is not an http\(s\) URL")):
+        monkeypatch.setenv("PREFECT_API_URL", api)
+        with pytest.raises(local_server.PrefectServerError, match=said):
+            local_server.use_api(wait=1.0)
     assert not (tmp_path / "conveyor-server.json").exists()
 
 
