@@ -548,6 +548,10 @@ def load_settings(path: Path) -> Settings:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: not found") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
+    except OSError as exc:  # unreadable, a folder
+        raise ConfigError(f"{path}: cannot read it: {exc.strerror or exc}") from None
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:

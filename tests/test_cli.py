@@ -50,6 +50,17 @@ def test_a_line_name_that_leaves_the_channel_is_refused(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())
 
 
+def test_a_path_that_is_a_folder_or_under_a_file_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The OS's own errors for paths the user gave (a folder where a file goes, a path under a file, no permission)
+    end with their message and exit 1, not a traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["edge", "keygen", "--out", str(blocker / "keys")])
+    assert result.exit_code == 1 and "Not a directory" in result.output, result.output
+    assert "Traceback" not in result.output
+
+
 def test_data_help() -> None:
     result = runner.invoke(app, ["data", "--help"])
     assert result.exit_code == 0

@@ -28,6 +28,19 @@ def test_missing_file(tmp_path: Path) -> None:
         load_settings(tmp_path / "params.yaml")
 
 
+def test_unreadable_or_not_text(tmp_path: Path) -> None:
+    """A params.yaml in another encoding, or a folder by that name: one line naming it (were tracebacks)."""
+    latin = tmp_path / "latin" / "params.yaml"
+    latin.parent.mkdir()
+    latin.write_bytes("train:\n  epochs: 3  # \u00e9poques\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"not UTF-8 text \(byte \d+\)"):
+        load_settings(latin)
+    folder = tmp_path / "folder" / "params.yaml"
+    folder.mkdir(parents=True)
+    with pytest.raises(ConfigError, match="cannot read it: Is a directory"):
+        load_settings(folder)
+
+
 def test_invalid_yaml(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_settings(write(tmp_path, "train: [epochs: 3"))

@@ -25,7 +25,16 @@ err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Expected failures: Conveyor's own, and a path the user named that is missing or already there.
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ConveyorError, FileNotFoundError, FileExistsError)
+# A path the user gave that is missing, taken, unreadable, or a folder where a file goes (or the reverse): the OS's
+# message names the path.
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
+    ConveyorError,
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
 
 
 def print_error(exc: BaseException) -> None:
