@@ -331,6 +331,12 @@ class ServeSettings(_Section):
     conf: float = Field(0.25, gt=0, lt=1, description="minimum confidence of a returned detection")
     prediction_log: PredictionLogSettings = PredictionLogSettings()
 
+    @model_validator(mode="after")
+    def _two_ports(self) -> ServeSettings:
+        if self.port == self.grpc_port:
+            raise ValueError(f"port and grpc_port are both {self.port}: HTTP and gRPC need a port each")
+        return self
+
 
 class ColumnTest(_Section):
     """One feature's drift threshold where the default is wrong for it."""
@@ -460,6 +466,15 @@ class StackPorts(_Section):
     prefect: int = Field(4210, gt=0, lt=65536, description="not 4200: that is the local server of `conveyor run`")
     prometheus: int = Field(9090, gt=0, lt=65536)
 
+    @model_validator(mode="after")
+    def _one_part_a_port(self) -> StackPorts:
+        taken: dict[int, str] = {}
+        for name, port in self.model_dump().items():
+            if port in taken:  # the second part fails to bind, after the first started (and was left behind)
+                raise ValueError(f"{taken[port]} and {name} are both on port {port}: give each part its own")
+            taken[port] = name
+        return self
+
 
 class StackSettings(_Section):
     """`conveyor stack up | status | down`: the parts a team runs, as processes on this machine."""
@@ -507,6 +522,12 @@ def _known_keys(loc: tuple[Any, ...]) -> list[str]:
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return []
     return [f.alias or n for n, f in model.model_fields.items()]
+
+
+def described(exc: ValidationError, where: str) -> ConfigError:
+    """A ConfigError listing every problem pydantic found, each with its key (and a 'did you mean' for a typo)."""
+    problems = "\n".join(f"  - {_describe(dict(e))}" for e in exc.errors())
+    return ConfigError(f"{where}: invalid settings\n{problems}")
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -561,5 +582,4 @@ def load_settings(path: Path) -> Settings:
     try:
         return Settings.model_validate(raw)
     except ValidationError as exc:
-        problems = "\n".join(f"  - {_describe(dict(e))}" for e in exc.errors())
-        raise ConfigError(f"{path}: invalid settings\n{problems}") from None
+        raise described(exc, str(path)) from None

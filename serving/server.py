@@ -11,7 +11,7 @@ from typing import Any
 from conveyor.errors import ConveyorError
 from conveyor.net import free_port, port_free
 from conveyor.paths import ProjectPaths
-from conveyor.settings import ServeSettings, Settings
+from conveyor.settings import ServeSettings, Settings, described
 from conveyor.tracking import Tracker
 from pipelines.inference import ImageLimits
 from pipelines.model_source import check_runtime
@@ -47,8 +47,13 @@ class ServeOptions:
     max_batch_size: int | None = None
 
     def apply(self, cfg: ServeSettings) -> ServeSettings:
+        from pydantic import ValidationError
+
         given = {k: v for k, v in self.__dict__.items() if v is not None}
-        return ServeSettings.model_validate({**cfg.model_dump(), **given})
+        try:
+            return ServeSettings.model_validate({**cfg.model_dump(), **given})
+        except ValidationError as exc:  # an option out of range: said like a bad params.yaml key
+            raise described(exc, "conveyor serve's options over params.yaml serve") from None
 
 
 def _check_port(host: str, port: int, what: str) -> None:

@@ -61,6 +61,23 @@ def test_a_path_that_is_a_folder_or_under_a_file_is_one_line(tmp_path: Path, mon
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["drift", "--last", "-5"], "greater than or equal to 1"),  # pandas' tail(-5) took all but the first five
+        (["drift", "--hours", "nan"], "a number above 0"),
+        (["drift", "--hours", "0"], "a number above 0"),  # 0 read as "not given": the default window
+        (["label", "select", "--count", "0"], "greater than or equal to 1"),
+        (["server", "start", "--port", "70000"], "less than or equal to 65535"),  # it listened on 4464
+        (["ui", "--port", "70000"], "less than or equal to 65535"),
+        (["edge", "simulate", "--fps", "inf"], "less than or equal to 1000"),  # it spun at 90 % CPU
+    ],
+)
+def test_options_out_of_range_are_refused_before_anything_runs(args: list[str], said: str) -> None:
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and said in result.output, result.output
+
+
 def test_data_help() -> None:
     result = runner.invoke(app, ["data", "--help"])
     assert result.exit_code == 0

@@ -17,9 +17,8 @@ from types import ModuleType
 import numpy as np
 import pytest
 from PIL import Image
-from pydantic import ValidationError
 
-from conveyor.settings import ServeSettings
+from conveyor.settings import ConfigError, ServeSettings
 from pipelines.inference import (
     Detection,
     ImageError,
@@ -203,10 +202,14 @@ def test_an_output_that_is_not_predictions_is_refused_and_left_alone(tmp_path: P
 def test_serve_options_are_checked_like_params() -> None:
     cfg = ServeOptions(port=9000, workers=2).apply(ServeSettings())
     assert (cfg.port, cfg.workers, cfg.runtime) == (9000, 2, "openvino")
-    with pytest.raises(ValidationError, match="workers"):
+    with pytest.raises(ConfigError, match="workers: Input should be greater than or equal to 1"):
         ServeOptions(workers=0).apply(ServeSettings())
-    with pytest.raises(ValidationError, match="runtime"):
+    with pytest.raises(ConfigError, match="runtime"):
         ServeOptions(runtime="tflite").apply(ServeSettings())
+    with pytest.raises(ConfigError, match=r"port: Input should be less than or equal to 65535 \(got 70000\)"):
+        ServeOptions(port=70000).apply(ServeSettings())
+    with pytest.raises(ConfigError, match="port and grpc_port are both 9000"):
+        ServeOptions(port=9000, grpc_port=9000).apply(ServeSettings())
 
 
 def test_serve_refuses_tensorrt_without_a_gpu_and_a_taken_port(tmp_path: Path) -> None:

@@ -41,6 +41,13 @@ def test_unreadable_or_not_text(tmp_path: Path) -> None:
         load_settings(folder)
 
 
+def test_two_servers_on_one_port_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="mlflow and prefect are both on port 5000"):
+        load_settings(write(tmp_path, "stack:\n  ports:\n    prefect: 5000\n"))
+    with pytest.raises(ConfigError, match="port and grpc_port are both 8080"):
+        load_settings(write(tmp_path, "serve:\n  grpc_port: 8080\n"))
+
+
 def test_invalid_yaml(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_settings(write(tmp_path, "train: [epochs: 3"))

@@ -3,6 +3,7 @@ opening the project (and its registry) the command runs in."""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -35,6 +36,16 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     IsADirectoryError,
     NotADirectoryError,
 )
+
+
+def positive(value: float | None) -> float | None:
+    """A typer callback: a finite number above 0 (click's ranges let nan and inf through, and 0 read as unset)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value}: a number above 0")
+    return value
+
+
+PORT = {"min": 1, "max": 65535}  # typer.Option(**PORT): a port that exists (70000 wrapped to 4464 and was printed)
 
 
 def print_error(exc: BaseException) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from conveyor.cli.common import console, friendly_errors, open_project, print_added
+from conveyor.cli.common import console, friendly_errors, open_project, positive, print_added
 from conveyor.tables import FoldingTable
 
 app = typer.Typer(
@@ -22,9 +22,10 @@ def label_select(
         Path | None, typer.Option(help="a folder of unlabelled images (default: the prediction log's kept frames)")
     ] = None,
     hours: Annotated[
-        float | None, typer.Option(help="prediction-log window in hours (default monitor.window_hours)")
+        float | None,
+        typer.Option(callback=positive, help="prediction-log window in hours (default monitor.window_hours)"),
     ] = None,
-    count: Annotated[int | None, typer.Option(help="frames to select (default label.count)")] = None,
+    count: Annotated[int | None, typer.Option(min=1, help="frames to select (default label.count)")] = None,
     model: Annotated[str | None, typer.Option(help="the model that scores them (default: the champion)")] = None,
     out: Annotated[Path | None, typer.Option(help="selection folder (default .conveyor/labelling/sel-<time>)")] = None,
     image_url: Annotated[

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from conveyor.cli.common import console, friendly_errors, open_project
+from conveyor.cli.common import console, friendly_errors, open_project, positive
 from conveyor.tables import FoldingTable
 
 if TYPE_CHECKING:
@@ -27,8 +27,13 @@ def drift(
     model: Annotated[
         str | None, typer.Option(help="the version to compare with (default: the one that served the window)")
     ] = None,
-    hours: Annotated[float | None, typer.Option(help="window: the last T hours (default monitor.window_hours)")] = None,
-    last: Annotated[int | None, typer.Option(help="window: only its last N records (monitor.window_records)")] = None,
+    hours: Annotated[
+        float | None,
+        typer.Option(callback=positive, help="window: the last T hours (default monitor.window_hours)"),
+    ] = None,
+    last: Annotated[
+        int | None, typer.Option(min=1, help="window: only its last N records (monitor.window_records)")
+    ] = None,
     device: Annotated[
         str, typer.Option(help="whose records in the log: 'server', or an edge runner's --device name")
     ] = "server",

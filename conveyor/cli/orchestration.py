@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from conveyor.cli.common import console, exec_tool, friendly_errors, open_project
+from conveyor.cli.common import PORT, console, exec_tool, friendly_errors, open_project
 
 app = typer.Typer()
 server_app = typer.Typer(
@@ -80,7 +80,9 @@ def worker() -> None:
 @server_app.command("start")
 @friendly_errors
 def server_start(
-    port: Annotated[int | None, typer.Option(help="port for the API and UI (default 4200, or a free one)")] = None,
+    port: Annotated[
+        int | None, typer.Option(**PORT, help="port for the API and UI (default 4200, or a free one)")
+    ] = None,
     foreground: Annotated[
         bool, typer.Option(help="run in this terminal instead (any host; not found by `conveyor run`)")
     ] = False,

@@ -11,6 +11,7 @@ import typer
 
 from conveyor.cli.common import (
     EXPECTED_ERRORS,
+    PORT,
     console,
     err_console,
     exec_tool,
@@ -162,7 +163,7 @@ def summary() -> None:
 @app.command()
 @friendly_errors
 def ui(
-    port: Annotated[int, typer.Option(help="port for the MLflow UI")] = 5000,
+    port: Annotated[int, typer.Option(**PORT, help="port for the MLflow UI")] = 5000,
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
 ) -> None:
     """Open the MLflow UI on the embedded store (SQLite + local artifacts), at the runs table a reviewer wants."""

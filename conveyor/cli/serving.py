@@ -185,7 +185,7 @@ def edge_keygen(
 def edge_simulate(
     out: Annotated[Path, typer.Option(help="folder for line.avi and truth.json")] = Path("line-simulation"),
     parts: Annotated[int, typer.Option(min=1, help="parts passing under the camera")] = 40,
-    fps: Annotated[float, typer.Option(min=1, help="the camera's frame rate")] = 10.0,
+    fps: Annotated[float, typer.Option(min=1, max=1000, help="the camera's frame rate")] = 10.0,
     frames_per_part: Annotated[int, typer.Option(min=1, help="frames each part is in view")] = 5,
     defect_rate: Annotated[float, typer.Option(min=0, max=1, help="share of defective parts")] = 0.4,
 ) -> None:
