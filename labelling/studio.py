@@ -43,8 +43,14 @@ def selected_frames(root: Path) -> dict[str, Path]:
     """Every selected frame under `root` (a selection folder, or a folder of them), by its stored name."""
     frames: dict[str, Path] = {}
     for record in sorted(root.glob(f"**/{SELECTION_FILE}")):
-        for frame in json.loads(record.read_text()).get("frames", []):
-            frames[frame["name"]] = record.parent / "images" / frame["name"]
+        try:
+            for frame in json.loads(record.read_text()).get("frames", []):
+                frames[str(frame["name"])] = record.parent / "images" / str(frame["name"])
+        except (ValueError, AttributeError, KeyError, TypeError) as exc:  # damaged by hand, or cut short
+            raise DataValidationError(
+                f"{record}: not a selection record `conveyor label select` wrote ({type(exc).__name__}: {exc}); "
+                "nothing was added"
+            ) from None
     return frames
 
 
@@ -64,6 +70,49 @@ def _latest(annotations: list[dict[str, Any]]) -> dict[str, Any] | None:
     return max(submitted, key=when, default=None)
 
 
+def _task_to_coco(
+    task: dict[str, Any],
+    n: int,
+    frames: dict[str, Path],
+    names: list[str],
+    images: list[dict[str, Any]],
+    boxes: list[dict[str, Any]],
+    unknown: list[str],
+    out: Path,
+) -> int:
+    """One task's latest submitted annotation into the COCO lists; 1 if it was labelled. Raises what a task of another
+    shape raises (AttributeError, KeyError, TypeError, ValueError): the caller names the task."""
+    url = str((task.get("data") or {}).get("image", ""))
+    name = image_name(url)
+    path = frames.get(name) or frames.get(UPLOAD_PREFIX.sub("", name))
+    if path is None or not path.is_file():
+        unknown.append(f"task {task.get('id', n)}: image '{name or url}'")
+        return 0
+    annotation = _latest(task.get("annotations") or [])
+    if annotation is None:
+        return 0  # nobody labelled it (yet)
+    image: dict[str, Any] = {"id": len(images) + 1, "file_name": path.name}
+    found: list[dict[str, Any]] = []
+    for result in annotation.get("result") or []:
+        value = result.get("value") or {}
+        if result.get("type") != "rectanglelabels" or not value.get("rectanglelabels"):
+            continue
+        label = str(value["rectanglelabels"][0])
+        w, h = float(result.get("original_width") or 0), float(result.get("original_height") or 0)
+        if not (w and h):
+            w, h = (float(v) for v in (image_size(path) or (0, 0)))
+        image.update(width=w, height=h)
+        x, y, width, height = (float(value[k]) for k in ("x", "y", "width", "height"))  # "a" is a ValueError
+        if label not in names:
+            names.append(label)
+        found.append({"image_id": image["id"], "category_id": names.index(label) + 1,
+                      "bbox": [x * w / 100, y * h / 100, width * w / 100, height * h / 100]})  # fmt: skip
+    images.append(image)
+    boxes.extend({"id": len(boxes) + i + 1, **box} for i, box in enumerate(found))
+    shutil.copy2(path, out / "images" / path.name)
+    return 1
+
+
 def studio_to_coco(export: Path, tasks: list[Any], frames: dict[str, Path], out: Path) -> tuple[int, int]:
     """Write a Label Studio export's tasks as a COCO dataset in `out` (annotations.json, images/). Returns (tasks,
     labelled).
@@ -74,36 +123,20 @@ def studio_to_coco(export: Path, tasks: list[Any], frames: dict[str, Path], out:
     images: list[dict[str, Any]] = []
     boxes: list[dict[str, Any]] = []
     unknown: list[str] = []
+    malformed: list[str] = []
     labelled = 0
     for n, task in enumerate(tasks):
-        url = str((task.get("data") or {}).get("image", ""))
-        name = image_name(url)
-        path = frames.get(name) or frames.get(UPLOAD_PREFIX.sub("", name))
-        if path is None or not path.is_file():
-            unknown.append(f"task {task.get('id', n)}: image '{name or url}'")
-            continue
-        annotation = _latest(task.get("annotations") or [])
-        if annotation is None:
-            continue  # nobody labelled it (yet)
-        labelled += 1
-        image_id = len(images) + 1
-        images.append({"id": image_id, "file_name": path.name})
-        shutil.copy2(path, out / "images" / path.name)
-        for result in annotation.get("result") or []:
-            value = result.get("value") or {}
-            if result.get("type") != "rectanglelabels" or not value.get("rectanglelabels"):
-                continue
-            label = str(value["rectanglelabels"][0])
-            if label not in names:
-                names.append(label)
-            w, h = float(result.get("original_width") or 0), float(result.get("original_height") or 0)
-            if not (w and h):
-                w, h = (float(v) for v in (image_size(path) or (0, 0)))
-            images[-1].update(width=w, height=h)
-            box = [value["x"] * w / 100, value["y"] * h / 100, value["width"] * w / 100, value["height"] * h / 100]
-            boxes.append(
-                {"id": len(boxes) + 1, "image_id": image_id, "category_id": names.index(label) + 1, "bbox": box}
-            )
+        try:
+            labelled += _task_to_coco(task, n, frames, names, images, boxes, unknown, out)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:  # not the shape Label Studio exports
+            malformed.append(f"task {task.get('id', n) if isinstance(task, dict) else n}: {type(exc).__name__}: {exc}")
+    if malformed:
+        listed = "\n".join(f"  {m}" for m in malformed[:50])
+        raise DataValidationError(
+            f"{export}: {len(malformed)} task(s) are not in Label Studio's JSON export format (each task an object "
+            f"with data.image and annotations of rectanglelabels with x, y, width and height in percent); nothing "
+            f"was added:\n{listed}"
+        )
     if unknown:
         listed = "\n".join(f"  {u}" for u in unknown[:50])
         raise DataValidationError(

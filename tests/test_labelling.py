@@ -286,4 +286,31 @@ def test_label_studio_exports_that_are_refused(
     (tmp_path / "empty.json").write_text(json.dumps(json.loads((selection / "tasks.json").read_text())))
     with pytest.raises(DataValidationError, match="nothing has been labelled yet"):
         import_labels(paths, tmp_path / "empty.json")
+    # Exports of another shape: each task is named, nothing is added (they were AttributeError, KeyError, TypeError
+    # and ValueError tracebacks).
+    good = _studio_export(selection, labelled=2)
+    first_box = good[0]["annotations"][1]["result"][0]["value"]  # type: ignore[index]
+
+    def broken(change: Any) -> list[Any]:
+        tasks = json.loads(json.dumps(good))
+        change(tasks)
+        return tasks
+
+    for name, tasks in {
+        "strings": ["a", "b"],
+        "no x": broken(lambda t: t[0]["annotations"][1]["result"][0]["value"].pop("x")),
+        "x is text": broken(lambda t: t[0]["annotations"][1]["result"][0]["value"].update(x="a")),
+        "id is text": broken(lambda t: t[0]["annotations"][1].update(id="abc")),
+    }.items():
+        assert first_box  # the export it starts from has boxes
+        (tmp_path / "bad.json").write_text(json.dumps(tasks))
+        with pytest.raises(DataValidationError, match=r"not in Label Studio's JSON export format[\s\S]*task "):
+            import_labels(paths, tmp_path / "bad.json")
+        assert data.dir_md5(paths.data) == before, name
+    damaged = selection / "selection.json"
+    record = damaged.read_text()
+    damaged.write_text(record[: len(record) // 2])
+    with pytest.raises(DataValidationError, match="not a selection record `conveyor label select` wrote"):
+        import_labels(paths, tmp_path / "stranger.json")
+    damaged.write_text(record)
     assert data.dir_md5(paths.data) == before and data.data_status(paths).in_sync
