@@ -18,6 +18,7 @@ from typing import Any
 
 import cv2
 
+from conveyor.errors import ConveyorError
 from conveyor.settings import SynthSettings
 from pipelines import synth
 
@@ -83,8 +84,35 @@ def simulate(
     return LineVideo(video, record, fps, frame_index, truth)
 
 
+class ScoreInputError(ConveyorError, ValueError):
+    """Decisions or a truth file that are not the runner's or the simulator's; the message says which line."""
+
+
 def load_truth(path: Path) -> list[Part]:
-    return [Part(**p) for p in json.loads(path.read_text())["parts"]]
+    try:
+        return [Part(**p) for p in json.loads(path.read_text())["parts"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ScoreInputError(
+            f"{path}: not the truth.json `conveyor edge simulate` writes ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def load_decisions(path: Path) -> list[dict[str, Any]]:
+    """The runner's decision lines (its stdout: JSON objects; other lines, such as its summary, are skipped)."""
+    decisions = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip().startswith("{"):
+            continue
+        try:
+            decision = json.loads(line)
+            if "frame" in decision:
+                decisions.append({**decision, "frame": int(decision["frame"]), "reject": bool(decision["reject"])})
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ScoreInputError(
+                f"{path}, line {number}: not a decision of the runner ({type(exc).__name__}: {exc}): each needs "
+                "`frame` (a number) and `reject`"
+            ) from None
+    return decisions
 
 
 @dataclass(frozen=True)

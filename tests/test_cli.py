@@ -78,6 +78,31 @@ def test_options_out_of_range_are_refused_before_anything_runs(args: list[str], 
     assert result.exit_code == 2 and said in result.output, result.output
 
 
+def test_edge_score_names_what_is_not_a_decision_or_a_truth(tmp_path: Path) -> None:
+    truth = tmp_path / "truth.json"
+    truth.write_text('{"parts": [{"index": 0, "first_frame": 0, "last_frame": 4, "defects": ["scratch"]}]}')
+    decisions = tmp_path / "decisions.jsonl"
+    for lines, said in (
+        ('{"frame": 0, "reject": true}\n{"frame": "a", "reject": false}\n', "line 2: not a decision of the runner"),
+        ('{"frame": 0}\n', "line 1: not a decision of the runner (KeyError"),
+        ('{"frame": 0, "reject": true\n', "line 1: not a decision of the runner"),
+    ):
+        decisions.write_text(lines)
+        result = runner.invoke(app, ["edge", "score", str(decisions), "--truth", str(truth)], env={"COLUMNS": "300"})
+        assert result.exit_code == 1 and said in result.output, result.output
+    decisions.write_text('{"frame": 0, "reject": true}\n{"summary": true}\n')
+    for text in ("{}", "not json"):
+        (tmp_path / "bad-truth.json").write_text(text)
+        result = runner.invoke(app, ["edge", "score", str(decisions), "--truth", str(tmp_path / "bad-truth.json")])
+        assert result.exit_code == 1 and "not the truth.json" in result.output, result.output
+    from serving.line_simulator import load_decisions, load_truth, score
+
+    scored = score(load_decisions(decisions), load_truth(truth))  # the summary line is not a decision
+    assert (scored.parts, scored.rejected, scored.missed_rejects) == (1, 1, 0)
+    result = runner.invoke(app, ["edge", "score", str(decisions), "--truth", str(truth)], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+
+
 def test_data_help() -> None:
     result = runner.invoke(app, ["data", "--help"])
     assert result.exit_code == 0

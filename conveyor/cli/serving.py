@@ -208,12 +208,9 @@ def edge_score(
     truth: Annotated[Path, typer.Option(help="the simulator's truth.json")],
 ) -> None:
     """Missed and false rejects of a runner's decisions on a simulated line."""
-    import json
+    from serving.line_simulator import load_decisions, load_truth, score
 
-    from serving.line_simulator import load_truth, score
-
-    lines = [json.loads(line) for line in decisions.read_text().splitlines() if line.strip().startswith("{")]
-    result = score([d for d in lines if "frame" in d], load_truth(truth))
+    result = score(load_decisions(decisions), load_truth(truth))
     table = FoldingTable(title=f"{decisions} against {truth}")
     for column in ("parts", "defective", "rejected", "missed rejects", "false rejects", "undecided"):
         table.add_column(column, justify="right")
