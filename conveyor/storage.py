@@ -16,6 +16,10 @@ from typing import Any
 from conveyor.errors import ConveyorError
 
 
+class S3UrlError(ConveyorError, ValueError):
+    """Not an s3://bucket/prefix URL."""
+
+
 class StorageError(ConveyorError, RuntimeError):
     """The S3 store cannot be used: unreachable, credentials refused, no such bucket. The message names the
     endpoint and the bucket."""
@@ -29,10 +33,10 @@ class S3Location:
     @classmethod
     def parse(cls, url: str) -> S3Location:
         if not url.startswith("s3://"):
-            raise ValueError(f"not an S3 URL: {url} (expected s3://bucket/prefix)")
+            raise S3UrlError(f"not an S3 URL: {url} (expected s3://bucket/prefix)")
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
         if not bucket:
-            raise ValueError(f"no bucket in {url}")
+            raise S3UrlError(f"no bucket in {url} (expected s3://bucket/prefix)")
         return cls(bucket, prefix.strip("/"))
 
     @property

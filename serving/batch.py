@@ -60,7 +60,12 @@ def list_images(source: str) -> list[str]:
         found = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
     elif path.is_file() and path.suffix.lower() not in IMAGE_SUFFIXES:
         base = path.parent
-        lines = [line.strip() for line in path.read_text().splitlines()]
+        try:
+            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        except UnicodeDecodeError:  # an image of another format, most likely
+            raise SourceError(
+                f"{source}: neither a .jpg, .jpeg or .png image nor a text file listing one image path per line"
+            ) from None
         found = [(base / line) if not Path(line).is_absolute() else Path(line) for line in lines if line]
     elif path.is_file():
         found = [path]
