@@ -175,7 +175,7 @@ def test_batch_sources(tmp_path: Path) -> None:
 def test_a_source_of_another_kind_is_named(tmp_path: Path) -> None:
     bmp = tmp_path / "a.bmp"
     bmp.write_bytes(b"BM\xff\xfe\x00\x80" * 10)  # read as a list file, it was a UnicodeDecodeError traceback
-    with pytest.raises(batch.SourceError, match="neither a .jpg, .jpeg or .png image nor a text file"):
+    with pytest.raises(batch.SourceError, match=r"neither a \.jpg, \.jpeg or \.png image nor a text file"):
         batch.list_images(str(bmp))
     with pytest.raises(ConveyorError, match=r"no bucket in s3:// \(expected s3://bucket/prefix\)"):
         batch.list_images("s3://")
