@@ -90,9 +90,9 @@ def resolve(client: MlflowClient, default_name: str, ref: str) -> ModelVersion:
     match = _MODEL_URI.match(ref)
     name, alias, version = (match["name"], match["alias"], match["version"]) if match else (default_name, None, None)
     if not match:
-        if ref.startswith("@"):
+        if re.fullmatch(r"@[\w-]+", ref):
             alias = ref[1:]
-        elif ref.lstrip("v").isdigit():
+        elif re.fullmatch(r"v?\d+", ref):
             version = ref.lstrip("v")
         else:
             raise ModelRefError(f"'{ref}' is not models:/NAME@alias, models:/NAME/VERSION, @alias or a version")
@@ -196,10 +196,15 @@ def promote(
     """Make `version` the champion. Refused when its gates failed, unless forced with a reason (recorded)."""
     if not reason.strip():
         raise PromotionRefusedError("a promotion needs a reason (--reason)")
+    if not re.fullmatch(r"v?\d+", str(version)):
+        raise PromotionRefusedError(f"'{version}' is not a version number of {name}")
+    version = str(version).lstrip("v")
     try:
-        target = client.get_model_version(name, str(version))
+        target = client.get_model_version(name, version)
     except MlflowException as exc:
-        raise PromotionRefusedError(f"{name} has no version {version}") from exc
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise PromotionRefusedError(f"{name} has no version {version}") from exc
+        raise  # a server that does not answer
     passed = gates_passed(target)
     if not passed and not force:
         failed = target.tags.get("conveyor.gates.failed", "not gated")

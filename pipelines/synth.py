@@ -210,7 +210,7 @@ def generate(settings: SynthSettings, out: Path, *, overwrite: bool = False) -> 
     """
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{out} is not empty; pass overwrite to replace the dataset there")
+            raise FileExistsError(f"{out} is not empty: `--overwrite` replaces the dataset there")
         for sub in ("images", "labels"):
             shutil.rmtree(out / sub, ignore_errors=True)
     images: dict[str, int] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,9 @@ def test_a_reference_to_a_missing_version_is_not_a_server_that_is_down(
     new_version(client, name, passed=True)
     with pytest.raises(registry.ModelRefError, match="has no version 7"):
         registry.resolve(client, name, "7")
+    for ref in ("@", "v", "1.5"):  # "@" said "has no version None"
+        with pytest.raises(registry.ModelRefError, match=f"'{re.escape(ref)}' is not models:/NAME@alias"):
+            registry.resolve(client, name, ref)
     assert registry.resolve(client, name, f"models:/{name}/1").version == "1"
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     down = MlflowClient(f"http://127.0.0.1:{free_port()}")  # nothing listens there
@@ -89,6 +93,8 @@ def test_promotion_needs_a_reason_and_a_version(client: MlflowClient, name: str)
         registry.promote(client, name, v1, reason="  ")
     with pytest.raises(PromotionRefusedError, match="has no version 99"):
         registry.promote(client, name, "99", reason="typo")
+    with pytest.raises(PromotionRefusedError, match="'v' is not a version number"):  # said "has no version "
+        registry.promote(client, name, "v", reason="typo")
     registry.promote(client, name, v1, reason="ok")
     with pytest.raises(PromotionRefusedError, match="already the champion"):
         registry.promote(client, name, v1, reason="again")
