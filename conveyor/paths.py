@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import shutil
 import tempfile
@@ -11,6 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from conveyor.errors import ConveyorError
 
@@ -230,3 +232,11 @@ def disk_full_message(error: BaseException, near: Path) -> str | None:
 def _first_words(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def read_stage_output(path: Path, stage: str) -> Any:
+    """A stage's JSON output; missing, it names the stage to run first (it was a bare "[Errno 2]")."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: run the {stage} stage first (`conveyor {stage}`)") from None

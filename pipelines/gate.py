@@ -25,7 +25,7 @@ import numpy as np
 from rich.console import Console
 
 from conveyor.lineage import cpu_model
-from conveyor.paths import ProjectPaths
+from conveyor.paths import ProjectPaths, read_stage_output
 from conveyor.settings import GateSettings, Settings
 from conveyor.tables import FoldingTable
 from conveyor.tracking import Tracker
@@ -341,8 +341,8 @@ def evaluate_gates(
     """Every gate, from this run's evaluation and export reports and (if any) the champion re-scored here, its
     serving export measured beside this one's."""
     cfg = settings.gates
-    evaluation = Evaluation.from_json(json.loads((paths.evaluate / "evaluation.json").read_text()))
-    export = json.loads((paths.export / "export.json").read_text())
+    evaluation = Evaluation.from_json(read_stage_output(paths.evaluate / "evaluation.json", "evaluate"))
+    export = read_stage_output(paths.export / "export.json", "export")
     # A re-run of the champion's own pipeline compares the model with itself: same split, same score.
     champion_score: float | None = evaluation.map50_95 if champion_is_challenger else None
     data_names = class_names(load_manifest(paths.validation / "manifest.json"))

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from conveyor.errors import ConveyorError
-from conveyor.paths import ProjectPaths
+from conveyor.paths import ProjectPaths, read_stage_output
 from conveyor.settings import Settings
 from pipelines import performance, runtimes
 from pipelines.batches import batch_of
@@ -267,8 +267,8 @@ def build(
 def run(paths: ProjectPaths, settings: Settings, console: Console | None = None) -> Path:
     """The profile stage: the trained model's serving export over its training and validation images."""
     console = console or Console()
-    export = json.loads((paths.export / "export.json").read_text())
-    names = json.loads((paths.validation / "manifest.json").read_text())["names"]
+    export = read_stage_output(paths.export / "export.json", "export")
+    names = read_stage_output(paths.validation / "manifest.json", "validate")["names"]
     runtime_name = settings.gates.serving_runtime
     exported = export["exports"].get(runtime_name)
     if exported is None:

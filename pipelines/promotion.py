@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from conveyor.errors import ConveyorError
 from conveyor.lineage import data_version
-from conveyor.paths import ProjectPaths
+from conveyor.paths import ProjectPaths, read_stage_output
 from conveyor.scaffold import REPO
 from conveyor.settings import Settings
 from pipelines import registry
@@ -38,8 +38,8 @@ class PromotionOutcome:
 def _serving_bundle(paths: ProjectPaths, settings: Settings, staging: Path) -> dict[str, str]:
     """What serving needs, as pyfunc artifacts: ONNX and OpenVINO exports, PyTorch weights, class names, input size
     and preprocessing."""
-    export = json.loads((paths.export / "export.json").read_text())
-    manifest = json.loads((paths.validation / "manifest.json").read_text())
+    export = read_stage_output(paths.export / "export.json", "export")
+    manifest = read_stage_output(paths.validation / "manifest.json", "validate")
     staging.mkdir(parents=True, exist_ok=True)
     metadata = {
         "names": manifest["names"],

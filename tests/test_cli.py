@@ -170,6 +170,9 @@ def test_train_before_validate_says_what_to_run(project: Path, monkeypatch: pyte
     result = runner.invoke(app, ["train"])
     assert result.exit_code == 1
     assert "conveyor validate" in result.output
+    for stage, first in (("profile", "conveyor export"), ("gate", "conveyor train")):  # profile said "[Errno 2]"
+        result = runner.invoke(app, [stage], env={"COLUMNS": "300"})
+        assert result.exit_code == 1 and f"stage first (`{first}`)" in result.output, result.output
 
 
 def test_tables_fold_long_cells_instead_of_cutting_them() -> None:
