@@ -341,6 +341,10 @@ def up(paths: ProjectPaths, settings: Settings, timeout: float = 120.0) -> UpRep
                         spec.name, argv, env=spec.env, log=log, cwd=spec.cwd, url=layout.url(spec.name), user=user
                     )
                     starting.append(_Starting(spec, process, log, began))
+                    # Recorded at once: if another part of its tier fails to come up, `stack down` still finds it
+                    # (it was left running, in no record).
+                    state[spec.name] = parts.record(spec.name, process, layout.url(spec.name), log, 0.0)
+                    parts.save_state(layout.state_file, state)
             for part in starting:
                 name = part.spec.name
                 wait_started(name, part.spec.healthy, timeout, part.process, part.log)
