@@ -134,9 +134,14 @@ def read_log(location: Path | str, since: datetime | None = None, last: int | No
             unreadable.append(f"{name}: {str(exc).splitlines()[0][:200]}")
             continue
         try:
-            frames.append(pd.read_parquet(content if isinstance(content, Path) else io.BytesIO(content)))
+            part = pd.read_parquet(content if isinstance(content, Path) else io.BytesIO(content))
         except Exception as exc:  # pyarrow raises several types for a damaged file
             unreadable.append(f"{name}: {str(exc).splitlines()[0][:200]}")
+            continue
+        if len(part) and "time" not in part:  # a Parquet file of something else put in the log's folder
+            unreadable.append(f"{name}: not a part of the prediction log (no 'time' column)")
+            continue
+        frames.append(part)
     frames = [f for f in frames if len(f)]
     if not frames:
         return LogWindow(pd.DataFrame(), unreadable)

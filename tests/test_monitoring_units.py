@@ -616,10 +616,15 @@ def test_log_window_keeps_one_version_and_names_corrupt_files(tmp_path: Path) ->
     log.flush()
     broken = next((tmp_path / "log").rglob("part-*.parquet")).with_name("part-9-broken.parquet")
     broken.write_bytes(b"PAR1 cut short by a full disk")
+    # A Parquet file of something else in the log's folder (it was a KeyError: 'time' for the whole window).
+    import pandas as pd
+
+    pd.DataFrame({"x": [1, 2]}).to_parquet(broken.with_name("part-8-other.parquet"))
     window = current.from_log(tmp_path / "log", hours=1)
     assert window.model_version == "2" and len(window.records) == 25
     assert window.other_versions == {"1": 30}
-    assert len(window.unreadable) == 1 and "part-9-broken.parquet" in window.unreadable[0]
+    assert len(window.unreadable) == 2 and "part-9-broken.parquet" in window.unreadable[1]
+    assert "part-8-other.parquet: not a part of the prediction log" in window.unreadable[0]
     assert list(window.records[SCORE_CONFIDENCE].iloc[0]) == [0.9] and len(window.records[EMBEDDING].iloc[0]) == 8
     older = current.from_log(tmp_path / "log", hours=1, version="1", last=10)
     assert older.model_version == "1" and len(older.records) == 10
