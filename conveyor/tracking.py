@@ -7,6 +7,7 @@ must not look like one that was.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -83,7 +84,12 @@ def is_embedded(uri: str) -> bool:
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail at once, naming the URI, when a tracking server does not answer its health check."""
+    """Fail at once, naming the URI, when a tracking server does not answer its health check, or when the embedded
+    store's file is not an SQLite database (SQLAlchemy's DatabaseError traceback; a folder by that name was retried
+    for two minutes first)."""
+    if uri.startswith("sqlite:///"):
+        _check_sqlite(Path(uri.removeprefix("sqlite:///")).expanduser())
+        return
     if not uri.startswith(("http://", "https://")):
         return
     try:
@@ -94,6 +100,26 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     except (urllib.error.URLError, OSError) as exc:
         problem = str(getattr(exc, "reason", exc))
     raise TrackingUnavailableError(f"MLflow tracking server {uri} is unreachable ({problem})")
+
+
+def _check_sqlite(path: Path) -> None:
+    import sqlite3
+
+    if not path.exists():
+        return  # MLflow creates it
+    problem = "a folder" if path.is_dir() else None
+    if problem is None:
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+                db.execute("PRAGMA schema_version").fetchone()
+        except sqlite3.Error as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):  # a writer at work is not a damaged file
+                problem = str(exc)
+    if problem is not None:
+        raise TrackingUnavailableError(
+            f"the embedded MLflow store {path} is not an SQLite database ({problem}): move it away to start an "
+            "empty one, or set MLFLOW_TRACKING_URI to your server"
+        )
 
 
 # MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces, judges); with it, on the runs

@@ -175,6 +175,22 @@ def test_train_before_validate_says_what_to_run(project: Path, monkeypatch: pyte
         assert result.exit_code == 1 and f"stage first (`{first}`)" in result.output, result.output
 
 
+def test_a_damaged_embedded_store_is_named(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mlflow.db that is not an SQLite database (a DatabaseError traceback), or a folder (two minutes, then one)."""
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = project / "mlflow.db"
+    store.write_bytes(b"this is not a database" * 100)
+    result = runner.invoke(app, ["models"], env={"COLUMNS": "300"})
+    assert result.exit_code == 1 and "is not an SQLite database (file is not a database)" in result.output, (
+        result.output
+    )
+    store.unlink()
+    store.mkdir()
+    result = runner.invoke(app, ["models"], env={"COLUMNS": "300"})
+    assert result.exit_code == 1 and "is not an SQLite database (a folder)" in result.output, result.output
+
+
 def test_tables_fold_long_cells_instead_of_cutting_them() -> None:
     """In an 80-column terminal, `conveyor stack up` printed every address as `http://127.0.0.1:50…`: cells fold."""
     from rich.console import Console
