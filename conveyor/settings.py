@@ -35,12 +35,12 @@ class _Section(BaseModel):
 class DomainShift(_Section):
     """Knobs that move the synthetic domain away from the training data (used to exercise drift checks)."""
 
-    brightness: float = Field(1.0, gt=0, description="multiplies the lighting; < 1 is darker")
-    blur_sigma: float = Field(0.0, ge=0, description="Gaussian blur applied to the whole frame, in pixels")
+    brightness: float = Field(1.0, gt=0, le=10, description="multiplies the lighting; < 1 is darker")
+    blur_sigma: float = Field(0.0, ge=0, le=50, description="Gaussian blur applied to the whole frame, in pixels")
     background: Literal["metal", "fabric", "wood", "concrete"] | None = Field(
         None, description="force one background texture; 'concrete' never appears in the default domain"
     )
-    defect_scale: float = Field(1.0, gt=0, description="multiplies defect sizes")
+    defect_scale: float = Field(1.0, gt=0, le=10, description="multiplies defect sizes (inf made full-frame boxes)")
 
 
 class SynthSettings(_Section):

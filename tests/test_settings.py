@@ -41,6 +41,12 @@ def test_unreadable_or_not_text(tmp_path: Path) -> None:
         load_settings(folder)
 
 
+def test_a_domain_shift_must_be_a_finite_change(tmp_path: Path) -> None:
+    for key in ("defect_scale", "brightness", "blur_sigma"):
+        with pytest.raises(ConfigError, match=f"synth.shift.{key}: Input should be less than or equal to"):
+            load_settings(write(tmp_path, f"synth:\n  shift:\n    {key}: .inf\n"))
+
+
 def test_two_servers_on_one_port_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="mlflow and prefect are both on port 5000"):
         load_settings(write(tmp_path, "stack:\n  ports:\n    prefect: 5000\n"))
