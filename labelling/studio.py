@@ -91,7 +91,13 @@ def _task_to_coco(
     annotation = _latest(task.get("annotations") or [])
     if annotation is None:
         return 0  # nobody labelled it (yet)
-    image: dict[str, Any] = {"id": len(images) + 1, "file_name": path.name}
+    twice = next((i for i in images if i["file_name"] == path.name), None)
+    if twice is not None:  # the same frame imported into two tasks: whose boxes are right cannot be told
+        raise DataValidationError(
+            f"tasks {twice['task']} and {task.get('id', n)} both label frame '{path.name}': delete one of the two "
+            "tasks (or its annotation) in Label Studio and export again; nothing was added"
+        )
+    image: dict[str, Any] = {"id": len(images) + 1, "file_name": path.name, "task": task.get("id", n)}
     found: list[dict[str, Any]] = []
     for result in annotation.get("result") or []:
         value = result.get("value") or {}
@@ -150,7 +156,8 @@ def studio_to_coco(export: Path, tasks: list[Any], frames: dict[str, Path], out:
             "Label Studio, then export again); nothing was added"
         )
     categories = [{"id": i + 1, "name": n} for i, n in enumerate(names)]
-    coco = {"images": images, "annotations": boxes, "categories": categories}
+    coco = {"images": [{k: v for k, v in i.items() if k != "task"} for i in images], "annotations": boxes,
+            "categories": categories}  # fmt: skip
     (out / "annotations.json").write_text(json.dumps(coco))
     return len(tasks), labelled
 

@@ -307,6 +307,10 @@ def test_label_studio_exports_that_are_refused(
         with pytest.raises(DataValidationError, match=r"not in Label Studio's JSON export format[\s\S]*task "):
             import_labels(paths, tmp_path / "bad.json")
         assert data.dir_md5(paths.data) == before, name
+    twice = [*good, {**good[0], "id": 99}]  # one frame in two tasks (named a staging path already deleted)
+    (tmp_path / "twice.json").write_text(json.dumps(twice))
+    with pytest.raises(DataValidationError, match=r"tasks 1 and 99 both label frame"):
+        import_labels(paths, tmp_path / "twice.json")
     damaged = selection / "selection.json"
     record = damaged.read_text()
     damaged.write_text(record[: len(record) // 2])
