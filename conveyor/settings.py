@@ -506,6 +506,18 @@ class Settings(_Section):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    @model_validator(mode="after")
+    def _stack_leaves_the_server_its_ports(self) -> Settings:
+        if self.stack.serve:  # the stack's model server listens on serve.port and serve.grpc_port
+            for name, port in self.stack.ports.model_dump().items():
+                for key in ("port", "grpc_port"):
+                    if port == getattr(self.serve, key):
+                        raise ValueError(
+                            f"stack.ports.{name} and serve.{key} are both {port}: the stack's model server listens "
+                            "on serve.port and serve.grpc_port"
+                        )
+        return self
+
     def section_hash(self, *sections: str) -> str:
         """A short, stable hash of the named sections (all when none): tags runs with the exact params."""
         dumped = self.model_dump(mode="json", by_alias=True)
@@ -532,11 +544,14 @@ def described(exc: ValidationError, where: str) -> ConfigError:
 
 def _describe(error: dict[str, Any]) -> str:
     location = ".".join(str(part) for part in error["loc"])
+    message = str(error["msg"]).removeprefix("Value error, ")  # our own checks' words need no prefix
+    if not location:  # a check of the whole section (two of its keys together): its words say which
+        return message
     if error["type"] == "extra_forbidden":
         close = difflib.get_close_matches(str(error["loc"][-1]), _known_keys(error["loc"][:-1]), n=1)
         return f"{location}: unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
     got = f" (got {error['input']!r})" if "input" in error and not isinstance(error["input"], dict) else ""
-    return f"{location}: {error['msg']}{got}"
+    return f"{location}: {message}{got}"
 
 
 def set_param(path: Path, key: tuple[str, ...], value: Any) -> None:

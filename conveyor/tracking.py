@@ -88,7 +88,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     store's file is not an SQLite database (SQLAlchemy's DatabaseError traceback; a folder by that name was retried
     for two minutes first)."""
     if uri.startswith("sqlite:///"):
-        _check_sqlite(Path(uri.removeprefix("sqlite:///")).expanduser())
+        _check_sqlite(Path(uri.removeprefix("sqlite:///")))
         return
     if not uri.startswith(("http://", "https://")):
         return
@@ -109,11 +109,13 @@ def _check_sqlite(path: Path) -> None:
         return  # MLflow creates it
     problem = "a folder" if path.is_dir() else None
     if problem is None:
-        try:
-            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        try:  # read-only, by a file: URI (as_uri escapes '%', '?' and '#' in the path)
+            with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
                 db.execute("PRAGMA schema_version").fetchone()
-        except sqlite3.Error as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):  # a writer at work is not a damaged file
+        except sqlite3.DatabaseError as exc:
+            # Only a file that is not a database, or a damaged one: a busy writer or a permission problem is
+            # MLflow's to report, in its own words.
+            if "not a database" in str(exc) or "malformed" in str(exc):
                 problem = str(exc)
     if problem is not None:
         raise TrackingUnavailableError(

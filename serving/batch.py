@@ -85,6 +85,9 @@ def reader_for(source: str) -> Callable[[str], bytes]:
     return lambda image: Path(image).read_bytes()
 
 
+LINE_START = b'{"image": '  # how every line `predict` writes begins (json.dumps of a dict whose first key is image)
+
+
 class OutputError(ConveyorError, ValueError):
     """--out names something that is not this command's output: it is left as it is."""
 
@@ -104,13 +107,16 @@ def done_images(out: Path) -> set[str]:
     lines = data.splitlines(keepends=True)
     for number, line in enumerate(lines, 1):
         last = number == len(lines)
+        if not line.strip():  # a blank line (an editor's last newline): kept, not a record
+            good_bytes += len(line)
+            continue
         try:
             record = json.loads(line)
         except ValueError:
             record = None
         # Each line is written whole, with its newline; only a crash leaves one cut short, and only the last, and it
-        # starts as every line does. Anything else is not this command's file.
-        torn = last and not line.endswith(b"\n") and line.startswith(b'{"image": ')
+        # starts as every line does (or is the start of that start). Anything else is not this command's file.
+        torn = last and not line.endswith(b"\n") and (line.startswith(LINE_START) or LINE_START.startswith(line))
         if torn:
             break
         if not isinstance(record, dict) or not isinstance(record.get("image"), str):

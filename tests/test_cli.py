@@ -191,6 +191,29 @@ def test_a_damaged_embedded_store_is_named(project: Path, monkeypatch: pytest.Mo
     assert result.exit_code == 1 and "is not an SQLite database (a folder)" in result.output, result.output
 
 
+def test_a_store_under_a_path_with_uri_characters_is_read_as_it_is(tmp_path: Path) -> None:
+    """'%', '?' and '#' in a project's path: a good store was read as damaged, or a stray file was made."""
+    import sqlite3
+
+    from conveyor.tracking import check_reachable
+
+    folder = tmp_path / "line 2 %20 #1 ?x"
+    folder.mkdir()
+    store = folder / "mlflow.db"
+    with sqlite3.connect(store) as db:
+        db.execute("create table t (x int)")
+    before = set(tmp_path.rglob("*"))
+    check_reachable(f"sqlite:///{store}")
+    assert set(tmp_path.rglob("*")) == before
+
+
+def test_promote_refuses_what_is_not_a_version(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = runner.invoke(app, ["promote", "v", "--reason", "typo"], env={"COLUMNS": "300"})
+    assert result.exit_code == 1 and "'v' is not a version number" in result.output, result.output
+
+
 def test_tables_fold_long_cells_instead_of_cutting_them() -> None:
     """In an 80-column terminal, `conveyor stack up` printed every address as `http://127.0.0.1:50…`: cells fold."""
     from rich.console import Console

@@ -186,6 +186,10 @@ def test_resume_drops_a_torn_last_line(tmp_path: Path) -> None:
     out.write_text('{"image": "a.jpg"}\n{"image": "b.jpg"}\n{"image": "c.j')
     assert batch.done_images(out) == {"a.jpg", "b.jpg"}
     assert out.read_text() == '{"image": "a.jpg"}\n{"image": "b.jpg"}\n'
+    out.write_text('{"image": "a.jpg"}\n{"im')  # torn within its first bytes
+    assert batch.done_images(out) == {"a.jpg"} and out.read_text() == '{"image": "a.jpg"}\n'
+    out.write_text('{"image": "a.jpg"}\n\n  \n')  # blank lines (an editor's) are not records, and are kept
+    assert batch.done_images(out) == {"a.jpg"} and out.read_text() == '{"image": "a.jpg"}\n\n  \n'
 
 
 @pytest.mark.parametrize(
@@ -218,7 +222,7 @@ def test_serve_options_are_checked_like_params() -> None:
         ServeOptions(runtime="tflite").apply(ServeSettings())
     with pytest.raises(ConfigError, match=r"port: Input should be less than or equal to 65535 \(got 70000\)"):
         ServeOptions(port=70000).apply(ServeSettings())
-    with pytest.raises(ConfigError, match="port and grpc_port are both 9000"):
+    with pytest.raises(ConfigError, match="\n  - port and grpc_port are both 9000"):  # no empty key before it
         ServeOptions(port=9000, grpc_port=9000).apply(ServeSettings())
 
 

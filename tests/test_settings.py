@@ -52,6 +52,8 @@ def test_two_servers_on_one_port_are_refused(tmp_path: Path) -> None:
         load_settings(write(tmp_path, "stack:\n  ports:\n    prefect: 5000\n"))
     with pytest.raises(ConfigError, match="port and grpc_port are both 8080"):
         load_settings(write(tmp_path, "serve:\n  grpc_port: 8080\n"))
+    with pytest.raises(ConfigError, match=r"  - stack.ports.s3 and serve.port are both 8080: the stack's model server"):
+        load_settings(write(tmp_path, "stack:\n  ports:\n    s3: 8080\n"))
 
 
 def test_invalid_yaml(tmp_path: Path) -> None:

@@ -56,7 +56,7 @@ def promote(
     from pipelines import registry
 
     _, settings, client = open_registry()
-    move = registry.promote(client, settings.registry.model_name, version.lstrip("v"), reason=reason, force=force)
+    move = registry.promote(client, settings.registry.model_name, version, reason=reason, force=force)
     console.print(f"champion: v{move.from_version or '-'} -> v{move.to_version} ({move.kind}: {move.reason})")
 
 

@@ -76,6 +76,7 @@ def predict(
     from serving import batch
 
     images = batch.list_images(source)  # a wrong SOURCE fails before anything is downloaded
+    batch.done_images(out)  # and so does an --out that is not this command's output
     paths, settings, client = open_registry()
     cfg = settings.serve
     runtime = runtime or cfg.runtime
