@@ -258,36 +258,41 @@ def test_truncated_jpeg_is_refused(server: RunningServer, test_images: list[Path
     assert status == 400 and "cut.jpg" in answer["error"] and "truncated" in answer["error"].lower()
 
 
-V2_BAD: dict[str, tuple[str, dict[str, Any], int]] = {
+# Each refusal names what was wrong (Triton's words, passed through): the input, its shape, its type, the model.
+V2_BAD: dict[str, tuple[str, dict[str, Any], int, str]] = {
     "wrong tensor name": (
         "{name}",
         {"inputs": [{"name": "img", "shape": [1, 1], "datatype": "BYTES", "data": ["x"]}]},
         400,
+        "unexpected inference input 'img'",
     ),
     "wrong shape": (
         "{name}",
         {"inputs": [{"name": "image", "shape": [1, 2, 3], "datatype": "BYTES", "data": ["x"]}]},
         400,
+        "unexpected shape for input 'image'",
     ),
     "wrong datatype": (
         "{name}",
         {"inputs": [{"name": "image", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}]},
         400,
+        "data-type is 'FP32'",
     ),
     "unknown model": (
         "no-such-model",
         {"inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES", "data": ["x"]}]},
         404,
+        "'no-such-model' is not found",
     ),
 }
 
 
 @pytest.mark.parametrize("case", list(V2_BAD))
 def test_bad_v2_request_is_a_4xx(server: RunningServer, test_images: list[Path], case: str) -> None:
-    model, request, expected = V2_BAD[case]
+    model, request, expected, said = V2_BAD[case]
     path = f"/v2/models/{model.format(name=server.name)}/infer"
     status, answer = post_raw(server, path, json.dumps(request).encode(), "application/json")
-    assert status == expected and answer.get("error"), answer
+    assert status == expected and said in answer.get("error", ""), answer
     assert post_images(server, test_images[:1])[0] == 200
 
 
