@@ -39,13 +39,18 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def http_answers(url: str, accept_errors: bool = False, timeout: float = 3.0) -> bool:
-    """True when `url` answers 200 (or any HTTP status, with accept_errors: a store that wants a signature)."""
+def http_answers(url: str, accept_errors: bool = False, timeout: float = 3.0, slow_is_up: bool = False) -> bool:
+    """True when `url` answers 200 (or any HTTP status, with accept_errors: a store that wants a signature; or no
+    answer within `timeout`, with slow_is_up: something accepted the connection, a loaded server)."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             return bool(response.status == 200)
     except urllib.error.HTTPError:
         return accept_errors
+    except urllib.error.URLError as exc:
+        return slow_is_up and isinstance(exc.reason, TimeoutError)  # socket.timeout is TimeoutError
+    except TimeoutError:
+        return slow_is_up
     except (OSError, ValueError):
         return False
 

@@ -199,35 +199,19 @@ def _stop_group(pid: int) -> None:
             time.sleep(0.1)
 
 
-def _reachable(api_url: str) -> bool:
-    """Something listens there: any HTTP answer counts (a proxy's 401 is Prefect's to explain), and so does a /health
-    that is slow to answer (a loaded server, on 2 cores); only a refused connection or an unknown host does not."""
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=5.0):
-            return True
-    except urllib.error.HTTPError:
-        return True
-    except urllib.error.URLError as exc:
-        return isinstance(exc.reason, TimeoutError)  # socket.timeout is TimeoutError
-    except TimeoutError:
-        return True
-    except (OSError, ValueError):
-        return False
-
-
 def require_answering(api_url: str, wait: float) -> None:
     """A configured server that does not answer is said so at once, by its URL (Prefect's client raised a
     ConnectError or UnsupportedProtocol traceback, or a worker retried for minutes)."""
     if not api_url.startswith(("http://", "https://")):
         raise PrefectServerError(f"PREFECT_API_URL={api_url!r} is not an http(s) URL (e.g. http://127.0.0.1:4200/api)")
     deadline = time.monotonic() + wait
-    while not _reachable(api_url):
+    # Something listens there: any HTTP answer counts (a proxy's 401 is Prefect's to explain), and so does a /health
+    # that is slow to answer (a loaded server, on 2 cores); only a refused connection or an unknown host does not.
+    health = f"{api_url.rstrip('/')}/health"
+    while not http_answers(health, accept_errors=True, timeout=5.0, slow_is_up=True):
         if time.monotonic() >= deadline:  # a server restarting gets `wait` seconds
             raise PrefectServerError(
-                f"the Prefect server at PREFECT_API_URL={api_url} does not answer ({api_url.rstrip('/')}/health): "
+                f"the Prefect server at PREFECT_API_URL={api_url} does not answer ({health}): "
                 "start it, or unset PREFECT_API_URL to use the local one (`conveyor server start`)"
             )
         time.sleep(0.5)

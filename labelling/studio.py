@@ -78,6 +78,7 @@ def _task_to_coco(
     images: list[dict[str, Any]],
     boxes: list[dict[str, Any]],
     unknown: list[str],
+    labelled_by: dict[str, Any],
     out: Path,
 ) -> int:
     """One task's latest submitted annotation into the COCO lists; 1 if it was labelled. Raises what a task of another
@@ -91,13 +92,13 @@ def _task_to_coco(
     annotation = _latest(task.get("annotations") or [])
     if annotation is None:
         return 0  # nobody labelled it (yet)
-    twice = next((i for i in images if i["file_name"] == path.name), None)
-    if twice is not None:  # the same frame imported into two tasks: whose boxes are right cannot be told
+    if path.name in labelled_by:  # the same frame imported into two tasks: whose boxes are right cannot be told
         raise DataValidationError(
-            f"tasks {twice['task']} and {task.get('id', n)} both label frame '{path.name}': delete one of the two "
-            "tasks (or its annotation) in Label Studio and export again; nothing was added"
+            f"tasks {labelled_by[path.name]} and {task.get('id', n)} both label frame '{path.name}': delete one of "
+            "the two tasks (or its annotation) in Label Studio and export again; nothing was added"
         )
-    image: dict[str, Any] = {"id": len(images) + 1, "file_name": path.name, "task": task.get("id", n)}
+    labelled_by[path.name] = task.get("id", n)
+    image: dict[str, Any] = {"id": len(images) + 1, "file_name": path.name}
     found: list[dict[str, Any]] = []
     for result in annotation.get("result") or []:
         value = result.get("value") or {}
@@ -119,6 +120,13 @@ def _task_to_coco(
     return 1
 
 
+def _refuse_tasks(export: Path, problems: list[str], why: str) -> None:
+    """A DataValidationError listing the tasks (the first 50) that `why` refuses, when there are any."""
+    if problems:
+        listed = "\n".join(f"  {p}" for p in problems[:50])
+        raise DataValidationError(f"{export}: {len(problems)} task(s) {why}:\n{listed}")
+
+
 def studio_to_coco(export: Path, tasks: list[Any], frames: dict[str, Path], out: Path) -> tuple[int, int]:
     """Write a Label Studio export's tasks as a COCO dataset in `out` (annotations.json, images/). Returns (tasks,
     labelled).
@@ -130,34 +138,33 @@ def studio_to_coco(export: Path, tasks: list[Any], frames: dict[str, Path], out:
     boxes: list[dict[str, Any]] = []
     unknown: list[str] = []
     malformed: list[str] = []
+    labelled_by: dict[str, Any] = {}  # frame name -> the task that labelled it
     labelled = 0
     for n, task in enumerate(tasks):
         try:
-            labelled += _task_to_coco(task, n, frames, names, images, boxes, unknown, out)
+            labelled += _task_to_coco(task, n, frames, names, images, boxes, unknown, labelled_by, out)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:  # not the shape Label Studio exports
             malformed.append(f"task {task.get('id', n) if isinstance(task, dict) else n}: {type(exc).__name__}: {exc}")
-    if malformed:
-        listed = "\n".join(f"  {m}" for m in malformed[:50])
-        raise DataValidationError(
-            f"{export}: {len(malformed)} task(s) are not in Label Studio's JSON export format (each task an object "
-            f"with data.image and annotations of rectanglelabels with x, y, width and height in percent); nothing "
-            f"was added:\n{listed}"
-        )
-    if unknown:
-        listed = "\n".join(f"  {u}" for u in unknown[:50])
-        raise DataValidationError(
-            f"{export}: {len(unknown)} task(s) name images that were never selected (no selection under the "
-            f"selections folder has them), so nothing was added. Import tasks made by `conveyor label select`, or "
-            f"pass --selections with the folder that holds their selection:\n{listed}"
-        )
+    _refuse_tasks(
+        export,
+        malformed,
+        "are not in Label Studio's JSON export format (each task an object with data.image and annotations of "
+        "rectanglelabels with x, y, width and height in percent); nothing was added",
+    )
+    _refuse_tasks(
+        export,
+        unknown,
+        "name images that were never selected (no selection under the selections folder has them), so nothing was "
+        "added. Import tasks made by `conveyor label select`, or pass --selections with the folder that holds their "
+        "selection",
+    )
     if not labelled:
         raise DataValidationError(
             f"{export}: {len(tasks)} task(s) and no annotations: nothing has been labelled yet (submit the tasks in "
             "Label Studio, then export again); nothing was added"
         )
     categories = [{"id": i + 1, "name": n} for i, n in enumerate(names)]
-    coco = {"images": [{k: v for k, v in i.items() if k != "task"} for i in images], "annotations": boxes,
-            "categories": categories}  # fmt: skip
+    coco = {"images": images, "annotations": boxes, "categories": categories}
     (out / "annotations.json").write_text(json.dumps(coco))
     return len(tasks), labelled
 

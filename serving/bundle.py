@@ -81,13 +81,12 @@ def build(
     server's, serve.prediction_log.s3). With `private_key`, the manifest is signed."""
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty: pass --overwrite to replace it")
-    if private_key is not None:
-        signing_key(private_key)  # a bad key is refused before 20 MB are copied
+    key = signing_key(private_key) if private_key is not None else None  # refused before 20 MB are copied
     edge = edge or EdgeSettings()
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        _stage(staging, files, conf, edge, private_key, log_s3)
+        _stage(staging, files, conf, edge, key, log_s3)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # nothing half-built is left beside the bundle
         raise
@@ -96,14 +95,11 @@ def build(
     archive = out.with_name(out.name + ".tar.gz")
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(out, arcname=out.name)
-    listed = sum(1 for p in out.rglob("*") if p.is_file())
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
-    return Bundle(out, archive, listed, round(size, 2))
+    written = [p for p in out.rglob("*") if p.is_file()]
+    return Bundle(out, archive, len(written), round(sum(p.stat().st_size for p in written) / 1e6, 2))
 
 
-def _stage(
-    staging: Path, files: ModelFiles, conf: float, edge: EdgeSettings, private_key: Path | None, log_s3: str | None
-) -> None:
+def _stage(staging: Path, files: ModelFiles, conf: float, edge: EdgeSettings, key: Any, log_s3: str | None) -> None:
     (staging / "model").mkdir(parents=True)
     card = {**json.loads(files.artifact("metadata").read_text()), "conf": conf}
     (staging / "model" / "metadata.json").write_text(json.dumps(card, indent=2) + "\n")
@@ -129,8 +125,8 @@ def _stage(
         "sha256": {p.relative_to(staging).as_posix(): sha256(p) for p in listed},
     }
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    if private_key is not None:
-        sign(staging, private_key)
+    if key is not None:
+        sign(staging, key)
 
 
 # --- signing ---------------------------------------------------------------------------------------------------------
@@ -174,9 +170,8 @@ def signing_key(private_key: Path) -> Any:
     return key
 
 
-def sign(bundle: Path, private_key: Path) -> Path:
-    """`manifest.sig`: the Ed25519 signature of the bundle's manifest.json."""
-    key = signing_key(private_key)
+def sign(bundle: Path, key: Any) -> Path:
+    """`manifest.sig`: the Ed25519 signature of the bundle's manifest.json, by `signing_key`'s key."""
     signature = bundle / "manifest.sig"
     signature.write_bytes(key.sign((bundle / "manifest.json").read_bytes()))
     return signature
