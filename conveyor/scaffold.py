@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +42,18 @@ def create_project(root: Path, params: dict[str, Any] | None = None, demo_remote
         ["git", "init", "-q", "-b", "main"],
         ["git", "config", "user.email", "conveyor@localhost"],
         ["git", "config", "user.name", "Conveyor"],
-        [sys.executable, "-m", "dvc", "init", "-q"],
     ):
         subprocess.run(args, cwd=root, check=True, capture_output=True)
+    # `dvc init` through DVC's own API: a process of its own cost a second of imports for each test's project.
+    from dvc.repo import Repo
+
+    dvc_log = logging.getLogger("dvc")
+    level = dvc_log.level
+    dvc_log.setLevel(logging.WARNING)  # `dvc init -q`
+    try:
+        Repo.init(str(root)).close()
+    finally:
+        dvc_log.setLevel(level)
     # The same remotes as this repo; the demo remote is relative, so point it at this checkout's (or `demo_remote`).
     config = (REPO / ".dvc" / "config").read_text()
     demo = demo_remote or REPO / "infra" / "demo-remote"

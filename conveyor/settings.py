@@ -136,6 +136,11 @@ class TrainSettings(_Section):
     channels_last: bool = Field(
         True, description="train in channels-last (NHWC) memory format: faster convolutions on CPU (docs/pipeline.md)"
     )
+    plots: bool = Field(
+        True,
+        description="Ultralytics' pictures of the run (labels, batches, curves, confusion matrices), logged to MLflow;"
+        " they cost seconds a run, which only a tiny run notices",
+    )
     extra: dict[str, Any] = Field(default_factory=dict, description="further Ultralytics train arguments")
     finetune: FinetuneSettings = FinetuneSettings()
 
@@ -157,7 +162,6 @@ class TrainSettings(_Section):
             "name",
             "deterministic",
             "exist_ok",
-            "plots",
             "verbose",
         }
         for where, extra in (("train.extra", self.extra), ("train.finetune.extra", self.finetune.extra)):

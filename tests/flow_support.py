@@ -27,6 +27,7 @@ def flow_params(model_name: str) -> dict[str, Any]:
             "imgsz": 320,
             "batch": 8,
             "close_mosaic": 0,
+            "plots": False,  # seconds a run, in every flow test; test_pipeline_e2e checks them
             # A gentle fine-tune that keeps what the checkpoint knows (it starts from weights: train.finetune applies),
             # for train.epochs (null), so that a test's set_params(train={"epochs": 30}) is what runs.
             "finetune": {

@@ -64,6 +64,31 @@ def test_the_time_estimate_calibrates_here_and_scales_with_the_work() -> None:
     assert warm.epochs == 10 and warm.step_s > 0
 
 
+def test_a_long_run_is_timed_over_more_passes_and_a_short_one_by_its_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timing more passes costs seconds that only a long run is worth: a run short even at the first (slowest) pass's
+    pace is estimated from that pass."""
+    import torch
+
+    from conveyor.settings import TrainSettings
+    from pipelines import train
+
+    cfg = TrainSettings(imgsz=64, batch=2)
+    passes: list[int] = []
+    backward = torch.Tensor.backward
+
+    def counted(tensor: torch.Tensor, *args: object, **kwargs: object) -> None:
+        passes.append(1)
+        backward(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "backward", counted)
+    train.estimate_training("yolo11n.yaml", cfg, epochs=2, train_images=4, val_images=2, steps=3)
+    assert len(passes) == 1
+    passes.clear()
+    monkeypatch.setattr(train, "SHORT_RUN_S", 0.0)
+    train.estimate_training("yolo11n.yaml", cfg, epochs=2, train_images=4, val_images=2, steps=3)
+    assert len(passes) == 4
+
+
 def test_a_model_that_is_neither_a_yaml_nor_a_local_file_is_refused_without_a_download(tmp_path: Path) -> None:
     """Ultralytics would fetch yolo11n.pt from GitHub (offline here: a ConnectionError traceback after the MLflow run
     was opened); Conveyor never downloads weights."""
