@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from conveyor import storage
-from conveyor.net import http_answers, port_free, wait_started
+from conveyor.net import StartupError, http_answers, port_free, wait_started
 from conveyor.paths import ProjectPaths
 from conveyor.settings import Settings
 from flows import local_server
@@ -352,12 +352,27 @@ def up(paths: ProjectPaths, settings: Settings, timeout: float = 120.0) -> UpRep
                     name, part.process, layout.url(name), part.log, time.perf_counter() - part.began
                 )
                 parts.save_state(layout.state_file, state)
+            for spec in tier.parts:
+                if spec.name in report.already and spec.name not in report.skipped:
+                    _check_answers(spec, report.already[spec.name], timeout)
             tier.then()
     finally:
         parts.save_state(layout.state_file, state)
     report.env_file = layout.env_file
     report.seconds = time.perf_counter() - started_at
     return report
+
+
+def _check_answers(spec: PartSpec, entry: Started, timeout: float) -> None:
+    """A part found running is up only if it answers: one left starting by an `up` that failed beside it may still
+    come up; one that hangs is named, not reported as up."""
+    try:
+        wait_started(spec.name, spec.healthy, timeout)
+    except StartupError:
+        raise StackError(
+            f"{spec.name} (pid {entry.pid}) runs but has not answered at {entry.url} for {timeout:.0f} s: "
+            f"`conveyor stack down`, then `conveyor stack up`; its log: {entry.log}"
+        ) from None
 
 
 def _deploy(paths: ProjectPaths, env: dict[str, str]) -> None:

@@ -105,6 +105,25 @@ def test_stack_is_up_and_says_so(stack: RunningStack) -> None:
         assert secret not in Path(started.log).read_text() and Path(started.log).stat().st_mode & 0o077 == 0, part
 
 
+def test_a_part_that_runs_but_does_not_answer_is_named_not_called_up(stack: RunningStack) -> None:
+    """`stack up` finds a part's process alive: it is up only if it answers. A hung one (stopped by SIGSTOP here) is
+    named with what to do, and `up` fails; answering again, it is "already up"."""
+    entry = stack.entry("prometheus")
+    process = entry.process()
+    assert process is not None
+    process.suspend()
+    try:
+        hung = conveyor(stack.project, {**base_env(), "COLUMNS": "300"}, "stack", "up", "--timeout", "4", check=False)
+    finally:
+        process.resume()
+    assert hung.returncode == 1, hung.stdout[-3000:]
+    said = " ".join(hung.stderr.split())
+    assert f"prometheus (pid {entry.pid}) runs but has not answered at {entry.url} for 4 s" in said, said
+    assert "`conveyor stack down`, then `conveyor stack up`" in said
+    again = conveyor(stack.project, {**base_env(), "COLUMNS": "300"}, "stack", "up").stdout
+    assert any("prometheus" in line and "already up" in line for line in again.splitlines()), again
+
+
 def _restart_postgres(stack: RunningStack) -> None:
     assert parts.stop(stack.entry("postgres")) == "stopped"
     time.sleep(2)  # the servers see PostgreSQL gone

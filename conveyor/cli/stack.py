@@ -16,13 +16,17 @@ app = typer.Typer(
 
 @app.command("up")
 @friendly_errors
-def stack_up() -> None:
+def stack_up(
+    timeout: float = typer.Option(
+        120.0, min=1.0, max=3600.0, help="seconds each part may take to answer, started now or found running"
+    ),
+) -> None:
     """Start every part that is not running (PostgreSQL, S3, MLflow, Prefect, worker, server, Prometheus)."""
     from stack.control import Layout, up
 
     paths, settings = open_project()
     console.print(f"starting the stack under {Layout.of(paths, settings).root} ...")
-    report = up(paths, settings)
+    report = up(paths, settings, timeout)
     table = FoldingTable(title=f"Conveyor stack up ({report.seconds:.1f} s)")
     for column in ("part", "state", "address", "start s", "log"):
         table.add_column(column)
