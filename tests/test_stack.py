@@ -14,7 +14,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -361,3 +361,44 @@ def test_s3_store_lost_mid_push_then_back(stack: RunningStack) -> None:
         ["dvc", "status", "--cloud"], cwd=stack.project, env=stack.env, capture_output=True, text=True, check=True
     )
     assert "Cache and remote 'stack' are in sync" in cloud.stdout, cloud.stdout
+
+
+def test_a_part_started_beside_one_that_fails_is_recorded_and_stopped_by_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tier's parts start side by side. When one exits while starting, `up` fails naming it, and the others it had
+    started are in the record already, so `stack down` stops them (they used to run on in no record). Two stand-in
+    parts under real names: an HTTP server that answers, and a process that exits."""
+    import sys
+
+    from conveyor.net import StartupError
+    from stack import control
+    from tests.conftest import make_project
+
+    paths = ProjectPaths(make_project(tmp_path / "project"))
+    settings = load_settings(paths.params)
+    port = free_port()
+
+    def part(name: str, argv: list[str], healthy: Callable[[], bool]) -> control.PartSpec:
+        return control.PartSpec(name, lambda: argv, healthy, env=base_env(), cwd=tmp_path)
+
+    failing = part("prefect", [sys.executable, "-c", "import time; time.sleep(1); raise SystemExit(3)"], lambda: False)
+    answering = part(
+        "mlflow",
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        lambda: http_answers(f"http://127.0.0.1:{port}/"),
+    )
+    monkeypatch.setattr(control, "_tiers", lambda *args: [control.Tier([failing, answering])])
+    try:
+        with pytest.raises(StartupError, match="prefect exited with 3 while starting"):
+            control.up(paths, settings, timeout=60)
+        recorded = parts.load_state(Layout.of(paths, settings).state_file)
+        assert set(recorded) == {"prefect", "mlflow"}
+        assert recorded["mlflow"].process() is not None  # started, never waited on: recorded when it started
+        assert dict(control.down(paths, settings))["mlflow"] == "stopped"
+        assert recorded["mlflow"].process() is None
+    finally:  # whatever the record says, no stand-in outlives the test
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if str(port) in child.cmdline():
+                    child.kill()
