@@ -10,6 +10,7 @@ import contextlib
 import json
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.parse
@@ -23,13 +24,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conveyor import storage
-from conveyor.net import free_port, http_answers
+from conveyor.net import StartupError, free_port, http_answers
 from conveyor.paths import ProjectPaths
 from conveyor.settings import load_settings
 from pipelines import registry
-from stack import parts
+from stack import control, parts
 from stack.control import Layout, read_env_file
-from tests.conftest import base_env
+from tests.conftest import base_env, make_project
 from tests.flow_support import conveyor, flow_run_state, make_flow_project, set_params, wait_for
 
 pytestmark = pytest.mark.slow
@@ -369,12 +370,6 @@ def test_a_part_started_beside_one_that_fails_is_recorded_and_stopped_by_down(
     """A tier's parts start side by side. When one exits while starting, `up` fails naming it, and the others it had
     started are in the record already, so `stack down` stops them (they used to run on in no record). Two stand-in
     parts under real names: an HTTP server that answers, and a process that exits."""
-    import sys
-
-    from conveyor.net import StartupError
-    from stack import control
-    from tests.conftest import make_project
-
     paths = ProjectPaths(make_project(tmp_path / "project"))
     settings = load_settings(paths.params)
     port = free_port()
