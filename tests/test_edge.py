@@ -244,6 +244,62 @@ def test_a_full_queue_drops_the_excess_and_says_how_many(
     assert "not acknowledged by the broker" in err
 
 
+def test_two_cameras_on_one_line_are_two_clients_and_their_decisions_say_which(
+    model_files: ModelFiles, line: LineVideo, broker: Broker, tmp_path: Path
+) -> None:
+    """Two runners on one line (two cameras over the belt) publish to its topic at once. Each is its own MQTT client:
+    a broker closes a client when another connects under its id, so one shared id would knock them off in turn. Every
+    frame of each arrives, named by its camera."""
+    from serving.edge.run import topic_of
+
+    built = _bundle(model_files, tmp_path / "bundle", None, line="press-7")
+    subscriber = Subscriber(broker.port, topic_of("press-7"))
+    assert subscriber.subscribed.wait(10), "the broker did not acknowledge the subscription"
+    cameras = ("cam-top", "cam-side")
+    runners = [
+        subprocess.Popen(
+            [
+                PYTHON,
+                str(built.directory / "run.py"),
+                "--stream",
+                str(line.video),
+                "--every-frame",
+                "--no-log",
+                "--mqtt",
+                f"127.0.0.1:{broker.port}",
+                "--device",
+                camera,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+        )
+        for camera in cameras
+    ]
+    try:
+        ended = [runner.communicate(timeout=180) for runner in runners]
+        assert [runner.returncode for runner in runners] == [0, 0], [err[-3000:] for _, err in ended]
+
+        def frames_of(camera: str) -> set[int]:
+            return {d["frame"] for d in subscriber.received if d["device"] == camera}
+
+        wait_until(lambda: all(frames_of(c) >= set(range(line.frames)) for c in cameras), 60, "every decision")
+    finally:
+        for runner in runners:
+            if runner.poll() is None:
+                runner.kill()
+        subscriber.close()
+    for out, _ in ended:
+        summary = json.loads(next(s for s in out.splitlines() if '"summary"' in s))
+        assert summary["published"] == line.frames and summary["dropped"] == 0
+    assert {d["device"] for d in subscriber.received} == set(cameras)
+    assert all(d["line"] == "press-7" for d in subscriber.received)
+    said = (broker.root / "mosquitto.log").read_text()
+    assert all(f"as conveyor-edge-press-7-{camera} " in said for camera in cameras), said[-2000:]
+    assert "already connected, closing old connection" not in said, said[-2000:]
+
+
 # --- rollout ------------------------------------------------------------------------------------------------------
 
 

@@ -820,9 +820,12 @@ def run_stream(
     max_frames: int | None = None,
     rollout: Rollout | None = None,
     log: EdgeLog | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """One decision per frame the reader hands over, until the stream ends or `max_frames`; returns the summary.
-    With `log`, the frames' prediction-log records too (closed, so flushed and shipped, before the summary)."""
+    Each decision names its line and its `device` (the line's name by default): two cameras on one line share the
+    topic, and each counts its own frames. With `log`, the frames' prediction-log records too (closed, so flushed
+    and shipped, before the summary)."""
     stats = StreamStats()
     started = time.monotonic()
     stop = threading.Event()
@@ -850,6 +853,7 @@ def run_stream(
             publisher.publish(
                 {
                     "line": line,
+                    "device": device or line,
                     "frame": frame.index,
                     "reject": bool(reasons),
                     "reasons": reasons,
@@ -894,7 +898,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channel", default=None, help="a folder or s3://bucket/prefix to take new bundles from")
     parser.add_argument("--public-key", type=Path, default=None, help="the team's Ed25519 public key (PEM)")
     parser.add_argument("--poll", type=float, default=None, help="seconds between looks at the channel")
-    parser.add_argument("--device", default=None, help="this runner's name in the prediction log (default: the line)")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="this camera's name: in its decisions, its MQTT client id and the prediction log (default: the line)",
+    )
     parser.add_argument("--log", default=None, help="folder of the prediction log (default: edge.json's log)")
     parser.add_argument("--log-s3", default=None, help="s3://bucket/prefix the log is shipped to (the server's)")
     parser.add_argument("--no-log", action="store_true", help="write no prediction log")
@@ -961,7 +969,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         summary = run_stream(
-            model, reader, RejectRule.load(HERE), publisher, line, args.conf, args.frames, rollout, log
+            model, reader, RejectRule.load(HERE), publisher, line, args.conf, args.frames, rollout, log, device
         )
     finally:
         publisher.close()
