@@ -194,6 +194,9 @@ def test_a_kill_anywhere_between_registration_and_promotion_leaves_the_registry_
     paths = ProjectPaths(project)
     base = load_settings(paths.params)
 
+    # promotion.log_model_version makes the same two writes through the client, with mlflow.pyfunc.log_model between
+    # them: that one writes the run's artifacts through MLflow's fluent API (no kill point of DyingClient's, and
+    # seconds for each of this loop's versions). The flow tests run the real one.
     def log_version(client: Any, model: str, run_id: str, artifacts: dict[str, str], tags: dict[str, str]) -> Any:
         run = client.get_run(run_id)
         logged = client.create_logged_model(experiment_id=run.info.experiment_id, name="model", source_run_id=run_id)
