@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -125,10 +126,28 @@ def test_a_part_that_runs_but_does_not_answer_is_named_not_called_up(stack: Runn
     assert any("prometheus" in line and "already up" in line for line in again.splitlines()), again
 
 
+def _status(url: str, body: bytes | None = None) -> int:
+    """The HTTP status a server answers (0 when it does not answer at all)."""
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
 def _restart_postgres(stack: RunningStack) -> None:
+    """PostgreSQL stopped, the outage seen by both servers (a request that reads the database fails with a 5xx; the
+    servers themselves still answer), then started again by `stack up`, on the same data."""
     assert parts.stop(stack.entry("postgres")) == "stopped"
-    time.sleep(2)  # the servers see PostgreSQL gone
+    mlflow_reads = f"{stack.env['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/search?max_results=1"
+    prefect_reads = f"{stack.env['PREFECT_API_URL']}/flow_runs/count"
+    wait_for(lambda: _status(mlflow_reads) >= 500, 30, "MLflow to fail without its database")
+    wait_for(lambda: _status(prefect_reads, b"{}") >= 500, 30, "Prefect to fail without its database")
     conveyor(stack.project, base_env(), "stack", "up")  # starts what is down: PostgreSQL, on the same data
+    assert _status(mlflow_reads) == 200 and _status(prefect_reads, b"{}") == 200
 
 
 def test_the_flow_runs_through_the_worker_with_artifacts_in_s3(stack: RunningStack) -> None:
