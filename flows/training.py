@@ -147,12 +147,15 @@ def run_stage(root: str, stage: str, flow_run_id: str | None, force: bool = Fals
 @task(name="register and promote")
 def register_and_promote(root: str, flow_run_id: str | None, reason: str) -> dict[str, Any]:
     from conveyor.tracking import Tracker
-    from pipelines import promotion, registry
+    from pipelines import lineage_report, promotion, registry
     from pipelines.gate import GateReport
 
     paths = ProjectPaths(Path(root))
     settings = load_settings(paths.params)
     tracker = Tracker.resume(paths)
+    # Before the version exists: a registered version always has its run's record (a pod's working tree is gone
+    # after the run; `conveyor lineage --restore` brings the record back anywhere).
+    lineage_report.log_run_record(tracker.client, tracker.run_id, paths.root)
     actor = f"prefect:flow-run/{flow_run_id}" if flow_run_id else registry.default_actor()
     report = GateReport.load(paths.gate / "report.json")
     version, new = promotion.register(paths, settings, tracker.client, tracker.run_id, report, flow_run_id, actor)
@@ -161,6 +164,7 @@ def register_and_promote(root: str, flow_run_id: str | None, reason: str) -> dic
     except promotion.StaleGateError as stale:
         get_run_logger().warning("%s; re-running the gate against the current champion", stale)
         run_stage.fn(root, "gate", flow_run_id, force=True)
+        lineage_report.log_run_record(tracker.client, tracker.run_id, paths.root)  # the gate's new lock entry
         report = GateReport.load(paths.gate / "report.json")
         for key, value in report.tags().items():
             tracker.client.set_model_version_tag(settings.registry.model_name, str(version.version), key, value)

@@ -1,15 +1,24 @@
-"""Where a registered model came from, and which models a data version produced."""
+"""Where a registered model came from, which models a data version produced, and the run's record: the files a run
+would commit to git (dvc.lock, params.yaml, data.dvc, metrics/), kept with its MLflow run so that a run whose working
+tree is gone (a Kubernetes pod) can be checked out again anywhere."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
+from conveyor.errors import ConveyorError
 from conveyor.paths import ProjectPaths
 from pipelines import dvc_repo, registry
 from pipelines.registry import ModelRefError, resolve
+
+RUN_RECORD = "lineage"  # the artifact folder of a training run that holds its record
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,13 @@ def lineage(client: MlflowClient, paths: ProjectPaths, default_name: str, ref: s
             else f"failed: {tags.get('conveyor.gates.failed', 'not gated')}",
         ),
         ("gate report", f"runs:/{run.info.run_id}/gate/report.md"),
+        (
+            "run record",
+            f"runs:/{run.info.run_id}/{RUN_RECORD} (dvc.lock, params.yaml, data.dvc, metrics/): "
+            "`conveyor lineage --restore` writes it here"
+            if client.list_artifacts(run.info.run_id, RUN_RECORD)
+            else "- (registered before runs kept one)",
+        ),
         ("test mAP50-95", f"{run.data.metrics.get('test/mAP50-95', float('nan')):.3f}"),
         ("exports", ", ".join(exports) or "-"),
         ("model source", str(version.source)),
@@ -62,3 +78,75 @@ def lineage(client: MlflowClient, paths: ProjectPaths, default_name: str, ref: s
 
 def versions_for_data(client: MlflowClient, name: str, md5: str) -> list[ModelVersion]:
     return [v for v in registry.versions(client, name) if v.tags.get("conveyor.data_md5") == md5]
+
+
+class RunRecordError(ConveyorError, RuntimeError):
+    """A run record that cannot be restored, or that would overwrite uncommitted work."""
+
+
+def run_record_files(root: Path) -> list[Path]:
+    """What a finished run would commit to git, relative to the project: the stage versions (dvc.lock), the params
+    they ran with, the data version and the DVC metrics (kept in git, not in DVC's cache)."""
+    found = [Path(name) for name in ("dvc.lock", "params.yaml", "data.dvc") if (root / name).is_file()]
+    return found + sorted(path.relative_to(root) for path in (root / "metrics").glob("*.json"))
+
+
+def log_run_record(client: MlflowClient, run_id: str, root: Path) -> list[Path]:
+    """The run's record into its MLflow run, under lineage/ (logged again, it replaces the files)."""
+    files = run_record_files(root)
+    for relative in files:
+        folder = Path(RUN_RECORD, relative).parent.as_posix()
+        client.log_artifact(run_id, str(root / relative), folder)
+    return files
+
+
+def restore_run_record(
+    client: MlflowClient, paths: ProjectPaths, default_name: str, ref: str, force: bool = False
+) -> tuple[ModelVersion, list[Path]]:
+    """The version's run record written into the project, so that `dvc pull` (or `dvc checkout`) brings back its
+    exact data and stage outputs. Refuses, writing nothing, where a file it would replace has uncommitted changes."""
+    version = resolve(client, default_name, ref)
+    if not version.run_id:
+        raise RunRecordError(f"{version.name} v{version.version} was not registered from a run: no run record")
+    with tempfile.TemporaryDirectory(prefix="conveyor-record-") as staging:
+        if not client.list_artifacts(version.run_id, RUN_RECORD):
+            raise RunRecordError(
+                f"{version.name} v{version.version} (run {version.run_id}) has no run record: it was registered "
+                "before Conveyor kept one with the run"
+            )
+        folder = Path(client.download_artifacts(version.run_id, RUN_RECORD, staging))
+        files = sorted(path.relative_to(folder) for path in folder.rglob("*") if path.is_file())
+        if not force:
+            replaced = [
+                f
+                for f in files
+                if (paths.root / f).is_file() and (paths.root / f).read_bytes() != (folder / f).read_bytes()
+            ]
+            changed = _uncommitted(paths.root, replaced)
+            if changed:
+                raise RunRecordError(
+                    f"{', '.join(changed)} {'has' if len(changed) == 1 else 'have'} uncommitted changes that the run "
+                    "record would replace: commit or stash them first (or --force)"
+                )
+        for relative in files:
+            target = paths.root / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(folder / relative, target)
+    return version, files
+
+
+def _uncommitted(root: Path, files: list[Path]) -> list[str]:
+    """Those of `files` that differ from the last commit, untracked ones included (all of them outside git)."""
+    if not files:
+        return []
+    names = [str(f) for f in files]
+    result = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all", "--", *names],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:  # not a git repo: nothing else keeps these files, so replacing them would lose them
+        return names
+    return sorted({line[3:].strip() for line in result.stdout.splitlines() if line.strip()})

@@ -29,6 +29,7 @@ from conveyor.scaffold import REPO
 from pipelines import registry
 from tests.conftest import VENV_BIN, base_env
 from tests.flow_support import (
+    CHECKPOINT,
     champion_version,
     conveyor,
     flow_run_state,
@@ -130,6 +131,23 @@ def test_promote_reject_force_rollback(flow_project: tuple[Path, str], mlflow_se
     assert ".dvc-remote/files/md5/" in lineage
     by_data = conveyor(project, {**env, "COLUMNS": "200"}, "lineage", "--data", data_md5).stdout
     assert v1.run_id in by_data
+
+    # v1's run record (what its run would have committed) brings its exact state back. This project's dvc.lock and
+    # params.yaml are v2's and were never committed: refused, nothing written; then forced, and DVC checks out v1's
+    # outputs from its cache: the weights are v1's, byte for byte.
+    assert f"runs:/{v1.run_id}/lineage" in lineage
+    params_v2 = (project / "params.yaml").read_text()
+    refused = conveyor(project, env, "lineage", "1", "--restore", check=False)
+    assert refused.returncode == 1 and "uncommitted changes" in refused.stderr, refused.stderr
+    assert "params.yaml" in refused.stderr and (project / "params.yaml").read_text() == params_v2
+    restored = conveyor(project, {**env, "COLUMNS": "300"}, "lineage", "1", "--restore", "--force").stdout
+    assert all(f in restored for f in ("dvc.lock", "params.yaml", "data.dvc", "metrics/evaluate.json")), restored
+    assert yaml.safe_load((project / "params.yaml").read_text())["train"]["weights"] == str(CHECKPOINT)
+    subprocess.run(["dvc", "checkout", "-q"], cwd=project, env=env, check=True)
+    dvc_status = subprocess.run(["dvc", "status"], cwd=project, env=env, capture_output=True, text=True, check=True)
+    assert "up to date" in dvc_status.stdout, dvc_status.stdout
+    weights_v1 = client.download_artifacts(v1.run_id, "weights/best.pt", str(project.parent))
+    assert Path(weights_v1).read_bytes() == (project / "artifacts/train/weights/best.pt").read_bytes()
 
 
 def test_unreachable_mlflow_fails_at_once_and_writes_nothing(

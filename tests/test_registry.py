@@ -126,6 +126,45 @@ def test_rollback_without_champion(client: MlflowClient, name: str) -> None:
         registry.rollback(client, name, reason="why not")
 
 
+def test_a_run_record_is_restored_whole_or_refused_with_nothing_written(
+    client: MlflowClient, name: str, tmp_path: Path
+) -> None:
+    """The record of a version's run comes back file for file. A version without one, and a checkout whose files
+    would be replaced without anything else keeping them (outside git), are refused by name and left as they were."""
+    from pipelines.lineage_report import RunRecordError, log_run_record, restore_run_record
+
+    ran = tmp_path / "ran"
+    (ran / "metrics").mkdir(parents=True)
+    for relative, text in {
+        "dvc.lock": "schema: '2.0'\n",
+        "params.yaml": "train:\n  epochs: 3\n",
+        "data.dvc": "outs:\n- md5: ab.dir\n  path: data\n",
+        "metrics/evaluate.json": '{"mAP50-95": 0.5}',
+    }.items():
+        (ran / relative).write_text(text)
+    without = new_version(client, name, passed=True)
+    with pytest.raises(RunRecordError, match=f"v{without} .*has no run record"):
+        restore_run_record(client, ProjectPaths(tmp_path / "elsewhere"), name, without)
+
+    version = new_version(client, name, passed=True)
+    run_id = str(client.get_model_version(name, version).run_id)
+    assert [str(f) for f in log_run_record(client, run_id, ran)] == [
+        "dvc.lock", "params.yaml", "data.dvc", "metrics/evaluate.json"
+    ]  # fmt: skip
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    _, files = restore_run_record(client, ProjectPaths(fresh), name, version)
+    assert sorted(str(f) for f in files) == ["data.dvc", "dvc.lock", "metrics/evaluate.json", "params.yaml"]
+    assert all((fresh / f).read_text() == (ran / f).read_text() for f in files)
+
+    (fresh / "params.yaml").write_text("train:\n  epochs: 9\n")  # not in git: nothing else keeps it
+    with pytest.raises(RunRecordError, match="uncommitted changes"):
+        restore_run_record(client, ProjectPaths(fresh), name, version)
+    assert (fresh / "params.yaml").read_text() == "train:\n  epochs: 9\n"
+    restore_run_record(client, ProjectPaths(fresh), name, version, force=True)
+    assert (fresh / "params.yaml").read_text() == (ran / "params.yaml").read_text()
+
+
 def _move(seq: int, frm: str | None, to: str, kind: str = "promote") -> AliasMove:
     return AliasMove(seq, registry.CHAMPION, frm, to, "t", kind, "r", "a")
 

@@ -110,12 +110,31 @@ def lineage(
         "@champion"
     ),
     data: Annotated[str | None, typer.Option("--data", help="list the versions trained on this data md5")] = None,
+    restore: Annotated[
+        bool,
+        typer.Option(
+            "--restore",
+            help="write the version's run record (dvc.lock, params.yaml, data.dvc, metrics/) into this project; "
+            "`dvc pull` then brings back its exact data and stage outputs",
+        ),
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="with --restore: replace files with uncommitted changes")
+    ] = False,
 ) -> None:
     """Where a model came from (data, code, params, runs, gates, exports), or what a data version produced."""
     from pipelines import lineage_report, registry
 
     paths, settings, client = open_registry()
     name = settings.registry.model_name
+    if restore:
+        version, files = lineage_report.restore_run_record(client, paths, name, ref, force=force)
+        console.print(
+            f"{version.name} v{version.version}: restored {', '.join(str(f) for f in files)} from run "
+            f"{version.run_id}\nnext: `dvc pull` brings back its data and stage outputs from the DVC remote "
+            "(`dvc checkout` where this cache has them)"
+        )
+        return
     if data:
         found = lineage_report.versions_for_data(client, name, data)
         table = FoldingTable(title=f"versions of {name} trained on data {data}")
