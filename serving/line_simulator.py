@@ -128,8 +128,24 @@ class LineScore:
         return asdict(self)
 
 
+def one_camera(decisions: list[dict[str, Any]], device: str | None = None) -> list[dict[str, Any]]:
+    """The decisions of one camera: `device`'s, or all of them when they come from one. Frame numbers are each
+    camera's own, so decisions of two cameras (one line's topic, recorded) cannot be scored together."""
+    found = sorted({str(d["device"]) for d in decisions if "device" in d})
+    if device is not None:
+        if device not in found:
+            raise ScoreInputError(f"no decisions of device '{device}': the file has {', '.join(found) or 'none named'}")
+        return [d for d in decisions if d.get("device") == device]
+    if len(found) > 1:
+        raise ScoreInputError(
+            f"decisions of {len(found)} cameras ({', '.join(found)}), each numbering its own frames: score one at a "
+            "time (--device NAME)"
+        )
+    return decisions
+
+
 def score(decisions: Iterable[dict[str, Any]], parts: list[Part]) -> LineScore:
-    """Decisions (the runner's JSON: `frame`, `reject`) against the true parts."""
+    """One camera's decisions (the runner's JSON: `frame`, `reject`) against the true parts."""
     by_frame = {int(d["frame"]): bool(d["reject"]) for d in decisions if "frame" in d}
     missed = false = rejected = undecided = 0
     for part in parts:

@@ -103,6 +103,27 @@ def test_edge_score_names_what_is_not_a_decision_or_a_truth(tmp_path: Path) -> N
     assert result.exit_code == 0, result.output
 
 
+def test_edge_score_takes_one_camera_of_a_line(tmp_path: Path) -> None:
+    """Two cameras on one line each number their own frames: a file with both is refused unless one is named."""
+    truth = tmp_path / "truth.json"
+    truth.write_text('{"parts": [{"index": 0, "first_frame": 0, "last_frame": 1, "defects": ["scratch"]}]}')
+    decisions = tmp_path / "decisions.jsonl"
+    decisions.write_text(
+        '{"device": "cam-top", "frame": 0, "reject": true}\n{"device": "cam-side", "frame": 0, "reject": false}\n'
+        '{"device": "cam-top", "frame": 1, "reject": false}\n{"device": "cam-side", "frame": 1, "reject": false}\n'
+    )
+    args = ["edge", "score", str(decisions), "--truth", str(truth)]
+    mixed = runner.invoke(app, args, env={"COLUMNS": "300"})
+    assert mixed.exit_code == 1 and "decisions of 2 cameras (cam-side, cam-top)" in mixed.output, mixed.output
+    unknown = runner.invoke(app, [*args, "--device", "cam-front"], env={"COLUMNS": "300"})
+    assert unknown.exit_code == 1 and "no decisions of device 'cam-front'" in unknown.output, unknown.output
+    for camera, missed in (("cam-top", "0"), ("cam-side", "1")):
+        scored = runner.invoke(app, [*args, "--device", camera], env={"COLUMNS": "300"})
+        assert scored.exit_code == 0, scored.output
+        row = next(line for line in scored.output.splitlines() if line.count("│") >= 6)
+        assert [cell.strip() for cell in row.split("│")[1:-1]] == ["1", "1", str(1 - int(missed)), missed, "0", "0"]
+
+
 def test_data_help() -> None:
     result = runner.invoke(app, ["data", "--help"])
     assert result.exit_code == 0

@@ -207,12 +207,15 @@ def edge_simulate(
 def edge_score(
     decisions: Annotated[Path, typer.Argument(help="the runner's JSON lines (its stdout without --mqtt)")],
     truth: Annotated[Path, typer.Option(help="the simulator's truth.json")],
+    device: Annotated[
+        str | None, typer.Option(help="the camera whose decisions to score, where the file holds several")
+    ] = None,
 ) -> None:
     """Missed and false rejects of a runner's decisions on a simulated line."""
-    from serving.line_simulator import load_decisions, load_truth, score
+    from serving.line_simulator import load_decisions, load_truth, one_camera, score
 
-    result = score(load_decisions(decisions), load_truth(truth))
-    table = FoldingTable(title=f"{decisions} against {truth}")
+    result = score(one_camera(load_decisions(decisions), device), load_truth(truth))
+    table = FoldingTable(title=f"{decisions}{f' ({device})' if device else ''} against {truth}")
     for column in ("parts", "defective", "rejected", "missed rejects", "false rejects", "undecided"):
         table.add_column(column, justify="right")
     table.add_row(*(str(v) for v in result.to_json().values()))
