@@ -241,7 +241,14 @@ def ensure_drift_automation(paths: ProjectPaths, settings: Settings, training_de
             RunDeployment(
                 source="selected",
                 deployment_id=training_deployment_id,
-                parameters={"reason": "drift", "warm_start": "champion", "project_dir": str(paths.root)},
+                parameters={
+                    "reason": "drift",
+                    "warm_start": "champion",
+                    "project_dir": str(paths.root),
+                    # Which alert asked: the next check reads this run's end (a failed one does not hold the cooldown).
+                    # `| string`: Prefect renders a one-expression template through tojson, which refuses a UUID.
+                    "drift_event": "{{ event.id | string }}",
+                },
             )
         ],
     ).create()

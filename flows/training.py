@@ -224,7 +224,10 @@ def summary_markdown(
 
 @flow(name=TRAINING_FLOW)
 def training_flow(
-    reason: str = "manual", warm_start: str | None = None, project_dir: str | None = None
+    reason: str = "manual",
+    warm_start: str | None = None,
+    project_dir: str | None = None,
+    drift_event: str | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate, export, gate, register, promote if earned, push.
 
@@ -232,6 +235,7 @@ def training_flow(
     warm_start: a local checkpoint, or "champion" for the current champion's weights; written to params.yaml's
         train.weights like any other parameter change (so DVC and the lineage see it).
     project_dir: the Conveyor project (default: the working directory's).
+    drift_event: the drift event that asked for this run (the automation sets it; the drift check reads it back).
     """
     started = time.perf_counter()
     paths = ProjectPaths.discover(Path(project_dir) if project_dir else None)

@@ -11,7 +11,9 @@ Rules:
 - Without a performance estimate (a version profiled before calibration existed, a log without confidences) there is
   no event at all: the check says why and how to fix it, rather than retraining or staying silent on a guess.
 - Cooldown: no retraining alert within `monitor.cooldown_hours` of the last one (for any version). The retraining
-  it started needs time, and until the new champion serves, the window still holds the traffic that alerted.
+  it started needs time, and until the new champion serves, the window still holds the traffic that alerted. A
+  retraining that ended Failed or Crashed (turned away as busy under `orchestration.on_overlap: reject`, or broken)
+  holds neither the cooldown nor the de-duplication: the next check asks again (`without_failed_retrainings`).
 - Checks are per device (the server's window, each edge runner's): persistence counts one device's checks; the
   cooldown and the de-duplication are per model, whichever device alerted (one retraining serves them all).
 - De-duplication: one alert per model version, action and set of drifted groups per `monitor.dedupe_hours`; a
@@ -39,6 +41,7 @@ GROUPS_TAG = "conveyor.drift.groups"
 ACTION_TAG = "conveyor.drift.action"
 STATUS_TAG = "conveyor.drift.status"
 VERSION_TAG = "conveyor.model_version"
+EVENT_TAG = "conveyor.drift.event_id"  # the event an emitted alert sent; the retraining it started carries it
 MODEL_TAG = "conveyor.model_name"
 DEVICE_TAG = "conveyor.drift.device"  # whose window: "server", an edge runner's name, or "folder"
 # The time span of a check's window (its first and last record, Unix seconds): persistence counts windows that do not
@@ -55,6 +58,7 @@ class PastAlert:
     model_version: str
     groups: frozenset[str]
     action: str
+    event_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -84,9 +88,52 @@ def past_alerts(client: MlflowClient, experiment: str, model_name: str, since: d
             run.data.tags.get(VERSION_TAG, ""),
             frozenset(g for g in run.data.tags.get(GROUPS_TAG, "").split(",") if g),
             run.data.tags.get(ACTION_TAG, "retrain"),
+            run.data.tags.get(EVENT_TAG, ""),
         )
         for run in runs
     ]
+
+
+NOT_RETRAINED = ("FAILED", "CRASHED")  # a Cancelled retraining was stopped on purpose: it holds the cooldown
+
+
+def failed_retrainings(history: Sequence[PastAlert], deployment: str) -> dict[str, str]:
+    """The retrain alerts of `history` whose retraining ended without retraining, {event id: state}: the runs of the
+    training deployment that the drift automation started with `drift_event` = the alert's event. Empty where
+    Prefect is not configured or does not answer: without that knowledge every alert holds, as before."""
+    asked = {a.event_id for a in history if a.action == "retrain" and a.event_id}
+    if not asked:
+        return {}
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        return {}
+    try:
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])),
+                sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+                limit=200,
+            )
+    except Exception:
+        return {}
+    return {
+        str(run.parameters.get("drift_event")): run.state.type.value
+        for run in runs
+        if str(run.parameters.get("drift_event")) in asked and run.state and run.state.type.value in NOT_RETRAINED
+    }
+
+
+def without_failed_retrainings(history: Sequence[PastAlert], failed: dict[str, str]) -> tuple[list[PastAlert], str]:
+    """`history` without the alerts whose retraining failed, and a note naming them (empty if none)."""
+    dropped = [a for a in history if a.event_id in failed]
+    note = "; ".join(
+        f"the retraining asked for at {a.at:%Y-%m-%d %H:%M} UTC ended {failed[a.event_id].lower()}" for a in dropped
+    )
+    return [a for a in history if a.event_id not in failed], note
 
 
 def recent_statuses(

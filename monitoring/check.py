@@ -109,7 +109,12 @@ def run_check(paths: ProjectPaths, settings: Settings, options: CheckOptions, co
         data.device,
         window_of(data.records),
     )
+    history, failed = alerts.without_failed_retrainings(
+        history, alerts.failed_retrainings(history, settings.orchestration.deployment)
+    )
     decision = alerts.decide(result, str(version.version), history, earlier, estimate, monitor, now)
+    if failed and decision.alert:
+        decision = alerts.AlertDecision(decision.alert, f"{decision.reason} ({failed}: asked again)", decision.action)
     report_dir = paths.monitoring / "reports" / now.strftime("%Y%m%dT%H%M%S%fZ")
     outcome = CheckOutcome(name, str(version.version), result, estimate, data, decision, report_dir, "", None, now)
     write_reports(outcome)
@@ -293,7 +298,7 @@ def mark_alert_emitted(client: MlflowClient, run_id: str, event_id: str) -> None
     """Recorded once the event was handed to Prefect (its events client sends it in the background, and resends
     what the server did not confirm); the cooldown and de-duplication read this tag."""
     client.set_tag(run_id, alerts.ALERT_TAG, alerts.EMITTED)
-    client.set_tag(run_id, "conveyor.drift.event_id", event_id)
+    client.set_tag(run_id, alerts.EVENT_TAG, event_id)
 
 
 def write_gauges(path: Path, outcome: CheckOutcome) -> None:

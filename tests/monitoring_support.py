@@ -13,7 +13,9 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from pipelines import registry
+from monitoring import drift
+from monitoring.estimate import WindowEstimate
+from pipelines import performance, registry
 from pipelines.data import dir_md5
 from pipelines.features import EMBEDDING, SCORE_CLASS, SCORE_CONFIDENCE
 from pipelines.profile import EmbeddingBasis, Profile
@@ -125,3 +127,16 @@ def register_old_version(client: MlflowClient, name: str, project: Path, export_
     client.log_artifact(run_id, str(weights), "weights")
     client.set_model_version_tag(name, version, "conveyor.data_md5", dir_md5(project / "data"))
     registry.promote(client, name, version, reason="the line's first model", actor="user:test")
+
+
+def estimated(cost: float) -> WindowEstimate:
+    """A window's estimate whose cost is `cost`, its interval ±0.05 around it."""
+    found = performance.Estimate(0.6 - cost, 0.55 - cost, 0.65 - cost, 0.6, cost - 0.05, cost + 0.05, 0.62, 40, 0.9)
+    return WindowEstimate(found, "test")
+
+
+def drifted(*groups: str) -> drift.DriftResult:
+    """A drift verdict decided by `groups`."""
+    return drift.DriftResult(
+        "drift", "", 60, groups=[drift.GroupDrift(g, True, 3.0, "sharpness", "less sharp") for g in groups]
+    )

@@ -23,10 +23,11 @@ from rich.console import Console
 
 from conveyor.paths import ProjectPaths
 from conveyor.settings import load_settings
+from monitoring import alerts, drift
 from pipelines import registry
 from tests.conftest import make_project
 from tests.flow_support import conveyor, flow_params, servers_env
-from tests.monitoring_support import register_old_version
+from tests.monitoring_support import drifted, estimated, register_old_version
 
 pytestmark = pytest.mark.slow
 
@@ -131,6 +132,8 @@ def test_drift_is_detected_retrained_promoted_and_swapped(
 
     retraining = result.phase("retraining").details
     assert retraining["parameters"]["reason"] == "drift" and retraining["parameters"]["warm_start"] == "champion"
+    # The automation passed its event (a template it renders): the next checks read this run's end by it.
+    assert retraining["parameters"]["drift_event"] == check_run.data.tags[alerts.EVENT_TAG]
     assert result.phase("no retraining").outcome.startswith("the automation ignored the alert-only event")
     champion = registry.current_champion(client, name)
     assert champion is not None and str(champion.version) == retraining["version"] == "2"
@@ -200,3 +203,68 @@ def test_a_redeploy_removes_every_automation_of_its_name_and_a_drift_event_id_is
         with pytest.raises(ValueError, match="not found"):
             Automation.read(name=name)  # type: ignore[unused-coroutine]  # sync context: the automation itself
     assert event_id("run-1") == event_id("run-1") != event_id("run-2")
+
+
+def test_a_retraining_that_failed_holds_neither_the_cooldown_nor_the_deduplication(prefect_server: str) -> None:
+    """A retrain alert whose retraining was turned away (Failed: busy under on_overlap reject) or Crashed no longer
+    holds the cooldown: the next check asks again, saying why. A retraining still running, one cancelled on purpose,
+    one Prefect has no run for, and an alert-only alert hold as before; without Prefect to ask, every alert holds."""
+    from datetime import UTC, datetime, timedelta
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import State
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+    from prefect.states import Cancelled, Crashed, Failed, Running
+
+    from conveyor.net import free_port
+    from conveyor.settings import MonitorSettings
+
+    deployment = f"training-{uuid.uuid4().hex[:8]}"
+    now = datetime.now(UTC)
+
+    def alert(hours_ago: float, event: str, action: str = "retrain") -> alerts.PastAlert:
+        return alerts.PastAlert(now - timedelta(hours=hours_ago), "3", frozenset({drift.FOCUS}), action, event)
+
+    history = [alert(1, "busy"), alert(2, "broken"), alert(3, "running"), alert(4, "stopped"), alert(5, "lost")]
+    history.append(alert(1, "only", "alert"))
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
+        with get_client(sync_client=True) as client:
+            deployment_id = client.create_deployment(client.create_flow_from_name("conveyor-training"), deployment)
+            ends: dict[str, State] = {
+                "busy": Failed(message="another training run is in progress (orchestration.on_overlap: reject)"),
+                "broken": Crashed(),
+                "running": Running(),
+                "stopped": Cancelled(),
+                "only": Failed(),  # not a retrain alert's: never asked about
+            }
+            for event, state in ends.items():
+                run = client.create_flow_run_from_deployment(
+                    deployment_id, parameters={"reason": "drift", "drift_event": event}
+                )
+                client.set_flow_run_state(run.id, state, force=True)
+        failed = alerts.failed_retrainings(history, deployment)
+    assert failed == {"busy": "FAILED", "broken": "CRASHED"}
+    kept, note = alerts.without_failed_retrainings(history, failed)
+    assert [a.event_id for a in kept] == ["running", "stopped", "lost", "only"]
+    assert "ended failed" in note and "ended crashed" in note
+
+    policy = MonitorSettings(cooldown_hours=6, dedupe_hours=24)
+    found, cost = drifted(drift.FOCUS), estimated(0.1)
+    turned_away = history[:2]
+    assert alerts.decide(found, "3", turned_away, [], cost, policy, now).reason.startswith("cooldown")
+    asked_again = alerts.decide(
+        found, "3", alerts.without_failed_retrainings(turned_away, failed)[0], [], cost, policy, now
+    )
+    assert asked_again.alert and asked_again.action == "retrain"
+    earlier = [alert(10, "busy")]  # past the cooldown, within the de-duplication: same version, groups and action
+    assert alerts.decide(found, "3", earlier, [], cost, policy, now).reason.startswith("duplicate")
+    assert alerts.decide(found, "3", alerts.without_failed_retrainings(earlier, failed)[0], [], cost, policy, now).alert
+    for holding in (alert(3, "running"), alert(4, "stopped"), alert(5, "lost")):
+        held = alerts.without_failed_retrainings([holding], failed)[0]
+        assert not alerts.decide(found, "3", held, [], cost, policy, now).alert
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert alerts.failed_retrainings(history, deployment) == {}  # no Prefect to ask: every alert holds
+    nobody = f"http://127.0.0.1:{free_port()}/api"
+    with temporary_settings(updates={PREFECT_API_URL: nobody, PREFECT_CLIENT_MAX_RETRIES: 0}):
+        assert alerts.failed_retrainings(history, deployment) == {}  # Prefect does not answer: the same

@@ -34,7 +34,7 @@ from pipelines.features import (
 )
 from pipelines.inference import Detection, Detector, Inference, ModelCard
 from pipelines.prediction_log import Pending, PredictionLog, read_log
-from tests.monitoring_support import NAMES, feature_rows, profile_of
+from tests.monitoring_support import NAMES, drifted, estimated, feature_rows, profile_of
 from tests.serving_support import CHECKPOINT
 
 POLICY = MonitorSettings(min_samples=20)
@@ -690,17 +690,6 @@ def test_each_device_is_its_own_window_and_its_own_gauges(tmp_path: Path) -> Non
 
 
 # --- the alert policy ---------------------------------------------------------------------------------------------
-
-
-def estimated(cost: float) -> WindowEstimate:
-    found = performance.Estimate(0.6 - cost, 0.55 - cost, 0.65 - cost, 0.6, cost - 0.05, cost + 0.05, 0.62, 40, 0.9)
-    return WindowEstimate(found, "test")
-
-
-def drifted(*groups: str) -> drift.DriftResult:
-    return drift.DriftResult(
-        "drift", "", 60, groups=[drift.GroupDrift(g, True, 3.0, "sharpness", "less sharp") for g in groups]
-    )
 
 
 def test_the_action_follows_the_estimated_cost() -> None:
