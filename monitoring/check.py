@@ -109,9 +109,9 @@ def run_check(paths: ProjectPaths, settings: Settings, options: CheckOptions, co
         data.device,
         window_of(data.records),
     )
-    history, failed = alerts.without_failed_retrainings(
-        history, alerts.failed_retrainings(history, settings.orchestration.deployment)
-    )
+    # Only a drift verdict can alert: a quiet window does not ask Prefect how earlier retrainings ended.
+    ended = alerts.failed_retrainings(history, settings.orchestration.deployment) if result.status == "drift" else {}
+    history, failed = alerts.without_failed_retrainings(history, ended)
     decision = alerts.decide(result, str(version.version), history, earlier, estimate, monitor, now)
     if failed and decision.alert:
         decision = alerts.AlertDecision(decision.alert, f"{decision.reason} ({failed}: asked again)", decision.action)
