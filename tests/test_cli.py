@@ -71,6 +71,8 @@ def test_a_path_that_is_a_folder_or_under_a_file_is_one_line(tmp_path: Path, mon
         (["server", "start", "--port", "70000"], "less than or equal to 65535"),  # it listened on 4464
         (["ui", "--port", "70000"], "less than or equal to 65535"),
         (["edge", "simulate", "--fps", "inf"], "less than or equal to 1000"),  # it spun at 90 % CPU
+        (["lineage", "--data", "ab.dir", "--restore"], "--restore takes a version (REF), not --data"),
+        (["lineage", "3", "--force"], "--force only goes with --restore"),
     ],
 )
 def test_options_out_of_range_are_refused_before_anything_runs(args: list[str], said: str) -> None:

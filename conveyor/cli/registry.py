@@ -125,6 +125,10 @@ def lineage(
     """Where a model came from (data, code, params, runs, gates, exports), or what a data version produced."""
     from pipelines import lineage_report, registry
 
+    if data and restore:
+        raise typer.BadParameter("--restore takes a version (REF), not --data", param_hint="--restore")
+    if force and not restore:
+        raise typer.BadParameter("--force only goes with --restore", param_hint="--force")
     paths, settings, client = open_registry()
     name = settings.registry.model_name
     if restore:
