@@ -12,8 +12,9 @@ Rules:
   no event at all: the check says why and how to fix it, rather than retraining or staying silent on a guess.
 - Cooldown: no retraining alert within `monitor.cooldown_hours` of the last one (for any version). The retraining
   it started needs time, and until the new champion serves, the window still holds the traffic that alerted. A
-  retraining that ended Failed or Crashed (turned away as busy under `orchestration.on_overlap: reject`, or broken)
-  holds neither the cooldown nor the de-duplication: the next check asks again (`without_failed_retrainings`).
+  retraining that never retrained (turned away under `orchestration.on_overlap: reject`, by the deployment's
+  concurrency limit or the project's lock; Failed; Crashed) holds neither the cooldown nor the de-duplication: the
+  next check asks again (`without_failed_retrainings`).
 - Checks are per device (the server's window, each edge runner's): persistence counts one device's checks; the
   cooldown and the de-duplication are per model, whichever device alerted (one retraining serves them all).
 - De-duplication: one alert per model version, action and set of drifted groups per `monitor.dedupe_hours`; a
@@ -27,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 from mlflow.tracking import MlflowClient
 
@@ -94,11 +95,24 @@ def past_alerts(client: MlflowClient, experiment: str, model_name: str, since: d
     ]
 
 
-NOT_RETRAINED = ("FAILED", "CRASHED")  # a Cancelled retraining was stopped on purpose: it holds the cooldown
+# Prefect's message when a deployment's concurrency limit (orchestration.on_overlap: reject) turns a run away.
+TURNED_AWAY = "Deployment concurrency limit reached."
+
+
+def _never_retrained(state: Any) -> str | None:
+    """How a retraining's run ended without retraining, or None: Failed (our lock turned it away as busy, or it
+    broke), Crashed, or Cancelled by the deployment's concurrency limit before it started. Any other Cancelled run
+    was stopped on purpose (a person, SIGTERM): it holds the cooldown."""
+    kind = state.type.value
+    if kind in ("FAILED", "CRASHED"):
+        return str(kind).lower()
+    if kind == "CANCELLED" and TURNED_AWAY in (state.message or ""):
+        return "turned away (the training deployment's concurrency limit)"
+    return None
 
 
 def failed_retrainings(history: Sequence[PastAlert], deployment: str) -> dict[str, str]:
-    """The retrain alerts of `history` whose retraining ended without retraining, {event id: state}: the runs of the
+    """The retrain alerts of `history` whose retraining never retrained, {event id: how it ended}: the runs of the
     training deployment that the drift automation started with `drift_event` = the alert's event. Empty where
     Prefect is not configured or does not answer: without that knowledge every alert holds, as before."""
     asked = {a.event_id for a in history if a.action == "retrain" and a.event_id}
@@ -120,18 +134,15 @@ def failed_retrainings(history: Sequence[PastAlert], deployment: str) -> dict[st
             )
     except Exception:
         return {}
-    return {
-        str(run.parameters.get("drift_event")): run.state.type.value
-        for run in runs
-        if str(run.parameters.get("drift_event")) in asked and run.state and run.state.type.value in NOT_RETRAINED
-    }
+    ended = {str(run.parameters.get("drift_event")): run.state for run in runs if run.state is not None}
+    return {event: how for event, state in ended.items() if event in asked and (how := _never_retrained(state))}
 
 
 def without_failed_retrainings(history: Sequence[PastAlert], failed: dict[str, str]) -> tuple[list[PastAlert], str]:
     """`history` without the alerts whose retraining failed, and a note naming them (empty if none)."""
     dropped = [a for a in history if a.event_id in failed]
     note = "; ".join(
-        f"the retraining asked for at {a.at:%Y-%m-%d %H:%M} UTC ended {failed[a.event_id].lower()}" for a in dropped
+        f"the retraining asked for at {a.at:%Y-%m-%d %H:%M} UTC ended {failed[a.event_id]}" for a in dropped
     )
     return [a for a in history if a.event_id not in failed], note
 

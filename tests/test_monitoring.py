@@ -206,15 +206,17 @@ def test_a_redeploy_removes_every_automation_of_its_name_and_a_drift_event_id_is
 
 
 def test_a_retraining_that_failed_holds_neither_the_cooldown_nor_the_deduplication(prefect_server: str) -> None:
-    """A retrain alert whose retraining was turned away (Failed: busy under on_overlap reject) or Crashed no longer
-    holds the cooldown: the next check asks again, saying why. A retraining still running, one cancelled on purpose,
-    one Prefect has no run for, and an alert-only alert hold as before; without Prefect to ask, every alert holds."""
+    """A retrain alert whose retraining never retrained no longer holds the cooldown or the de-duplication: the next
+    check asks again, saying why. Turned away by the training deployment's concurrency limit (on_overlap: reject; the
+    state is Prefect's own, from its orchestration), Failed (the project's lock turned it away, or it broke), or
+    Crashed. A retraining still running, one stopped on purpose, one Prefect has no run for, and an alert-only alert
+    hold as before; without Prefect to ask, every alert holds."""
     from datetime import UTC, datetime, timedelta
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.objects import State
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy, ConcurrencyOptions, State
     from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
-    from prefect.states import Cancelled, Crashed, Failed, Running
+    from prefect.states import Cancelled, Crashed, Failed, Pending, Running
 
     from conveyor.net import free_port
     from conveyor.settings import MonitorSettings
@@ -225,36 +227,53 @@ def test_a_retraining_that_failed_holds_neither_the_cooldown_nor_the_deduplicati
     def alert(hours_ago: float, event: str, action: str = "retrain") -> alerts.PastAlert:
         return alerts.PastAlert(now - timedelta(hours=hours_ago), "3", frozenset({drift.FOCUS}), action, event)
 
-    history = [alert(1, "busy"), alert(2, "broken"), alert(3, "running"), alert(4, "stopped"), alert(5, "lost")]
-    history.append(alert(1, "only", "alert"))
+    history = [alert(1, "limit"), alert(1, "busy"), alert(2, "broken")]
+    history += [alert(3, "running"), alert(4, "stopped"), alert(5, "lost"), alert(1, "only", "alert")]
     with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
         with get_client(sync_client=True) as client:
-            deployment_id = client.create_deployment(client.create_flow_from_name("conveyor-training"), deployment)
+            deployment_id = client.create_deployment(
+                client.create_flow_from_name("conveyor-training"),
+                deployment,
+                concurrency_limit=1,  # as `conveyor deploy` makes it under on_overlap: reject
+                concurrency_options=ConcurrencyOptions(collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
+            )
+
+            def run_for(event: str) -> Any:
+                return client.create_flow_run_from_deployment(
+                    deployment_id, parameters={"reason": "drift", "drift_event": event}
+                )
+
+            running = run_for("running")
+            steps: list[State] = [Pending(), Running()]
+            for step in steps:  # through Prefect's orchestration: the run takes the deployment's one slot
+                taken = client.set_flow_run_state(running.id, step).state
+                assert taken is not None and taken.type == step.type
+            turned_away: State | None = client.set_flow_run_state(run_for("limit").id, Pending()).state
+            assert turned_away is not None and turned_away.type.value == "CANCELLED"
+            assert turned_away.message == alerts.TURNED_AWAY  # Prefect's own words, which the check reads
             ends: dict[str, State] = {
                 "busy": Failed(message="another training run is in progress (orchestration.on_overlap: reject)"),
                 "broken": Crashed(),
-                "running": Running(),
-                "stopped": Cancelled(),
+                "stopped": Cancelled(message="stopped by SIGTERM in stage train"),
                 "only": Failed(),  # not a retrain alert's: never asked about
             }
             for event, state in ends.items():
-                run = client.create_flow_run_from_deployment(
-                    deployment_id, parameters={"reason": "drift", "drift_event": event}
-                )
-                client.set_flow_run_state(run.id, state, force=True)
+                client.set_flow_run_state(run_for(event).id, state, force=True)
         failed = alerts.failed_retrainings(history, deployment)
-    assert failed == {"busy": "FAILED", "broken": "CRASHED"}
+    assert failed == {
+        "limit": "turned away (the training deployment's concurrency limit)",
+        "busy": "failed",
+        "broken": "crashed",
+    }
     kept, note = alerts.without_failed_retrainings(history, failed)
     assert [a.event_id for a in kept] == ["running", "stopped", "lost", "only"]
-    assert "ended failed" in note and "ended crashed" in note
+    assert "ended turned away" in note and "ended failed" in note and "ended crashed" in note
 
     policy = MonitorSettings(cooldown_hours=6, dedupe_hours=24)
     found, cost = drifted(drift.FOCUS), estimated(0.1)
-    turned_away = history[:2]
-    assert alerts.decide(found, "3", turned_away, [], cost, policy, now).reason.startswith("cooldown")
-    asked_again = alerts.decide(
-        found, "3", alerts.without_failed_retrainings(turned_away, failed)[0], [], cost, policy, now
-    )
+    never = history[:3]
+    assert alerts.decide(found, "3", never, [], cost, policy, now).reason.startswith("cooldown")
+    asked_again = alerts.decide(found, "3", alerts.without_failed_retrainings(never, failed)[0], [], cost, policy, now)
     assert asked_again.alert and asked_again.action == "retrain"
     earlier = [alert(10, "busy")]  # past the cooldown, within the de-duplication: same version, groups and action
     assert alerts.decide(found, "3", earlier, [], cost, policy, now).reason.startswith("duplicate")
