@@ -16,6 +16,10 @@ from pipelines import registry
 from tests.conftest import base_env, make_project
 
 CHECKPOINT = REPO / "tests" / "assets" / "yolo11n-defects-320.pt"
+# The default drift check runs on the hour: a test that deploys and straddles one got a scheduled check (and its
+# alert) in the middle. The tests' deployments check at 04:30 on 29 February instead; test_monitoring checks that
+# the deployed schedule is the params'.
+RARE_CRON = "30 4 29 2 *"
 
 
 def flow_params(model_name: str) -> dict[str, Any]:
@@ -49,6 +53,7 @@ def flow_params(model_name: str) -> dict[str, Any]:
         },
         "registry": {"model_name": model_name},
         "tracking": {"experiment": "flow-tests"},
+        "monitor": {"schedule": RARE_CRON},
     }
 
 

@@ -552,7 +552,7 @@ def test_the_edge_logs_the_servers_records_and_they_reach_the_drift_check(
 
     name = f"edge-{os.getpid()}-{int(time.time())}"
     params = flow_params(name)
-    params["monitor"] = {"min_samples": 20, "experiment": f"monitoring-{name}"}
+    params["monitor"].update({"min_samples": 20, "experiment": f"monitoring-{name}"})
     params["serve"] = {"prediction_log": {"s3": "s3://edge/predictions", "flush_seconds": 1}}
     params["edge"] = {"log": {"flush_seconds": 1}}
     project = make_project(tmp_path / "project", params)

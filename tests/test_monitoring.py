@@ -26,7 +26,7 @@ from conveyor.settings import load_settings
 from monitoring import alerts, drift
 from pipelines import registry
 from tests.conftest import make_project
-from tests.flow_support import conveyor, flow_params, servers_env
+from tests.flow_support import RARE_CRON, conveyor, flow_params, servers_env
 from tests.monitoring_support import drifted, estimated, register_old_version
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.slow
 def drift_params(name: str, pool: str) -> dict[str, Any]:
     params = flow_params(name)
     params["synth"]["counts"] = {"train": 32, "val": 8, "test": 16}
-    params["monitor"] = {"min_samples": 20, "experiment": f"monitoring-{name}"}
+    params["monitor"].update({"min_samples": 20, "experiment": f"monitoring-{name}"})
     params["serve"] = {"poll_seconds": 2, "prediction_log": {"flush_seconds": 1}}
     params["orchestration"] = {
         "work_pool": pool,
@@ -157,7 +157,7 @@ def test_drift_is_detected_retrained_promoted_and_swapped(
         assert training.concurrency_options is not None
         assert training.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
         monitoring = prefect.read_deployment_by_name("conveyor-monitoring/drift-check")
-        assert [s.schedule.cron for s in monitoring.schedules] == ["0 * * * *"]  # type: ignore[union-attr]
+        assert [s.schedule.cron for s in monitoring.schedules] == [RARE_CRON]  # type: ignore[union-attr]
         automation = Automation.read(name=f"conveyor: retrain {name} on drift")
         assert not inspect.isawaitable(automation)
         assert automation.trigger.expect == {"conveyor.drift.detected"}
