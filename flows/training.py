@@ -31,6 +31,7 @@ from conveyor.paths import ProjectPaths, exclusive, tracking_uri, write_atomical
 from conveyor.settings import Settings, load_settings
 from flows import TRAINING_FLOW, decisions, repair
 from pipelines import dvc_repo
+from pipelines.lineage_report import DRIFT_EVENT_TAG
 from pipelines.warm_start import clear_earlier_warm_start, set_warm_start
 
 # MLflow (3.4 s to import here) and the pipeline modules load inside the tasks: a run triggered by a drift event is
@@ -145,7 +146,9 @@ def run_stage(root: str, stage: str, flow_run_id: str | None, force: bool = Fals
 
 
 @task(name="register and promote")
-def register_and_promote(root: str, flow_run_id: str | None, reason: str) -> dict[str, Any]:
+def register_and_promote(
+    root: str, flow_run_id: str | None, reason: str, drift_event: str | None = None
+) -> dict[str, Any]:
     from conveyor.tracking import Tracker
     from pipelines import lineage_report, promotion, registry
     from pipelines.gate import GateReport
@@ -153,6 +156,8 @@ def register_and_promote(root: str, flow_run_id: str | None, reason: str) -> dic
     paths = ProjectPaths(Path(root))
     settings = load_settings(paths.params)
     tracker = Tracker.resume(paths)
+    if drift_event:  # lineage: the drift check whose alert asked for this run (`conveyor lineage` names it)
+        tracker.client.set_tag(tracker.run_id, DRIFT_EVENT_TAG, drift_event)
     # Before the version exists: a registered version always has its run's record (a pod's working tree is gone
     # after the run; `conveyor lineage --restore` brings the record back anywhere).
     lineage_report.log_run_record(tracker.client, tracker.run_id, paths.root)
@@ -281,7 +286,7 @@ def training_flow(
                 )
                 outcome = decided
             else:
-                outcome = register_and_promote(root, run_id, reason)
+                outcome = register_and_promote(root, run_id, reason, drift_event)
                 decisions.record_decision(paths, outcome)
             if settings.orchestration.push:
                 push(root)

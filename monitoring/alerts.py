@@ -35,6 +35,7 @@ from mlflow.tracking import MlflowClient
 from conveyor.settings import MonitorSettings
 from monitoring.drift import DriftResult
 from monitoring.estimate import WindowEstimate
+from pipelines.lineage_report import CHECK_EVENT_TAG
 
 ALERT_TAG = "conveyor.drift.alert"
 EMITTED = "emitted"
@@ -42,7 +43,7 @@ GROUPS_TAG = "conveyor.drift.groups"
 ACTION_TAG = "conveyor.drift.action"
 STATUS_TAG = "conveyor.drift.status"
 VERSION_TAG = "conveyor.model_version"
-EVENT_TAG = "conveyor.drift.event_id"  # the event an emitted alert sent; the retraining it started carries it
+EVENT_TAG = CHECK_EVENT_TAG  # the event an emitted alert sent; the retraining it started carries it
 MODEL_TAG = "conveyor.model_name"
 DEVICE_TAG = "conveyor.drift.device"  # whose window: "server", an edge runner's name, or "folder"
 # The time span of a check's window (its first and last record, Unix seconds): persistence counts windows that do not

@@ -19,6 +19,8 @@ from pipelines import dvc_repo, registry
 from pipelines.registry import ModelRefError, resolve
 
 RUN_RECORD = "lineage"  # the artifact folder of a training run that holds its record
+DRIFT_EVENT_TAG = "conveyor.drift_event_id"  # on a training run a drift alert asked for: that alert's event
+CHECK_EVENT_TAG = "conveyor.drift.event_id"  # on the drift check's run that emitted it
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,9 @@ class Lineage:
     rows: list[tuple[str, str]]
 
 
-def lineage(client: MlflowClient, paths: ProjectPaths, default_name: str, ref: str) -> Lineage:
+def lineage(
+    client: MlflowClient, paths: ProjectPaths, default_name: str, ref: str, monitoring_experiment: str | None = None
+) -> Lineage:
     version = resolve(client, default_name, ref)
     if not version.run_id:
         raise ModelRefError(f"{version.name} v{version.version} was not registered from a run: no lineage")
@@ -55,6 +59,7 @@ def lineage(client: MlflowClient, paths: ProjectPaths, default_name: str, ref: s
         ("train params", train_params or "-"),
         ("MLflow run", f"{run.info.run_id} (experiment {run.info.experiment_id}) on {client.tracking_uri}"),
         ("Prefect flow run", tags.get("conveyor.prefect_flow_run_id", "-")),
+        ("asked for by", _asked_for_by(client, tags.get(DRIFT_EVENT_TAG), monitoring_experiment)),
         (
             "gates",
             "passed"
@@ -74,6 +79,25 @@ def lineage(client: MlflowClient, paths: ProjectPaths, default_name: str, ref: s
         ("model source", str(version.source)),
     ]
     return Lineage(version.name, str(version.version), list(version.aliases), rows)
+
+
+def _asked_for_by(client: MlflowClient, event: str | None, experiment: str | None) -> str:
+    """The drift check whose alert started this run (its MLflow run and report), or "-" for a run nobody's alert
+    started (a schedule, a person)."""
+    if not event:
+        return "-"
+    found = client.get_experiment_by_name(experiment) if experiment else None
+    runs = (
+        client.search_runs([found.experiment_id], filter_string=f"tags.`{CHECK_EVENT_TAG}` = '{event}'", max_results=1)
+        if found
+        else []
+    )
+    if not runs:
+        return f"drift event {event} (its check is not in the monitoring experiment)"
+    check = runs[0]
+    device = check.data.tags.get("conveyor.drift.device", "?")
+    groups = check.data.tags.get("conveyor.drift.groups", "") or "-"
+    return f"drift check {check.info.run_id} of {device} ({groups}): runs:/{check.info.run_id}/drift/report.html"
 
 
 def versions_for_data(client: MlflowClient, name: str, md5: str) -> list[ModelVersion]:

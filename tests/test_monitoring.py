@@ -148,6 +148,10 @@ def test_drift_is_detected_retrained_promoted_and_swapped(
     assert f"{name} v2: no drift" in by_hand.stdout and "alert: no (no drift)" in by_hand.stdout
     assert "focus & noise" in by_hand.stdout and "performance (label-free)" in by_hand.stdout
     assert "report.html" in by_hand.stdout
+    # v2's lineage names the check whose alert asked for it, and where its report is.
+    lineage = conveyor(project, {**env, "COLUMNS": "300"}, "lineage", "2").stdout
+    assert f"drift check {check_run.info.run_id} of server" in lineage, lineage
+    assert f"runs:/{check_run.info.run_id}/drift/report.html" in lineage, lineage
 
     with temporary_settings(updates={PREFECT_API_URL: prefect_server}), get_client(sync_client=True) as prefect:
         training = prefect.read_deployment_by_name("conveyor-training/scheduled-training")

@@ -154,7 +154,7 @@ def lineage(
             )
         console.print(table if found else f"no version of {name} was trained on data {data}")
         return
-    result = lineage_report.lineage(client, paths, name, ref)
+    result = lineage_report.lineage(client, paths, name, ref, settings.monitor.experiment)
     table = FoldingTable(
         title=f"{result.model} v{result.version} ({', '.join(result.aliases) or 'no alias'})", show_header=False
     )
