@@ -31,7 +31,6 @@ from conveyor.paths import ProjectPaths, exclusive, tracking_uri, write_atomical
 from conveyor.settings import Settings, load_settings
 from flows import TRAINING_FLOW, decisions, repair
 from pipelines import dvc_repo
-from pipelines.lineage_report import DRIFT_EVENT_TAG
 from pipelines.warm_start import clear_earlier_warm_start, set_warm_start
 
 # MLflow (3.4 s to import here) and the pipeline modules load inside the tasks: a run triggered by a drift event is
@@ -157,7 +156,7 @@ def register_and_promote(
     settings = load_settings(paths.params)
     tracker = Tracker.resume(paths)
     if drift_event:  # lineage: the drift check whose alert asked for this run (`conveyor lineage` names it)
-        tracker.client.set_tag(tracker.run_id, DRIFT_EVENT_TAG, drift_event)
+        tracker.client.set_tag(tracker.run_id, lineage_report.DRIFT_EVENT_TAG, drift_event)
     # Before the version exists: a registered version always has its run's record (a pod's working tree is gone
     # after the run; `conveyor lineage --restore` brings the record back anywhere).
     lineage_report.log_run_record(tracker.client, tracker.run_id, paths.root)

@@ -35,17 +35,16 @@ from mlflow.tracking import MlflowClient
 from conveyor.settings import MonitorSettings
 from monitoring.drift import DriftResult
 from monitoring.estimate import WindowEstimate
-from pipelines.lineage_report import CHECK_EVENT_TAG
+from pipelines.lineage_report import CHECK_DEVICE_TAG as DEVICE_TAG
+from pipelines.lineage_report import CHECK_EVENT_TAG as EVENT_TAG  # the retraining it started carries it too
+from pipelines.lineage_report import CHECK_GROUPS_TAG as GROUPS_TAG
 
 ALERT_TAG = "conveyor.drift.alert"
 EMITTED = "emitted"
-GROUPS_TAG = "conveyor.drift.groups"
 ACTION_TAG = "conveyor.drift.action"
 STATUS_TAG = "conveyor.drift.status"
 VERSION_TAG = "conveyor.model_version"
-EVENT_TAG = CHECK_EVENT_TAG  # the event an emitted alert sent; the retraining it started carries it
 MODEL_TAG = "conveyor.model_name"
-DEVICE_TAG = "conveyor.drift.device"  # whose window: "server", an edge runner's name, or "folder"
 # The time span of a check's window (its first and last record, Unix seconds): persistence counts windows that do not
 # overlap, so a check run again by hand over the same records, or an hourly check of a 24 h window, is not a new one.
 WINDOW_START_TAG = "conveyor.drift.window_start"
@@ -106,7 +105,7 @@ def _never_retrained(state: Any) -> str | None:
     was stopped on purpose (a person, SIGTERM): it holds the cooldown."""
     kind = state.type.value
     if kind in ("FAILED", "CRASHED"):
-        return str(kind).lower()
+        return kind.lower()
     if kind == "CANCELLED" and TURNED_AWAY in (state.message or ""):
         return "turned away (the training deployment's concurrency limit)"
     return None

@@ -12,7 +12,7 @@ estimate and every score as metrics; the reports as artifacts), and Prometheus g
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -114,7 +114,7 @@ def run_check(paths: ProjectPaths, settings: Settings, options: CheckOptions, co
     history, failed = alerts.without_failed_retrainings(history, ended)
     decision = alerts.decide(result, str(version.version), history, earlier, estimate, monitor, now)
     if failed and decision.alert:
-        decision = alerts.AlertDecision(decision.alert, f"{decision.reason} ({failed}: asked again)", decision.action)
+        decision = replace(decision, reason=f"{decision.reason} ({failed}: asked again)")
     report_dir = paths.monitoring / "reports" / now.strftime("%Y%m%dT%H%M%S%fZ")
     outcome = CheckOutcome(name, str(version.version), result, estimate, data, decision, report_dir, "", None, now)
     write_reports(outcome)

@@ -20,7 +20,10 @@ from pipelines.registry import ModelRefError, resolve
 
 RUN_RECORD = "lineage"  # the artifact folder of a training run that holds its record
 DRIFT_EVENT_TAG = "conveyor.drift_event_id"  # on a training run a drift alert asked for: that alert's event
-CHECK_EVENT_TAG = "conveyor.drift.event_id"  # on the drift check's run that emitted it
+# Tags of a drift check's MLflow run that lineage reads (monitoring.alerts writes them under its own names).
+CHECK_EVENT_TAG = "conveyor.drift.event_id"  # the event its alert emitted
+CHECK_DEVICE_TAG = "conveyor.drift.device"  # whose window: "server", an edge runner's name, or "folder"
+CHECK_GROUPS_TAG = "conveyor.drift.groups"
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,8 @@ def _asked_for_by(client: MlflowClient, event: str | None, experiment: str | Non
     if not runs:
         return f"drift event {event} (its check is not in the monitoring experiment)"
     check = runs[0]
-    device = check.data.tags.get("conveyor.drift.device", "?")
-    groups = check.data.tags.get("conveyor.drift.groups", "") or "-"
+    device = check.data.tags.get(CHECK_DEVICE_TAG, "?")
+    groups = check.data.tags.get(CHECK_GROUPS_TAG, "") or "-"
     return f"drift check {check.info.run_id} of {device} ({groups}): runs:/{check.info.run_id}/drift/report.html"
 
 
@@ -132,12 +135,12 @@ def restore_run_record(
     version = resolve(client, default_name, ref)
     if not version.run_id:
         raise RunRecordError(f"{version.name} v{version.version} was not registered from a run: no run record")
+    if not client.list_artifacts(version.run_id, RUN_RECORD):
+        raise RunRecordError(
+            f"{version.name} v{version.version} (run {version.run_id}) has no run record: it was registered "
+            "before Conveyor kept one with the run"
+        )
     with tempfile.TemporaryDirectory(prefix="conveyor-record-") as staging:
-        if not client.list_artifacts(version.run_id, RUN_RECORD):
-            raise RunRecordError(
-                f"{version.name} v{version.version} (run {version.run_id}) has no run record: it was registered "
-                "before Conveyor kept one with the run"
-            )
         folder = Path(client.download_artifacts(version.run_id, RUN_RECORD, staging))
         files = sorted(path.relative_to(folder) for path in folder.rglob("*") if path.is_file())
         if not force:
