@@ -145,7 +145,13 @@ def read_log(location: Path | str, since: datetime | None = None, last: int | No
     frames = [f for f in frames if len(f)]
     if not frames:
         return LogWindow(pd.DataFrame(), unreadable)
-    frame = pd.concat(frames, ignore_index=True).sort_values("time", kind="stable")
+    # A part whose images all had no detection holds its per-image statistics (mean_confidence, ...) as all-None
+    # columns, which Parquet reads back as objects. pandas < 3 leaves such columns out when it picks a column's type
+    # across parts; pandas 3 will not, and the window's column would turn to objects. Drop them first, as pandas
+    # advises, and put back any column that no part had a value in.
+    columns = list(dict.fromkeys(name for part in frames for name in part.columns))
+    frames = [part.dropna(axis="columns", how="all") for part in frames]
+    frame = pd.concat(frames, ignore_index=True).reindex(columns=columns).sort_values("time", kind="stable")
     if DEVICE_COLUMN not in frame:
         frame[DEVICE_COLUMN] = SERVER_DEVICE
     frame[DEVICE_COLUMN] = frame[DEVICE_COLUMN].fillna(SERVER_DEVICE).astype(str)

@@ -146,6 +146,29 @@ def test_prediction_log_writes_hourly_parquet_and_drops_when_full(tmp_path: Path
     assert len(list((tmp_path / "log").glob("date=*/hour=*/part-*.parquet"))) == 1
 
 
+def test_a_part_without_detections_keeps_the_windows_statistics_numeric(tmp_path: Path) -> None:
+    """An hour in which no image had a detection writes its per-image statistics as all-None columns; read with the
+    next hour's, they stay numbers, with no pandas FutureWarning (pandas 3 would make them objects)."""
+    import warnings
+
+    from pipelines.features import sample_image
+
+    log = PredictionLog(tmp_path / "log", queue_size=10, flush_seconds=60, keep_hours=1)
+    log.directory.mkdir()
+    empty = sample_image(np.full((48, 64, 3), 100, np.uint8), 320)
+    log.offer(Pending(time.time() - 2, "1", empty, Inference([], [], None)))
+    log.flush()
+    log.offer(pending())
+    log.flush()
+    assert len(list((tmp_path / "log").glob("date=*/hour=*/part-*.parquet"))) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        frame = read_log(tmp_path / "log").records
+    assert str(frame["mean_confidence"].dtype) == "float64" and str(frame["max_box_area"].dtype) == "float64"
+    assert np.isnan(frame["mean_confidence"].iloc[0]) and frame["mean_confidence"].iloc[1] == pytest.approx(0.9)
+    assert "frame" in frame and frame["frame"].isna().all()  # a column no part filled is kept
+
+
 def test_prediction_log_survives_an_unwritable_disk(tmp_path: Path) -> None:
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the log directory should be")
