@@ -404,7 +404,9 @@ class MonitorSettings(_Section):
 class RejectSettings(_Section):
     """When the edge runner rejects a part: one decision per frame from the frame's detections."""
 
-    classes: list[str] | None = Field(None, description="classes that reject a part; null: any class")
+    classes: list[str] | None = Field(
+        None, min_length=1, description="classes that reject a part; null: any class (an empty list is refused)"
+    )
     min_confidence: float = Field(0.5, gt=0, le=1, description="a detection rejects from this confidence up")
     min_area: float = Field(0.0, ge=0, description="and from this box area up, in frame pixels")
     roi: tuple[float, float, float, float] = Field(
@@ -447,6 +449,12 @@ class EdgeSettings(_Section):
     queue: int = Field(10_000, ge=1, description="decisions kept while the MQTT broker is away; past it, dropped")
     channel: str | None = Field(None, description="folder or s3://bucket/prefix the runner takes new bundles from")
     poll_seconds: float = Field(10.0, gt=0, description="how often the runner looks at the channel")
+    rollouts: str = Field(
+        "edge-rollouts",
+        min_length=1,
+        description="on the device, relative to the runner's working directory: the bundle last taken from the "
+        "channel, run again after a restart",
+    )
     log: EdgeLogSettings = EdgeLogSettings()
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from conveyor.errors import ConveyorError
-from conveyor.settings import EdgeSettings
+from conveyor.settings import ConfigError, EdgeSettings, RejectSettings
 from pipelines import features, log_parts
 from pipelines.model_source import ModelFiles
 
@@ -83,6 +83,7 @@ def build(
         raise FileExistsError(f"{out} exists and is not empty: pass --overwrite to replace it")
     key = signing_key(private_key) if private_key is not None else None  # refused before 20 MB are copied
     edge = edge or EdgeSettings()
+    check_rule(edge.reject, files.card.names, conf)
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -97,6 +98,22 @@ def build(
         tar.add(out, arcname=out.name)
     written = [p for p in out.rglob("*") if p.is_file()]
     return Bundle(out, archive, len(written), round(sum(p.stat().st_size for p in written) / 1e6, 2))
+
+
+def check_rule(rule: RejectSettings, names: list[str], conf: float) -> None:
+    """A reject rule the model can meet: its classes are the model's, and its confidence is not under the
+    threshold the runner detects at (a detection under serve.conf is never made, so it could never reject)."""
+    unknown = [name for name in rule.classes or [] if name not in names]
+    if unknown:
+        raise ConfigError(
+            f"edge.reject.classes: {', '.join(map(repr, unknown))} not among the model's classes "
+            f"({', '.join(names)}): no part would be rejected for it"
+        )
+    if rule.min_confidence < conf:
+        raise ConfigError(
+            f"edge.reject.min_confidence {rule.min_confidence} is under serve.conf {conf}, the threshold the runner "
+            "detects at: no detection under it is made, so none rejects. Raise min_confidence, or lower serve.conf"
+        )
 
 
 def _stage(staging: Path, files: ModelFiles, conf: float, edge: EdgeSettings, key: Any, log_s3: str | None) -> None:

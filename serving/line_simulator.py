@@ -100,7 +100,11 @@ def load_truth(path: Path) -> list[Part]:
 def load_decisions(path: Path) -> list[dict[str, Any]]:
     """The runner's decision lines (its stdout: JSON objects; other lines, such as its summary, are skipped)."""
     decisions = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:  # the video given where the decisions go (the arguments swapped)
+        raise ScoreInputError(f"{path}: not text: the runner's decisions are JSON lines (its stdout)") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip().startswith("{"):
             continue
         try:

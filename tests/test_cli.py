@@ -92,6 +92,11 @@ def test_edge_score_names_what_is_not_a_decision_or_a_truth(tmp_path: Path) -> N
         decisions.write_text(lines)
         result = runner.invoke(app, ["edge", "score", str(decisions), "--truth", str(truth)], env={"COLUMNS": "300"})
         assert result.exit_code == 1 and said in result.output, result.output
+    # The video given where the decisions go (the two swapped): it was a UnicodeDecodeError traceback.
+    video = tmp_path / "line.avi"
+    video.write_bytes(b"RIFF\x00\x10\xff\xfeAVI LIST\x80\x81")
+    result = runner.invoke(app, ["edge", "score", str(video), "--truth", str(truth)], env={"COLUMNS": "300"})
+    assert result.exit_code == 1 and "not text: the runner's decisions are JSON lines" in result.output, result.output
     decisions.write_text('{"frame": 0, "reject": true}\n{"summary": true}\n')
     for text in ("{}", "not json"):
         (tmp_path / "bad-truth.json").write_text(text)

@@ -379,6 +379,20 @@ def test_a_signed_bundle_is_swapped_in_under_a_running_stream_and_bad_ones_refus
     refusals = " ".join(summary["refused"])
     assert "bundle damaged: edge.json" in refusals
     assert "for model 'another-model', this line runs 'conveyor-defect-detector'" in refusals
+    # Restarted (a reboot), the runner installed as v1 decides on v2, the bundle it last took from the channel, from
+    # its first frame; the refused bundles and v1 were not kept in its rollout folder (the working directory's).
+    rollouts = tmp_path / "edge-rollouts"
+    assert len([p for p in rollouts.iterdir() if p.is_dir()]) == 1
+    public = keys[1]
+    restarted = subprocess.run(
+        [PYTHON, str(tmp_path / "v1" / "run.py"), "--stream", str(video.video), "--every-frame", "--frames", "3",
+         "--channel", str(tmp_path / "channel"), "--public-key", str(public), "--no-log"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert "running conveyor-defect-detector v2, the bundle last taken from the channel" in restarted.stderr
+    models = {json.loads(line)["model"] for line in restarted.stdout.splitlines() if '"frame"' in line}
+    assert models == {"conveyor-defect-detector v2"}, restarted.stdout[-2000:]
     # The line follows a registry rollback: back to the newest entry it had of v1.
     entry = bundle.roll_back_channel(str(tmp_path / "channel"), "line-1", "1")
     assert entry["version"] == "1" and bundle.current(str(tmp_path / "channel"), "line-1") == entry

@@ -7,12 +7,14 @@ import importlib.util
 import io
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -323,7 +325,7 @@ def test_edge_rollout_fetches_again_after_a_transient_error_and_not_after_a_refu
 
     channel = FlakyChannel()
     running = SimpleNamespace(root=tmp_path, manifest={"model": "m"})
-    rollout = edge.Rollout(channel, running, "onnx", None, 3600)
+    rollout = edge.Rollout(channel, running, "onnx", None, 3600, tmp_path / "rollouts")
     try:
         channel.offered = entry
         with pytest.raises(ConnectionError):
@@ -335,6 +337,183 @@ def test_edge_rollout_fetches_again_after_a_transient_error_and_not_after_a_refu
         assert len(fetched) == 2, "a refused bundle was fetched again"
     finally:
         rollout.close()
+
+
+def _tiny_bundle(root: Path, key: Any, version: str, model: bytes | None = None) -> Path:
+    """A signed bundle around a 1-node ONNX model (a reshape of the image into YOLO's output layout: 3 classes,
+    336 anchors), for the runner's rollout without the project's model."""
+    import hashlib
+
+    from onnx import TensorProto, helper
+
+    (root / "model").mkdir(parents=True)
+    card = {"imgsz": 28, "names": ["scratch", "dent", "stain"], "iou": 0.7, "conf": 0.25}
+    (root / "model" / "metadata.json").write_text(json.dumps(card))
+    if model is None:
+        shape = helper.make_tensor("shape", TensorProto.INT64, [3], [1, 7, 336])
+        graph = helper.make_graph(
+            [helper.make_node("Reshape", ["images", "shape"], ["output0"])],
+            "tiny",
+            [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 28, 28])],
+            [helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 7, 336])],
+            initializer=[shape],
+        )
+        tiny = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        tiny.ir_version = 8
+        model = tiny.SerializeToString()
+    (root / "model" / "model.onnx").write_bytes(model)
+    (root / "edge.json").write_text('{"reject": {"min_confidence": 0.5}}')
+    listed = {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*")
+              if p.is_file()}  # fmt: skip
+    (root / "manifest.json").write_text(json.dumps({"model": "m", "version": version, "sha256": listed}))
+    (root / "manifest.sig").write_bytes(key.sign((root / "manifest.json").read_bytes()))
+    return root
+
+
+class _FolderChannel:
+    """The channel's interface over bundle folders already unpacked (the archive's own checks are test_edge's)."""
+
+    location = "test"
+
+    def __init__(self) -> None:
+        self.offered: dict[str, str] | None = None
+        self.bundles: dict[str, Path] = {}
+
+    def offer(self, bundle: Path) -> None:
+        import hashlib
+
+        digest = hashlib.sha256(bundle.name.encode()).hexdigest()
+        self.bundles[digest] = bundle
+        manifest = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
+        self.offered = {"bundle": f"bundles/{bundle.name}.tar.gz", "sha256": digest, "manifest_sha256": manifest}
+
+    def current(self) -> dict[str, str] | None:
+        return self.offered
+
+    def fetch(self, entry: dict[str, str], into: Path) -> Path:
+        source = self.bundles[entry["sha256"]]
+        shutil.copytree(source, into / source.name)
+        return into / source.name
+
+
+def test_edge_rollout_refuses_what_its_runtime_cannot_load_and_keeps_only_the_running_bundle(tmp_path: Path) -> None:
+    """A signed bundle whose model the runtime cannot load (ONNX Runtime's errors are no OSError or ValueError) is
+    refused and named, not fetched again, and deleted; so is a bundle swapped out. The one swapped in is recorded,
+    and a restart runs it again (`rolled_out`) until its files no longer pass."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    edge = edge_module()
+    key = Ed25519PrivateKey.generate()
+    public = tmp_path / "team.pub"
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    installed = edge.Model("onnx", _tiny_bundle(tmp_path / "installed", key, "1"))
+    broken = _tiny_bundle(tmp_path / "broken", key, "2", model=b"not a protobuf")
+    v3, v4 = (_tiny_bundle(tmp_path / f"v{n}", key, str(n)) for n in (3, 4))
+    rollouts = tmp_path / "rollouts"
+    channel = _FolderChannel()
+    rollout = edge.Rollout(channel, installed, "onnx", public, 3600, rollouts)
+    try:
+        assert edge.rolled_out(rollouts, public, "m") is None  # nothing taken yet: the installed bundle runs
+        channel.offer(broken)
+        rollout.poll_once()  # it escaped as a channel warning, unlisted, and was never tried again
+        assert len(rollout.refused) == 1 and rollout.refused[0].startswith("bundles/broken.tar.gz: ")
+        assert rollout.swap_if_ready() is None and not [p for p in rollouts.iterdir() if p.is_dir()]
+        rollout.poll_once()
+        assert len(rollout.refused) == 1, "a refused bundle was tried again"
+        channel.offer(v3)
+        rollout.poll_once()
+        taken = rollout.swap_if_ready()
+        assert taken is not None and taken.version == "m v3"
+        assert edge.rolled_out(rollouts, public, "m") == taken.root
+        channel.offer(v4)
+        rollout.poll_once()
+        taken = rollout.swap_if_ready()
+        assert taken is not None and taken.version == "m v4"
+        rollout._tidy()  # the rollout thread's, after each look at the channel
+        assert [p.name for p in rollouts.iterdir() if p.is_dir()] == [taken.root.parent.name], "v3 left behind"
+        assert edge.rolled_out(rollouts, public, "m") == taken.root
+        assert edge.rolled_out(rollouts, public, "another") is None
+    finally:
+        rollout.close()
+    (taken.root / "edge.json").write_text('{"reject": {"min_confidence": 0.01}}')  # changed on the device
+    assert edge.rolled_out(rollouts, public, "m") is None
+
+
+def test_edge_runtime_the_bundle_lacks_is_named(tmp_path: Path) -> None:
+    """int8 is bundled only when it passed the parity gate: asking for it without it was a bare StopIteration."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    edge = edge_module()
+    root = _tiny_bundle(tmp_path / "bundle", Ed25519PrivateKey.generate(), "1")
+    with pytest.raises(edge.BundleError, match=r"no openvino_int8 model .*use --runtime openvino"):
+        edge.load_model("openvino_int8", root)
+    (root / "model" / "model.onnx").write_bytes(b"damaged")
+    with pytest.raises(edge.BundleError, match="cannot load the bundle's onnx model"):
+        edge.load_model("onnx", root)
+
+
+def test_edge_frames_keep_their_numbers_past_a_corrupt_frame(tmp_path: Path) -> None:
+    """A frame of a video file the decoder cannot read is counted once, and the frames after it keep their numbers
+    in the file (they shifted by one each: `conveyor edge score` credited a part's first decision to the part
+    before), and the file's end is its end, not "damaged or truncated"."""
+    import cv2
+
+    edge = edge_module()
+    video = tmp_path / "line.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter.fourcc(*"MJPG"), 10, (64, 64))
+    for index in range(20):
+        writer.write(np.full((64, 64, 3), index * 10, np.uint8))
+    writer.release()
+    data = bytearray(video.read_bytes())
+    starts = [i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xD8]  # each frame's JPEG
+    data[starts[10] : starts[10] + 200] = bytes(200)
+    video.write_bytes(bytes(data))
+    reader = edge.FrameReader(str(video), every_frame=True)
+    frames = [(frame.index, round(int(frame.image[0, 0, 0]) / 10)) for frame in reader.frames()]
+    reader.close()
+    assert frames == [(index, index) for index in range(20) if index != 10]
+    assert reader.unreadable == 1 and reader.problems == []
+
+
+def test_edge_log_is_at_the_bundles_threshold_whatever_conf_decides_at(tmp_path: Path) -> None:
+    """`run.py --conf 0.9` decides at 0.9, but its prediction log keeps the detections at the bundle's threshold
+    (serve.conf): the drift check compares the log with a profile made at serve.conf."""
+    import cv2
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    edge = edge_module()
+    model = edge.Model("onnx", _tiny_bundle(tmp_path / "bundle", Ed25519PrivateKey.generate(), "1"))
+    video = tmp_path / "line.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter.fourcc(*"MJPG"), 10, (28, 28))
+    for seed in range(3):
+        writer.write(np.random.default_rng(seed).integers(0, 256, (28, 28, 3), np.uint8))
+    writer.release()
+    logged: list[Any] = []
+    log = SimpleNamespace(offer=lambda image, found, version: logged.append(found), close=lambda: None, counts=dict)
+    reader = edge.FrameReader(str(video), every_frame=True)
+    summary = edge.run_stream(model, reader, edge.RejectRule(), edge.JsonLines(), "line-1", 0.9, log=log)
+    assert summary["frames"] == len(logged) == 3
+    for found in logged:
+        assert found.found == [d for d in found.candidate_dicts if d["confidence"] >= 0.25]
+        assert any(d["confidence"] < 0.9 for d in found.found), "the log kept the decision's threshold"
+
+
+def test_edge_reject_rule_the_model_can_meet() -> None:
+    """A class the model does not know, or a confidence under the threshold the runner detects at, would never
+    reject a part: `conveyor bundle` refuses them, and an empty class list (it meant any class) is refused."""
+    from conveyor.settings import RejectSettings
+
+    names = ["scratch", "dent", "stain"]
+    bundle.check_rule(RejectSettings(classes=["scratch", "dent"], min_confidence=0.5), names, 0.25)
+    with pytest.raises(ConfigError, match=r"'scratches' not among the model's classes \(scratch, dent, stain\)"):
+        bundle.check_rule(RejectSettings(classes=["scratches"]), names, 0.25)
+    with pytest.raises(ConfigError, match=r"min_confidence 0\.1 is under serve\.conf 0\.25"):
+        bundle.check_rule(RejectSettings(min_confidence=0.1), names, 0.25)
+    with pytest.raises(ValueError, match="at least 1 item"):
+        RejectSettings(classes=[])
 
 
 def test_an_exif_rotated_jpeg_reports_the_frame_its_detections_are_in() -> None:

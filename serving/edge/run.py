@@ -10,7 +10,7 @@ file to the server's detections.
 
     python run.py IMAGE [IMAGE ...] [--runtime openvino|onnx] [--conf C] [--verify]
     python run.py --stream SOURCE [--mqtt HOST[:PORT]] [--line NAME] [--channel DIR|s3://...] [--public-key PEM]
-                  [--device NAME] [--log DIR] [--log-s3 s3://...] [--no-log]
+                  [--rollouts DIR] [--device NAME] [--log DIR] [--log-s3 s3://...] [--no-log]
 
 Images: one JSON line per image, {"image", "width", "height", "detections": [{class_id, class_name, confidence,
 box}]}. --conf defaults to the bundle's threshold (serve.conf when the bundle was built).
@@ -24,7 +24,8 @@ of interest), printed as a JSON line or published to MQTT (QoS 1, topic conveyor
 away, decisions wait in a bounded queue and go out in order once it is back; a decision that finds the queue full is
 dropped and counted. With --channel, the runner polls the line's channel for a new bundle, verifies its checksums
 and its signature (--public-key), loads it beside the running model and swaps between two frames; a bundle that fails
-is refused and the running model goes on. With the prediction log (edge.json `log`, on by default), each decided
+is refused and the running model goes on. The bundle swapped in is kept (--rollouts, edge.json `rollouts`) and run
+again after a restart. With the prediction log (edge.json `log`, on by default), each decided
 frame also leaves the server's prediction-log record, with this runner's --device and the line, in hourly Parquet
 parts under --log, shipped to the s3:// prefix where the server's land (edge.json, or --log-s3): `conveyor drift
 --device NAME` checks them. At the end (the stream ended, Ctrl-C, --frames reached) a summary line: frames, frames/s,
@@ -44,7 +45,6 @@ import shutil
 import signal
 import sys
 import tarfile
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -213,7 +213,16 @@ class Model:
                 if rel.startswith(f"model/{runtime}/") and rel.endswith(".xml")
             )
             # The network the manifest lists (a bundle without one, unverified: the folder's).
-            xml = root / listed[0] if listed else next((root / "model" / runtime).glob("*.xml"))
+            xml = root / listed[0] if listed else next(iter(sorted((root / "model" / runtime).glob("*.xml"))), None)
+            if xml is None:
+                raise BundleError(
+                    f"this bundle has no {runtime} model"
+                    + (
+                        " (int8 is bundled only when it passed the parity gate): use --runtime openvino"
+                        if "int8" in runtime
+                        else ""
+                    )
+                )
             # f32 as on the server: OpenVINO's bf16 default (CPUs with AMX) would move confidences in the 3rd digit.
             compiled = ov.Core().compile_model(
                 xml, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
@@ -287,6 +296,12 @@ class Found:
     @property
     def score_boxes(self) -> list[tuple[float, float, float, float]]:
         return [tuple(d["box"]) for d in self.candidate_dicts]
+
+    def at(self, threshold: float) -> Found:
+        """The same inference with its detections at another threshold (the candidates and features unchanged)."""
+        return Found(
+            [d for d in self.candidate_dicts if d["confidence"] >= threshold], self.candidate_dicts, self.features
+        )
 
 
 # --- decisions ------------------------------------------------------------------------------------------------------
@@ -372,8 +387,11 @@ class FrameReader:
         if not self.capture.isOpened():
             raise SystemExit(f"cannot open the stream {source!r}: not a camera index, URL or readable video file")
         fps = float(self.capture.get(cv2.CAP_PROP_FPS) or 0.0)
+        # A file's frames are numbered by their time in it, so a corrupt frame the decoder drops does not shift every
+        # later frame's number (`conveyor edge score` matches decisions to parts by it).
+        self.fps = fps if (fps > 0 and not self.live) else 0.0
         paced = not every_frame if paced is None else paced
-        self.period = 1.0 / fps if (fps > 0 and not self.live and paced) else 0.0
+        self.period = 1.0 / self.fps if paced and self.fps else 0.0
         self.skipped = 0
         self.unreadable = 0  # frames the decoder could not read (a corrupt frame, a camera that hiccuped)
         self.reopened = 0
@@ -416,6 +434,8 @@ class FrameReader:
             failures = 0
         else:
             return None
+        if self.fps:
+            self._index = max(self._index, round(self.capture.get(cv2.CAP_PROP_POS_MSEC) * self.fps / 1000))
         if self.period:
             delay = self._started + self._index * self.period - time.monotonic()
             if delay > 0:
@@ -436,7 +456,8 @@ class FrameReader:
             self._ready.notify_all()
 
     def _at_end(self) -> bool:
-        position = self.capture.get(cv2.CAP_PROP_POS_FRAMES)
+        # The decoder's position does not count a frame it could not read; the frames' own numbers do.
+        position = max(self.capture.get(cv2.CAP_PROP_POS_FRAMES), self._index)
         count = self.capture.get(cv2.CAP_PROP_FRAME_COUNT)
         return count <= 0 or position >= count
 
@@ -593,12 +614,45 @@ class Channel:
         return folders[0]
 
 
+BUNDLE_FOLDER = re.compile(r"[0-9a-f]{16}")  # a fetched bundle's folder: its archive's SHA-256, cut short
+ROLLOUT_STATE = "current.json"  # in the rollout folder: the bundle last swapped in, run again after a restart
+
+
+def rolled_out(directory: Path, public_key: Path | None, model_name: str | None) -> Path | None:
+    """The bundle this runner last took from the channel (`Rollout`'s folder), checked again (checksums, signature,
+    the same model): the line restarts on what it ran, not on the bundle installed before, which may be months
+    older or a version rolled back. None when there is none, or when it no longer passes (then said)."""
+    state = directory / ROLLOUT_STATE
+    if not state.is_file():
+        return None
+    try:
+        root = directory / json.loads(state.read_text())["root"]
+        manifest = verify(root, public_key)
+        if model_name and manifest.get("model") != model_name:
+            raise BundleError(f"it is for model {manifest.get('model')!r}, this bundle is {model_name!r}")
+    except (BundleError, OSError, ValueError, KeyError, TypeError) as exc:
+        print(
+            f"warning: the bundle last rolled out here ({state}) is not run again: {exc}; starting on this one",
+            file=sys.stderr,
+        )
+        return None
+    return root
+
+
 class Rollout:
-    """Polls the channel in a thread; a new entry is fetched, verified (checksums, signature, same model name) and
-    loaded beside the running model; the stream loop takes it between two frames (`swap_if_ready`)."""
+    """Polls the channel in a thread; a new entry is fetched into `directory`, verified (checksums, signature, same
+    model name) and loaded beside the running model; the stream loop takes it between two frames (`swap_if_ready`).
+    The folder keeps only the bundle running (named in its current.json, which `rolled_out` reads at the next start)
+    and the one waiting to be swapped in: a refused bundle, or one swapped out, is deleted."""
 
     def __init__(
-        self, channel: Channel, model: Model, runtime: str, public_key: Path | None, poll_seconds: float
+        self,
+        channel: Channel,
+        model: Model,
+        runtime: str,
+        public_key: Path | None,
+        poll_seconds: float,
+        directory: Path,
     ) -> None:
         self.channel = channel
         self.runtime = runtime
@@ -608,12 +662,23 @@ class Rollout:
         self.running_name = model.manifest.get("model")
         self.refused: list[str] = []
         self.swaps: list[str] = []
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
         self._seen: str | None = None
-        self._ready: queue.Queue[Model] = queue.Queue(maxsize=1)
+        self._ready: queue.Queue[tuple[Model, dict[str, Any]]] = queue.Queue(maxsize=1)
+        self._keep_lock = threading.Lock()
+        self._running = self._folder_of(model.root)  # the folders not to delete
+        self._waiting: str | None = None
         self._stop = threading.Event()
-        self._work = Path(tempfile.mkdtemp(prefix="conveyor-edge-"))
         self._thread = threading.Thread(target=self._run, name="rollout", daemon=True)
         self._thread.start()
+
+    def _folder_of(self, root: Path) -> str | None:
+        """The folder of `directory` a bundle root lies in (None: the installed bundle, elsewhere)."""
+        try:
+            return root.resolve().relative_to(self.directory.resolve()).parts[0]
+        except (ValueError, IndexError):
+            return None
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -621,6 +686,7 @@ class Rollout:
                 self.poll_once()
             except Exception as exc:  # a store that is down: the running model goes on; ask again next time
                 print(f"warning: rollout channel {self.channel.location}: {exc}", file=sys.stderr)
+            self._tidy()
             self._stop.wait(self.poll_seconds)
 
     def poll_once(self) -> None:
@@ -628,12 +694,13 @@ class Rollout:
         # Running it already, or tried this very archive before (a refused bundle is not fetched again and again).
         if entry is None or entry.get("manifest_sha256") == self.current or entry.get("sha256") == self._seen:
             return
-        target = self._work / entry["sha256"][:16]
+        folder = entry["sha256"][:16]
+        target = self.directory / folder
         shutil.rmtree(target, ignore_errors=True)
         try:
             root = self.channel.fetch(entry, target)
         except (BundleError, tarfile.TarError) as exc:  # not the archive the channel names, or not an archive
-            self._refuse(entry, exc)
+            self._refuse(entry, exc, target)
             return
         # Anything else (the store away, a download cut short) leaves the entry to be fetched again next time.
         self._seen = entry.get("sha256")
@@ -645,31 +712,49 @@ class Rollout:
                 )
             model = Model(self.runtime, root)
             model.detect(np.zeros((model.card["imgsz"], model.card["imgsz"], 3), np.uint8))  # loads, and warms up
-        except (BundleError, OSError, ValueError, KeyError, RuntimeError) as exc:
-            self._refuse(entry, exc)
+        except Exception as exc:  # a check failed, or the runtime cannot load or run it (its errors vary)
+            self._refuse(entry, exc, target)
             return
-        self._ready.put(model)
+        with self._keep_lock:
+            self._waiting = folder
+        self._ready.put((model, entry))
 
-    def _refuse(self, entry: dict[str, Any], exc: BaseException) -> None:
-        """A bundle that failed a check is not fetched again (until the channel names another)."""
+    def _refuse(self, entry: dict[str, Any], exc: BaseException, target: Path) -> None:
+        """A bundle that failed a check is not fetched again (until the channel names another), nor kept."""
         self._seen = entry.get("sha256")
-        reason = f"{entry.get('bundle')}: {exc}"
+        shutil.rmtree(target, ignore_errors=True)
+        reason = f"{entry.get('bundle')}: {str(exc) or type(exc).__name__}"
         self.refused.append(reason)
         print(f"refused bundle {reason}; the running model goes on", file=sys.stderr)
 
     def swap_if_ready(self) -> Model | None:
         try:
-            model = self._ready.get_nowait()
+            model, entry = self._ready.get_nowait()
         except queue.Empty:
             return None
         self.current = manifest_digest(model.root)
         self.swaps.append(model.version)
+        with self._keep_lock:
+            self._running, self._waiting = self._folder_of(model.root), None
+        # What the next start runs (`rolled_out`): written whole, then renamed, so a kill leaves the old or the new.
+        state = self.directory / ROLLOUT_STATE
+        staged = state.with_suffix(".partial")
+        root = model.root.resolve().relative_to(self.directory.resolve()).as_posix()
+        staged.write_text(json.dumps({"root": root, "bundle": entry.get("bundle"), "taken": time.time()}))
+        os.replace(staged, state)
         return model
+
+    def _tidy(self) -> None:
+        """Delete the bundles no longer running or waiting (a swapped-out one: about 20 MB each)."""
+        with self._keep_lock:
+            keep = {self._running, self._waiting}
+        for folder in self.directory.iterdir():
+            if folder.is_dir() and BUNDLE_FOLDER.fullmatch(folder.name) and folder.name not in keep:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        shutil.rmtree(self._work, ignore_errors=True)
 
 
 # --- the log for monitoring ----------------------------------------------------------------------------------------
@@ -867,7 +952,10 @@ def run_stream(
             stats.rejects += bool(reasons)
             stats.latencies_ms.append((decided - frame.captured) * 1000)
             if log is not None:  # after the decision is out: the log never delays it
-                log.offer(frame.image, inference, model.version_number)
+                # At the bundle's threshold (serve.conf), whatever --conf decides at: the drift check compares the
+                # log with the version's profile, made at serve.conf, and another threshold would read as drift.
+                logged = inference if conf is None else inference.at(model.card.get("conf", 0.25))
+                log.offer(frame.image, logged, model.version_number)
             if stop.is_set() or (max_frames is not None and stats.frames >= max_frames):
                 break
     except KeyboardInterrupt:
@@ -899,6 +987,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--public-key", type=Path, default=None, help="the team's Ed25519 public key (PEM)")
     parser.add_argument("--poll", type=float, default=None, help="seconds between looks at the channel")
     parser.add_argument(
+        "--rollouts",
+        type=Path,
+        default=None,
+        help="folder of the bundles taken from the channel; the last one is run again after a restart "
+        "(default: edge.json's, edge-rollouts)",
+    )
+    parser.add_argument(
         "--device",
         default=None,
         help="this camera's name: in its decisions, its MQTT client id and the prediction log (default: the line)",
@@ -907,19 +1002,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-s3", default=None, help="s3://bucket/prefix the log is shipped to (the server's)")
     parser.add_argument("--no-log", action="store_true", help="write no prediction log")
     args = parser.parse_args(argv)
-    try:
-        if args.verify or args.public_key:
-            verify(HERE, args.public_key)
-        model = Model(args.runtime)
-    except BundleError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.stream is None:
-        if not args.images:
-            parser.error("give IMAGE files, or --stream SOURCE")
-        return detect_images(model, args.images, args.conf)
     config = json.loads((HERE / "edge.json").read_text()) if (HERE / "edge.json").is_file() else {}
-    channel = args.channel or config.get("channel")
+    channel = args.channel or config.get("channel") if args.stream is not None else None
     if channel and args.public_key is None:
         # Unsigned bundles from a channel would be swapped in on checksums alone: anyone who can write the channel
         # could change what the line rejects.
@@ -929,6 +1013,23 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    rollouts = args.rollouts or Path(config.get("rollouts") or "edge-rollouts")
+    root = HERE
+    try:
+        if args.verify or args.public_key:
+            manifest = verify(HERE, args.public_key)
+            if channel and (taken := rolled_out(rollouts, args.public_key, manifest.get("model"))) is not None:
+                root = taken
+        model = load_model(args.runtime, root)
+    except BundleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if root != HERE:
+        print(f"running {model.version}, the bundle last taken from the channel ({root})", file=sys.stderr)
+    if args.stream is None:
+        if not args.images:
+            parser.error("give IMAGE files, or --stream SOURCE")
+        return detect_images(model, args.images, args.conf)
     line = args.line or config.get("line", "line-1")
     if not LINE_NAME.fullmatch(line):
         parser.error(f"--line {line!r}: letters, digits, '_', '.' and '-' (it names the MQTT topic and channel files)")
@@ -962,21 +1063,43 @@ def main(argv: list[str] | None = None) -> int:
     )
     rollout = (
         Rollout(
-            Channel(channel, line), model, args.runtime, args.public_key, args.poll or config.get("poll_seconds", 10)
+            Channel(channel, line),
+            model,
+            args.runtime,
+            args.public_key,
+            args.poll or config.get("poll_seconds", 10),
+            rollouts,
         )
         if channel
         else None
     )
-    try:
-        summary = run_stream(
-            model, reader, RejectRule.load(HERE), publisher, line, args.conf, args.frames, rollout, log, device
+    rule = RejectRule.load(root)
+    threshold = model.card.get("conf", 0.25) if args.conf is None else args.conf
+    if rule.min_confidence < threshold:
+        print(
+            f"warning: the reject rule's min_confidence {rule.min_confidence} is below the detection threshold "
+            f"{threshold} (--conf, or serve.conf when the bundle was built): no detection under {threshold} is "
+            "made, so none rejects",
+            file=sys.stderr,
         )
+    try:
+        summary = run_stream(model, reader, rule, publisher, line, args.conf, args.frames, rollout, log, device)
     finally:
         publisher.close()
         if rollout is not None:
             rollout.close()
     print(json.dumps(summary), file=sys.stderr if args.mqtt is None else sys.stdout, flush=True)
     return 0
+
+
+def load_model(runtime: str, root: Path) -> Model:
+    """The bundle's model on `runtime`; a runtime's own load errors (their types vary) as a BundleError."""
+    try:
+        return Model(runtime, root)
+    except (BundleError, SystemExit):
+        raise
+    except Exception as exc:
+        raise BundleError(f"cannot load the bundle's {runtime} model from {root}: {exc}") from None
 
 
 def detect_images(model: Model, images: list[Path], conf: float | None) -> int:
