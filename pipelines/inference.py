@@ -194,6 +194,18 @@ class Detector:
             results.extend(postprocess(raw, [(im.shape[0], im.shape[1]) for im in chunk], self.card, conf))
         return results
 
+    def detect_tensors(self, frames: np.ndarray) -> list[list[Detection]]:
+        """Detections of frames already letterboxed (FP32 [n, 3, S, S]), in batches as large as the runtime takes
+        (a static ONNX export or a TensorRT engine takes one frame at a time)."""
+        step = self.runtime.max_batch or len(frames)
+        results: list[list[Detection]] = []
+        for i in range(0, len(frames), step):
+            chunk = np.ascontiguousarray(frames[i : i + step])
+            results.extend(
+                postprocess(self.runtime.infer(chunk), [(self.card.imgsz, self.card.imgsz)] * len(chunk), self.card)
+            )
+        return results
+
     def run(self, images: Sequence[np.ndarray], floor: float = SCORE_FLOOR) -> list[Inference]:
         """Detections, scores and features of each image, from one inference per batch. One NMS at the lower of
         `floor` and the card's confidence serves both: greedy NMS never lets a lower score suppress a higher one,

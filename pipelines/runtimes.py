@@ -167,16 +167,21 @@ class TensorRTRuntime:
         self.max_batch: int | None = 1
         self._torch = torch
         self._backend = AutoBackend(str(engine), device=torch.device("cuda:0"))
+        self._lock = threading.Lock()
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return self.infer_with_features(batch)[0]
 
     def infer_with_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        out = self._backend(self._torch.from_numpy(batch).to("cuda:0"))
-        outputs = list(out) if isinstance(out, list | tuple) else [out]
-        # The engine is built from the ONNX export, whose second output is `features` when it has one.
-        features = np.asarray(outputs[1].float().cpu().numpy()) if len(outputs) > 1 else None
-        return np.asarray(outputs[0].float().cpu().numpy()), features
+        # Ultralytics' TensorRT backend rebinds shared buffers on each call and returns them: two threads at once
+        # (the server's image and tensor models share a worker's runtime) could read each other's outputs. One call
+        # at a time, the outputs copied to the host before the next call reuses them.
+        with self._lock:
+            out = self._backend(self._torch.from_numpy(batch).to("cuda:0"))
+            outputs = list(out) if isinstance(out, list | tuple) else [out]
+            # The engine is built from the ONNX export, whose second output is `features` when it has one.
+            features = np.asarray(outputs[1].float().cpu().numpy()) if len(outputs) > 1 else None
+            return np.asarray(outputs[0].float().cpu().numpy()), features
 
 
 def open_runtime(fmt: str, artifact: Path, name: str | None = None) -> Runtime:

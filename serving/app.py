@@ -41,7 +41,10 @@ RETRY_AFTER_SECONDS = "1"
 # Triton checks restricted gRPC protocols against this metadata key (its prefix + PyTriton's token header).
 GRPC_TOKEN_HEADER = "triton-grpc-protocol-triton-access-token"
 # Headers that describe one hop of a connection, not the message: never passed through a proxy.
-HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "content-encoding"}
+HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
+# A request's body goes to Triton as sent, so its Content-Encoding (tritonclient's request compression) goes with
+# it; an answer's body is decoded by httpx, so its Content-Encoding no longer holds.
+RESPONSE_HOP_HEADERS = HOP_HEADERS | {"content-encoding"}
 
 
 class ApiError(Exception):
@@ -338,7 +341,7 @@ async def _forward(
         raise ApiError(400, f"malformed request path /v2/{path[:80]!r}: {exc}") from None
     except httpx.HTTPError as exc:
         raise ApiError(503, f"Triton is not answering: {exc}", {"Retry-After": RETRY_AFTER_SECONDS}) from None
-    headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS}
+    headers = {k: v for k, v in upstream.headers.items() if k.lower() not in RESPONSE_HOP_HEADERS}
     if upstream.status_code == 503:
         headers["Retry-After"] = RETRY_AFTER_SECONDS
     status = upstream.status_code

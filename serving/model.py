@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.features import sample_image
-from pipelines.inference import Detection, Detector, ImageError, ImageLimits, Inference, decode_image, postprocess
+from pipelines.inference import Detection, Detector, ImageError, ImageLimits, Inference, decode_image
 from pipelines.model_source import LoadedModel
 from pipelines.prediction_log import Pending, PredictionLog
 from serving.metrics import ServingMetrics
@@ -124,10 +124,7 @@ class ServedModel:
                 else:
                     items.append(BatchItem(r, frame, ""))
                     frames.append(frame)
-        found: list[list[Detection]] = []
-        if frames:
-            raw = self._detector(model).runtime.infer(np.ascontiguousarray(np.stack(frames)))
-            found = postprocess(raw, [(card.imgsz, card.imgsz)] * len(frames), card)
+        found = self._detector(model).detect_tensors(np.stack(frames)) if frames else []
         per_item = _scatter(items, found)
         # Counted like images, but not logged: a letterboxed tensor is not the camera's frame, and the drift check
         # compares what the camera sends with the training images.

@@ -7,8 +7,10 @@ Rules:
   slot switch. Each batch takes the model from the slot once, so in-flight requests finish on the model they
   started with, and the old model is freed when its last batch ends.
 - A version that fails to load leaves the old one serving. The failure is logged, counted
-  (`conveyor_model_load_failures`) and shown in `/v2/models/{name}`; the same version is retried at most
-  `MAX_ATTEMPTS` times (a transient download error), then left alone until the alias moves again.
+  (`conveyor_model_load_failures`) and shown in `/v2/models/{name}`; the same version is retried at each look up to
+  `MAX_ATTEMPTS` times (a transient download error), then every `RETRY_SECONDS` (an artifact store that is down for
+  longer comes back, and the server must not stay unready, or on the old version, until it is restarted). When the
+  alias moves, what failed before is forgotten: a version promoted again is tried afresh.
 - No version yet (no champion): the server is live but not ready, with the reason, and becomes ready by itself
   when one appears. An unreachable registry keeps the current model serving and is shown the same way.
 """
@@ -31,7 +33,8 @@ from pipelines.registry import ModelRefError
 from serving.metrics import ServingMetrics
 
 LOG = logging.getLogger("conveyor.serving")
-MAX_ATTEMPTS = 3
+MAX_ATTEMPTS = 3  # tries at consecutive looks
+RETRY_SECONDS = 300.0  # then one try this often
 
 
 @dataclass
@@ -112,7 +115,8 @@ class RegistryWatcher:
         self.poll_seconds = poll_seconds
         self.slot = slot
         self.metrics = metrics
-        self._attempts: dict[str, int] = {}
+        self.retry_seconds = RETRY_SECONDS
+        self._attempts: dict[str, tuple[int, float]] = {}  # version -> (failed loads, when the last one failed)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="registry-watcher", daemon=True)
 
@@ -145,17 +149,21 @@ class RegistryWatcher:
             return
         wanted = str(version.version)
         current = self.slot.current
+        self._attempts = {v: tried for v, tried in self._attempts.items() if v == wanted}  # the alias moved: forget
         if current is not None and current.version == wanted:
             return
-        if self._attempts.get(wanted, 0) >= MAX_ATTEMPTS:
+        failed, at = self._attempts.get(wanted, (0, 0.0))
+        if failed >= MAX_ATTEMPTS and time.monotonic() - at < self.retry_seconds:
             return
         LOG.info("loading %s v%s on %s", self.model_name, wanted, self.runtime)
         try:
             files = source.fetch(client, version, self.cache)
             model = source.load(files, self.runtime, self.workers, self.conf)
         except Exception as exc:
-            self._attempts[wanted] = self._attempts.get(wanted, 0) + 1
-            message = f"v{wanted} failed to load (attempt {self._attempts[wanted]}/{MAX_ATTEMPTS}): {exc}"
+            failed += 1
+            self._attempts[wanted] = (failed, time.monotonic())
+            then = "next look" if failed < MAX_ATTEMPTS else f"in {self.retry_seconds:.0f} s"
+            message = f"v{wanted} failed to load (attempt {failed}; tried again {then}): {exc}"
             LOG.error("%s; %s", message, f"still serving v{current.version}" if current else "nothing to serve")
             self.slot.state.last_error = message
             if current is None:

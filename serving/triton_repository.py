@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from conveyor.settings import ServeSettings
+from pipelines.inference import ImageLimits
 from pipelines.model_source import ModelFiles
 
 MODEL_PY = '''"""Conveyor's served model in Triton's Python backend (written by `conveyor triton-repository`)."""
@@ -46,8 +48,17 @@ def config_pbtxt(name: str, cfg: ServeSettings) -> str:
                 ),
                 "]",
                 f"instance_group [{{ count: {cfg.workers}, kind: KIND_CPU }}]",
-                f'parameters [{{ key: "runtime", value: {{ string_value: "{cfg.runtime}" }} }}, '
-                f'{{ key: "conf", value: {{ string_value: "{cfg.conf}" }} }}]',
+                "parameters ["
+                + ", ".join(
+                    f'{{ key: "{key}", value: {{ string_value: "{value}" }} }}'
+                    for key, value in (
+                        ("runtime", cfg.runtime),
+                        ("conf", cfg.conf),
+                        ("max_image_bytes", cfg.max_image_bytes),
+                        ("max_image_pixels", cfg.max_image_pixels),
+                    )
+                )
+                + "]",
                 f"dynamic_batching {{ max_queue_delay_microseconds: {delay}, "
                 f"default_queue_policy {{ max_queue_size: {cfg.max_queue_size} }} }}",
             ]
@@ -56,18 +67,50 @@ def config_pbtxt(name: str, cfg: ServeSettings) -> str:
     )
 
 
+@dataclass(frozen=True)
+class ServedSettings:
+    """What the model code reads back from its config.pbtxt's parameters: serve's when the repository was written."""
+
+    runtime: str
+    conf: float | None
+    limits: ImageLimits
+
+    @classmethod
+    def from_model_config(cls, config: dict[str, Any]) -> ServedSettings:
+        """From Triton's model configuration as its Python backend hands it over (JSON)."""
+        parameters = {k: v.get("string_value") for k, v in config.get("parameters", {}).items()}
+        defaults = ImageLimits()
+        return cls(
+            parameters.get("runtime") or "openvino",
+            float(parameters["conf"]) if parameters.get("conf") else None,
+            # A repository written before the limits were: ImageLimits' defaults, as it had.
+            ImageLimits(
+                int(parameters.get("max_image_bytes") or defaults.max_bytes),
+                int(parameters.get("max_image_pixels") or defaults.max_pixels),
+            ),
+        )
+
+
 def write(files: ModelFiles, out: Path, cfg: ServeSettings, *, overwrite: bool = False) -> Path:
     model_root = out / files.name
     if model_root.exists() and not overwrite:
         raise FileExistsError(f"{model_root} exists: pass --overwrite to replace it")
+    # Written beside it, then put in its place: a copy that fails (a full disk) leaves the old repository whole.
+    staging = out / f".{files.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        (staging / "1").mkdir(parents=True)
+        shutil.copytree(files.root, staging / "1" / "conveyor-model")
+        (staging / "1" / "model.py").write_text(MODEL_PY)
+        (staging / "config.pbtxt").write_text(config_pbtxt(files.name, cfg))
+        (staging / "1" / "conveyor-model" / "version.json").write_text(
+            json.dumps({"name": files.name, "version": files.version})
+        )
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     shutil.rmtree(model_root, ignore_errors=True)
-    (model_root / "1").mkdir(parents=True)
-    shutil.copytree(files.root, model_root / "1" / "conveyor-model")
-    (model_root / "1" / "model.py").write_text(MODEL_PY)
-    (model_root / "config.pbtxt").write_text(config_pbtxt(files.name, cfg))
-    (model_root / "1" / "conveyor-model" / "version.json").write_text(
-        json.dumps({"name": files.name, "version": files.version})
-    )
+    staging.rename(model_root)
     return model_root
 
 
@@ -77,22 +120,18 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         import conveyor  # noqa: F401  (offline switches)
         from pipelines import model_source as source
-        from pipelines.inference import ImageLimits
         from serving.metrics import ServingMetrics
         from serving.model import ServedModel
         from serving.swap import ModelSlot
 
-        config = json.loads(args["model_config"])
-        parameters = config.get("parameters", {})
-        runtime = parameters.get("runtime", {}).get("string_value", "openvino")
-        conf = parameters.get("conf", {}).get("string_value")  # serve.conf when the repository was written
+        served = ServedSettings.from_model_config(json.loads(args["model_config"]))
         root = Path(args["model_repository"]) / args["model_version"] / "conveyor-model"
         identity = json.loads((root / "version.json").read_text())
         files = source.read_model_dir(root, identity["name"], identity["version"])
         slot = ModelSlot()
-        slot.swap(source.load(files, runtime, workers=1, conf=float(conf) if conf else None))
+        slot.swap(source.load(files, served.runtime, workers=1, conf=served.conf))
         # Triton exports its own metrics; the prediction log belongs to the serving pod's volume (not here yet).
-        self.served = ServedModel(slot, 0, ServingMetrics(), None, ImageLimits())
+        self.served = ServedModel(slot, 0, ServingMetrics(), None, served.limits)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         import triton_python_backend_utils as pb_utils

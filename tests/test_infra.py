@@ -727,6 +727,18 @@ def test_triton_config_is_a_valid_model_config() -> None:
     assert config.instance_group[0].count == cfg.workers
     assert config.parameters["runtime"].string_value == cfg.runtime
     assert float(config.parameters["conf"].string_value) == cfg.conf  # the one threshold, read by the model code
+    # What the model code reads back, from the JSON Triton's Python backend hands it: serve's runtime, threshold and
+    # image limits (the limits were ImageLimits' defaults whatever serve said).
+    from google.protobuf import json_format
+
+    from serving.triton_repository import ServedSettings
+
+    cfg = cfg.model_copy(update={"max_image_bytes": 123_456, "max_image_pixels": 60_000_000})
+    config = text_format.Parse(config_pbtxt("conveyor-defect-detector", cfg), model_config_pb2.ModelConfig())
+    as_sent = json_format.MessageToJson(config, preserving_proto_field_name=True)  # as Triton writes it
+    served = ServedSettings.from_model_config(json.loads(as_sent))
+    assert (served.runtime, served.conf) == (cfg.runtime, cfg.conf)
+    assert (served.limits.max_bytes, served.limits.max_pixels) == (123_456, 60_000_000)
 
 
 @pytest.mark.slow

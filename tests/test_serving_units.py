@@ -655,3 +655,87 @@ def test_an_s3_channel_that_cannot_be_reached_says_which_and_why(monkeypatch: py
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
     with pytest.raises(bundle.ChannelError, match=r"edge channel s3://conveyor/channel: .*the store is unreachable"):
         channel.write("line-1.json", b"{}")
+
+
+def test_a_version_that_failed_to_load_is_tried_again_later_and_afresh_when_promoted_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The artifact store down for longer than three looks: the version is tried again every `retry_seconds`, and
+    loads once the store is back (the server stayed unready for good). A version that failed, rolled back from and
+    promoted again is tried afresh. The registry and the store are stood in for here (the watcher's policy is what
+    is tested; test_serving loads real versions from a real MLflow server)."""
+    from serving import swap
+    from serving.metrics import ServingMetrics
+
+    champion = {"version": "7"}
+    store_up = {"value": False}
+    loads: list[str] = []
+
+    def fetch(client: Any, version: Any, cache: Path) -> Any:
+        loads.append(version.version)
+        if not store_up["value"]:
+            raise ConnectionError("S3 unreachable")
+        return version
+
+    def load(files: Any, runtime: str, workers: int, conf: float) -> Any:
+        return SimpleNamespace(
+            name="m", version=files.version, runtime=runtime, card=SimpleNamespace(names=["scratch"]),
+            loaded_at=time.time(), load_seconds=0.1,
+        )  # fmt: skip
+
+    monkeypatch.setattr(swap.source, "resolve_version", lambda *_: SimpleNamespace(version=champion["version"]))
+    monkeypatch.setattr(swap.source, "fetch", fetch)
+    monkeypatch.setattr(swap.source, "load", load)
+    slot = swap.ModelSlot()
+    watcher = swap.RegistryWatcher(lambda: None, "m", None, tmp_path, "onnx", 1, 0.25, 3600, slot, ServingMetrics())
+    for _ in range(5):
+        watcher.check()
+    assert loads == ["7"] * swap.MAX_ATTEMPTS and not slot.ready  # then it waits: not a download every look
+    assert "v7 failed to load (attempt 3; tried again in 300 s): S3 unreachable" in slot.state.reason
+    store_up["value"] = True
+    watcher.retry_seconds = 0  # the wait has passed
+    watcher.check()
+    assert slot.ready and slot.current.version == "7"  # it stayed unready until the server was restarted
+
+    store_up["value"] = False
+    champion["version"] = "8"
+    for _ in range(swap.MAX_ATTEMPTS):
+        watcher.check()
+    watcher.retry_seconds = 3600
+    champion["version"] = "7"  # rolled back to the version serving
+    watcher.check()
+    store_up["value"] = True
+    champion["version"] = "8"  # the store fixed, v8 promoted again: loaded at once
+    watcher.check()
+    assert slot.current.version == "8", slot.state.last_error
+
+
+def test_preprocessed_requests_are_split_to_the_batch_a_static_model_takes(tmp_path: Path) -> None:
+    """A model that takes one frame at a time (an ONNX export without a dynamic batch, a TensorRT engine): two
+    preprocessed frames in one batch are inferred one by one (ONNX Runtime refused the whole batch, and every request
+    in it failed). A real ONNX Runtime session on a 1-node model with a static batch of 1."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from pipelines.inference import Detector
+    from pipelines.runtimes import OnnxRuntime
+    from serving.metrics import ServingMetrics
+    from serving.model import ServedModel
+    from serving.swap import ModelSlot
+
+    root = _tiny_bundle(tmp_path / "bundle", Ed25519PrivateKey.generate(), "1")
+    runtime = OnnxRuntime(root / "model" / "model.onnx", threads=1)
+    assert runtime.max_batch == 1
+    card = ModelCard(["scratch", "dent", "stain"], 28)
+    detector = Detector(runtime, card)
+    slot = ModelSlot()
+    slot.current = SimpleNamespace(detectors=[detector], card=card, version="1")  # type: ignore[assignment]
+    served = ServedModel(slot, 0, ServingMetrics(), None, ImageLimits())
+    frames = np.random.default_rng(0).random((2, 3, 28, 28), dtype=np.float32)
+    responses = served.execute_tensors([frames, frames[1:]])  # two requests, three frames
+    alone = [detector.detect_tensors(frames[k : k + 1])[0] for k in (0, 1)]
+    assert [list(r["num_detections"].reshape(-1)) for r in responses] == [
+        [len(alone[0]), len(alone[1])],
+        [len(alone[1])],
+    ]
+    assert all(r["error"].reshape(-1).tolist() == [b""] * len(r["error"]) for r in responses)
+    assert len(alone[0]) > 0
