@@ -827,6 +827,15 @@ def test_edge_bundle_runs_without_conveyor(server: RunningServer, test_images: l
         params["serve"]["conf"] = threshold
         params_file.write_text(yaml.safe_dump(params, sort_keys=False))
         strict = tmp_path / "strict-bundle"
+        if threshold > params.get("edge", {}).get("reject", {}).get("min_confidence", 0.5):
+            # The reject rule under the threshold the runner detects at is refused, naming both.
+            refused = subprocess.run(
+                ["conveyor", "bundle", "@champion", "--out", str(strict)],
+                cwd=server.project, env=env, capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            assert refused.returncode == 1 and f"is under serve.conf {threshold}" in refused.stderr + refused.stdout
+            params.setdefault("edge", {}).setdefault("reject", {})["min_confidence"] = threshold
+            params_file.write_text(yaml.safe_dump(params, sort_keys=False))
         run_cmd(["conveyor", "bundle", "@champion", "--out", str(strict)], server.project, env)
     finally:
         params_file.write_text(saved)
