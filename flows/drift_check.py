@@ -155,16 +155,35 @@ def monitoring_flow(
     paths = ProjectPaths.discover(Path(project_dir) if project_dir else None)
     root = str(paths.root)
     results: dict[str, dict[str, Any]] = {}
-    for device in devices or window_devices(root, hours):
-        result = drift_check(root, hours, last, device)
-        if result["alert"]:
-            result["event_id"] = emit_drift_event(root, result)
-            record_drift_event(root, result, result["event_id"])
-        create_markdown_artifact(
-            result["markdown"], key=artifact_key(device), description=f"Conveyor drift check ({device})"
-        )
+    failed: dict[str, str] = {}
+    checked = devices or window_devices(root, hours)
+    for device in checked:
+        # One device's check that fails (its bundle's profile gone, its records expired since they were listed) must
+        # not leave the devices after it unchecked every hour: each is checked, and the run fails at the end.
+        try:
+            result = drift_check(root, hours, last, device)
+            if result["alert"]:
+                result["event_id"] = emit_drift_event(root, result)
+                record_drift_event(root, result, result["event_id"])
+            create_markdown_artifact(
+                result["markdown"], key=artifact_key(device), description=f"Conveyor drift check ({device})"
+            )
+        except Exception as exc:
+            failed[device] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            get_run_logger().error("drift check of %s failed: %s", device, failed[device])
+            continue
         results[device] = {k: v for k, v in result.items() if k != "markdown"}
+    if failed:
+        raise DeviceChecksFailedError(
+            f"the drift check failed for {len(failed)} of {len(checked)} devices "
+            f"({'; '.join(f'{device}: {why}' for device, why in failed.items())}); "
+            f"checked: {', '.join(results) or 'none'}"
+        )
     return results
+
+
+class DeviceChecksFailedError(RuntimeError):
+    """Some devices' checks failed; the others ran, and their results are recorded."""
 
 
 def artifact_key(device: str) -> str:

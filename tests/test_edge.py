@@ -640,22 +640,29 @@ def test_the_edge_logs_the_servers_records_and_they_reach_the_drift_check(
             assert 'device="cam-7"' in gauges and 'device="server"' in gauges
             assert gauges.count("# TYPE conveyor_drift_detected gauge") == 1  # one family, both devices' samples
 
-            # The monitoring flow checks every device with records in the window, each on its own.
+            # The monitoring flow checks every device with records in the window, each on its own. A device whose
+            # check fails (no records: they expired since they were listed) fails the run at the end, naming it,
+            # after the devices listed after it were checked (it stopped the loop: they went unchecked every hour).
             flow = subprocess.run(
                 [PYTHON, "-c", "import json, sys; from flows.drift_check import monitoring_flow; "
-                 "print(json.dumps(monitoring_flow(project_dir=sys.argv[1]), default=str))", str(project)],
+                 "print(json.dumps(monitoring_flow(project_dir=sys.argv[1]), default=str))\n"
+                 "try:\n monitoring_flow(project_dir=sys.argv[1], devices=['cam-9', 'cam-7'])\n"
+                 "except Exception as exc: print('failed:', exc)", str(project)],
                 capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parent.parent,
             )  # fmt: skip
             assert flow.returncode == 0, flow.stderr[-3000:]
-            checked = json.loads(flow.stdout.strip().splitlines()[-1])
+            said = flow.stdout.strip().splitlines()
+            checked = json.loads(next(line for line in said if line.startswith("{")))
             assert list(checked) == ["server", "cam-7"]
             assert checked["cam-7"]["device"] == "cam-7" and checked["cam-7"]["current_rows"] == line.frames
+            assert said[-1].startswith("failed: the drift check failed for 1 of 2 devices (cam-9: "), said[-1]
+            assert said[-1].endswith("checked: cam-7"), said[-1]
             client = MlflowClient(mlflow_server)
             runs = client.search_runs(
                 [client.get_experiment_by_name(f"monitoring-{name}").experiment_id],  # type: ignore[union-attr]
                 filter_string="tags.`conveyor.drift.device` = 'cam-7'",
             )
-            assert len(runs) == 2 and {r.info.run_name for r in runs} == {"drift v1 cam-7"}
+            assert len(runs) == 3 and {r.info.run_name for r in runs} == {"drift v1 cam-7"}
         finally:
             os.environ.clear()
             os.environ.update(saved)
