@@ -392,7 +392,10 @@ class MonitorSettings(_Section):
         "estimate says",
     )
     cooldown_hours: float = Field(
-        6.0, ge=0, description="after a drift alert started a retraining, no new alert for this long"
+        6.0,
+        ge=0,
+        description="after a drift alert started a retraining, no retraining alert for this long (alert-only ones go "
+        "out)",
     )
     dedupe_hours: float = Field(24.0, ge=0, description="one alert per model version and drifted features per this")
     schedule: str = Field("0 * * * *", description="cron of the monitoring deployment (default: hourly)")

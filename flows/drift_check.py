@@ -76,7 +76,9 @@ def drift_check(root: str, hours: float | None, last: int | None, device: str = 
 
     paths = ProjectPaths(Path(root))
     settings = load_settings(paths.params)
-    outcome = run_check(paths, settings, CheckOptions(hours=hours, last=last, device=device), Console(width=120))
+    outcome = run_check(
+        paths, settings, CheckOptions(hours=hours, last=last, device=device, sends_events=True), Console(width=120)
+    )
     logger = get_run_logger()
     logger.info("%s v%s: %s (%s)", device, outcome.model_version, outcome.result.status, outcome.result.message)
     if outcome.data.other_versions:

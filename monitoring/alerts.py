@@ -40,6 +40,8 @@ from pipelines.lineage_report import CHECK_EVENT_TAG as EVENT_TAG  # the retrain
 from pipelines.lineage_report import CHECK_GROUPS_TAG as GROUPS_TAG
 
 ALERT_TAG = "conveyor.drift.alert"
+# A check by hand decides as the flow would, and sends nothing: the monitoring deployment sends the events.
+NOT_SENT = "not sent (a check by hand: the monitoring deployment sends the events that retrain)"
 EMITTED = "emitted"
 ACTION_TAG = "conveyor.drift.action"
 STATUS_TAG = "conveyor.drift.status"

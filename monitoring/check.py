@@ -12,6 +12,7 @@ estimate and every score as metrics; the reports as artifacts), and Prometheus g
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,6 +39,9 @@ class CheckOptions:
     hours: float | None = None  # default monitor.window_hours
     last: int | None = None  # default monitor.window_records
     device: str = SERVER_DEVICE  # whose log records: the server's, or an edge runner's (its --device name)
+    sends_events: bool = (
+        False  # the monitoring flow sends the alert's event; a check by hand (`conveyor drift`) does not
+    )
 
 
 @dataclass
@@ -118,7 +122,7 @@ def run_check(paths: ProjectPaths, settings: Settings, options: CheckOptions, co
     report_dir = paths.monitoring / "reports" / now.strftime("%Y%m%dT%H%M%S%fZ")
     outcome = CheckOutcome(name, str(version.version), result, estimate, data, decision, report_dir, "", None, now)
     write_reports(outcome)
-    outcome.mlflow_run_id, outcome.mlflow_run_url = log_check(client, paths, settings, outcome)
+    outcome.mlflow_run_id, outcome.mlflow_run_url = log_check(client, paths, settings, outcome, options.sends_events)
     write_gauges(paths.drift_gauges, outcome)
     return outcome
 
@@ -191,8 +195,20 @@ def write_reports(outcome: CheckOutcome) -> None:
         "alert_action": outcome.decision.action,
         "alert_reason": outcome.decision.reason,
     }
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    # Strict JSON: a constant feature's p-value is NaN, which json.dumps writes bare and strict parsers refuse.
+    (folder / "summary.json").write_text(json.dumps(finite(summary), indent=2, default=str, allow_nan=False))
     (folder / "report.html").write_text(report_html(outcome))
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float inside it (dicts, lists) as None: JSON's null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
 
 
 def report_html(outcome: CheckOutcome) -> str:
@@ -242,9 +258,11 @@ tr:nth-child(even){{background:#f4f4f4}}</style></head><body>
 
 
 def log_check(
-    client: MlflowClient, paths: ProjectPaths, settings: Settings, outcome: CheckOutcome
+    client: MlflowClient, paths: ProjectPaths, settings: Settings, outcome: CheckOutcome, sends_events: bool = False
 ) -> tuple[str, str | None]:
-    """One MLflow run per check in the monitoring experiment: the verdict as tags and metrics, reports as artifacts."""
+    """One MLflow run per check in the monitoring experiment: the verdict as tags and metrics, reports as artifacts.
+    The alert tag is `pending` until the flow marks the event sent (`mark_alert_emitted`); a check that sends no
+    event (by hand) says so, and neither counts for the cooldown or the de-duplication."""
     from mlflow.entities import Metric, RunTag
 
     result, decision, version = outcome.result, outcome.decision, outcome.model_version
@@ -258,7 +276,9 @@ def log_check(
         alerts.GROUPS_TAG: ",".join(result.drifted_groups),
         "conveyor.drift.features": ",".join(result.drifted)[:250],
         "conveyor.drift.deciding": "; ".join(g.summary() for g in result.groups if g.drifted)[:5000] or "-",
-        alerts.ALERT_TAG: "pending" if decision.alert else f"none ({decision.reason})"[:250],
+        alerts.ALERT_TAG: (
+            ("pending" if sends_events else alerts.NOT_SENT) if decision.alert else f"none ({decision.reason})"[:250]
+        ),
         alerts.ACTION_TAG: decision.action or "-",
         "conveyor.drift.source": outcome.data.source[:250],
         "conveyor.drift.reference_batch": result.reference_batch,

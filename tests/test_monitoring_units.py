@@ -689,6 +689,24 @@ def test_each_device_is_its_own_window_and_its_own_gauges(tmp_path: Path) -> Non
     assert gauges.read_text().count("# TYPE conveyor_drift_detected gauge") == 1
 
 
+def test_the_checks_summary_is_strict_json(tmp_path: Path) -> None:
+    """A constant feature's p-value (NaN) and a group's mean without values were written bare (`NaN`): jq reads
+    them, a strict parser (JavaScript's JSON.parse, Go's) refuses the file. They are null now."""
+    from monitoring.check import write_reports
+    from tests.monitoring_support import outcome_of
+
+    constant = drift.FeatureDrift("width", "geometry", "share", 0.0, 0.1, math.nan, False, 640.0, 640.0)
+    result = drift.DriftResult("no drift", "test", 40, features=[constant])
+    write_reports(outcome_of(result, "model", "1", tmp_path / "report"))
+    text = (tmp_path / "report" / "summary.json").read_text()
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"not JSON: {name}")
+
+    summary = json.loads(text, parse_constant=refuse)
+    assert [f["p_value"] for f in summary["features"] if f["name"] == "width"] == [None]
+
+
 # --- the alert policy ---------------------------------------------------------------------------------------------
 
 
@@ -814,8 +832,13 @@ def test_alert_history_is_read_back_from_the_tracking_server_after_it_restarts(t
     retrain = alerts.AlertDecision(True, "test", "retrain")
 
     def check(
-        version: str, groups: tuple[str, ...], decision: alerts.AlertDecision, emitted: bool, on: Settings = settings
-    ) -> None:
+        version: str,
+        groups: tuple[str, ...],
+        decision: alerts.AlertDecision,
+        emitted: bool,
+        on: Settings = settings,
+        by_hand: bool = False,
+    ) -> str:
         outcome = CheckOutcome(
             on.registry.model_name,
             version,
@@ -828,10 +851,11 @@ def test_alert_history_is_read_back_from_the_tracking_server_after_it_restarts(t
             None,
             datetime.now(UTC),
         )
-        run_id, _ = log_check(client, paths, on, outcome)
+        run_id, _ = log_check(client, paths, on, outcome, sends_events=not by_hand)
         if emitted:
             mark_alert_emitted(client, run_id, f"event-{run_id}")
         time.sleep(0.02)  # distinct start times (ms)
+        return run_id
 
     server = start_mlflow_server(store, port)
     try:
@@ -844,6 +868,10 @@ def test_alert_history_is_read_back_from_the_tracking_server_after_it_restarts(t
         check("2", (drift.FOCUS,), retrain, emitted=False)  # the event was not accepted: still `pending`
         check("2", (), alerts.AlertDecision(False, "no drift"), emitted=False)
         check("2", (drift.FOCUS,), retrain, emitted=True, on=other)  # another model's
+        # `conveyor drift` by hand decides as the flow would and sends nothing: its run says so (it said `pending`
+        # for good, as if an event were on its way).
+        by_hand = check("2", (drift.EXPOSURE,), retrain, emitted=False, by_hand=True)
+        assert client.get_run(by_hand).data.tags[alerts.ALERT_TAG] == alerts.NOT_SENT
         stop_tree(server)
         server = start_mlflow_server(store, port)  # the same server, restarted on its store
 

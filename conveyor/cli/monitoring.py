@@ -108,8 +108,13 @@ def print_outcome(outcome: CheckOutcome) -> None:
     for problem in outcome.data.unreadable:
         console.print(f"[yellow]unreadable[/] {problem}", highlight=False)
     decision = outcome.decision
+    unsent = (
+        "; not sent from here: the monitoring deployment (`conveyor deploy`) sends the events" if decision.alert else ""
+    )
     console.print(
-        f"alert: {decision.action if decision.alert else 'no'} ({decision.reason})", highlight=False, soft_wrap=True
+        f"alert: {decision.action if decision.alert else 'no'} ({decision.reason}){unsent}",
+        highlight=False,
+        soft_wrap=True,
     )
     where = outcome.mlflow_run_url or f"run {outcome.mlflow_run_id}"
     report = outcome.report_dir / "report.html"
