@@ -48,7 +48,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from conveyor.settings import MonitorSettings
+from conveyor.settings import ConfigError, MonitorSettings
 from pipelines.features import (
     CLASS_PREFIX,
     CLIPPING_FEATURES,
@@ -283,7 +283,8 @@ def check(profile: Profile, current_records: Any, policy: MonitorSettings, repor
     """The verdict for `current_records` (prediction-log rows or features of a folder) against `profile`; with
     `report`, Evidently's report of the nearest comparison too."""
     names = list(profile.meta.get("names", []))
-    basis = profile.basis if policy.embeddings else None
+    embeddings = policy.embeddings and EMBEDDING not in policy.exclude
+    basis = profile.basis if embeddings else None
     current = feature_frame(current_records, names, basis)
     if len(current) < policy.min_samples:
         return DriftResult(
@@ -292,6 +293,7 @@ def check(profile: Profile, current_records: Any, policy: MonitorSettings, repor
             len(current),
         )
     reference_all = feature_frame(profile.frame, names, basis)
+    _check_names(policy, reference_all.columns)
     if len(reference_all) < policy.min_samples:
         return DriftResult(
             "insufficient data",
@@ -308,7 +310,9 @@ def check(profile: Profile, current_records: Any, policy: MonitorSettings, repor
     if len(candidates) <= 1:
         candidates = [("all", reference_all)]
     skipped_embedding = None
-    if policy.embeddings and basis is None:
+    if policy.embeddings and not embeddings:
+        skipped_embedding = "excluded (monitor.exclude)"
+    elif policy.embeddings and basis is None:
         skipped_embedding = "the profile has no embedding basis (a version exported without the features output)"
     elif policy.embeddings and EMBEDDING not in current_records:
         skipped_embedding = "the current data has no embeddings (an older log, or an export without features)"
@@ -373,6 +377,24 @@ def _prepared(
 
 def _thresholds(columns: list[str], policy: MonitorSettings) -> dict[str, float]:
     return {c: policy.columns[c].effect if c in policy.columns else policy.effect_size for c in columns}
+
+
+def embedding_threshold(policy: MonitorSettings) -> float:
+    """The embedding's threshold: `monitor.columns.embedding.effect` where set, else `monitor.embedding_effect`."""
+    return policy.columns[EMBEDDING].effect if EMBEDDING in policy.columns else policy.embedding_effect
+
+
+def _check_names(policy: MonitorSettings, columns: Any) -> None:
+    """`monitor.exclude` and `monitor.columns` name features of this check: a name that is none (a typo, a class the
+    model does not have) would be ignored, and the feature it meant tested as before."""
+    known = {*map(str, columns), EMBEDDING, PREDICTIONS_TOGETHER}
+    for key, named in (("exclude", policy.exclude), ("columns", list(policy.columns))):
+        unknown = [n for n in named if n not in known and not n.startswith("emb_")]
+        if unknown:
+            raise ConfigError(
+                f"monitor.{key}: {', '.join(map(repr, unknown))} not a feature of the drift check; its features are "
+                f"{', '.join(sorted(c for c in known if not c.startswith('emb_')))}"
+            )
 
 
 def _compare(batch: str, reference: Any, current: Any, policy: MonitorSettings) -> DriftResult:
@@ -468,7 +490,8 @@ def _embedding_drift(ref: Any, cur: Any, varying: list[str], policy: MonitorSett
     if len(columns) < 2:
         return []
     before, now = ref[columns].dropna(), cur[columns].dropna()
-    distance = float(DistanceDriftMethod(dist="euclidean", threshold=policy.embedding_effect)(now, before)[0])
+    threshold = embedding_threshold(policy)
+    distance = float(DistanceDriftMethod(dist="euclidean", threshold=threshold)(now, before)[0])
     p_value = hotelling_p(before.to_numpy(), now.to_numpy())
     return [
         FeatureDrift(
@@ -476,9 +499,9 @@ def _embedding_drift(ref: Any, cur: Any, varying: list[str], policy: MonitorSett
             EMBEDDING_GROUP,
             "mean distance (ref. std), Hotelling T² p-value",
             distance,
-            policy.embedding_effect,
+            threshold,
             p_value,
-            distance >= policy.embedding_effect and p_value < policy.p_value,
+            distance >= threshold and p_value < policy.p_value,
             math.nan,
             math.nan,
         )
@@ -558,7 +581,7 @@ def evidently_report(reference: Any, current: Any, policy: MonitorSettings) -> A
         metrics.append(
             EmbeddingsDrift(
                 embeddings_name=EMBEDDING,
-                drift_method=DistanceDriftMethod(dist="euclidean", threshold=policy.embedding_effect),
+                drift_method=DistanceDriftMethod(dist="euclidean", threshold=embedding_threshold(policy)),
             )
         )
     definition = DataDefinition(

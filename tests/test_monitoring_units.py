@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conveyor.settings import MonitorSettings, SynthSettings
+from conveyor.settings import ConfigError, MonitorSettings, SynthSettings
 from monitoring import alerts, current, drift
 from monitoring.check import add_performance_group
 from monitoring.estimate import WindowEstimate, estimate_window
@@ -91,6 +91,26 @@ def test_each_group_decides_on_its_own_change(change: dict[str, Any], group: str
     assert result.status == "drift", result.message
     assert result.drifted_groups == [group], result.message
     assert result.groups[0].group == group and result.groups[0].words in result.message
+
+
+def test_the_embedding_is_excluded_and_thresholded_by_name_and_a_name_that_is_no_feature_is_refused() -> None:
+    """`monitor.exclude: [embedding]` and `monitor.columns: {embedding: ...}` were ignored (only monitor.embeddings
+    turned it off), and a misspelt feature was silently not excluded."""
+    reference = profile_of(feature_rows(200, seed=1))
+    window = feature_rows(40, seed=2, embedding=3.0)
+
+    def policy(**changes: Any) -> MonitorSettings:
+        return MonitorSettings.model_validate({**POLICY.model_dump(), **changes})
+
+    excluded = drift.check(reference, window, policy(exclude=["embedding"]), report=False)
+    assert excluded.status == "no drift" and excluded.skipped[drift.EMBEDDING] == "excluded (monitor.exclude)"
+    assert not [f for f in excluded.features if f.group == drift.EMBEDDING_GROUP]
+    raised = drift.check(reference, window, policy(columns={"embedding": {"effect": 100.0}}), report=False)
+    embedding = next(f for f in raised.features if f.name == drift.EMBEDDING)
+    assert embedding.threshold == 100.0 and not embedding.drifted  # its components are features of their own
+    for key, value in (("exclude", ["sharpnes"]), ("columns", {"count_scratches": {"effect": 2.0}})):
+        with pytest.raises(ConfigError, match=rf"monitor\.{key}: '(sharpnes|count_scratches)' not a feature"):
+            drift.check(reference, window, policy(**{key: value}), report=False)
 
 
 def test_the_predictions_moving_together_are_drift_where_each_alone_is_short() -> None:
