@@ -79,7 +79,11 @@ def serve(paths: ProjectPaths, settings: Settings, options: ServeOptions) -> Non
     log_cfg = cfg.prediction_log
     _check_writable(paths.model_cache, "the model cache")
     if log_cfg.enabled:
-        _check_writable(paths.prediction_log_dir(log_cfg.directory), "the prediction log (serve.prediction_log)")
+        _check_writable(
+            paths.prediction_log_dir(log_cfg.directory),
+            "the prediction log (serve.prediction_log)",
+            ", or turn the prediction log off (serve.prediction_log.enabled: false)",
+        )
     predlog = (
         PredictionLog(
             paths.prediction_log_dir(cfg.prediction_log.directory),
@@ -151,9 +155,9 @@ def serve(paths: ProjectPaths, settings: Settings, options: ServeOptions) -> Non
             triton.stop()
 
 
-def _check_writable(folder: Any, what: str) -> None:
+def _check_writable(folder: Any, what: str, otherwise: str = "") -> None:
     """Before anything starts: a read-only root filesystem without a volume for the project's state is a clear
-    error, not a traceback halfway through the start."""
+    error, not a traceback halfway through the start. `otherwise`: what else the user may do."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-check-{os.getpid()}"
@@ -162,5 +166,5 @@ def _check_writable(folder: Any, what: str) -> None:
     except OSError as exc:
         raise StateNotWritableError(
             f"{what} at {folder} is not writable ({exc.strerror}): mount a writable volume there (in the image: "
-            f"/app/.conveyor), or turn the prediction log off (serve.prediction_log.enabled: false)"
+            f"/app/.conveyor){otherwise}"
         ) from None

@@ -391,8 +391,8 @@ def test_a_signed_bundle_is_swapped_in_under_a_running_stream_and_bad_ones_refus
     )  # fmt: skip
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     assert "running conveyor-defect-detector v2, the bundle last taken from the channel" in restarted.stderr
-    models = {json.loads(line)["model"] for line in restarted.stdout.splitlines() if '"frame"' in line}
-    assert models == {"conveyor-defect-detector v2"}, restarted.stdout[-2000:]
+    restarted_on = {json.loads(line)["model"] for line in restarted.stdout.splitlines() if '"frame"' in line}
+    assert restarted_on == {"conveyor-defect-detector v2"}, restarted.stdout[-2000:]
     # The line follows a registry rollback: back to the newest entry it had of v1.
     entry = bundle.roll_back_channel(str(tmp_path / "channel"), "line-1", "1")
     assert entry["version"] == "1" and bundle.current(str(tmp_path / "channel"), "line-1") == entry

@@ -687,7 +687,8 @@ def test_a_version_that_failed_to_load_is_tried_again_later_and_afresh_when_prom
     monkeypatch.setattr(swap.source, "fetch", fetch)
     monkeypatch.setattr(swap.source, "load", load)
     slot = swap.ModelSlot()
-    watcher = swap.RegistryWatcher(lambda: None, "m", None, tmp_path, "onnx", 1, 0.25, 3600, slot, ServingMetrics())
+    no_client: Any = lambda: None  # noqa: E731  (resolve_version is stood in: no registry is asked)
+    watcher = swap.RegistryWatcher(no_client, "m", None, tmp_path, "onnx", 1, 0.25, 3600, slot, ServingMetrics())
     for _ in range(5):
         watcher.check()
     assert loads == ["7"] * swap.MAX_ATTEMPTS and not slot.ready  # then it waits: not a download every look
@@ -739,3 +740,16 @@ def test_preprocessed_requests_are_split_to_the_batch_a_static_model_takes(tmp_p
     ]
     assert all(r["error"].reshape(-1).tolist() == [b""] * len(r["error"]) for r in responses)
     assert len(alone[0]) > 0
+
+
+def test_a_state_folder_that_is_not_writable_is_named_with_what_to_do(tmp_path: Path) -> None:
+    """Turning the prediction log off was suggested for the model cache too, where it changes nothing."""
+    from serving.server import StateNotWritableError, _check_writable
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where a folder should be")
+    with pytest.raises(StateNotWritableError) as cache:
+        _check_writable(blocked / "models", "the model cache")
+    assert "the model cache at" in str(cache.value) and "prediction log" not in str(cache.value)
+    with pytest.raises(StateNotWritableError, match=r"or turn the prediction log off"):
+        _check_writable(blocked / "log", "the prediction log", ", or turn the prediction log off")

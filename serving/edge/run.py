@@ -78,6 +78,8 @@ def verify(root: Path = HERE, public_key: Path | None = None) -> dict[str, Any]:
     manifest_file = root / "manifest.json"
     if not manifest_file.is_file():
         raise BundleError(f"{root}: no manifest.json: not a Conveyor bundle")
+    if public_key is not None:  # first: nothing an unsigned manifest names is read before the team's key vouches
+        verify_signature(manifest_file.read_bytes(), root / "manifest.sig", public_key)
     manifest = json.loads(manifest_file.read_text())
     for rel, expected in manifest["sha256"].items():
         path = root / rel
@@ -93,8 +95,6 @@ def verify(root: Path = HERE, public_key: Path | None = None) -> dict[str, Any]:
             f"bundle holds {len(unlisted)} file(s) its manifest does not list ({', '.join(unlisted[:3])}): added "
             "after it was built, so not trusted"
         )
-    if public_key is not None:
-        verify_signature(manifest_file.read_bytes(), root / "manifest.sig", public_key)
     return dict(manifest)
 
 
