@@ -105,7 +105,11 @@ def ensure_data_version(paths: ProjectPaths, synth_settings: SynthSettings, cons
                 f"{regenerated}: a different dataset, so nothing was used. Pull it from the remote that has it "
                 "(`dvc pull -r NAME`), or record the regenerated one with `conveyor data synth`."
             )
-        shutil.move(str(Path(tmp) / "data"), paths.data)
+        # Its contents into data/, which may be there empty (a volume mounted there): moving the folder itself
+        # would nest it at data/data, and the commit below would name that instead.
+        paths.data.mkdir(exist_ok=True)
+        for entry in (Path(tmp) / "data").iterdir():
+            shutil.move(str(entry), paths.data / entry.name)
     dvc(paths.root, "commit", "--force", "data.dvc")  # into the DVC cache, data.dvc unchanged
     return status.expected
 

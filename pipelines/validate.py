@@ -131,11 +131,11 @@ def _check_image(path: Path) -> str | None:
         return f"unreadable image ({exc})"
     if min(width, height) < MIN_IMAGE_SIDE:
         return f"image too small ({width}x{height}, minimum side {MIN_IMAGE_SIDE})"
-    if path.suffix.lower() in {".jpg", ".jpeg"}:
-        with path.open("rb") as f:
-            f.seek(-2, 2)
-            if f.read() != b"\xff\xd9":
-                return "truncated JPEG (no end-of-image marker)"
+    with path.open("rb") as f:  # a JPEG by its bytes, not its name (a PNG named .jpg is common, and fine)
+        is_jpeg = f.read(3) == b"\xff\xd8\xff"
+        f.seek(-2, 2)
+        if is_jpeg and f.read() != b"\xff\xd9":
+            return "truncated JPEG (no end-of-image marker)"
     return None
 
 
@@ -203,11 +203,29 @@ def _pair_files(data_root: Path, split: str) -> tuple[list[Sample], list[Problem
     for path in sorted(image_dir.rglob("*")) if image_dir.is_dir() else []:
         if not path.is_file():
             continue
-        key = path.relative_to(image_dir).with_suffix("").as_posix()
+        relative = path.relative_to(image_dir)
+        key = relative.with_suffix("").as_posix()
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             problems.append(Problem(_rel(path, data_root), "not an image file: ignored", severity="warning"))
-        elif key in images:
-            problems.append(Problem(_rel(path, data_root), f"second image for one label stem '{key}'"))
+            continue
+        if "images" in relative.parts[:-1]:
+            # Ultralytics finds a label by replacing the *last* /images/ of the image's path with /labels/: this
+            # image's label would be looked for under images/, and it would train as a background image.
+            problems.append(
+                Problem(
+                    _rel(path, data_root),
+                    f"inside a folder named 'images' below images/{split}: Ultralytics would look for its label "
+                    "elsewhere and train on it without boxes; rename that folder",
+                )
+            )
+        if key in images:
+            first = _rel(images[key], data_root)
+            problems.append(Problem(_rel(path, data_root), f"second image for one label stem '{key}' (with {first})"))
+            if first not in {p.file for p in problems}:  # the first is left out too: whose label it is, is unknown
+                problems.append(
+                    Problem(first, f"shares its label stem '{key}' with another image: which one the label describes "
+                            "is unknown; rename one")
+                )  # fmt: skip
         else:
             images[key] = path
     labels = {

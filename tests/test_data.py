@@ -69,12 +69,19 @@ def test_missing_data_comes_from_the_demo_remote_and_seeds_the_default(paths: Pr
 
 
 def test_no_remote_regenerates_and_checks_the_hash(paths: ProjectPaths) -> None:
+    """Into an empty data/ too (a volume mounted there): the data was moved into it, as data/data, and data.dvc
+    rewritten to name that, while the pull said it was the version data.dvc names."""
     data.synthesize(paths, synth_settings(paths))
     expected = data.data_status(paths).expected
-    shutil.rmtree(paths.data)
     shutil.rmtree(paths.root / ".dvc" / "cache")
-    assert data.ensure_data_version(paths, synth_settings(paths)) == expected
-    assert data.data_status(paths).in_sync
+    for left in (None, "empty"):
+        shutil.rmtree(paths.data)
+        if left:
+            paths.data.mkdir()
+        assert data.ensure_data_version(paths, synth_settings(paths)) == expected
+        assert data.data_status(paths).in_sync and (paths.data / "data.yaml").is_file()
+        assert data.data_version(paths.data_dvc).md5 == expected
+        shutil.rmtree(paths.root / ".dvc" / "cache")
 
 
 def test_regeneration_that_differs_is_refused(paths: ProjectPaths) -> None:

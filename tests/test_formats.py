@@ -196,6 +196,52 @@ def test_bad_coco_is_refused_whole_or_skipped_by_policy(
     assert summary.skipped and sum(summary.images.values()) == 16 - len(summary.skipped)
 
 
+def test_coco_names_under_images_and_two_images_of_one_stem(yolo: Path, tmp_path: Path) -> None:
+    """Label Studio's COCO export names its images `images/<name>`: they were copied to images/train/images/, where
+    Ultralytics finds no label (it swaps the last /images/ for /labels/), and trained as background. A folder named
+    images deeper in a name is refused; so are two images that would share one label file (a.jpg and a.png: the
+    second's boxes overwrote the first's)."""
+    coco = to_coco(yolo, tmp_path / "coco", {"train": "instances_train"})
+    doc = _coco_doc(coco)
+    for image in doc["images"]:
+        image["file_name"] = f"images/{image['file_name']}"
+    (coco / "annotations/instances_train.json").write_text(json.dumps(doc))
+    formats.convert(coco, tmp_path / "out", DataSettings(), "fail")
+    assert not (tmp_path / "out/images/train/images").exists()
+    expected, got = boxes_of(yolo), boxes_of(tmp_path / "out")
+    assert got and all(same_boxes(expected[k], got[k]) for k in got)
+    for label in (tmp_path / "out").glob("labels/*/*.txt"):  # each where Ultralytics looks for its image's
+        assert (tmp_path / "out/images" / label.parent.name / f"{label.stem}.jpg").is_file(), label
+
+    nested = coco / "cam-1" / "images"
+    nested.mkdir(parents=True)
+    shutil.copy2(coco / doc["images"][0]["file_name"], nested / "x.jpg")
+    doc["images"][0]["file_name"] = "cam-1/images/x.jpg"
+    (coco / "annotations/instances_train.json").write_text(json.dumps(doc))
+    with pytest.raises(
+        DataValidationError, match=r"image name 'cam-1/images/x\.jpg' is inside a folder named 'images'"
+    ):
+        formats.convert(coco, tmp_path / "nested", DataSettings(), "fail")
+
+    doc = _coco_doc(to_coco(yolo, tmp_path / "stems", {"train": "instances_train"}))
+    shutil.copy2(tmp_path / "stems/images" / doc["images"][1]["file_name"], tmp_path / "stems/images/twin.png")
+    shutil.copy2(tmp_path / "stems/images" / doc["images"][2]["file_name"], tmp_path / "stems/images/twin.jpg")
+    doc["images"][1]["file_name"], doc["images"][2]["file_name"] = "twin.png", "twin.jpg"
+    (tmp_path / "stems/annotations/instances_train.json").write_text(json.dumps(doc))
+    with pytest.raises(DataValidationError, match=r"two images would share the label file labels/train/twin\.txt"):
+        formats.convert(tmp_path / "stems", tmp_path / "twins", DataSettings(), "fail")
+
+
+def test_a_voc_object_without_its_box_is_refused(yolo: Path, tmp_path: Path) -> None:
+    """A missing coordinate became NaN, which passes every comparison: `0 nan nan nan nan` was written."""
+    voc = to_voc(yolo, tmp_path / "voc", {"train": "train"})
+    xml = next(p for p in sorted((voc / "Annotations").glob("*.xml")) if "<bndbox>" in p.read_text())
+    text = xml.read_text()
+    xml.write_text(text.replace(text[text.index("<xmin>") : text.index("</xmin>") + 7], "", 1))
+    with pytest.raises(DataValidationError, match=r"lacks a coordinate"):
+        formats.convert(voc, tmp_path / "out", DataSettings(), "fail")
+
+
 def test_voc_naming_an_absent_image_and_an_unknown_format(yolo: Path, tmp_path: Path) -> None:
     voc = to_voc(yolo, tmp_path / "voc", {"train": "train"})
     (voc / "JPEGImages/train_00003.jpg").unlink()

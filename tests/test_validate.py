@@ -119,6 +119,43 @@ def test_duplicate_within_split_is_a_warning(data: Path) -> None:
     assert [p.severity for p in report.problems] == ["warning"]
 
 
+def test_two_images_of_one_label_stem_are_both_left_out(data: Path) -> None:
+    """a.jpg and a.png share labels/train/a.txt: which image it describes is unknown. The second was flagged and the
+    first kept, with a label that may be the second's; under `skip` nothing at all was left out."""
+    from PIL import Image
+
+    Image.open(data / "images/train/train_00003.jpg").save(data / "images/train/train_00003.png")
+    said = messages(data, SKIP)
+    assert "data/images/train/train_00003.png: second image for one label stem 'train_00003' (with " in said[0], said
+    assert any(m.startswith("data/images/train/train_00003.jpg: shares its label stem") for m in said), said
+    report, accepted = validate_dataset(data, SKIP)
+    kept = [sample.image for sample in accepted["train"]]
+    assert "images/train/train_00003.jpg" not in kept and len(kept) == 5
+    assert "data/images/train/train_00003.jpg" in report.skipped
+
+
+def test_an_image_in_a_folder_named_images_is_refused(data: Path) -> None:
+    """Ultralytics swaps the last /images/ of a path for /labels/: data/images/train/images/x.jpg's label is looked
+    for at data/images/train/labels/x.txt, and the image trains with no boxes. Validation passed it."""
+    (data / "images/train/images").mkdir()
+    (data / "labels/train/images").mkdir()
+    (data / "images/train/train_00005.jpg").rename(data / "images/train/images/train_00005.jpg")
+    (data / "labels/train/train_00005.txt").rename(data / "labels/train/images/train_00005.txt")
+    assert any(
+        m.startswith("data/images/train/images/train_00005.jpg: inside a folder named 'images'") for m in messages(data)
+    )
+
+
+def test_a_png_named_jpg_is_an_image_not_a_truncated_jpeg(data: Path) -> None:
+    """The end-of-image check went by the name: a PNG saved as .jpg (common in renamed data) failed validation."""
+    from PIL import Image
+
+    image = data / "images/train/train_00001.jpg"
+    Image.open(image).save(image, format="PNG")
+    report, _ = validate_dataset(data, FAIL)
+    assert report.ok, report.summary()
+
+
 def test_empty_split(data: Path) -> None:
     shutil.rmtree(data / "images/val")
     shutil.rmtree(data / "labels/val")

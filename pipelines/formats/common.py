@@ -3,6 +3,7 @@ class ids), split names as exporters write them, a pixel box as a YOLO line, and
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -58,6 +59,8 @@ def box_line(
     class_id: int, x0: float, y0: float, x1: float, y1: float, width: float, height: float
 ) -> tuple[str | None, str]:
     """A YOLO line for a pixel box, or a reason it is not one. Tiny overflows (rounding) are clipped."""
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):  # a coordinate missing (NaN passes every comparison)
+        return None, f"box ({x0:g},{y0:g})-({x1:g},{y1:g}) lacks a coordinate"
     if x1 <= x0 or y1 <= y0:
         return None, f"box has no area ({x0:g},{y0:g})-({x1:g},{y1:g})"
     tol = EDGE_TOLERANCE_PX

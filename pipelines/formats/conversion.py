@@ -119,6 +119,20 @@ def convert(
     names, ids = class_mapping(parsed.names, settings, target_names)
     for item in parsed.items:
         named = PurePosixPath(item.name)
+        if named.parts[:1] == ("images",) and len(named.parts) > 1:
+            # Label Studio's COCO export names its images `images/<name>`: under images/<split>/ that folder would
+            # hide every label from Ultralytics (it swaps the last /images/ of a path for /labels/).
+            item.name = PurePosixPath(*named.parts[1:]).as_posix()
+            named = PurePosixPath(item.name)
+        if "images" in named.parts[:-1]:
+            where = relative_name(item.label_source or item.image, source)
+            item.errors.append(
+                Problem(
+                    where,
+                    f"image name '{item.name}' is inside a folder named 'images': Ultralytics would look for its "
+                    "label elsewhere and train on it without boxes; rename that folder",
+                )
+            )
         if named.is_absolute() or ".." in named.parts or not named.name:
             # Its copy would land outside the dataset's images/ (or outside the project): a COCO `file_name` or a VOC
             # `filename` is a name under the images folder.
@@ -147,6 +161,7 @@ def convert(
     images: Counter[str] = Counter()
     labels: Counter[str] = Counter()
     taken: dict[str, Item] = {}
+    stems: dict[str, Item] = {}
     origin: dict[str, Path] = {}
     for item in items:
         assert item.split is not None
@@ -156,7 +171,13 @@ def convert(
             raise DataValidationError(
                 f"{source}: two images would both be images/{dest} ({taken[dest].image} and {item.image}); rename one"
             )
-        taken[dest] = item
+        stem = PurePosixPath(dest).with_suffix("").as_posix()
+        if stem in stems:  # a.jpg and a.png: one label file, the second's boxes over the first's
+            raise DataValidationError(
+                f"{source}: two images would share the label file labels/{stem}.txt ({stems[stem].image} and "
+                f"{item.image}); rename one"
+            )
+        taken[dest] = stems[stem] = item
         target = staging / "images" / dest
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(item.image, target)
