@@ -84,6 +84,30 @@ def cron_of(key: str, cron: str, timezone: str) -> Any:
         raise ConfigError(f"params.yaml: {key}: {cron!r} is not a cron Prefect accepts (e.g. '0 3 * * 1')") from exc
 
 
+def refuse_anothers_deployment(flow_name: str, name: str, settings: Settings, key: str) -> None:
+    """A deployment of this name that another project registered (another model's tag) is refused, not overwritten:
+    Prefect keys deployments by flow and name, so the second project's `conveyor deploy` would take over the
+    first's schedule, and the first's drift automation would retrain from the second's checkout."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            existing = client.read_deployment_by_name(f"{flow_name}/{name}")
+        except ObjectNotFound:
+            return
+    tags = set(existing.tags or [])
+    owners = sorted(
+        t.removeprefix(f"{DEPLOYMENT_TAG}.model.") for t in tags if t.startswith(f"{DEPLOYMENT_TAG}.model.")
+    )
+    if owners and model_tag(settings) not in tags:
+        raise ConfigError(
+            f"the Prefect server already has the deployment {flow_name}/{name} of model {', '.join(owners)} "
+            f"(project {(existing.parameters or {}).get('project_dir', '?')}): give this project's its own name "
+            f"(params.yaml {key}, e.g. {name}-{settings.registry.model_name})"
+        )
+
+
 def deploy(paths: ProjectPaths, settings: Settings) -> DeploymentInfo:
     from prefect import flow
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
@@ -94,6 +118,8 @@ def deploy(paths: ProjectPaths, settings: Settings) -> DeploymentInfo:
         cron_of(key, value, cfg.timezone)
         for key, value in (("orchestration.cron", cfg.cron), ("monitor.schedule", settings.monitor.schedule))
     )
+    refuse_anothers_deployment(TRAINING_FLOW, cfg.deployment, settings, "orchestration.deployment")
+    refuse_anothers_deployment(MONITORING_FLOW, settings.monitor.deployment, settings, "monitor.deployment")
     ensure_work_pool(cfg.work_pool)
     strategy = ConcurrencyLimitStrategy.ENQUEUE if cfg.on_overlap == "wait" else ConcurrencyLimitStrategy.CANCEL_NEW
     source = flow.from_source(source=str(paths.root), entrypoint=ENTRYPOINT)

@@ -167,7 +167,9 @@ def register_and_promote(
         outcome = promotion.decide(tracker.client, settings, version, new, report, actor, reason)
     except promotion.StaleGateError as stale:
         get_run_logger().warning("%s; re-running the gate against the current champion", stale)
-        run_stage.fn(root, "gate", flow_run_id, force=True)
+        if isinstance(run_stage.fn(root, "gate", flow_run_id, force=True), State):
+            # Stopped (SIGTERM) while the gate re-ran: nothing is decided on a report it may not have finished.
+            raise CancelledRun("stage gate (re-run against the current champion)") from None
         lineage_report.log_run_record(tracker.client, tracker.run_id, paths.root)  # the gate's new lock entry
         report = GateReport.load(paths.gate / "report.json")
         for key, value in report.tags().items():

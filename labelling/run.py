@@ -63,7 +63,7 @@ def select_frames(paths: ProjectPaths, settings: Settings, options: SelectOption
     if len(reference) < 2:
         train = sorted((paths.data / "images" / "train").glob("*"))[: settings.label.reference_images]
         reference = embed_files(train, loaded.detectors[0])
-        where = f"{len(train)} training images of data/"
+        where = f"{len(reference)} training images of data/"
     console.print(f"{len(frames)} frames from {described}; model {model}; reference: {where}", highlight=False)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("scoring frames", total=len(frames))

@@ -155,7 +155,12 @@ def model_features(detector: Detector, images: Sequence[np.ndarray], batch: int 
 
 
 def embed_files(files: Sequence[Path], detector: Detector) -> np.ndarray:
-    return model_features(detector, [decode_image(p.read_bytes()) for p in files])
+    """The features of the training images among `files`, in any format OpenCV reads (the dataset keeps BMP, TIFF
+    and WebP as they came; the server's JPEG-or-PNG check is for what it is sent). Others are left out."""
+    import cv2
+
+    images = [cv2.imdecode(np.frombuffer(p.read_bytes(), np.uint8), cv2.IMREAD_COLOR) for p in files]
+    return model_features(detector, [np.asarray(image) for image in images if image is not None])
 
 
 def select(

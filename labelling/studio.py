@@ -57,8 +57,8 @@ def selected_frames(root: Path) -> dict[str, Path]:
 def image_name(url: str) -> str:
     """The file name a task's image URL ends in (`/data/local-files/?d=images/x.jpg`, `/data/upload/3/x.jpg`)."""
     parsed = urlparse(url)
-    inner = parse_qs(parsed.query).get("d")
-    return PurePosixPath(unquote(inner[0] if inner else parsed.path)).name
+    inner = parse_qs(parsed.query).get("d")  # decoded already: decoding it again would read `%25` as `%`
+    return PurePosixPath(inner[0] if inner else unquote(parsed.path)).name
 
 
 def _latest(annotations: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
 
 from labelling.select import Candidate
@@ -53,6 +54,12 @@ def label_config(names: list[str]) -> str:
     )
 
 
+def task_image_url(image_url: str, name: str) -> str:
+    """The task's image: the name percent-encoded, since it ends a query value (`?d=images/...`) or a path, where a
+    `+`, `#`, `&` or `%` in a frame's name would be read as something else (`studio.image_name` reads it back)."""
+    return f"{image_url}{quote(name)}"
+
+
 def studio_task(n: int, candidate: Candidate, name: str, conf: float, model: str, image_url: str) -> dict[str, Any]:
     w, h = candidate.width, candidate.height
     result = [
@@ -77,7 +84,7 @@ def studio_task(n: int, candidate: Candidate, name: str, conf: float, model: str
         for k, d in enumerate(x for x in candidate.detections if x.confidence >= conf)
     ]
     return {
-        "data": {"image": f"{image_url}{name}"},
+        "data": {"image": task_image_url(image_url, name)},
         "meta": {"uncertainty": round(candidate.uncertainty, 4), "novelty": round(candidate.novelty, 4)},
         "predictions": [{"model_version": model, "score": round(candidate.score, 4), "result": result}],
     }

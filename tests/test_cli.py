@@ -264,3 +264,24 @@ def test_tables_fold_long_cells_instead_of_cutting_them() -> None:
     cells = ["".join(row[i].strip() for row in body) for i in range(len(body[0]))]
     assert cells[2] == address and cells[4] == log
     assert cells[5].replace(" ", "").endswith("0123456789abcdef")
+
+
+def test_status_shows_what_it_closed_when_the_tracking_server_cannot_be_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`conveyor status` closes a killed run's Prefect flow run first, then asks MLflow about the rest: MLflow down
+    threw the first's lines away, and the operator never learnt a run had just been marked Crashed. The repairs are
+    stood in here (their own tests, test_faults, kill real runs)."""
+    from conveyor.cli import project_status
+    from conveyor.paths import ProjectPaths
+    from conveyor.settings import Settings
+    from flows import repair
+
+    def tracking_down(*_: object) -> list[str]:
+        raise ConnectionError("MLflow tracking server http://mlflow:5000 is unreachable")
+
+    monkeypatch.setattr(repair, "close_abandoned", lambda *_: ["flow run 'brave-otter' of pid 4242: now Crashed"])
+    monkeypatch.setattr(repair, "close_runs_of_ended_flow_runs", tracking_down)
+    rows = project_status._repair(ProjectPaths(tmp_path), Settings())
+    assert rows[0] == ("closed", "flow run 'brave-otter' of pid 4242: now Crashed")
+    assert rows[1][0] == "unavailable" and "unreachable" in rows[1][1]

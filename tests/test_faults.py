@@ -323,3 +323,36 @@ def test_each_project_has_its_own_zombie_automation(prefect_server: str) -> None
         kept = Automation.read(name=zombie_automation_name(slow))
         assert not inspect.isawaitable(kept)
         kept.delete()
+
+
+def test_a_deployment_of_another_project_is_refused_not_taken_over(prefect_server: str) -> None:
+    """Two projects on one Prefect server with the default deployment names: the second `conveyor deploy` updated the
+    first's deployment in place (Prefect keys deployments by flow and name), so the first's schedule stopped and its
+    drift automation retrained from the second's checkout. It is refused now, naming the owner and the setting."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from conveyor.settings import ConfigError, Settings
+    from flows import TRAINING_FLOW
+    from flows.deploy import model_tag, refuse_anothers_deployment
+
+    suffix = os.urandom(4).hex()
+    widgets, bolts = (
+        Settings.model_validate({"registry": {"model_name": f"{label}-{suffix}"}}) for label in ("widgets", "bolts")
+    )
+    name = f"scheduled-training-{suffix}"
+    with temporary_settings({PREFECT_API_URL: prefect_server}), get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name(TRAINING_FLOW)
+        deployment = client.create_deployment(
+            flow_id, name, parameters={"project_dir": "/srv/widgets"}, tags=["conveyor", model_tag(widgets)]
+        )
+        try:
+            refuse_anothers_deployment(TRAINING_FLOW, name, widgets, "orchestration.deployment")  # its own: updated
+            refuse_anothers_deployment(TRAINING_FLOW, f"{name}-bolts", bolts, "orchestration.deployment")  # free
+            with pytest.raises(ConfigError) as refused:
+                refuse_anothers_deployment(TRAINING_FLOW, name, bolts, "orchestration.deployment")
+            said = str(refused.value)
+            assert f"{TRAINING_FLOW}/{name} of model widgets-{suffix} (project /srv/widgets)" in said, said
+            assert f"params.yaml orchestration.deployment, e.g. {name}-bolts-{suffix}" in said, said
+        finally:
+            client.delete_deployment(deployment)

@@ -67,6 +67,36 @@ def test_selection_prefers_what_the_model_has_not_seen_and_is_diverse(
     assert all(0 <= c.uncertainty <= 1 and 0 <= c.novelty <= 1 for c in chosen)
 
 
+def test_training_images_in_any_format_are_embedded_and_a_stray_file_left_out(
+    pool: dict[str, Path], tmp_path: Path
+) -> None:
+    """Without a profile, the reference is the training images: a BMP one (`data add` keeps them as they came) or a
+    stray file in the folder aborted the whole selection (ImageError: not a JPEG or PNG)."""
+    from PIL import Image
+
+    images = sorted((pool["reference"] / "images/train").glob("*.jpg"))[:3]
+    Image.open(images[0]).save(tmp_path / "frame.bmp")
+    (tmp_path / "notes.txt").write_text("not an image")
+    detector = Detector(TorchRuntime(ASSET), ModelCard(NAMES, 320))
+    embedded = selecting.embed_files([*images[1:], tmp_path / "frame.bmp", tmp_path / "notes.txt"], detector)
+    assert embedded.shape[0] == 3 and embedded.shape[1] > 0
+
+
+def test_a_frames_name_survives_the_task_url() -> None:
+    """A frame named `line+2.jpg` or `cam#3.jpg` was put in the task's URL as it is: Label Studio's local-files route
+    got another name, and `conveyor label import` refused the whole export ("never selected")."""
+    from urllib.parse import parse_qs, urlparse
+
+    from labelling.studio import image_name
+    from labelling.tasks import DEFAULT_IMAGE_URL, task_image_url
+
+    for name in ("000000000000-line+2_0001.jpg", "cam#3.jpg", "a&b c.jpg", "100%25.jpg", "plain.jpg"):
+        url = task_image_url(DEFAULT_IMAGE_URL, name)
+        assert parse_qs(urlparse(url).query)["d"] == [f"images/{name}"]  # what the local-files route reads
+        assert image_name(url) == name
+        assert image_name(task_image_url("/data/upload/3/", name)) == name
+
+
 def test_uncertainty_peaks_at_the_threshold() -> None:
     from pipelines.inference import Detection
 

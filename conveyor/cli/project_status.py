@@ -50,9 +50,12 @@ def _repair(paths: ProjectPaths, settings: Settings) -> list[tuple[str, str]]:
     """Records a killed run of this project left open (MLflow RUNNING, Prefect Running), closed as what happened."""
     from flows.repair import close_abandoned, close_runs_of_ended_flow_runs
 
-    lines = close_abandoned(paths, "conveyor status")
-    lines += close_runs_of_ended_flow_runs(paths, "conveyor status")
-    return [("closed", line) for line in lines]
+    rows = [("closed", line) for line in close_abandoned(paths, "conveyor status")]
+    try:  # what the first closed is shown even when the second cannot ask (a tracking server that is down)
+        rows += [("closed", line) for line in close_runs_of_ended_flow_runs(paths, "conveyor status")]
+    except Exception as exc:
+        rows.append(("unavailable", f"{type(exc).__name__}: {exc}"))
+    return rows
 
 
 def _data(paths: ProjectPaths, settings: Settings) -> list[tuple[str, str]]:
