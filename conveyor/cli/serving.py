@@ -39,7 +39,9 @@ def serve(
     port: Annotated[int | None, typer.Option(help="HTTP port (default serve.port)")] = None,
     grpc_port: Annotated[int | None, typer.Option(help="gRPC port (default serve.grpc_port)")] = None,
     workers: Annotated[int | None, typer.Option(help="model instances (default serve.workers)")] = None,
-    runtime: Annotated[str | None, typer.Option(help="openvino | onnx | tensorrt (default serve.runtime)")] = None,
+    runtime: Annotated[
+        str | None, typer.Option(help="openvino | openvino_int8 | onnx | tensorrt (default serve.runtime)")
+    ] = None,
     max_batch_size: Annotated[int | None, typer.Option(help="dynamic batching limit; 1 turns batching off")] = None,
 ) -> None:
     """Serve the registry's champion (or --model): POST /predict, the Open Inference Protocol over HTTP and gRPC,
@@ -68,7 +70,9 @@ def predict(
         "predictions.jsonl"
     ),
     model: ModelOption = None,
-    runtime: Annotated[str | None, typer.Option(help="openvino | onnx | tensorrt (default serve.runtime)")] = None,
+    runtime: Annotated[
+        str | None, typer.Option(help="openvino | openvino_int8 | onnx | tensorrt (default serve.runtime)")
+    ] = None,
 ) -> None:
     """Batch prediction: detections for every image into JSONL, with the server's model, runtime and code."""
     from pipelines.inference import ImageLimits
