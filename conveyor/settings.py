@@ -496,7 +496,9 @@ class StackSettings(_Section):
 
     directory: str = Field(".conveyor/stack", description="data, logs and the env file (relative to the project)")
     bucket: str = Field(
-        "conveyor", min_length=3, max_length=63, description="DVC data under dvc/, MLflow under mlflow/"
+        "conveyor",
+        pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$",  # S3's bucket names (as prediction_log.s3's)
+        description="an S3 bucket name (lowercase, digits, '.', '-'): DVC data under dvc/, MLflow under mlflow/",
     )
     ports: StackPorts = StackPorts()
     serve: bool = Field(True, description="start the model server (it waits for a champion) and Prometheus")
@@ -573,10 +575,14 @@ def set_param(path: Path, key: tuple[str, ...], value: Any) -> None:
     """Change one value in params.yaml, keeping its comments and layout, and check the result still loads."""
     from ruamel.yaml import YAML
     from ruamel.yaml.comments import CommentedMap
+    from ruamel.yaml.error import YAMLError
 
     editor = YAML()
     editor.preserve_quotes = True
-    document = editor.load(path.read_text(encoding="utf-8")) or CommentedMap()
+    try:
+        document = editor.load(path.read_text(encoding="utf-8")) or CommentedMap()
+    except YAMLError as exc:  # a key given twice among them: ruamel refuses it too
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     node = document
     for part in key[:-1]:
         if node.get(part) is None:  # a section left to its defaults (absent or empty) is written in
@@ -593,6 +599,26 @@ def set_param(path: Path, key: tuple[str, ...], value: Any) -> None:
         raise
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last silently (a second
+    `train:` block replaced the first whole, its values falling back to defaults), and DVC refuses such a file."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"found '{key}' twice (lines {seen[key].line + 1} and {key_node.start_mark.line + 1}): "
+                    "the second would replace the first whole",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_settings(path: Path) -> Settings:
     """Read and check params.yaml. Raises ConfigError naming the file and every bad key."""
     try:
@@ -604,7 +630,7 @@ def load_settings(path: Path) -> Settings:
     except OSError as exc:  # unreadable, a folder
         raise ConfigError(f"{path}: cannot read it: {exc.strerror or exc}") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):

@@ -59,12 +59,19 @@ def client(endpoint: str | None = None, attempts: int = 2, credentials: tuple[st
     # and keeps the answer, so a process whose environment names another store would sign with the old keys.
     from_env = (os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY"))
     key, secret = credentials or (from_env if all(from_env) else (None, None))
+    url = endpoint or endpoint_from_env()
+    if url and not url.startswith(("http://", "https://")):  # boto3's own ValueError names neither fix nor variable
+        named = "AWS_ENDPOINT_URL_S3" if os.environ.get("AWS_ENDPOINT_URL_S3") else "AWS_ENDPOINT_URL"
+        raise StorageError(
+            f"S3 endpoint {url!r}{'' if endpoint else f' ({named})'} has no scheme: write it as http://{url} "
+            f"(or https://{url})"
+        )
     return boto3.client(
         "s3",
         aws_access_key_id=key,
         aws_secret_access_key=secret,
         aws_session_token=None if credentials or not key else os.environ.get("AWS_SESSION_TOKEN"),
-        endpoint_url=endpoint or endpoint_from_env(),
+        endpoint_url=url,
         region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
         config=Config(
             s3={"addressing_style": "path"},

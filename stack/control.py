@@ -15,9 +15,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import shutil
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -386,7 +388,9 @@ def _deploy(paths: ProjectPaths, env: dict[str, str]) -> None:
 def _worker_online(api: str, pool: str) -> bool:
     """The worker has told the server it is polling the pool."""
     request = urllib.request.Request(
-        f"{api}/work_pools/{pool}/workers/filter", data=b"{}", headers={"Content-Type": "application/json"}
+        f"{api}/work_pools/{urllib.parse.quote(pool, safe='')}/workers/filter",
+        data=b"{}",
+        headers={"Content-Type": "application/json"},
     )
     try:
         with urllib.request.urlopen(request, timeout=3) as response:
@@ -399,7 +403,7 @@ def write_env_file(layout: Layout, keys: dict[str, str]) -> Path:
     lines = [
         "# Written by `conveyor stack up`. `source` it to use the stack: MLflow, Prefect, S3 (DVC remote, artifacts).",
         "# It holds the stack's generated credentials: keep it to yourself.",
-        *(f"export {k}={v}" for k, v in client_env(layout, keys).items()),
+        *(f"export {k}={shlex.quote(v)}" for k, v in client_env(layout, keys).items()),  # a path may hold a space
     ]
     layout.env_file.touch(mode=0o600)
     layout.env_file.write_text("\n".join(lines) + "\n")
@@ -408,21 +412,31 @@ def write_env_file(layout: Layout, keys: dict[str, str]) -> Path:
 
 def read_env_file(path: Path) -> dict[str, str]:
     """The variables `write_env_file` exported, for a process that cannot `source` it."""
-    return dict(
-        line.removeprefix("export ").split("=", 1)
-        for line in path.read_text().splitlines()
-        if line.startswith("export ")
-    )
+    exported = [line.removeprefix("export ").split("=", 1) for line in path.read_text().splitlines()
+                if line.startswith("export ")]  # fmt: skip
+    return {key: "".join(shlex.split(value)) for key, value in exported}
 
 
 def write_prometheus_config(layout: Layout) -> Path:
+    """Scraping the model server's /metrics; with the bearer token the server inherits (CONVEYOR_SERVE_TOKEN), in a
+    file of its own that Prometheus reads (every scrape was a 401 otherwise, and nothing said so)."""
+    from serving.server import TOKEN_ENV
+
     config = layout.prometheus_config
     target = layout.url("server").removeprefix("http://")
+    token = os.environ.get(TOKEN_ENV)
+    authorization = ""
+    if token:
+        token_file = config.with_name("server-token")
+        token_file.touch(mode=0o600)
+        token_file.write_text(token)
+        authorization = f"    authorization: {{credentials_file: '{token_file}'}}\n"
     config.write_text(
         "# Written by `conveyor stack up`: the model server's /metrics every 5 s.\n"
         "global: {scrape_interval: 5s}\n"
         "scrape_configs:\n"
         "  - job_name: conveyor-server\n"
+        f"{authorization}"
         f"    static_configs: [{{targets: ['{target}']}}]\n"
     )
     return config
@@ -442,8 +456,11 @@ def use_dvc_remote(paths: ProjectPaths, settings: Settings, layout: Layout) -> N
 
 
 def release_dvc_remote(paths: ProjectPaths) -> None:
-    """Back to the committed default remote."""
-    dvc(paths.root, "remote", "default", "--local", "--unset", check=False, env=_base_env())
+    """Back to the committed default remote: the local default is unset only where it is the stack's (a user's
+    own local default, set without the stack, is theirs)."""
+    local = dvc(paths.root, "remote", "default", "--local", check=False, env=_base_env())
+    if local.returncode == 0 and local.stdout.strip() == REMOTE:
+        dvc(paths.root, "remote", "default", "--local", "--unset", check=False, env=_base_env())
     dvc(paths.root, "remote", "remove", "--local", REMOTE, check=False, env=_base_env())
 
 

@@ -235,7 +235,9 @@ def postgres_ready(port: int, password: str) -> bool:
     import psycopg2
 
     try:
-        psycopg2.connect(host="127.0.0.1", port=port, user="postgres", password=password, dbname="postgres").close()
+        psycopg2.connect(
+            host="127.0.0.1", port=port, user="postgres", password=password, dbname="postgres", connect_timeout=3
+        ).close()  # a postmaster that accepts and never answers would hold every health check for good
     except psycopg2.OperationalError:
         return False
     return True

@@ -61,6 +61,29 @@ def test_invalid_yaml(tmp_path: Path) -> None:
         load_settings(write(tmp_path, "train: [epochs: 3"))
 
 
+def test_a_section_or_key_given_twice_is_refused(tmp_path: Path) -> None:
+    """A second `train:` block replaced the first whole (PyYAML keeps the last), its values falling back to defaults
+    without a word; DVC refuses such a file. Refused here naming both lines, by set_param too."""
+    from conveyor.settings import set_param
+
+    twice = write(tmp_path, "train:\n  epochs: 3\n  batch: 4\nserve:\n  port: 8080\ntrain:\n  imgsz: 160\n")
+    with pytest.raises(ConfigError, match=r"found 'train' twice \(lines 1 and 6\)"):
+        load_settings(twice)
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        set_param(twice, ("train", "epochs"), 5)
+    with pytest.raises(ConfigError, match=r"found 'epochs' twice \(lines 2 and 3\)"):
+        load_settings(write(tmp_path, "train:\n  epochs: 3\n  epochs: 4\n"))
+
+
+def test_a_stack_bucket_is_a_bucket_name(tmp_path: Path) -> None:
+    """`team/conveyor` or `my bucket` passed, and `conveyor stack up` failed with botocore's traceback after
+    PostgreSQL and the store had started."""
+    for name in ("team/conveyor", "my bucket", "Conveyor_Data", "ab"):
+        with pytest.raises(ConfigError, match=r"stack\.bucket"):
+            load_settings(write(tmp_path, f"stack:\n  bucket: '{name}'\n"))
+    assert load_settings(write(tmp_path, "stack:\n  bucket: team-conveyor.data\n")).stack.bucket == "team-conveyor.data"
+
+
 def test_not_a_mapping(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_settings(write(tmp_path, "- 1\n- 2\n"))
