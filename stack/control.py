@@ -48,7 +48,7 @@ class Layout:
 
     @classmethod
     def of(cls, paths: ProjectPaths, settings: Settings) -> Layout:
-        root = Path(settings.stack.directory)
+        root = Path(settings.stack.directory).expanduser()  # `~/stack` is the home's, not a folder named ~
         return cls(root if root.is_absolute() else paths.root / root, settings, paths.root)
 
     @property
