@@ -37,7 +37,9 @@ class GitState:
 def git_state(root: Path) -> GitState:
     """The commit and whether tracked code differs from it.
 
-    dvc.lock and metrics/ are written by the pipeline itself, so they do not make the tree dirty.
+    dvc.lock and metrics/ are written by the pipeline itself, so they do not make the tree dirty; nor do params.yaml
+    and data.dvc, which a run records on their own (the params' hash, the data version) and which `conveyor data
+    add` and a worker's uncommitted checkout change without any code changing.
     """
     try:
         commit = subprocess.run(
@@ -53,6 +55,8 @@ def git_state(root: Path) -> GitState:
                 ".",
                 ":(exclude)dvc.lock",
                 ":(exclude)metrics",
+                ":(exclude)params.yaml",
+                ":(exclude)data.dvc",
             ],
             cwd=root,
             capture_output=True,

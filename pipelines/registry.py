@@ -17,6 +17,7 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -142,6 +143,7 @@ def move_alias(
     """Point `alias` at `version` and record the move: recorded pending, moved, confirmed. A kill between any two
     writes leaves a history that `history` reads truthfully (see the module docstring)."""
     previous = version_by_alias(client, name, alias)
+    _confirm_pending(client, name)
     past = history(client, name)
     move = AliasMove(
         seq=(past[-1].seq + 1) if past else 1,
@@ -158,6 +160,19 @@ def move_alias(
     client.set_registered_model_tag(name, *move.to_tag())
     client.update_registered_model(name, description=history_markdown([*past, move]))
     return move
+
+
+def _confirm_pending(client: MlflowClient, name: str) -> None:
+    """Confirm the moves a killed process left pending whose alias points where they say: they happened. `history`
+    counts them only while the alias stays there, so the next move of that alias would otherwise erase one from the
+    history, and a rollback would skip it (v1, v2, v3 killed after the alias moved, v4: rolled back to v2)."""
+    model = client.get_registered_model(name)
+    for key, value in model.tags.items():
+        if not key.startswith(HISTORY_PREFIX):
+            continue
+        move = AliasMove(**json.loads(value))
+        if move.pending and str(model.aliases.get(move.alias)) == move.to_version:
+            client.set_registered_model_tag(name, *replace(move, pending=False).to_tag())
 
 
 def history_markdown(moves: list[AliasMove]) -> str:
@@ -218,8 +233,11 @@ def promote(
     return move_alias(client, name, CHAMPION, str(version), kind=kind, reason=reason, actor=actor or default_actor())
 
 
-def rollback_target(moves: list[AliasMove], current: str | None) -> str | None:
-    """The champion before the current one, skipping versions that were rolled back from.
+def rollback_target(
+    moves: list[AliasMove], current: str | None, exists: Callable[[str], bool] = lambda v: True
+) -> str | None:
+    """The champion before the current one, skipping versions that were rolled back from, and those that no longer
+    `exist` (deleted from the registry).
 
     The champions form a stack: a promotion (forced or not) pushes its version, a rollback returns to the last time
     its target was champion. A version promoted again after others (v1, v2, v1) is a new entry, so the previous
@@ -239,14 +257,17 @@ def rollback_target(moves: list[AliasMove], current: str | None) -> str | None:
     if current in stack:
         stack = stack[: len(stack) - 1 - stack[::-1].index(current)]
     candidates = [v for v in stack if v not in rolled_back and v != current]
-    return candidates[-1] if candidates else None
+    return next((v for v in reversed(candidates) if exists(v)), None)
 
 
 def rollback(client: MlflowClient, name: str, *, reason: str, actor: str | None = None) -> AliasMove:
     if not reason.strip():
         raise PromotionRefusedError("a rollback needs a reason (--reason)")
     champion = current_champion(client, name)
-    target = rollback_target(history(client, name), str(champion.version) if champion else None)
+    registered = {str(v.version) for v in versions(client, name)}
+    target = rollback_target(
+        history(client, name), str(champion.version) if champion else None, registered.__contains__
+    )
     if target is None:
         raise PromotionRefusedError(f"{name} has no earlier champion to roll back to")
     return move_alias(client, name, CHAMPION, target, kind="rollback", reason=reason, actor=actor or default_actor())

@@ -285,3 +285,34 @@ def test_status_shows_what_it_closed_when_the_tracking_server_cannot_be_asked(
     rows = project_status._repair(ProjectPaths(tmp_path), Settings())
     assert rows[0] == ("closed", "flow run 'brave-otter' of pid 4242: now Crashed")
     assert rows[1][0] == "unavailable" and "unreachable" in rows[1][1]
+
+
+def test_models_lists_a_version_registered_without_a_run(
+    mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A version registered by hand (from a path: no source run) made `conveyor models` a traceback for the whole
+    table. Its data hash is shown whole, as `conveyor lineage --data` takes it."""
+    import uuid
+
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import registry
+    from tests.conftest import TINY_PARAMS, make_project
+
+    name = f"hand-{uuid.uuid4().hex[:8]}"
+    project = make_project(tmp_path / "project", {**TINY_PARAMS, "registry": {"model_name": name}})
+    client = MlflowClient(mlflow_server)
+    registry.ensure_registered_model(client, name)
+    experiment = client.get_experiment_by_name("cli-tests") or client.get_experiment(
+        client.create_experiment("cli-tests")
+    )
+    logged = client.create_logged_model(experiment_id=experiment.experiment_id, name="by-hand")  # no source run
+    made = client.create_model_version(
+        name, source=f"models:/{logged.model_id}", model_id=logged.model_id,
+        tags={"conveyor.data_md5": "0123456789abcdef0123.dir"},
+    )  # fmt: skip
+    assert not made.run_id
+    monkeypatch.chdir(project)
+    result = runner.invoke(app, ["models"], env={"COLUMNS": "300", "MLFLOW_TRACKING_URI": mlflow_server})
+    assert result.exit_code == 0, result.output
+    assert "0123456789abcdef0123.dir" in result.output

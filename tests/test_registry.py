@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,31 @@ def test_rollback_walks_back_and_records_every_move(client: MlflowClient, name: 
         (v3, v2, "rollback"),
         (v2, v1, "rollback"),
     ]
+
+
+def test_a_move_killed_after_the_alias_moved_stays_in_the_history_when_the_alias_moves_again(
+    client: MlflowClient, name: str
+) -> None:
+    """v3's promotion killed after the alias moved, before the move was confirmed: it counted only while the alias
+    stayed on v3. Promoting v4 then erased it, and the rollback from v4 went to v2."""
+    v1, v2, v3, v4 = (new_version(client, name, passed=True) for _ in range(4))
+    registry.promote(client, name, v1, reason="first")
+    registry.promote(client, name, v2, reason="second")
+    killed = registry.AliasMove(3, registry.CHAMPION, v2, v3, "2026-12-07T10:00:00+0000", "promote", "third", "test")
+    client.set_registered_model_tag(name, *replace(killed, pending=True).to_tag())  # the move, as recorded first
+    client.set_registered_model_alias(name, registry.CHAMPION, v3)  # the alias moved; then the kill
+    registry.promote(client, name, v4, reason="fourth")
+    assert [m.to_version for m in registry.history(client, name)] == [v1, v2, v3, v4]
+    assert registry.rollback(client, name, reason="v4 misses dents").to_version == v3
+
+
+def test_a_rollback_skips_a_version_deleted_from_the_registry(client: MlflowClient, name: str) -> None:
+    """v2 deleted in the MLflow UI: the rollback from v3 was MLflow's traceback, and the champion stayed v3."""
+    v1, v2, v3 = (new_version(client, name, passed=True) for _ in range(3))
+    for version in (v1, v2, v3):
+        registry.promote(client, name, version, reason=f"promote {version}")
+    client.delete_model_version(name, v2)
+    assert registry.rollback(client, name, reason="v3 misses dents").to_version == v1
 
 
 def test_rollback_without_champion(client: MlflowClient, name: str) -> None:
@@ -361,3 +387,23 @@ def test_a_champion_moved_after_the_gate_is_gated_again_before_the_decision(
     assert f"compared with champion v{moved}" in description  # the review summary says what it was compared with
     moves = [(m.from_version, m.to_version) for m in registry.history(client, name) if m.alias == registry.CHAMPION]
     assert moves == [(None, gated), (gated, moved)] + ([(moved, number)] if passed else [])
+
+
+def test_the_code_is_dirty_only_when_code_changed(tmp_path: Path) -> None:
+    """`conveyor data add` (no commit by default) and an uncommitted worker checkout change params.yaml or data.dvc,
+    which a run records on their own: lineage read "git commit X (uncommitted changes)" with the code equal to X."""
+    import subprocess
+
+    from conveyor.lineage import git_state
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    for name in ("params.yaml", "data.dvc", "stage.py"):
+        (tmp_path / name).write_text("before\n")
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "code"], check=True)
+    (tmp_path / "params.yaml").write_text("after\n")
+    (tmp_path / "data.dvc").write_text("after\n")
+    assert git_state(tmp_path).dirty is False
+    (tmp_path / "stage.py").write_text("after\n")
+    assert git_state(tmp_path).dirty is True

@@ -30,7 +30,7 @@ def models() -> None:
     found = registry.versions(client, name)
     aliases = registry.aliases_by_version(client, name) if found else {}
     for v in found:
-        metrics = client.get_run(v.run_id).data.metrics
+        metrics = client.get_run(v.run_id).data.metrics if v.run_id else {}  # one registered by hand has no run
         gates = "pass" if registry.gates_passed(v) else f"FAIL ({v.tags.get('conveyor.gates.failed', '?')})"
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000))
         table.add_row(
@@ -38,9 +38,9 @@ def models() -> None:
             registry.alias_text(aliases, v.version),
             gates,
             f"{metrics.get('test/mAP50-95', float('nan')):.3f}",
-            v.tags.get("conveyor.data_md5", "?")[:12],
+            v.tags.get("conveyor.data_md5", "?"),  # whole: `conveyor lineage --data` takes it as shown
             created,
-            str(v.run_id)[:12],
+            str(v.run_id)[:12] if v.run_id else "-",
         )
     console.print(table)
 
