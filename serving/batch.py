@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -94,21 +95,22 @@ class OutputError(ConveyorError, ValueError):
 
 def done_images(out: Path) -> set[str]:
     """Images already predicted in `out`, an image that could not be decoded included (its `error` line says why; a
-    store that does not answer stops the run instead). A torn last line (a crash mid-write) is removed so it is
-    redone. A file that is not predictions (another line that does not read as one) is refused and left untouched:
-    it may be anything the user named."""
+    store that does not answer stops the run instead). An image that could not be read (`"retry": true`: permission
+    denied, gone) is not done: its line is removed and it is tried again. A torn last line (a crash mid-write) is
+    removed so it is redone. A file that is not predictions (another line that does not read as one) is refused and
+    left untouched: it may be anything the user named."""
     if out.is_dir():
         raise OutputError(f"--out {out} is a folder: name a .jsonl file")
     if not out.is_file():
         return set()
     done: set[str] = set()
-    good_bytes = 0
+    kept: list[bytes] = []
     data = out.read_bytes()
     lines = data.splitlines(keepends=True)
     for number, line in enumerate(lines, 1):
         last = number == len(lines)
         if not line.strip():  # a blank line (an editor's last newline): kept, not a record
-            good_bytes += len(line)
+            kept.append(line)
             continue
         try:
             record = json.loads(line)
@@ -124,11 +126,14 @@ def done_images(out: Path) -> set[str]:
                 f"--out {out}: line {number} is not a prediction of `conveyor predict` (it would be overwritten): "
                 "name a new file, or an earlier output of this command to resume it"
             )
+        if record.get("retry") is True:
+            continue
         done.add(record["image"])
-        good_bytes += len(line)
-    if good_bytes != len(data):
-        with out.open("r+b") as f:
-            f.truncate(good_bytes)
+        kept.append(line)
+    if sum(map(len, kept)) != len(data):  # written beside it, then put in its place: a kill leaves one or the other
+        staged = out.with_name(f".{out.name}.partial")
+        staged.write_bytes(b"".join(kept))
+        os.replace(staged, out)
     return done
 
 
@@ -167,8 +172,11 @@ def predict(
             for path in chunk:
                 try:
                     frames.append((path, decode_image(read(path), limits)))
-                except (ImageError, OSError) as exc:  # one bad image; a store that is down stops the run
+                except ImageError as exc:  # one bad image; a store that is down stops the run
                     lines[path] = {"image": path, "error": str(exc), "version": model.version}
+                    failed += 1
+                except OSError as exc:  # not readable now (permission denied, gone): tried again on a resume
+                    lines[path] = {"image": path, "error": str(exc), "version": model.version, "retry": True}
                     failed += 1
             for (path, frame), found in zip(frames, detector.detect([f for _, f in frames]), strict=True):
                 detections += len(found)

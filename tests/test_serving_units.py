@@ -753,3 +753,45 @@ def test_a_state_folder_that_is_not_writable_is_named_with_what_to_do(tmp_path: 
     assert "the model cache at" in str(cache.value) and "prediction log" not in str(cache.value)
     with pytest.raises(StateNotWritableError, match=r"or turn the prediction log off"):
         _check_writable(blocked / "log", "the prediction log", ", or turn the prediction log off")
+
+
+def test_an_image_that_could_not_be_read_is_tried_again_on_a_resume(tmp_path: Path) -> None:
+    """Permission denied on one image wrote its error line, and a resumed run took it as done: the image was never
+    predicted. Now its line says `retry`, and the resume removes it and predicts the image; an image whose bytes are
+    bad stays done. A real detector (ONNX Runtime on a 1-node model); the reader stands in for a file that is
+    unreadable once (root reads any file here)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from rich.console import Console
+
+    from pipelines.inference import Detector
+    from pipelines.runtimes import OnnxRuntime
+
+    root = _tiny_bundle(tmp_path / "bundle", Ed25519PrivateKey.generate(), "1")
+    card = ModelCard(["scratch", "dent", "stain"], 28)
+    model: Any = SimpleNamespace(
+        name="m", version="1", detectors=[Detector(OnnxRuntime(root / "model/model.onnx"), card)]
+    )
+    images = [str(tmp_path / name) for name in ("a.png", "b.png", "bad.jpg")]
+    for path in images[:2]:
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28, 3), np.uint8)).save(path)
+    Path(images[2]).write_bytes(b"not a jpeg")
+    denied = {images[1]}
+
+    def read(path: str) -> bytes:
+        if path in denied:
+            raise PermissionError(13, "Permission denied", path)
+        return Path(path).read_bytes()
+
+    out = tmp_path / "out.jsonl"
+    quiet = Console(file=io.StringIO())
+    first = batch.predict(model, images, out, 2, ImageLimits(), quiet, read)
+    assert first.failed == 2
+    said = {Path(r["image"]).name: r for r in map(json.loads, out.read_text().splitlines())}
+    assert said["b.png"]["retry"] is True and "retry" not in said["bad.jpg"]
+    assert batch.done_images(out) == {images[0], images[2]}  # and b.png's line is gone from the file
+    denied.clear()
+    again = batch.predict(model, images, out, 2, ImageLimits(), quiet, read)
+    assert (again.images, again.skipped, again.failed) == (1, 2, 0)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(Path(r["image"]).name for r in lines) == ["a.png", "b.png", "bad.jpg"]
+    assert "detections" in next(r for r in lines if r["image"] == images[1])
