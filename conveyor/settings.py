@@ -322,8 +322,12 @@ class ServeSettings(_Section):
         "openvino", description="openvino (fastest on CPU here) | openvino_int8 (export.int8) | onnx | tensorrt"
     )
     host: str = Field("127.0.0.1", description="interface to listen on; 0.0.0.0 exposes the server")
-    port: int = Field(8080, ge=1, le=65535, description="HTTP: /predict, /v2 (Open Inference Protocol), /metrics")
-    grpc_port: int = Field(8081, ge=1, le=65535, description="gRPC: the Open Inference Protocol (tritonclient)")
+    port: int = Field(
+        8080, ge=1, le=65535, strict=True, description="HTTP: /predict, /v2 (Open Inference Protocol), /metrics"
+    )
+    grpc_port: int = Field(
+        8081, ge=1, le=65535, strict=True, description="gRPC: the Open Inference Protocol (tritonclient)"
+    )
     workers: int = Field(1, ge=1, le=64, description="model instances, each with its share of the cores")
     max_batch_size: int = Field(8, ge=1, description="dynamic batching: the largest batch; 1 turns batching off")
     max_queue_delay_ms: float = Field(0.0, ge=0, description="dynamic batching: the longest wait for a fuller batch")
@@ -475,11 +479,13 @@ class LabelSettings(_Section):
 
 
 class StackPorts(_Section):
-    postgres: int = Field(5433, gt=0, lt=65536)
-    s3: int = Field(9000, gt=0, lt=65536)
-    mlflow: int = Field(5000, gt=0, lt=65536)
-    prefect: int = Field(4210, gt=0, lt=65536, description="not 4200: that is the local server of `conveyor run`")
-    prometheus: int = Field(9090, gt=0, lt=65536)
+    postgres: int = Field(5433, gt=0, lt=65536, strict=True)
+    s3: int = Field(9000, gt=0, lt=65536, strict=True)
+    mlflow: int = Field(5000, gt=0, lt=65536, strict=True)
+    prefect: int = Field(
+        4210, gt=0, lt=65536, strict=True, description="not 4200: that is the local server of `conveyor run`"
+    )
+    prometheus: int = Field(9090, gt=0, lt=65536, strict=True)
 
     @model_validator(mode="after")
     def _one_part_a_port(self) -> StackPorts:

@@ -56,6 +56,14 @@ def test_two_servers_on_one_port_are_refused(tmp_path: Path) -> None:
         load_settings(write(tmp_path, "stack:\n  ports:\n    s3: 8080\n"))
 
 
+def test_a_port_is_a_number_not_a_yes(tmp_path: Path) -> None:
+    """`s3: true` loaded as port 1 (a bool is an int to a lax check)."""
+    with pytest.raises(ConfigError, match=r"stack\.ports\.s3: Input should be a valid integer"):
+        load_settings(write(tmp_path, "stack:\n  ports:\n    s3: true\n"))
+    with pytest.raises(ConfigError, match=r"serve\.port: Input should be a valid integer"):
+        load_settings(write(tmp_path, "serve:\n  port: yes\n"))
+
+
 def test_invalid_yaml(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_settings(write(tmp_path, "train: [epochs: 3"))
