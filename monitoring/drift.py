@@ -316,6 +316,15 @@ def check(profile: Profile, current_records: Any, policy: MonitorSettings, repor
         skipped_embedding = "the profile has no embedding basis (a version exported without the features output)"
     elif policy.embeddings and EMBEDDING not in current_records:
         skipped_embedding = "the current data has no embeddings (an older log, or an export without features)"
+    elif basis is not None and EMBEDDING_COLUMN.format(0) in current:
+        usable = int(current[EMBEDDING_COLUMN.format(0)].notna().sum())
+        if usable < min(policy.min_samples, MIN_FEATURE_VALUES):  # said once, not once per component
+            widths = sorted({len(v) for v in current_records[EMBEDDING] if v is not None and hasattr(v, "__len__")})
+            skipped_embedding = (
+                f"{usable} of {len(current)} current rows have an embedding of the profile's width ({basis.dims}; "
+                f"widths seen: {', '.join(map(str, widths)) or 'none'}): another model's export, or a device logging "
+                "without the features output"
+            )
     results = [_compare(batch, reference, current, policy) for batch, reference in candidates]
     best = min(
         results,
@@ -328,6 +337,7 @@ def check(profile: Profile, current_records: Any, policy: MonitorSettings, repor
     if report and best.features:
         best.snapshot = evidently_report(dict(candidates)[best.reference_batch], current, policy)
     if skipped_embedding:
+        best.skipped = {k: v for k, v in best.skipped.items() if not k.startswith("emb_")}
         best.skipped[EMBEDDING] = skipped_embedding
     return best
 

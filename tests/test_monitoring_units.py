@@ -113,6 +113,20 @@ def test_the_embedding_is_excluded_and_thresholded_by_name_and_a_name_that_is_no
             drift.check(reference, window, policy(**{key: value}), report=False)
 
 
+def test_embeddings_of_another_width_are_said_once() -> None:
+    """A window whose embeddings are another model's width (or all missing) gave ten lines of `emb_NN: 0 current
+    values (< min_samples)`, and not the reason."""
+    reference = profile_of(feature_rows(200, seed=1))
+    window = feature_rows(40, seed=2)
+    window[EMBEDDING] = [[0.5] * 5 for _ in range(len(window))]
+    result = drift.check(reference, window, POLICY, report=False)
+    assert not [k for k in result.skipped if k.startswith("emb_")], result.skipped
+    assert result.skipped[EMBEDDING].startswith("0 of 40 current rows have an embedding of the profile's width")
+    assert "widths seen: 5" in result.skipped[EMBEDDING]
+    window[EMBEDDING] = [None] * len(window)
+    assert "widths seen: none" in drift.check(reference, window, POLICY, report=False).skipped[EMBEDDING]
+
+
 def test_the_predictions_moving_together_are_drift_where_each_alone_is_short() -> None:
     """Defects 1.6x larger moved the demo champion's box areas by 0.78-1.08 standard deviations in windows of 40 and
     its confidences down at the same time: two windows of five had no prediction feature past its threshold. The
