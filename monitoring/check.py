@@ -39,9 +39,8 @@ class CheckOptions:
     hours: float | None = None  # default monitor.window_hours
     last: int | None = None  # default monitor.window_records
     device: str = SERVER_DEVICE  # whose log records: the server's, or an edge runner's (its --device name)
-    sends_events: bool = (
-        False  # the monitoring flow sends the alert's event; a check by hand (`conveyor drift`) does not
-    )
+    # The monitoring flow sends the alert's event; a check by hand (`conveyor drift`) does not.
+    sends_events: bool = False
 
 
 @dataclass

@@ -183,13 +183,17 @@ class Detector:
         self.runtime = runtime
         self.card = card
 
+    def _batches(self, n: int) -> list[slice]:
+        """Slices of `n` inputs, each as large as the runtime takes (a static export or a TensorRT engine: one)."""
+        step = self.runtime.max_batch or n
+        return [slice(i, i + step) for i in range(0, n, step)]
+
     def detect(self, images: Sequence[np.ndarray], conf: float | None = None) -> list[list[Detection]]:
         if not images:
             return []
-        step = self.runtime.max_batch or len(images)
         results: list[list[Detection]] = []
-        for i in range(0, len(images), step):
-            chunk = images[i : i + step]
+        for batch in self._batches(len(images)):
+            chunk = images[batch]
             raw = self.runtime.infer(letterbox(chunk, self.card.imgsz))
             results.extend(postprocess(raw, [(im.shape[0], im.shape[1]) for im in chunk], self.card, conf))
         return results
@@ -197,10 +201,9 @@ class Detector:
     def detect_tensors(self, frames: np.ndarray) -> list[list[Detection]]:
         """Detections of frames already letterboxed (FP32 [n, 3, S, S]), in batches as large as the runtime takes
         (a static ONNX export or a TensorRT engine takes one frame at a time)."""
-        step = self.runtime.max_batch or len(frames)
         results: list[list[Detection]] = []
-        for i in range(0, len(frames), step):
-            chunk = np.ascontiguousarray(frames[i : i + step])
+        for batch in self._batches(len(frames)):
+            chunk = np.ascontiguousarray(frames[batch])
             results.extend(
                 postprocess(self.runtime.infer(chunk), [(self.card.imgsz, self.card.imgsz)] * len(chunk), self.card)
             )
@@ -212,11 +215,10 @@ class Detector:
         so the detections at the card's confidence are exactly those `detect` returns."""
         if not images:
             return []
-        step = self.runtime.max_batch or len(images)
         results: list[Inference] = []
         threshold = self.card.conf
-        for i in range(0, len(images), step):
-            chunk = images[i : i + step]
+        for batch in self._batches(len(images)):
+            chunk = images[batch]
             raw, features = self.runtime.infer_with_features(letterbox(chunk, self.card.imgsz))
             found = postprocess(raw, [(im.shape[0], im.shape[1]) for im in chunk], self.card, min(floor, threshold))
             for k, detections in enumerate(found):

@@ -199,6 +199,7 @@ def read_class_names(data_root: Path) -> list[str]:
 def _pair_files(data_root: Path, split: str) -> tuple[list[Sample], list[Problem]]:
     image_dir, label_dir = data_root / "images" / split, data_root / "labels" / split
     images: dict[str, Path] = {}
+    shared: set[str] = set()  # label stems more than one image has
     problems: list[Problem] = []
     for path in sorted(image_dir.rglob("*")) if image_dir.is_dir() else []:
         if not path.is_file():
@@ -221,7 +222,8 @@ def _pair_files(data_root: Path, split: str) -> tuple[list[Sample], list[Problem
         if key in images:
             first = _rel(images[key], data_root)
             problems.append(Problem(_rel(path, data_root), f"second image for one label stem '{key}' (with {first})"))
-            if first not in {p.file for p in problems}:  # the first is left out too: whose label it is, is unknown
+            if key not in shared:  # the first is left out too: whose label it is, is unknown
+                shared.add(key)
                 problems.append(
                     Problem(first, f"shares its label stem '{key}' with another image: which one the label describes "
                             "is unknown; rename one")

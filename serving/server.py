@@ -16,6 +16,7 @@ from conveyor.tracking import Tracker
 from pipelines.inference import ImageLimits
 from pipelines.model_source import check_runtime
 from pipelines.prediction_log import PredictionLog, s3_shipper
+from serving import TOKEN_ENV
 from serving.app import ApiConfig, create_app
 from serving.metrics import ServingMetrics
 from serving.model import ServedModel
@@ -23,7 +24,6 @@ from serving.swap import ModelSlot, RegistryWatcher
 from serving.triton import TritonPorts, start_triton
 
 LOG = logging.getLogger("conveyor.serving")
-TOKEN_ENV = "CONVEYOR_SERVE_TOKEN"
 
 
 class StateNotWritableError(ConveyorError, OSError):

@@ -420,7 +420,7 @@ def read_env_file(path: Path) -> dict[str, str]:
 def write_prometheus_config(layout: Layout) -> Path:
     """Scraping the model server's /metrics; with the bearer token the server inherits (CONVEYOR_SERVE_TOKEN), in a
     file of its own that Prometheus reads (every scrape was a 401 otherwise, and nothing said so)."""
-    from serving.server import TOKEN_ENV
+    from serving import TOKEN_ENV
 
     config = layout.prometheus_config
     target = layout.url("server").removeprefix("http://")

@@ -258,16 +258,20 @@ class Model:
     def version_number(self) -> str:
         return str(self.manifest.get("version", "?"))
 
+    def threshold(self, conf: float | None = None) -> float:
+        """`conf`, else the bundle's own threshold (serve.conf when it was built)."""
+        return float(self.card.get("conf", 0.25)) if conf is None else conf
+
     def detect(self, image: np.ndarray, conf: float | None = None) -> list[dict]:
         raw, _ = self._infer(letterbox(image, self.card["imgsz"])[None])
         height, width = image.shape[:2]
-        return postprocess(raw[0], (height, width), self.card, self.card.get("conf", 0.25) if conf is None else conf)
+        return postprocess(raw[0], (height, width), self.card, self.threshold(conf))
 
     def infer(self, image: np.ndarray, conf: float | None = None) -> Found:
         """Detections at `conf`, every candidate from SCORE_FLOOR up and the `features` output, from one inference
         and one NMS (greedy NMS never lets a lower score suppress a higher one): what the server logs per image."""
         raw, features = self._infer(letterbox(image, self.card["imgsz"])[None])
-        threshold = self.card.get("conf", 0.25) if conf is None else conf
+        threshold = self.threshold(conf)
         height, width = image.shape[:2]
         candidates = postprocess(raw[0], (height, width), self.card, min(SCORE_FLOOR, threshold))
         return Found(
@@ -954,7 +958,7 @@ def run_stream(
             if log is not None:  # after the decision is out: the log never delays it
                 # At the bundle's threshold (serve.conf), whatever --conf decides at: the drift check compares the
                 # log with the version's profile, made at serve.conf, and another threshold would read as drift.
-                logged = inference if conf is None else inference.at(model.card.get("conf", 0.25))
+                logged = inference if conf is None else inference.at(model.threshold())
                 log.offer(frame.image, logged, model.version_number)
             if stop.is_set() or (max_frames is not None and stats.frames >= max_frames):
                 break
@@ -1074,7 +1078,7 @@ def main(argv: list[str] | None = None) -> int:
         else None
     )
     rule = RejectRule.load(root)
-    threshold = model.card.get("conf", 0.25) if args.conf is None else args.conf
+    threshold = model.threshold(args.conf)
     if rule.min_confidence < threshold:
         print(
             f"warning: the reject rule's min_confidence {rule.min_confidence} is below the detection threshold "
