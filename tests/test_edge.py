@@ -85,6 +85,9 @@ def test_the_reject_rule_follows_classes_confidence_area_and_region() -> None:
     assert not rule.reasons([box("scratch", 0.4, 100, 10, 120, 20)], 200, 100)  # not sure enough
     assert not rule.reasons([box("scratch", 0.9, 100, 10, 105, 20)], 200, 100)  # too small: 50 px²
     assert not rule.reasons([box("scratch", 0.9, 0, 10, 40, 20)], 200, 100)  # centre left of the region
+    # `run.py --conf 0.9` detects from 0.9 up: a rule at 0.5 would never reject at 0.5, and the runner says so.
+    assert rule.unmet_below(0.25) is None and rule.unmet_below(0.5) is None
+    assert "min_confidence 0.5 is below the detection threshold 0.9" in (rule.unmet_below(0.9) or "")
     with pytest.raises(ValueError, match="roi"):
         RejectSettings(roi=(0.5, 0, 0.4, 1))
 

@@ -288,6 +288,11 @@ def test_compose_stack_is_wired_consistently() -> None:
     assert services["worker"]["environment"]["PREFECT_API_URL"].startswith("http://prefect-server:4200/")
     assert "postgresql+asyncpg://" in services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
     assert mlflow["environment"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    # PostgreSQL is healthy only once it listens on TCP: the postgres image's init scripts run against a server on the
+    # Unix socket alone, where pg_isready said "accepting" before the prefect database existed. (The image's entrypoint
+    # is not run here: no registry answers for it; this is the healthcheck's argument as compose passes it.)
+    healthcheck = services["postgres"]["healthcheck"]["test"]
+    assert healthcheck[:2] == ["CMD", "pg_isready"] and healthcheck[healthcheck.index("--host") + 1] == "127.0.0.1"
     serve = params()["serve"]
     for name in ("model-server", "model-server-tensorrt"):
         published = {int(p.split(":")[-1]) for p in services[name]["ports"]}
@@ -739,6 +744,41 @@ def test_triton_config_is_a_valid_model_config() -> None:
     served = ServedSettings.from_model_config(json.loads(as_sent))
     assert (served.runtime, served.conf) == (cfg.runtime, cfg.conf)
     assert (served.limits.max_bytes, served.limits.max_pixels) == (123_456, 60_000_000)
+
+
+def test_a_triton_repository_is_replaced_only_by_a_whole_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`conveyor triton-repository --overwrite` writes the new copy beside the old one and swaps it in whole: a copy
+    that fails (a full disk) leaves the served repository as it was and nothing half-written beside it."""
+    import errno
+    from types import SimpleNamespace
+
+    from conveyor.settings import load_settings
+    from serving import triton_repository
+
+    cfg = load_settings(ROOT / "params.yaml").serve
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(b"v1")
+    out = tmp_path / "repository"
+    written = triton_repository.write(SimpleNamespace(name="m", version="1", root=model), out, cfg)  # type: ignore[arg-type]
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        triton_repository.write(SimpleNamespace(name="m", version="1", root=model), out, cfg)  # type: ignore[arg-type]
+
+    def disk_full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    (model / "weights.bin").write_bytes(b"v2")
+    v2 = SimpleNamespace(name="m", version="2", root=model)
+    with monkeypatch.context() as patched:
+        patched.setattr(triton_repository.shutil, "copytree", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            triton_repository.write(v2, out, cfg, overwrite=True)  # type: ignore[arg-type]
+    assert (written / "1/conveyor-model/weights.bin").read_bytes() == b"v1"
+    assert json.loads((written / "1/conveyor-model/version.json").read_text())["version"] == "1"
+    assert [p.name for p in out.iterdir()] == ["m"], "a half-written copy was left beside the repository"
+    triton_repository.write(v2, out, cfg, overwrite=True)  # type: ignore[arg-type]
+    assert (written / "1/conveyor-model/weights.bin").read_bytes() == b"v2"
+    assert json.loads((written / "1/conveyor-model/version.json").read_text())["version"] == "2"
 
 
 @pytest.mark.slow

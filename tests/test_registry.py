@@ -317,16 +317,21 @@ def test_a_kill_anywhere_between_registration_and_promotion_leaves_the_registry_
     assert writes >= 8  # every write of registration and promotion was a kill point
 
 
-@pytest.mark.parametrize("passed", [True, False], ids=["re-gate-passes", "re-gate-fails"])
+@pytest.mark.parametrize("re_gate", ["passes", "fails", "stopped"], ids=lambda r: f"re-gate-{r}")
 def test_a_champion_moved_after_the_gate_is_gated_again_before_the_decision(
-    client: MlflowClient, name: str, project: Path, monkeypatch: pytest.MonkeyPatch, passed: bool
+    client: MlflowClient, name: str, project: Path, monkeypatch: pytest.MonkeyPatch, re_gate: str
 ) -> None:
     """The champion moves between the gate and the decision (another run promoted, or a person): the gate's comparison
     no longer holds. `decide` refuses without writing (StaleGateError); the flow's registry task runs the gate again
     against the new champion, re-tags and re-describes the version, and decides on the new verdict. Only the gate
-    stage itself (a DVC subprocess that re-scores the champion) is replaced, by what it writes."""
+    stage itself (a DVC subprocess that re-scores the champion) is replaced, by what it writes. A re-run stopped by
+    SIGTERM (the stage's task ends Cancelled) decides nothing: the run is cancelled, on a report it may not have
+    finished."""
     import logging
     from types import SimpleNamespace
+
+    from prefect.exceptions import CancelledRun
+    from prefect.states import Cancelled
 
     from conveyor import tracking
     from flows import training
@@ -363,9 +368,14 @@ def test_a_champion_moved_after_the_gate_is_gated_again_before_the_decision(
 
     gate_runs: list[tuple[str, bool]] = []
 
-    def gate_stage(root: str, stage: str, flow_run_id: str | None, force: bool = False) -> float:
+    passed = re_gate == "passes"
+
+    def gate_stage(root: str, stage: str, flow_run_id: str | None, force: bool = False) -> Any:
         """What `dvc repro --force gate` leaves: a report against the champion the registry has now."""
         gate_runs.append((stage, force))
+        if re_gate == "stopped":  # what run_stage returns when SIGTERM stopped the stage: its task's final state
+            write_report(champion_version(client, name), True)  # a report it may not have finished
+            return Cancelled(message="stopped by SIGTERM")
         write_report(champion_version(client, name), passed)
         return 0.0
 
@@ -374,6 +384,15 @@ def test_a_champion_moved_after_the_gate_is_gated_again_before_the_decision(
     monkeypatch.setattr(
         tracking.Tracker, "resume", staticmethod(lambda paths: SimpleNamespace(client=client, run_id=run_id))
     )
+    if re_gate == "stopped":
+        with pytest.raises(CancelledRun, match="stage gate"):
+            training.register_and_promote.fn(str(project), None, "test")
+        assert gate_runs == [("gate", True)]
+        assert champion_version(client, name) == moved
+        assert promotion.DECISION not in client.get_model_version(name, number).tags
+        # Not re-described: the version still says what its finished gate compared it with.
+        assert f"compared with champion v{gated}" in (client.get_model_version(name, number).description or "")
+        return
     outcome = training.register_and_promote.fn(str(project), None, "test")
 
     assert gate_runs == [("gate", True)]  # gated again, once, forced

@@ -108,3 +108,14 @@ def test_an_endpoint_without_a_scheme_is_named(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     with pytest.raises(storage.StorageError, match=r"'127\.0\.0\.1:9000' \(AWS_ENDPOINT_URL\) has no scheme"):
         storage.client()
+
+
+def test_a_stack_directory_under_home_is_the_homes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`stack.directory: ~/conveyor-stack` is under the home folder (it was a folder named `~` in the project); a
+    relative one stays the project's."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    project = ProjectPaths(tmp_path / "project")
+    under_home = Layout.of(project, Settings.model_validate({"stack": {"directory": "~/conveyor-stack"}}))
+    assert under_home.root == tmp_path / "home" / "conveyor-stack"
+    relative = Layout.of(project, Settings.model_validate({"stack": {"directory": ".stack"}}))
+    assert relative.root == tmp_path / "project" / ".stack"

@@ -333,6 +333,16 @@ class RejectRule:
             tuple(rule.get("roi", (0.0, 0.0, 1.0, 1.0))),
         )
 
+    def unmet_below(self, threshold: float) -> str | None:
+        """What the rule promises and cannot keep when detections are made from `threshold` up (None: nothing)."""
+        if self.min_confidence >= threshold:
+            return None
+        return (
+            f"the reject rule's min_confidence {self.min_confidence} is below the detection threshold {threshold} "
+            f"(--conf, or serve.conf when the bundle was built): no detection under {threshold} is made, so none "
+            "rejects"
+        )
+
     def reasons(self, detections: list[dict], width: int, height: int) -> list[dict]:
         """The detections that reject the part (none: it passes)."""
         x0, y0, x1, y1 = self.roi[0] * width, self.roi[1] * height, self.roi[2] * width, self.roi[3] * height
@@ -1078,14 +1088,9 @@ def main(argv: list[str] | None = None) -> int:
         else None
     )
     rule = RejectRule.load(root)
-    threshold = model.threshold(args.conf)
-    if rule.min_confidence < threshold:
-        print(
-            f"warning: the reject rule's min_confidence {rule.min_confidence} is below the detection threshold "
-            f"{threshold} (--conf, or serve.conf when the bundle was built): no detection under {threshold} is "
-            "made, so none rejects",
-            file=sys.stderr,
-        )
+    unmet = rule.unmet_below(model.threshold(args.conf))
+    if unmet:
+        print(f"warning: {unmet}", file=sys.stderr)
     try:
         summary = run_stream(model, reader, rule, publisher, line, args.conf, args.frames, rollout, log, device)
     finally:
