@@ -89,7 +89,7 @@ bench-first-run: $(STAMP)
 	$(VENV)/bin/python -m bench.first_run
 
 # The production stack's start time, and the training flow on it against embedded defaults (about 5 minutes).
-bench-stack: $(STAMP)
+bench-stack: $(STAMP) system-packages
 	$(VENV)/bin/python -m bench.stack
 
 # Servers the tests start for real, from Debian's packages: Prometheus (the serving tests scrape the server),

@@ -1,6 +1,6 @@
 """Benchmark: the drift loop, timed. From the first harmful window of traffic to the retrained champion serving.
 
-    python -m bench.drift_loop [--weights PATH]      # or: make bench-drift-loop
+    python -m bench.drift_loop [--weights PATH]      # or: make bench-drift (after bench.drift_power)
 
 A fresh project on the demo dataset, with the demo's champion registered and profiled (the checkpoint of
 `make run`, or Conveyor's demo checkpoint on a fresh clone). Then `conveyor demo drift` runs on it with the
@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,17 @@ def main() -> None:
             subprocess.run(args_, cwd=project, check=True, capture_output=True)
         result = demo_with_client(paths, clients)
         phases = {p.name: p.seconds for p in result.phases}
+        # Each check's decision as the demo made it: the docs' table of the loop quotes these.
+        checks = {
+            p.name: {
+                "status": p.details.get("status"),
+                "action": p.details.get("alert_action") if p.details.get("alert") else "none",
+                "groups": p.details.get("drifted_groups"),
+                "estimated_cost": (p.details.get("estimate") or {}).get("cost"),
+            }
+            for p in result.phases
+            if "status" in p.details
+        }
         loop_s = sum(phases[name] for name in LOOP_PHASES)
         retraining = result.phase("retraining").details
         new_version = retraining["version"]
@@ -175,8 +187,10 @@ def main() -> None:
         "failed_requests": None if client is None else client.failed,
         "failures": [] if client is None else client.errors[:5],
         "versions_served": [] if client is None else sorted(client.versions),
+        "checks": checks,
         "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
         "host": host(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
     }
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     results.update({"loop_s": round(loop_s, 1), "recovered_map": round(after - before, 4), "loop": loop})

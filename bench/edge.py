@@ -24,6 +24,7 @@ missed_rejects, false_rejects, parts, defective, still_recall, still_precision).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import statistics
@@ -59,7 +60,7 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, default=None, help="a checkpoint (default: this checkout's champion)")
     args = parser.parse_args()
     champion = REPO / "artifacts" / "train" / "weights" / "best.pt"
-    weights: Path = args.weights or (champion if champion.is_file() else CHECKPOINT)
+    weights: Path = (args.weights or (champion if champion.is_file() else CHECKPOINT)).resolve()
     work = Path(tempfile.mkdtemp(prefix="bench-edge-"))
     artifacts = {k: Path(v) for k, v in export_checkpoint(work / "export", weights).items()}
     files = ModelFiles(
@@ -138,7 +139,10 @@ def main() -> None:
         "still_recall": round(tp / (tp + fn), 3) if tp + fn else None,
         "still_precision": round(tp / (tp + fp), 3) if tp + fp else None,
         "reject_rule": edge.reject.model_dump(mode="json"),
-        "model": str(weights.relative_to(REPO)) if weights.is_relative_to(REPO) else "the demo champion (make run)",
+        "model": {
+            "weights": str(weights.relative_to(REPO)) if weights.is_relative_to(REPO) else str(weights),
+            "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        },
         "runtime": "openvino",
         "imgsz": 320,
         "host": host(),

@@ -6,7 +6,7 @@
 Runs the stages one by one in a throwaway project (embedded MLflow), times a no-op `dvc repro`, then measures
 PyTorch, ONNX Runtime and OpenVINO on the exported models at batch 1 and 8 (median and p95 of repeated runs).
 Latency depends on the architecture and input size, not on how long the model trained, so the quick profile's
-latency table holds for the demo model too. Results are printed and written to bench/results/.
+latency table holds for the demo model too. Results are printed and written to bench/results/pipeline-PROFILE.json.
 """
 
 from __future__ import annotations
@@ -141,10 +141,16 @@ def main() -> None:
             )
     console.print(stage_table)
     console.print(latency_table)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     write_result(
-        REPO / "bench" / "results" / f"pipeline-{args.profile}-{stamp}.json",
-        {"profile": args.profile, "host": host(), "stages_s": times, "latency": rows, "params": params},
+        REPO / "bench" / "results" / f"pipeline-{args.profile}.json",  # one per profile: the latest run, committed
+        {
+            "profile": args.profile,
+            "host": host(),
+            "date": time.strftime("%Y-%m-%d"),
+            "stages_s": times,
+            "latency": rows,
+            "params": params,
+        },
         console,
     )
 

@@ -3,6 +3,7 @@ demo): one copy of each, used by all."""
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import time
@@ -19,6 +20,15 @@ T = TypeVar("T")
 
 class StartupError(ConveyorError, RuntimeError):
     """A server that exited, or did not answer in time, while starting; the message says where its log is."""
+
+
+# `scheme://user:password@host`: what an error message quoting a URL may carry (an MLflow URI with credentials).
+_URL_CREDENTIALS = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@")
+
+
+def without_credentials(text: str) -> str:
+    """`text` with the user and password of every URL in it replaced by `***`."""
+    return _URL_CREDENTIALS.sub(r"\1***@", text)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -218,7 +218,10 @@ class LatencyTarget(_Section):
     """The serving target's hardware and its budget: an absolute latency means something only there."""
 
     hardware: str = Field(
-        ..., min_length=1, description="matched against this host's CPU model (or GPU name), e.g. 'EPYC 9R14' or 'L4'"
+        ...,
+        min_length=1,
+        description="matched against the CPU model and GPU name where the export stage measured the latency, e.g."
+        " 'EPYC 9R14' or 'L4'",
     )
     budget_ms: float = Field(..., gt=0, description="p95 per image, batch 1, on the serving runtime")
 
@@ -235,7 +238,9 @@ class GateSettings(_Section):
         0.05, gt=0, description="the features output of each served export vs PyTorch: max |Δ| over max |value|"
     )
     serving_formats: list[ServingFormat] = Field(default_factory=lambda: list(DEFAULT_SERVING_FORMATS))
-    serving_runtime: ServingFormat = "openvino"
+    serving_runtime: ServingFormat = Field(
+        "openvino", description="the export the gate times against the champion's, and the profile's runtime"
+    )
     latency_ratio: float = Field(
         1.10,
         ge=1,
@@ -243,8 +248,22 @@ class GateSettings(_Section):
         " on this host",
     )
     latency_target: LatencyTarget | None = Field(
-        None, description="an absolute budget, checked only where the gate runs on the serving target's hardware"
+        None,
+        description="an absolute budget, checked only where the export stage runs on the serving target's hardware",
     )
+
+    @field_validator("serving_runtime")
+    @classmethod
+    def _a_runtime_the_gate_can_open(cls, value: str) -> str:
+        # A TensorRT engine is built on the serving GPU (`conveyor serve --runtime tensorrt`), not where the gate and
+        # the profile run; its parity is gated by listing it in serving_formats.
+        if value == "tensorrt":
+            raise ValueError(
+                "tensorrt cannot be the runtime the gate times and the profile runs on (engines are built on the "
+                "serving GPU): list it in gates.serving_formats to gate its parity, and serve it with "
+                "`conveyor serve --runtime tensorrt`"
+            )
+        return value
 
 
 class RegistrySettings(_Section):

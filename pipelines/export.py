@@ -16,6 +16,7 @@ from typing import Any
 from rich.console import Console
 
 from conveyor.errors import ConveyorError
+from conveyor.lineage import cpu_model
 from conveyor.paths import ProjectPaths
 from conveyor.settings import ExportSettings, Settings
 from conveyor.tables import FoldingTable
@@ -76,9 +77,17 @@ class ExportReport:
     parity_images: int
     exports: dict[str, ExportResult] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    host: str = ""  # where the latencies were measured (`measured_on`): the gate's latency budget is judged by it
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def measured_on() -> str:
+    """The hardware this stage's latencies are measured on: the CPU, and the GPU where one runs TensorRT."""
+    import torch
+
+    return cpu_model() + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "")
 
 
 def wanted_variants(cfg: ExportSettings) -> list[Variant]:
@@ -180,6 +189,7 @@ def _export(paths: ProjectPaths, settings: Settings, tracker: Tracker, console: 
         pytorch_latency_ms=reference_latency.per_image_ms,
         pytorch_latency_p95_ms=reference_latency.p95_ms,
         parity_images=len(inputs),
+        host=measured_on(),
     )
 
     for variant in wanted_variants(cfg):
@@ -193,7 +203,8 @@ def _export(paths: ProjectPaths, settings: Settings, tracker: Tracker, console: 
         runtime = runtimes.open_runtime(variant.format, artifact, variant.name)
         parity = runtimes.compare(runtime, reference, reference_features, inputs)
         latency = runtimes.measure_latency(runtime, inputs[:1], cfg.latency.warmup, cfg.latency.runs)
-        evaluation = score(artifact, variant.name)
+        with runtimes.openvino_f32():  # scored in the precision it is served in
+            evaluation = score(artifact, variant.name)
         report.exports[variant.name] = ExportResult(
             name=variant.name,
             path=artifact.relative_to(paths.root).as_posix(),
@@ -204,7 +215,9 @@ def _export(paths: ProjectPaths, settings: Settings, tracker: Tracker, console: 
             delta_map50_95=evaluation.map50_95 - reference_eval.map50_95,
             latency_ms=latency.per_image_ms,
             latency_p95_ms=latency.p95_ms,
-            precision=str(getattr(runtime, "precision", "fp32")),
+            # The variant's own (an fp16 ONNX keeps fp32 inputs and outputs; a TensorRT engine does not say), else
+            # what the runtime computes in.
+            precision={16: "fp16", 8: "int8"}.get(variant.quantize or 0) or str(getattr(runtime, "precision", "fp32")),
         )
         tracker.log_artifact(variant.directory(paths.export), f"export/{variant.name}")
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import time
+import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -38,13 +40,19 @@ from serving.triton import TENSOR_SUFFIX, TritonPorts
 HEALTH_ROUTES = ("/v2/health/live", "/v2/health/ready")
 IMAGE_TYPES = ("image/jpeg", "image/png", "application/octet-stream")
 RETRY_AFTER_SECONDS = "1"
+TRACEBACK = "Traceback (most recent call last)"
 # Triton checks restricted gRPC protocols against this metadata key (its prefix + PyTriton's token header).
 GRPC_TOKEN_HEADER = "triton-grpc-protocol-triton-access-token"
 # Headers that describe one hop of a connection, not the message: never passed through a proxy.
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
-# A request's body goes to Triton as sent, so its Content-Encoding (tritonclient's request compression) goes with
-# it; an answer's body is decoded by httpx, so its Content-Encoding no longer holds.
+# Bodies are passed on decoded: a request's here (`_read_v2_body`), an answer's by httpx. Their Content-Encoding no
+# longer holds.
 RESPONSE_HOP_HEADERS = HOP_HEADERS | {"content-encoding"}
+# What `/v2/{path}` passes to Triton: the protocol's routes (server metadata; a model's metadata, readiness,
+# inference, with or without a version) and Triton's model-config extension, which tritonclient reads. Nothing else:
+# Triton's administrative extensions (model repository, shared memory, logging, trace, statistics) can load a model,
+# that is, run code on this machine.
+FORWARDED_ROUTE = re.compile(r"models/(?P<name>[^/]+)(?:/versions/[0-9]+)?(?:/(?P<verb>infer|ready|config))?")
 
 
 class ApiError(Exception):
@@ -110,7 +118,8 @@ class ServerState:
             raise ApiError(404, f"unknown model '{name}': this server serves {sorted(self.names)}")
 
     def forward_headers(self, request_headers: dict[str, str]) -> dict[str, str]:
-        headers = {k: v for k, v in request_headers.items() if k.lower() not in HOP_HEADERS | {"authorization"}}
+        dropped = RESPONSE_HOP_HEADERS | {"authorization"}
+        headers = {k: v for k, v in request_headers.items() if k.lower() not in dropped}
         if self.config.token:
             headers["triton-access-token"] = self.config.token
         return headers
@@ -193,8 +202,16 @@ async def live() -> dict[str, bool]:
 @health.get("/v2/health/ready")
 async def ready(server: Server) -> JSONResponse:
     if server.slot.current is None:
-        return JSONResponse({"ready": False, "reason": server.slot.state.reason}, status_code=503)
+        return JSONResponse({"ready": False, "reason": public_reason(server.slot.state.reason)}, status_code=503)
     return JSONResponse({"ready": True, "model": server.config.model_name, "version": server.slot.current.version})
+
+
+def public_reason(reason: str) -> str:
+    """What the open health route says of why the server is not ready: the reason's first words, without the error
+    it quotes (a registry's address, a bucket, a cache path); the whole of it is at /v2/models/{name}, behind the
+    token."""
+    cut = min((i for i in (reason.find(" ("), reason.find(": ")) if i >= 0), default=len(reason))
+    return reason[:cut] + ("; the details: GET /v2/models/{name} with the token" if cut < len(reason) else "")
 
 
 # --- the image API ----------------------------------------------------------------------------------------------
@@ -224,12 +241,8 @@ async def predict(request: Request, server: Server) -> JSONResponse:
     """Images (multipart `files`, or one image as the body) → detections per image, boxes in image pixels."""
     config = server.config
     uploads = await _read_uploads(request, config)
-    sizes = []
-    for filename, data in uploads:
-        try:
-            sizes.append(check_image_bytes(data, config.limits))
-        except ImageError as exc:
-            raise ApiError(400, f"{filename}: {exc}") from None
+    # Headers only, but in a thread: the event loop also answers the health probes.
+    sizes = await asyncio.to_thread(_image_sizes, uploads, config.limits)
     server.require_ready()
     chunks = [uploads[i : i + config.max_batch_size] for i in range(0, len(uploads), config.max_batch_size)]
     results = await asyncio.gather(
@@ -315,10 +328,19 @@ async def model_metadata(name: str, server: Server) -> Response:
 )
 async def v2_passthrough(path: str, request: Request, server: Server) -> Response:
     """The rest of the protocol (infer with JSON or binary tensors, the versioned routes), forwarded to Triton."""
-    infer = request.method == "POST" and path.endswith("/infer")
+    route = FORWARDED_ROUTE.fullmatch(path)
+    infer = route is not None and route["verb"] == "infer"
+    if (path and route is None) or request.method != ("POST" if infer else "GET"):
+        raise ApiError(
+            404 if route is None and path else 405,
+            f"{request.method} /v2/{path[:80]} is not served here: the Open Inference Protocol's routes are (server "
+            "and model metadata, readiness, inference), not Triton's administrative extensions",
+        )
+    if route is not None:
+        server.require_known(route["name"])
     if infer:
         server.require_ready()
-    body = await _read_body(request, server.config.limits.max_bytes * server.config.max_images)
+    body = await _read_v2_body(request, server.config.limits.max_bytes * server.config.max_images)
     if infer and not body:
         # Triton answers an empty inference request with 200 and an empty binary body: refuse it here, by name.
         raise ApiError(400, "an inference request needs a body: the protocol's JSON inference request object")
@@ -344,11 +366,24 @@ async def _forward(
     headers = {k: v for k, v in upstream.headers.items() if k.lower() not in RESPONSE_HOP_HEADERS}
     if upstream.status_code == 503:
         headers["Retry-After"] = RETRY_AFTER_SECONDS
-    status = upstream.status_code
+    status, content = upstream.status_code, upstream.content
     if status >= 500 and status != 503:
-        # Triton answers 500 for a malformed request it could not parse; that is the client's error.
-        status = 400
-    return Response(upstream.content, status_code=status, headers=headers)
+        # Triton answers 500 for a malformed request it could not parse; that is the client's error. What failed in
+        # PyTriton's own code comes with its Python traceback (the server's files and paths): not the client's.
+        status, content = 400, _without_traceback(content)
+    return Response(content, status_code=status, headers=headers)
+
+
+def _without_traceback(body: bytes) -> bytes:
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return body
+    error = answer.get("error") if isinstance(answer, dict) else None
+    if not isinstance(error, str) or TRACEBACK not in error:
+        return body
+    answer["error"] = error[: error.index(TRACEBACK)].rstrip(" :\n") or "the server failed on this request"
+    return json.dumps(answer).encode()
 
 
 # --- metrics ----------------------------------------------------------------------------------------------------
@@ -404,6 +439,42 @@ async def _limited_stream(request: Request, limit: int) -> AsyncGenerator[bytes,
 async def _read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it passes `limit` bytes (never held whole beyond it)."""
     return b"".join([chunk async for chunk in _limited_stream(request, limit)])
+
+
+def _image_sizes(uploads: list[tuple[str, bytes]], limits: ImageLimits) -> list[tuple[int, int]]:
+    sizes = []
+    for filename, data in uploads:
+        try:
+            sizes.append(check_image_bytes(data, limits))
+        except ImageError as exc:
+            raise ApiError(400, f"{filename}: {exc}") from None
+    return sizes
+
+
+async def _read_v2_body(request: Request, limit: int) -> bytes:
+    """A /v2 request's body, decoded. tritonclient compresses requests when asked (gzip, or deflate: zlib's format);
+    Triton would inflate a compressed body without any limit (300 MB from 0.3 MB), so it is inflated here, against
+    the limit a plain body has, and passed on plain."""
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding in ("", "identity"):
+        return await _read_body(request, limit)
+    if encoding not in ("gzip", "deflate"):
+        raise ApiError(415, f"Content-Encoding {encoding!r} is not accepted here: send gzip, deflate or none")
+    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    body = bytearray()
+    try:
+        async for chunk in _limited_stream(request, limit):
+            body += inflater.decompress(chunk, limit + 1 - len(body))  # at most one byte past the limit
+            if len(body) > limit:
+                raise ApiError(413, f"body inflates past the limit of {limit} bytes ({encoding})")
+        body += inflater.flush()
+    except zlib.error as exc:
+        raise ApiError(400, f"the body is not valid {encoding}: {exc}") from None
+    if not inflater.eof:
+        raise ApiError(400, f"the body is cut short: its {encoding} stream does not end")
+    if len(body) > limit:
+        raise ApiError(413, f"body inflates past the limit of {limit} bytes ({encoding})")
+    return bytes(body)
 
 
 async def _read_uploads(request: Request, config: ApiConfig) -> list[tuple[str, bytes]]:

@@ -118,6 +118,13 @@ class ServedModel:
         items: list[BatchItem] = []
         frames: list[np.ndarray] = []
         for r, tensor in enumerate(tensors):
+            if tensor.ndim < 3 or tensor.size == 0:  # no frame in it to reshape into
+                items.append(
+                    BatchItem(
+                        r, None, f"tensor shape {list(tensor.shape)}, expected [n, {', '.join(map(str, expected))}]"
+                    )
+                )
+                continue
             for frame in np.asarray(tensor, dtype=np.float32).reshape(-1, *tensor.shape[-3:]):
                 if frame.shape != expected:
                     items.append(BatchItem(r, None, f"tensor shape {list(frame.shape)}, expected {list(expected)}"))

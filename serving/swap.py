@@ -27,6 +27,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
+from conveyor.net import without_credentials
 from pipelines import model_source as source
 from pipelines.model_source import LoadedModel
 from pipelines.registry import ModelRefError
@@ -140,12 +141,12 @@ class RegistryWatcher:
             version = source.resolve_version(client, self.model_name, self.ref)
         except ModelRefError as exc:
             if not self.slot.ready:
-                self.slot.state.reason = f"{self.ref} names no version yet ({exc}); waiting for one"
+                self.slot.state.reason = f"{self.ref} names no version yet ({without_credentials(str(exc))}); waiting"
             return
         except Exception as exc:  # the registry is down: keep serving what we have
-            LOG.warning("registry unreachable: %s", exc)
+            LOG.warning("registry unreachable: %s", without_credentials(str(exc)))
             if not self.slot.ready:
-                self.slot.state.reason = f"registry unreachable: {exc}"
+                self.slot.state.reason = f"registry unreachable: {without_credentials(str(exc))}"
             return
         wanted = str(version.version)
         current = self.slot.current
@@ -163,7 +164,9 @@ class RegistryWatcher:
             failed += 1
             self._attempts[wanted] = (failed, time.monotonic())
             then = "next look" if failed < MAX_ATTEMPTS else f"in {self.retry_seconds:.0f} s"
-            message = f"v{wanted} failed to load (attempt {failed}; tried again {then}): {exc}"
+            message = (
+                f"v{wanted} failed to load (attempt {failed}; tried again {then}): {without_credentials(str(exc))}"
+            )
             LOG.error("%s; %s", message, f"still serving v{current.version}" if current else "nothing to serve")
             self.slot.state.last_error = message
             if current is None:

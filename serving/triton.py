@@ -9,6 +9,7 @@ and a cluster runs the same `ServedModel` in Triton's Python backend.
 from __future__ import annotations
 
 import os
+import secrets
 import sysconfig
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,11 @@ import numpy as np
 from serving.model import IMAGE_INPUT, OUTPUTS, TENSOR_INPUT, ServedModel
 
 TENSOR_SUFFIX = "_preprocessed"
+# Triton's administrative extensions: loading a model (code, through the Python backend), shared memory, logs, traces,
+# statistics. Only PyTriton holds their token (random at each start): it binds the models through the repository API.
+ADMIN_PROTOCOLS = ["shared-memory", "model-repository", "statistics", "trace", "logging"]
+# What a client with the serving token may call directly on the gRPC port (health is open, as in the API in front).
+CLIENT_PROTOCOLS = ["inference", "metadata", "model-config"]
 
 
 @dataclass(frozen=True)
@@ -54,9 +60,6 @@ def start_triton(
     from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
     _python_backend_library_path()
-    protected = ["shared-memory", "model-repository", "statistics", "trace", "logging"]
-    if access_token:  # clients must send `triton-access-token` (gRPC metadata; the HTTP API checks a bearer token)
-        protected += ["inference", "metadata", "model-config"]
     triton = Triton(
         config=TritonConfig(
             http_address="127.0.0.1",
@@ -69,8 +72,12 @@ def start_triton(
             exit_timeout_secs=5,
             log_verbose=0,
         ),
-        security_config=TritonSecurityConfig(access_token=access_token, restricted_endpoints=protected),
+        security_config=TritonSecurityConfig(
+            access_token=secrets.token_urlsafe(32), restricted_endpoints=list(ADMIN_PROTOCOLS)
+        ),
     )
+    if access_token:  # clients must send `triton-access-token` (gRPC metadata; the HTTP API checks a bearer token)
+        _restrict_for_clients(triton, access_token)
 
     # Always through the dynamic batcher: with max_batch_size 1 it does not batch, but its queue stays bounded.
     config = ModelConfig(
@@ -116,6 +123,19 @@ def start_triton(
     )
     triton.run()
     return triton
+
+
+def _restrict_for_clients(triton: Any, token: str) -> None:
+    """The clients' token for inference, metadata and model configuration, as a rule of its own beside the
+    administrative one PyTriton wrote with its token. With one token for both (PyTriton's one rule), anyone who may
+    infer could load a model, that is, run code on this machine. Triton takes a restriction flag once per rule;
+    PyTriton writes a single rule, and its config writer repeats a list value as repeated flags."""
+    from pytriton.triton import TRITON_ACCESS_HEADER
+
+    config = triton._triton_server_config  # PyTriton has no API for a second rule
+    rule = f"{','.join(CLIENT_PROTOCOLS)}:{TRITON_ACCESS_HEADER}={token}"
+    for flag in ("grpc-restricted-protocol", "http-restricted-api"):
+        config[flag] = [config[flag], rule]
 
 
 def _sent_at(request: Any) -> float | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -64,6 +65,19 @@ def test_latency_is_judged_against_the_champion_and_a_declared_target() -> None:
     assert elsewhere.passed and elsewhere.value == "not checked" and "the budget is for EPYC 9R14" in elsewhere.detail
 
 
+def test_a_model_without_its_serving_export_fails_the_latency_gate(tmp_path: Path) -> None:
+    """With a champion to compare with and no export of the serving runtime, the latency gate passed ("no openvino
+    export of this model"): the model would be served on a runtime nobody measured."""
+    from conveyor.paths import ProjectPaths
+    from conveyor.settings import Settings
+
+    export = {"imgsz": 320, "exports": {}, "skipped": {"openvino": "failed to export: disk full"}}
+    (row,) = gate.side_by_side_latency(ProjectPaths(tmp_path), Settings(), export, "1", False, None, "")
+    assert not row.passed and row.detail == "no openvino export of this model to measure: failed to export: disk full"
+    (first,) = gate.side_by_side_latency(ProjectPaths(tmp_path), Settings(), export, None, False, None, "")
+    assert first.passed and first.detail.startswith("no champion yet")  # nothing to compare with: decided elsewhere
+
+
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return latency_exports(tmp_path_factory.mktemp("latency"))
@@ -100,6 +114,40 @@ def test_a_slower_model_fails_the_latency_gate(exports: dict[str, Path]) -> None
     )
     (row,) = gate.latency_gates(GateSettings(), comparison, "", comparison.challenger_ms, "host")
     assert not row.passed and comparison.ratio > 1.5, (row, comparison)
+
+
+def test_each_model_is_timed_at_the_size_it_serves(exports: dict[str, Path]) -> None:
+    """A challenger trained at 640 px against a 320 px champion. Dynamic exports take any size: both timed at the
+    challenger's size read alike, and the gate passed a model about three times slower in service."""
+    from conveyor.paths import ProjectPaths
+    from conveyor.settings import Settings
+
+    settings = Settings.model_validate({"export": {"latency": {"warmup": 2, "runs": 10}}})
+    challenger = exports["same"]  # the same network; trained at 640 px, it is served at 640
+    export = {"imgsz": 640, "exports": {"openvino": {"path": challenger.name, "latency_p95_ms": 1.0}}}
+    args = (ProjectPaths(challenger.parent), settings, export, "1", False, exports["champion"], "")
+    (row,) = gate.side_by_side_latency(*args, 320)
+    assert not row.passed and "this model at 640 px, the champion at 320 px" in row.detail, row
+    (same_size,) = gate.side_by_side_latency(*args, 640)  # a champion served at 640 too: the same model, as fast
+    assert same_size.passed and "px" not in same_size.detail.split("ms")[-1], same_size
+
+
+def test_export_parity_scores_openvino_in_the_precision_it_serves(exports: dict[str, Path]) -> None:
+    """The export stage scores each export through Ultralytics' validator, whose OpenVINO backend compiles with its own
+    config: bf16 on CPUs that have it (this one, AVX-512 bf16), while the server runs f32. In the block, every
+    compile is f32; after it, OpenVINO is as it was."""
+    import openvino as ov
+
+    from conveyor.yolo import load_yolo
+
+    original = ov.Core.compile_model
+    with runtimes.openvino_f32():
+        model = load_yolo(str(exports["champion"]))
+        model.predict(np.zeros((320, 320, 3), np.uint8), imgsz=320, verbose=False)
+        predictor: Any = model.predictor
+        compiled = predictor.model.backend.ov_compiled_model
+        assert str(compiled.get_property("INFERENCE_PRECISION_HINT")) == "<Type: 'float32'>"
+    assert ov.Core.compile_model is original
 
 
 def test_openvino_threads_are_left_unpinned_and_rounds_balance_the_opening_order(exports: dict[str, Path]) -> None:

@@ -74,6 +74,27 @@ def test_image_checks_name_the_problem() -> None:
             check_image_bytes(data, limits)
 
 
+def test_a_png_is_checked_without_decoding_its_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PNG's getexif() decodes every pixel: a 0.2 MB PNG of 40000x40000 took 1.2 GB before the pixel limit refused
+    it, and a valid large one held the event loop (and the health probes) for half a second. The pixel count is
+    checked first, and the orientation read from the header's EXIF block."""
+    from PIL import PngImagePlugin
+
+    def decoded(self: Any) -> None:
+        raise AssertionError("the check decoded the image's pixels")
+
+    large = io.BytesIO()
+    Image.new("L", (4000, 3000)).save(large, "PNG")
+    turned = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: a viewer (and OpenCV) shows it 48 wide, 64 high
+    Image.new("RGB", (64, 48)).save(turned, "PNG", exif=exif)
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", decoded)
+    with pytest.raises(ImageError, match="4000x3000 = 12000000 pixels, over the limit of 1000000"):
+        check_image_bytes(large.getvalue(), ImageLimits(max_pixels=1_000_000))
+    assert check_image_bytes(turned.getvalue(), ImageLimits()) == (48, 64)
+
+
 def test_edge_letterbox_is_ultralytics_letterbox() -> None:
     edge = edge_module()
     image = np.random.default_rng(1).integers(0, 255, (237, 411, 3), np.uint8)
@@ -555,6 +576,79 @@ def test_the_api_answers_503_when_triton_is_away_and_counts_every_500() -> None:
         page = client.get("/metrics").text
     assert 'conveyor_http_requests_total{route="/v2/models/{name}",status="503"} 1.0' in page
     assert 'conveyor_http_requests_total{route="/v2/health/ready",status="500"} 1.0' in page
+
+
+def test_the_api_passes_on_only_the_protocol_and_inflates_bodies_within_the_limit() -> None:
+    """`/v2/{path}` passed every path to Triton with its token: a client could load a model, that is, run code on the
+    server (`/v2/repository/models/X/load` with a model.py). Only the protocol's routes are passed on now. A gzipped
+    body went to Triton, which inflated it without limit (300 MB from 0.3 MB): the API inflates it, against the limit
+    of a plain body. The open health route names no error it quotes (a registry URL with its password)."""
+    import gzip
+    import socket
+    import zlib
+
+    from fastapi.testclient import TestClient
+
+    from serving.app import ApiConfig, create_app, public_reason
+    from serving.metrics import ServingMetrics
+    from serving.swap import ModelSlot
+    from serving.triton import TritonPorts
+
+    with socket.socket() as probe:  # Triton is not there: nothing may reach it in this test
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    limits = ImageLimits(max_bytes=1000)
+    app = create_app(ApiConfig("m", TritonPorts(closed, closed, closed, "127.0.0.1"), limits, 4, 4, None), ModelSlot(),
+                     ServingMetrics())  # fmt: skip
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for method, path in (
+            ("POST", "/v2/repository/models/pwn/load"),
+            ("POST", "/v2/repository/models/m/unload"),
+            ("GET", "/v2/logging"),
+            ("POST", "/v2/systemsharedmemory/region/x/register"),
+            ("GET", "/v2/trace/setting"),
+            ("GET", "/v2/models/m/stats"),
+            ("GET", "/v2/models/m/versions/1/stats"),
+        ):
+            answer = client.request(method, path, json={})
+            assert answer.status_code == 404 and "not served here" in answer.json()["error"], (path, answer.text)
+        assert client.get("/v2/models/m/infer").status_code == 405
+        assert client.post("/v2/models/other/infer", json={}).status_code == 404
+        # The protocol's routes still reach Triton (away here: 503, not a refusal).
+        assert client.get("/v2/models/m/versions/1/config").status_code == 503
+        assert client.get("/v2").status_code == 503
+
+        def v2_get(body: bytes, encoding: str) -> Any:
+            return client.request("GET", "/v2/models/m/config", content=body, headers={"Content-Encoding": encoding})
+
+        limit = 1000 * 4
+        bomb = gzip.compress(b"\0" * 3_000_000)  # 3 kB that inflate to 3 MB
+        assert len(bomb) < limit
+        answer = v2_get(bomb, "gzip")
+        assert answer.status_code == 413 and "inflates past the limit of 4000 bytes" in answer.json()["error"]
+        assert v2_get(zlib.compress(b"\0" * 5000), "deflate").status_code == 413
+        assert v2_get(gzip.compress(b"{}")[:-6], "gzip").json()["error"].startswith("the body is cut short")
+        assert v2_get(b"not gzip at all", "gzip").json()["error"].startswith("the body is not valid gzip")
+        assert v2_get(b"{}", "br").status_code == 415
+        assert v2_get(gzip.compress(b"{}"), "gzip").status_code == 503  # inflated and passed on: Triton is away
+
+        app.state.server.slot.state.reason = "registry unreachable: API request to http://plant:hunter2@mlflow:5000/"
+        said = client.get("/v2/health/ready").json()["reason"]
+        assert said.startswith("registry unreachable; the details: GET /v2/models/") and "hunter2" not in said
+    assert public_reason("no model loaded yet") == "no model loaded yet"
+
+
+def test_errors_quoting_a_url_lose_its_credentials_and_tracebacks_stay_on_the_server() -> None:
+    from conveyor.net import without_credentials
+    from serving.app import _without_traceback
+
+    said = without_credentials("API request to http://plant:hunter2@127.0.0.1:9/api failed; s3://key@bucket/x")
+    assert said == "API request to http://***@127.0.0.1:9/api failed; s3://***@bucket/x"
+    assert without_credentials("http://mlflow:5000/api") == "http://mlflow:5000/api"
+    body = json.dumps({"error": "Failed to process the request(s): Traceback (most recent call last):\n  File ..."})
+    assert json.loads(_without_traceback(body.encode())) == {"error": "Failed to process the request(s)"}
+    plain = json.dumps({"error": "unexpected shape for input 'image'"}).encode()
+    assert _without_traceback(plain) == plain and _without_traceback(b"not json") == b"not json"
 
 
 def test_a_slot_names_classes_by_the_version_that_answered() -> None:

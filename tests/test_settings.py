@@ -92,6 +92,15 @@ def test_a_stack_bucket_is_a_bucket_name(tmp_path: Path) -> None:
     assert load_settings(write(tmp_path, "stack:\n  bucket: team-conveyor.data\n")).stack.bucket == "team-conveyor.data"
 
 
+def test_tensorrt_is_gated_for_parity_but_is_not_the_gates_runtime(tmp_path: Path) -> None:
+    """`gates.serving_runtime: tensorrt` was accepted, then the profile and the gate opened the engine with ONNX
+    Runtime (a protobuf traceback on a GPU host); an engine is built on the serving GPU, not where they run."""
+    with pytest.raises(ConfigError, match=r"gates\.serving_runtime.*list it in gates\.serving_formats"):
+        load_settings(write(tmp_path, "gates:\n  serving_runtime: tensorrt\n"))
+    gates = load_settings(write(tmp_path, "gates:\n  serving_formats: [openvino, tensorrt]\n")).gates
+    assert gates.serving_formats == ["openvino", "tensorrt"] and gates.serving_runtime == "openvino"
+
+
 def test_not_a_mapping(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_settings(write(tmp_path, "- 1\n- 2\n"))

@@ -224,8 +224,12 @@ class Model:
                     )
                 )
             # f32 as on the server: OpenVINO's bf16 default (CPUs with AMX) would move confidences in the 3rd digit.
+            # Threads unpinned as on the server: a pinned thread cannot leave a core the log shipper or the broker
+            # client landed on (docs/benchmarks.md: 5x slower with one core busy).
             compiled = ov.Core().compile_model(
-                xml, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+                xml,
+                "CPU",
+                {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING": False},
             )
             named = [o for o in compiled.outputs if FEATURES_OUTPUT in o.get_names()]
 
