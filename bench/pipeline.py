@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from rich.table import Table
 
 import conveyor  # noqa: F401  (offline switches before the ML imports)
 from bench.record import host, write_result
+from conveyor.lineage import cpu_model
 from conveyor.paths import ProjectPaths, available_cores
 from conveyor.scaffold import REPO, create_project
 from flows.training import pipeline_stages
@@ -118,7 +118,7 @@ def main() -> None:
         rows = latency_rows(project, args.runs, console)
         params = (project / "params.yaml").read_text()
 
-    machine = f"{platform.processor() or platform.machine()}, {available_cores()} cores"
+    machine = f"{cpu_model()}, {available_cores()} cores"
     stage_table = Table(title=f"pipeline stages, profile '{args.profile}' ({machine})")
     stage_table.add_column("stage")
     stage_table.add_column("wall s", justify="right")

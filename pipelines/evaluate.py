@@ -151,6 +151,7 @@ def run(paths: ProjectPaths, settings: Settings, console: Console | None = None)
     )
     with tracker.stage("evaluate"):
         shutil.rmtree(paths.evaluate, ignore_errors=True)
+        (paths.metrics / "evaluate.json").unlink(missing_ok=True)  # a failure from here leaves no older figures
         evaluation = evaluate_checkpoint(weights, view, cfg.split, cfg, paths.evaluate)
 
         (paths.evaluate / "evaluation.json").write_text(json.dumps(evaluation.to_json(), indent=2))

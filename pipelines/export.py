@@ -171,6 +171,9 @@ def _export(paths: ProjectPaths, settings: Settings, tracker: Tracker, console: 
     inputs = runtimes.load_images(test_images, imgsz)
 
     shutil.rmtree(paths.export, ignore_errors=True)
+    # With the exports it describes: a stage that fails from here must not leave the last run's figures for `dvc
+    # metrics show` (and git) to read as this model's.
+    (paths.metrics / "export.json").unlink(missing_ok=True)
     paths.export.mkdir(parents=True)
     reference_runtime = runtimes.TorchRuntime(weights)
     reference, reference_features = reference_runtime.infer_with_features(inputs)

@@ -8,6 +8,8 @@ re-runs train and what follows but not validate.
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -113,3 +115,14 @@ def test_dvc_repro_end_to_end(project: Path, mlflow_server: str, netguard_env: t
     assert new_run_id != run_id
     assert len(client.get_metric_history(new_run_id, "metrics/mAP50-95")) == 1
     assert netlog.read_text() == ""
+
+    # --- an export that fails part way leaves no figures of the run before in metrics/ ---
+    assert (project / "metrics/export.json").is_file()
+    shutil.rmtree(project / ".conveyor/export-eval", ignore_errors=True)
+    (project / ".conveyor/export-eval").write_text("a file where the stage scores its exports: it cannot")
+    failed = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro", "--force", "--single-item", "export"],
+        cwd=project, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert failed.returncode != 0, failed.stdout[-2000:]
+    assert not (project / "metrics/export.json").exists(), "the last run's export figures were left for this model"
