@@ -44,19 +44,20 @@ _file_seconds: dict[str, float] = {}  # setup + call + teardown of every test, p
 # longest first: a long file started last would leave one worker running it alone at the end. Unlisted files are
 # short; a stale figure only costs balance, never a test.
 FILE_SECONDS = {
-    "test_faults.py": 226,
-    "test_flow.py": 213,
-    "test_monitoring.py": 164,
-    "test_stack.py": 160,
-    "test_edge.py": 110,
-    "test_serving.py": 83,
-    "test_pipeline_e2e.py": 70,
-    "test_gpu_check.py": 43,
-    "test_monitoring_units.py": 42,
-    "test_storage_quota.py": 27,
-    "test_data.py": 26,
-    "test_registry.py": 19,
-    "test_gate.py": 17,
+    "test_faults.py": 274,
+    "test_flow.py": 271,
+    "test_stack.py": 231,
+    "test_monitoring.py": 225,
+    "test_edge.py": 141,
+    "test_serving.py": 118,
+    "test_pipeline_e2e.py": 97,
+    "test_gpu_check.py": 62,
+    "test_monitoring_units.py": 58,
+    "test_gate.py": 48,
+    "test_storage_quota.py": 43,
+    "test_registry.py": 42,
+    "test_data.py": 36,
+    "test_local_server.py": 23,
 }
 
 

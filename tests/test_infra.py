@@ -505,8 +505,13 @@ def test_k8s_server_ports_probes_and_secret_match_the_code() -> None:
         keys = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if e["name"].startswith("AWS_")}
         assert set(keys) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
         assert all(ref["name"] == "conveyor-secrets" and ref["key"] == name for name, ref in keys.items())
+        # A read-only root, as the image is tested (tests/test_images.py): the server's caches in a /tmp of its own.
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/app/.conveyor", "/tmp"}
+        assert container["readinessProbe"]["timeoutSeconds"] >= 3 and container["livenessProbe"]["timeoutSeconds"] >= 5
     deployment = next(d for d in servers if d["kind"] == "Deployment")
-    assert deployment["spec"]["replicas"] == 2
+    # The autoscaler sets the replicas: a count in the Deployment would scale it back at every `kubectl apply`.
+    assert "replicas" not in deployment["spec"]
     service = next(d for d in k8s_documents(K8S / "base") if d["kind"] == "Service")
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {
         "http": serve["port"],
@@ -514,14 +519,25 @@ def test_k8s_server_ports_probes_and_secret_match_the_code() -> None:
     }
     hpa = next(d for d in k8s_documents(K8S / "base") if d["kind"] == "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2" and hpa["spec"]["scaleTargetRef"]["name"] == "conveyor-model-server"
+    assert hpa["spec"]["minReplicas"] == 2
+    # A replica that is not ready (no champion yet) serves nothing: drains must not wait for a first promotion.
+    budgets = [
+        d for o in ("base", "overlays/triton") for d in k8s_documents(K8S / o) if d["kind"] == "PodDisruptionBudget"
+    ]
+    assert len(budgets) == 2 and all(b["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow" for b in budgets)
     monitor = next(d for d in k8s_documents(K8S / "overlays/monitoring") if d["kind"] == "ServiceMonitor")
     assert monitor["spec"]["endpoints"][0]["path"] in routes
     # Plain Triton answers the same KServe v2 health routes as the API in front of PyTriton.
     (triton,) = [d for d in k8s_documents(K8S / "overlays/triton") if d["kind"] == "Deployment"]
     main = containers(triton)[-1]
     assert {main[p]["httpGet"]["path"] for p in ("readinessProbe", "livenessProbe")} == set(HEALTH_ROUTES)
+    assert main["readinessProbe"]["timeoutSeconds"] >= 3 and main["livenessProbe"]["timeoutSeconds"] >= 5
+    assert "replicas" not in triton["spec"]
     init = containers(triton)[0]
-    assert init["args"][:2] == ["conveyor", "triton-repository"] and init["args"][-1] == "/models"
+    args = init["args"]
+    # --overwrite: an init container may run again on the same emptyDir, and without it the pod never started.
+    assert args[:2] == ["conveyor", "triton-repository"] and args[args.index("--out") + 1] == "/models"
+    assert "--overwrite" in args
 
 
 def test_flow_run_pods_send_the_heartbeats_the_zombie_automation_waits_for() -> None:
@@ -559,9 +575,17 @@ def test_prefect_worker_runs_a_kubernetes_pool_with_jobs_it_may_create() -> None
 def test_the_flow_run_job_template_gets_this_image_and_the_stack_config() -> None:
     sys.path.insert(0, str(K8S / "base" / "prefect"))
     try:
-        from deploy_to_pool import flow_run_template
+        from deploy_to_pool import flow_run_template, pinned_image
     finally:
         sys.path.pop(0)
+    # Flow runs start on the digest this pod runs, not on a tag that may have moved (`:latest` pushed again).
+    name = "registry.example:5000/conveyor-worker"
+    pod = {
+        "spec": {"containers": [{"name": "deploy", "image": f"{name}:latest"}]},
+        "status": {"containerStatuses": [{"name": "deploy", "imageID": f"{name}@sha256:ab12"}]},
+    }
+    assert pinned_image(pod) == "registry.example:5000/conveyor-worker@sha256:ab12"
+    assert pinned_image({"spec": pod["spec"]}) == "registry.example:5000/conveyor-worker:latest"  # not reported yet
     template = json.loads((K8S / "base" / "prefect" / "base-job-template.json").read_text())
     patched = flow_run_template(template, "registry.example/conveyor-worker:1", "team-ns")
     assert patched["variables"]["properties"]["image"]["default"] == "registry.example/conveyor-worker:1"
@@ -807,6 +831,16 @@ def test_triton_start_script_serves_a_model_repository(tmp_path: Path) -> None:
         wait_http(f"http://127.0.0.1:{metrics}/metrics", 30, process)
         version = f"{sys.version_info.major}.{sys.version_info.minor}"
         assert (tmp_path / "backends" / "python" / "triton_python_backend_stub").is_file(), version
+        # The administrative extensions take a key nobody holds; the protocol's routes stay open in the cluster.
+        import urllib.error
+        import urllib.request
+
+        base = f"http://127.0.0.1:{http}"
+        assert json.loads(urllib.request.urlopen(f"{base}/v2", timeout=10).read())["name"] == "triton"
+        for path in ("/v2/logging", "/v2/systemsharedmemory/status", "/v2/trace/setting"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"{base}{path}", timeout=10)
+            assert "restricted" in refused.value.read().decode(), path
     except Exception:
         print((tmp_path / "triton.log").read_text(errors="replace")[-3000:])
         raise

@@ -1,8 +1,9 @@
 """Register Conveyor's deployments on the Kubernetes work pool (the `conveyor-deploy` Job runs this).
 
-1. The pool's base job template (base-job-template.json, from prefect-kubernetes' default) gets this pod's own image
-   and namespace as the defaults of its `image` and `namespace` variables: flow runs then start as Jobs of the very
-   image that registered them, whatever tag an overlay's `images:` set, in whatever namespace the overlay chose.
+1. The pool's base job template (base-job-template.json, from prefect-kubernetes' default) gets this pod's own image,
+   pinned by its digest, and namespace as the defaults of its `image` and `namespace` variables: flow runs then start
+   as Jobs of the very image that registered them, whatever tag an overlay's `images:` set (`:latest` included), in
+   whatever namespace the overlay chose.
 2. `prefect work-pool create POOL --type kubernetes --overwrite` creates or updates the pool (the Prefect CLI needs no
    prefect-kubernetes for that; only the worker does).
 3. `conveyor deploy` registers the training and drift-check deployments and the drift automation. It deploys to
@@ -37,7 +38,23 @@ def own_pod() -> tuple[str, str]:
     context = ssl.create_default_context(cafile=str(SERVICE_ACCOUNT / "ca.crt"))
     with urllib.request.urlopen(request, context=context, timeout=10) as response:
         pod = json.load(response)
-    return str(pod["spec"]["containers"][0]["image"]), namespace
+    return pinned_image(pod), namespace
+
+
+def pinned_image(pod: dict[str, Any]) -> str:
+    """The image this pod's first container runs, by digest where the kubelet reports one (`imageID`). A tag can move
+    (`:latest`, or a tag pushed again): a node with an older copy cached would start flow runs on other code than
+    this pod registered."""
+    container = pod["spec"]["containers"][0]
+    image = str(container["image"])
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    image_id = next((str(s.get("imageID") or "") for s in statuses if s.get("name") == container["name"]), "")
+    if "@sha256:" not in image_id:
+        return image  # not reported (yet): the tag, as the pod was given it
+    name = image.split("@", 1)[0]
+    if ":" in name.rsplit("/", 1)[-1]:  # a tag, not a registry's port
+        name = name[: name.rfind(":")]
+    return f"{name}@{image_id.rsplit('@', 1)[1]}"
 
 
 def flow_run_template(template: dict[str, Any], image: str, namespace: str) -> dict[str, Any]:

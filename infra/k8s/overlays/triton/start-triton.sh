@@ -20,10 +20,17 @@ cp "$dist/python_backend_stubs/$version/triton_python_backend_stub" "$backends/p
 libs=$(python -c 'import sysconfig; from pytriton.utils.distribution import get_libs_path; print(sysconfig.get_config_var("LIBDIR"), get_libs_path(), sep=":")')
 export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
+# Triton's administrative extensions behind a key nobody holds (random at each start), as `conveyor serve` keeps them
+# (serving/triton.py): shared-memory registration, traces, logs and statistics are not for clients in the cluster.
+admin_key=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')
+admin="shared-memory,model-repository,statistics,trace,logging:conveyor-admin-key=$admin_key"
+
 exec "$dist/bin/tritonserver" \
     --model-repository="${TRITON_MODEL_REPOSITORY:-/models}" \
     --backend-directory="$backends" \
     --http-port=8000 \
     --grpc-port=8001 \
     --metrics-port=8002 \
+    --http-restricted-api="$admin" \
+    --grpc-restricted-protocol="$admin" \
     "$@"
