@@ -54,7 +54,9 @@ def test_missing_data_comes_from_the_default_remote(paths: ProjectPaths) -> None
     expected = data.data_status(paths).expected
     shutil.rmtree(paths.data)
     shutil.rmtree(paths.root / ".dvc" / "cache")
-    assert data.ensure_data_version(paths, synth_settings(paths)) == expected
+    # Settings that cannot regenerate this version (another seed): the data can only have come from the remote.
+    elsewhere = synth_settings(paths).model_copy(update={"seed": 99})
+    assert data.ensure_data_version(paths, elsewhere) == expected
     assert data.data_status(paths).in_sync
 
 

@@ -32,6 +32,11 @@ def test_the_worst_class_decides_the_recall_gate() -> None:
     blind = gate.absolute_gates(evaluation({"scratch": 0.2, "dent": 0.99}), cfg)
     recall = next(g for g in blind if g.gate == "min class recall")
     assert not recall.passed and recall.value == "0.200" and recall.detail == "worst class: scratch"
+    # A class the test split does not hold cannot be checked: the gate fails closed, naming it.
+    absent = evaluation({"scratch": 0.9})
+    absent.per_class["dent"] = None
+    unknown = next(g for g in gate.absolute_gates(absent, cfg) if g.gate == "min class recall")
+    assert not unknown.passed and "no test instances of dent" in unknown.detail, unknown
 
 
 def test_parity_fails_an_export_that_scores_or_sees_differently() -> None:
@@ -41,6 +46,8 @@ def test_parity_fails_an_export_that_scores_or_sees_differently() -> None:
     assert [g.passed for g in rows] == [True, True]
     worse = {**good, "delta_map50_95": -0.03}
     assert not gate.export_gates({"exports": {"openvino": worse}}, cfg)[0].passed
+    better = {**good, "delta_map50_95": +0.03}  # scoring differently either way: it is not the model tested
+    assert not gate.export_gates({"exports": {"openvino": better}}, cfg)[0].passed
     blind = {**good, "features_rel_diff": 0.2}
     features = gate.export_gates({"exports": {"openvino": blind}}, cfg)[1]
     assert not features.passed and features.gate == "features parity openvino" and features.value == "20.00%"

@@ -756,6 +756,9 @@ def test_the_action_follows_the_estimated_cost() -> None:
     assert lasting.action == "retrain" and "3 checks in a row" in lasting.reason
     broken = alerts.decide(found, "3", [], ["drift", "no drift"], estimated(0.005), policy, now)
     assert broken.action == "alert"
+    # Beyond doubt: a point estimate past the threshold whose interval reaches below it alerts, and retrains nothing.
+    unsure = alerts.decide(found, "3", [], [], estimated(0.05), policy, now)
+    assert unsure.alert and unsure.action == "alert"
 
 
 def test_no_estimate_means_no_event_and_says_why() -> None:
@@ -837,6 +840,11 @@ def test_alert_policy_cooldown_and_deduplication() -> None:
     assert alerts.decide(found, "4", same, [], cost, policy, now).alert  # a new version may alert
     other = [alerts.PastAlert(now - timedelta(hours=10), "3", frozenset({drift.FOCUS}), "retrain")]
     assert alerts.decide(found, "3", other, [], cost, policy, now).alert  # drifting another way is news
+    stale = [alerts.PastAlert(now - timedelta(hours=30), "3", frozenset({drift.EXPOSURE}), "retrain")]
+    assert alerts.decide(found, "3", stale, [], cost, policy, now).alert  # past dedupe_hours: alerted again
+    alert_only = [alerts.PastAlert(now - timedelta(hours=10), "3", frozenset({drift.EXPOSURE}), "alert")]
+    now_harmful = alerts.decide(found, "3", alert_only, [], cost, policy, now)
+    assert now_harmful.alert and now_harmful.action == "retrain"  # an alert-only event does not silence a retrain
 
 
 def test_alert_history_is_read_back_from_the_tracking_server_after_it_restarts(tmp_path: Path) -> None:

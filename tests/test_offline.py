@@ -33,7 +33,12 @@ def test_guard_blocks_and_records_non_loopback(netguard_env: tuple[dict[str, str
 
 
 def test_importing_conveyor_sets_offline_switches(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("YOLO_", "MLFLOW_", "DVC_"))}
+    # None of the switches handed down: this process imported conveyor, which set them here too.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in offline.OFFLINE_ENV and not k.startswith(("YOLO_", "MLFLOW_", "DVC_"))
+    }
     env["HOME"] = str(tmp_path)
     env.pop("XDG_CACHE_HOME", None)
     code = "import conveyor, os, json; print(json.dumps(dict(os.environ)))"

@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
@@ -209,6 +210,13 @@ def test_token_guards_everything_but_health(server: RunningServer, test_images: 
     assert server.get("/metrics", auth=False)[0] == 401
     assert server.get(f"/v2/models/{server.name}", auth=False)[0] == 401
     assert server.get("/v2/health/ready", auth=False)[0] == 200
+    # A wrong token, the right one under another scheme, or without one: refused as no token is.
+    for wrong in ("Bearer not-the-token", f"Basic {server.token}", server.token, f"Bearer {server.token}x"):
+        for method, path in (("GET", "/metrics"), ("GET", f"/v2/models/{server.name}"), ("POST", "/predict")):
+            request = urllib.request.Request(server.url + path, headers={"Authorization": wrong}, method=method)
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, data=b"" if method == "POST" else None, timeout=30)
+            assert refused.value.code == 401, (wrong, path)
 
 
 def test_the_serving_token_infers_but_cannot_load_a_model(server: RunningServer) -> None:

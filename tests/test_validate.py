@@ -83,6 +83,10 @@ def test_bad_label_line(data: Path, line: str, reason: str) -> None:
     label = data / "labels/val/val_00001.txt"
     label.write_text("1 0.5 0.5 0.2 0.2\n" + line + "\n")
     assert f"data/labels/val/val_00001.txt:2: {reason}" in messages(data)
+    # An error, not a warning: it stops the stage, or (skip) its image is left out of training and scoring.
+    assert not validate_dataset(data, FAIL)[0].ok
+    _, accepted = validate_dataset(data, SKIP)
+    assert "images/val/val_00001.jpg" not in {sample.image for sample in accepted["val"]}
 
 
 def test_label_without_image(data: Path) -> None:
@@ -110,6 +114,9 @@ def test_leakage_between_splits(data: Path) -> None:
     assert (
         "data/images/test/copied.jpg: same image as data/images/train/train_00004.jpg (leakage between train and test)"
     ) in messages(data)
+    assert not validate_dataset(data, FAIL)[0].ok  # an error: a test image the model trained on scores nothing
+    _, accepted = validate_dataset(data, SKIP)
+    assert "images/test/copied.jpg" not in {sample.image for sample in accepted["test"]}
 
 
 def test_duplicate_within_split_is_a_warning(data: Path) -> None:
