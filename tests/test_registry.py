@@ -66,6 +66,20 @@ def test_failed_gates_refuse_promotion_unless_forced(client: MlflowClient, name:
     move = registry.promote(client, name, v2, reason="hotfix for line 3", force=True, actor="user:alice")
     assert move.kind == "force" and move.from_version == v1
     assert registry.history(client, name)[-1].reason == "hotfix for line 3"
+    # A version registered by hand (no gate tags at all) has passed nothing: refused as "not gated", forced only.
+    experiment = client.get_experiment_by_name("registry-tests")
+    assert experiment is not None
+    run = client.create_run(experiment.experiment_id)
+    logged = client.create_logged_model(
+        experiment_id=experiment.experiment_id, name="model", source_run_id=run.info.run_id
+    )
+    registered = client.create_model_version(
+        name, source=f"models:/{logged.model_id}", run_id=run.info.run_id, model_id=logged.model_id
+    )
+    by_hand = str(registered.version)
+    with pytest.raises(PromotionRefusedError, match=r"did not pass its gates \(not gated\)"):
+        registry.promote(client, name, by_hand, reason="it looks fine")
+    assert str(registry.current_champion(client, name).version) == v2  # type: ignore[union-attr]
 
 
 def test_a_reference_to_a_missing_version_is_not_a_server_that_is_down(
