@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from conveyor.errors import ConveyorError
+
 
 @dataclass(frozen=True)
 class DataVersion:
@@ -16,16 +18,24 @@ class DataVersion:
     size: int | None
 
 
+class DataDvcError(ConveyorError, ValueError):
+    """data.dvc does not say which data version the project is on."""
+
+
 def data_version(data_dvc: Path) -> DataVersion:
     """The data version that data.dvc names (what `dvc checkout` puts in data/)."""
     if not data_dvc.is_file():
         raise FileNotFoundError(f"{data_dvc} is missing: track the dataset with `dvc add data`")
-    spec = yaml.safe_load(data_dvc.read_text()) or {}
-    outs = spec.get("outs") or [{}]
-    out = outs[0]
-    if "md5" not in out:
-        raise ValueError(f"{data_dvc} names no md5 for its output")
-    return DataVersion(str(out["md5"]), out.get("nfiles"), out.get("size"))
+    try:
+        spec = yaml.safe_load(data_dvc.read_text()) or {}
+        out = (spec.get("outs") or [{}])[0]
+        return DataVersion(str(out["md5"]), out.get("nfiles"), out.get("size"))
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError, KeyError, IndexError, TypeError) as exc:
+        # A merge conflict's markers, or a damaged file: a YAML traceback before, from every data command.
+        raise DataDvcError(
+            f"{data_dvc} is not the file `dvc add data` writes ({type(exc).__name__}): a merge conflict? Resolve it, "
+            f"or take a committed one back (`git checkout {data_dvc.name}`)"
+        ) from None
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ class DomainShift(_Section):
 
 
 class SynthSettings(_Section):
-    seed: int = 7
+    seed: int = Field(7, ge=0, description="numpy's generator takes no negative seed")
     image_size: int = Field(320, ge=64, le=2048)
     counts: dict[str, int] = Field(default_factory=lambda: {"train": 240, "val": 60, "test": 60})
     background_fraction: float = Field(0.1, ge=0, le=1, description="share of images with no defect")
@@ -374,7 +374,12 @@ class ColumnTest(_Section):
 class MonitorSettings(_Section):
     """`conveyor drift` and the monitoring flow: what counts as drift, and when drift may start a retraining."""
 
-    window_hours: float = Field(24.0, gt=0, description="the current window: prediction-log records of the last T h")
+    window_hours: float = Field(
+        24.0,
+        gt=0,
+        le=87_600,
+        description="the current window: prediction-log records of the last T h (ten years at most)",
+    )
     window_records: int | None = Field(None, ge=1, description="or only the last N records of that window")
     min_samples: int = Field(
         30, ge=2, description="fewer current (or reference) rows than this: 'insufficient data', never 'drift'"

@@ -8,6 +8,7 @@ from typing import Any
 
 from rich.console import Console
 
+from conveyor.errors import ConveyorError
 from conveyor.lineage import data_version
 from conveyor.paths import ProjectPaths
 from conveyor.tables import FoldingTable
@@ -15,7 +16,19 @@ from conveyor.tracking import RunRecord, is_embedded
 
 
 def _read(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        found = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:  # a merge conflict's markers in metrics/*.json, a cut file
+        raise SummaryInputError(
+            f"{path} is not JSON ({exc}): a merge conflict? Re-run its stage or restore it"
+        ) from None
+    return found if isinstance(found, dict) else {}
+
+
+class SummaryInputError(ConveyorError, ValueError):
+    """A stage's output the summary reads is damaged."""
 
 
 def ui_command(paths: ProjectPaths, record: RunRecord | None) -> str:

@@ -8,6 +8,7 @@ must not look like one that was.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import re
@@ -90,6 +91,12 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     if uri.startswith("sqlite:///"):
         _check_sqlite(Path(uri.removeprefix("sqlite:///")))
         return
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+    if scheme and scheme not in TRACKING_SCHEMES:  # a typo (`htp://`) was MLflow's KeyError traceback
+        raise TrackingUnavailableError(
+            f"MLFLOW_TRACKING_URI={uri!r} is not a tracking URI: http(s)://HOST:PORT for a server, sqlite:///PATH or "
+            "postgresql://... for a database"
+        )
     if not uri.startswith(("http://", "https://")):
         return
     try:
@@ -99,7 +106,13 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             problem = f"HTTP {response.status}"
     except (urllib.error.URLError, OSError) as exc:
         problem = str(getattr(exc, "reason", exc))
+    except (http.client.InvalidURL, ValueError) as exc:  # a port that is not a number (`:5000x`)
+        raise TrackingUnavailableError(f"MLFLOW_TRACKING_URI={uri!r} is not a URL: {exc}") from None
     raise TrackingUnavailableError(f"MLflow tracking server {uri} is unreachable ({problem})")
+
+
+# The URI schemes MLflow's tracking store takes (a database's `+driver` aside).
+TRACKING_SCHEMES = frozenset({"http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks"})
 
 
 def _check_sqlite(path: Path) -> None:
@@ -202,7 +215,13 @@ class RunRecord:
     def load(cls, path: Path) -> RunRecord:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: run the train stage first (`conveyor train`)")
-        return cls(**json.loads(path.read_text()))
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (ValueError, TypeError, UnicodeDecodeError) as exc:
+            raise TrackingUnavailableError(
+                f"{path} is not the run record the train stage writes ({type(exc).__name__}): re-run training "
+                "(`dvc repro --force train`) or restore it"
+            ) from None
 
 
 class Tracker:

@@ -185,6 +185,8 @@ def import_dataset(paths: ProjectPaths, source: Path, *, replace: bool = False) 
     if paths.data.exists() and any(paths.data.iterdir()) and not replace:
         raise FileExistsError(f"{paths.data} already holds a dataset; pass --replace (the old version stays in DVC)")
     settings = load_settings(paths.params)
+    if paths.data_dvc.exists():
+        data_version(paths.data_dvc)  # a damaged data.dvc is named before data/ is replaced, not after
     with _no_training(paths):
         _require_dvc(paths)
         staging = Path(tempfile.mkdtemp(dir=paths.root, prefix=".import-"))

@@ -102,12 +102,17 @@ def resolve(client: MlflowClient, default_name: str, ref: str) -> ModelVersion:
         if found is None:
             raise ModelRefError(f"{name} has no version with alias '{alias}'")
         return found
+    if int(str(version)) > MAX_VERSION:  # past the store's integers: "Python int too large ..." was a traceback
+        raise ModelRefError(f"{name} has no version {version}")
     try:
         return client.get_model_version(name, str(version))
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise ModelRefError(f"{name} has no version {version}") from exc
         raise  # a server that is down is not a version that is missing
+
+
+MAX_VERSION = 2**63 - 1  # the registry's version numbers are 64-bit integers in its database
 
 
 def current_champion(client: MlflowClient, name: str) -> ModelVersion | None:
@@ -214,6 +219,8 @@ def promote(
     if not re.fullmatch(r"v?\d+", str(version)):
         raise PromotionRefusedError(f"'{version}' is not a version number of {name}")
     version = str(version).lstrip("v")
+    if int(version) > MAX_VERSION:
+        raise PromotionRefusedError(f"{name} has no version {version}")
     try:
         target = client.get_model_version(name, version)
     except MlflowException as exc:

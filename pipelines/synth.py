@@ -206,13 +206,31 @@ def write_dataset_yaml(root: Path, names: tuple[str, ...] | list[str]) -> None:
 def generate(settings: SynthSettings, out: Path, *, overwrite: bool = False) -> SynthSummary:
     """Write the dataset to `out` (YOLO layout: images/<split>, labels/<split>, data.yaml).
 
-    Refuses to write into a non-empty folder unless `overwrite`, which replaces only the dataset's own subfolders.
+    Refuses to write into a non-empty folder unless `overwrite`, which replaces only the dataset's own subfolders. The
+    dataset is written beside `out` and put in place whole: a failure or Ctrl-C part way leaves `out` as it was (it
+    left an emptied or half-written dataset).
     """
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} is not empty: `--overwrite` replaces the dataset there")
-        for sub in ("images", "labels"):
-            shutil.rmtree(out / sub, ignore_errors=True)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} is not empty: `--overwrite` replaces the dataset there")
+    staging = out.with_name(f".{out.name}.synth-partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        images, boxes_per_split, background = _render_splits(settings, staging)
+        write_dataset_yaml(staging, CLASS_NAMES)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    out.mkdir(parents=True, exist_ok=True)
+    for sub in ("images", "labels"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+        (staging / sub).rename(out / sub)
+    (staging / "data.yaml").replace(out / "data.yaml")
+    shutil.rmtree(staging, ignore_errors=True)
+    return SynthSummary(out, images, boxes_per_split, background)
+
+
+def _render_splits(settings: SynthSettings, out: Path) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """Every split's images and labels into `out`: the counts of images, boxes and background images per split."""
     images: dict[str, int] = {}
     boxes_per_split: dict[str, int] = {}
     background: dict[str, int] = {}
@@ -238,5 +256,4 @@ def generate(settings: SynthSettings, out: Path, *, overwrite: bool = False) -> 
             images[split] = settings.counts[split]
             boxes_per_split[split] = n_boxes
             background[split] = n_background
-    write_dataset_yaml(out, CLASS_NAMES)
-    return SynthSummary(out, images, boxes_per_split, background)
+    return images, boxes_per_split, background

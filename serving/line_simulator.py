@@ -116,6 +116,8 @@ def load_decisions(path: Path) -> list[dict[str, Any]]:
                 f"{path}, line {number}: not a decision of the runner ({type(exc).__name__}: {exc}): each needs "
                 "`frame` (a number) and `reject`"
             ) from None
+    if not decisions:  # the runner wrote none: it failed, which is not the model missing every defect
+        raise ScoreInputError(f"{path}: no decision lines (the runner's stdout holds one JSON object per frame)")
     return decisions
 
 

@@ -67,6 +67,8 @@ def test_a_path_that_is_a_folder_or_under_a_file_is_one_line(tmp_path: Path, mon
         (["drift", "--last", "-5"], "greater than or equal to 1"),  # pandas' tail(-5) took all but the first five
         (["drift", "--hours", "nan"], "a number above 0"),
         (["drift", "--hours", "0"], "a number above 0"),  # 0 read as "not given": the default window
+        (["drift", "--hours", "1e9"], "at most 87600 hours"),  # an OverflowError traceback in the date arithmetic
+        (["label", "select", "--hours", "1e12"], "at most 87600 hours"),
         (["label", "select", "--count", "0"], "greater than or equal to 1"),
         (["server", "start", "--port", "70000"], "less than or equal to 65535"),  # it listened on 4464
         (["ui", "--port", "70000"], "less than or equal to 65535"),
@@ -92,6 +94,10 @@ def test_edge_score_names_what_is_not_a_decision_or_a_truth(tmp_path: Path) -> N
         decisions.write_text(lines)
         result = runner.invoke(app, ["edge", "score", str(decisions), "--truth", str(truth)], env={"COLUMNS": "300"})
         assert result.exit_code == 1 and said in result.output, result.output
+    # No decision at all (the runner failed): it scored every defective part as missed, and exited 0.
+    decisions.write_text('{"summary": true}\n')
+    result = runner.invoke(app, ["edge", "score", str(decisions), "--truth", str(truth)], env={"COLUMNS": "300"})
+    assert result.exit_code == 1 and "no decision lines" in result.output, result.output
     # The video given where the decisions go (the two swapped): it was a UnicodeDecodeError traceback.
     video = tmp_path / "line.avi"
     video.write_bytes(b"RIFF\x00\x10\xff\xfeAVI LIST\x80\x81")
@@ -240,6 +246,43 @@ def test_promote_refuses_what_is_not_a_version(project: Path, monkeypatch: pytes
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     result = runner.invoke(app, ["promote", "v", "--reason", "typo"], env={"COLUMNS": "300"})
     assert result.exit_code == 1 and "'v' is not a version number" in result.output, result.output
+    # Past the registry's 64-bit version numbers: "Python int too large to convert to SQLite INTEGER", a traceback.
+    huge = "99999999999999999999"
+    for args in (["promote", huge, "--reason", "typo"], ["lineage", huge]):
+        result = runner.invoke(app, args, env={"COLUMNS": "300"})
+        assert result.exit_code == 1 and f"has no version {huge}" in result.output, result.output
+
+
+def test_a_typo_in_the_tracking_uri_is_named(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`htp://` was MLflow's KeyError traceback, `:5000x` an InvalidURL one."""
+    monkeypatch.chdir(project)
+    for uri, said in (("htp://127.0.0.1:5000", "is not a tracking URI"), ("http://127.0.0.1:5000x", "is not a URL")):
+        result = runner.invoke(app, ["models"], env={"COLUMNS": "300", "MLFLOW_TRACKING_URI": uri})
+        assert result.exit_code == 1 and f"MLFLOW_TRACKING_URI='{uri}' {said}" in result.output, result.output
+
+
+def test_messages_are_text_not_markup_and_a_damaged_data_dvc_is_named(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A path like `line[/cam1]` crashed the error's own printing (Rich read it as markup) and `[cam1]` was dropped
+    from the message; a merge conflict in data.dvc was a YAML traceback from every data command, and `data import
+    --replace` replaced data/ before it noticed."""
+    monkeypatch.chdir(project)
+    for folder in ("in/line[/cam1]", "in/line[cam1]"):
+        result = runner.invoke(app, ["data", "add", str(project / folder)], env={"COLUMNS": "300"})
+        assert result.exit_code == 1 and f"{project / folder}" in result.output, result.output
+        assert "Traceback" not in result.output
+    (project / "data.dvc").write_text("<<<<<<< HEAD\nouts:\n- md5: abc.dir\n=======\n- md5: def.dir\n>>>>>>> other\n")
+    batch = project.parent / "batch"
+    (batch / "images" / "train").mkdir(parents=True)
+    (project / "data").mkdir(exist_ok=True)
+    (project / "data" / "kept.txt").write_text("the data before")
+    for args in (["data", "status"], ["data", "import", str(batch), "--replace"]):
+        result = runner.invoke(app, args, env={"COLUMNS": "300"})
+        assert result.exit_code == 1 and "data.dvc is not the file `dvc add data` writes" in result.output, (
+            result.output
+        )
+    assert (project / "data" / "kept.txt").read_text() == "the data before"
 
 
 def test_tables_fold_long_cells_instead_of_cutting_them() -> None:

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from conveyor.errors import ConveyorError
 from conveyor.open_records import StopRequested
@@ -38,6 +39,10 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# Ten years of hours: a window or a period longer than any log (1e9 h overflowed the date arithmetic, a traceback).
+MAX_HOURS = 87_600.0
+
+
 def positive(value: float | None) -> float | None:
     """A typer callback: a finite number above 0 (click's ranges let nan and inf through, and 0 read as unset)."""
     if value is not None and not (math.isfinite(value) and value > 0):
@@ -45,11 +50,20 @@ def positive(value: float | None) -> float | None:
     return value
 
 
+def hours(value: float | None) -> float | None:
+    """A typer callback: a number of hours above 0 and at most ten years."""
+    if value is not None and positive(value) and value > MAX_HOURS:
+        raise typer.BadParameter(f"{value}: at most {MAX_HOURS:.0f} hours (ten years)")
+    return value
+
+
 PORT = {"min": 1, "max": 65535}  # typer.Option(**PORT): a port that exists (70000 wrapped to 4464 and was printed)
 
 
 def print_error(exc: BaseException) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    # The message as text, not Rich markup: a path like `line[/cam1]` crashed the error's own printing, `[cam1]` was
+    # dropped from it, and a regex's `[a-z0-9]` vanished from a settings error.
+    err_console.print("[bold red]error:[/]", escape(str(exc)), highlight=False, soft_wrap=True)
 
 
 def friendly_errors(fn: F) -> F:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from conveyor.cli.common import console, friendly_errors, open_project, print_added, print_conversion
 from conveyor.settings import ConfigError, DomainShift
@@ -46,7 +47,7 @@ def data_synth(
             raise ConfigError(f"domain shift options: {exc}") from None
         synth_settings = synth_settings.model_copy(update={"shift": shift})
     summary = data.synthesize(paths, synth_settings, out, overwrite=overwrite)
-    table = FoldingTable(title=f"synthetic dataset in {summary.root}")
+    table = FoldingTable(title=f"synthetic dataset in {escape(str(summary.root))}")
     for column in ("split", "images", "boxes", "background"):
         table.add_column(column)
     for split, n in summary.images.items():

@@ -181,7 +181,8 @@ def edge_keygen(
     private, public = edge.keygen(out)
     console.print(
         f"signing key {private} (keep it secret; `export {KEY_ENV}={private}`); runners verify with {public} "
-        "(`run.py --public-key`)"
+        "(`run.py --public-key`)",
+        markup=False,
     )
 
 
