@@ -3,6 +3,7 @@ demo): one copy of each, used by all."""
 
 from __future__ import annotations
 
+import errno
 import re
 import socket
 import subprocess
@@ -40,13 +41,23 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
     """Whether a server could listen on `port` now (a port in TIME_WAIT counts as free, as it does for servers)."""
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
+    return listen_problem(port, host) is None
+
+
+def listen_problem(port: int, host: str = "127.0.0.1") -> str | None:
+    """Why a server could not listen on `host`:`port` now, in words (None: it could). A host that is no address of
+    this machine, or no name at all, is told apart from a port that is taken."""
+    try:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
-        except OSError:
-            return False
-    return True
+    except socket.gaierror:
+        return f"{host} is no host name or address this machine can resolve"
+    except OSError as exc:
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return f"{host} is not an address of this machine (0.0.0.0 listens on all of them)"
+        return f"port {host}:{port} is not free"
+    return None
 
 
 def http_answers(url: str, accept_errors: bool = False, timeout: float = 3.0, slow_is_up: bool = False) -> bool:

@@ -93,6 +93,21 @@ class OutputError(ConveyorError, ValueError):
     """--out names something that is not this command's output: it is left as it is."""
 
 
+def _versions_in(out: Path) -> set[str]:
+    """The model versions that wrote the records of `out` (read after `done_images` checked it)."""
+    if not out.is_file():
+        return set()
+    versions = set()
+    for line in out.read_bytes().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("version") is not None:
+            versions.add(str(record["version"]))
+    return versions
+
+
 def done_images(out: Path) -> set[str]:
     """Images already predicted in `out`, an image that could not be decoded included (its `error` line says why; a
     store that does not answer stops the run instead). An image that could not be read (`"retry": true`: permission
@@ -155,6 +170,12 @@ def predict(
     read = read or (lambda image: Path(image).read_bytes())
     out.parent.mkdir(parents=True, exist_ok=True)
     done = done_images(out)
+    others = _versions_in(out) - {model.version}
+    if others:  # resumed with another model, the earlier images were skipped and kept the other version's results
+        raise OutputError(
+            f"--out {out} holds predictions of {model.name} v{', v'.join(sorted(others))}, not v{model.version}: name "
+            f"a new --out, or resume with --model {sorted(others)[-1]}"
+        )
     todo = [image for image in images if image not in done]
     detector = model.detectors[0]
     failed = detections = 0

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from conveyor.errors import ConveyorError
-from conveyor.net import free_port, port_free
+from conveyor.net import free_port, listen_problem
 from conveyor.paths import ProjectPaths
 from conveyor.settings import ServeSettings, Settings, described
 from conveyor.tracking import Tracker
@@ -57,8 +57,12 @@ class ServeOptions:
 
 
 def _check_port(host: str, port: int, what: str) -> None:
-    if not port_free(port, host):
-        raise PortInUseError(f"{what} port {host}:{port} is not free: pick another")
+    problem = listen_problem(port, host)
+    if problem is None:
+        return
+    if problem.startswith("port "):
+        raise PortInUseError(f"{what} {problem}: pick another")
+    raise PortInUseError(f"--host {problem}")  # it said "port fabrik-pc:8080 is not free"
 
 
 def serve(paths: ProjectPaths, settings: Settings, options: ServeOptions) -> None:

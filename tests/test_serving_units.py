@@ -293,6 +293,14 @@ def test_serve_refuses_tensorrt_without_a_gpu_and_a_taken_port(tmp_path: Path) -
             ["conveyor", "serve", "--port", str(port)], cwd=project, env=base_env(), capture_output=True, text=True
         )
     assert busy.returncode == 1 and f"HTTP port 127.0.0.1:{port} is not free" in busy.stderr, busy.stderr
+    # A host that is no address here is not a port that is taken (it said "port fabrik-pc:8080 is not free").
+    from conveyor.net import listen_problem
+
+    assert (
+        listen_problem(port, "192.0.2.1")
+        == "192.0.2.1 is not an address of this machine (0.0.0.0 listens on all of them)"
+    )
+    assert "no host name or address" in (listen_problem(port, "no-such-host.invalid") or "")
 
 
 @pytest.mark.parametrize(("delta", "served"), [(-0.004, True), (-0.025, False)])
@@ -889,3 +897,8 @@ def test_an_image_that_could_not_be_read_is_tried_again_on_a_resume(tmp_path: Pa
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(Path(r["image"]).name for r in lines) == ["a.png", "b.png", "bad.jpg"]
     assert "detections" in next(r for r in lines if r["image"] == images[1])
+    # Resumed with another version: its images were skipped, the file kept v1's results under a v2 run's summary.
+    other: Any = SimpleNamespace(name="m", version="2", detectors=model.detectors)
+    with pytest.raises(batch.OutputError, match=r"holds predictions of m v1, not v2: .* resume with --model 1"):
+        batch.predict(other, images, out, 2, ImageLimits(), quiet, read)
+    assert [json.loads(line) for line in out.read_text().splitlines()] == lines  # untouched
