@@ -52,13 +52,20 @@ def simulate(
     defect_rate: float = 0.4,
     seed: int = 1001,
     size: int = 320,
+    *,
+    overwrite: bool = False,
 ) -> LineVideo:
-    """`line.avi` and `truth.json` in `out`: `parts` parts, `defect_rate` of them (about) defective."""
+    """`line.avi` and `truth.json` in `out`: `parts` parts, `defect_rate` of them (about) defective. Both are written
+    under temporary names and renamed at the end: an interrupted run left a new partial video beside the old truth,
+    and scoring that pair gave wrong results without a word."""
+    video, record = out / "line.avi", out / "truth.json"
+    if (video.exists() or record.exists()) and not overwrite:
+        raise FileExistsError(f"{out} already holds a simulated line: pass --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
     settings = SynthSettings(seed=seed, image_size=size, background_fraction=1 - defect_rate)
     width, height = size + size // 4, size  # the camera sees a little belt on both sides of a part
-    video = out / "line.avi"
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter.fourcc(*"MJPG"), fps, (width, height))
+    partial = out / ".line.partial.avi"  # OpenCV picks the container by the extension
+    writer = cv2.VideoWriter(str(partial), cv2.VideoWriter.fourcc(*"MJPG"), fps, (width, height))
     if not writer.isOpened():
         raise RuntimeError(f"OpenCV cannot write Motion JPEG to {video}")
     truth: list[Part] = []
@@ -77,10 +84,15 @@ def simulate(
                 writer.write(frame)
                 frame_index += 1
             truth.append(Part(index, first, frame_index - 1, names))
-    finally:
+    except BaseException:
         writer.release()
-    record = out / "truth.json"
-    record.write_text(json.dumps({"fps": fps, "frames": frame_index, "parts": [asdict(p) for p in truth]}, indent=1))
+        partial.unlink(missing_ok=True)
+        raise
+    writer.release()
+    staged = out / ".truth.json.partial"
+    staged.write_text(json.dumps({"fps": fps, "frames": frame_index, "parts": [asdict(p) for p in truth]}, indent=1))
+    partial.replace(video)
+    staged.replace(record)
     return LineVideo(video, record, fps, frame_index, truth)
 
 

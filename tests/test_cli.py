@@ -116,6 +116,24 @@ def test_edge_score_names_what_is_not_a_decision_or_a_truth(tmp_path: Path) -> N
     assert result.exit_code == 0, result.output
 
 
+def test_edge_simulate_replaces_a_line_only_when_asked_and_whole(tmp_path: Path) -> None:
+    """A second `edge simulate` overwrote the first without asking, and an interrupted one left a new partial video
+    beside the old truth.json, which then scored wrong without a word."""
+    out = tmp_path / "line[1]"
+    args = ["edge", "simulate", "--out", str(out), "--parts", "2", "--frames-per-part", "1"]
+    assert runner.invoke(app, args).exit_code == 0
+    first = (out / "truth.json").read_text()
+    refused = runner.invoke(app, [*args, "--defect-rate", "1"], env={"COLUMNS": "300"})
+    assert refused.exit_code == 1 and "already holds a simulated line: pass --overwrite" in refused.output
+    assert (out / "truth.json").read_text() == first
+    assert runner.invoke(app, [*args, "--defect-rate", "1", "--overwrite"]).exit_code == 0
+    assert (out / "truth.json").read_text() != first and sorted(p.name for p in out.iterdir()) == [
+        "line.avi",
+        "truth.json",
+    ]
+    assert runner.invoke(app, ["edge", "simulate", "--parts", "100000000"]).exit_code == 2  # it would fill the disk
+
+
 def test_edge_score_takes_one_camera_of_a_line(tmp_path: Path) -> None:
     """Two cameras on one line each number their own frames: a file with both is refused unless one is named."""
     truth = tmp_path / "truth.json"

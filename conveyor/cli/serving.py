@@ -190,20 +190,23 @@ def edge_keygen(
 @friendly_errors
 def edge_simulate(
     out: Annotated[Path, typer.Option(help="folder for line.avi and truth.json")] = Path("line-simulation"),
-    parts: Annotated[int, typer.Option(min=1, help="parts passing under the camera")] = 40,
+    # Bounded: 10^8 parts wrote 100 MB in 20 s and would have filled the disk.
+    parts: Annotated[int, typer.Option(min=1, max=100_000, help="parts passing under the camera")] = 40,
     fps: Annotated[float, typer.Option(min=1, max=1000, help="the camera's frame rate")] = 10.0,
-    frames_per_part: Annotated[int, typer.Option(min=1, help="frames each part is in view")] = 5,
+    frames_per_part: Annotated[int, typer.Option(min=1, max=1000, help="frames each part is in view")] = 5,
     defect_rate: Annotated[float, typer.Option(min=0, max=1, help="share of defective parts")] = 0.4,
+    overwrite: Annotated[bool, typer.Option(help="replace a simulation already in --out")] = False,
 ) -> None:
     """A line simulator: a video of synthetic parts passing under the camera, and which of them are defective."""
     from serving.line_simulator import simulate
 
-    video = simulate(out, parts, fps, frames_per_part, defect_rate)
+    video = simulate(out, parts, fps, frames_per_part, defect_rate, overwrite=overwrite)
     defective = sum(p.defective for p in video.parts)
     console.print(
         f"{video.video}: {video.frames} frames at {video.fps:g} fps, {len(video.parts)} parts ({defective} defective); "
         f"truth in {video.truth}. Run: python BUNDLE/run.py --stream {video.video} > decisions.jsonl, then "
-        f"`conveyor edge score decisions.jsonl --truth {video.truth}`"
+        f"`conveyor edge score decisions.jsonl --truth {video.truth}`",
+        markup=False,
     )
 
 
