@@ -129,7 +129,7 @@ def test_each_model_is_timed_at_the_size_it_serves(exports: dict[str, Path]) -> 
     from conveyor.paths import ProjectPaths
     from conveyor.settings import Settings
 
-    settings = Settings.model_validate({"export": {"latency": {"warmup": 2, "runs": 10}}})
+    settings = Settings.model_validate({"export": {"latency": {"warmup": 1, "runs": 5}}})  # 30 pairs: 3x apart
     challenger = exports["same"]  # the same network; trained at 640 px, it is served at 640
     export = {"imgsz": 640, "exports": {"openvino": {"path": challenger.name, "latency_p95_ms": 1.0}}}
     args = (ProjectPaths(challenger.parent), settings, export, "1", False, exports["champion"], "")
