@@ -43,6 +43,10 @@ class DomainShift(_Section):
     defect_scale: float = Field(1.0, gt=0, le=10, description="multiplies defect sizes (inf made full-frame boxes)")
 
 
+# Ten years: a window longer than any log (1e9 h overflowed the date arithmetic, a traceback).
+MAX_WINDOW_HOURS = 87_600
+
+
 class SynthSettings(_Section):
     seed: int = Field(7, ge=0, description="numpy's generator takes no negative seed")
     image_size: int = Field(320, ge=64, le=2048)
@@ -377,7 +381,7 @@ class MonitorSettings(_Section):
     window_hours: float = Field(
         24.0,
         gt=0,
-        le=87_600,
+        le=MAX_WINDOW_HOURS,
         description="the current window: prediction-log records of the last T h (ten years at most)",
     )
     window_records: int | None = Field(None, ge=1, description="or only the last N records of that window")

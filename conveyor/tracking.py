@@ -84,6 +84,10 @@ def is_embedded(uri: str) -> bool:
     return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
 
 
+# The URI schemes MLflow's tracking store takes (a database's `+driver` aside).
+TRACKING_SCHEMES = frozenset({"http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks"})
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail at once, naming the URI, when a tracking server does not answer its health check, or when the embedded
     store's file is not an SQLite database (SQLAlchemy's DatabaseError traceback; a folder by that name was retried
@@ -109,10 +113,6 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     except (http.client.InvalidURL, ValueError) as exc:  # a port that is not a number (`:5000x`)
         raise TrackingUnavailableError(f"MLFLOW_TRACKING_URI={uri!r} is not a URL: {exc}") from None
     raise TrackingUnavailableError(f"MLflow tracking server {uri} is unreachable ({problem})")
-
-
-# The URI schemes MLflow's tracking store takes (a database's `+driver` aside).
-TRACKING_SCHEMES = frozenset({"http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks"})
 
 
 def _check_sqlite(path: Path) -> None:

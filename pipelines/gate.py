@@ -16,7 +16,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -224,13 +224,12 @@ def compare_latency(
     champion_sample: np.ndarray | None = None,
 ) -> LatencyComparison:
     """Both models on the same input (`champion_sample` when the champion takes another size) on this host, one call
-    each in turn (`rounds` x `runs` pairs, the order swapped
-    every pair), judged by the median of the pairs' ratios. Whatever else the host does lands on both calls of a pair
-    alike; a burst of other work that lands on one model's calls more than the other's moves a ratio of medians but
-    not the median of ratios. Measured by `make bench-gate` (bench/latency_gate.py, the same calls judged both ways):
-    the same model twice, with one core kept busy or with bursts of other work beside it, read 0.93x to 1.16x as a
-    ratio of medians (1 of 20 over 1.10x) and 1.003x to 1.007x as the median of pair ratios. Rounds of 20 calls
-    compared by p95 gave 1.72x.
+    each in turn (`rounds` x `runs` pairs, the order swapped every pair), judged by the median of the pairs' ratios.
+    Whatever else the host does lands on both calls of a pair alike; a burst of other work that lands on one model's
+    calls more than the other's moves a ratio of medians but not the median of ratios. Measured by `make bench-gate`
+    (bench/latency_gate.py, the same calls judged both ways): the same model twice, with one core kept busy or with
+    bursts of other work beside it, read 0.93x to 1.16x as a ratio of medians (1 of 20 over 1.10x) and 1.003x to
+    1.007x as the median of pair ratios. Rounds of 20 calls compared by p95 gave 1.72x.
 
     Every round opens both runtimes afresh, challenger first in one round and champion first in the next (an even
     number of rounds, so that neither model is opened first more often). With OpenVINO's threads pinned to cores, as
@@ -395,6 +394,9 @@ def side_by_side_latency(
     cfg = settings.gates
     mine = export.get("exports", {}).get(cfg.serving_runtime)
     own_p95 = float(mine["latency_p95_ms"]) if mine else None
+    # The budget is judged on the hardware that measured the p95: the export stage's (an export.json from before it
+    # said: this host's, as the stage ran here then).
+    host = export.get("host") or cpu_model()
     comparison = None
     if champion_version is None:
         why_not = "no champion yet: nothing to compare with"
@@ -402,11 +404,10 @@ def side_by_side_latency(
         why_not = "this run is the champion's own: the same model"
     elif mine is None:  # the model would be served on a runtime nobody measured: not passed on trust
         skipped = export.get("skipped", {}).get(cfg.serving_runtime) or "not in export.formats"
-        return [
-            GateResult(f"latency vs champion ({cfg.serving_runtime})", f"<= {cfg.latency_ratio:.2f}x", "-", False,
-                       f"no {cfg.serving_runtime} export of this model to measure: {skipped}"),
-            *latency_gates(cfg, None, "", own_p95, export.get("host") or cpu_model())[1:],
-        ]  # fmt: skip
+        unmeasured, *budget = latency_gates(
+            cfg, None, f"no {cfg.serving_runtime} export of this model to measure: {skipped}", own_p95, host
+        )
+        return [replace(unmeasured, passed=False), *budget]
     elif champion_export is None:
         why_not = f"champion v{champion_version}: {champion_export_missing or 'no serving export to measure'}"
     else:
@@ -421,9 +422,7 @@ def side_by_side_latency(
             champion_sample=np.full((1, 3, theirs, theirs), 114 / 255, np.float32),
         )
         why_not = "" if theirs == size else f"this model at {size} px, the champion at {theirs} px"
-    # The budget is judged on the hardware that measured the p95: the export stage's (an export.json from before it
-    # said: this host's, as the stage ran here then).
-    return latency_gates(cfg, comparison, why_not, own_p95, export.get("host") or cpu_model())
+    return latency_gates(cfg, comparison, why_not, own_p95, host)
 
 
 def print_gate_report(report: GateReport, console: Console) -> None:

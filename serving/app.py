@@ -48,6 +48,7 @@ HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length"
 # Bodies are passed on decoded: a request's here (`_read_v2_body`), an answer's by httpx. Their Content-Encoding no
 # longer holds.
 RESPONSE_HOP_HEADERS = HOP_HEADERS | {"content-encoding"}
+REQUEST_DROPPED_HEADERS = RESPONSE_HOP_HEADERS | {"authorization"}  # Triton gets its own token instead
 # What `/v2/{path}` passes to Triton: the protocol's routes (server metadata; a model's metadata, readiness,
 # inference, with or without a version) and Triton's model-config extension, which tritonclient reads. Nothing else:
 # Triton's administrative extensions (model repository, shared memory, logging, trace, statistics) can load a model,
@@ -118,8 +119,7 @@ class ServerState:
             raise ApiError(404, f"unknown model '{name}': this server serves {sorted(self.names)}")
 
     def forward_headers(self, request_headers: dict[str, str]) -> dict[str, str]:
-        dropped = RESPONSE_HOP_HEADERS | {"authorization"}
-        headers = {k: v for k, v in request_headers.items() if k.lower() not in dropped}
+        headers = {k: v for k, v in request_headers.items() if k.lower() not in REQUEST_DROPPED_HEADERS}
         if self.config.token:
             headers["triton-access-token"] = self.config.token
         return headers

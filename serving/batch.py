@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from conveyor.errors import ConveyorError
+from conveyor.paths import write_atomically
 from pipelines.inference import ImageError, ImageLimits, decode_image
 from pipelines.model_source import LoadedModel
 
@@ -93,32 +93,23 @@ class OutputError(ConveyorError, ValueError):
     """--out names something that is not this command's output: it is left as it is."""
 
 
-def _versions_in(out: Path) -> set[str]:
-    """The model versions that wrote the records of `out` (read after `done_images` checked it)."""
-    if not out.is_file():
-        return set()
-    versions = set()
-    for line in out.read_bytes().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("version") is not None:
-            versions.add(str(record["version"]))
-    return versions
-
-
 def done_images(out: Path) -> set[str]:
-    """Images already predicted in `out`, an image that could not be decoded included (its `error` line says why; a
-    store that does not answer stops the run instead). An image that could not be read (`"retry": true`: permission
-    denied, gone) is not done: its line is removed and it is tried again. A torn last line (a crash mid-write) is
-    removed so it is redone. A file that is not predictions (another line that does not read as one) is refused and
-    left untouched: it may be anything the user named."""
+    """Images already predicted in `out` (see `read_output`)."""
+    return read_output(out)[0]
+
+
+def read_output(out: Path) -> tuple[set[str], set[str]]:
+    """Images already predicted in `out`, and the model versions that predicted them, in one read. Done includes an
+    image that could not be decoded (its `error` line says why; a store that does not answer stops the run instead).
+    An image that could not be read (`"retry": true`: permission denied, gone) is not done: its line is removed and
+    it is tried again. A torn last line (a crash mid-write) is removed so it is redone. A file that is not predictions
+    (another line that does not read as one) is refused and left untouched: it may be anything the user named."""
     if out.is_dir():
         raise OutputError(f"--out {out} is a folder: name a .jsonl file")
     if not out.is_file():
-        return set()
+        return set(), set()
     done: set[str] = set()
+    versions: set[str] = set()
     kept: list[bytes] = []
     data = out.read_bytes()
     lines = data.splitlines(keepends=True)
@@ -144,12 +135,12 @@ def done_images(out: Path) -> set[str]:
         if record.get("retry") is True:
             continue
         done.add(record["image"])
+        if record.get("version") is not None:
+            versions.add(str(record["version"]))
         kept.append(line)
-    if sum(map(len, kept)) != len(data):  # written beside it, then put in its place: a kill leaves one or the other
-        staged = out.with_name(f".{out.name}.partial")
-        staged.write_bytes(b"".join(kept))
-        os.replace(staged, out)
-    return done
+    if sum(map(len, kept)) != len(data):  # a kill while it is rewritten leaves the old file or the new one
+        write_atomically(out, b"".join(kept))
+    return done, versions
 
 
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
@@ -169,8 +160,8 @@ def predict(
     """Detections for `images` (paths or s3:// URLs, read with `read`) appended to `out`, skipping those done."""
     read = read or (lambda image: Path(image).read_bytes())
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = done_images(out)
-    others = _versions_in(out) - {model.version}
+    done, versions = read_output(out)
+    others = versions - {model.version}
     if others:  # resumed with another model, the earlier images were skipped and kept the other version's results
         raise OutputError(
             f"--out {out} holds predictions of {model.name} v{', v'.join(sorted(others))}, not v{model.version}: name "

@@ -19,6 +19,7 @@ from typing import Any
 import cv2
 
 from conveyor.errors import ConveyorError
+from conveyor.paths import write_atomically
 from conveyor.settings import SynthSettings
 from pipelines import synth
 
@@ -89,10 +90,10 @@ def simulate(
         partial.unlink(missing_ok=True)
         raise
     writer.release()
-    staged = out / ".truth.json.partial"
-    staged.write_text(json.dumps({"fps": fps, "frames": frame_index, "parts": [asdict(p) for p in truth]}, indent=1))
     partial.replace(video)
-    staged.replace(record)
+    write_atomically(
+        record, json.dumps({"fps": fps, "frames": frame_index, "parts": [asdict(p) for p in truth]}, indent=1)
+    )
     return LineVideo(video, record, fps, frame_index, truth)
 
 

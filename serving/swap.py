@@ -144,9 +144,10 @@ class RegistryWatcher:
                 self.slot.state.reason = f"{self.ref} names no version yet ({without_credentials(str(exc))}); waiting"
             return
         except Exception as exc:  # the registry is down: keep serving what we have
-            LOG.warning("registry unreachable: %s", without_credentials(str(exc)))
+            reason = f"registry unreachable: {without_credentials(str(exc))}"
+            LOG.warning("%s", reason)
             if not self.slot.ready:
-                self.slot.state.reason = f"registry unreachable: {without_credentials(str(exc))}"
+                self.slot.state.reason = reason
             return
         wanted = str(version.version)
         current = self.slot.current

@@ -18,7 +18,7 @@ from rich.markup import escape
 from conveyor.errors import ConveyorError
 from conveyor.open_records import StopRequested
 from conveyor.paths import ProjectNotFoundError, ProjectPaths, disk_full_message, find_project_root
-from conveyor.settings import Settings, load_settings
+from conveyor.settings import MAX_WINDOW_HOURS, Settings, load_settings
 from conveyor.tables import FoldingTable
 
 console = Console()
@@ -39,10 +39,6 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-# Ten years of hours: a window or a period longer than any log (1e9 h overflowed the date arithmetic, a traceback).
-MAX_HOURS = 87_600.0
-
-
 def positive(value: float | None) -> float | None:
     """A typer callback: a finite number above 0 (click's ranges let nan and inf through, and 0 read as unset)."""
     if value is not None and not (math.isfinite(value) and value > 0):
@@ -50,10 +46,10 @@ def positive(value: float | None) -> float | None:
     return value
 
 
-def hours(value: float | None) -> float | None:
-    """A typer callback: a number of hours above 0 and at most ten years."""
-    if value is not None and positive(value) and value > MAX_HOURS:
-        raise typer.BadParameter(f"{value}: at most {MAX_HOURS:.0f} hours (ten years)")
+def window_hours(value: float | None) -> float | None:
+    """A typer callback: a window of hours above 0 and at most ten years, as `monitor.window_hours`."""
+    if value is not None and positive(value) and value > MAX_WINDOW_HOURS:
+        raise typer.BadParameter(f"{value}: at most {MAX_WINDOW_HOURS} hours (ten years)")
     return value
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from conveyor.cli.common import console, friendly_errors, hours, open_project, print_added
+from conveyor.cli.common import console, friendly_errors, open_project, print_added, window_hours
 from conveyor.tables import FoldingTable
 
 app = typer.Typer(
@@ -23,7 +23,7 @@ def label_select(
     ] = None,
     hours: Annotated[
         float | None,
-        typer.Option(callback=hours, help="prediction-log window in hours (default monitor.window_hours)"),
+        typer.Option(callback=window_hours, help="prediction-log window in hours (default monitor.window_hours)"),
     ] = None,
     count: Annotated[int | None, typer.Option(min=1, help="frames to select (default label.count)")] = None,
     model: Annotated[str | None, typer.Option(help="the model that scores them (default: the champion)")] = None,

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from conveyor.cli.common import console, friendly_errors, hours, open_project
+from conveyor.cli.common import console, friendly_errors, open_project, window_hours
 from conveyor.tables import FoldingTable
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ def drift(
     ] = None,
     hours: Annotated[
         float | None,
-        typer.Option(callback=hours, help="window: the last T hours (default monitor.window_hours)"),
+        typer.Option(callback=window_hours, help="window: the last T hours (default monitor.window_hours)"),
     ] = None,
     last: Annotated[
         int | None, typer.Option(min=1, help="window: only its last N records (monitor.window_records)")
