@@ -4,6 +4,7 @@ demo): one copy of each, used by all."""
 from __future__ import annotations
 
 import errno
+import random
 import re
 import socket
 import subprocess
@@ -32,9 +33,36 @@ def without_credentials(text: str) -> str:
     return _URL_CREDENTIALS.sub(r"\1***@", text)
 
 
+# The kernel's range for ports it picks itself (bind to port 0, the local end of an outgoing connection); Linux's
+# default where /proc does not say.
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+EPHEMERAL_DEFAULT_LOW = 32768
+PLANNED_PORTS_BELOW_EPHEMERAL = 12000  # how many ports under that range free_port picks from
+_handed_out: set[int] = set()
+_pick = random.SystemRandom()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(EPHEMERAL_RANGE_FILE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return EPHEMERAL_DEFAULT_LOW
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port no one listens on now (the kernel's pick)."""
-    with socket.socket() as probe:
+    """A port no one listens on now, for a server started later: picked at random below the kernel's ephemeral
+    range. A port the kernel picked (bind to 0) is free again once this returns, and the next process to ask the
+    kernel, or to open a connection, may get it before the planned server binds it: a CI run once saw one server's
+    internal Triton answer on the port planned for the next server's API. Ports below that range the kernel never
+    hands out by itself. A port is handed out once per process."""
+    high = _ephemeral_low()
+    low = max(1024, high - PLANNED_PORTS_BELOW_EPHEMERAL)
+    for _ in range(200):
+        port = _pick.randrange(low, high)
+        if port not in _handed_out and listen_problem(port, host) is None:
+            _handed_out.add(port)
+            return port
+    with socket.socket() as probe:  # that range is all taken: the kernel's pick, with the race it has
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
 

@@ -17,9 +17,9 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from conveyor.net import free_port
+from conveyor.net import free_port, wait_started
 from conveyor.scaffold import REPO
-from tests.conftest import VENV_BIN, base_env, make_project, stop_tree, wait_http
+from tests.conftest import VENV_BIN, base_env, make_project, stop_tree
 
 CHECKPOINT = REPO / "tests" / "assets" / "yolo11n-defects-320.pt"
 NAMES = ["scratch", "dent", "stain"]
@@ -74,11 +74,23 @@ class RunningServer:
             body = exc.read()
             return exc.code, json.loads(body) if body.startswith(b"{") else body.decode()
 
+    def answers_live(self) -> bool:
+        """Whether Conveyor's API answers on this port: {"live": true}. Anything else there (another server's
+        Triton answers 200 with no body) is not this server."""
+        try:
+            return self.get("/v2/health/live", auth=False) == (200, {"live": True})
+        except OSError:  # not listening yet
+            return False
+
     def wait_version(self, version: str, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"the server exited ({self.process.returncode}) waiting for v{version}\n{self.tail()}"
+                )
             status, body = self.get("/v2/health/ready")
-            if status == 200 and body.get("version") == version:
+            if status == 200 and isinstance(body, dict) and body.get("version") == version:
                 return
             time.sleep(0.5)
         raise TimeoutError(f"the server did not switch to v{version}: {self.get('/v2/health/ready')}\n{self.tail()}")
@@ -108,7 +120,7 @@ def start_server(root: Path, mlflow_server: str, name: str, serve: dict[str, obj
         f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", mlflow_server, token, name, project, process, log
     )
     try:
-        wait_http(f"{server.url}/v2/health/live", 120, process)
+        wait_started(f"{server.url}/v2/health/live", server.answers_live, 120, process)
     except Exception as exc:
         stop_tree(process)
         raise AssertionError(f"server did not start: {exc}\n{server.tail()}") from exc

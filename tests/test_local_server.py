@@ -78,3 +78,28 @@ def test_no_server_and_not_allowed_to_start_one_says_how(tmp_path: Path, monkeyp
     (tmp_path / "conveyor-server.json").write_text(json.dumps({"pid": 999999, "port": 9, "home": "", "started_at": ""}))
     with pytest.raises(local_server.PrefectServerError, match="conveyor server start"):
         local_server.use_api(start_if_needed=False)
+
+
+def test_planned_ports_come_from_below_the_kernels_own_range_and_skip_taken_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A port planned now and bound later must not be one the kernel may hand to another process meanwhile (bind to
+    0, an outgoing connection's local end): a CI run saw one server's Triton on the port planned for the next API."""
+    import socket
+
+    from conveyor import net
+
+    ephemeral_low = net._ephemeral_low()
+    picked = {net.free_port() for _ in range(40)}
+    assert len(picked) == 40  # each handed out once in a process
+    assert all(ephemeral_low - net.PLANNED_PORTS_BELOW_EPHEMERAL <= port < ephemeral_low for port in picked)
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        choices = iter([busy, ephemeral_low - 7, ephemeral_low - 9])
+        monkeypatch.setattr(net, "_pick", type("Fixed", (), {"randrange": lambda self, lo, hi: next(choices)})())
+        monkeypatch.setattr(net, "_handed_out", set())
+        first = net.free_port()
+        assert first != busy and first in (ephemeral_low - 7, ephemeral_low - 9)
