@@ -267,7 +267,16 @@ def rollback_target(
     return next((v for v in reversed(candidates) if exists(v)), None)
 
 
-def rollback(client: MlflowClient, name: str, *, reason: str, actor: str | None = None) -> AliasMove:
+def rollback(
+    client: MlflowClient,
+    name: str,
+    *,
+    reason: str,
+    actor: str | None = None,
+    before_move: Callable[[str], object] | None = None,
+) -> AliasMove:
+    """The champion moved back (`rollback_target`). `before_move(target)` is called first and may raise to refuse:
+    what else must follow the champion (an edge channel) is checked before the alias moves, not after."""
     if not reason.strip():
         raise PromotionRefusedError("a rollback needs a reason (--reason)")
     champion = current_champion(client, name)
@@ -277,6 +286,8 @@ def rollback(client: MlflowClient, name: str, *, reason: str, actor: str | None 
     )
     if target is None:
         raise PromotionRefusedError(f"{name} has no earlier champion to roll back to")
+    if before_move is not None:
+        before_move(target)
     return move_alias(client, name, CHAMPION, target, kind="rollback", reason=reason, actor=actor or default_actor())
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import tarfile
 import time
@@ -79,8 +80,12 @@ def build(
     """The bundle folder and its .tar.gz; its runner returns detections at `conf` (serve.conf) unless told otherwise
     and decides by `edge` (params.yaml `edge`). Its prediction log is shipped to `edge.log.s3`, else `log_s3` (the
     server's, serve.prediction_log.s3). With `private_key`, the manifest is signed."""
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty: pass --overwrite to replace it")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty: pass --overwrite to replace it")
+        if not (out / "manifest.json").is_file():
+            # --overwrite replaces a bundle; `--out data --overwrite` (a typo) removed the dataset.
+            raise FileExistsError(f"{out} is not a bundle (no manifest.json): --overwrite replaces only a bundle")
     key = signing_key(private_key) if private_key is not None else None  # refused before 20 MB are copied
     edge = edge or EdgeSettings()
     check_rule(edge.reject, files.card.names, conf)
@@ -160,10 +165,13 @@ def keygen(out: Path) -> tuple[Path, Path]:
         raise FileExistsError(f"{private} exists: a new key would orphan every runner that trusts the old one")
     out.mkdir(parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
-    private.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    private.chmod(0o600)
+    # Created 0600: written first and chmod-ed after, it was readable by anyone for a moment.
+    with os.fdopen(os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
+        handle.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
     public.write_bytes(
         key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
@@ -272,17 +280,25 @@ def publish(built: Bundle, channel: str, line: str) -> dict[str, Any]:
     return entry
 
 
-def roll_back_channel(channel: str, line: str, version: str) -> dict[str, Any]:
-    """Point the line back at the newest entry of its history that ran `version` (the champion after a rollback)."""
-    store = ChannelStore(channel)
-    history = _history(store, line)
-    earlier = [e for e in history if e["version"] == str(version)]
+def last_run_of(channel: str, line: str, version: str) -> dict[str, Any]:
+    """The newest entry of the line's history that ran `version`; a ChannelError when it never did."""
+    earlier = [e for e in _history(ChannelStore(channel), line) if e["version"] == str(version)]
     if not earlier:
         raise ChannelError(
-            f"{channel}: line {line} never ran v{version}: publish it with `conveyor bundle @champion --publish`"
+            f"{channel}: line {line} never ran v{version}: publish it first with `conveyor bundle {version} "
+            f"--publish --line {line} --key KEY`"
         )
-    entry = {**earlier[-1], "published": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rolled_back": True}
-    _point(store, line, entry)
+    return earlier[-1]
+
+
+def roll_back_channel(channel: str, line: str, version: str) -> dict[str, Any]:
+    """Point the line back at the newest entry of its history that ran `version` (the champion after a rollback)."""
+    entry = {
+        **last_run_of(channel, line, version),
+        "published": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "rolled_back": True,
+    }
+    _point(ChannelStore(channel), line, entry)
     return entry
 
 

@@ -588,9 +588,11 @@ def test_the_edge_logs_the_servers_records_and_they_reach_the_drift_check(
             register_old_version(MlflowClient(mlflow_server), name, project, tmp_path / "export")
             conveyor(project, env, "validate")
             conveyor(project, env, "profile", "--model", "1")
-            conveyor(project, env, "bundle", "1", "--out", str(tmp_path / "bundle"))
+            # --line builds the bundle for that line (its signed edge.json says so), as --publish --line sends it.
+            conveyor(project, env, "bundle", "1", "--out", str(tmp_path / "bundle"), "--line", "press-7")
             config = json.loads((tmp_path / "bundle" / "edge.json").read_text())
             assert config["log"]["s3"] == "s3://edge/predictions"  # where the server ships, by default
+            assert config["line"] == "press-7"
 
             device = tmp_path / "device"
             device.mkdir()
@@ -622,7 +624,7 @@ def test_the_edge_logs_the_servers_records_and_they_reach_the_drift_check(
             assert window["device"].value_counts().to_dict() == {"cam-7": line.frames, "server": line.frames}
             edge_rows = window[window["device"] == "cam-7"].reset_index(drop=True)
             server_rows = window[window["device"] == "server"].reset_index(drop=True)
-            assert set(edge_rows["line"]) == {"line-1"} and set(edge_rows["model_version"]) == {"1"}
+            assert set(edge_rows["line"]) == {"press-7"} and set(edge_rows["model_version"]) == {"1"}
             shared = [c for c in server_rows.columns if c not in ("time", "device", "line")]
             assert set(shared) <= set(edge_rows.columns)  # every column the server writes
             for column in ("brightness", "sharpness", "noise", "blockiness", "detections", "mean_confidence"):

@@ -135,6 +135,26 @@ def test_rollback_walks_back_and_records_every_move(client: MlflowClient, name: 
     ]
 
 
+def test_a_rollback_the_edge_line_cannot_follow_moves_nothing(client: MlflowClient, name: str, tmp_path: Path) -> None:
+    """`conveyor rollback` with an edge channel: a line that never ran the target refuses the rollback before the
+    alias moves (it moved first, then said the channel had not, and the two disagreed)."""
+    from serving import bundle
+
+    v1, v2 = (new_version(client, name, passed=True) for _ in range(2))
+    for version in (v1, v2):
+        registry.promote(client, name, version, reason=f"promote {version}")
+    channel = tmp_path / "channel"
+    channel.mkdir()
+
+    def line_follows(target: str) -> None:
+        bundle.last_run_of(str(channel), "line-1", target)
+
+    with pytest.raises(bundle.ChannelError, match=f"never ran v{v1}"):
+        registry.rollback(client, name, reason="v2 misses dents", before_move=line_follows)
+    assert str(registry.current_champion(client, name).version) == v2
+    assert [m.kind for m in registry.history(client, name)] == ["promote", "promote"]
+
+
 def test_a_move_killed_after_the_alias_moved_stays_in_the_history_when_the_alias_moves_again(
     client: MlflowClient, name: str
 ) -> None:

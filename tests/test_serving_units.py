@@ -3,9 +3,11 @@ the prediction log's bounded queue, batch prediction's inputs and resume, and th
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
 import json
+import os
 import re
 import shutil
 import signal
@@ -340,7 +342,8 @@ def test_edge_rollout_fetches_again_after_a_transient_error_and_not_after_a_refu
 
     class FlakyChannel:
         location = "test"
-        offered: dict[str, str] | None = None  # nothing until the test asks: the rollout thread's first look is idle
+        line = "line-1"
+        offered: dict[str, str] | None = None
 
         def current(self) -> dict[str, str] | None:
             return self.offered
@@ -368,7 +371,7 @@ def test_edge_rollout_fetches_again_after_a_transient_error_and_not_after_a_refu
         rollout.close()
 
 
-def _tiny_bundle(root: Path, key: Any, version: str, model: bytes | None = None) -> Path:
+def _tiny_bundle(root: Path, key: Any, version: str, model: bytes | None = None, line: str = "line-1") -> Path:
     """A signed bundle around a 1-node ONNX model (a reshape of the image into YOLO's output layout: 3 classes,
     336 anchors), for the runner's rollout without the project's model."""
     import hashlib
@@ -391,7 +394,7 @@ def _tiny_bundle(root: Path, key: Any, version: str, model: bytes | None = None)
         tiny.ir_version = 8
         model = tiny.SerializeToString()
     (root / "model" / "model.onnx").write_bytes(model)
-    (root / "edge.json").write_text('{"reject": {"min_confidence": 0.5}}')
+    (root / "edge.json").write_text(json.dumps({"line": line, "reject": {"min_confidence": 0.5}}))
     listed = {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*")
               if p.is_file()}  # fmt: skip
     (root / "manifest.json").write_text(json.dumps({"model": "m", "version": version, "sha256": listed}))
@@ -403,10 +406,12 @@ class _FolderChannel:
     """The channel's interface over bundle folders already unpacked (the archive's own checks are test_edge's)."""
 
     location = "test"
+    line = "line-1"
 
     def __init__(self) -> None:
         self.offered: dict[str, str] | None = None
         self.bundles: dict[str, Path] = {}
+        self.fetched: list[str] = []
 
     def offer(self, bundle: Path) -> None:
         import hashlib
@@ -421,6 +426,7 @@ class _FolderChannel:
 
     def fetch(self, entry: dict[str, str], into: Path) -> Path:
         source = self.bundles[entry["sha256"]]
+        self.fetched.append(source.name)
         shutil.copytree(source, into / source.name)
         return into / source.name
 
@@ -454,13 +460,15 @@ def test_edge_rollout_refuses_what_its_runtime_cannot_load_and_keeps_only_the_ru
         assert len(rollout.refused) == 1, "a refused bundle was tried again"
         channel.offer(v3)
         rollout.poll_once()
-        taken = rollout.swap_if_ready()
-        assert taken is not None and taken.version == "m v3"
+        swapped = rollout.swap_if_ready()
+        assert swapped is not None and swapped[0].version == "m v3"
+        taken = swapped[0]
         assert edge.rolled_out(rollouts, public, "m") == taken.root
         channel.offer(v4)
         rollout.poll_once()
-        taken = rollout.swap_if_ready()
-        assert taken is not None and taken.version == "m v4"
+        swapped = rollout.swap_if_ready()
+        assert swapped is not None and swapped[0].version == "m v4"
+        taken = swapped[0]
         rollout._tidy()  # the rollout thread's, after each look at the channel
         assert [p.name for p in rollouts.iterdir() if p.is_dir()] == [taken.root.parent.name], "v3 left behind"
         assert edge.rolled_out(rollouts, public, "m") == taken.root
@@ -469,6 +477,156 @@ def test_edge_rollout_refuses_what_its_runtime_cannot_load_and_keeps_only_the_ru
         rollout.close()
     (taken.root / "edge.json").write_text('{"reject": {"min_confidence": 0.01}}')  # changed on the device
     assert edge.rolled_out(rollouts, public, "m") is None
+
+
+def _team_key(tmp_path: Path) -> tuple[Any, Path]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    public = tmp_path / "team.pub"
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return key, public
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("sha256", "VICTIM"),  # an absolute path: it named the folder that was removed before any check
+        ("sha256", ".."),
+        ("sha256", ""),
+        ("sha256", "AB" * 32),
+        ("bundle", "/etc/hostname"),
+        ("bundle", "bundles/../../outside.tar.gz"),
+        ("bundle", "elsewhere/m.tar.gz"),
+    ],
+)
+def test_edge_rollout_acts_on_no_unchecked_field_of_the_unsigned_channel_entry(
+    tmp_path: Path, field: str, value: str
+) -> None:
+    """LINE.json is not signed: an entry whose sha256 is no digest, or whose bundle is no bundles/NAME.tar.gz, is
+    refused before anything is fetched or removed, and not tried again."""
+    edge = edge_module()
+    key, public = _team_key(tmp_path)
+    victim = tmp_path / "victim"
+    (victim / "keep").mkdir(parents=True)
+    installed = edge.Model("onnx", _tiny_bundle(tmp_path / "installed", key, "1"))
+    channel = _FolderChannel()
+    channel.offer(_tiny_bundle(tmp_path / "v2", key, "2"))
+    assert channel.offered is not None
+    channel.offered[field] = str(victim) if value == "VICTIM" else value
+    rollouts = tmp_path / "rollouts"
+    (rollouts / "abcdef0123456789").mkdir(parents=True)  # a bundle folder of the rollouts ("." named the whole folder)
+    rollout = edge.Rollout(channel, installed, "onnx", public, 3600, rollouts)
+    try:
+        rollout.poll_once()
+        rollout.poll_once()
+        assert channel.fetched == [] and len(rollout.refused) == 1, rollout.refused
+        assert field in rollout.refused[0]
+        assert (victim / "keep").is_dir() and rollouts.is_dir()
+    finally:
+        rollout.close()
+
+
+def test_edge_rollout_refuses_another_lines_bundle_and_a_bundle_without_its_rule(tmp_path: Path) -> None:
+    """Another line's bundle, signed by the same team, carries that line's rule and region: refused. So is a signed
+    bundle without edge.json (it ran with the default rule)."""
+    edge = edge_module()
+    key, public = _team_key(tmp_path)
+    installed = edge.Model("onnx", _tiny_bundle(tmp_path / "installed", key, "1"))
+    other_line = _tiny_bundle(tmp_path / "v2", key, "2", line="line-2")
+    channel = _FolderChannel()
+    rollouts = tmp_path / "rollouts"
+    rollout = edge.Rollout(channel, installed, "onnx", public, 3600, rollouts)
+    try:
+        channel.offer(other_line)
+        rollout.poll_once()
+        assert rollout.swap_if_ready() is None
+        assert (
+            len(rollout.refused) == 1 and "built for line 'line-2', this runner is line 'line-1'" in rollout.refused[0]
+        )
+        no_rule = tmp_path / "v3"
+        _tiny_bundle(no_rule, key, "3")
+        (no_rule / "edge.json").unlink()
+        listed = json.loads((no_rule / "manifest.json").read_text())
+        del listed["sha256"]["edge.json"]
+        (no_rule / "manifest.json").write_text(json.dumps(listed))
+        (no_rule / "manifest.sig").write_bytes(key.sign((no_rule / "manifest.json").read_bytes()))
+        channel.offer(no_rule)
+        rollout.poll_once()
+        assert rollout.swap_if_ready() is None and "no edge.json" in rollout.refused[-1]
+    finally:
+        rollout.close()
+    # A restart as another line does not run this line's last bundle.
+    assert edge.rolled_out(rollouts, public, "m", "line-2") is None
+
+
+def test_edge_rollout_waits_for_the_stream_to_take_one_bundle_before_fetching_the_next(tmp_path: Path) -> None:
+    """A camera that stalls while two bundles are published: the second is fetched only once the first runs, so it
+    is never swapped in from a folder tidied away, nor with a rule read after its checks."""
+    edge = edge_module()
+    key, public = _team_key(tmp_path)
+    installed = edge.Model("onnx", _tiny_bundle(tmp_path / "installed", key, "1"))
+    v2, v3 = (_tiny_bundle(tmp_path / f"v{n}", key, str(n)) for n in (2, 3))
+    (v3 / "edge.json").write_text(
+        json.dumps({"line": "line-1", "reject": {"classes": ["dent"], "min_confidence": 0.7}})
+    )
+    listed = json.loads((v3 / "manifest.json").read_text())
+    listed["sha256"]["edge.json"] = hashlib.sha256((v3 / "edge.json").read_bytes()).hexdigest()
+    (v3 / "manifest.json").write_text(json.dumps(listed))
+    (v3 / "manifest.sig").write_bytes(key.sign((v3 / "manifest.json").read_bytes()))
+    channel = _FolderChannel()
+    rollouts = tmp_path / "rollouts"
+    rollout = edge.Rollout(channel, installed, "onnx", public, 3600, rollouts)
+    try:
+        channel.offer(v2)
+        rollout.poll_once()
+        channel.offer(v3)
+        rollout.poll_once()  # v2 still waits: the stream has not taken it
+        rollout._tidy()
+        assert channel.fetched == ["v2"]
+        model, rule = rollout.swap_if_ready() or (None, None)
+        assert model is not None and model.version == "m v2" and rule == edge.RejectRule(None, 0.5)
+        rollout.poll_once()
+        rollout._tidy()
+        model, rule = rollout.swap_if_ready() or (None, None)
+        assert model is not None and model.version == "m v3"
+        assert rule == edge.RejectRule(("dent",), 0.7) and model.root.is_dir()
+    finally:
+        rollout.close()
+
+
+def test_edge_channel_bounds_an_archive_before_it_is_fetched_whole_or_unpacked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The archive the unsigned entry names is refused past its size as it downloads, and past the unpacked size its
+    members' headers add up to, before any of it is unpacked."""
+    import tarfile
+
+    edge = edge_module()
+    source = tmp_path / "payload"
+    source.mkdir()
+    (source / "big.bin").write_bytes(b"\0" * 300_000)  # compresses to almost nothing
+    channel_dir = tmp_path / "channel"
+    (channel_dir / "bundles").mkdir(parents=True)
+    archive = channel_dir / "bundles" / "m-v2.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source, arcname="payload")
+    entry = {"bundle": "bundles/m-v2.tar.gz", "sha256": hashlib.sha256(archive.read_bytes()).hexdigest()}
+    channel = edge.Channel(str(channel_dir), "line-1")
+    monkeypatch.setattr(edge, "MAX_UNPACKED_BYTES", 200_000)
+    with pytest.raises(edge.BundleError, match="unpacks to"):
+        channel.fetch(entry, tmp_path / "into")
+    assert not (tmp_path / "into" / "payload").exists()
+    monkeypatch.setattr(edge, "MAX_ARCHIVE_BYTES", archive.stat().st_size - 1)
+    monkeypatch.setattr(edge, "CHUNK_BYTES", 64)
+    with pytest.raises(edge.BundleError, match="larger than"):
+        channel.fetch(entry, tmp_path / "into2")
+    monkeypatch.setattr(edge, "MAX_ARCHIVE_BYTES", archive.stat().st_size)
+    monkeypatch.setattr(edge, "MAX_UNPACKED_BYTES", 400_000)
+    assert channel.fetch(entry, tmp_path / "into3").name == "payload"
 
 
 def test_edge_runtime_the_bundle_lacks_is_named(tmp_path: Path) -> None:
@@ -504,7 +662,94 @@ def test_edge_frames_keep_their_numbers_past_a_corrupt_frame(tmp_path: Path) -> 
     frames = [(frame.index, round(int(frame.image[0, 0, 0]) / 10)) for frame in reader.frames()]
     reader.close()
     assert frames == [(index, index) for index in range(20) if index != 10]
-    assert reader.unreadable == 1 and reader.problems == []
+    assert reader.unreadable == 1 and not reader.problems
+
+
+def test_edge_camera_away_for_long_keeps_bounded_records_and_warnings(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A camera that never comes back is reopened every few seconds for as long as it is away (a week: 120,000
+    times): the reader keeps its last problems and warns now and then, not once per reopen. Stand-in capture: no
+    camera can be attached here; the pauses between reopens are skipped."""
+    edge = edge_module()
+    monkeypatch.setattr(edge.time, "sleep", lambda seconds: None)
+    opened: list[int] = []
+
+    class Away:
+        def __init__(self) -> None:
+            opened.append(1)
+            if len(opened) > 1000:
+                reader.ended.set()
+
+        def isOpened(self) -> bool:
+            return True
+
+        def get(self, prop: int) -> float:
+            return 0.0
+
+        def read(self) -> tuple[bool, None]:
+            return False, None
+
+        def release(self) -> None:
+            pass
+
+    reader = edge.FrameReader("0", every_frame=True, reopen_after=1, open_capture=lambda source: Away())
+    assert list(reader.frames()) == []
+    reader.close()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "reopening" in line]
+    assert reader.reopened >= 1000 and len(reader.problems) == edge.PROBLEMS_KEPT
+    assert 10 <= len(warnings) <= 25, len(warnings)
+    stats = edge.StreamStats()
+    stats.latencies_ms.extend(range(edge.LATENCIES_KEPT + 10))
+    assert len(stats.latencies_ms) == edge.LATENCIES_KEPT
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "said"),
+    [
+        ("--mqtt", "localhost:abc", "the port 1-65535"),
+        ("--mqtt", "localhost:99999", "the port 1-65535"),
+        ("--queue", "-1", "must be a positive number"),
+        ("--frames", "0", "must be a positive number"),
+        ("--frames", "1.5", "invalid int value"),
+        ("--poll", "-1", "must be a positive number"),
+        ("--poll", "inf", "must be a positive number"),
+        ("--conf", "1.5", "between 0 and 1"),
+    ],
+)
+def test_edge_runner_refuses_bad_options_by_name(
+    option: str, value: str, said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each was a traceback, a run that published nothing and exited 0, or (--poll -1) a channel read in a loop."""
+    edge = edge_module()
+    with pytest.raises(SystemExit) as exited:
+        edge.main(["--stream", "0", option, value])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert option in err and said in err, err
+
+
+def test_bundle_overwrite_replaces_only_a_bundle_and_keygen_never_exposes_the_key(tmp_path: Path) -> None:
+    """`--out data --overwrite` removed whatever folder it named; the private key was written with the umask's
+    permissions and chmod-ed after."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "labels.csv").write_text("a,b\n")
+    with pytest.raises(FileExistsError, match="not a bundle"):
+        bundle.build(Any, data, 0.25, overwrite=True)  # type: ignore[arg-type]  # refused before the files are read
+    assert (data / "labels.csv").is_file()
+    created: list[int] = []
+    real_open = os.open
+
+    def watched(path: Any, flags: int, mode: int = 0o777, *args: Any) -> int:
+        if str(path).endswith(".key"):
+            created.append(mode)
+        return real_open(path, flags, mode, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "open", watched)
+        private, _ = bundle.keygen(tmp_path / "keys")
+    assert created == [0o600] and private.stat().st_mode & 0o777 == 0o600
 
 
 def test_edge_log_is_at_the_bundles_threshold_whatever_conf_decides_at(tmp_path: Path) -> None:

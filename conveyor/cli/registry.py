@@ -67,16 +67,29 @@ def rollback(reason: Annotated[str, typer.Option(help="why (recorded in the hist
     from pipelines import registry
 
     _, settings, client = open_registry()
-    move = registry.rollback(client, settings.registry.model_name, reason=reason)
+    channel, line = settings.edge.channel, settings.edge.line
+
+    def line_can_follow(target: str) -> None:
+        """The line follows the champion back to the bundle it ran of that version: one it never ran refuses the
+        rollback before the registry moves, so the two never disagree."""
+        if channel:
+            from serving import bundle
+
+            try:
+                bundle.last_run_of(channel, line, target)
+            except bundle.ChannelError as exc:
+                raise bundle.ChannelError(f"nothing was rolled back: {exc}") from None
+
+    move = registry.rollback(client, settings.registry.model_name, reason=reason, before_move=line_can_follow)
     console.print(f"champion: v{move.from_version} -> v{move.to_version} (rollback: {move.reason})")
-    if settings.edge.channel:  # the line follows: its channel back to the bundle it ran of that version
+    if channel:
         from serving import bundle
 
         try:
-            entry = bundle.roll_back_channel(settings.edge.channel, settings.edge.line, str(move.to_version))
-        except bundle.ChannelError as exc:
+            entry = bundle.roll_back_channel(channel, line, str(move.to_version))
+        except bundle.ChannelError as exc:  # the store failed between the check and the write
             raise bundle.ChannelError(f"the registry rolled back, the edge channel did not: {exc}") from None
-        console.print(f"edge channel {settings.edge.channel}: line {settings.edge.line} back to {entry['bundle']}")
+        console.print(f"edge channel {channel}: line {line} back to {entry['bundle']}")
 
 
 @app.command()

@@ -147,11 +147,13 @@ def bundle(
         raise ConfigError("--publish needs a channel: --channel DIR|s3://... or params.yaml edge.channel")
     if publish and key is None:
         raise ConfigError(f"--publish needs a signed bundle: --key PATH or ${KEY_ENV} (`conveyor edge keygen`)")
+    # The line is in the bundle's signed edge.json, and a runner takes only its own line's bundles from a channel.
+    edge_settings = settings.edge if line is None else settings.edge.model_copy(update={"line": line})
     built = edge.build(
         files,
         out,
         settings.serve.conf,
-        settings.edge,
+        edge_settings,
         overwrite=overwrite,
         private_key=key,
         log_s3=settings.serve.prediction_log.s3,

@@ -47,6 +47,7 @@ import sys
 import tarfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 MAX_WH = 7680  # class offset for class-aware NMS, as Ultralytics
+PROBLEMS_KEPT = 20
+LATENCIES_KEPT = 100_000
 DEVICE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # as `conveyor drift --device` takes it
 LINE_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # as params.yaml edge.line (the runner imports nothing of Conveyor)
 FEATURES_OUTPUT = "features"  # the model's pooled features, added at export (Conveyor's pipelines/model_features.py)
@@ -337,6 +340,22 @@ class RejectRule:
             tuple(rule.get("roi", (0.0, 0.0, 1.0, 1.0))),
         )
 
+    @classmethod
+    def of_line(cls, root: Path, line: str) -> RejectRule:
+        """The rule of a bundle taken from a line's channel: its edge.json must be there (signed, in the manifest)
+        and name this line. Another line's bundle carries another line's rule and region of interest; a channel
+        writer pointing this line at it is refused."""
+        config = root / "edge.json"
+        if not config.is_file():
+            raise BundleError("the bundle has no edge.json (its reject rule): rebuild it with `conveyor bundle`")
+        built_for = json.loads(config.read_text()).get("line")
+        if built_for != line:
+            raise BundleError(
+                f"the bundle was built for line {built_for!r}, this runner is line {line!r}: build and publish it "
+                f"with `conveyor bundle --publish --line {line}`"
+            )
+        return cls.load(root)
+
     def unmet_below(self, threshold: float) -> str | None:
         """What the rule promises and cannot keep when detections are made from `threshold` up (None: nothing)."""
         if self.min_confidence >= threshold:
@@ -413,7 +432,7 @@ class FrameReader:
         self.skipped = 0
         self.unreadable = 0  # frames the decoder could not read (a corrupt frame, a camera that hiccuped)
         self.reopened = 0
-        self.problems: list[str] = []
+        self.problems: deque[str] = deque(maxlen=PROBLEMS_KEPT)  # a camera down for a week: the last ones
         self.ended = threading.Event()
         self._index = 0
         self._started = time.monotonic()
@@ -444,7 +463,12 @@ class FrameReader:
                 print(f"warning: {self.problems[-1]}", file=sys.stderr)
                 return None
             self.problems.append(f"the stream stopped delivering: reopening {self.source}")
-            print(f"warning: no frame from {self.source} {failures} times: reopening it", file=sys.stderr)
+            if self.reopened < 10 or self.reopened % 100 == 0:  # a camera away for hours: not a line every 5 s
+                print(
+                    f"warning: no frame from {self.source} {failures} times: reopening it "
+                    f"({self.reopened + 1} reopens so far)",
+                    file=sys.stderr,
+                )
             self.capture.release()
             time.sleep(min(5.0, 0.5 * (1 + self.reopened)))
             self.capture = self._open(self.source)
@@ -533,7 +557,7 @@ class Mqtt(Publisher):
     def __init__(self, address: str, topic: str, client_id: str, queue_size: int = 10_000) -> None:
         import paho.mqtt.client as mqtt
 
-        host, _, port = address.partition(":")
+        host, _, port = address.rpartition(":") if ":" in address else (address, "", "")
         self.topic = topic
         self._mqtt = mqtt
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
@@ -582,6 +606,29 @@ def manifest_digest(root: Path) -> str:
     return hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else ""
 
 
+ARCHIVE_DIGEST = re.compile(r"[0-9a-f]{64}")
+# A bundle is about 20-40 MB (two runtimes' models and the runner). Far past that is not a bundle: the channel's
+# entry is not signed, so an archive is bounded before it is fetched whole or unpacked, not after.
+MAX_ARCHIVE_BYTES = 512 * 2**20
+MAX_UNPACKED_BYTES = 1024 * 2**20
+CHUNK_BYTES = 2**20
+
+
+def checked_entry(entry: Any, where: str) -> dict[str, Any]:
+    """A channel entry whose fields are safe to act on. `LINE.json` is not signed (anyone who can write the channel
+    writes it): its archive digest names a folder here, and its path is read inside the channel, so both are checked
+    before either is used. The bundle itself is checked against the team's signature after it is fetched."""
+    if not isinstance(entry, dict):
+        raise BundleError(f"{where}: not a channel entry (a JSON object with bundle and sha256)")
+    digest, bundle = entry.get("sha256"), entry.get("bundle")
+    if not isinstance(digest, str) or not ARCHIVE_DIGEST.fullmatch(digest):
+        raise BundleError(f"{where}: sha256 {str(digest)[:80]!r} is not an archive's SHA-256 (64 hex digits)")
+    name = bundle.removeprefix("bundles/") if isinstance(bundle, str) and bundle.startswith("bundles/") else ""
+    if not name.endswith(".tar.gz") or "/" in name or "\\" in name or name.startswith("."):
+        raise BundleError(f"{where}: bundle {str(bundle)[:120]!r} is not bundles/NAME.tar.gz inside the channel")
+    return entry
+
+
 class Channel:
     """Where the team publishes the bundle each line should run: `LINE.json` ({"bundle": the .tar.gz's path relative
     to the channel, "sha256" of the archive, "manifest_sha256", "model", "version"}) in a folder or under
@@ -591,40 +638,60 @@ class Channel:
         self.location = location.rstrip("/")
         self.line = line
 
-    def _read(self, relative: str) -> bytes:
-        """The object's bytes; FileNotFoundError when it is not there (a channel nothing was published to yet)."""
+    def _chunks(self, relative: str, limit: int) -> Iterator[bytes]:
+        """The object's bytes in chunks, refused past `limit` bytes; FileNotFoundError when it is not there (a
+        channel nothing was published to yet)."""
         if not self.location.startswith("s3://"):
-            return (Path(self.location) / relative).read_bytes()
+            with (Path(self.location) / relative).open("rb") as handle:
+                yield from _bounded(iter(lambda: handle.read(CHUNK_BYTES), b""), limit, relative)
+            return
         from botocore.exceptions import ClientError
 
         bucket, _, prefix = self.location[5:].partition("/")
         key = f"{prefix}/{relative}" if prefix else relative
         s3 = s3_client()
         try:
-            return bytes(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+            body = s3.get_object(Bucket=bucket, Key=key)["Body"]
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise FileNotFoundError(f"{self.location}/{key}: no such object") from None
             raise
-
-    def current(self) -> dict[str, Any] | None:
-        """The line's entry, or None when nothing was published for it."""
         try:
-            return dict(json.loads(self._read(f"{self.line}.json")))
+            yield from _bounded(body.iter_chunks(CHUNK_BYTES), limit, relative)
+        finally:
+            body.close()
+
+    def current(self) -> Any:
+        """The line's entry as the channel holds it (checked by `checked_entry`), or None when nothing was published
+        for it."""
+        try:
+            return json.loads(b"".join(self._chunks(f"{self.line}.json", 2**20)))
         except FileNotFoundError:
             return None
 
     def fetch(self, entry: dict[str, Any], into: Path) -> Path:
-        """The entry's bundle, checked against its sha256 and unpacked into `into`; returns the bundle folder."""
-        archive = self._read(entry["bundle"])
-        digest = hashlib.sha256(archive).hexdigest()
-        if digest != entry.get("sha256"):
-            raise BundleError(f"{entry['bundle']}: sha256 {digest}, the channel says {entry.get('sha256')}")
+        """The entry's bundle, checked against its sha256 and unpacked into `into`; returns the bundle folder. The
+        archive is written as it arrives (never whole in memory), and its members' sizes are added up from their
+        headers before anything is unpacked."""
+        entry = checked_entry(entry, f"{self.location}/{self.line}.json")
         into.mkdir(parents=True, exist_ok=True)
         path = into / "bundle.tar.gz"
-        path.write_bytes(archive)
+        digest = hashlib.sha256()
+        with path.open("wb") as out:
+            for chunk in self._chunks(entry["bundle"], MAX_ARCHIVE_BYTES):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != entry["sha256"]:
+            raise BundleError(f"{entry['bundle']}: sha256 {digest.hexdigest()}, the channel says {entry['sha256']}")
         with tarfile.open(path) as tar:
-            tar.extractall(into, filter="data")
+            members = tar.getmembers()
+            unpacked = sum(m.size for m in members)
+            if unpacked > MAX_UNPACKED_BYTES or any(m.issparse() for m in members):
+                raise BundleError(
+                    f"{entry['bundle']}: unpacks to {unpacked / 2**20:.0f} MB, past the {MAX_UNPACKED_BYTES // 2**20}"
+                    " MB a bundle may take (or holds sparse files): not a bundle"
+                )
+            tar.extractall(into, members=members, filter="data")
         path.unlink()
         folders = [p for p in into.iterdir() if p.is_dir()]
         if len(folders) != 1:
@@ -632,14 +699,26 @@ class Channel:
         return folders[0]
 
 
+def _bounded(chunks: Iterator[bytes], limit: int, what: str) -> Iterator[bytes]:
+    total = 0
+    for chunk in chunks:
+        total += len(chunk)
+        if total > limit:
+            raise BundleError(f"{what}: larger than {limit // 2**20} MB: not what a channel holds")
+        yield chunk
+
+
 BUNDLE_FOLDER = re.compile(r"[0-9a-f]{16}")  # a fetched bundle's folder: its archive's SHA-256, cut short
 ROLLOUT_STATE = "current.json"  # in the rollout folder: the bundle last swapped in, run again after a restart
 
 
-def rolled_out(directory: Path, public_key: Path | None, model_name: str | None) -> Path | None:
+def rolled_out(
+    directory: Path, public_key: Path | None, model_name: str | None, line: str | None = None
+) -> Path | None:
     """The bundle this runner last took from the channel (`Rollout`'s folder), checked again (checksums, signature,
-    the same model): the line restarts on what it ran, not on the bundle installed before, which may be months
-    older or a version rolled back. None when there is none, or when it no longer passes (then said)."""
+    the same model, built for `line`): the line restarts on what it ran, not on the bundle installed before, which
+    may be months older or a version rolled back. None when there is none, or when it no longer passes (then
+    said)."""
     state = directory / ROLLOUT_STATE
     if not state.is_file():
         return None
@@ -648,6 +727,8 @@ def rolled_out(directory: Path, public_key: Path | None, model_name: str | None)
         manifest = verify(root, public_key)
         if model_name and manifest.get("model") != model_name:
             raise BundleError(f"it is for model {manifest.get('model')!r}, this bundle is {model_name!r}")
+        if line is not None:
+            RejectRule.of_line(root, line)
     except (BundleError, OSError, ValueError, KeyError, TypeError) as exc:
         print(
             f"warning: the bundle last rolled out here ({state}) is not run again: {exc}; starting on this one",
@@ -683,13 +764,17 @@ class Rollout:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self._seen: str | None = None
-        self._ready: queue.Queue[tuple[Model, dict[str, Any]]] = queue.Queue(maxsize=1)
+        self._ready: queue.Queue[tuple[Model, RejectRule, dict[str, Any]]] = queue.Queue(maxsize=1)
         self._keep_lock = threading.Lock()
         self._running = self._folder_of(model.root)  # the folders not to delete
         self._waiting: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rollout", daemon=True)
+
+    def start(self) -> Rollout:
+        """Poll the channel in a thread from now on (the stream loop swaps in what it verified)."""
         self._thread.start()
+        return self
 
     def _folder_of(self, root: Path) -> str | None:
         """The folder of `directory` a bundle root lies in (None: the installed bundle, elsewhere)."""
@@ -708,9 +793,21 @@ class Rollout:
             self._stop.wait(self.poll_seconds)
 
     def poll_once(self) -> None:
-        entry = self.channel.current()
-        # Running it already, or tried this very archive before (a refused bundle is not fetched again and again).
-        if entry is None or entry.get("manifest_sha256") == self.current or entry.get("sha256") == self._seen:
+        if self._ready.full():
+            # One bundle waits for the stream to take it (a camera that stalled): the channel is looked at again
+            # once it is running, so a newer entry never races the one waiting (and its folder is never tidied away
+            # while it waits).
+            return
+        raw = self.channel.current()
+        if raw is None or (isinstance(raw, dict) and raw.get("manifest_sha256") == self.current):
+            return  # nothing published, or running it already
+        seen = json.dumps(raw, sort_keys=True)
+        if seen == self._seen:
+            return  # tried this very entry before: a refused bundle is not fetched again and again
+        try:
+            entry = checked_entry(raw, f"{self.channel.location}/{self.channel.line}.json")
+        except BundleError as exc:
+            self._refuse(raw, seen, exc, None)
             return
         folder = entry["sha256"][:16]
         target = self.directory / folder
@@ -718,36 +815,41 @@ class Rollout:
         try:
             root = self.channel.fetch(entry, target)
         except (BundleError, tarfile.TarError) as exc:  # not the archive the channel names, or not an archive
-            self._refuse(entry, exc, target)
+            self._refuse(entry, seen, exc, target)
             return
         # Anything else (the store away, a download cut short) leaves the entry to be fetched again next time.
-        self._seen = entry.get("sha256")
+        self._seen = seen
         try:
             manifest = verify(root, self.public_key)
             if self.running_name and manifest.get("model") != self.running_name:
                 raise BundleError(
                     f"the bundle is for model {manifest.get('model')!r}, this line runs {self.running_name!r}"
                 )
+            rule = RejectRule.of_line(root, self.channel.line)
             model = Model(self.runtime, root)
             model.detect(np.zeros((model.card["imgsz"], model.card["imgsz"], 3), np.uint8))  # loads, and warms up
         except Exception as exc:  # a check failed, or the runtime cannot load or run it (its errors vary)
-            self._refuse(entry, exc, target)
+            self._refuse(entry, seen, exc, target)
             return
         with self._keep_lock:
             self._waiting = folder
-        self._ready.put((model, entry))
+        self._ready.put((model, rule, entry))
 
-    def _refuse(self, entry: dict[str, Any], exc: BaseException, target: Path) -> None:
+    def _refuse(self, entry: Any, seen: str, exc: BaseException, target: Path | None) -> None:
         """A bundle that failed a check is not fetched again (until the channel names another), nor kept."""
-        self._seen = entry.get("sha256")
-        shutil.rmtree(target, ignore_errors=True)
-        reason = f"{entry.get('bundle')}: {str(exc) or type(exc).__name__}"
+        self._seen = seen
+        if target is not None:
+            shutil.rmtree(target, ignore_errors=True)
+        named = entry.get("bundle") if isinstance(entry, dict) else None
+        reason = f"{str(named)[:120] if named else 'the channel entry'}: {str(exc) or type(exc).__name__}"
         self.refused.append(reason)
         print(f"refused bundle {reason}; the running model goes on", file=sys.stderr)
 
-    def swap_if_ready(self) -> Model | None:
+    def swap_if_ready(self) -> tuple[Model, RejectRule] | None:
+        """The bundle verified and waiting, with the reject rule read from it when it was verified (nothing is read
+        from its folder after the checks)."""
         try:
-            model, entry = self._ready.get_nowait()
+            model, rule, entry = self._ready.get_nowait()
         except queue.Empty:
             return None
         self.current = manifest_digest(model.root)
@@ -760,7 +862,7 @@ class Rollout:
         root = model.root.resolve().relative_to(self.directory.resolve()).as_posix()
         staged.write_text(json.dumps({"root": root, "bundle": entry.get("bundle"), "taken": time.time()}))
         os.replace(staged, state)
-        return model
+        return model, rule
 
     def _tidy(self) -> None:
         """Delete the bundles no longer running or waiting (a swapped-out one: about 20 MB each)."""
@@ -772,7 +874,8 @@ class Rollout:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
 
 # --- the log for monitoring ----------------------------------------------------------------------------------------
@@ -889,7 +992,8 @@ class StreamStats:
     frames: int = 0
     rejects: int = 0
     seconds: float = 0.0
-    latencies_ms: list[float] = field(default_factory=list)
+    # The last LATENCIES_KEPT frames' (about an hour at 30 fps): a month's stream would otherwise keep every one.
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCIES_KEPT))
 
     def summary(
         self, reader: FrameReader, publisher: Publisher, rollout: Rollout | None, log: EdgeLog | None
@@ -944,7 +1048,7 @@ def run_stream(
         for frame in reader.frames():
             if rollout is not None and (swapped := rollout.swap_if_ready()) is not None:
                 # Between two frames: this frame and every later one on the new bundle (its model and its rule).
-                model, rule = swapped, RejectRule.load(swapped.root)
+                model, rule = swapped
             if log is None:
                 found = model.detect(frame.image, conf)
             else:
@@ -988,22 +1092,50 @@ def run_stream(
     return stats.summary(reader, publisher, rollout, log)
 
 
+def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = kind(text)
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text}: must be a positive number")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names it: "invalid int value: '1.5'"
+    return parse
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: a confidence is between 0 and 1")
+    return value
+
+
+def _broker(text: str) -> str:
+    """HOST[:PORT], the port checked here: a bad one was a traceback, or a run that published nothing."""
+    host, _, port = text.rpartition(":") if ":" in text else (text, "", "")
+    if not host or (port and not (port.isdigit() and 0 < int(port) < 65536)):
+        raise argparse.ArgumentTypeError(f"{text}: HOST or HOST:PORT, the port 1-65535")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("images", nargs="*", type=Path)
     parser.add_argument("--runtime", default="openvino", choices=["openvino", "openvino_int8", "onnx"])
-    parser.add_argument("--conf", type=float, default=None)
+    parser.add_argument("--conf", type=_fraction, default=None)
     parser.add_argument("--verify", action="store_true", help="check the manifest's checksums first")
     parser.add_argument("--stream", help="a camera index, an RTSP/HTTP URL or a video file: decisions per frame")
     parser.add_argument("--every-frame", action="store_true", help="decide every frame (no newest-frame skipping)")
     parser.add_argument("--paced", action="store_true", help="with --every-frame: a file still plays at its rate")
-    parser.add_argument("--frames", type=int, default=None, help="stop after this many decided frames")
+    parser.add_argument("--frames", type=_positive(int), default=None, help="stop after this many decided frames")
     parser.add_argument("--line", default=None, help="the line's name (default: edge.json's)")
-    parser.add_argument("--mqtt", default=None, help="HOST[:PORT] of an MQTT broker; default: JSON lines on stdout")
-    parser.add_argument("--queue", type=int, default=None, help="decisions kept while the broker is away")
+    parser.add_argument(
+        "--mqtt", type=_broker, default=None, help="HOST[:PORT] of an MQTT broker; default: JSON lines on stdout"
+    )
+    parser.add_argument("--queue", type=_positive(int), default=None, help="decisions kept while the broker is away")
     parser.add_argument("--channel", default=None, help="a folder or s3://bucket/prefix to take new bundles from")
     parser.add_argument("--public-key", type=Path, default=None, help="the team's Ed25519 public key (PEM)")
-    parser.add_argument("--poll", type=float, default=None, help="seconds between looks at the channel")
+    parser.add_argument("--poll", type=_positive(float), default=None, help="seconds between looks at the channel")
     parser.add_argument(
         "--rollouts",
         type=Path,
@@ -1032,11 +1164,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     rollouts = args.rollouts or Path(config.get("rollouts") or "edge-rollouts")
+    line = args.line or config.get("line", "line-1")
+    if not LINE_NAME.fullmatch(line):
+        parser.error(f"--line {line!r}: letters, digits, '_', '.' and '-' (it names the MQTT topic and channel files)")
     root = HERE
     try:
         if args.verify or args.public_key:
             manifest = verify(HERE, args.public_key)
-            if channel and (taken := rolled_out(rollouts, args.public_key, manifest.get("model"))) is not None:
+            if channel and (taken := rolled_out(rollouts, args.public_key, manifest.get("model"), line)) is not None:
                 root = taken
         model = load_model(args.runtime, root)
     except BundleError as exc:
@@ -1048,9 +1183,6 @@ def main(argv: list[str] | None = None) -> int:
         if not args.images:
             parser.error("give IMAGE files, or --stream SOURCE")
         return detect_images(model, args.images, args.conf)
-    line = args.line or config.get("line", "line-1")
-    if not LINE_NAME.fullmatch(line):
-        parser.error(f"--line {line!r}: letters, digits, '_', '.' and '-' (it names the MQTT topic and channel files)")
     device = args.device or line
     if not DEVICE_NAME.fullmatch(device) or device in (".", "..", "server", "folder"):
         parser.error(f"--device {device!r}: letters, digits, '_', '.', '-', and not 'server' or 'folder'")
@@ -1087,7 +1219,7 @@ def main(argv: list[str] | None = None) -> int:
             args.public_key,
             args.poll or config.get("poll_seconds", 10),
             rollouts,
-        )
+        ).start()
         if channel
         else None
     )
