@@ -151,7 +151,8 @@ def test_a_rollback_the_edge_line_cannot_follow_moves_nothing(client: MlflowClie
 
     with pytest.raises(bundle.ChannelError, match=f"never ran v{v1}"):
         registry.rollback(client, name, reason="v2 misses dents", before_move=line_follows)
-    assert str(registry.current_champion(client, name).version) == v2
+    champion = registry.current_champion(client, name)
+    assert champion is not None and str(champion.version) == v2
     assert [m.kind for m in registry.history(client, name)] == ["promote", "promote"]
 
 
