@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,7 +16,7 @@ from rich.progress import Progress
 from conveyor.paths import ProjectPaths
 from conveyor.settings import Settings
 from labelling.select import Candidate, embed_files, frames_from_log, frames_in, select
-from labelling.tasks import DEFAULT_IMAGE_URL, SelectionFiles, selection_id, write_selection
+from labelling.tasks import DEFAULT_IMAGE_URL, SELECTION_FILE, SelectionFiles, selection_id, write_selection
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,18 @@ class Selection:
     reference: str  # where the reference embeddings came from
 
 
+def known_frames(paths: ProjectPaths) -> set[str]:
+    """The SHA-256 of every image in the dataset and of every frame an earlier selection chose: labelled already, or
+    waiting in a labelling project. Offered again, the same frames came back each run (the scoring is
+    deterministic), and `label import` then refused the whole export for the one already in the dataset."""
+    images = paths.data / "images"
+    known = {hashlib.sha256(p.read_bytes()).hexdigest() for p in images.rglob("*") if p.is_file()}
+    for record in paths.labelling.glob(f"**/{SELECTION_FILE}"):
+        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):  # damaged: `label import` says so
+            known.update(str(frame["sha256"]) for frame in json.loads(record.read_text())["frames"])
+    return known
+
+
 def select_frames(paths: ProjectPaths, settings: Settings, options: SelectOptions, console: Console) -> Selection:
     from conveyor.tracking import Tracker
     from pipelines.features import EMBEDDING
@@ -42,7 +57,13 @@ def select_frames(paths: ProjectPaths, settings: Settings, options: SelectOption
     from pipelines.reference import ProfileMissingError, load_reference
 
     if options.source is not None:
-        frames, described = frames_in(options.source), str(options.source)
+        frames, others = frames_in(options.source)
+        described = str(options.source)
+        if others:
+            console.print(
+                f"{len(others)} images left out: not JPEG or PNG, which the server takes (e.g. {others[0].name})",
+                highlight=False,
+            )
     else:
         hours = options.hours or settings.monitor.window_hours
         log = settings.serve.prediction_log
@@ -65,6 +86,7 @@ def select_frames(paths: ProjectPaths, settings: Settings, options: SelectOption
         reference = embed_files(train, loaded.detectors[0])
         where = f"{len(reference)} training images of data/"
     console.print(f"{len(frames)} frames from {described}; model {model}; reference: {where}", highlight=False)
+    left_out: list[Path] = []
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("scoring frames", total=len(frames))
         chosen = select(
@@ -74,6 +96,14 @@ def select_frames(paths: ProjectPaths, settings: Settings, options: SelectOption
             settings.label,
             options.count,
             lambda n: progress.advance(task, n),
+            known=known_frames(paths),
+            on_known=left_out.append,
+        )
+    if left_out:
+        console.print(
+            f"{len(left_out)} frames left out: in the dataset already, or chosen by an earlier selection "
+            f"(under {paths.labelling})",
+            highlight=False,
         )
     out = options.out or paths.labelling / selection_id()
     written = write_selection(

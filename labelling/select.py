@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,13 +53,23 @@ class Candidate:
     cluster: int = -1
 
 
-def frames_in(folder: Path) -> list[Path]:
+# What the server takes (`pipelines.inference.check_image_bytes`), so what a frame of the line is: a selection is
+# scored with the server's own checks and decoding.
+FRAME_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+
+def frames_in(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The JPEG and PNG frames under `folder`, and its other images (BMP, TIFF, WebP), which are left out and named:
+    they were listed, then dropped as unreadable without a word."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder of images")
-    frames = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    frames = [p for p in images if p.suffix.lower() in FRAME_SUFFIXES]
+    others = [p for p in images if p.suffix.lower() not in FRAME_SUFFIXES]
     if not frames:
-        raise NothingToSelectError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return frames
+        also = f"; {len(others)} in other formats, which the server does not take: convert them" if others else ""
+        raise NothingToSelectError(f"{folder}: no JPEG or PNG images ({', '.join(sorted(FRAME_SUFFIXES))}){also}")
+    return frames, others
 
 
 def frames_from_log(location: Path | str, since: Any = None, cache: Path | None = None) -> list[Path]:
@@ -170,19 +180,31 @@ def select(
     settings: LabelSettings,
     count: int | None = None,
     advance: Callable[[int], None] = lambda n: None,
+    known: Collection[str] = frozenset(),
+    on_known: Callable[[Path], None] = lambda path: None,
 ) -> list[Candidate]:
-    """The `count` frames most worth labelling, best first. Unreadable files are skipped, and a frame whose bytes
-    repeat an earlier one's (the same image served again) is scored once."""
+    """The `count` frames most worth labelling, best first. Unreadable files are skipped, a frame whose bytes
+    repeat an earlier one's (the same image served again) is scored once, and one whose SHA-256 is `known` (in the
+    dataset already, or chosen by an earlier selection) is not offered again."""
     count = count or settings.count
     readable: dict[str, tuple[Path, np.ndarray]] = {}
+    seen = 0
     for path in frames:
         with contextlib.suppress(OSError, ValueError):  # an unreadable frame is not worth labelling
             data = path.read_bytes()
             digest = hashlib.sha256(data).hexdigest()
-            if digest not in readable:
+            if digest in known:
+                seen += 1
+                on_known(path)
+            elif digest not in readable:
                 readable[digest] = (path, decode_image(data))
         advance(1)
     if not readable:
+        if seen:
+            raise NothingToSelectError(
+                f"each of the {len(frames)} frames that could be read is in the dataset already or was selected "
+                f"before ({seen}): nothing new to label"
+            )
         raise NothingToSelectError(f"none of the {len(frames)} frames could be read as an image")
     digests = list(readable)
     images = [readable[d][1] for d in digests]

@@ -3,8 +3,9 @@
 - A **Label Studio JSON export** (a list of tasks) is read here: each task's image must be a frame of a selection
   (found by name under the selections folder, `.conveyor/labelling/` by default; Label Studio's own upload prefix is
   understood), the latest submitted annotation of each task counts (cancelled ones do not), its rectangles become COCO
-  boxes, and the result goes through `data add` like any COCO export. Tasks nobody labelled are left out and
-  counted; an export with no annotation at all is refused (it was exported before anyone labelled).
+  boxes (a rotated one: the axis-aligned box around it), and the result goes through `data add` like any COCO export.
+  Tasks nobody labelled are left out and counted; an export with no annotation at all is refused (it was exported
+  before anyone labelled).
 - Anything else (**CVAT's COCO 1.0 or YOLO export**, a Pascal VOC folder) goes to `data add` as it is.
 
 The Label Studio format is read with the standard library: its export is plain JSON (tasks, annotations, results in
@@ -14,7 +15,9 @@ mapping this short.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import re
 import shutil
 import tempfile
@@ -78,7 +81,7 @@ def _task_to_coco(
     images: list[dict[str, Any]],
     boxes: list[dict[str, Any]],
     unknown: list[str],
-    labelled_by: dict[str, Any],
+    labelled_by: dict[str, tuple[Any, str]],
     out: Path,
 ) -> int:
     """One task's latest submitted annotation into the COCO lists; 1 if it was labelled. Raises what a task of another
@@ -92,12 +95,17 @@ def _task_to_coco(
     annotation = _latest(task.get("annotations") or [])
     if annotation is None:
         return 0  # nobody labelled it (yet)
-    if path.name in labelled_by:  # the same frame imported into two tasks: whose boxes are right cannot be told
+    # The same frame in two tasks, or the same image under two names (served twice, picked by two selections):
+    # whose boxes are right cannot be told. By content, not by name.
+    content = hashlib.sha256(path.read_bytes()).hexdigest()
+    if content in labelled_by:
+        earlier_task, earlier_name = labelled_by[content]
+        which = f"frame '{path.name}'" if earlier_name == path.name else f"one image ('{earlier_name}', '{path.name}')"
         raise DataValidationError(
-            f"tasks {labelled_by[path.name]} and {task.get('id', n)} both label frame '{path.name}': delete one of "
-            "the two tasks (or its annotation) in Label Studio and export again; nothing was added"
+            f"tasks {earlier_task} and {task.get('id', n)} both label {which}: delete one of the two tasks (or its "
+            "annotation) in Label Studio and export again; nothing was added"
         )
-    labelled_by[path.name] = task.get("id", n)
+    labelled_by[content] = (task.get("id", n), path.name)
     image: dict[str, Any] = {"id": len(images) + 1, "file_name": path.name}
     found: list[dict[str, Any]] = []
     for result in annotation.get("result") or []:
@@ -110,14 +118,33 @@ def _task_to_coco(
             w, h = (float(v) for v in (image_size(path) or (0, 0)))
         image.update(width=w, height=h)
         x, y, width, height = (float(value[k]) for k in ("x", "y", "width", "height"))  # "a" is a ValueError
+        box = [x * w / 100, y * h / 100, width * w / 100, height * h / 100]
+        rotation = float(value.get("rotation") or 0)
+        if rotation % 360:
+            box = enclosing_box(box, rotation, w, h)
         if label not in names:
             names.append(label)
-        found.append({"image_id": image["id"], "category_id": names.index(label) + 1,
-                      "bbox": [x * w / 100, y * h / 100, width * w / 100, height * h / 100]})  # fmt: skip
+        found.append({"image_id": image["id"], "category_id": names.index(label) + 1, "bbox": box})
     images.append(image)
     boxes.extend({"id": len(boxes) + i + 1, **box} for i, box in enumerate(found))
     shutil.copy2(path, out / "images" / path.name)
     return 1
+
+
+def enclosing_box(box: list[float], degrees: float, image_w: float, image_h: float) -> list[float]:
+    """The axis-aligned box (x, y, width, height in pixels) that holds a rectangle Label Studio rotated by `degrees`
+    clockwise about its top-left corner (x, y): this detector draws axis-aligned boxes, so a rotated one becomes the
+    box around it, as Label Studio's own converter makes it, but in pixels (in percent, a wide image would shear it);
+    clipped to the image."""
+    x, y, width, height = box
+    turn = math.radians(degrees)
+    cos, sin = math.cos(turn), math.sin(turn)
+    corners = [(0.0, 0.0), (width, 0.0), (width, height), (0.0, height)]
+    xs = [x + dx * cos - dy * sin for dx, dy in corners]
+    ys = [y + dx * sin + dy * cos for dx, dy in corners]
+    left, top = max(0.0, min(xs)), max(0.0, min(ys))
+    right, bottom = min(image_w, max(xs)), min(image_h, max(ys))
+    return [left, top, max(0.0, right - left), max(0.0, bottom - top)]
 
 
 def _refuse_tasks(export: Path, problems: list[str], why: str) -> None:
@@ -138,7 +165,7 @@ def studio_to_coco(export: Path, tasks: list[Any], frames: dict[str, Path], out:
     boxes: list[dict[str, Any]] = []
     unknown: list[str] = []
     malformed: list[str] = []
-    labelled_by: dict[str, Any] = {}  # frame name -> the task that labelled it
+    labelled_by: dict[str, tuple[Any, str]] = {}  # image's SHA-256 -> the task that labelled it, and its name
     labelled = 0
     for n, task in enumerate(tasks):
         try:

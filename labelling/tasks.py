@@ -50,7 +50,8 @@ def label_config(names: list[str]) -> str:
     labels = "\n".join(f"    <Label value={quoteattr(n)}/>" for n in names)
     return (
         f'<View>\n  <Image name="{TO_NAME}" value="$image"/>\n'
-        f'  <RectangleLabels name="{FROM_NAME}" toName="{TO_NAME}">\n{labels}\n  </RectangleLabels>\n</View>\n'
+        f'  <RectangleLabels name="{FROM_NAME}" toName="{TO_NAME}" canRotate="false">\n{labels}\n  </RectangleLabels>\n'
+        "</View>\n"
     )
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from conveyor.paths import ProjectPaths
@@ -67,6 +68,33 @@ def test_selection_prefers_what_the_model_has_not_seen_and_is_diverse(
     assert all(0 <= c.uncertainty <= 1 and 0 <= c.novelty <= 1 for c in chosen)
 
 
+def test_frames_in_the_dataset_or_selected_before_are_not_offered_again(
+    paths: ProjectPaths, chosen: list[selecting.Candidate], pool: dict[str, Path]
+) -> None:
+    """The scoring is deterministic: each `label select` over the same window offered the same frames again,
+    labelled or not, and frames of the dataset's own test split; `label import` then refused the whole export."""
+    from labelling.run import known_frames
+
+    test_split = sorted((pool["same"] / "images/test").glob("*.jpg"))
+    (paths.data / "images" / "test").mkdir(parents=True, exist_ok=True)
+    (paths.data / "images" / "test" / "kept.jpg").write_bytes(test_split[0].read_bytes())
+    write_selection(paths.labelling / "earlier", chosen[:3], NAMES, 0.25, "test v1", "pool")
+    known = known_frames(paths)
+    assert {c.sha256 for c in chosen[:3]} <= known
+    assert selecting.hashlib.sha256(test_split[0].read_bytes()).hexdigest() in known
+
+    detector = Detector(TorchRuntime(ASSET), ModelCard(NAMES, 320))
+    frames = [c.path for c in chosen[:3]] + test_split[:3]
+    left_out: list[Path] = []
+    again = selecting.select(
+        frames, detector, np.zeros((0, 0)), LabelSettings(count=6), known=known, on_known=left_out.append
+    )
+    assert sorted(left_out) == sorted([c.path for c in chosen[:3]] + [test_split[0]])
+    assert sorted(c.path for c in again) == sorted(test_split[1:3])
+    with pytest.raises(selecting.NothingToSelectError, match="nothing new to label"):
+        selecting.select(frames[:3], detector, np.zeros((0, 0)), LabelSettings(count=6), known=known)
+
+
 def test_training_images_in_any_format_are_embedded_and_a_stray_file_left_out(
     pool: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -107,6 +135,80 @@ def test_uncertainty_peaks_at_the_threshold() -> None:
     assert selecting.uncertainty(frame(), 0.25, 0.05) == 0.0
     assert selecting.uncertainty(frame(0.99), 0.25, 0.05) < 0.02
     assert selecting.uncertainty(frame(0.95, 0.2), 0.25, 0.05) == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize(
+    ("rotation", "expected"),
+    [
+        (0, [20, 20, 80, 10]),
+        (360, [20, 20, 80, 10]),
+        (90, [10, 20, 10, 80]),  # turned about its top-left corner, clockwise: it hangs down and to the left
+        (180, [0, 10, 20, 10]),  # ... and up past the image's left edge: clipped
+    ],
+)
+def test_a_rotated_box_comes_back_as_the_axis_aligned_box_around_it(
+    tmp_path: Path, rotation: float, expected: list[float]
+) -> None:
+    """Label Studio stores a rotated rectangle as its top-left corner, size and `rotation`; the import read it as if
+    it were not turned (a box 90 degrees off the drawn one). Measured in pixels on a 200x100 image, where percent
+    would shear it."""
+    from PIL import Image
+
+    from labelling.studio import studio_to_coco
+
+    Image.new("RGB", (200, 100)).save(tmp_path / "frame.jpg")
+    value = {"x": 10, "y": 20, "width": 40, "height": 10, "rotation": rotation, "rectanglelabels": ["scratch"]}
+    result = {"type": "rectanglelabels", "original_width": 200, "original_height": 100, "value": value}
+    tasks = [
+        {"id": 1, "data": {"image": "/data/local-files/?d=images/frame.jpg"}, "annotations": [{"result": [result]}]}
+    ]
+    out = tmp_path / "coco"
+    (out / "images").mkdir(parents=True)
+    studio_to_coco(tmp_path / "export.json", tasks, {"frame.jpg": tmp_path / "frame.jpg"}, out)
+    (box,) = [a["bbox"] for a in json.loads((out / "annotations.json").read_text())["annotations"]]
+    assert box == pytest.approx(expected, abs=1e-6)
+
+
+def test_one_image_under_two_names_in_one_export_is_refused(tmp_path: Path) -> None:
+    """A frame served twice (req-0001.jpg, req-0937.jpg), picked by two selections and labelled twice, differently:
+    the refusal of one frame in two tasks went by name, and both copies were imported with their conflicting boxes."""
+    from PIL import Image
+
+    from labelling.studio import studio_to_coco
+
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(tmp_path / "req-0001.jpg")
+    (tmp_path / "req-0937.jpg").write_bytes((tmp_path / "req-0001.jpg").read_bytes())
+    value = {"x": 10, "y": 10, "width": 20, "height": 20, "rectanglelabels": ["scratch"]}
+    result = {"type": "rectanglelabels", "value": value}
+    tasks = [
+        {"id": n, "data": {"image": f"/data/local-files/?d=images/{name}"}, "annotations": [{"result": [result]}]}
+        for n, name in ((1, "req-0001.jpg"), (2, "req-0937.jpg"))
+    ]
+    out = tmp_path / "coco"
+    (out / "images").mkdir(parents=True)
+    frames = {name: tmp_path / name for name in ("req-0001.jpg", "req-0937.jpg")}
+    with pytest.raises(DataValidationError, match=r"tasks 1 and 2 both label one image \('req-0001.jpg', 'req-0937"):
+        studio_to_coco(tmp_path / "export.json", tasks, frames, out)
+
+
+def test_a_source_folder_of_other_formats_is_named_not_dropped(tmp_path: Path) -> None:
+    """BMP, TIFF and WebP were listed as frames, then dropped as unreadable by the server's JPEG-or-PNG check."""
+    from PIL import Image
+
+    for name in ("a.webp", "b.bmp", "c.tif"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    with pytest.raises(selecting.NothingToSelectError, match="no JPEG or PNG images .*3 in other formats"):
+        selecting.frames_in(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "d.jpg")
+    frames, others = selecting.frames_in(tmp_path)
+    assert [p.name for p in frames] == ["d.jpg"] and [p.name for p in others] == ["a.webp", "b.bmp", "c.tif"]
+
+
+def test_label_studio_projects_are_made_without_rotation() -> None:
+    """The config `conveyor label select` writes: an axis-aligned detector's boxes cannot be turned in the tool."""
+    from labelling.tasks import label_config
+
+    assert 'canRotate="false"' in label_config(list(NAMES))
 
 
 def _true_result(selection: Path, image_url: str) -> list[dict[str, object]]:

@@ -48,7 +48,8 @@ def label_select(
     folder = selection.files.folder
     console.print(
         f"written to {folder}: Label Studio: import tasks.json with label_config.xml (serve the images with "
-        f"LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={folder}); CVAT: "
+        f"LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={folder}, and add a "
+        f"Local Files storage with path {folder / 'images'} to the project); CVAT: "
         f"cvat/ (COCO 1.0). Bring labels back with `conveyor label import EXPORT`",
         highlight=False,
         soft_wrap=True,
