@@ -147,12 +147,21 @@ def diverse(scores: np.ndarray, embeddings: np.ndarray, count: int, pool_factor:
     if len(pool) <= count or not embeddings.shape[1]:  # no features to cluster by: the best, in order
         return [(int(i), n) for n, i in enumerate(pool[:count])]
     unit = embeddings[pool] / np.maximum(np.linalg.norm(embeddings[pool], axis=1, keepdims=True), 1e-9)
-    clusters = KMeans(n_clusters=count, n_init=4, random_state=0).fit_predict(unit)
+    distinct = len(np.unique(unit.round(6), axis=0))  # k-means cannot make more clusters than there are points
+    clusters = KMeans(n_clusters=min(count, distinct), n_init=4, random_state=0).fit_predict(unit)
     chosen = []
     for cluster in range(count):
         members = pool[clusters == cluster]
         if len(members):
             chosen.append((int(members[np.argmax(scores[members])]), cluster))
+    # Fewer clusters than asked (the pool's frames look the same to the model: one scene served again): the next
+    # frames of the ranking that differ from every one taken fill the rest.
+    for i in order:
+        if len(chosen) >= count:
+            break
+        taken = embeddings[[j for j, _ in chosen]]
+        if not np.any(np.all(np.isclose(taken, embeddings[i]), axis=1)):
+            chosen.append((int(i), len(chosen)))
     return sorted(chosen, key=lambda pair: -scores[pair[0]])
 
 

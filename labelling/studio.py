@@ -167,6 +167,11 @@ def studio_to_coco(export: Path, tasks: list[Any], frames: dict[str, Path], out:
     malformed: list[str] = []
     labelled_by: dict[str, tuple[Any, str]] = {}  # image's SHA-256 -> the task that labelled it, and its name
     labelled = 0
+    if tasks and all(isinstance(t, dict) and "data" not in t and "image" in t for t in tasks):
+        raise DataValidationError(
+            f"{export}: this is Label Studio's JSON-MIN export, which keeps no annotation history: export the project "
+            "as JSON instead; nothing was added"
+        )
     for n, task in enumerate(tasks):
         try:
             labelled += _task_to_coco(task, n, frames, names, images, boxes, unknown, labelled_by, out)
@@ -217,7 +222,10 @@ def import_labels(
     try:
         (staging / "images").mkdir()
         total, labelled = studio_to_coco(export, tasks, frames, staging)
-        added = add_dataset(paths, staging, commit=commit, name=f"labelstudio-{export.stem}")
+        try:
+            added = add_dataset(paths, staging, commit=commit, name=f"labelstudio-{export.stem}")
+        except DataValidationError as exc:  # it names the converted copy, deleted below: name the export
+            raise DataValidationError(str(exc).replace(str(staging), f"{export} (converted)")) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return LabelImport(added, total, labelled)

@@ -197,11 +197,21 @@ def test_a_source_folder_of_other_formats_is_named_not_dropped(tmp_path: Path) -
 
     for name in ("a.webp", "b.bmp", "c.tif"):
         Image.new("RGB", (8, 8)).save(tmp_path / name)
-    with pytest.raises(selecting.NothingToSelectError, match="no JPEG or PNG images .*3 in other formats"):
+    with pytest.raises(selecting.NothingToSelectError, match=r"no JPEG or PNG images .*3 in other formats"):
         selecting.frames_in(tmp_path)
     Image.new("RGB", (8, 8)).save(tmp_path / "d.jpg")
     frames, others = selecting.frames_in(tmp_path)
     assert [p.name for p in frames] == ["d.jpg"] and [p.name for p in others] == ["a.webp", "b.bmp", "c.tif"]
+
+
+def test_diversity_fills_its_count_past_a_pool_of_look_alikes() -> None:
+    """The best frames all the same to the model (one scene served again): k-means found one cluster, and 4 asked
+    gave 1 frame though distinct ones ranked just below."""
+    scores = np.array([0.9, 0.89, 0.88, 0.87, 0.86, 0.85, 0.84, 0.5, 0.4, 0.3])
+    embeddings = np.array([[1.0, 0.0]] * 8 + [[0.0, 1.0], [1.0, 1.0]])
+    picked = selecting.diverse(scores, embeddings, 4, 2)
+    assert [i for i, _ in picked] == [0, 8, 9]  # one of the look-alikes, then the two that differ
+    assert len({tuple(embeddings[i]) for i, _ in picked}) == 3
 
 
 def test_label_studio_projects_are_made_without_rotation() -> None:
@@ -278,6 +288,10 @@ def test_round_trip_through_label_studio_and_cvat(
     assert (result.tasks, result.labelled) == (8, 6) and result.added.total_images == 6
     assert result.added.batch.endswith("labelstudio-project-1-at-2026") and result.added.md5 != before
     _labels_match_the_truth(paths, selection, result.added.batch)
+    # The same export again: refused by `data add`, naming the export (it named the converted copy, deleted since).
+    with pytest.raises(DataValidationError) as again:
+        import_labels(paths, export)
+    assert f"{export} (converted)" in str(again.value) and ".label-" not in str(again.value)
 
 
 @dataclass(frozen=True)
@@ -438,6 +452,10 @@ def test_label_studio_exports_that_are_refused(
         with pytest.raises(DataValidationError, match=r"not in Label Studio's JSON export format[\s\S]*task "):
             import_labels(paths, tmp_path / "bad.json")
         assert data.dir_md5(paths.data) == before, name
+    json_min = [{"id": 1, "image": "/data/local-files/?d=images/x.jpg", "label": []}]
+    (tmp_path / "min.json").write_text(json.dumps(json_min))
+    with pytest.raises(DataValidationError, match="JSON-MIN export"):  # it was "task 1: image '' never selected"
+        import_labels(paths, tmp_path / "min.json")
     twice = [*good, {**good[0], "id": 99}]  # one frame in two tasks (named a staging path already deleted)
     (tmp_path / "twice.json").write_text(json.dumps(twice))
     with pytest.raises(DataValidationError, match=r"tasks 1 and 99 both label frame"):
