@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -175,16 +176,19 @@ def exclusive(path: Path, busy: Callable[[], None] = lambda: None) -> Iterator[N
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def write_atomically(path: Path, text: str | bytes) -> None:
+def write_atomically(path: Path, text: str | bytes, *, private: bool = False) -> None:
     """Write a record whole or not at all (a temporary file, then a rename): a crash or a full disk mid-write never
-    leaves a torn record behind."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    leaves a torn record behind. `private`: readable by this user only (0600) from the moment it exists, whatever
+    the file it replaces allowed (a secret written first and chmod-ed after is anyone's for a moment)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
+    data = text if isinstance(text, bytes) else text.encode()
     try:
-        if isinstance(text, bytes):
-            temporary.write_bytes(text)
-        else:
-            temporary.write_text(text)
+        temporary.unlink(missing_ok=True)  # a leftover of a killed writer keeps its mode: start afresh
+        with os.fdopen(
+            os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o666), "wb"
+        ) as out:
+            out.write(data)
         temporary.replace(path)
     finally:
         temporary.unlink(missing_ok=True)

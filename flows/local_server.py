@@ -24,7 +24,8 @@ from pathlib import Path
 
 from conveyor.errors import ConveyorError
 from conveyor.net import StartupError, free_port, http_answers, port_free, wait_started
-from conveyor.paths import exclusive
+from conveyor.paths import exclusive, write_atomically
+from conveyor.processes import identity, same_process
 
 DEFAULT_PORT = 4200
 START_TIMEOUT_S = 120.0  # a fresh database is migrated on first start: ~20 s on two busy cores
@@ -40,6 +41,7 @@ class LocalServer:
     port: int
     home: str
     started_at: str
+    identity: str = ""  # `conveyor.processes.identity` (older records: ""): a pid reused after a reboot is not it
 
     @property
     def api_url(self) -> str:
@@ -79,6 +81,8 @@ def _recorded(home: Path) -> LocalServer | None:
         server = LocalServer(**json.loads(_state_file(home).read_text()))
     except (OSError, ValueError, TypeError):
         return None
+    if server.identity and not same_process(server.pid, server.identity):
+        return None  # the pid is another process now (the stack's own Prefect server, after a reboot)
     return server if _alive(server.pid) and _is_prefect_server(server.pid) else None
 
 
@@ -160,13 +164,15 @@ def start(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        server = LocalServer(process.pid, chosen, str(home), time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        server = LocalServer(
+            process.pid, chosen, str(home), time.strftime("%Y-%m-%dT%H:%M:%S%z"), identity(process.pid) or ""
+        )
         try:
             wait_started("the local Prefect server", lambda: healthy(server.api_url, 1.0), timeout, process)
         except StartupError as exc:
             _stop_group(process.pid)
             raise PrefectServerError(f"{exc} on port {chosen}; its log: {log_file(home)}") from None
-        _state_file(home).write_text(json.dumps(asdict(server)))
+        write_atomically(_state_file(home), json.dumps(asdict(server)))
         return server
 
 

@@ -5,7 +5,8 @@ clients need no S3 credentials of their own) and the Prefect server (PostgreSQL)
 (`conveyor deploy`), a worker on the project's work pool, the model server and Prometheus scraping it. `up` writes
 `stack.env` (0600: it holds the stack's generated credentials) for a user to `source`, and points this project's DVC
 default remote at s3://BUCKET/dvc in `.dvc/config.local` (never the committed config). `down` stops only what `up`
-started and restores the DVC remote; the data stays for the next `up`. `make run` never needs any of it.
+started and removes the stack's DVC remote (a local default set before `up` is not restored); the data stays for
+the next `up`. `make run` never needs any of it. One `up` or `down` runs at a time.
 
 The parts are a table (`_tiers`: a `PartSpec` per part, in tiers that start side by side) that `up` walks.
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from conveyor import storage
 from conveyor.net import StartupError, http_answers, port_free, wait_started
-from conveyor.paths import ProjectPaths
+from conveyor.paths import ProjectPaths, exclusive, write_atomically
 from conveyor.settings import Settings
 from flows import local_server
 from pipelines.dvc_repo import dvc
@@ -83,21 +84,52 @@ class Layout:
         }[part]
 
 
-def _secrets(layout: Layout) -> dict[str, str]:
-    """The stack's credentials, generated at the first `up` and kept (0600) beside its data."""
+SECRET_KEYS = ("S3_ACCESS_KEY", "S3_SECRET_KEY", "PG_SUPERUSER_PASSWORD", "PG_PASSWORD")
+
+
+def _secrets(layout: Layout, create: bool = True) -> dict[str, str]:
+    """The stack's credentials, generated at the first `up` and kept (0600, written whole) beside its data. A file
+    that lost some of them, or lost while the database it opens is still there, is an error naming what to do: new
+    passwords would not open the old database, and every later `up` waited two minutes and failed."""
     path = layout.secrets_file
     if path.is_file():
-        return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+        values = dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+        missing = [key for key in SECRET_KEYS if not values.get(key)]
+        if missing:
+            raise StackError(
+                f"{path} is damaged: {', '.join(missing)} missing. Restore it from a backup; or, to start the stack "
+                f"over with its data lost, `conveyor stack down` and remove {layout.root}"
+            )
+        return values
+    if (layout.root / "postgres" / "data" / "PG_VERSION").is_file():
+        raise StackError(
+            f"{path} is gone, and the stack's database under {layout.root / 'postgres'} opens only with the password "
+            f"it held. Restore it from a backup; or, to start over with the stack's data lost, remove {layout.root}"
+        )
+    if not create:
+        return {}
     values = {
         "S3_ACCESS_KEY": "conveyor-" + secrets.token_hex(4),
         "S3_SECRET_KEY": secrets.token_urlsafe(24),
         "PG_SUPERUSER_PASSWORD": secrets.token_urlsafe(18),
         "PG_PASSWORD": secrets.token_urlsafe(18),
     }
-    layout.root.mkdir(parents=True, exist_ok=True)
-    path.touch(mode=0o600)
-    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    if not layout.root.exists():
+        # Its data (the store's objects, the database, the logs) is the stack user's: PostgreSQL's own user,
+        # as root, needs only to pass through.
+        layout.root.mkdir(parents=True, mode=0o711 if os.geteuid() == 0 else 0o700)
+    write_atomically(path, "".join(f"{k}={v}\n" for k, v in values.items()), private=True)
     return values
+
+
+def _refuse_concurrent(layout: Layout) -> Callable[[], None]:
+    def busy() -> None:
+        raise StackError(
+            f"another `conveyor stack up` or `down` is running on {layout.root}: wait for it to finish (two at once "
+            "started a second worker that no `down` stopped)"
+        )
+
+    return busy
 
 
 def client_env(layout: Layout, keys: dict[str, str]) -> dict[str, str]:
@@ -309,8 +341,14 @@ class _Starting:
 
 def up(paths: ProjectPaths, settings: Settings, timeout: float = 120.0) -> UpReport:
     """Start what is not running, tier by tier (`_tiers`): every port is checked free first, then each tier's parts
-    start side by side and are waited on until healthy before the next tier begins."""
+    start side by side and are waited on until healthy before the next tier begins. One `up` or `down` at a time."""
     layout = Layout.of(paths, settings)
+    layout.root.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(layout.root.parent / f".{layout.root.name}.lock", _refuse_concurrent(layout)):
+        return _up(paths, settings, layout, timeout)
+
+
+def _up(paths: ProjectPaths, settings: Settings, layout: Layout, timeout: float) -> UpReport:
     started_at = time.perf_counter()
     keys = _secrets(layout)
     state = parts.load_state(layout.state_file)
@@ -322,7 +360,8 @@ def up(paths: ProjectPaths, settings: Settings, timeout: float = 120.0) -> UpRep
             report.already[name] = entry
     tiers = _tiers(paths, settings, layout, keys, state)
     for spec in (spec for tier in tiers for spec in tier.parts):
-        if spec.name not in state and spec.port is not None and not port_free(spec.port):
+        # A part that will be skipped (Prometheus not installed) does not need its port.
+        if spec.name not in state and spec.port is not None and not port_free(spec.port) and spec.skip() is None:
             raise StackError(
                 f"port {spec.port} for {spec.name} is in use by another program: set stack.ports.{spec.name}"
             )
@@ -405,8 +444,7 @@ def write_env_file(layout: Layout, keys: dict[str, str]) -> Path:
         "# It holds the stack's generated credentials: keep it to yourself.",
         *(f"export {k}={shlex.quote(v)}" for k, v in client_env(layout, keys).items()),  # a path may hold a space
     ]
-    layout.env_file.touch(mode=0o600)
-    layout.env_file.write_text("\n".join(lines) + "\n")
+    write_atomically(layout.env_file, "\n".join(lines) + "\n", private=True)
     return layout.env_file
 
 
@@ -428,8 +466,7 @@ def write_prometheus_config(layout: Layout) -> Path:
     authorization = ""
     if token:
         token_file = config.with_name("server-token")
-        token_file.touch(mode=0o600)
-        token_file.write_text(token)
+        write_atomically(token_file, token, private=True)
         authorization = f"    authorization: {{credentials_file: '{token_file}'}}\n"
     config.write_text(
         "# Written by `conveyor stack up`: the model server's /metrics every 5 s.\n"
@@ -477,7 +514,7 @@ def status(paths: ProjectPaths, settings: Settings) -> list[PartStatus]:
     state = parts.load_state(layout.state_file)
     health = {
         "postgres": lambda: parts.postgres_ready(
-            settings.stack.ports.postgres, _secrets(layout)["PG_SUPERUSER_PASSWORD"]
+            settings.stack.ports.postgres, _secrets(layout, create=False).get("PG_SUPERUSER_PASSWORD", "")
         ),
         "s3": lambda: http_answers(layout.url("s3"), accept_errors=True),
         "mlflow": lambda: http_answers(f"{layout.url('mlflow')}/health"),
@@ -507,6 +544,12 @@ def down(paths: ProjectPaths, settings: Settings) -> list[tuple[str, str]]:
     """Stop what `up` started, in tiers (clients, then servers, then storage) so that no server loses its store while
     a client still writes through it; the parts of a tier stop side by side."""
     layout = Layout.of(paths, settings)
+    layout.root.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(layout.root.parent / f".{layout.root.name}.lock", _refuse_concurrent(layout)):
+        return _down(paths, layout)
+
+
+def _down(paths: ProjectPaths, layout: Layout) -> list[tuple[str, str]]:
     state = parts.load_state(layout.state_file)
     results = []
     for tier in STOP_TIERS:

@@ -3,7 +3,8 @@ the stack's directory: how to start it, how to know it is up, how to stop it.
 
 PostgreSQL refuses to run as root; as root it runs as the `postgres` user (Debian's package creates it), so the
 stack's directory must be reachable by that user. Every part is started in a session of its own and recorded with its
-PID and the PID's start time, so `down` stops exactly what `up` started (a reused PID is another process).
+PID and the process's identity (`conveyor.processes`: its start since the boot), so `down` stops exactly what `up`
+started (a reused PID is another process), and what a dead part left in its session.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pathlib import Path
 import psutil
 
 from conveyor.errors import ConveyorError
+from conveyor.paths import write_atomically
+from conveyor.processes import identity, same_process
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -37,14 +40,17 @@ class Started:
 
     name: str
     pid: int
-    pid_started: float
+    pid_started: float  # wall-clock start: what finds its children started after it (`stop`)
     url: str
     log: str
     seconds: float  # from start to healthy
+    identity: str = ""  # `conveyor.processes.identity`: the process, whatever the clock did since (older records: "")
 
     def process(self) -> psutil.Process | None:
         """The process, if it is still the one that was started."""
         try:
+            if self.identity:
+                return psutil.Process(self.pid) if same_process(self.pid, self.identity) else None
             process = psutil.Process(self.pid)
             if abs(process.create_time() - self.pid_started) > 1.0 or process.status() == psutil.STATUS_ZOMBIE:
                 return None
@@ -54,17 +60,26 @@ class Started:
 
 
 def load_state(path: Path) -> dict[str, Started]:
+    """What `up` started; nothing when it never ran. A damaged record is an error, not an empty stack: read as
+    empty, `down` stopped nothing and forgot the parts that kept running."""
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError):
+        text = path.read_text()
+    except FileNotFoundError:
         return {}
-    return {name: Started(**entry) for name, entry in raw.items()}
+    except OSError as exc:
+        raise StackError(f"{path}: cannot read the stack's record ({exc.strerror})") from None
+    try:
+        raw = json.loads(text)
+        return {str(name): Started(**entry) for name, entry in raw.items()}
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise StackError(
+            f"{path} is damaged ({type(exc).__name__}: {exc}): the parts it recorded may still run. Stop them by "
+            f"hand (their logs are under {path.parent / 'logs'}; `ps -ef | grep {path.parent}`), then remove it"
+        ) from None
 
 
 def save_state(path: Path, state: dict[str, Started]) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps({name: asdict(entry) for name, entry in state.items()}, indent=2))
-    temporary.replace(path)
+    write_atomically(path, json.dumps({name: asdict(entry) for name, entry in state.items()}, indent=2))
 
 
 def start(
@@ -102,15 +117,41 @@ def start(
 
 
 def record(name: str, process: subprocess.Popen[bytes], url: str, log: Path, seconds: float) -> Started:
-    return Started(name, process.pid, psutil.Process(process.pid).create_time(), url, str(log), round(seconds, 2))
+    started = psutil.Process(process.pid).create_time()
+    return Started(name, process.pid, started, url, str(log), round(seconds, 2), identity(process.pid) or "")
+
+
+def left_in_group(entry: Started) -> list[psutil.Process]:
+    """Processes still in the part's process group after its main process died (each part leads a session of its
+    own): a crashed `mlflow server` leaves its uvicorn holding the port. Only those started after the part, so a
+    group id reused since a reboot is nobody's to stop."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == entry.pid and process.create_time() >= entry.pid_started - 1.0:
+                found.append(process)
+        except (OSError, psutil.Error):  # gone meanwhile, or another user's
+            continue
+    return found
 
 
 def stop(entry: Started, grace: float = 20.0) -> str:
-    """Stop a part `up` started (and only that process and its session): SIGTERM (PostgreSQL: SIGINT, its fast
-    shutdown), then SIGKILL after `grace` s. Returns what happened, for the table."""
+    """Stop a part `up` started (that process and its children, or what it left in its session when it died):
+    SIGTERM (PostgreSQL: SIGINT, its fast shutdown), then SIGKILL after `grace` s. Returns what happened, for the
+    table."""
     process = entry.process()
     if process is None:
-        return "not running"
+        orphans = left_in_group(entry)
+        if not orphans:
+            return "not running"
+        for member in orphans:
+            with contextlib.suppress(psutil.Error):
+                member.terminate()
+        _, alive = psutil.wait_procs(orphans, timeout=grace)
+        for member in alive:
+            with contextlib.suppress(psutil.Error):
+                member.kill()
+        return f"had exited; stopped {len(orphans)} of its processes left running"
     family = [process]
     with contextlib.suppress(psutil.Error):
         family += process.children(recursive=True)
@@ -177,41 +218,43 @@ def init_postgres(folder: Path, password: str) -> bool:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "socket").mkdir(exist_ok=True)
     pwfile = folder / "pwfile"
-    pwfile.write_text(password + "\n")
-    pwfile.chmod(0o600)
-    if user is not None:
-        blocked = _reachable_by(user, folder)
-        if blocked is not None:
-            raise StackError(
-                f"PostgreSQL runs as the `postgres` user here (this is root), and it cannot reach {folder}: "
-                f"{blocked} is closed to other users; set stack.directory to a folder it can reach"
-            )
-        import pwd
+    initdb = str(postgres_bin() / "initdb")  # a missing PostgreSQL is said before the password is written
+    write_atomically(pwfile, password + "\n", private=True)
+    try:
+        if user is not None:
+            blocked = _reachable_by(user, folder)
+            if blocked is not None:
+                raise StackError(
+                    f"PostgreSQL runs as the `postgres` user here (this is root), and it cannot reach {folder}: "
+                    f"{blocked} is closed to other users; set stack.directory to a folder it can reach"
+                )
+            import pwd
 
-        entry = pwd.getpwnam(user)
-        for path in (folder, folder / "socket", pwfile):
-            os.chown(path, entry.pw_uid, entry.pw_gid)
-    result = subprocess.run(
-        [
-            str(postgres_bin() / "initdb"),
-            "-D",
-            str(data),
-            "-U",
-            "postgres",
-            "--pwfile",
-            str(pwfile),
-            "--auth-local=scram-sha-256",
-            "--auth-host=scram-sha-256",
-            "-E",
-            "UTF8",
-            "--locale=C.UTF-8",
-        ],
-        cwd=folder,
-        user=user,
-        capture_output=True,
-        text=True,
-    )
-    pwfile.unlink(missing_ok=True)
+            entry = pwd.getpwnam(user)
+            for path in (folder, folder / "socket", pwfile):
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+        result = subprocess.run(
+            [
+                initdb,
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "--pwfile",
+                str(pwfile),
+                "--auth-local=scram-sha-256",
+                "--auth-host=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+            ],
+            cwd=folder,
+            user=user,
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        pwfile.unlink(missing_ok=True)
     if result.returncode != 0:
         raise StackError(f"initdb failed in {data}: {result.stderr.strip() or result.stdout.strip()}")
     return True

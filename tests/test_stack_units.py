@@ -4,6 +4,7 @@ handed back, and the probes that must answer in seconds."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -119,3 +120,85 @@ def test_a_stack_directory_under_home_is_the_homes(tmp_path: Path, monkeypatch: 
     assert under_home.root == tmp_path / "home" / "conveyor-stack"
     relative = Layout.of(project, Settings.model_validate({"stack": {"directory": ".stack"}}))
     assert relative.root == tmp_path / "project" / ".stack"
+
+
+def test_a_damaged_record_or_secrets_file_is_named_not_read_as_an_empty_stack(tmp_path: Path) -> None:
+    """A truncated state.json was read as no stack (`down` stopped nothing and forgot the parts); a list or a missing
+    field was a TypeError traceback; secrets.env lost a key mid-write (KeyError traceback at every `up`), or was lost
+    beside a database it opens, and new passwords were made that could not open it."""
+    layout = _layout(tmp_path)
+    for text in ('{"mlflow": {"name": "mlfl', "[]", '{"mlflow": {"name": "mlflow"}}'):
+        layout.state_file.write_text(text)
+        with pytest.raises(parts.StackError, match=r"state\.json is damaged .*Stop them by hand"):
+            parts.load_state(layout.state_file)
+    layout.state_file.unlink()
+    assert parts.load_state(layout.state_file) == {}
+
+    layout.secrets_file.write_text("S3_ACCESS_KEY=a\n")
+    with pytest.raises(parts.StackError, match="S3_SECRET_KEY, PG_SUPERUSER_PASSWORD, PG_PASSWORD missing"):
+        control._secrets(layout)
+    layout.secrets_file.unlink()
+    (layout.root / "postgres" / "data").mkdir(parents=True)
+    (layout.root / "postgres" / "data" / "PG_VERSION").write_text("15\n")
+    with pytest.raises(parts.StackError, match="opens only with the password it held"):
+        control._secrets(layout)
+    assert not layout.secrets_file.exists()
+
+
+def test_the_stacks_secrets_are_private_from_their_first_byte(tmp_path: Path) -> None:
+    """`touch(mode=0o600)` leaves an existing file's mode alone: a stack.env once made 0644 kept the generated keys
+    readable by every user. Each secret file is now created 0600, whatever was there."""
+    settings = Settings.model_validate({"stack": {"directory": str(tmp_path / "fresh")}})
+    layout = Layout(tmp_path / "fresh", settings, tmp_path)
+    keys = control._secrets(layout)
+    assert set(keys) == set(control.SECRET_KEYS)
+    assert layout.root.stat().st_mode & 0o077 in (0, 0o011)  # the stack's data is its user's (root: traversable)
+    assert layout.secrets_file.stat().st_mode & 0o777 == 0o600
+    layout.env_file.write_text("old")
+    layout.env_file.chmod(0o644)
+    control.write_env_file(layout, keys)
+    assert layout.env_file.stat().st_mode & 0o777 == 0o600 and keys["S3_SECRET_KEY"] in layout.env_file.read_text()
+    assert control._secrets(layout) == keys  # read back, not made again
+
+
+def test_two_ups_at_once_are_refused(tmp_path: Path) -> None:
+    """Two `stack up` at once each started the parts the other had not recorded yet: a second worker ran on, taking
+    flow runs, that no `down` stopped."""
+    from conveyor.paths import exclusive
+
+    layout = _layout(tmp_path)
+    paths = ProjectPaths(tmp_path)
+    lock = layout.root.parent / f".{layout.root.name}.lock"
+    with exclusive(lock):
+        with pytest.raises(parts.StackError, match="another `conveyor stack up` or `down` is running"):
+            control.up(paths, layout.settings, timeout=5)
+        with pytest.raises(parts.StackError, match="another `conveyor stack up` or `down` is running"):
+            control.down(paths, layout.settings)
+    assert not layout.state_file.exists()
+
+
+def test_a_part_is_known_by_its_start_whatever_the_clock_did_and_its_leftovers_are_stopped(tmp_path: Path) -> None:
+    """Its start as a wall-clock time moved with the clock (NTP after a boot, a VM resumed): every part looked gone,
+    and `down` forgot parts that kept running. A part whose main process died left its children (a crashed MLflow's
+    uvicorn on the port) to every later `up`'s 'port in use'."""
+    log = tmp_path / "part.log"
+    process = parts.start(
+        "part", ["sh", "-c", "sleep 300 & exec sleep 300"], env=dict(os.environ), log=log, cwd=tmp_path, url="-"
+    )
+    try:
+        entry = parts.record("part", process, "-", log, 0.0)
+        assert entry.identity and entry.process() is not None
+        jumped = parts.Started(**{**entry.__dict__, "pid_started": entry.pid_started + 3600})  # the clock moved
+        assert jumped.process() is not None
+        other = parts.Started(**{**entry.__dict__, "identity": entry.identity.rsplit(":", 1)[0] + ":1"})
+        assert other.process() is None  # a pid reused by another process
+
+        time.sleep(0.3)  # the shell has started its background sleep
+        process.kill()  # the main process dies; its child stays in the part's group
+        process.wait()
+        assert entry.process() is None and len(parts.left_in_group(entry)) == 1
+        assert parts.stop(entry, grace=5) == "had exited; stopped 1 of its processes left running"
+        assert parts.left_in_group(entry) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, 9)
