@@ -106,5 +106,10 @@ def from_folder(folder: Path, detector: Detector, console: Console | None = None
         raise NoCurrentDataError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     sources = [ImageSource(path, "current", batch_of(path.name)) for path in files]
     frame, _ = describe_images(sources, detector, console)
-    unreadable = sorted({p.name for p in files} - set(frame["file"])) if len(frame) else [p.name for p in files]
+    if not len(frame):  # it was an "insufficient data" verdict, exit 0, as if the line had been quiet
+        raise NoCurrentDataError(
+            f"none of the {len(files)} images in {folder} could be read (e.g. {files[0].name}): damaged, or not the "
+            "image its name says"
+        )
+    unreadable = sorted({p.name for p in files} - set(frame["file"]))
     return CurrentData(frame, f"{len(files)} images in {folder}", None, {}, unreadable, "folder")

@@ -215,6 +215,10 @@ def test_synth_to_a_folder_with_a_domain_shift(project: Path, monkeypatch: pytes
     assert not (project / "data.dvc").exists()  # a side dataset is not recorded as the data version
     bad = runner.invoke(app, ["data", "synth", "--out", "x", "--background", "marble"])
     assert bad.exit_code == 1 and "background" in bad.output
+    # Named by its option, in one line (it was pydantic's text of the model: "1 validation error for DomainShift").
+    bad = runner.invoke(app, ["data", "synth", "--out", "x", "--blur", "inf"], env={"COLUMNS": "300"})
+    assert bad.exit_code == 1 and "--blur: Input should be less than or equal to 50 (got inf)" in bad.output, bad.output
+    assert "validation error" not in bad.output and not (project / "x").exists()
 
 
 def test_train_before_validate_says_what_to_run(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:

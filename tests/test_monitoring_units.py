@@ -1007,3 +1007,18 @@ def test_a_reference_made_at_another_threshold_is_refused_and_says_how_to_fix_it
     assert reference.load_reference(None, paths, version, 0.25).meta["conf"] == 0.25  # type: ignore[arg-type]
     with pytest.raises(reference.ProfileMissingError, match=r"profiled at confidence 0.25, and serve.conf is 0.4"):
         reference.load_reference(None, paths, version, 0.4)  # type: ignore[arg-type]
+
+
+def test_a_source_folder_none_of_whose_images_reads_is_an_error(tmp_path: Path) -> None:
+    """It was an "insufficient data" verdict with exit 0, as if the line had been quiet. No image decodes, so the
+    model is given none: a stand-in that holds it to that replaces the detector."""
+
+    class NoImagesExpected:
+        def run(self, images: list[Any]) -> list[Any]:
+            assert not images
+            return []
+
+    for name in ("a.jpg", "b.png"):
+        (tmp_path / name).write_bytes(b"not an image at all")
+    with pytest.raises(current.NoCurrentDataError, match=r"none of the 2 images in .* could be read \(e\.g\. a\.jpg\)"):
+        current.from_folder(tmp_path, NoImagesExpected())  # type: ignore[arg-type]

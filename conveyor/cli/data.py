@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.markup import escape
 
 from conveyor.cli.common import console, friendly_errors, open_project, print_added, print_conversion
@@ -43,8 +44,15 @@ def data_synth(
     if overrides:
         try:
             shift = DomainShift.model_validate({**synth_settings.shift.model_dump(), **overrides})
-        except ValueError as exc:
-            raise ConfigError(f"domain shift options: {exc}") from None
+        except ValidationError as exc:  # each problem by its option's name, not pydantic's text of the model
+            options = {"brightness": "--brightness", "blur_sigma": "--blur", "background": "--background",
+                       "defect_scale": "--defect-scale"}  # fmt: skip
+            problems = [
+                f"{options.get(str(e['loc'][0]), e['loc'][0]) if e['loc'] else 'the shift'}: "
+                f"{str(e['msg']).removeprefix('Value error, ')} (got {e.get('input')!r})"
+                for e in exc.errors()
+            ]
+            raise ConfigError("domain shift options: " + "; ".join(problems)) from None
         synth_settings = synth_settings.model_copy(update={"shift": shift})
     summary = data.synthesize(paths, synth_settings, out, overwrite=overwrite)
     table = FoldingTable(title=f"synthetic dataset in {escape(str(summary.root))}")
