@@ -194,6 +194,38 @@ def write_atomically(path: Path, text: str | bytes, *, private: bool = False) ->
         temporary.unlink(missing_ok=True)
 
 
+@contextmanager
+def staged_beside(target: Path, tag: str = "partial") -> Iterator[Path]:
+    """A fresh, empty folder beside `target` (`.NAME.TAG`) to build it in, removed if the block fails or is
+    interrupted: nothing half-built is ever left where `target` goes, or beside it. The caller puts it in place
+    (`replace_folder`, or part by part) after the block."""
+    staging = target.with_name(f".{target.name}.{tag}")
+    shutil.rmtree(staging, ignore_errors=True)  # a leftover of a killed run
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def replace_folder(staging: Path, target: Path) -> None:
+    """`staging` renamed to `target`, whose old contents go: the old one is moved aside first, put back if the new one
+    cannot take its place, and removed after; `target` never holds a mix of the two."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    had = target.exists()
+    if had:
+        target.rename(old)
+    try:
+        staging.rename(target)
+    except BaseException:
+        if had:
+            old.rename(target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def error_chain(error: BaseException) -> list[BaseException]:
     chain: list[BaseException] = []
     current: BaseException | None = error

@@ -18,6 +18,7 @@ import yaml
 from PIL import Image
 from rich.progress import Progress
 
+from conveyor.paths import replace_folder, staged_beside
 from conveyor.settings import SPLITS, DomainShift, SynthSettings
 
 CLASS_NAMES = ("scratch", "dent", "stain")
@@ -212,18 +213,12 @@ def generate(settings: SynthSettings, out: Path, *, overwrite: bool = False) -> 
     """
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty: `--overwrite` replaces the dataset there")
-    staging = out.with_name(f".{out.name}.synth-partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with staged_beside(out, "synth-partial") as staging:
         images, boxes_per_split, background = _render_splits(settings, staging)
         write_dataset_yaml(staging, CLASS_NAMES)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     out.mkdir(parents=True, exist_ok=True)
-    for sub in ("images", "labels"):
-        shutil.rmtree(out / sub, ignore_errors=True)
-        (staging / sub).rename(out / sub)
+    for sub in ("images", "labels"):  # only the dataset's own parts: `out` may hold other files (data.dvc's folder)
+        replace_folder(staging / sub, out / sub)
     (staging / "data.yaml").replace(out / "data.yaml")
     shutil.rmtree(staging, ignore_errors=True)
     return SynthSummary(out, images, boxes_per_split, background)

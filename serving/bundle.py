@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from conveyor.errors import ConveyorError
+from conveyor.paths import replace_folder, staged_beside
 from conveyor.settings import ConfigError, EdgeSettings, RejectSettings
 from pipelines import features, log_parts
 from pipelines.model_source import ModelFiles
@@ -89,15 +90,9 @@ def build(
     key = signing_key(private_key) if private_key is not None else None  # refused before 20 MB are copied
     edge = edge or EdgeSettings()
     check_rule(edge.reject, files.card.names, conf)
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with staged_beside(out) as staging:  # nothing half-built is left beside the bundle
         _stage(staging, files, conf, edge, key, log_s3)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # nothing half-built is left beside the bundle
-        raise
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)  # the bundle appears whole or not at all
+    replace_folder(staging, out)  # the bundle appears whole or not at all
     archive = out.with_name(out.name + ".tar.gz")
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(out, arcname=out.name)

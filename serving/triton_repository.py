@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from conveyor.paths import replace_folder, staged_beside
 from conveyor.settings import ServeSettings
 from pipelines.inference import ImageLimits
 from pipelines.model_source import ModelFiles
@@ -96,9 +97,7 @@ def write(files: ModelFiles, out: Path, cfg: ServeSettings, *, overwrite: bool =
     if model_root.exists() and not overwrite:
         raise FileExistsError(f"{model_root} exists: pass --overwrite to replace it")
     # Written beside it, then put in its place: a copy that fails (a full disk) leaves the old repository whole.
-    staging = out / f".{files.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with staged_beside(model_root) as staging:
         (staging / "1").mkdir(parents=True)
         shutil.copytree(files.root, staging / "1" / "conveyor-model")
         (staging / "1" / "model.py").write_text(MODEL_PY)
@@ -106,11 +105,7 @@ def write(files: ModelFiles, out: Path, cfg: ServeSettings, *, overwrite: bool =
         (staging / "1" / "conveyor-model" / "version.json").write_text(
             json.dumps({"name": files.name, "version": files.version})
         )
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    shutil.rmtree(model_root, ignore_errors=True)
-    staging.rename(model_root)
+    replace_folder(staging, model_root)
     return model_root
 
 

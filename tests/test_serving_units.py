@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
@@ -371,7 +372,15 @@ def test_edge_rollout_fetches_again_after_a_transient_error_and_not_after_a_refu
         rollout.close()
 
 
-def _tiny_bundle(root: Path, key: Any, version: str, model: bytes | None = None, line: str = "line-1") -> Path:
+def _tiny_bundle(
+    root: Path,
+    key: Any,
+    version: str,
+    model: bytes | None = None,
+    line: str = "line-1",
+    reject: dict[str, Any] | None = None,
+    rule_file: bool = True,
+) -> Path:
     """A signed bundle around a 1-node ONNX model (a reshape of the image into YOLO's output layout: 3 classes,
     336 anchors), for the runner's rollout without the project's model."""
     import hashlib
@@ -394,7 +403,8 @@ def _tiny_bundle(root: Path, key: Any, version: str, model: bytes | None = None,
         tiny.ir_version = 8
         model = tiny.SerializeToString()
     (root / "model" / "model.onnx").write_bytes(model)
-    (root / "edge.json").write_text(json.dumps({"line": line, "reject": {"min_confidence": 0.5}}))
+    if rule_file:
+        (root / "edge.json").write_text(json.dumps({"line": line, "reject": reject or {"min_confidence": 0.5}}))
     listed = {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*")
               if p.is_file()}  # fmt: skip
     (root / "manifest.json").write_text(json.dumps({"model": "m", "version": version, "sha256": listed}))
@@ -479,6 +489,29 @@ def test_edge_rollout_refuses_what_its_runtime_cannot_load_and_keeps_only_the_ru
     assert edge.rolled_out(rollouts, public, "m") is None
 
 
+@dataclass
+class _SignedRollout:
+    """A runner's rollout on the tiny bundle v1, signed by the team's key, over a `_FolderChannel` (not started: the
+    test polls)."""
+
+    edge: ModuleType
+    key: Any
+    public: Path
+    channel: _FolderChannel
+    rollouts: Path
+    rollout: Any
+
+
+def _signed_rollout(tmp_path: Path) -> _SignedRollout:
+    edge = edge_module()
+    key, public = _team_key(tmp_path)
+    installed = edge.Model("onnx", _tiny_bundle(tmp_path / "installed", key, "1"))
+    channel, rollouts = _FolderChannel(), tmp_path / "rollouts"
+    return _SignedRollout(
+        edge, key, public, channel, rollouts, edge.Rollout(channel, installed, "onnx", public, 3600, rollouts)
+    )
+
+
 def _team_key(tmp_path: Path) -> tuple[Any, Path]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -508,18 +541,14 @@ def test_edge_rollout_acts_on_no_unchecked_field_of_the_unsigned_channel_entry(
 ) -> None:
     """LINE.json is not signed: an entry whose sha256 is no digest, or whose bundle is no bundles/NAME.tar.gz, is
     refused before anything is fetched or removed, and not tried again."""
-    edge = edge_module()
-    key, public = _team_key(tmp_path)
     victim = tmp_path / "victim"
     (victim / "keep").mkdir(parents=True)
-    installed = edge.Model("onnx", _tiny_bundle(tmp_path / "installed", key, "1"))
-    channel = _FolderChannel()
-    channel.offer(_tiny_bundle(tmp_path / "v2", key, "2"))
+    setup = _signed_rollout(tmp_path)
+    channel, rollouts, rollout = setup.channel, setup.rollouts, setup.rollout
+    channel.offer(_tiny_bundle(tmp_path / "v2", setup.key, "2"))
     assert channel.offered is not None
     channel.offered[field] = str(victim) if value == "VICTIM" else value
-    rollouts = tmp_path / "rollouts"
     (rollouts / "abcdef0123456789").mkdir(parents=True)  # a bundle folder of the rollouts ("." named the whole folder)
-    rollout = edge.Rollout(channel, installed, "onnx", public, 3600, rollouts)
     try:
         rollout.poll_once()
         rollout.poll_once()
@@ -533,53 +562,31 @@ def test_edge_rollout_acts_on_no_unchecked_field_of_the_unsigned_channel_entry(
 def test_edge_rollout_refuses_another_lines_bundle_and_a_bundle_without_its_rule(tmp_path: Path) -> None:
     """Another line's bundle, signed by the same team, carries that line's rule and region: refused. So is a signed
     bundle without edge.json (it ran with the default rule)."""
-    edge = edge_module()
-    key, public = _team_key(tmp_path)
-    installed = edge.Model("onnx", _tiny_bundle(tmp_path / "installed", key, "1"))
-    other_line = _tiny_bundle(tmp_path / "v2", key, "2", line="line-2")
-    channel = _FolderChannel()
-    rollouts = tmp_path / "rollouts"
-    rollout = edge.Rollout(channel, installed, "onnx", public, 3600, rollouts)
+    setup = _signed_rollout(tmp_path)
+    edge, key, channel, rollout = setup.edge, setup.key, setup.channel, setup.rollout
     try:
-        channel.offer(other_line)
+        channel.offer(_tiny_bundle(tmp_path / "v2", key, "2", line="line-2"))
         rollout.poll_once()
         assert rollout.swap_if_ready() is None
         assert (
             len(rollout.refused) == 1 and "built for line 'line-2', this runner is line 'line-1'" in rollout.refused[0]
         )
-        no_rule = tmp_path / "v3"
-        _tiny_bundle(no_rule, key, "3")
-        (no_rule / "edge.json").unlink()
-        listed = json.loads((no_rule / "manifest.json").read_text())
-        del listed["sha256"]["edge.json"]
-        (no_rule / "manifest.json").write_text(json.dumps(listed))
-        (no_rule / "manifest.sig").write_bytes(key.sign((no_rule / "manifest.json").read_bytes()))
-        channel.offer(no_rule)
+        channel.offer(_tiny_bundle(tmp_path / "v3", key, "3", rule_file=False))
         rollout.poll_once()
         assert rollout.swap_if_ready() is None and "no edge.json" in rollout.refused[-1]
     finally:
         rollout.close()
     # A restart as another line does not run this line's last bundle.
-    assert edge.rolled_out(rollouts, public, "m", "line-2") is None
+    assert edge.rolled_out(setup.rollouts, setup.public, "m", "line-2") is None
 
 
 def test_edge_rollout_waits_for_the_stream_to_take_one_bundle_before_fetching_the_next(tmp_path: Path) -> None:
     """A camera that stalls while two bundles are published: the second is fetched only once the first runs, so it
     is never swapped in from a folder tidied away, nor with a rule read after its checks."""
-    edge = edge_module()
-    key, public = _team_key(tmp_path)
-    installed = edge.Model("onnx", _tiny_bundle(tmp_path / "installed", key, "1"))
-    v2, v3 = (_tiny_bundle(tmp_path / f"v{n}", key, str(n)) for n in (2, 3))
-    (v3 / "edge.json").write_text(
-        json.dumps({"line": "line-1", "reject": {"classes": ["dent"], "min_confidence": 0.7}})
-    )
-    listed = json.loads((v3 / "manifest.json").read_text())
-    listed["sha256"]["edge.json"] = hashlib.sha256((v3 / "edge.json").read_bytes()).hexdigest()
-    (v3 / "manifest.json").write_text(json.dumps(listed))
-    (v3 / "manifest.sig").write_bytes(key.sign((v3 / "manifest.json").read_bytes()))
-    channel = _FolderChannel()
-    rollouts = tmp_path / "rollouts"
-    rollout = edge.Rollout(channel, installed, "onnx", public, 3600, rollouts)
+    setup = _signed_rollout(tmp_path)
+    edge, channel, rollout = setup.edge, setup.channel, setup.rollout
+    v2 = _tiny_bundle(tmp_path / "v2", setup.key, "2")
+    v3 = _tiny_bundle(tmp_path / "v3", setup.key, "3", reject={"classes": ["dent"], "min_confidence": 0.7})
     try:
         channel.offer(v2)
         rollout.poll_once()

@@ -102,6 +102,30 @@ def test_an_overwrite_that_fails_part_way_leaves_the_dataset_as_it_was(
     monkeypatch.undo()
     synth.generate(SMALL.model_copy(update={"seed": 8}), out, overwrite=True)
     assert dir_md5(out) != before and len(list((out / "images/train").iterdir())) == 12
+    assert sorted(p.name for p in out.iterdir()) == ["data.yaml", "images", "labels"]  # nothing set aside is left
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]
+
+
+def test_a_folder_that_cannot_take_its_place_leaves_the_old_one_there(tmp_path: Path) -> None:
+    """`replace_folder` (bundles, Triton repositories, the synthetic dataset): the old folder is set aside, and put
+    back when the new one cannot be renamed into place."""
+    from conveyor.paths import replace_folder, staged_beside
+
+    target = tmp_path / "bundle"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with staged_beside(target) as staging:
+        (staging / "new.txt").write_text("new")
+    missing = tmp_path / "gone"
+    with pytest.raises(FileNotFoundError):
+        replace_folder(missing, target)  # the new one is not there to take its place
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    replace_folder(staging, target)
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+    with pytest.raises(KeyboardInterrupt), staged_beside(target) as staging:
+        raise KeyboardInterrupt
+    assert not staging.exists()
     with pytest.raises(ValueError, match="greater than or equal to 0"):
         SynthSettings(seed=-1)  # numpy takes no negative seed: refused when params.yaml is read
 
