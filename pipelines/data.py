@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,7 +20,7 @@ from rich.console import Console
 
 from conveyor.errors import ConveyorError
 from conveyor.lineage import data_version
-from conveyor.paths import ProjectPaths, exclusive
+from conveyor.paths import ProjectPaths, exclusive, replace_folder, staged_beside, write_atomically
 from conveyor.settings import SPLITS, SynthSettings, load_settings
 from pipelines import formats, synth
 from pipelines.batches import BATCH_SEPARATOR
@@ -149,6 +150,26 @@ def _require_dvc(paths: ProjectPaths) -> None:
         raise DataVersionError(
             f"DVC is busy (process {holders[0].pid}: a pipeline run?): try again when it ends; nothing was changed"
         )
+    _drop_torn_rwlock(paths.root / ".dvc" / "tmp" / "rwlock")
+
+
+RWLOCK_SETTLED_S = 10.0  # a DVC writing its rwlock this long ago has finished writing it
+
+
+def _drop_torn_rwlock(rwlock: Path) -> None:
+    """DVC's rwlock left empty or torn (a `dvc add` killed while writing it) blocks every later DVC command ("Unable
+    to read RWLock-file ... JSON structure is corrupted"). It names no holder (`dvc_lock_holders` found none), so
+    it is removed, once it has not changed for a while (a DVC still writing it is left alone)."""
+    try:
+        text = rwlock.read_text()
+        settled = time.time() - rwlock.stat().st_mtime > RWLOCK_SETTLED_S
+    except OSError:
+        return
+    try:
+        json.loads(text)
+    except ValueError:
+        if settled:
+            rwlock.unlink(missing_ok=True)
 
 
 def synthesize(
@@ -182,21 +203,28 @@ def import_dataset(paths: ProjectPaths, source: Path, *, replace: bool = False) 
     source = source.resolve()
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such dataset folder")
-    if paths.data.exists() and any(paths.data.iterdir()) and not replace:
+    holds = paths.data.exists() and any(paths.data.iterdir())
+    if holds and not replace:
         raise FileExistsError(f"{paths.data} already holds a dataset; pass --replace (the old version stays in DVC)")
     settings = load_settings(paths.params)
     if paths.data_dvc.exists():
         data_version(paths.data_dvc)  # a damaged data.dvc is named before data/ is replaced, not after
+    if holds:
+        # --replace promises the old version stays in DVC: only true of what a data version records. Edits never
+        # recorded were deleted for good.
+        status = data_status(paths) if paths.data_dvc.exists() else None
+        if status is None or not status.in_sync:
+            raise DataVersionError(
+                f"{paths.data} holds files no data version records (it differs from what data.dvc names, or there is "
+                "no data.dvc), and --replace would delete them for good; nothing was changed. Record them (`dvc add "
+                "data`, commit data.dvc), discard them (`dvc checkout --force data.dvc`), or move data/ away"
+            )
     with _no_training(paths):
         _require_dvc(paths)
-        staging = Path(tempfile.mkdtemp(dir=paths.root, prefix=".import-"))
-        try:
+        with staged_beside(paths.data, "import") as staging:
             conversion = formats.convert(source, staging, settings.data, settings.validate_.on_error)
-            if paths.data.exists():
-                shutil.rmtree(paths.data)
-            shutil.move(str(staging), paths.data)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        # The old data/ set aside and put back if the new one cannot take its place: Ctrl-C there left no data/.
+        replace_folder(staging, paths.data)
         try:
             record_version(paths)
         except DataVersionError as exc:
@@ -256,9 +284,14 @@ def _check_batch(paths: ProjectPaths, staging: Path, origin: dict[str, Path], so
         for path in sorted((paths.data / "images" / split).rglob("*")):
             if path.is_file():
                 existing.setdefault(hashlib.sha256(path.read_bytes()).hexdigest(), (split, path.name))
+    in_batch: dict[str, str] = {}  # content hash -> the batch's first image of it
     for rel in (r for r in origin if r.startswith("images/")):
         split = rel.split("/")[1]
-        other = existing.get(hashlib.sha256((staging / rel).read_bytes()).hexdigest())
+        digest = hashlib.sha256((staging / rel).read_bytes()).hexdigest()
+        other = existing.get(digest)
+        if digest in in_batch:  # `part_0001 (copy).jpg`: its label would count twice (it was only a warning)
+            messages.append(f"{shown(rel)}: same image as {shown(in_batch[digest])} in this batch")
+        in_batch.setdefault(digest, rel)
         if other and other[0] != split:
             messages.append(
                 f"{shown(rel)}: same image as data/images/{other[0]}/{other[1]} (leakage between {other[0]} and "
@@ -373,9 +406,13 @@ def add_dataset(paths: ProjectPaths, source: Path, *, commit: bool = False, name
             placed, made = _place(staging, paths.data)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        recorded = paths.data_dvc.read_bytes()
         try:
             md5 = record_version(paths)
         except BaseException as exc:
+            # Ctrl-C as `dvc add` ends may leave data.dvc naming the new version: put back the one it named, with
+            # the data, so the two agree.
+            write_atomically(paths.data_dvc, recorded)
             _take_back(placed, made)
             if isinstance(exc, DataVersionError):
                 raise DataVersionError(f"{exc}; the batch was taken out of data/ again") from None

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -135,8 +137,35 @@ def test_import_plain_layout_refuses_to_replace_without_asking(paths: ProjectPat
     with pytest.raises(FileExistsError, match="--replace"):
         data.import_dataset(paths, tmp_path / "plain")
     synth.generate(SynthSettings(image_size=64, seed=5, counts={"train": 3, "val": 1, "test": 1}), tmp_path / "p2")
+    # Files no version records (a hand-added image) were deleted for good by --replace: refused, nothing changed.
+    mine = paths.data / "images" / "train" / "myhand.jpg"
+    mine.write_bytes(sorted((tmp_path / "p2" / "images" / "val").iterdir())[0].read_bytes())
+    with pytest.raises(data.DataVersionError, match="would delete them for good; nothing was changed"):
+        data.import_dataset(paths, tmp_path / "p2", replace=True)
+    assert mine.is_file() and data.data_status(paths).expected == first
+    mine.unlink()
     data.import_dataset(paths, tmp_path / "p2", replace=True)
-    assert data.data_status(paths).expected != first
+    assert data.data_status(paths).expected != first and data.data_status(paths).in_sync
+    assert sorted(p.name for p in paths.root.iterdir() if p.name.startswith(".data")) == []  # nothing set aside left
+
+
+def test_a_torn_dvc_rwlock_is_removed_once_settled(paths: ProjectPaths) -> None:
+    """A `dvc add` killed while writing its rwlock left it empty, and every later DVC command failed on it ("JSON
+    structure is corrupted"). One that names no holder and has settled is removed; a fresh one is left to its
+    writer."""
+    rwlock = paths.root / ".dvc" / "tmp" / "rwlock"
+    rwlock.parent.mkdir(parents=True, exist_ok=True)
+    rwlock.write_text("")
+    data._require_dvc(paths)
+    assert rwlock.exists()  # just written: perhaps still being written
+    old = time.time() - 60
+    os.utime(rwlock, (old, old))
+    data._require_dvc(paths)
+    assert not rwlock.exists()
+    rwlock.write_text('{"read": {}, "write": {}}')
+    os.utime(rwlock, (old, old))
+    data._require_dvc(paths)
+    assert rwlock.exists()  # a readable one is DVC's
 
 
 def test_import_without_data_yaml(paths: ProjectPaths, tmp_path: Path) -> None:
@@ -285,6 +314,16 @@ def test_add_refuses_an_image_already_in_another_split(paths: ProjectPaths, tmp_
     with pytest.raises(DataValidationError, match=r"images/train/train_00000\.jpg: same image as data/images/test"):
         data.add_dataset(paths, batch)
     assert data.dir_md5(paths.data) == before
+    # The same image twice in one batch, under two names: its label counted twice (it was only a warning).
+    twice = _batch(tmp_path / "twice")
+    shutil.copy2(twice / "images/train/train_00000.jpg", twice / "images/train/train_00000 (copy).jpg")
+    shutil.copy2(twice / "labels/train/train_00000.txt", twice / "labels/train/train_00000 (copy).txt")
+    with pytest.raises(
+        DataValidationError,
+        match=r"train_00000(?: \(copy\))?\.jpg: same image as images/train/train_00000[^:]*\.jpg in this batch",
+    ):
+        data.add_dataset(paths, twice)
+    assert data.dir_md5(paths.data) == before
 
 
 def test_add_missing_empty_and_no_data(paths: ProjectPaths, tmp_path: Path) -> None:
@@ -324,6 +363,22 @@ def test_add_name_collision_and_failed_record_leave_data_as_it_was(
         data.add_dataset(paths, _batch(tmp_path / "three", seed=13, counts={"train": 2, "val": 0, "test": 1}))
     assert data.dir_md5(paths.data) == before
     assert not [p for p in paths.data.rglob("*") if batch_of(p.name) == "add-20250101-000001-other"]
+
+    # Ctrl-C as `dvc add` ends: data.dvc already names the new version when the batch is taken back. It is put
+    # back as it was, so data/ and data.dvc agree (they disagreed, and every later add or pull refused).
+    monkeypatch.undo()
+    monkeypatch.setattr(data, "batch_id", lambda name: "add-20250101-000002-late")
+    real_record = data.record_version
+
+    def interrupted_after_recording(paths: ProjectPaths) -> str:
+        real_record(paths)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "record_version", interrupted_after_recording)
+    with pytest.raises(KeyboardInterrupt):
+        data.add_dataset(paths, _batch(tmp_path / "four", seed=14, counts={"train": 2, "val": 0, "test": 1}))
+    status = data.data_status(paths)
+    assert status.in_sync and status.actual == before
 
 
 def test_wait_for_dvc_lock_waits_for_a_dying_holder_and_names_a_live_one(tmp_path: Path) -> None:

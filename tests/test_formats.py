@@ -331,3 +331,102 @@ def test_coco_ids_written_as_floats_are_the_same_ids(yolo: Path, tmp_path: Path)
     (coco / "annotations/instances_train.json").write_text(json.dumps(doc))
     formats.convert(coco, tmp_path / "floats", DataSettings(), "fail")
     assert boxes_of(tmp_path / "floats") == boxes_of(tmp_path / "ints")
+
+
+def _coco_folder(root: Path, images: dict[str, Any], annotations: list[dict[str, Any]], json_name: str) -> Path:
+    """A one-split COCO export by hand: `images` name -> a PIL image (saved with its `exif`, if given in .info)."""
+    (root / "images").mkdir(parents=True)
+    entries = []
+    for n, (name, image) in enumerate(images.items(), 1):
+        image.save(root / "images" / name, exif=image.info.get("exif", b""))
+        entries.append({"id": n, "file_name": name})
+    (root / "annotations").mkdir()
+    doc = {"images": entries, "annotations": annotations, "categories": [{"id": 1, "name": NAMES[0]}]}
+    (root / "annotations" / json_name).write_text(json.dumps(doc))
+    return root
+
+
+def test_a_portrait_photo_without_a_size_gets_its_boxes_in_the_upright_frame(tmp_path: Path) -> None:
+    """A phone's JPEG stored 100x60 with EXIF orientation 6 is 60x100 to OpenCV and Ultralytics. Annotations that
+    give no size had their boxes divided by the stored sides: `0 0.2 0.5 0.2 0.667` for what is `0 0.333 0.3 0.333
+    0.4` in the pixels the trainer sees."""
+    from PIL import Image
+
+    photo = Image.new("RGB", (100, 60), (120, 120, 120))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo.info["exif"] = exif.tobytes()
+    annotation = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 40]}
+    source = _coco_folder(tmp_path / "coco", {"portrait.jpg": photo}, [annotation], "instances_train.json")
+    assert formats.image_size(source / "images" / "portrait.jpg") == (60, 100)
+    formats.convert(source, tmp_path / "out", DataSettings(), "fail")
+    (label,) = (tmp_path / "out" / "labels").rglob("portrait.txt")
+    assert [round(float(v), 3) for v in label.read_text().split()] == [0, 0.333, 0.3, 0.333, 0.4]
+
+
+def test_a_cut_short_annotation_file_in_a_folder_is_named_not_skipped(yolo: Path, tmp_path: Path) -> None:
+    """A COCO folder whose instances_val.json was cut short imported the train split alone, and carved val out of it,
+    without a word, even with on_error: fail."""
+    coco = to_coco(yolo, tmp_path / "coco", {"train": "instances_train", "val": "instances_val"})
+    val = coco / "annotations" / "instances_val.json"
+    val.write_text(val.read_text()[: len(val.read_text()) // 2])
+    with pytest.raises(DataValidationError, match=r"instances_val\.json.*not valid JSON"):
+        formats.convert(coco, tmp_path / "out", DataSettings(), "fail")
+
+
+def test_a_split_given_as_a_list_and_an_unreadable_classes_file_are_named(yolo: Path, tmp_path: Path) -> None:
+    """`train: [images/train, images/train2]` (Ultralytics takes a list) imported no train images, without a word; a
+    classes.txt that is not UTF-8 was a UnicodeDecodeError traceback."""
+    spec = yaml.safe_load((yolo / "data.yaml").read_text())
+    spec["train"] = ["images/train", "images/train"]
+    listed = tmp_path / "listed"
+    shutil.copytree(yolo, listed)
+    (listed / "data.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(DataValidationError, match=r"train: \['images/train', 'images/train'\] is not one folder"):
+        formats.convert(listed, tmp_path / "out", DataSettings(), "fail")
+    plain = tmp_path / "plain"
+    (plain / "images").mkdir(parents=True)
+    (plain / "classes.txt").write_bytes("scratch\nd\xe9nt\n".encode("latin-1"))
+    with pytest.raises(DataValidationError, match=r"classes\.txt: not readable as UTF-8 text"):
+        formats.convert(plain, tmp_path / "out2", DataSettings(), "fail")
+
+
+def test_cocos_own_2017_layout_is_read(tmp_path: Path) -> None:
+    """annotations/instances_train2017.json with its images in train2017/ (as COCO ships): every image was "named
+    but not there", and the message named one folder of the five looked in."""
+    from PIL import Image
+
+    annotation = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20]}
+    source = _coco_folder(
+        tmp_path / "coco", {"000000000009.jpg": Image.new("RGB", (64, 64))}, [annotation], "instances_train2017.json"
+    )
+    (source / "train2017").mkdir()
+    (source / "images" / "000000000009.jpg").rename(source / "train2017" / "000000000009.jpg")
+    (source / "images").rmdir()
+    summary = formats.convert(source, tmp_path / "out", DataSettings(), "fail")
+    assert sum(summary.images.values()) == 1
+    (source / "train2017" / "000000000009.jpg").unlink()
+    with pytest.raises(DataValidationError, match=r"named but not there \(looked in .*train2017/"):
+        formats.convert(source, tmp_path / "out2", DataSettings(), "fail")
+
+
+def test_a_box_just_past_the_edge_is_refused_not_written_without_area(yolo: Path, tmp_path: Path) -> None:
+    """Within the edge tolerance but wholly outside the image, a box was clipped to a line of negative or zero width
+    (`0 1.001 0.25 -0.002 ...`); a VOC file without <size> whose image cannot be read had each box "outside the 0x0
+    image"."""
+    from pipelines.formats.common import box_line
+
+    assert box_line(0, 100.2, 10, 100.8, 20, 100, 60) == (
+        None,
+        "box (100.2,10)-(100,20) has no area inside the 100x60 image",
+    )
+    assert box_line(0, -0.5, 10, 0.0, 20, 100, 60)[0] is None
+    assert box_line(0, -0.5, 10, 10, 20, 100, 60)[0] == "0 0.050000 0.250000 0.100000 0.166667"  # clipped, kept
+    voc = to_voc(yolo, tmp_path / "voc", {"train": "train"})
+    first = sorted((voc / "Annotations").glob("*.xml"))[0]
+    text = first.read_text()
+    first.write_text(text[: text.index("<size>")] + text[text.index("</size>") + len("</size>") :])
+    image = voc / "JPEGImages" / f"{first.stem}.jpg"
+    image.write_bytes(b"not an image")
+    with pytest.raises(DataValidationError, match=r"gives no <size>, and its image .* cannot be read"):
+        formats.convert(voc, tmp_path / "out", DataSettings(), "fail")

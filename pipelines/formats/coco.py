@@ -5,6 +5,7 @@ Roboflow writes them); a file's split comes from its name or folder (`instances_
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +21,27 @@ def json_candidates(source: Path) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    reason: str
+
+
 def _coco_documents(source: Path) -> list[tuple[Path, Any]]:
-    """Each annotation file, parsed once (None: unreadable). A file named as the source is always kept, so its
-    errors are reported; in a folder, only JSON shaped like COCO (images and annotations) counts."""
+    """Each annotation file, parsed once (`Unreadable`: it does not parse). A file named as the source is always
+    kept, so its errors are reported; in a folder, JSON shaped like COCO (images and annotations) counts, and so
+    does JSON that does not parse at all: a cut-short `instances_val.json` was skipped, and its split's images were
+    left out of the import without a word."""
     documents: list[tuple[Path, Any]] = []
     for path in json_candidates(source):
         try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            doc = None
-        if source.is_file() or (isinstance(doc, dict) and "images" in doc and "annotations" in doc):
+            doc: Any = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            doc = Unreadable(str(exc).splitlines()[0][:200])
+        if (
+            source.is_file()
+            or isinstance(doc, Unreadable)
+            or (isinstance(doc, dict) and "images" in doc and "annotations" in doc)
+        ):
             documents.append((path, doc))
     return documents
 
@@ -40,6 +52,10 @@ def _image_dirs(json_file: Path, root: Path, split: Split | None) -> list[Path]:
     candidates = [json_file.parent, json_file.parent / "images", base / "images", base, root / "images", root]
     if split:
         candidates += [base / "images" / split, root / "images" / split, root / split]
+    # COCO's own layout: annotations/instances_train2017.json for the images in train2017/.
+    token = json_file.stem.rsplit("_", 1)[-1] if "_" in json_file.stem else ""
+    if token:
+        candidates += [base / token, base / "images" / token, root / token, root / "images" / token]
     return list(dict.fromkeys(candidates))
 
 
@@ -70,6 +86,9 @@ def read_coco(source: Path) -> Source:
     splits_named = 0
     for file, doc in documents:
         shown = relative_name(file, root)
+        if isinstance(doc, Unreadable):
+            problems.append(Problem(shown, f"not a readable COCO file (not valid JSON: {doc.reason})"))
+            continue
         if not isinstance(doc, dict):
             problems.append(Problem(shown, "not a readable COCO file (not a JSON object)"))
             continue
@@ -108,7 +127,11 @@ def read_coco(source: Path) -> Source:
             item = Item(path or folders[0] / file_name, Path(file_name).as_posix(), split, None, label_source=file)
             if path is None:
                 item.errors.append(
-                    Problem(shown, f"image '{file_name}' is named but not there (looked in {folders[0]} and beside)")
+                    Problem(
+                        shown,
+                        f"image '{file_name}' is named but not there (looked in "
+                        f"{', '.join(relative_name(d, root) + '/' for d in folders if d.is_dir()) or root})",
+                    )
                 )
             by_id[image_id] = item
             width, height = _number(image.get("width")), _number(image.get("height"))

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from conveyor.settings import Split
+from pipelines.inference import EXIF_ORIENTATION, TRANSPOSED
 from pipelines.validate import Problem
 
 Format = Literal["yolo", "coco", "voc"]
@@ -67,15 +68,24 @@ def box_line(
     if x0 < -tol or y0 < -tol or x1 > width + tol or y1 > height + tol:
         return None, f"box ({x0:g},{y0:g})-({x1:g},{y1:g}) is outside the {width:g}x{height:g} image"
     x0, y0, x1, y1 = max(x0, 0.0), max(y0, 0.0), min(x1, width), min(y1, height)
+    if x1 <= x0 or y1 <= y0:  # within the tolerance, but wholly past the edge: nothing of it is in the image
+        return None, f"box ({x0:g},{y0:g})-({x1:g},{y1:g}) has no area inside the {width:g}x{height:g} image"
     cx, cy, w, h = (x0 + x1) / 2 / width, (y0 + y1) / 2 / height, (x1 - x0) / width, (y1 - y0) / height
     return f"{class_id} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}", ""
 
 
 def image_size(path: Path) -> tuple[int, int] | None:
+    """Width and height of the image as the trainer and the server see it: a JPEG turned upright by its EXIF
+    orientation, as OpenCV decodes it (Ultralytics trains on those pixels). The stored size was used, so a phone's
+    portrait photo without a size in its annotations got its boxes divided by the wrong sides. Read from the
+    header, without decoding the pixels."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            return image.size
-    except OSError:
+            width, height = image.size
+            if image.format == "JPEG" and image.getexif().get(EXIF_ORIENTATION) in TRANSPOSED:
+                return height, width
+            return width, height
+    except Exception:  # not an image: OSError, or what Ultralytics' patched Image.open raises once imported
         return None

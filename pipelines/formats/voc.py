@@ -41,6 +41,10 @@ def read_voc(source: Path) -> Source:
             item.errors.append(Problem(shown, f"names image '{file_name}', which is not in JPEGImages/"))
         elif not (width and height):
             width, height = (float(v) for v in (image_size(image) or (0, 0)))
+            if not (width and height):  # its boxes were then each "outside the 0x0 image"
+                item.errors.append(Problem(shown, f"gives no <size>, and its image '{file_name}' cannot be read"))
+                items.append(item)
+                continue
         for obj in root.iter("object"):
             name = (obj.findtext("name") or "").strip()
             if not name:

@@ -22,7 +22,11 @@ def read_yolo(source: Path) -> Source:
             raise DataValidationError(f"{source / 'data.yaml'}: {exc}") from None
         has_splits = True
     else:  # Label Studio's YOLO export: images/, labels/, classes.txt, no splits
-        names = [n.strip() for n in (source / "classes.txt").read_text(encoding="utf-8").splitlines() if n.strip()]
+        try:
+            text = (source / "classes.txt").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:  # a UnicodeDecodeError was a traceback
+            raise DataValidationError(f"{source / 'classes.txt'}: not readable as UTF-8 text ({exc})") from None
+        names = [n.strip() for n in text.splitlines() if n.strip()]
         if not names:
             raise DataValidationError(f"{source / 'classes.txt'}: no class names")
         folders = {None: source / "images"}
@@ -45,8 +49,13 @@ def split_dirs(source: Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for key, value in spec.items():
         split = SPLIT_ALIASES.get(str(key))
-        if split is None or not isinstance(value, str):
+        if split is None or value is None or value == "":  # `test:` left empty: no such split
             continue
+        if not isinstance(value, str):  # Ultralytics takes a list of folders; its images were dropped silently
+            raise DataValidationError(
+                f"{source / 'data.yaml'}: {key}: {value!r} is not one folder: put the split's images in one folder "
+                "(images/<split>, labels beside) and name it; nothing was imported"
+            )
         # Roboflow-style exports say `../train/images` for a folder beside data.yaml.
         for candidate in (base / value, source / value, source / value.removeprefix("../")):
             if candidate.is_dir():
