@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from typing import Self
 
 LOG = logging.getLogger("conveyor.serving")
+WARN_EVERY = 60  # failed shipping attempts between two warnings (about 10 minutes at the default flush)
 PART_GLOB = "date=*/hour=*/part-*.parquet"
 # A kept frame's file suffix, from its first bytes. The image checks have their own copy (pipelines/inference.py):
 # this file imports nothing of Conveyor (edge bundles carry it), and the DAG's stages that decode images must not
@@ -73,6 +74,7 @@ class PartLog:
         self._on_written = on_written or (lambda n: None)
         self._on_dropped = on_dropped or (lambda n: None)
         self._stop = threading.Event()
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
         self.dropped = 0
         self.written = 0
@@ -87,7 +89,12 @@ class PartLog:
         return self.keep_frames > 0 and random.random() < self.keep_frames
 
     def offer(self, item: Any) -> None:
-        """Hand a record to the writer; never blocks (a full queue drops the record and counts it)."""
+        """Hand a record to the writer; never blocks (a full queue drops the record and counts it, as does a log
+        already closed: its writer would never take it)."""
+        if self._closed:
+            self.dropped += 1
+            self._on_dropped(1)
+            return
         try:
             self._queue.put_nowait(item)
         except queue.Full:
@@ -95,26 +102,31 @@ class PartLog:
             self._on_dropped(1)
 
     def close(self) -> None:
+        self._closed = True
         self._stop.set()
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self._stop.wait(self.flush_seconds)
-            self.flush()
-            if self.shipper is not None and self.shipper.behind:
-                self.shipper.catch_up(self.directory)
+            wrote = self.flush()
+            if not wrote and self.shipper is not None and self.shipper.behind:
+                self.shipper.catch_up(self.directory)  # once a cycle: a flush that wrote has shipped (or caught up)
         self.flush()
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
+        """Write what is queued (and ship it); True when there was something to write. Old hours are expired
+        either way, before and whatever the write did: a full disk stopped every write, and the expiry that would
+        have freed it ran only after a write that succeeded."""
         batch: list[Any] = []
         while True:
             try:
                 batch.append(self._queue.get_nowait())
             except queue.Empty:
                 break
+        self._expire_logged()
         if not batch:
-            return
+            return False
         try:
             records = [self._to_record(item) for item in batch]
             for item, row in zip(batch, records, strict=True):
@@ -123,15 +135,21 @@ class PartLog:
             written = self._write(records)
             self.written += len(batch)
             self._on_written(len(batch))
-            self._expire()
         except Exception:  # a full or read-only disk must not take the server down: count and log the loss
             LOG.exception("prediction log: could not write %d records to %s", len(batch), self.directory)
             self.dropped += len(batch)
             self._on_dropped(len(batch))
-            return
+            return True
         if self.shipper is not None:  # frames first: a shipped record never names a frame the store lacks
             frames = [row["frame"] for row in records if row["frame"]]
             self.shipper.ship(self.directory, [*frames, *written])
+        return True
+
+    def _expire_logged(self) -> None:
+        try:
+            self._expire()
+        except Exception:  # the writer thread goes on: the next flush tries again
+            LOG.exception("prediction log: could not remove hours past keep_hours from %s", self.directory)
 
     def _keep_frame(self, at: datetime, data: bytes) -> str:
         """Write the image into its hour's frames/ folder; returns its path relative to the log directory."""
@@ -149,15 +167,27 @@ class PartLog:
         by_hour: dict[str, list[dict[str, Any]]] = {}
         for row in records:
             by_hour.setdefault(hour_partition(row["time"]), []).append(row)
-        written = []
-        for partition, rows in by_hour.items():
-            folder = self.directory / partition
-            folder.mkdir(parents=True, exist_ok=True)
-            name = f"part-{int(time.time() * 1000)}-{uuid.uuid4().hex[:8]}.parquet"
-            temporary = folder / f".{name}"
-            pq.write_table(pa.Table.from_pylist(rows), temporary)
-            temporary.rename(folder / name)  # readers never see half a file
-            written.append(f"{partition}/{name}")
+        # Every row's columns: Arrow takes a table's columns from its first row, so a flush across a hot swap to a
+        # model with a features output dropped the new version's embeddings.
+        columns = list(dict.fromkeys(key for row in records for key in row))
+        written: list[str] = []
+        try:
+            for partition, rows in by_hour.items():
+                folder = self.directory / partition
+                folder.mkdir(parents=True, exist_ok=True)
+                name = f"part-{int(time.time() * 1000)}-{uuid.uuid4().hex[:8]}.parquet"
+                temporary = folder / f".{name}"
+                pq.write_table(
+                    pa.Table.from_pylist([{key: row.get(key) for key in columns} for row in rows]), temporary
+                )
+                temporary.rename(folder / name)  # readers never see half a file
+                written.append(f"{partition}/{name}")
+        except BaseException:
+            # All or nothing: the batch is counted dropped, so no part of it stays on disk (one hour's part did, never
+            # shipped, and counted as lost).
+            for relative in written:
+                (self.directory / relative).unlink(missing_ok=True)
+            raise
         return written
 
     def _expire(self) -> None:
@@ -189,6 +219,8 @@ class LogShipper:
         self.behind = True
         self.shipped = 0
         self.failures = 0
+        self._uploaded: set[str] = set()  # keys uploaded by this process (where the store refuses to list)
+        self._cannot_list = False
         self._make_client = make_client
         self._client: Any = None
 
@@ -200,6 +232,30 @@ class LogShipper:
             self._client = self._make_client()
         return self._client
 
+    def _listing(self) -> set[str]:
+        """The keys under the prefix; where listing is refused, the keys this process uploaded."""
+        if self._cannot_list:
+            return self._uploaded
+        remote: set[str] = set()
+        try:
+            pages = self._s3().get_paginator("list_objects_v2")
+            for page in pages.paginate(Bucket=self.bucket, Prefix=f"{self.prefix}/" if self.prefix else ""):
+                remote |= {item["Key"] for item in page.get("Contents", [])}
+        except Exception as exc:
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+            if code not in ("AccessDenied", "403"):
+                raise
+            self._cannot_list = True
+            LOG.warning(
+                "prediction log: %s refuses to list (%s): shipping without comparing with the store", self.url, code
+            )
+            return self._uploaded
+        return remote
+
+    def _remember(self, key: str) -> None:
+        if self._cannot_list:
+            self._uploaded.add(key)
+
     def ship(self, directory: Path, relative: list[str]) -> None:
         if self.behind:
             self.catch_up(directory)  # includes these files
@@ -207,23 +263,26 @@ class LogShipper:
         try:
             for name in relative:
                 self._s3().upload_file(str(directory / name), self.bucket, self.key(name))
+                self._remember(self.key(name))
                 self.shipped += 1
         except Exception as exc:  # botocore raises many types; the files wait in the local log
             self._failed(exc)
 
     def catch_up(self, directory: Path) -> None:
-        """Upload every local log file the store lacks (frames before part files)."""
+        """Upload every local log file the store lacks (frames before part files). Credentials that may upload and
+        not list (a least-privilege key for a device) compare with what this process uploaded instead: each start
+        then uploads the local log again once (the same bytes under the same keys)."""
         try:
-            remote = set()
-            pages = self._s3().get_paginator("list_objects_v2")
-            for page in pages.paginate(Bucket=self.bucket, Prefix=f"{self.prefix}/" if self.prefix else ""):
-                remote |= {item["Key"] for item in page.get("Contents", [])}
+            remote = self._listing()
             local = sorted(directory.glob("date=*/hour=*/frames/*")) + sorted(directory.glob(PART_GLOB))
-            for path in local:
-                name = path.relative_to(directory).as_posix()
-                if self.key(name) not in remote:
-                    self._s3().upload_file(str(path), self.bucket, self.key(name))
+            keys = [self.key(path.relative_to(directory).as_posix()) for path in local]
+            for path, key in zip(local, keys, strict=True):
+                if key not in remote:
+                    self._s3().upload_file(str(path), self.bucket, key)
+                    self._remember(key)
                     self.shipped += 1
+            if self._cannot_list:  # what the local log no longer keeps need not be remembered
+                self._uploaded &= set(keys)
         except Exception as exc:
             self._failed(exc)
             return
@@ -232,12 +291,15 @@ class LogShipper:
         self.behind = False
 
     def _failed(self, exc: Exception) -> None:
-        if not self.behind:
+        # Said when shipping stops, and again every WARN_EVERY failures while it stays stopped: a store that never
+        # answered from the start (a wrong endpoint, a missing bucket) was never said at all.
+        if not self.behind or self.failures % WARN_EVERY == 0:
             LOG.warning(
-                "prediction log: cannot ship to %s (%s); records stay in the local log and are shipped when the "
-                "store answers again",
+                "prediction log: cannot ship to %s (%s; %d attempts failed); records stay in the local log (for "
+                "keep_hours) and are shipped when the store answers again",
                 self.url,
                 str(exc).splitlines()[0][:300],
+                self.failures + 1,
             )
         self.behind = True
         self.failures += 1

@@ -30,6 +30,8 @@ from pipelines.log_parts import PART_GLOB, LogShipper, PartLog
 DEVICE_COLUMN = "device"  # who wrote a record: an edge runner's --device; the server's records have none
 SERVER_DEVICE = "server"  # what they are read as
 
+FUTURE_TOLERANCE = timedelta(hours=1)  # clocks that differ by less are not told apart from a window's own end
+
 
 @dataclass(frozen=True)
 class Pending:
@@ -157,6 +159,13 @@ def read_log(location: Path | str, since: datetime | None = None, last: int | No
     frame[DEVICE_COLUMN] = frame[DEVICE_COLUMN].fillna(SERVER_DEVICE).astype(str)
     if since is not None:
         frame = frame[frame["time"] >= pd.Timestamp(since)]
+    # A device whose clock ran ahead (no time sync yet) dates its records in the future: they fell in every window,
+    # and being the newest, decided which version was checked. Left out, and said.
+    ahead = frame["time"] > pd.Timestamp(datetime.now(UTC) + FUTURE_TOLERANCE)
+    if ahead.any():
+        devices = ", ".join(sorted(frame.loc[ahead, DEVICE_COLUMN].unique()))
+        unreadable.append(f"{int(ahead.sum())} records dated after now (a clock ahead: {devices}): left out")
+        frame = frame[~ahead]
     if last is not None:
         frame = frame.tail(last)
     return LogWindow(frame.reset_index(drop=True), unreadable)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ def list_images(source: str) -> list[str]:
     path = Path(source)
     if path.is_dir():
         found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    elif any(ch in source for ch in "*?["):
+    elif any(ch in source for ch in "*?[") and not path.is_file():  # `photo[1].jpg` is a file, not a pattern
         found = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
     elif path.is_file() and path.suffix.lower() not in IMAGE_SUFFIXES:
         base = path.parent
@@ -74,7 +75,17 @@ def list_images(source: str) -> list[str]:
         raise SourceError(f"{source}: no such folder, image, list file or matching glob")
     if not found:
         raise SourceError(f"{source}: no .jpg, .jpeg or .png images found")
-    return [str(image) for image in found]
+    unique: dict[str, str] = {}  # a list file naming one image twice (or as `a.jpg` and `./a.jpg`): once
+    for image in found:
+        unique.setdefault(image_key(str(image)), str(image))
+    return list(unique.values())
+
+
+def image_key(image: str) -> str:
+    """What makes two names one image: the absolute, normalised path (`imgs/a.jpg`, `./imgs/a.jpg` and
+    `/data/imgs/a.jpg` from /data are one), or the s3:// URL as it is. A resume named by another spelling of the same
+    folder predicted every image again."""
+    return image if image.startswith("s3://") else os.path.normpath(os.path.abspath(image))
 
 
 def reader_for(source: str) -> Callable[[str], bytes]:
@@ -167,7 +178,8 @@ def predict(
             f"--out {out} holds predictions of {model.name} v{', v'.join(sorted(others))}, not v{model.version}: name "
             f"a new --out, or resume with --model {sorted(others)[-1]}"
         )
-    todo = [image for image in images if image not in done]
+    done_keys = {image_key(image) for image in done}
+    todo = [image for image in images if image_key(image) not in done_keys]
     detector = model.detectors[0]
     failed = detections = 0
     started = time.perf_counter()

@@ -153,10 +153,10 @@ def serve(paths: ProjectPaths, settings: Settings, options: ServeOptions) -> Non
         pass
     finally:
         watcher.stop()
+        if triton is not None:  # first: a gRPC request served after the log closed was neither written nor counted
+            triton.stop()
         if predlog is not None:
             predlog.close()
-        if triton is not None:
-            triton.stop()
 
 
 def _check_writable(folder: Any, what: str, otherwise: str = "") -> None:

@@ -14,7 +14,8 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+from rich.console import Console
 
 from conveyor.errors import ConveyorError
 from conveyor.settings import ConfigError, ServeSettings
@@ -204,6 +206,116 @@ def test_prediction_log_survives_an_unwritable_disk(tmp_path: Path) -> None:
     assert log.dropped == 1 and log.written == 0
 
 
+def test_a_full_disk_is_freed_by_expiry_even_though_no_write_succeeds(tmp_path: Path) -> None:
+    """The expiry that frees old hours ran only after a write that succeeded: on a full disk no write succeeded, so
+    the log stopped for good. It now runs at every flush, before the write. The disk here is a stand-in: a write
+    that fails (a file where the hour's folder goes) while an hour past keep_hours is still on disk."""
+    from datetime import UTC, datetime, timedelta
+
+    log = PredictionLog(tmp_path / "log", queue_size=10, flush_seconds=60, keep_hours=1)
+    old = tmp_path / "log" / (datetime.now(UTC) - timedelta(hours=5)).strftime("date=%Y-%m-%d/hour=%H")
+    old.mkdir(parents=True)
+    (old / "part-1-old.parquet").write_bytes(b"x" * 1000)
+    record = pending()
+    now_hour = tmp_path / "log" / datetime.fromtimestamp(record.at, UTC).strftime("date=%Y-%m-%d/hour=%H")
+    now_hour.parent.mkdir(parents=True, exist_ok=True)
+    now_hour.write_text("in the way: the write fails")
+    log.offer(record)
+    log.flush()
+    assert log.written == 0 and log.dropped == 1 and not old.exists()
+
+
+def test_a_flush_is_written_whole_or_not_at_all_and_keeps_every_rows_columns(tmp_path: Path) -> None:
+    """A flush spanning two hours whose second part failed left the first on disk, counted as dropped and never
+    shipped; and Arrow took a part's columns from its first row, so records after a hot swap to a model with a
+    features output lost their embeddings."""
+    import pyarrow.parquet as pq
+
+    from pipelines.features import EMBEDDING
+
+    log = PredictionLog(tmp_path / "log", queue_size=10, flush_seconds=60, keep_hours=48)
+    log.directory.mkdir()
+    later = pending()
+    earlier = replace(later, at=later.at - 3600)
+    log.offer(earlier)
+    log.offer(later)
+    blocked = tmp_path / "log" / datetime.fromtimestamp(later.at, UTC).strftime("date=%Y-%m-%d/hour=%H")
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.write_text("in the way")
+    log.flush()
+    assert log.dropped == 2 and list((tmp_path / "log").glob("date=*/hour=*/part-*.parquet")) == []
+    blocked.unlink()
+
+    without = pending()
+    found = without.inference
+    with_features = replace(without, inference=Inference(found.detections, found.candidates, np.ones(8, np.float32)))
+    log.offer(without)
+    log.offer(with_features)
+    log.flush()
+    (part,) = (tmp_path / "log").glob("date=*/hour=*/part-*.parquet")
+    table = pq.read_table(part)
+    assert EMBEDDING in table.column_names and table.column(EMBEDDING).to_pylist()[1] is not None
+
+
+def test_shipping_that_never_worked_is_said_and_a_store_that_will_not_list_still_gets_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A wrong endpoint from the start was never said (the shipper starts behind, and warned only on falling
+    behind); credentials that may upload but not list (a device's least-privilege key) uploaded nothing, ever. A
+    stand-in client: the real store's refusal of a listing is a ClientError with code AccessDenied, raised here as
+    botocore raises it."""
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    from pipelines.log_parts import LogShipper
+
+    log = PredictionLog(tmp_path / "log", queue_size=10, flush_seconds=60, keep_hours=48)
+    log.directory.mkdir()
+    log.offer(pending())
+    log.flush()
+
+    class Away:
+        def get_paginator(self, name: str) -> Any:
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
+
+    away = LogShipper("s3://bucket/log", lambda: Away())
+    with caplog.at_level("WARNING", logger="conveyor.serving"):
+        away.catch_up(log.directory)
+    assert away.behind and "cannot ship to s3://bucket/log" in caplog.text
+
+    uploaded: list[str] = []
+
+    class UploadOnly:
+        def get_paginator(self, name: str) -> Any:
+            refusal = {"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}
+            raise ClientError(refusal, "ListObjectsV2")
+
+        def upload_file(self, path: str, bucket: str, key: str) -> None:
+            uploaded.append(key)
+
+    shipper = LogShipper("s3://bucket/log", lambda: UploadOnly())
+    shipper.catch_up(log.directory)
+    assert not shipper.behind and len(uploaded) == 1 and uploaded[0].startswith("log/date=")
+    shipper.behind = True
+    shipper.catch_up(log.directory)  # what it uploaded is not uploaded again
+    assert len(uploaded) == 1
+
+
+def test_records_offered_after_the_log_closed_are_counted_and_future_ones_left_out(tmp_path: Path) -> None:
+    """The server closed the log before Triton: a request served meanwhile was neither written nor counted. A device
+    whose clock ran ahead dated records in the future, and they decided which version every window checked."""
+    log = PredictionLog(tmp_path / "log", queue_size=10, flush_seconds=60, keep_hours=48).start()
+    log.offer(pending())
+    soon = pending(version="5")
+    ahead = replace(soon, at=soon.at + 30 * 86400)
+    log.offer(ahead)
+    log.close()
+    log.offer(pending())
+    assert log.written == 2 and log.dropped == 1
+    window = read_log(tmp_path / "log")
+    assert list(window.records["model_version"]) == ["1"]
+    assert window.unreadable == ["1 records dated after now (a clock ahead: server): left out"]
+
+
 def test_batch_sources(tmp_path: Path) -> None:
     folder = tmp_path / "images" / "line-2"
     folder.mkdir(parents=True)
@@ -214,6 +326,11 @@ def test_batch_sources(tmp_path: Path) -> None:
     listing = tmp_path / "list.txt"
     listing.write_text("images/line-2/b.jpg\n\n")
     assert batch.list_images(str(listing)) == [str(tmp_path / "images/line-2/b.jpg")]
+    # One image by two spellings in a list is one; a file whose name looks like a pattern is that file.
+    listing.write_text(f"images/line-2/b.jpg\n./images/line-2/b.jpg\n{folder / 'b.jpg'}\n")
+    assert batch.list_images(str(listing)) == [str(tmp_path / "images/line-2/b.jpg")]
+    (folder / "photo[1].jpg").write_bytes(b"x")
+    assert batch.list_images(str(folder / "photo[1].jpg")) == [str(folder / "photo[1].jpg")]
     for source, message in ((tmp_path / "nope", "no such folder"), (tmp_path / "empty.txt", "no .jpg")):
         if source.suffix:
             source.write_text("")
@@ -228,6 +345,21 @@ def test_a_source_of_another_kind_is_named(tmp_path: Path) -> None:
         batch.list_images(str(bmp))
     with pytest.raises(ConveyorError, match=r"no bucket in s3:// \(expected s3://bucket/prefix\)"):
         batch.list_images("s3://")
+
+
+def test_a_resume_by_another_spelling_of_the_folder_skips_what_was_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`predict imgs` then `predict /abs/imgs` (the same folder) predicted every image again: keys by the absolute,
+    normalised path. No model runs: every image is done."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imgs").mkdir()
+    out = tmp_path / "out.jsonl"
+    out.write_text("".join(json.dumps({"image": f"imgs/{n}.jpg", "version": "1"}) + "\n" for n in "ab"))
+    model = SimpleNamespace(version="1", name="m", detectors=[None])
+    images = [str(tmp_path / "imgs" / "a.jpg"), str(tmp_path / "imgs" / ".." / "imgs" / "b.jpg")]
+    summary = batch.predict(model, images, out, 4, ImageLimits(), Console(file=io.StringIO()))  # type: ignore[arg-type]
+    assert summary.images == 0 and summary.skipped == 2
 
 
 def test_resume_drops_a_torn_last_line(tmp_path: Path) -> None:

@@ -906,10 +906,14 @@ def bundled_module(name: str, root: Path = HERE) -> ModuleType:
 
 
 def s3_client() -> Any:
-    """boto3's S3 client; endpoint and credentials from the environment (AWS_ENDPOINT_URL, AWS_*)."""
+    """boto3's S3 client; endpoint and credentials from the environment (AWS_ENDPOINT_URL, AWS_*). Short timeouts
+    and two attempts, as the server's (`conveyor.storage.client`): the log's writer thread ships, and boto3's
+    defaults (60 s, more retries) held it while the queue filled and dropped records."""
     import boto3
+    from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))
+    config = Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 2, "mode": "standard"})
+    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL"), config=config)
 
 
 @dataclass(frozen=True)
