@@ -39,7 +39,7 @@ test-label-studio: $(STAMP)
 
 # The GPU path in one command (bench/gpu.py): NVIDIA's TensorRT from uv.lock's gpu group, an engine built on this GPU,
 # the parity gate, `conveyor serve --runtime tensorrt` and its benchmark beside OpenVINO, bench/results/gpu.json.
-# Without a CUDA device it refuses in one line, before installing anything.
+# Without a CUDA device it refuses in one line, before installing TensorRT (the CPU environment comes first).
 gpu-check: $(STAMP)
 	@$(VENV)/bin/python -m bench.gpu --gpu-only
 	$(UV) sync --locked --inexact --compile-bytecode --group gpu

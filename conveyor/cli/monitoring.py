@@ -41,7 +41,8 @@ def drift(
 ) -> None:
     """Check what the served model sees and predicts against its version's reference profile: a verdict per group
     of features (Evidently's statistics), the label-free performance estimate, and whether to alert or retrain.
-    The log holds the server's records and those the edge runners ship (`run.py --log`): one device per check."""
+    The log holds the server's records and those the edge runners ship (`edge.log.s3`, `run.py --log-s3`): one
+    device per check."""
     from monitoring.check import CheckOptions, run_check
 
     paths, settings = open_project()

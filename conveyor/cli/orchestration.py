@@ -53,7 +53,7 @@ def deploy() -> None:
 @app.command()
 @friendly_errors
 def worker() -> None:
-    """Run a Prefect worker for the training work pool (it runs the scheduled and triggered trainings)."""
+    """Run a Prefect worker for the project's work pool: the scheduled and triggered trainings, and the drift checks."""
     from flows.local_server import use_api
 
     _, settings = open_project()

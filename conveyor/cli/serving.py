@@ -134,7 +134,8 @@ def bundle(
     line: Annotated[str | None, typer.Option(help="the line to roll it out to (default edge.line)")] = None,
 ) -> None:
     """An edge bundle: OpenVINO + ONNX models, class names, preprocessing, the reject rule (edge), checksums and a
-    runner that needs only numpy, OpenCV and one runtime; signed with --key, rolled out to a line with --publish."""
+    runner that needs no Conveyor (numpy, OpenCV, one runtime, and requirements.txt's for MQTT, signatures and
+    the log); signed with --key, rolled out to a line with --publish."""
     from serving import bundle as edge
 
     if line is not None and not re.fullmatch(LINE_NAME, line):
