@@ -227,7 +227,9 @@ def decide(
     if champion_now != report.champion_version:
         # The champion moved after the gate compared against it: that comparison no longer holds.
         raise StaleGateError(champion_now, report.champion_version)
-    registry.promote(client, name, number, reason=f"gates passed ({reason})", actor=actor)
+    registry.promote(
+        client, name, number, reason=f"gates passed ({reason})", actor=actor, expected_champion=champion_now
+    )
     client.set_model_version_tag(name, number, DECISION, "promoted")
     return PromotionOutcome(number, newly_registered, True, number, f"v{number} is the new champion")
 

@@ -17,6 +17,7 @@ import json
 import re
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -50,9 +51,13 @@ class AliasMove:
     reason: str
     actor: str  # a Prefect flow run, or user:NAME
     pending: bool = False  # recorded, the alias not yet confirmed moved
+    id: str = ""  # unique to the move (older records have none)
 
     def to_tag(self) -> tuple[str, str]:
-        return f"{HISTORY_PREFIX}{self.seq:06d}", json.dumps(asdict(self), sort_keys=True)
+        # The key carries the move's own id after its sequence number: two moves at once that read the same history
+        # pick the same number, and with the number alone one record overwrote the other.
+        suffix = f".{self.id}" if self.id else ""
+        return f"{HISTORY_PREFIX}{self.seq:06d}{suffix}", json.dumps(asdict(self), sort_keys=True)
 
 
 def default_actor() -> str:
@@ -79,7 +84,7 @@ def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersio
         raise
 
 
-_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>[0-9]+))$")
 
 
 class ModelRefError(ConveyorError, ValueError):
@@ -93,10 +98,12 @@ def resolve(client: MlflowClient, default_name: str, ref: str) -> ModelVersion:
     if not match:
         if re.fullmatch(r"@[\w-]+", ref):
             alias = ref[1:]
-        elif re.fullmatch(r"v?\d+", ref):
-            version = ref.lstrip("v")
+        elif re.fullmatch(r"v?[0-9]+", ref):
+            version = str(int(ref.lstrip("v")))
         else:
             raise ModelRefError(f"'{ref}' is not models:/NAME@alias, models:/NAME/VERSION, @alias or a version")
+    if version is not None:
+        version = str(int(version))  # `02` is version 2
     if alias:
         found = version_by_alias(client, name, alias)
         if found is None:
@@ -130,7 +137,7 @@ def history(client: MlflowClient, name: str) -> list[AliasMove]:
         raise
     recorded = sorted(
         (AliasMove(**json.loads(v)) for k, v in model.tags.items() if k.startswith(HISTORY_PREFIX)),
-        key=lambda m: m.seq,
+        key=lambda m: (m.seq, m.at),
     )
     moves = []
     for move in recorded:
@@ -142,25 +149,57 @@ def history(client: MlflowClient, name: str) -> list[AliasMove]:
     return moves
 
 
+class ConcurrentMoveError(PromotionRefusedError):
+    """Another promotion or rollback moved the alias while this one was being made; nothing was changed."""
+
+
+UNSET = "<unset>"
+
+
 def move_alias(
-    client: MlflowClient, name: str, alias: str, version: str, *, kind: str, reason: str, actor: str
+    client: MlflowClient,
+    name: str,
+    alias: str,
+    version: str,
+    *,
+    kind: str,
+    reason: str,
+    actor: str,
+    expected: str | None = UNSET,
 ) -> AliasMove:
     """Point `alias` at `version` and record the move: recorded pending, moved, confirmed. A kill between any two
-    writes leaves a history that `history` reads truthfully (see the module docstring)."""
+    writes leaves a history that `history` reads truthfully (see the module docstring).
+
+    The registry has no compare-and-set. So the alias is read again just before it moves: when another move took it
+    elsewhere meanwhile (a `conveyor promote` during a flow's decision), this one is withdrawn, naming that one, and
+    nothing changes; a move recorded from one champion never lands on another. `expected`: the version the caller
+    decided against (a gate's champion), checked the same way."""
     previous = version_by_alias(client, name, alias)
+    read = str(previous.version) if previous else None
+    if expected != UNSET and read != expected:
+        raise ConcurrentMoveError(f"{name}@{alias} is v{read}, not v{expected} as decided: nothing was changed")
     _confirm_pending(client, name)
     past = history(client, name)
     move = AliasMove(
         seq=(past[-1].seq + 1) if past else 1,
         alias=alias,
-        from_version=str(previous.version) if previous else None,
+        from_version=read,
         to_version=str(version),
         at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         kind=kind,
         reason=reason,
         actor=actor,
+        id=uuid.uuid4().hex[:8],
     )
-    client.set_registered_model_tag(name, *replace(move, pending=True).to_tag())
+    pending_key, pending_value = replace(move, pending=True).to_tag()
+    client.set_registered_model_tag(name, pending_key, pending_value)
+    now = version_by_alias(client, name, alias)
+    if (str(now.version) if now else None) != read:
+        client.delete_registered_model_tag(name, pending_key)
+        raise ConcurrentMoveError(
+            f"{name}@{alias} moved to v{now.version if now else None} by another promotion or rollback while this "
+            f"one was made: nothing was changed; check `conveyor history`, then run it again if it still applies"
+        )
     client.set_registered_model_alias(name, alias, str(version))
     client.set_registered_model_tag(name, *move.to_tag())
     client.update_registered_model(name, description=history_markdown([*past, move]))
@@ -176,8 +215,14 @@ def _confirm_pending(client: MlflowClient, name: str) -> None:
         if not key.startswith(HISTORY_PREFIX):
             continue
         move = AliasMove(**json.loads(value))
-        if move.pending and str(model.aliases.get(move.alias)) == move.to_version:
+        if not move.pending:
+            continue
+        if str(model.aliases.get(move.alias)) == move.to_version:
             client.set_registered_model_tag(name, *replace(move, pending=False).to_tag())
+        elif move.id:
+            # It never happened (killed before the alias moved, or withdrawn): its own key would otherwise outlive
+            # it, and count as a second move of its number once the alias came to its version another way.
+            client.delete_registered_model_tag(name, key)
 
 
 def history_markdown(moves: list[AliasMove]) -> str:
@@ -211,14 +256,22 @@ def gates_passed(version: ModelVersion) -> bool:
 
 
 def promote(
-    client: MlflowClient, name: str, version: str, *, reason: str, actor: str | None = None, force: bool = False
+    client: MlflowClient,
+    name: str,
+    version: str,
+    *,
+    reason: str,
+    actor: str | None = None,
+    force: bool = False,
+    expected_champion: str | None = UNSET,
 ) -> AliasMove:
-    """Make `version` the champion. Refused when its gates failed, unless forced with a reason (recorded)."""
+    """Make `version` the champion. Refused when its gates failed, unless forced with a reason (recorded).
+    `expected_champion`: the champion the caller's gates compared against; another one by now is refused."""
     if not reason.strip():
         raise PromotionRefusedError("a promotion needs a reason (--reason)")
-    if not re.fullmatch(r"v?\d+", str(version)):
+    if not re.fullmatch(r"v?[0-9]+", str(version)):  # ASCII digits: `３` passed `\d`, and `02` is not `2`
         raise PromotionRefusedError(f"'{version}' is not a version number of {name}")
-    version = str(version).lstrip("v")
+    version = str(int(str(version).lstrip("v")))
     if int(version) > MAX_VERSION:
         raise PromotionRefusedError(f"{name} has no version {version}")
     try:
@@ -237,7 +290,16 @@ def promote(
     if champion is not None and str(champion.version) == str(version):
         raise PromotionRefusedError(f"{name} v{version} is already the champion")
     kind = "promote" if passed else "force"
-    return move_alias(client, name, CHAMPION, str(version), kind=kind, reason=reason, actor=actor or default_actor())
+    return move_alias(
+        client,
+        name,
+        CHAMPION,
+        str(version),
+        kind=kind,
+        reason=reason,
+        actor=actor or default_actor(),
+        expected=expected_champion,
+    )
 
 
 def rollback_target(
@@ -288,7 +350,16 @@ def rollback(
         raise PromotionRefusedError(f"{name} has no earlier champion to roll back to")
     if before_move is not None:
         before_move(target)
-    return move_alias(client, name, CHAMPION, target, kind="rollback", reason=reason, actor=actor or default_actor())
+    return move_alias(
+        client,
+        name,
+        CHAMPION,
+        target,
+        kind="rollback",
+        reason=reason,
+        actor=actor or default_actor(),
+        expected=str(champion.version) if champion else None,
+    )
 
 
 def versions(client: MlflowClient, name: str) -> list[ModelVersion]:

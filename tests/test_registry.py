@@ -156,6 +156,43 @@ def test_a_rollback_the_edge_line_cannot_follow_moves_nothing(client: MlflowClie
     assert [m.kind for m in registry.history(client, name)] == ["promote", "promote"]
 
 
+def test_a_promotion_made_while_another_moves_the_champion_is_withdrawn_and_both_stay_true(
+    client: MlflowClient, name: str
+) -> None:
+    """Two promotions at once read the same history, picked the same sequence number, and one record overwrote the
+    other: v3's promotion vanished, and v2's said it replaced v1. Here a second promotion lands (through the real
+    server) right after the first recorded its move: the first is withdrawn, and the history holds v3's, true."""
+    v1, v2, v3 = (new_version(client, name, passed=True) for _ in range(3))
+    registry.promote(client, name, v1, reason="first")
+
+    class Racing(MlflowClient):
+        raced = False
+
+        def set_registered_model_tag(self, model: str, key: str, value: str) -> None:
+            super().set_registered_model_tag(model, key, value)
+            if '"pending": true' in value and not Racing.raced:
+                Racing.raced = True
+                registry.promote(client, name, v3, reason="the other promotion")
+
+    with pytest.raises(registry.ConcurrentMoveError, match=rf"moved to v{v3} by another promotion"):
+        registry.promote(Racing(client.tracking_uri), name, v2, reason="this one")
+    champion = registry.current_champion(client, name)
+    assert champion is not None and str(champion.version) == v3
+    moves = [(m.from_version, m.to_version) for m in registry.history(client, name)]
+    assert moves == [(None, v1), (v1, v3)]
+    assert not [
+        k
+        for k in client.get_registered_model(name).tags
+        if '"pending": true' in client.get_registered_model(name).tags[k]
+    ]
+    # A decision against a champion that is no longer it, and versions typed another way.
+    with pytest.raises(registry.ConcurrentMoveError, match=f"is v{v3}, not v{v1} as decided"):
+        registry.promote(client, name, v2, reason="gated against v1", expected_champion=v1)
+    assert registry.promote(client, name, f"0{v2}", reason="leading zero").to_version == v2
+    with pytest.raises(PromotionRefusedError, match="is not a version number"):
+        registry.promote(client, name, "３", reason="a full-width digit")
+
+
 def test_a_move_killed_after_the_alias_moved_stays_in_the_history_when_the_alias_moves_again(
     client: MlflowClient, name: str
 ) -> None:
