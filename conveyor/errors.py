@@ -7,6 +7,18 @@ those still do.
 
 from __future__ import annotations
 
+import re
+
 
 class ConveyorError(Exception):
     """An expected failure whose message tells the user what happened and what to do."""
+
+
+# `scheme://user:password@host`: what an error message quoting a URL may carry (an MLflow URI with credentials).
+_URL_CREDENTIALS = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@")
+
+
+def without_credentials(text: str) -> str:
+    """`text` with the user and password of every URL in it replaced by `***`: for every message, log line and
+    record that quotes a URL."""
+    return _URL_CREDENTIALS.sub(r"\1***@", text)

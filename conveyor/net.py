@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import random
-import re
 import socket
 import subprocess
 import time
@@ -22,15 +21,6 @@ T = TypeVar("T")
 
 class StartupError(ConveyorError, RuntimeError):
     """A server that exited, or did not answer in time, while starting; the message says where its log is."""
-
-
-# `scheme://user:password@host`: what an error message quoting a URL may carry (an MLflow URI with credentials).
-_URL_CREDENTIALS = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@")
-
-
-def without_credentials(text: str) -> str:
-    """`text` with the user and password of every URL in it replaced by `***`."""
-    return _URL_CREDENTIALS.sub(r"\1***@", text)
 
 
 # The kernel's range for ports it picks itself (bind to port 0, the local end of an outgoing connection); Linux's

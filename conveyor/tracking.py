@@ -7,6 +7,7 @@ must not look like one that was.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import json
@@ -15,6 +16,7 @@ import re
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from conveyor import open_records
-from conveyor.errors import ConveyorError
+from conveyor.errors import ConveyorError, without_credentials
 from conveyor.lineage import cpu_model, data_version, git_state
 from conveyor.paths import ProjectPaths, available_cores, error_chain, write_atomically
 from conveyor.paths import tracking_uri as tracking_uri  # re-exported; lives there to import without MLflow
@@ -103,16 +105,34 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         )
     if not uri.startswith(("http://", "https://")):
         return
+    shown = without_credentials(uri)
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+        with urllib.request.urlopen(_health_request(uri), timeout=timeout) as response:
             if response.status == 200:
                 return
             problem = f"HTTP {response.status}"
     except (urllib.error.URLError, OSError) as exc:
         problem = str(getattr(exc, "reason", exc))
     except (http.client.InvalidURL, ValueError) as exc:  # a port that is not a number (`:5000x`)
-        raise TrackingUnavailableError(f"MLFLOW_TRACKING_URI={uri!r} is not a URL: {exc}") from None
-    raise TrackingUnavailableError(f"MLflow tracking server {uri} is unreachable ({problem})")
+        raise TrackingUnavailableError(f"MLFLOW_TRACKING_URI={shown!r} is not a URL: {exc}") from None
+    raise TrackingUnavailableError(f"MLflow tracking server {shown} is unreachable ({problem})")
+
+
+def _health_request(uri: str) -> urllib.request.Request:
+    """The server's /health, with the URI's user and password (`http://user:pw@host`, which MLflow's client sends
+    as basic auth) as a header: left in the URL, urllib read them as part of the host name, and a server that was up
+    was said to be unreachable."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None:
+        return urllib.request.Request(f"{uri.rstrip('/')}/health")
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    netloc += f":{parts.port}" if parts.port else ""
+    url = urllib.parse.urlunsplit((parts.scheme, netloc, f"{parts.path.rstrip('/')}/health", "", ""))
+    user = urllib.parse.unquote(parts.username)
+    password = urllib.parse.unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return urllib.request.Request(url, headers={"Authorization": f"Basic {token}"})
 
 
 def _check_sqlite(path: Path) -> None:
@@ -243,7 +263,8 @@ class Tracker:
         run = client.create_run(experiment_id, run_name=run_name, tags=lineage_tags(paths, settings))
         open_records.mark_open(paths, open_records.MLFLOW_RUN, run.info.run_id, uri, "stage train")  # RUNNING now
         tracker = cls(client, run.info.run_id, paths)
-        RunRecord(run.info.run_id, experiment_id, uri).save(paths.run_record)
+        # Without a password the URI may carry: the record is a stage output (pushed to the DVC remote).
+        RunRecord(run.info.run_id, experiment_id, without_credentials(uri)).save(paths.run_record)
         return tracker
 
     @staticmethod
@@ -259,10 +280,11 @@ class Tracker:
     def resume(cls, paths: ProjectPaths) -> Tracker:
         record = RunRecord.load(paths.run_record)
         uri = tracking_uri(paths)
-        if uri != record.tracking_uri:
+        if without_credentials(uri) != without_credentials(record.tracking_uri):
             raise TrackingUnavailableError(
-                f"the trained model's run {record.run_id} lives on {record.tracking_uri}, but the tracking URI is now "
-                f"{uri}: set MLFLOW_TRACKING_URI back, or re-run training (`dvc repro --force train`)"
+                f"the trained model's run {record.run_id} lives on {without_credentials(record.tracking_uri)}, but "
+                f"the tracking URI is now {without_credentials(uri)}: set MLFLOW_TRACKING_URI back, or re-run "
+                "training (`dvc repro --force train`)"
             )
         check_reachable(uri)
         from mlflow.tracking import MlflowClient
@@ -296,7 +318,7 @@ class Tracker:
                 lost = f"lost the tracking server during stage {name}"
                 open_records.mark_open(self.paths, open_records.MLFLOW_RUN, self.run_id, uri, f"stage {name}", lost)
             raise TrackingUnavailableError(
-                f"lost the MLflow tracking server {self.client.tracking_uri} during stage {name} "
+                f"lost the MLflow tracking server {without_credentials(self.client.tracking_uri)} during stage {name} "
                 f"({_first_line(failure)}): run {self.run_id} stays open until the next run or `conveyor status` "
                 "closes it; re-run when the server answers"
             ) from failure
@@ -372,7 +394,8 @@ class Tracker:
                 raise
             target = f"{artifact_path}/{path.name}" if artifact_path else path.name
             raise ArtifactStoreError(
-                f"could not store artifact '{target}' of MLflow run {self.run_id} on {self.client.tracking_uri}: "
+                f"could not store artifact '{target}' of MLflow run {self.run_id} on "
+                f"{without_credentials(self.client.tracking_uri)}: "
                 f"{refusal}. Free space in the store or raise its quota, then re-run"
             ) from failure
 

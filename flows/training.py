@@ -26,7 +26,7 @@ from prefect.states import Cancelled, State
 
 import conveyor  # noqa: F401  (offline switches first)
 from conveyor import open_records
-from conveyor.errors import ConveyorError
+from conveyor.errors import ConveyorError, without_credentials
 from conveyor.paths import ProjectPaths, exclusive, tracking_uri, write_atomically
 from conveyor.settings import Settings, load_settings
 from flows import TRAINING_FLOW, decisions, repair
@@ -305,7 +305,7 @@ def training_flow(
     # Prefect's own bookkeeping).
     overhead = flow_seconds - stages_total
     timing = {"flow_seconds": flow_seconds, "stage_seconds": stage_seconds, "overhead_seconds": overhead}
-    markdown = summary_markdown(settings, md5, stage_seconds, outcome, tracking_uri(paths), reason)
+    markdown = summary_markdown(settings, md5, stage_seconds, outcome, without_credentials(tracking_uri(paths)), reason)
     markdown += f"\nFlow {flow_seconds:.1f} s, of which stages {stages_total:.1f} s.\n"
     create_markdown_artifact(markdown, key="conveyor-training-summary", description="Conveyor training run")
     logger.info(

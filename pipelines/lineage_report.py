@@ -13,7 +13,7 @@ from pathlib import Path
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
-from conveyor.errors import ConveyorError
+from conveyor.errors import ConveyorError, without_credentials
 from conveyor.paths import ProjectPaths
 from pipelines import dvc_repo, registry
 from pipelines.registry import ModelRefError, resolve
@@ -60,7 +60,10 @@ def lineage(
         ),
         ("params hash", tags.get("conveyor.params_hash", "-")),
         ("train params", train_params or "-"),
-        ("MLflow run", f"{run.info.run_id} (experiment {run.info.experiment_id}) on {client.tracking_uri}"),
+        (
+            "MLflow run",
+            f"{run.info.run_id} (experiment {run.info.experiment_id}) on {without_credentials(client.tracking_uri)}",
+        ),
         ("Prefect flow run", tags.get("conveyor.prefect_flow_run_id", "-")),
         ("asked for by", _asked_for_by(client, tags.get(DRIFT_EVENT_TAG), monitoring_experiment)),
         (

@@ -27,7 +27,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from conveyor.net import without_credentials
+from conveyor.errors import without_credentials
 from pipelines import model_source as source
 from pipelines.model_source import LoadedModel
 from pipelines.registry import ModelRefError

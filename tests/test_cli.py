@@ -283,6 +283,47 @@ def test_a_typo_in_the_tracking_uri_is_named(project: Path, monkeypatch: pytest.
         assert result.exit_code == 1 and f"MLFLOW_TRACKING_URI='{uri}' {said}" in result.output, result.output
 
 
+def test_a_tracking_uri_with_a_user_and_password_is_checked_with_them_and_never_shown(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`http://alice:s3cret@host:port` (which MLflow's client sends as basic auth) was read by the health check as
+    a host name `alice:s3cret@127.0.0.1`: a server that was up was "unreachable", and the message showed the
+    password. A real HTTP server that wants the credentials answers /health here (MLflow behind a proxy does so)."""
+    import base64
+    import http.server
+    import threading
+
+    from conveyor.tracking import TrackingUnavailableError, check_reachable
+
+    wanted = "Basic " + base64.b64encode(b"alice:s3cret").decode()
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            ok = self.path == "/health" and self.headers.get("Authorization") == wanted
+            self.send_response(200 if ok else 401)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        check_reachable(f"http://alice:s3cret@127.0.0.1:{port}")
+        with pytest.raises(
+            TrackingUnavailableError, match=r"http://\*\*\*@127\.0\.0\.1:\d+ is unreachable \(Unauthorized\)"
+        ):
+            check_reachable(f"http://alice:wrong@127.0.0.1:{port}")
+    finally:
+        server.shutdown()
+    monkeypatch.chdir(project)
+    result = runner.invoke(
+        app, ["models"], env={"COLUMNS": "300", "MLFLOW_TRACKING_URI": f"http://alice:s3cret@127.0.0.1:{port}"}
+    )
+    assert result.exit_code == 1 and "s3cret" not in result.output and "http://***@127.0.0.1" in result.output
+
+
 def test_messages_are_text_not_markup_and_a_damaged_data_dvc_is_named(
     project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1031,7 +1031,7 @@ def test_the_api_passes_on_only_the_protocol_and_inflates_bodies_within_the_limi
 
 
 def test_errors_quoting_a_url_lose_its_credentials_and_tracebacks_stay_on_the_server() -> None:
-    from conveyor.net import without_credentials
+    from conveyor.errors import without_credentials
     from serving.app import _without_traceback
 
     said = without_credentials("API request to http://plant:hunter2@127.0.0.1:9/api failed; s3://key@bucket/x")
