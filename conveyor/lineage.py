@@ -45,7 +45,9 @@ class GitState:
 
 
 def git_state(root: Path) -> GitState:
-    """The commit and whether tracked code differs from it.
+    """The commit and whether the code differs from it: a tracked file changed, or a Python module no commit has
+    (an untracked module the pipeline imports ran, and the commit was recorded clean). Other untracked files (notes,
+    a scratch image) are no code.
 
     dvc.lock and metrics/ are written by the pipeline itself, so they do not make the tree dirty; nor do params.yaml
     and data.dvc, which a run records on their own (the params' hash, the data version) and which `conveyor data
@@ -60,7 +62,7 @@ def git_state(root: Path) -> GitState:
                 "git",
                 "status",
                 "--porcelain",
-                "--untracked-files=no",
+                "--untracked-files=all",
                 "--",
                 ".",
                 ":(exclude)dvc.lock",
@@ -75,7 +77,9 @@ def git_state(root: Path) -> GitState:
         ).stdout
     except (OSError, subprocess.CalledProcessError):
         return GitState("unknown", True)
-    return GitState(commit, bool(status.strip()))
+    changed = [line for line in status.splitlines() if line.strip()]
+    code = [line for line in changed if not line.startswith("??") or line.rstrip().endswith(".py")]
+    return GitState(commit, bool(code))
 
 
 def cpu_model() -> str:

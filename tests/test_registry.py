@@ -495,6 +495,11 @@ def test_the_code_is_dirty_only_when_code_changed(tmp_path: Path) -> None:
     subprocess.run([*git, "commit", "-qm", "code"], check=True)
     (tmp_path / "params.yaml").write_text("after\n")
     (tmp_path / "data.dvc").write_text("after\n")
+    (tmp_path / "notes.txt").write_text("an untracked file that is no code\n")
     assert git_state(tmp_path).dirty is False
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "new_module.py").write_text("import this\n")  # no commit has it: the commit is not the code
+    assert git_state(tmp_path).dirty is True
+    (tmp_path / "pkg" / "new_module.py").unlink()
     (tmp_path / "stage.py").write_text("after\n")
     assert git_state(tmp_path).dirty is True
