@@ -47,9 +47,23 @@ def use_channels_last(trainer: Any) -> None:
 
 
 def resolve_device(device: str) -> str:
-    """'auto' means the first CUDA GPU when there is one, else the CPU."""
-    if device != "auto":
-        return device
+    """'auto' means the first CUDA GPU when there is one, else the CPU. A CUDA index this machine does not have is a
+    ConfigError, before a run opens: it was Ultralytics' ValueError traceback, after "on CUDA:0" was printed and a
+    FAILED MLflow run was left."""
     import torch
 
-    return "0" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        return "0" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    from conveyor.settings import ConfigError
+
+    indices = [part.strip() for part in device.removeprefix("cuda:").split(",")]
+    if not all(part.isdigit() for part in indices):
+        raise ConfigError(f"train.device {device!r}: 'auto', 'cpu', or CUDA indices like '0' or '0,1'")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = [part for part in indices if int(part) >= count]
+    if missing:
+        has = f"{count} CUDA device(s)" if count else "no CUDA device"
+        raise ConfigError(f"train.device {device!r}: this machine has {has}; use 'auto' or 'cpu'")
+    return device

@@ -188,7 +188,9 @@ def run(paths: ProjectPaths, settings: Settings, console: Console | None = None)
         raise FileNotFoundError(f"train.weights: checkpoint {cfg.weights} not found (relative to {paths.root})")
     data_yaml = materialize(manifest_path, paths.data, paths.scratch / "views" / "train", ("train", "val"))
 
-    # Loaded before a run is opened: a model that cannot load leaves no failed run and run.json as it was.
+    # Loaded before a run is opened: a model that cannot load, or a device this machine lacks, leaves no failed run
+    # and run.json as it was.
+    device = resolve_device(cfg.device)
     model = load_yolo(str(paths.root / cfg.weights) if cfg.weights else cfg.model)
     paths.train.mkdir(parents=True, exist_ok=True)
     tracker = Tracker.start(paths, settings, run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -209,7 +211,6 @@ def run(paths: ProjectPaths, settings: Settings, console: Console | None = None)
         model.add_callback("on_fit_epoch_end", reporter.on_fit_epoch_end)
         if cfg.channels_last:
             model.add_callback("on_pretrain_routine_end", use_channels_last)
-        device = resolve_device(cfg.device)
         try:
             estimate = estimate_training(
                 str(paths.root / cfg.weights) if cfg.weights else cfg.model,

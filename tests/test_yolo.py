@@ -98,3 +98,26 @@ def test_a_model_that_is_neither_a_yaml_nor_a_local_file_is_refused_without_a_do
         load_yolo("yolo11n.pt")
     with pytest.raises(FileNotFoundError, match="neither a model YAML"):
         load_yolo(str(tmp_path / "gone.pt"))
+
+
+def test_a_cuda_device_this_machine_lacks_is_named_before_a_run_opens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`train.device: "0"` on a CPU-only machine was Ultralytics' ValueError traceback, after "on CUDA:0" was
+    printed and a FAILED MLflow run was left; `gpu0` passed the settings. torch's CUDA query is stood in for, so the
+    test reads the same on a machine with GPUs."""
+    import torch
+
+    from conveyor.settings import ConfigError
+    from conveyor.yolo import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+    with pytest.raises(ConfigError, match=r"train.device '0': this machine has no CUDA device"):
+        resolve_device("0")
+    with pytest.raises(ConfigError, match=r"'auto', 'cpu', or CUDA indices"):
+        resolve_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == "0" and resolve_device("0,1") == "0,1"
+    with pytest.raises(ConfigError, match=r"this machine has 2 CUDA device\(s\)"):
+        resolve_device("2")
