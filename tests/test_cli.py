@@ -423,3 +423,25 @@ def test_models_lists_a_version_registered_without_a_run(
     assert result.exit_code == 0, result.output
     rows = [line.split("│") for line in result.output.splitlines() if line.count("│") == 8]
     assert "0123456789abcdef0123.dir" in "".join(row[5].strip() for row in rows), result.output  # a cell may fold
+
+
+def test_a_version_whose_run_was_collected_shows_no_metric_not_a_traceback() -> None:
+    """After `mlflow gc`, a version's run is gone, and `conveyor models` was a traceback for the whole table. A
+    stand-in client raises what MLflow's does for a run that does not exist (no server can collect one here
+    quickly); another error still propagates."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_DOES_NOT_EXIST
+
+    from conveyor.cli.registry import _run_metrics
+
+    class Collected:
+        code = RESOURCE_DOES_NOT_EXIST
+
+        def get_run(self, run_id: str) -> object:
+            raise MlflowException(f"Run '{run_id}' not found", error_code=self.code)
+
+    assert _run_metrics(Collected(), "0123") == {} and _run_metrics(Collected(), None) == {}
+    broken = Collected()
+    broken.code = INTERNAL_ERROR
+    with pytest.raises(MlflowException):
+        _run_metrics(broken, "0123")

@@ -4,7 +4,7 @@ from."""
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -30,7 +30,7 @@ def models() -> None:
     found = registry.versions(client, name)
     aliases = registry.aliases_by_version(client, name) if found else {}
     for v in found:
-        metrics = client.get_run(v.run_id).data.metrics if v.run_id else {}  # one registered by hand has no run
+        metrics = _run_metrics(client, v.run_id)
         gates = "pass" if registry.gates_passed(v) else f"FAIL ({v.tags.get('conveyor.gates.failed', '?')})"
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000))
         table.add_row(
@@ -43,6 +43,21 @@ def models() -> None:
             str(v.run_id)[:12] if v.run_id else "-",
         )
     console.print(table)
+
+
+def _run_metrics(client: Any, run_id: str | None) -> dict[str, float]:
+    """A version's run's metrics; none for a version registered by hand (no run) or whose run was deleted since
+    (`mlflow gc`): that one row shows no metric, where the whole table was a traceback."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return {}
+    try:
+        return dict(client.get_run(run_id).data.metrics)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return {}
+        raise
 
 
 @app.command()
