@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,26 @@ def data_version(data_dvc: Path) -> DataVersion:
             f"{data_dvc} is not the file `dvc add data` writes ({type(exc).__name__}): a merge conflict? Resolve it, "
             f"or take a committed one back (`git checkout {data_dvc.name}`)"
         ) from None
+
+
+def dir_md5(folder: Path) -> str:
+    """DVC's hash of a directory (the `md5:` of its .dvc file): md5 of the sorted (relpath, md5) listing + '.dir'."""
+    entries = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        entries.append(
+            {"md5": hashlib.md5(path.read_bytes()).hexdigest(), "relpath": path.relative_to(folder).as_posix()}
+        )
+    entries.sort(key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
+def data_used(data_dvc: Path, data: Path) -> tuple[str, bool]:
+    """The hash of the data a run reads, and whether it is the version data.dvc names. `dvc repro` and `conveyor
+    train` on data/ edited since (only the flow's preflight compared them) recorded data.dvc's version: another
+    dataset than the one trained on."""
+    named = data_version(data_dvc).md5
+    actual = dir_md5(data) if data.is_dir() and any(data.iterdir()) else None
+    return (actual or named), actual is None or actual == named
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from conveyor import open_records
 from conveyor.errors import ConveyorError, without_credentials
-from conveyor.lineage import cpu_model, data_version, git_state
+from conveyor.lineage import cpu_model, data_used, git_state
 from conveyor.paths import ProjectPaths, available_cores, error_chain, write_atomically
 from conveyor.paths import tracking_uri as tracking_uri  # re-exported; lives there to import without MLflow
 from conveyor.settings import Settings
@@ -401,10 +401,11 @@ class Tracker:
 
 
 def lineage_tags(paths: ProjectPaths, settings: Settings) -> dict[str, str]:
-    data = data_version(paths.data_dvc)
+    data_md5, recorded = data_used(paths.data_dvc, paths.data)
     git = git_state(paths.root)
     tags = {
-        f"{TAG_PREFIX}data_md5": data.md5,
+        f"{TAG_PREFIX}data_md5": data_md5,  # what data/ holds, which may not be what data.dvc names
+        f"{TAG_PREFIX}data_recorded": str(recorded).lower(),
         f"{TAG_PREFIX}git_commit": git.commit,
         f"{TAG_PREFIX}git_dirty": str(git.dirty).lower(),
         f"{TAG_PREFIX}params_hash": settings.section_hash(),

@@ -19,7 +19,7 @@ import psutil
 from rich.console import Console
 
 from conveyor.errors import ConveyorError
-from conveyor.lineage import data_version
+from conveyor.lineage import data_version, dir_md5
 from conveyor.paths import ProjectPaths, exclusive, replace_folder, staged_beside, write_atomically
 from conveyor.settings import SPLITS, SynthSettings, load_settings
 from pipelines import formats, synth
@@ -43,17 +43,6 @@ def wait_for_dvc_lock(root: Path, timeout: float = 60.0) -> list[int]:
         return []
     _, alive = psutil.wait_procs(holders, timeout=timeout)
     return [process.pid for process in alive]
-
-
-def dir_md5(folder: Path) -> str:
-    """DVC's hash of a directory (the `md5:` of its .dvc file): md5 of the sorted (relpath, md5) listing + '.dir'."""
-    entries = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        entries.append(
-            {"md5": hashlib.md5(path.read_bytes()).hexdigest(), "relpath": path.relative_to(folder).as_posix()}
-        )
-    entries.sort(key=lambda e: e["relpath"])
-    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
 
 
 @dataclass(frozen=True)

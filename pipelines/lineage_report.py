@@ -51,7 +51,15 @@ def lineage(
     )
     exports = sorted({a.path for a in client.list_artifacts(run.info.run_id, "export")} - {"export/export.json"})
     rows = [
-        ("data version", md5),
+        (
+            "data version",
+            md5
+            + (
+                " (data/ differed from data.dvc: no recorded version; `dvc add data` before training records it)"
+                if tags.get("conveyor.data_recorded") == "false"
+                else ""
+            ),
+        ),
         ("data location", dvc_repo.remote_location(paths.root, md5) if md5 != "unknown" else "-"),
         (
             "git commit",

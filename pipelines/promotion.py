@@ -92,7 +92,9 @@ def register(
         run = client.get_run(run_id)
         tags = {
             **report.tags(),
-            "conveyor.data_md5": data_version(paths.data_dvc).md5,
+            # The run's own record of the data it trained on (data.dvc may name another by now).
+            "conveyor.data_md5": run.data.tags.get("conveyor.data_md5") or data_version(paths.data_dvc).md5,
+            "conveyor.data_recorded": run.data.tags.get("conveyor.data_recorded", "true"),
             "conveyor.git_commit": run.data.tags.get("conveyor.git_commit", "unknown"),
             "conveyor.prefect_flow_run_id": flow_run_id or "-",
             "conveyor.run_id": run_id,

@@ -138,3 +138,11 @@ def test_dir_md5_matches_dvc(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "dvc", "add", "-q", "data"], cwd=tmp_path, check=True)
     recorded = yaml.safe_load((tmp_path / "data.dvc").read_text())["outs"][0]["md5"]
     assert dir_md5(tmp_path / "data") == recorded
+    # What a run records: the data it reads. Edited since data.dvc was written (`dvc repro` or `conveyor train`
+    # without the flow's preflight), it was recorded as data.dvc's version: another dataset than the one trained on.
+    from conveyor.lineage import data_used
+
+    assert data_used(tmp_path / "data.dvc", tmp_path / "data") == (recorded, True)
+    next((tmp_path / "data" / "labels" / "train").iterdir()).write_text("")
+    edited, is_recorded = data_used(tmp_path / "data.dvc", tmp_path / "data")
+    assert edited != recorded and edited == dir_md5(tmp_path / "data") and not is_recorded
