@@ -60,6 +60,8 @@ class GateReport:
         return {
             "conveyor.gates.passed": str(self.passed).lower(),
             "conveyor.gates.failed": ",".join(self.failed) or "-",
+            # Which champion the regression gate compared against: a later promotion by hand checks it still is.
+            registry.GATED_AGAINST: self.champion_version or "-",
         }
 
     def to_json(self) -> dict[str, Any]:

@@ -32,6 +32,7 @@ CHALLENGER = "challenger"
 CHAMPION = "champion"
 HISTORY_PREFIX = "conveyor.alias_history."
 GATES_PASSED = "conveyor.gates.passed"
+GATED_AGAINST = "conveyor.gates.champion"  # the champion version a gate compared against ("-": none)
 MODEL_DESCRIPTION = "YOLO defect detector trained by Conveyor."
 DESCRIPTION_LIMIT = 5000  # MLflow's description column (VARCHAR(5000) on PostgreSQL)
 
@@ -289,7 +290,18 @@ def promote(
     champion = current_champion(client, name)
     if champion is not None and str(champion.version) == str(version):
         raise PromotionRefusedError(f"{name} v{version} is already the champion")
-    kind = "promote" if passed else "force"
+    now = str(champion.version) if champion is not None else "-"
+    gated_against = target.tags.get(GATED_AGAINST)
+    stale = gated_against is not None and gated_against != now
+    if passed and not force and stale:
+        # Its "no regression" was against another champion: v5 gated against v3 went in over a better v6.
+        against = f"v{gated_against}" if gated_against != "-" else "no champion"
+        raise PromotionRefusedError(
+            f"{name} v{version} passed its gates against {against}, but the champion is now "
+            f"{'v' + now if now != '-' else 'none'}: that comparison no longer holds. Run the pipeline for it again, "
+            "or use --force with a --reason"
+        )
+    kind = "promote" if passed and not stale else "force"
     return move_alias(
         client,
         name,

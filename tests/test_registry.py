@@ -193,6 +193,21 @@ def test_a_promotion_made_while_another_moves_the_champion_is_withdrawn_and_both
         registry.promote(client, name, "３", reason="a full-width digit")
 
 
+def test_a_version_gated_against_another_champion_needs_force_by_hand(client: MlflowClient, name: str) -> None:
+    """v3 passed its gates against v1; v2 became champion since. `conveyor promote 3` made it champion as a plain
+    promotion, over a v2 it was never compared with."""
+    v1, v2, v3 = (new_version(client, name, passed=True) for _ in range(3))
+    registry.promote(client, name, v1, reason="first")
+    client.set_model_version_tag(name, v3, registry.GATED_AGAINST, v1)
+    client.set_model_version_tag(name, v2, registry.GATED_AGAINST, v1)
+    registry.promote(client, name, v2, reason="gated against the champion it replaces")
+    with pytest.raises(PromotionRefusedError, match=rf"passed its gates against v{v1}, but the champion is now v{v2}"):
+        registry.promote(client, name, v3, reason="by hand")
+    champion = registry.current_champion(client, name)
+    assert champion is not None and str(champion.version) == v2
+    assert registry.promote(client, name, v3, reason="we know", force=True).kind == "force"
+
+
 def test_a_move_killed_after_the_alias_moved_stays_in_the_history_when_the_alias_moves_again(
     client: MlflowClient, name: str
 ) -> None:
