@@ -167,6 +167,13 @@ def ensure_experiment(client: MlflowClient, paths: ProjectPaths, name: str) -> s
     """The experiment's id, created when missing (artifacts in the project's folder on the embedded store), marked
     as classic model training for the UI."""
     experiment = client.get_experiment_by_name(name)
+    if experiment is not None and experiment.lifecycle_stage == "deleted":
+        # MLflow keeps a deleted experiment's name: runs cannot be created in it ("must be in the 'active' state",
+        # a traceback), nor can a new one take the name.
+        raise TrackingUnavailableError(
+            f"the MLflow experiment {name!r} was deleted: restore it (`mlflow experiments restore --experiment-id "
+            f"{experiment.experiment_id}`, or the MLflow UI), or set tracking.experiment to another name"
+        )
     if experiment is not None:
         if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older Conveyor; a user's choice is kept
             client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, CLASSIC_TRAINING)

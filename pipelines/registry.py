@@ -256,6 +256,14 @@ def gates_passed(version: ModelVersion) -> bool:
     return version.tags.get(GATES_PASSED) == "true"
 
 
+MAX_REASON = 1000  # characters: the history's tag value (MLflow: 5000 on PostgreSQL) holds the reason and more
+
+
+def _check_reason_length(reason: str) -> None:
+    if len(reason) > MAX_REASON:  # it was MLflow's "exceeds the maximum length" traceback
+        raise PromotionRefusedError(f"--reason is {len(reason)} characters; at most {MAX_REASON}: say it shorter")
+
+
 def promote(
     client: MlflowClient,
     name: str,
@@ -270,6 +278,7 @@ def promote(
     `expected_champion`: the champion the caller's gates compared against; another one by now is refused."""
     if not reason.strip():
         raise PromotionRefusedError("a promotion needs a reason (--reason)")
+    _check_reason_length(reason)
     if not re.fullmatch(r"v?[0-9]+", str(version)):  # ASCII digits: `３` passed `\d`, and `02` is not `2`
         raise PromotionRefusedError(f"'{version}' is not a version number of {name}")
     version = str(int(str(version).lstrip("v")))
@@ -353,6 +362,7 @@ def rollback(
     what else must follow the champion (an edge channel) is checked before the alias moves, not after."""
     if not reason.strip():
         raise PromotionRefusedError("a rollback needs a reason (--reason)")
+    _check_reason_length(reason)
     champion = current_champion(client, name)
     registered = {str(v.version) for v in versions(client, name)}
     target = rollback_target(

@@ -106,6 +106,10 @@ def test_promotion_needs_a_reason_and_a_version(client: MlflowClient, name: str)
     v1 = new_version(client, name, passed=True)
     with pytest.raises(PromotionRefusedError, match="needs a reason"):
         registry.promote(client, name, v1, reason="  ")
+    with pytest.raises(PromotionRefusedError, match="--reason is 120000 characters; at most 1000"):
+        registry.promote(client, name, v1, reason="x" * 120_000)  # MLflow's "exceeds the maximum length" traceback
+    with pytest.raises(PromotionRefusedError, match="at most 1000"):
+        registry.rollback(client, name, reason="x" * 1001)
     with pytest.raises(PromotionRefusedError, match="has no version 99"):
         registry.promote(client, name, "99", reason="typo")
     with pytest.raises(PromotionRefusedError, match="'v' is not a version number"):  # said "has no version "
@@ -191,6 +195,18 @@ def test_a_promotion_made_while_another_moves_the_champion_is_withdrawn_and_both
     assert registry.promote(client, name, f"0{v2}", reason="leading zero").to_version == v2
     with pytest.raises(PromotionRefusedError, match="is not a version number"):
         registry.promote(client, name, "３", reason="a full-width digit")
+
+
+def test_a_deleted_experiment_is_named_not_a_traceback(client: MlflowClient, tmp_path: Path) -> None:
+    """Deleted in the MLflow UI, the experiment keeps its name, and creating a run in it was MLflow's traceback ("must
+    be in the 'active' state")."""
+    from conveyor.tracking import TrackingUnavailableError, ensure_experiment
+
+    experiment = f"deleted-{uuid.uuid4().hex[:8]}"
+    experiment_id = client.create_experiment(experiment)
+    client.delete_experiment(experiment_id)
+    with pytest.raises(TrackingUnavailableError, match=rf"experiment '{experiment}' was deleted: restore it"):
+        ensure_experiment(client, ProjectPaths(tmp_path), experiment)
 
 
 def test_a_version_gated_against_another_champion_needs_force_by_hand(client: MlflowClient, name: str) -> None:
