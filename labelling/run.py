@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -42,8 +41,9 @@ def known_frames(paths: ProjectPaths) -> set[str]:
     """The SHA-256 of every image in the dataset and of every frame an earlier selection chose: labelled already, or
     waiting in a labelling project. Offered again, the same frames came back each run (the scoring is
     deterministic), and `label import` then refused the whole export for the one already in the dataset."""
-    images = paths.data / "images"
-    known = {hashlib.sha256(p.read_bytes()).hexdigest() for p in images.rglob("*") if p.is_file()}
+    from pipelines.data import image_hashes
+
+    known = set(image_hashes(paths.data))
     for record in paths.labelling.glob(f"**/{SELECTION_FILE}"):
         with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):  # damaged: `label import` says so
             known.update(str(frame["sha256"]) for frame in json.loads(record.read_text())["frames"])

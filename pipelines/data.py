@@ -246,6 +246,17 @@ def batch_id(folder_name: str, now: datetime | None = None) -> str:
     return f"add-{(now or datetime.now(UTC)).strftime('%Y%m%d-%H%M%S')}-{slug}"
 
 
+def image_hashes(data_root: Path) -> dict[str, tuple[str, str]]:
+    """The SHA-256 of each image of the dataset -> (its split, its file name): what an added batch or a labelling
+    selection is compared with (the same bytes are the same image)."""
+    found: dict[str, tuple[str, str]] = {}
+    for split in SPLITS:
+        for path in sorted((data_root / "images" / split).rglob("*")):
+            if path.is_file():
+                found.setdefault(hashlib.sha256(path.read_bytes()).hexdigest(), (split, path.name))
+    return found
+
+
 def _check_batch(paths: ProjectPaths, staging: Path, origin: dict[str, Path], source: Path) -> None:
     """Validate the staged batch as the validate stage would, plus leakage against data/; raise on any error."""
 
@@ -268,11 +279,7 @@ def _check_batch(paths: ProjectPaths, staging: Path, origin: dict[str, Path], so
         for rel in (r for r in origin if r in reason):  # another file named in the reason (leakage, duplicates)
             reason = reason.replace(rel, shown(rel))
         messages.append(f"{shown(p.file)}{f':{p.line}' if p.line is not None else ''}: {reason}")
-    existing: dict[str, tuple[str, str]] = {}  # content hash of data/'s images -> (split, path)
-    for split in SPLITS:
-        for path in sorted((paths.data / "images" / split).rglob("*")):
-            if path.is_file():
-                existing.setdefault(hashlib.sha256(path.read_bytes()).hexdigest(), (split, path.name))
+    existing = image_hashes(paths.data)
     in_batch: dict[str, str] = {}  # content hash -> the batch's first image of it
     for rel in (r for r in origin if r.startswith("images/")):
         split = rel.split("/")[1]
