@@ -94,6 +94,30 @@ def fetch(client: MlflowClient, version: ModelVersion, cache: Path) -> ModelFile
     return read_model_dir(target, version.name, str(version.version))
 
 
+STALE_DOWNLOAD_SECONDS = 3600  # a `.download-*` folder this old was left by a download killed halfway
+
+
+def prune(cache: Path, name: str, keep: set[str]) -> list[Path]:
+    """Remove the cached versions of `name` other than `keep`, and downloads a kill cut short; returns what went.
+    Each champion was downloaded into the cache for good: on Kubernetes it shares a 5 GiB emptyDir with the
+    prediction log, and the pod was evicted after enough promotions. A version whose files a process still has open
+    (loaded models are in memory) is unaffected; one asked for again is downloaded again."""
+    removed = []
+    for folder in sorted((cache / name).glob("*")) if (cache / name).is_dir() else []:
+        if folder.is_dir() and folder.name not in keep:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    for partial in cache.glob(".download-*") if cache.is_dir() else []:
+        try:
+            stale = time.time() - partial.stat().st_mtime > STALE_DOWNLOAD_SECONDS
+        except FileNotFoundError:  # another process's download, finished meanwhile
+            continue
+        if stale:
+            shutil.rmtree(partial, ignore_errors=True)
+            removed.append(partial)
+    return removed
+
+
 def read_model_dir(root: Path, name: str, version: str) -> ModelFiles:
     mlmodel = yaml.safe_load((root / "MLmodel").read_text())
     declared = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts", {})

@@ -35,12 +35,16 @@ from pipelines.inference import ImageError, ImageLimits, check_image_bytes
 from serving.metrics import ServingMetrics
 from serving.model import IMAGE_INPUT, detections_from_outputs
 from serving.swap import ModelSlot
-from serving.triton import TENSOR_SUFFIX, TritonPorts
+from serving.triton import INFERENCE_FAILED, NOT_READY, TENSOR_SUFFIX, TritonPorts
 
 HEALTH_ROUTES = ("/v2/health/live", "/v2/health/ready")
 IMAGE_TYPES = ("image/jpeg", "image/png", "application/octet-stream")
 RETRY_AFTER_SECONDS = "1"
+# Triton's version of each bound model: PyTriton binds one, whatever registry version the slot holds.
+TRITON_VERSION = "1"
+INFER_TIMEOUT_SECONDS = 120.0  # one /predict batch through Triton (queue included)
 TRACEBACK = "Traceback (most recent call last)"
+BACKEND_LOST = "the inference server (Triton) has exited: this server stops, for its supervisor to restart it"
 # Triton checks restricted gRPC protocols against this metadata key (its prefix + PyTriton's token header).
 GRPC_TOKEN_HEADER = "triton-grpc-protocol-triton-access-token"
 # Headers that describe one hop of a connection, not the message: never passed through a proxy.
@@ -86,6 +90,8 @@ class ServerState:
     metrics: ServingMetrics
     grpc_client: Any = None  # tritonclient.grpc.aio.InferenceServerClient (imported lazily: it is heavy)
     http_client: httpx.AsyncClient | None = None
+    # Whether Triton (and PyTriton's model processes) still run: without them nothing is served, whatever the slot.
+    backend_alive: Callable[[], bool] = lambda: True
     names: frozenset[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -110,9 +116,16 @@ class ServerState:
             raise RuntimeError("the app's lifespan has not started: no HTTP client to Triton")
         return self.http_client
 
+    def not_ready_reason(self) -> str | None:
+        """Why nothing can be served now (the whole reason: it may quote a registry's address), or None."""
+        if not self.backend_alive():
+            return BACKEND_LOST
+        return None if self.slot.current is not None else self.slot.state.reason
+
     def require_ready(self) -> None:
-        if self.slot.current is None:
-            raise ApiError(503, f"not ready: {self.slot.state.reason}", {"Retry-After": RETRY_AFTER_SECONDS})
+        reason = self.not_ready_reason()
+        if reason is not None:
+            raise ApiError(503, f"not ready: {reason}", {"Retry-After": RETRY_AFTER_SECONDS})
 
     def require_known(self, name: str) -> None:
         if name not in self.names:
@@ -134,7 +147,9 @@ async def _server(request: Request) -> ServerState:
 Server = Annotated[ServerState, Depends(_server)]
 
 
-def create_app(config: ApiConfig, slot: ModelSlot, metrics: ServingMetrics) -> FastAPI:
+def create_app(
+    config: ApiConfig, slot: ModelSlot, metrics: ServingMetrics, backend_alive: Callable[[], bool] = lambda: True
+) -> FastAPI:
     app = FastAPI(
         title="Conveyor model server",
         description="YOLO detections over HTTP: POST /predict with images, or the Open Inference Protocol under /v2.",
@@ -145,7 +160,7 @@ def create_app(config: ApiConfig, slot: ModelSlot, metrics: ServingMetrics) -> F
         # lists the paths that tools read (tests/test_infra.py checks the probes against them).
         routes=[route for router in (health, images, protocol, metrics_routes) for route in router.routes],
     )
-    app.state.server = ServerState(config, slot, metrics)
+    app.state.server = ServerState(config, slot, metrics, backend_alive=backend_alive)
     app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]  # Starlette types it for Exception
     app.middleware("http")(_observe)
     return app
@@ -195,14 +210,19 @@ health = APIRouter(tags=["health"])
 
 
 @health.get("/v2/health/live")
-async def live() -> dict[str, bool]:
-    return {"live": True}
+async def live(server: Server) -> JSONResponse:
+    """Live while Triton runs: a server whose Triton died answered every request with an error and stayed live, so
+    its supervisor (Kubernetes' liveness probe) never restarted it. The process also exits then (serving/server.py)."""
+    if not server.backend_alive():
+        return JSONResponse({"live": False, "reason": BACKEND_LOST}, status_code=503)
+    return JSONResponse({"live": True})
 
 
 @health.get("/v2/health/ready")
 async def ready(server: Server) -> JSONResponse:
-    if server.slot.current is None:
-        return JSONResponse({"ready": False, "reason": public_reason(server.slot.state.reason)}, status_code=503)
+    reason = server.not_ready_reason()
+    if reason is not None or server.slot.current is None:
+        return JSONResponse({"ready": False, "reason": public_reason(reason or "")}, status_code=503)
     return JSONResponse({"ready": True, "model": server.config.model_name, "version": server.slot.current.version})
 
 
@@ -288,14 +308,20 @@ async def repository_index(server: Server) -> list[dict[str, str]]:
     PyTriton leaves empty (its models are bound in process), so a client that lists models would see none."""
     slot = server.slot
     status = {"state": "READY"} if slot.ready else {"state": "UNAVAILABLE", "reason": slot.state.reason}
-    return [{"name": name, "version": "1", **status} for name in sorted(server.names)]
+    return [{"name": name, "version": TRITON_VERSION, **status} for name in sorted(server.names)]
 
 
 @protocol.get("/v2/models/{name}/ready")
-async def model_ready(name: str, server: Server) -> JSONResponse:
+@protocol.get("/v2/models/{name}/versions/{version}/ready", include_in_schema=False)
+async def model_ready(name: str, server: Server, version: str | None = None) -> Response:
+    """From the model slot, with or without a version: Triton's own answer (always ready: PyTriton's models are bound
+    whether or not a champion is loaded) said ready for a version while the route without one said not."""
     server.require_known(name)
-    if server.slot.current is None:
-        return JSONResponse({"name": name, "ready": False, "reason": server.slot.state.reason}, status_code=503)
+    if version is not None and version != TRITON_VERSION:  # a version Triton does not have: its own answer
+        return await _forward(server, "GET", f"models/{name}/versions/{version}/ready", b"", None, {})
+    reason = server.not_ready_reason()
+    if reason is not None:
+        return JSONResponse({"name": name, "ready": False, "reason": reason}, status_code=503)
     return JSONResponse({"name": name, "ready": True})
 
 
@@ -340,7 +366,8 @@ async def v2_passthrough(path: str, request: Request, server: Server) -> Respons
         server.require_known(route["name"])
     if infer:
         server.require_ready()
-    body = await _read_v2_body(request, server.config.limits.max_bytes * server.config.max_images)
+    # One request is one batch at most (max_batch_size images or tensors): /predict's image count is not its bound.
+    body = await _read_v2_body(request, server.config.limits.max_bytes * server.config.max_batch_size)
     if infer and not body:
         # Triton answers an empty inference request with 200 and an empty binary body: refuse it here, by name.
         raise ApiError(400, "an inference request needs a body: the protocol's JSON inference request object")
@@ -350,7 +377,8 @@ async def v2_passthrough(path: str, request: Request, server: Server) -> Respons
 async def _forward(
     server: ServerState, method: str, path: str, body: bytes, params: Any, request_headers: dict[str, str]
 ) -> Response:
-    """One request passed to Triton's `/v2/{path}` and its answer passed back (Triton's 500s are the client's)."""
+    """One request passed to Triton's `/v2/{path}` and its answer passed back. Triton answers 500 both for a request
+    it could not parse (the client's: 400 here) and for a batch that failed in the model (the server's: 500)."""
     try:
         upstream = await server.http.request(
             method,
@@ -368,10 +396,26 @@ async def _forward(
         headers["Retry-After"] = RETRY_AFTER_SECONDS
     status, content = upstream.status_code, upstream.content
     if status >= 500 and status != 503:
-        # Triton answers 500 for a malformed request it could not parse; that is the client's error. What failed in
-        # PyTriton's own code comes with its Python traceback (the server's files and paths): not the client's.
-        status, content = 400, _without_traceback(content)
+        content = _without_traceback(content)
+        status = _failure_status(content.decode(errors="replace"))
+        if status == 503:
+            headers["Retry-After"] = RETRY_AFTER_SECONDS
     return Response(content, status_code=status, headers=headers)
+
+
+def _failure_status(said: str) -> int:
+    """The status of a request Triton failed: the model's failure on the server (500), no model loaded (503), or a
+    request Triton could not take (400: its parser answers 500 too)."""
+    if NOT_READY in said:
+        return 503
+    return 500 if INFERENCE_FAILED in said else 400
+
+
+def _client_words(error: str) -> str:
+    """An error as a client may read it: without a Python traceback (the server's files and paths)."""
+    if TRACEBACK not in error:
+        return error
+    return error[: error.index(TRACEBACK)].rstrip(" :\n") or "the server failed on this request"
 
 
 def _without_traceback(body: bytes) -> bytes:
@@ -382,7 +426,7 @@ def _without_traceback(body: bytes) -> bytes:
     error = answer.get("error") if isinstance(answer, dict) else None
     if not isinstance(error, str) or TRACEBACK not in error:
         return body
-    answer["error"] = error[: error.index(TRACEBACK)].rstrip(" :\n") or "the server failed on this request"
+    answer["error"] = _client_words(error)
     return json.dumps(answer).encode()
 
 
@@ -532,11 +576,17 @@ async def _infer(
             [tensor],
             parameters={"sent_at": json.dumps(time.time())},
             headers={GRPC_TOKEN_HEADER: token} if token else None,
+            client_timeout=INFER_TIMEOUT_SECONDS,  # a hung model instance: an answer, and a server that can stop
         )
     except InferenceServerException as exc:
-        if "queue" in str(exc.message()).lower():  # Triton: "Exceeds maximum queue size"
-            raise ApiError(503, f"server busy: {exc.message()}", {"Retry-After": RETRY_AFTER_SECONDS}) from None
-        raise ApiError(502, f"inference failed: {exc.message()}") from None
+        said = _client_words(str(exc.message()))
+        if "queue" in said.lower():  # Triton: "Exceeds maximum queue size"
+            raise ApiError(503, f"server busy: {said}", {"Retry-After": RETRY_AFTER_SECONDS}) from None
+        if exc.status() == "StatusCode.DEADLINE_EXCEEDED":
+            raise ApiError(504, f"no answer from the model within {INFER_TIMEOUT_SECONDS} s") from None
+        if NOT_READY in said or exc.status() == "StatusCode.UNAVAILABLE":  # no model now, or Triton not answering
+            raise ApiError(503, f"not ready: {said}", {"Retry-After": RETRY_AFTER_SECONDS}) from None
+        raise ApiError(500 if INFERENCE_FAILED in said else 502, f"inference failed: {said}") from None
     versions = [v.decode() for v in result.as_numpy("model_version").reshape(-1)]
     errors = [e.decode() for e in result.as_numpy("error").reshape(-1)]
     return result.as_numpy("detections"), result.as_numpy("num_detections"), versions, errors

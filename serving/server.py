@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +34,33 @@ class StateNotWritableError(ConveyorError, OSError):
 
 class PortInUseError(ConveyorError, RuntimeError):
     """A port the server needs is taken; the message names it."""
+
+
+class BackendLostError(ConveyorError, RuntimeError):
+    """Triton exited under the running server: the server stopped, for its supervisor to start it again."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Triton (the inference server under the API) exited: stopped serving; its log is above. Started again, "
+            "the server comes back with the champion",
+            transient=True,
+        )
+
+
+GRACEFUL_SHUTDOWN_SECONDS = 10  # requests in flight at SIGTERM; then Triton, the log, within the pod's 45 s
+BACKEND_CHECK_SECONDS = 1.0
+
+
+def _stop_when_backend_exits(server: Any, alive: Any, lost: threading.Event) -> None:
+    """Until the API stops: when Triton is gone, the API stops too (exit 1, so that Kubernetes or systemd starts the
+    server again). Its health routes already answer 503 meanwhile."""
+    while not server.should_exit:
+        if not alive():
+            LOG.error("Triton exited: stopping the API (the server exits 1, for its supervisor to restart it)")
+            lost.set()
+            server.should_exit = True
+            return
+        time.sleep(BACKEND_CHECK_SECONDS)
 
 
 @dataclass(frozen=True)
@@ -119,6 +148,7 @@ def serve(paths: ProjectPaths, settings: Settings, options: ServeOptions) -> Non
     ports = TritonPorts(http=free_port(), grpc=cfg.grpc_port, metrics=free_port(), grpc_host=cfg.host)
     instances = [ServedModel(slot, i, metrics, predlog, limits) for i in range(cfg.workers)]
     triton: Any = None
+    lost = threading.Event()
     try:
         triton = start_triton(
             name,
@@ -142,21 +172,41 @@ def serve(paths: ProjectPaths, settings: Settings, options: ServeOptions) -> Non
             ),
             slot,
             metrics,
+            backend_alive=triton.is_alive,
         )
         print(
             f"serving {name} ({slot.state.reason}) on http://{cfg.host}:{cfg.port} (/predict, /v2, /metrics) "
             f"and grpc {cfg.host}:{cfg.grpc_port}",
             flush=True,
         )
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+        api = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host=cfg.host,
+                port=cfg.port,
+                log_level="warning",
+                access_log=False,
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+            )
+        )
+        threading.Thread(
+            target=_stop_when_backend_exits, args=(api, triton.is_alive, lost), name="triton-watch", daemon=True
+        ).start()
+        api.run()
     except KeyboardInterrupt:
         pass
     finally:
-        watcher.stop()
-        if triton is not None:  # first: a gRPC request served after the log closed was neither written nor counted
+        # Within the pod's grace period: the watcher is told to stop but not waited for first (a model it is loading
+        # held the stop up to a minute, and the log's last records were lost to the kill). Triton before the log: a
+        # gRPC request served after the log closed was neither written nor counted.
+        watcher.stop(timeout=0)
+        if triton is not None:
             triton.stop()
         if predlog is not None:
             predlog.close()
+        watcher.stop(timeout=5)
+    if lost.is_set():
+        raise BackendLostError()
 
 
 def _check_writable(folder: Any, what: str, otherwise: str = "") -> None:

@@ -124,10 +124,11 @@ class RegistryWatcher:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> None:
+        """Tell the watcher to stop, and wait for it at most `timeout` seconds (default: a poll and a minute's load)."""
         self._stop.set()
         if self._thread.is_alive():  # stopped before it started when the server failed to come up
-            self._thread.join(timeout=self.poll_seconds + 60)
+            self._thread.join(timeout=self.poll_seconds + 60 if timeout is None else timeout)
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_seconds):
@@ -187,3 +188,7 @@ class RegistryWatcher:
             f"v{previous.version}" if previous else "nothing",
             model.load_seconds,
         )
+        # The one served and the one before (a rollback takes it back at once); older ones are downloaded again.
+        kept = {model.version, *([previous.version] if previous else [])}
+        for gone in source.prune(self.cache, self.model_name, kept):
+            LOG.info("removed %s from the model cache", gone.name)

@@ -8,15 +8,26 @@ and a cluster runs the same `ServedModel` in Triton's Python backend.
 
 from __future__ import annotations
 
+import functools
+import logging
+import math
 import os
 import secrets
 import sysconfig
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from serving.model import IMAGE_INPUT, OUTPUTS, TENSOR_INPUT, ServedModel
+from serving.model import IMAGE_INPUT, OUTPUTS, TENSOR_INPUT, NoModelError, ServedModel
+
+LOG = logging.getLogger("conveyor.serving")
+# The start of what a client reads when a batch failed on the server (the API in front maps it to 500, not 400).
+INFERENCE_FAILED = "inference failed on the server"
+NOT_READY = "not ready: no model is loaded (GET /v2/health/ready says why)"
+MAX_QUEUE_SECONDS = 60.0  # a request's sent_at older than this is not the API's: left out of the queue's time
 
 TENSOR_SUFFIX = "_preprocessed"
 # Triton's administrative extensions: loading a model (code, through the Python backend), shared memory, logs, traces,
@@ -93,6 +104,7 @@ def start_triton(
     outputs = [Tensor(name=o.name, dtype=o.dtype, shape=o.shape) for o in OUTPUTS]
 
     def image_fn(served: ServedModel) -> Any:
+        @_failing_without_traceback
         def infer(requests: list[Any]) -> list[dict[str, np.ndarray]]:
             sent = [_sent_at(r) for r in requests]
             return served.execute_images([r[IMAGE_INPUT] for r in requests], sent)
@@ -100,6 +112,7 @@ def start_triton(
         return infer
 
     def tensor_fn(served: ServedModel) -> Any:
+        @_failing_without_traceback
         def infer(requests: list[Any]) -> list[dict[str, np.ndarray]]:
             return served.execute_tensors([r[TENSOR_INPUT] for r in requests])
 
@@ -138,9 +151,45 @@ def _restrict_for_clients(triton: Any, token: str) -> None:
         config[flag] = [config[flag], rule]
 
 
+class InferenceFailure(Exception):
+    """What a client reads when a batch failed on the server: this message and no more. PyTriton answers a failed
+    request with its exception formatted with the traceback (`traceback.format_exception` of `__traceback__`), so
+    every client, a direct gRPC one included, read the server's files, lines and the error's own text (a cache path,
+    a registry URL). The traceback is logged here; this exception shows PyTriton none."""
+
+    @property  # read by traceback.format_exception only; the interpreter keeps its own
+    def __traceback__(self) -> None:
+        return None
+
+    @__traceback__.setter
+    def __traceback__(self, _: Any) -> None:
+        pass
+
+
+def _failing_without_traceback(infer: Callable[[list[Any]], Any]) -> Callable[[list[Any]], Any]:
+    @functools.wraps(infer)
+    def answered(requests: list[Any]) -> Any:
+        try:
+            return infer(requests)
+        except NoModelError:
+            raise InferenceFailure(NOT_READY) from None
+        except Exception as exc:
+            LOG.exception("inference failed on a batch of %d requests", len(requests))
+            raise InferenceFailure(
+                f"{INFERENCE_FAILED} ({type(exc).__name__}): the server's log has the details"
+            ) from None
+
+    return answered
+
+
 def _sent_at(request: Any) -> float | None:
+    """When the API in front sent the request (its `sent_at` parameter): the queue's time. Any client may set it, so a
+    value that is not a recent time (not finite, in the future, over a minute old) is not one."""
     value = (getattr(request, "parameters", None) or {}).get("sent_at")
     try:
-        return float(value) if value is not None else None
+        sent = float(value) if value is not None else None
     except (TypeError, ValueError):
         return None
+    if sent is None or not math.isfinite(sent) or not 0 <= time.time() - sent <= MAX_QUEUE_SECONDS:
+        return None
+    return sent

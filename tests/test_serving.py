@@ -128,6 +128,10 @@ def test_live_but_not_ready_without_champion_then_ready_on_promotion(
     assert status == 503 and "champion" in body["reason"] and body["ready"] is False
     status, body = post_images(server, test_images[:1])
     assert status == 503 and "not ready" in body["error"] and body["_headers"]["Retry-After"] == "1"
+    # A model's readiness with a version was Triton's own, which said ready with nothing loaded.
+    for route in (f"/v2/models/{server.name}/ready", f"/v2/models/{server.name}/versions/1/ready"):
+        status, body = server.get(route)
+        assert status == 503 and body["ready"] is False, (route, body)
 
     registry.promote(client, server.name, "1", reason="first champion", actor="user:test")
     server.wait_version("1")
@@ -966,3 +970,129 @@ def test_full_queue_answers_503_with_retry_after(
         assert post_images(small, test_images[:1])[0] == 200
     finally:
         stop_tree(small.process)
+
+
+def test_a_server_whose_triton_dies_is_not_live_and_exits(tmp_path: Path, mlflow_server: str) -> None:
+    """Triton killed under the API (the OOM killer): the API stayed live and ready while every request failed, so
+    Kubernetes' probes never restarted the pod. The server exits 1, saying why, for its supervisor to start it again
+    (its health routes meanwhile: test_serving_units)."""
+    import psutil
+
+    name = f"lost-{uuid.uuid4().hex[:8]}"
+    running = start_server(tmp_path, mlflow_server, name)
+    try:
+        [triton] = [
+            p for p in psutil.Process(running.process.pid).children(recursive=True) if p.name() == "tritonserver"
+        ]
+        triton.kill()
+        assert running.process.wait(timeout=60) == 1, running.tail()
+        assert "Triton (the inference server under the API) exited" in running.tail(), running.tail()
+    finally:
+        stop_tree(running.process)
+
+
+def test_a_failure_on_the_server_is_a_5xx_without_its_traceback(tmp_path: Path) -> None:
+    """A model that fails on a batch (its runtime out of memory): `/predict` and `/v2` answered 400, telling the
+    client to fix its request, and every answer, a direct gRPC client's too, carried PyTriton's traceback with the
+    server's files and the error's own text. Now a 500 (gRPC: INTERNAL) that names the error's type and nothing more,
+    the traceback in the server's log. A request Triton itself refuses stays a 400. A client's `sent_at` that is not
+    a recent time is not timed as the queue's. With Triton gone, live and ready say so. A real PyTriton, with the
+    API in front in this process; the failing model is a stand-in (a real one does not fail on demand)."""
+
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    import uvicorn
+    from tritonclient.utils import InferenceServerException
+
+    from pipelines.inference import ImageLimits, ModelCard
+    from pipelines.model_source import LoadedModel
+    from serving.app import ApiConfig, create_app
+    from serving.metrics import ServingMetrics
+    from serving.model import ServedModel
+    from serving.swap import ModelSlot
+    from serving.triton import TritonPorts, start_triton
+
+    secret = "/srv/plant-7/model-cache/openvino/model.xml"
+
+    class FailingDetector:
+        card = ModelCard(names=["scratch"], imgsz=32)
+
+        def run(self, images: list[Any], floor: float = 0.01) -> list[Any]:
+            raise MemoryError(f"out of memory opening {secret}")
+
+    slot, metrics, limits = ModelSlot(), ServingMetrics(), ImageLimits()
+    slot.swap(LoadedModel("m", "3", "openvino", [FailingDetector()], time.time(), 0.1))  # type: ignore[list-item]
+    ports = TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port(), grpc_host="127.0.0.1")
+    triton = start_triton("m", [ServedModel(slot, 0, metrics, None, limits)], ports,
+                          max_batch_size=4, max_queue_delay_ms=0, max_queue_size=16, access_token=None)  # fmt: skip
+    api = uvicorn.Server(uvicorn.Config(
+        create_app(ApiConfig("m", ports, limits, 8, 4, None), slot, metrics, backend_alive=triton.is_alive),
+        host="127.0.0.1", port=free_port(), log_level="warning",
+    ))  # fmt: skip
+    thread = threading.Thread(target=api.run, daemon=True)
+    thread.start()
+    url = f"127.0.0.1:{api.config.port}"
+    png = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(png, format="PNG")
+
+    def leaks(text: str) -> bool:
+        return "Traceback" in text or secret in text or "/serving/" in text
+
+    try:
+        wait_http(f"http://{url}/v2/health/live", 30)
+        request = urllib.request.Request(
+            f"http://{url}/predict", data=png.getvalue(), headers={"Content-Type": "image/png"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as failed:
+            urllib.request.urlopen(request, timeout=60)
+        said = json.loads(failed.value.read())["error"]
+        assert failed.value.code == 500 and "inference failed on the server (MemoryError)" in said, said
+        assert not leaks(said), said
+
+        image = httpclient.InferInput("image", [1, 1], "BYTES")
+        image.set_data_from_numpy(np.array([[png.getvalue()]], dtype=object))
+        with pytest.raises(InferenceServerException) as over_http:
+            httpclient.InferenceServerClient(url).infer("m", [image])
+        assert over_http.value.status() == "500" and not leaks(str(over_http.value)), str(over_http.value)
+        grpc_image = grpcclient.InferInput("image", [1, 1], "BYTES")
+        grpc_image.set_data_from_numpy(np.array([[png.getvalue()]], dtype=object))
+        direct = grpcclient.InferenceServerClient(f"127.0.0.1:{ports.grpc}")
+        with pytest.raises(InferenceServerException) as over_grpc:
+            direct.infer("m", [grpc_image], parameters={"sent_at": "-inf"})
+        assert over_grpc.value.status() == "StatusCode.INTERNAL", over_grpc.value
+        assert "inference failed on the server (MemoryError)" in str(over_grpc.value), str(over_grpc.value)
+        assert not leaks(str(over_grpc.value)), str(over_grpc.value)
+        # -inf was not a time: not observed (its inf had made the sum inf for the life of the process)
+        # (/predict's own sent_at is the one observed)
+        assert metrics.registry.get_sample_value("conveyor_queue_seconds_count") == 1.0
+        assert (metrics.registry.get_sample_value("conveyor_queue_seconds_sum") or 0.0) < 60
+
+        # Triton's own refusal of a request it cannot take is still the client's.
+        wrong = {"inputs": [{"name": "img", "shape": [1, 1], "datatype": "BYTES", "data": ["x"]}]}
+        request = urllib.request.Request(
+            f"http://{url}/v2/models/m/infer", data=json.dumps(wrong).encode(), method="POST"
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        assert refused.value.code == 400, refused.value.read()
+
+        slot.current = None  # no model: a 503 to retry, not a failure
+        with pytest.raises(InferenceServerException) as unready:
+            direct.infer("m", [grpc_image])
+        assert "not ready" in str(unready.value) and not leaks(str(unready.value)), str(unready.value)
+
+        triton.stop()  # Triton gone from under the API
+        wait_for = time.monotonic() + 30
+        while triton.is_alive() and time.monotonic() < wait_for:
+            time.sleep(0.2)
+        for route in ("/v2/health/live", "/v2/health/ready"):
+            with pytest.raises(urllib.error.HTTPError) as gone:
+                urllib.request.urlopen(f"http://{url}{route}", timeout=10)
+            assert gone.value.code == 503 and "Triton" in json.loads(gone.value.read())["reason"], route
+        page = urllib.request.urlopen(f"http://{url}/metrics", timeout=10).read().decode()
+        assert 'conveyor_http_requests_total{route="/predict",status="500"} 1.0' in page
+        assert 'conveyor_http_requests_total{route="/v2/models/{name}/infer",status="500"} 1.0' in page
+    finally:
+        api.should_exit = True
+        thread.join(timeout=30)
+        triton.stop()

@@ -1197,6 +1197,28 @@ def test_a_version_that_failed_to_load_is_tried_again_later_and_afresh_when_prom
     assert slot.current.version == "8", slot.state.last_error
 
 
+def test_the_model_cache_keeps_the_served_version_and_the_one_before(tmp_path: Path) -> None:
+    """Every champion stayed in the model cache for good (on Kubernetes a 5 GiB emptyDir shared with the prediction
+    log: the pod was evicted after enough promotions), and downloads a kill cut short stayed beside them."""
+    from pipelines.model_source import STALE_DOWNLOAD_SECONDS, prune
+
+    cache = tmp_path / "models"
+    for version in ("1", "2", "3", "4"):
+        (cache / "m" / version).mkdir(parents=True)
+        (cache / "m" / version / "MLmodel").write_text("flavors: {}")
+    (cache / "other" / "1").mkdir(parents=True)  # another model's (batch predictions of another project's name)
+    killed, running = cache / ".download-killed", cache / ".download-running"
+    for folder in (killed, running):
+        folder.mkdir()
+    old = time.time() - STALE_DOWNLOAD_SECONDS - 60
+    os.utime(killed, (old, old))
+    removed = prune(cache, "m", {"4", "3"})
+    assert sorted(p.name for p in removed) == [".download-killed", "1", "2"]
+    assert sorted(p.name for p in (cache / "m").iterdir()) == ["3", "4"]
+    assert running.is_dir() and (cache / "other" / "1").is_dir()
+    assert prune(tmp_path / "nothing-yet", "m", {"1"}) == []
+
+
 def test_preprocessed_requests_are_split_to_the_batch_a_static_model_takes(tmp_path: Path) -> None:
     """A model that takes one frame at a time (an ONNX export without a dynamic batch, a TensorRT engine): two
     preprocessed frames in one batch are inferred one by one (ONNX Runtime refused the whole batch, and every request
