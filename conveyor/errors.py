@@ -13,6 +13,15 @@ import re
 class ConveyorError(Exception):
     """An expected failure whose message tells the user what happened and what to do."""
 
+    def __init__(self, *args: object, transient: bool = False) -> None:
+        super().__init__(*args)
+        # Whether the same command may succeed when tried again unchanged (a server that did not answer). The CLI
+        # exits with TEMPORARY_FAILURE for those and 1 for the rest; the training flow retries a stage only then.
+        self.transient = transient
+
+
+TEMPORARY_FAILURE = 75  # sysexits.h's EX_TEMPFAIL: "a temporary failure; the user is invited to retry"
+
 
 # `scheme://user:password@host`: what an error message quoting a URL may carry (an MLflow URI with credentials).
 _URL_CREDENTIALS = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@")

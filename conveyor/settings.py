@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from conveyor.errors import ConveyorError
+
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 SPLITS = ("train", "val", "test")
 Split = Literal["train", "val", "test"]
@@ -271,7 +274,16 @@ class GateSettings(_Section):
 
 
 class RegistrySettings(_Section):
-    model_name: str = Field("conveyor-defect-detector", min_length=1)
+    model_name: str = Field("conveyor-defect-detector", min_length=1, max_length=100)
+
+    @field_validator("model_name")
+    @classmethod
+    def _a_plain_name(cls, value: str) -> str:
+        # Quoted into MLflow's search filters (`name = '...'`), `models:/NAME@alias` URIs, Triton's URL paths and
+        # Prefect tags: MLflow took `acme's-detector`, and registration failed after the whole training.
+        if not _MODEL_NAME.fullmatch(value):
+            raise ValueError("letters, digits, '.', '_' and '-', starting with a letter or digit (e.g. line-7-defects)")
+        return value
 
 
 class OrchestrationSettings(_Section):
@@ -385,6 +397,12 @@ class MonitorSettings(_Section):
         description="the current window: prediction-log records of the last T h (ten years at most)",
     )
     window_records: int | None = Field(None, ge=1, description="or only the last N records of that window")
+    max_window_records: int = Field(
+        10_000,
+        ge=100,
+        description="a larger window is checked on a uniform sample of this many records, read part by part (a day "
+        "at 20 requests/s is 1.7 million records, about 10 GB held whole)",
+    )
     min_samples: int = Field(
         30, ge=2, description="fewer current (or reference) rows than this: 'insufficient data', never 'drift'"
     )
@@ -606,10 +624,16 @@ def _describe(error: dict[str, Any]) -> str:
 
 
 def set_param(path: Path, key: tuple[str, ...], value: Any) -> None:
-    """Change one value in params.yaml, keeping its comments and layout, and check the result still loads."""
+    """Change one value in params.yaml, keeping its comments and layout. The new text is checked before it is
+    written, and written whole (a temporary file, then a rename): a process reading params.yaml meanwhile (the
+    monitoring flow, between devices) never sees it half-written, and a kill mid-write leaves the old one."""
+    import io
+
     from ruamel.yaml import YAML
     from ruamel.yaml.comments import CommentedMap
     from ruamel.yaml.error import YAMLError
+
+    from conveyor.paths import write_atomically
 
     editor = YAML()
     editor.preserve_quotes = True
@@ -622,15 +646,11 @@ def set_param(path: Path, key: tuple[str, ...], value: Any) -> None:
         if node.get(part) is None:  # a section left to its defaults (absent or empty) is written in
             node[part] = CommentedMap()
         node = node[part]
-    original = path.read_text(encoding="utf-8")
     node[key[-1]] = value
-    with path.open("w", encoding="utf-8") as f:
-        editor.dump(document, f)
-    try:
-        load_settings(path)
-    except ConfigError:
-        path.write_text(original, encoding="utf-8")  # never leave an invalid params.yaml behind
-        raise
+    text = io.StringIO()
+    editor.dump(document, text)
+    parse_settings(text.getvalue(), str(path))  # never write an invalid params.yaml
+    write_atomically(path, text.getvalue())
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -663,13 +683,23 @@ def load_settings(path: Path) -> Settings:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
     except OSError as exc:  # unreadable, a folder
         raise ConfigError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    return parse_settings(text, str(path))
+
+
+def parse_settings(text: str, source: str) -> Settings:
+    """Settings from params.yaml's text; `source` names it in errors."""
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # a SafeLoader
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if raw is None:  # emptied by mistake, or cut short: every stage would have run on defaults without a word
+        raise ConfigError(
+            f"{source}: empty (no settings at all): restore it (`git checkout -- params.yaml`), or write `{{}}` in it "
+            "to run every stage on its defaults"
+        )
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     try:
         return Settings.model_validate(raw)
     except ValidationError as exc:
-        raise described(exc, str(path)) from None
+        raise described(exc, source) from None

@@ -35,12 +35,25 @@ if TYPE_CHECKING:  # MLflow takes ~3 s to import: only what talks to the store i
     from mlflow.tracking import MlflowClient
 
 TAG_PREFIX = "conveyor."
+# The Prefect flow run a training ran in: on its MLflow run (from the train stage) and on the version it registered.
+FLOW_RUN_TAG = f"{TAG_PREFIX}prefect_flow_run_id"
+# The flow run whose stage holds the run now ("-": a stage run by hand). Evaluate, export and gate may run in a later
+# flow run than the one that trained: `conveyor status` judges a RUNNING run by this one, not by FLOW_RUN_TAG.
+STAGE_FLOW_RUN_TAG = f"{TAG_PREFIX}stage_flow_run_id"
+FLOW_RUN_ENV = "CONVEYOR_FLOW_RUN_ID"  # set by the Prefect flow for its stages
 _ILLEGAL = re.compile(r"[^A-Za-z0-9_\-. /:]")
+TRAIN_STAGE = "train"  # the stage that opens a pipeline run (its `stage_seconds/train` says it finished)
+# A promotion's reason, in characters: the registry history's tag value (MLflow: 5000 on PostgreSQL) holds it and more.
+MAX_REASON = 1000
 _MAX_BATCH = 1000  # MLflow's log_batch limit for metrics per call
 
 
 class TrackingUnavailableError(ConveyorError, RuntimeError):
-    """The tracking server cannot be reached; the message names the URI."""
+    """The tracking server cannot be reached (transient), or the tracking setup is wrong; the message names the URI."""
+
+
+class UnfinishedTrainingError(ConveyorError, RuntimeError):
+    """A later stage asked to continue a run whose training failed or was stopped."""
 
 
 class ArtifactStoreError(ConveyorError, RuntimeError):
@@ -115,7 +128,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         problem = str(getattr(exc, "reason", exc))
     except (http.client.InvalidURL, ValueError) as exc:  # a port that is not a number (`:5000x`)
         raise TrackingUnavailableError(f"MLFLOW_TRACKING_URI={shown!r} is not a URL: {exc}") from None
-    raise TrackingUnavailableError(f"MLflow tracking server {shown} is unreachable ({problem})")
+    raise TrackingUnavailableError(f"MLflow tracking server {shown} is unreachable ({problem})", transient=True)
 
 
 def _health_request(uri: str) -> urllib.request.Request:
@@ -297,7 +310,14 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(uri)
-        client.get_run(record.run_id)  # fails clearly if the run is gone
+        run = client.get_run(record.run_id)  # fails clearly if the run is gone
+        if f"stage_seconds/{TRAIN_STAGE}" not in run.data.metrics:
+            # run.json is written when training opens its run: after a training that failed or was stopped, the
+            # weights on disk are not that run's, and a later stage would record them in it and mark it FINISHED.
+            raise UnfinishedTrainingError(
+                f"the training of run {record.run_id} did not finish (the run is {run.info.status}): the weights on "
+                "disk are not that run's; re-run training (`conveyor train`, or `dvc repro train`) before this stage"
+            )
         return cls(client, record.run_id, paths)
 
     @contextmanager
@@ -306,6 +326,7 @@ class Tracker:
         if self.paths is not None:
             uri = tracking_uri(self.paths)
             open_records.mark_open(self.paths, open_records.MLFLOW_RUN, self.run_id, uri, f"stage {name}")
+        self.client.set_tag(self.run_id, STAGE_FLOW_RUN_TAG, os.environ.get(FLOW_RUN_ENV) or "-")  # before RUNNING
         self.client.update_run(self.run_id, status="RUNNING")
         started = time.perf_counter()
         try:
@@ -327,7 +348,8 @@ class Tracker:
             raise TrackingUnavailableError(
                 f"lost the MLflow tracking server {without_credentials(self.client.tracking_uri)} during stage {name} "
                 f"({_first_line(failure)}): run {self.run_id} stays open until the next run or `conveyor status` "
-                "closes it; re-run when the server answers"
+                "closes it; re-run when the server answers",
+                transient=True,
             ) from failure
         self.log_metrics({f"stage_seconds/{name}": time.perf_counter() - started})
         self.client.set_terminated(self.run_id, "FINISHED")
@@ -421,7 +443,7 @@ def lineage_tags(paths: ProjectPaths, settings: Settings) -> dict[str, str]:
         f"{TAG_PREFIX}host.cpu": cpu_model(),
         f"{TAG_PREFIX}host.threads": str(available_cores()),
     }
-    flow_run = os.environ.get("CONVEYOR_FLOW_RUN_ID")  # set by the Prefect flow for its stages
+    flow_run = os.environ.get(FLOW_RUN_ENV)
     if flow_run:
-        tags[f"{TAG_PREFIX}prefect_flow_run_id"] = flow_run
+        tags[FLOW_RUN_TAG] = flow_run
     return tags

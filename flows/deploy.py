@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from conveyor.errors import ConveyorError
@@ -48,6 +48,7 @@ class DeploymentInfo:
     monitoring_cron: str = ""
     automation: str | None = None  # the drift -> retraining automation's name (None: monitor.retrain_on_drift off)
     zombie_automation: str | None = None  # marks flow runs that stopped sending heartbeats Crashed (None: off)
+    removed: list[str] = field(default_factory=list)  # this project's deployments under names params.yaml no longer has
 
 
 def require_server() -> str:
@@ -108,6 +109,27 @@ def refuse_anothers_deployment(flow_name: str, name: str, settings: Settings, ke
         )
 
 
+def remove_renamed_deployments(flow_name: str, keep: str, settings: Settings, project_dir: str) -> list[str]:
+    """This project's deployments of `flow_name` under a name other than `keep`: the names params.yaml gave them
+    before it was changed. Deleted (with their scheduled runs), and their names returned. Left in place, a renamed
+    training deployment went on running on its old cron beside the new one, and a renamed drift check checked (and
+    asked for retrainings) twice an hour. A deployment of this model from another checkout is left alone."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags, FlowFilter, FlowFilterName
+
+    removed = []
+    with get_client(sync_client=True) as client:
+        found = client.read_deployments(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+            deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=[model_tag(settings)])),
+        )
+        for deployment in found:
+            if deployment.name != keep and (deployment.parameters or {}).get("project_dir") == project_dir:
+                client.delete_deployment(deployment.id)
+                removed.append(f"{flow_name}/{deployment.name}")
+    return removed
+
+
 def deploy(paths: ProjectPaths, settings: Settings) -> DeploymentInfo:
     from prefect import flow
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
@@ -150,6 +172,10 @@ def deploy(paths: ProjectPaths, settings: Settings) -> DeploymentInfo:
         print_next_steps=False,
         ignore_warnings=True,
     )
+    removed = [
+        *remove_renamed_deployments(TRAINING_FLOW, cfg.deployment, settings, str(paths.root)),
+        *remove_renamed_deployments(MONITORING_FLOW, monitor.deployment, settings, str(paths.root)),
+    ]
     automation = ensure_drift_automation(paths, settings, deployment_id) if monitor.retrain_on_drift else None
     if not monitor.retrain_on_drift:
         remove_automation(automation_name(settings))
@@ -168,6 +194,7 @@ def deploy(paths: ProjectPaths, settings: Settings) -> DeploymentInfo:
         monitor.schedule,
         automation,
         zombies,
+        removed,
     )
 
 

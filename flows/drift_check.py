@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from pydantic import Field
 
 import conveyor  # noqa: F401  (offline switches first)
 from conveyor.paths import ProjectPaths
@@ -143,8 +144,10 @@ def record_drift_event(root: str, result: dict[str, Any], emitted: str) -> None:
 @flow(name=MONITORING_FLOW)
 def monitoring_flow(
     project_dir: str | None = None,
-    hours: float | None = None,
-    last: int | None = None,
+    # Checked when the run starts (and in the deployment's schema): hours <= 0 made an empty window, a Completed run
+    # that checked nothing; last=-5 dropped the window's first 5 records.
+    hours: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None,
+    last: Annotated[int, Field(ge=1)] | None = None,
     devices: list[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Check the serving model's recent traffic for drift, one device's window at a time; emit

@@ -15,7 +15,7 @@ from prefect.settings import PREFECT_API_URL
 from conveyor import open_records
 from conveyor.paths import ProjectPaths, tracking_uri
 from conveyor.settings import load_settings
-from conveyor.tracking import TAG_PREFIX, TrackingUnavailableError, check_reachable
+from conveyor.tracking import FLOW_RUN_TAG, STAGE_FLOW_RUN_TAG, TAG_PREFIX, TrackingUnavailableError, check_reachable
 
 
 def close_abandoned_runs(paths: ProjectPaths, found_by: str, wait_seconds: float = 0.0) -> list[str]:
@@ -85,7 +85,8 @@ def close_abandoned(paths: ProjectPaths, found_by: str, wait_seconds: float = 0.
 
 def close_runs_of_ended_flow_runs(paths: ProjectPaths, found_by: str, api: str | None = None) -> list[str]:
     """MLflow runs of this project's experiment left RUNNING although the Prefect flow run that owns them (the tag
-    `conveyor.prefect_flow_run_id`) has ended: evidence that holds across machines, where the markers of
+    `conveyor.stage_flow_run_id` of the flow run whose stage holds the run now, else `conveyor.prefect_flow_run_id`
+    of the one that trained it) has ended: evidence that holds across machines, where the markers of
     `close_abandoned` hold for this host only (a worker's machine that died: Prefect's zombie detection crashed its
     flow run, and its MLflow run is closed here). A run whose flow run still runs is never touched."""
     from mlflow.tracking import MlflowClient
@@ -105,7 +106,7 @@ def close_runs_of_ended_flow_runs(paths: ProjectPaths, found_by: str, api: str |
     experiment = client.get_experiment_by_name(load_settings(paths.params).tracking.experiment)
     if experiment is None:
         return []
-    tag = f"{TAG_PREFIX}prefect_flow_run_id"
+    tag = FLOW_RUN_TAG
     running = client.search_runs(
         [experiment.experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{tag}` LIKE '%'"
     )
@@ -118,15 +119,17 @@ def close_runs_of_ended_flow_runs(paths: ProjectPaths, found_by: str, api: str |
     lines = []
     with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as prefect:
         for run in running:
+            # A later flow run's stage (evaluate, export, gate run again) holds a run another flow run trained.
+            owner = run.data.tags.get(STAGE_FLOW_RUN_TAG) or run.data.tags[tag]
             try:
-                state = prefect.read_flow_run(UUID(run.data.tags[tag])).state
-            except (ObjectNotFound, ValueError):
+                state = prefect.read_flow_run(UUID(owner)).state
+            except (ObjectNotFound, ValueError):  # "-": a stage run by hand holds it; its marker tells
                 continue
             if state is None or not state.is_final():
                 continue
             ended = "FAILED" if state.is_failed() else "KILLED"
             note = (
-                f"its Prefect flow run {run.data.tags[tag]} had ended {state.name} ({state.message or 'no message'}) "
+                f"its Prefect flow run {owner} had ended {state.name} ({state.message or 'no message'}) "
                 f"when {found_by} looked at {open_records.now_text()}"
             )
             client.set_tag(run.info.run_id, f"{TAG_PREFIX}ended_by", note[:5000])

@@ -8,13 +8,14 @@ which the OS releases if the process dies) and per deployment (Prefect's concurr
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from prefect import flow, get_run_logger, task
@@ -23,18 +24,23 @@ from prefect.exceptions import CancelledRun, TerminationSignal
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL
 from prefect.states import Cancelled, State
+from pydantic import Field
 
 import conveyor  # noqa: F401  (offline switches first)
 from conveyor import open_records
-from conveyor.errors import ConveyorError, without_credentials
+from conveyor.errors import TEMPORARY_FAILURE, ConveyorError, without_credentials
 from conveyor.paths import ProjectPaths, exclusive, tracking_uri, write_atomically
 from conveyor.settings import Settings, load_settings
+from conveyor.tracking import FLOW_RUN_ENV, MAX_REASON
 from flows import TRAINING_FLOW, decisions, repair
 from pipelines import dvc_repo
 from pipelines.warm_start import clear_earlier_warm_start, set_warm_start
 
 # MLflow (3.4 s to import here) and the pipeline modules load inside the tasks: a run triggered by a drift event is
 # Running (and visible as such) that much sooner.
+
+
+_DVC_COMMAND_STATUS = re.compile(r"failed to run: .*, exited with (-?\d+)")
 
 
 class TrainingBusyError(ConveyorError, RuntimeError):
@@ -66,7 +72,7 @@ def _stage_env(flow_run_id: str | None) -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("COLUMNS", "120")  # the stages' tables, read in the Prefect UI, not a narrow pipe
     if flow_run_id:
-        env["CONVEYOR_FLOW_RUN_ID"] = flow_run_id  # lineage: the train stage tags its MLflow run with it
+        env[FLOW_RUN_ENV] = flow_run_id  # lineage: the train stage tags its MLflow run with it
     return env
 
 
@@ -120,12 +126,15 @@ def run_stage(root: str, stage: str, flow_run_id: str | None, force: bool = Fals
     )
     assert process.stdout is not None
     stage_error = ""  # the stage command's own "error: ..." line (conveyor's CLI prints one for expected failures)
+    command_status: int | None = None  # the stage command's exit status, as DVC reports it
     try:
         for line in process.stdout:
             if line.strip():
                 logger.info(line.rstrip())
             if line.startswith("error:"):
                 stage_error = line.strip()
+            elif exited := _DVC_COMMAND_STATUS.search(line):  # DVC's "failed to run: CMD, exited with N"
+                command_status = int(exited[1])
         process.wait()
     except TerminationSignal:
         # SIGTERM reached the flow's process only (Kubernetes and systemd signal the main process): pass it on to the
@@ -137,11 +146,25 @@ def run_stage(root: str, stage: str, flow_run_id: str | None, force: bool = Fals
                 logger.info(line.rstrip())
         return Cancelled(message=f"stage {stage} stopped by SIGTERM")  # type: ignore[return-value]
     if process.returncode != 0:
+        if stage_error and command_status != TEMPORARY_FAILURE:
+            # The stage's own words for a failure that is not a server's hiccup (invalid data, a bad parameter):
+            # trying it again would fail the same way.
+            said = stage_error.removeprefix("error:").strip()
+            raise StageRefusedError(f"stage '{stage}' failed (exit {process.returncode}): {said}")
         said = (
             f": {stage_error.removeprefix('error:').strip()}" if stage_error else "; its output is in this task's log"
         )
         raise RuntimeError(f"stage '{stage}' failed (exit {process.returncode}){said}")
     return time.perf_counter() - started
+
+
+class StageRefusedError(ConveyorError, RuntimeError):
+    """A stage's command ended with its own error, one that trying again would not change: not retried."""
+
+
+def retry_unless_refused(task: Any, task_run: Any, state: State) -> bool:
+    """Prefect's retry condition for a stage: retry a crash or a server that did not answer, not a refusal."""
+    return not isinstance(state.data, StageRefusedError)
 
 
 @task(name="register and promote")
@@ -230,7 +253,9 @@ def summary_markdown(
 
 @flow(name=TRAINING_FLOW)
 def training_flow(
-    reason: str = "manual",
+    # Checked when the run starts (and in the deployment's schema): a reason too long for the registry's history was
+    # refused at promotion, after the whole training.
+    reason: Annotated[str, Field(min_length=1, max_length=MAX_REASON)] = "manual",
     warm_start: str | None = None,
     project_dir: str | None = None,
     drift_event: str | None = None,
@@ -261,7 +286,10 @@ def training_flow(
                 set_warm_start(paths, settings, warm_start)
                 stale = pipeline_stages(paths)  # train.weights changed after DVC was asked
             elif clear_earlier_warm_start(paths, settings):
-                logger.info("train.weights named an earlier run's warm start: this run trains from train.model")
+                logger.info(
+                    "train.weights named an earlier run's warm start: put back to %s",
+                    load_settings(paths.params).train.weights or "train.model",
+                )
                 stale = pipeline_stages(paths)
             stage_seconds: dict[str, float] = {}
             retries = settings.orchestration.stage_retries
@@ -271,9 +299,12 @@ def training_flow(
                     logger.info("stage %s: up to date (dvc status)", stage)
                     stage_seconds[stage] = 0.0
                     continue
-                seconds: Any = run_stage.with_options(name=f"stage {stage}", retries=retries, retry_delay_seconds=5)(
-                    root, stage, run_id
-                )
+                seconds: Any = run_stage.with_options(
+                    name=f"stage {stage}",
+                    retries=retries,
+                    retry_delay_seconds=5,
+                    retry_condition_fn=retry_unless_refused,
+                )(root, stage, run_id)
                 if isinstance(seconds, State):  # the stage was stopped: its task run is Cancelled, so is this run
                     raise CancelledRun(f"stage {stage}")
                 stage_seconds[stage] = seconds

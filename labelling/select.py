@@ -78,7 +78,7 @@ def frames_from_log(location: Path | str, since: Any = None, cache: Path | None 
     downloaded into `cache` once."""
     from pipelines.prediction_log import read_log
 
-    records = read_log(location, since=since).records
+    records = read_log(location, since=since, columns=["frame"]).records  # not the features: ~6 KB a record
     names = [] if not len(records) or "frame" not in records else [str(f) for f in records["frame"].dropna()]
     if isinstance(location, Path):
         kept = [location / f for f in names if (location / f).is_file()]

@@ -25,7 +25,7 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -104,7 +104,8 @@ TURNED_AWAY = "Deployment concurrency limit reached."
 def _never_retrained(state: Any) -> str | None:
     """How a retraining's run ended without retraining, or None: Failed (our lock turned it away as busy, or it
     broke), Crashed, or Cancelled by the deployment's concurrency limit before it started. Any other Cancelled run
-    was stopped on purpose (a person, SIGTERM): it holds the cooldown."""
+    was stopped on purpose (a person, SIGTERM): it holds the cooldown. So does a Failed or Crashed run that
+    registered a version (`failed_retrainings` asks the registry)."""
     kind = state.type.value
     if kind in ("FAILED", "CRASHED"):
         return kind.lower()
@@ -113,10 +114,15 @@ def _never_retrained(state: Any) -> str | None:
     return None
 
 
-def failed_retrainings(history: Sequence[PastAlert], deployment: str) -> dict[str, str]:
+def failed_retrainings(
+    history: Sequence[PastAlert], deployment: str, registered: Callable[[str], bool] = lambda flow_run_id: False
+) -> dict[str, str]:
     """The retrain alerts of `history` whose retraining never retrained, {event id: how it ended}: the runs of the
     training deployment that the drift automation started with `drift_event` = the alert's event. Empty where
-    Prefect is not configured or does not answer: without that knowledge every alert holds, as before."""
+    Prefect is not configured or does not answer: without that knowledge every alert holds, as before.
+
+    A run that failed after it registered a version (its DVC push refused by a full remote) retrained: it holds
+    (`registered(flow run id)`), or every hourly check would start another retraining until the remote had room."""
     asked = {a.event_id for a in history if a.action == "retrain" and a.event_id}
     if not asked:
         return {}
@@ -136,8 +142,12 @@ def failed_retrainings(history: Sequence[PastAlert], deployment: str) -> dict[st
             )
     except Exception:  # Prefect away or refusing: unknown, so every alert holds (the check itself goes on)
         return {}
-    ended = {str(run.parameters.get("drift_event")): run.state for run in runs if run.state is not None}
-    return {event: how for event, state in ended.items() if event in asked and (how := _never_retrained(state))}
+    ended = {str(run.parameters.get("drift_event")): run for run in runs if run.state is not None}
+    return {
+        event: how
+        for event, run in ended.items()
+        if event in asked and (how := _never_retrained(run.state)) and not registered(str(run.id))
+    }
 
 
 def without_failed_retrainings(history: Sequence[PastAlert], failed: dict[str, str]) -> tuple[list[PastAlert], str]:

@@ -11,6 +11,7 @@ estimate and every score as metrics; the reports as artifacts), and Prometheus g
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, replace
@@ -30,6 +31,7 @@ from pipelines import model_source as source
 from pipelines.prediction_log import SERVER_DEVICE
 from pipelines.profile import Profile
 from pipelines.reference import load_reference
+from pipelines.registry import registered_by_flow_run
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ def run_check(paths: ProjectPaths, settings: Settings, options: CheckOptions, co
             options.last or monitor.window_records,
             wanted,
             device=options.device,
+            max_records=monitor.max_window_records,
         )
         assert data.model_version is not None
         version = client.get_model_version(name, data.model_version)
@@ -113,7 +116,15 @@ def run_check(paths: ProjectPaths, settings: Settings, options: CheckOptions, co
         window_of(data.records),
     )
     # Only a drift verdict can alert: a quiet window does not ask Prefect how earlier retrainings ended.
-    ended = alerts.failed_retrainings(history, settings.orchestration.deployment) if result.status == "drift" else {}
+    ended = (
+        alerts.failed_retrainings(
+            history,
+            settings.orchestration.deployment,
+            functools.partial(registered_by_flow_run, client, name),
+        )
+        if result.status == "drift"
+        else {}
+    )
     history, failed = alerts.without_failed_retrainings(history, ended)
     decision = alerts.decide(result, str(version.version), history, earlier, estimate, monitor, now)
     if failed and decision.alert:

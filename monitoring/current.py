@@ -9,6 +9,8 @@ counted, never mixed into the comparison.
 from __future__ import annotations
 
 import re
+import zlib
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -20,7 +22,7 @@ from rich.console import Console
 from conveyor.errors import ConveyorError
 from pipelines.batches import batch_of
 from pipelines.inference import Detector
-from pipelines.prediction_log import DEVICE_COLUMN, SERVER_DEVICE, read_log
+from pipelines.prediction_log import DEVICE_COLUMN, SERVER_DEVICE, LogParts, concat_parts
 from pipelines.profile import ImageSource, describe_images
 from pipelines.validate import IMAGE_SUFFIXES
 
@@ -48,53 +50,120 @@ def from_log(
     version: str | None = None,
     now: datetime | None = None,
     device: str = SERVER_DEVICE,
+    max_records: int | None = None,
 ) -> CurrentData:
     """The last `hours` of one device's records in the prediction log (then its last `last` records), rows of one
-    version only. `directory` is the log's folder or the s3:// prefix the server and the edge runners ship it to."""
+    version only. `directory` is the log's folder or the s3:// prefix the server and the edge runners ship it to.
+
+    Read part by part, keeping at most `max_records` of each version (a uniform sample, the same one each time the
+    same records are read): a day at 20 requests a second is 1.7 million records, about 10 GB held whole."""
     if not DEVICE_NAME.fullmatch(device) or device in (".", ".."):
         raise NoCurrentDataError(f"no device {device!r}: device names are letters, digits, '_', '.' and '-'")
-    frame, described, unreadable = _window(directory, hours, now)
-    devices = frame[DEVICE_COLUMN].value_counts() if len(frame) else None
-    if devices is not None:
-        frame = frame[(frame[DEVICE_COLUMN] == device).to_numpy()]
+    parts, described = _parts(directory, hours, now)
+    kept = _VersionSamples(last, max_records)
+    devices: Counter[str] = Counter()
+    for name, part in parts:
+        devices.update(part[DEVICE_COLUMN].value_counts().to_dict())
+        mine = part[(part[DEVICE_COLUMN] == device).to_numpy()]
+        if len(mine):
+            kept.add(name, mine)
+    unreadable = parts.unreadable
     described += f", last {last} records" if last else ""
-    if not len(frame):
+    if not kept.counts:
         problem = f"; {len(unreadable)} unreadable files" if unreadable else ""
         present = (
             "; it has records of "
             + ", ".join(f"{name} ({count})" for name, count in devices.items())
             + ": choose one with --device NAME"
-            if devices is not None and len(devices)
+            if devices
             else ""
         )
         raise NoCurrentDataError(f"the {described} holds no records of device {device}{problem}{present}")
-    versions = frame["model_version"].astype(str)
-    chosen = version or str(versions.iloc[-1])
-    others = {str(k): int(v) for k, v in versions[versions != chosen].value_counts().items()}
-    frame = frame[(versions == chosen).to_numpy()]
-    if last is not None:
-        frame = frame.tail(last)
+    chosen = version or kept.newest_version
+    others = {v: n for v, n in kept.counts.items() if v != chosen}
+    frame = kept.frame(chosen)
+    held = min(kept.counts.get(chosen, 0), last or kept.counts.get(chosen, 0))
+    if len(frame) < held:
+        described += f", a sample of {len(frame)} of its {held} records (monitor.max_window_records)"
     return CurrentData(
         frame.reset_index(drop=True), f"{described}, device {device}", chosen, others, unreadable, device
     )
 
 
+class _VersionSamples:
+    """Each model version's records of a window, bounded while the window is read: its newest `last` (when given),
+    then a uniform sample of `cap` (when over it). The sample draws a key per record from the part file's name, so
+    the same records read again give the same sample."""
+
+    def __init__(self, last: int | None, cap: int | None) -> None:
+        self.last = last
+        self.cap = cap
+        self.counts: dict[str, int] = {}  # every record read, per version
+        self.held: dict[str, list[Any]] = {}
+        self.newest: tuple[Any, str] | None = None  # (time, version) of the newest record
+
+    def add(self, name: str, part: Any) -> None:
+        import numpy as np
+
+        part = part.sort_values("time", kind="stable")
+        versions = part["model_version"].astype(str)
+        newest_at = part["time"].iloc[-1]
+        if self.newest is None or newest_at >= self.newest[0]:
+            self.newest = (newest_at, str(versions.iloc[-1]))
+        if self.cap is not None and self.last is None:
+            part = part.assign(_sample_key=np.random.default_rng(zlib.crc32(name.encode())).random(len(part)))
+        for version, rows in part.groupby(versions.to_numpy(), sort=False):
+            key = str(version)
+            self.counts[key] = self.counts.get(key, 0) + len(rows)
+            self.held.setdefault(key, []).append(rows)
+            bound = self.last if self.last is not None else self.cap
+            if bound is not None and sum(len(f) for f in self.held[key]) > 2 * bound:
+                self.held[key] = [self._bounded(self.held[key])]
+
+    def _bounded(self, frames: list[Any]) -> Any:
+        frame = concat_parts(frames)
+        if self.last is not None:
+            return frame.tail(self.last)
+        if self.cap is not None and len(frame) > self.cap:
+            return frame.nsmallest(self.cap, "_sample_key").sort_values("time", kind="stable")
+        return frame
+
+    @property
+    def newest_version(self) -> str:
+        assert self.newest is not None
+        return self.newest[1]
+
+    def frame(self, version: str) -> Any:
+        import pandas as pd
+
+        if version not in self.held:  # a version asked for by name that served none of the window
+            return next(iter(self.held.values()))[0].iloc[0:0] if self.held else pd.DataFrame()
+        frame = self._bounded(self.held[version])
+        if self.cap is not None and len(frame) > self.cap:  # the newest `last`, then sampled
+            frame = frame.sample(self.cap, random_state=0).sort_values("time", kind="stable")
+        return frame.drop(columns="_sample_key", errors="ignore")
+
+
 def devices_in_log(directory: Path | str, hours: float, now: datetime | None = None) -> dict[str, int]:
-    """The devices with records in the last `hours` of the log and how many each, the server first."""
-    frame, _, _ = _window(directory, hours, now)
-    counts = {str(k): int(v) for k, v in frame[DEVICE_COLUMN].value_counts().items()} if len(frame) else {}
+    """The devices with records in the last `hours` of the log and how many each, the server first (their `time` and
+    `device` columns only)."""
+    parts, _ = _parts(directory, hours, now, columns=())
+    counts: Counter[str] = Counter()
+    for _, part in parts:
+        counts.update(part[DEVICE_COLUMN].value_counts().to_dict())
     return dict(sorted(counts.items(), key=lambda item: (item[0] != SERVER_DEVICE, item[0])))
 
 
-def _window(directory: Path | str, hours: float, now: datetime | None) -> tuple[Any, str, list[str]]:
+def _parts(
+    directory: Path | str, hours: float, now: datetime | None, columns: Sequence[str] | None = None
+) -> tuple[LogParts, str]:
     if isinstance(directory, Path) and not directory.is_dir():
         raise NoCurrentDataError(
             f"no prediction log at {directory}: start `conveyor serve` (serve.prediction_log.enabled) and send it "
             f"traffic, or check a folder of images with --source DIR"
         )
     since = (now or datetime.now(UTC)) - timedelta(hours=hours)
-    window = read_log(directory, since=since)
-    return window.records, f"prediction log {directory}, last {hours:g} h", window.unreadable
+    return LogParts(directory, since, columns), f"prediction log {directory}, last {hours:g} h"
 
 
 def from_folder(folder: Path, detector: Detector, console: Console | None = None) -> CurrentData:

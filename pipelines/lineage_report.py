@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from conveyor.errors import ConveyorError, without_credentials
 from conveyor.paths import ProjectPaths
+from conveyor.tracking import FLOW_RUN_TAG
 from pipelines import dvc_repo, registry
 from pipelines.registry import ModelRefError, resolve
 
@@ -72,7 +73,7 @@ def lineage(
             "MLflow run",
             f"{run.info.run_id} (experiment {run.info.experiment_id}) on {without_credentials(client.tracking_uri)}",
         ),
-        ("Prefect flow run", tags.get("conveyor.prefect_flow_run_id", "-")),
+        ("Prefect flow run", tags.get(FLOW_RUN_TAG, "-")),
         ("asked for by", _asked_for_by(client, tags.get(DRIFT_EVENT_TAG), monitoring_experiment)),
         (
             "gates",

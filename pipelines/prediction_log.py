@@ -17,7 +17,7 @@ server's have none (read as `server`), an edge runner's its name (`serving/edge/
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -115,60 +115,109 @@ def _log_parts(location: Path | str, since: datetime | None) -> Iterator[tuple[s
             yield name, functools.partial(Path, file)
 
 
-def read_log(location: Path | str, since: datetime | None = None, last: int | None = None) -> LogWindow:
+def read_log(
+    location: Path | str, since: datetime | None = None, last: int | None = None, columns: Sequence[str] | None = None
+) -> LogWindow:
     """The logged records as a pandas DataFrame, oldest first: those after `since`, then the last `last` of them.
     `location` is the log's folder or the s3:// URL its shipper writes to. Every record has a `device`: the edge
-    runner's name, or SERVER_DEVICE for the server's.
+    runner's name, or SERVER_DEVICE for the server's. `columns`: only these (with `time` and `device`), for a reader
+    that needs a few of a record's ~6 KB (its features, its embedding).
 
     A part file that cannot be read (cut short by a full disk, or damaged) is skipped and named in `unreadable`; the
-    rest of the window is still returned.
+    rest of the window is still returned. The whole window is held: the drift check reads its window part by part
+    instead (`LogParts`, `monitoring.current`), keeping a bounded sample.
     """
-    import io
-
     import pandas as pd
 
-    frames = []
-    unreadable: list[str] = []
-    for name, read in _log_parts(location, since):
-        try:
-            content = read()  # a store that is down raises StorageError: the window would be silently partial
-        except OSError as exc:  # gone since it was listed (expired)
-            unreadable.append(f"{name}: {str(exc).splitlines()[0][:200]}")
-            continue
-        try:
-            part = pd.read_parquet(content if isinstance(content, Path) else io.BytesIO(content))
-        except Exception as exc:  # pyarrow raises several types for a damaged file
-            unreadable.append(f"{name}: {str(exc).splitlines()[0][:200]}")
-            continue
-        if len(part) and "time" not in part:  # a Parquet file of something else put in the log's folder
-            unreadable.append(f"{name}: not a part of the prediction log (no 'time' column)")
-            continue
-        frames.append(part)
-    frames = [f for f in frames if len(f)]
+    parts = LogParts(location, since, columns)
+    frames = [part for _, part in parts]
     if not frames:
-        return LogWindow(pd.DataFrame(), unreadable)
-    # A part whose images all had no detection holds its per-image statistics (mean_confidence, ...) as all-None
-    # columns, which Parquet reads back as objects. pandas < 3 leaves such columns out when it picks a column's type
-    # across parts; pandas 3 will not, and the window's column would turn to objects. Drop them first, as pandas
-    # advises, and put back any column that no part had a value in.
-    columns = list(dict.fromkeys(name for part in frames for name in part.columns))
-    frames = [part.dropna(axis="columns", how="all") for part in frames]
-    frame = pd.concat(frames, ignore_index=True).reindex(columns=columns).sort_values("time", kind="stable")
-    if DEVICE_COLUMN not in frame:
-        frame[DEVICE_COLUMN] = SERVER_DEVICE
-    frame[DEVICE_COLUMN] = frame[DEVICE_COLUMN].fillna(SERVER_DEVICE).astype(str)
-    if since is not None:
-        frame = frame[frame["time"] >= pd.Timestamp(since)]
-    # A device whose clock ran ahead (no time sync yet) dates its records in the future: they fell in every window,
-    # and being the newest, decided which version was checked. Left out, and said.
-    ahead = frame["time"] > pd.Timestamp(datetime.now(UTC) + FUTURE_TOLERANCE)
-    if ahead.any():
-        devices = ", ".join(sorted(frame.loc[ahead, DEVICE_COLUMN].unique()))
-        unreadable.append(f"{int(ahead.sum())} records dated after now (a clock ahead: {devices}): left out")
-        frame = frame[~ahead]
+        return LogWindow(pd.DataFrame(), parts.unreadable)
+    frame = concat_parts(frames)
     if last is not None:
         frame = frame.tail(last)
-    return LogWindow(frame.reset_index(drop=True), unreadable)
+    return LogWindow(frame.reset_index(drop=True), parts.unreadable)
+
+
+def concat_parts(frames: Sequence[Any]) -> Any:
+    """Part files' records as one frame, oldest first.
+
+    A part whose images all had no detection holds its per-image statistics (mean_confidence, ...) as all-None
+    columns, which Parquet reads back as objects. pandas < 3 leaves such columns out when it picks a column's type
+    across parts; pandas 3 will not, and the window's column would turn to objects. Drop them first, as pandas
+    advises, and put back any column that no part had a value in."""
+    import pandas as pd
+
+    columns = list(dict.fromkeys(name for part in frames for name in part.columns))
+    kept = [part.dropna(axis="columns", how="all") for part in frames]
+    return pd.concat(kept, ignore_index=True).reindex(columns=columns).sort_values("time", kind="stable")
+
+
+class LogParts:
+    """The log's part files of a window, one at a time, as frames (oldest part first): each with `device` filled in,
+    its records before `since` and those dated in the future left out. What could not be read, and what was left
+    out, is in `unreadable` once iterated."""
+
+    def __init__(self, location: Path | str, since: datetime | None, columns: Sequence[str] | None = None) -> None:
+        self.location = location
+        self.since = since
+        self.columns = None if columns is None else list(dict.fromkeys(["time", DEVICE_COLUMN, *columns]))
+        self.unreadable: list[str] = []
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        import pandas as pd
+
+        ahead: dict[str, int] = {}
+        self.unreadable = []
+        for name, read in _log_parts(self.location, self.since):
+            try:
+                content = read()  # a store that is down raises StorageError: the window would be silently partial
+            except OSError as exc:  # gone since it was listed (expired)
+                self.unreadable.append(f"{name}: {str(exc).splitlines()[0][:200]}")
+                continue
+            try:
+                part = self._read(content)
+            except Exception as exc:  # pyarrow raises several types for a damaged file
+                self.unreadable.append(f"{name}: {str(exc).splitlines()[0][:200]}")
+                continue
+            if not len(part):
+                continue
+            if "time" not in part:  # a Parquet file of something else put in the log's folder
+                self.unreadable.append(f"{name}: not a part of the prediction log (no 'time' column)")
+                continue
+            if DEVICE_COLUMN not in part:
+                part[DEVICE_COLUMN] = SERVER_DEVICE
+            part[DEVICE_COLUMN] = part[DEVICE_COLUMN].fillna(SERVER_DEVICE).astype(str)
+            if self.since is not None:
+                part = part[part["time"] >= pd.Timestamp(self.since)]
+            # A device whose clock ran ahead (no time sync yet) dates its records in the future: they fell in every
+            # window, and being the newest, decided which version was checked. Left out, and said.
+            future = part["time"] > pd.Timestamp(datetime.now(UTC) + FUTURE_TOLERANCE)
+            if future.any():
+                for device, count in part.loc[future, DEVICE_COLUMN].value_counts().items():
+                    ahead[str(device)] = ahead.get(str(device), 0) + int(count)
+                part = part[~future]
+            if len(part):
+                yield name, part
+        if ahead:
+            devices = ", ".join(sorted(ahead))
+            self.unreadable.append(
+                f"{sum(ahead.values())} records dated after now (a clock ahead: {devices}): left out"
+            )
+
+    def _read(self, content: bytes | Path) -> Any:
+        import io
+
+        import pandas as pd
+        import pyarrow.parquet as pq
+
+        source = content if isinstance(content, Path) else io.BytesIO(content)
+        if self.columns is None:
+            return pd.read_parquet(source)
+        present = set(pq.read_schema(source).names)  # an older part may lack a column: read what it has
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+        return pd.read_parquet(source, columns=[c for c in self.columns if c in present])
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from conveyor.lineage import data_version
 from conveyor.paths import ProjectPaths, read_stage_output
 from conveyor.scaffold import REPO
 from conveyor.settings import Settings
+from conveyor.tracking import FLOW_RUN_TAG
 from pipelines import registry
 from pipelines.gate import GateReport
 
@@ -96,7 +97,7 @@ def register(
             "conveyor.data_md5": run.data.tags.get("conveyor.data_md5") or data_version(paths.data_dvc).md5,
             "conveyor.data_recorded": run.data.tags.get("conveyor.data_recorded", "true"),
             "conveyor.git_commit": run.data.tags.get("conveyor.git_commit", "unknown"),
-            "conveyor.prefect_flow_run_id": flow_run_id or "-",
+            FLOW_RUN_TAG: flow_run_id or "-",
             "conveyor.run_id": run_id,
         }
         version = log_model_version(client, name, run_id, artifacts, tags)

@@ -27,6 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from conveyor.errors import ConveyorError
+from conveyor.tracking import FLOW_RUN_TAG, MAX_REASON
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -256,9 +257,6 @@ def gates_passed(version: ModelVersion) -> bool:
     return version.tags.get(GATES_PASSED) == "true"
 
 
-MAX_REASON = 1000  # characters: the history's tag value (MLflow: 5000 on PostgreSQL) holds the reason and more
-
-
 def _check_reason_length(reason: str) -> None:
     if len(reason) > MAX_REASON:  # it was MLflow's "exceeds the maximum length" traceback
         raise PromotionRefusedError(f"--reason is {len(reason)} characters; at most {MAX_REASON}: say it shorter")
@@ -400,6 +398,13 @@ def aliases_by_version(client: MlflowClient, name: str) -> dict[str, list[str]]:
 def alias_text(aliases: dict[str, list[str]], version: str | int) -> str:
     """A version's aliases for a table cell, from `aliases_by_version`."""
     return ", ".join(sorted(aliases.get(str(version), []))) or "-"
+
+
+def registered_by_flow_run(client: MlflowClient, name: str, flow_run_id: str) -> bool:
+    """Whether the training flow run `flow_run_id` registered a version of `name` (it may have failed after that:
+    its push)."""
+    found = client.search_model_versions(f"name = '{name}' and tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'", max_results=1)
+    return bool(found)
 
 
 def version_for_run(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from conveyor.paths import ProjectPaths, available_cores
 from conveyor.settings import Settings
-from conveyor.tracking import Tracker, flatten
+from conveyor.tracking import TRAIN_STAGE, Tracker, flatten
 from conveyor.yolo import load_yolo, resolve_device, use_channels_last
 from pipelines.dataset_view import class_names, load_manifest, materialize
 
@@ -194,7 +194,7 @@ def run(paths: ProjectPaths, settings: Settings, console: Console | None = None)
     model = load_yolo(str(paths.root / cfg.weights) if cfg.weights else cfg.model)
     paths.train.mkdir(parents=True, exist_ok=True)
     tracker = Tracker.start(paths, settings, run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}")
-    with tracker.stage("train"):
+    with tracker.stage(TRAIN_STAGE):
         splits = manifest["splits"]
         assert isinstance(splits, dict)
         tracker.log_params(

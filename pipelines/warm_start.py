@@ -4,12 +4,26 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
 
-from conveyor.paths import ProjectPaths
+from conveyor.paths import ProjectPaths, write_atomically
 from conveyor.settings import Settings, set_param
+
+
+def _warm_starts(paths: ProjectPaths) -> Path:
+    return paths.scratch / "warm-start"
+
+
+def _set_by_hand(paths: ProjectPaths) -> Path:
+    """What train.weights was before a warm start replaced it: put back when a run asks for none."""
+    return _warm_starts(paths) / "set-by-hand.json"
+
+
+def _is_warm_start(paths: ProjectPaths, weights: str | None) -> bool:
+    return weights is not None and (paths.root / weights).resolve().is_relative_to(_warm_starts(paths).resolve())
 
 
 def set_warm_start(paths: ProjectPaths, settings: Settings, warm_start: str) -> None:
@@ -36,16 +50,26 @@ def set_warm_start(paths: ProjectPaths, settings: Settings, warm_start: str) -> 
         if not weights.is_file():
             weights.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(given, weights)
+    current = None if settings.train.weights is None else str(settings.train.weights)
+    if not _is_warm_start(paths, current):  # the team's own value (or none): kept to be put back
+        write_atomically(_set_by_hand(paths), json.dumps({"weights": current}))
     set_param(paths.params, ("train", "weights"), os.path.relpath(weights, paths.root))
 
 
 def clear_earlier_warm_start(paths: ProjectPaths, settings: Settings) -> bool:
-    """A warm start that `set_warm_start` wrote for an earlier run is that run's: a run that asks for none trains from
-    train.model again (a scheduled training after a drift fine-tune had stayed a fine-tune from that day's champion,
-    and a committed params.yaml named a file other clones do not have). A checkpoint set by hand is left alone.
-    Returns whether train.weights was cleared."""
-    weights = settings.train.weights
-    if weights is None or not (paths.root / weights).resolve().is_relative_to((paths.scratch / "warm-start").resolve()):
+    """A warm start that `set_warm_start` wrote for an earlier run is that run's: a run that asks for none trains as
+    before it (a scheduled training after a drift fine-tune had stayed a fine-tune from that day's champion, and a
+    committed params.yaml named a file other clones do not have). train.weights goes back to what it was before the
+    warm start: train.model (none), or a checkpoint set by hand, which a warm start had deleted from params.yaml for
+    good. A checkpoint set by hand since is left alone. Returns whether train.weights was changed."""
+    weights = None if settings.train.weights is None else str(settings.train.weights)
+    if not _is_warm_start(paths, weights):
         return False
-    set_param(paths.params, ("train", "weights"), None)
+    record = _set_by_hand(paths)
+    try:
+        before = json.loads(record.read_text())["weights"]
+    except (OSError, ValueError, KeyError, TypeError):  # none kept (a warm start from before this record existed)
+        before = None
+    set_param(paths.params, ("train", "weights"), before)
+    record.unlink(missing_ok=True)
     return True

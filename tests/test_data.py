@@ -447,6 +447,14 @@ def test_a_warm_start_is_one_runs_and_a_hand_set_checkpoint_stays(paths: Project
     set_param(paths.params, ("train", "weights"), "checkpoints/line-7.pt")  # set by hand: the team's choice
     assert not clear_earlier_warm_start(paths, load_settings(paths.params))
     assert str(load_settings(paths.params).train.weights) == "checkpoints/line-7.pt"
+    # A drift fine-tune over it (two warm starts in a row), then a scheduled run: the team's checkpoint comes back.
+    # It was deleted from params.yaml for good, and scheduled runs trained from scratch.
+    set_warm_start(paths, load_settings(paths.params), str(checkpoint))
+    set_warm_start(paths, load_settings(paths.params), str(checkpoint))
+    assert str(load_settings(paths.params).train.weights).startswith(".conveyor/warm-start/")
+    assert clear_earlier_warm_start(paths, load_settings(paths.params))
+    assert str(load_settings(paths.params).train.weights) == "checkpoints/line-7.pt"
+    assert not clear_earlier_warm_start(paths, load_settings(paths.params))
 
 
 def test_data_does_not_change_under_a_training_run(paths: ProjectPaths, tmp_path: Path) -> None:

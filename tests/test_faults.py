@@ -356,3 +356,95 @@ def test_a_deployment_of_another_project_is_refused_not_taken_over(prefect_serve
             assert f"params.yaml orchestration.deployment, e.g. {name}-bolts-{suffix}" in said, said
         finally:
             client.delete_deployment(deployment)
+
+
+def test_a_renamed_deployment_does_not_stay_scheduled_beside_the_new_one(prefect_server: str) -> None:
+    """params.yaml's orchestration.deployment changed: `conveyor deploy` made the new one and left the old on its
+    cron, so two trainings ran a week (and two drift checks an hour, each asking for a retraining). The project's
+    old one is removed; another checkout's of the same model, and the new one, stay."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from conveyor.settings import Settings
+    from flows import TRAINING_FLOW
+    from flows.deploy import model_tag, remove_renamed_deployments
+
+    suffix = os.urandom(4).hex()
+    settings = Settings.model_validate({"registry": {"model_name": f"widgets-{suffix}"}})
+    tags = ["conveyor", model_tag(settings)]
+    with temporary_settings({PREFECT_API_URL: prefect_server}), get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name(TRAINING_FLOW)
+        made = {
+            name: client.create_deployment(flow_id, name, parameters={"project_dir": project}, tags=tags)
+            for name, project in (
+                (f"old-{suffix}", "/srv/widgets"),
+                (f"new-{suffix}", "/srv/widgets"),
+                (f"elsewhere-{suffix}", "/srv/widgets-2"),
+            )
+        }
+        try:
+            removed = remove_renamed_deployments(TRAINING_FLOW, f"new-{suffix}", settings, "/srv/widgets")
+            assert removed == [f"{TRAINING_FLOW}/old-{suffix}"]
+            left = {d.name for d in client.read_deployments() if d.name.endswith(suffix)}
+            assert left == {f"new-{suffix}", f"elsewhere-{suffix}"}
+            assert remove_renamed_deployments(TRAINING_FLOW, f"new-{suffix}", settings, "/srv/widgets") == []
+        finally:
+            for name, deployment in made.items():
+                if name != f"old-{suffix}":
+                    client.delete_deployment(deployment)
+
+
+def test_conveyor_status_leaves_a_run_whose_stage_a_later_flow_run_holds(
+    tmp_path: Path, mlflow_server: str, prefect_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A later flow run re-runs evaluate (or export, gate) in the run an earlier, finished flow run trained: the run
+    was RUNNING with its training's flow run tag, and `conveyor status` ended it KILLED, saying that flow run had
+    ended, while the stage ran. The stage names the flow run that holds it now; a stage run by hand names none."""
+    import uuid
+
+    from prefect import flow
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Completed, Running
+
+    from conveyor.paths import ProjectPaths
+    from conveyor.tracking import FLOW_RUN_ENV, FLOW_RUN_TAG, Tracker
+    from flows import TRAINING_FLOW
+    from flows.repair import close_runs_of_ended_flow_runs
+    from tests.conftest import TINY_PARAMS, make_project
+
+    experiment = f"stage-owner-{uuid.uuid4().hex[:8]}"
+    paths = ProjectPaths(make_project(tmp_path / "project", {**TINY_PARAMS, "tracking": {"experiment": experiment}}))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+
+    @flow(name=TRAINING_FLOW)
+    def stand_in() -> None:  # only its name: the runs are made here, in the states the test needs
+        pass
+
+    with temporary_settings({PREFECT_API_URL: prefect_server}), get_client(sync_client=True) as prefect:
+        trained = prefect.create_flow_run(stand_in, state=Completed())
+        later = prefect.create_flow_run(stand_in, state=Running())
+    client = MlflowClient(mlflow_server)
+    run_id = client.create_run(client.create_experiment(experiment), tags={FLOW_RUN_TAG: str(trained.id)}).info.run_id
+    client.set_terminated(run_id, "FINISHED")  # trained and evaluated by the first flow run
+
+    def status_during_stage(flow_run: str | None) -> list[str]:
+        if flow_run:
+            monkeypatch.setenv(FLOW_RUN_ENV, flow_run)
+        else:
+            monkeypatch.delenv(FLOW_RUN_ENV, raising=False)
+        with Tracker(client, run_id, paths).stage("evaluate"):
+            assert client.get_run(run_id).info.status == "RUNNING"
+            return close_runs_of_ended_flow_runs(paths, "conveyor status", prefect_server)
+
+    assert status_during_stage(str(later.id)) == []  # the later, running flow run holds it
+    assert status_during_stage(None) == []  # by hand: its own marker tells (`close_abandoned`), not Prefect
+    assert (
+        client.get_run(run_id).info.status == "FINISHED" and "conveyor.ended_by" not in client.get_run(run_id).data.tags
+    )
+    # A run whose holding flow run ended while it was RUNNING is still closed.
+    monkeypatch.setenv(FLOW_RUN_ENV, str(trained.id))
+    tracker = Tracker(client, run_id, paths)
+    with pytest.raises(RuntimeError, match="killed"), tracker.stage("gate"):
+        [line] = close_runs_of_ended_flow_runs(paths, "conveyor status", prefect_server)
+        assert f"MLflow run {run_id}: was RUNNING, its flow run is Completed: now KILLED" == line
+        raise RuntimeError("killed")

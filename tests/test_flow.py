@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import psutil
@@ -274,3 +275,31 @@ def test_flow_code_is_importable_without_prefect_server() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert (VENV_BIN / "prefect").exists()
+
+
+def test_flow_parameters_are_checked_when_a_run_starts() -> None:
+    """Prefect checks them against the signature before the flow's body runs (a deployment's schema carries them
+    too). A reason too long for the registry's history was refused at promotion, after the whole training; the
+    monitoring flow took hours <= 0 (a Completed run that checked nothing) and last=-5 (the window's first 5 records
+    dropped)."""
+    from prefect.exceptions import ParameterTypeError
+
+    from conveyor.tracking import MAX_REASON
+    from flows.drift_check import monitoring_flow
+    from flows.training import training_flow
+
+    refused: dict[Any, list[dict[str, Any]]] = {
+        training_flow: [{"reason": "x" * (MAX_REASON + 1)}, {"reason": ""}],
+        monitoring_flow: [{"hours": 0}, {"hours": -3}, {"hours": float("inf")}, {"last": 0}, {"last": -5}],
+    }
+    for flow, cases in refused.items():
+        for parameters in cases:
+            with pytest.raises(ParameterTypeError):
+                flow.validate_parameters(parameters)
+    assert training_flow.validate_parameters({"reason": "new camera on line 7"})["reason"] == "new camera on line 7"
+    assert monitoring_flow.validate_parameters({"hours": 0.5, "last": 40}) == {
+        "project_dir": None,
+        "hours": 0.5,
+        "last": 40,
+        "devices": None,
+    }

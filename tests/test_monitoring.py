@@ -213,8 +213,9 @@ def test_a_retraining_that_failed_holds_neither_the_cooldown_nor_the_deduplicati
     """A retrain alert whose retraining never retrained no longer holds the cooldown or the de-duplication: the next
     check asks again, saying why. Turned away by the training deployment's concurrency limit (on_overlap: reject; the
     state is Prefect's own, from its orchestration), Failed (the project's lock turned it away, or it broke), or
-    Crashed. A retraining still running, one stopped on purpose, one Prefect has no run for, and an alert-only alert
-    hold as before; without Prefect to ask, every alert holds."""
+    Crashed. A retraining still running, one stopped on purpose, one Prefect has no run for, one that failed after it
+    registered a version (its push refused by a full remote: a retraining every hour until the remote had room), and
+    an alert-only alert hold as before; without Prefect to ask, every alert holds."""
     from datetime import UTC, datetime, timedelta
 
     from prefect.client.orchestration import get_client
@@ -233,6 +234,7 @@ def test_a_retraining_that_failed_holds_neither_the_cooldown_nor_the_deduplicati
 
     history = [alert(1, "limit"), alert(1, "busy"), alert(2, "broken")]
     history += [alert(3, "running"), alert(4, "stopped"), alert(5, "lost"), alert(1, "only", "alert")]
+    history += [alert(1, "registered")]
     with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
         with get_client(sync_client=True) as client:
             deployment_id = client.create_deployment(
@@ -260,17 +262,20 @@ def test_a_retraining_that_failed_holds_neither_the_cooldown_nor_the_deduplicati
                 "broken": Crashed(),
                 "stopped": Cancelled(message="stopped by SIGTERM in stage train"),
                 "only": Failed(),  # not a retrain alert's: never asked about
+                "registered": Failed(message="DVC remote 'team' is full"),
             }
+            flow_runs = {}
             for event, state in ends.items():
-                client.set_flow_run_state(run_for(event).id, state, force=True)
-        failed = alerts.failed_retrainings(history, deployment)
+                flow_runs[event] = str(run_for(event).id)
+                client.set_flow_run_state(flow_runs[event], state, force=True)
+        failed = alerts.failed_retrainings(history, deployment, lambda run_id: run_id == flow_runs["registered"])
     assert failed == {
         "limit": "turned away (the training deployment's concurrency limit)",
         "busy": "failed",
         "broken": "crashed",
     }
     kept, note = alerts.without_failed_retrainings(history, failed)
-    assert [a.event_id for a in kept] == ["running", "stopped", "lost", "only"]
+    assert [a.event_id for a in kept] == ["running", "stopped", "lost", "only", "registered"]
     assert "ended turned away" in note and "ended failed" in note and "ended crashed" in note
 
     policy = MonitorSettings(cooldown_hours=6, dedupe_hours=24)

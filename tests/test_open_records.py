@@ -181,3 +181,34 @@ def test_objects_a_killed_push_cut_short_in_a_folder_remote_are_sent_again(tmp_p
     (remote / "aaaa").write_bytes(b"whole")  # sent whole: kept
     assert remove_partial_objects(project) == [remote / "18b4.dir"]
     assert not (remote / "18b4.dir").exists() and (remote / "aaaa").read_bytes() == b"whole"
+
+
+def test_a_later_stage_refuses_a_run_whose_training_failed(
+    project: Path, mlflow_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run.json is written when training opens its run. After a training that failed, evaluating by hand would have
+    recorded the weights left on disk (an earlier training's) in the failed run and marked it FINISHED."""
+    from conveyor.tracking import TRAIN_STAGE, RunRecord, Tracker, UnfinishedTrainingError
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    paths = ProjectPaths(project)
+    client = MlflowClient(mlflow_server)
+    experiment = client.create_experiment(f"resume-{uuid.uuid4().hex[:8]}")
+
+    def opened_run() -> Tracker:
+        run_id = client.create_run(experiment).info.run_id
+        paths.run_record.parent.mkdir(parents=True, exist_ok=True)
+        RunRecord(run_id, experiment, mlflow_server).save(paths.run_record)
+        return Tracker(client, run_id, paths)
+
+    failed = opened_run()
+    with pytest.raises(ValueError, match="out of memory"), failed.stage(TRAIN_STAGE):
+        raise ValueError("out of memory")
+    with pytest.raises(UnfinishedTrainingError, match=rf"training of run {failed.run_id} did not finish.*FAILED"):
+        Tracker.resume(paths)
+    assert client.get_run(failed.run_id).info.status == "FAILED"  # left as it ended
+
+    finished = opened_run()
+    with finished.stage(TRAIN_STAGE):
+        pass
+    assert Tracker.resume(paths).run_id == finished.run_id

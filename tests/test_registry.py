@@ -56,6 +56,18 @@ def test_gated_promotion_and_history(client: MlflowClient, name: str) -> None:
     assert recorded == move and recorded.actor == "prefect:flow-run/abc" and recorded.reason == "first model"
 
 
+def test_a_version_is_found_by_the_flow_run_that_registered_it(client: MlflowClient, name: str) -> None:
+    """The drift check asks it of a retraining whose run failed after registering (its push): it retrained."""
+    from conveyor.tracking import FLOW_RUN_TAG
+
+    version = new_version(client, name, passed=True)
+    client.set_model_version_tag(name, version, FLOW_RUN_TAG, "flow-run-a")
+    new_version(client, name, passed=True)  # another run's
+    assert registry.registered_by_flow_run(client, name, "flow-run-a")
+    assert not registry.registered_by_flow_run(client, name, "flow-run-b")
+    assert not registry.registered_by_flow_run(client, f"{name}-other", "flow-run-a")
+
+
 def test_failed_gates_refuse_promotion_unless_forced(client: MlflowClient, name: str) -> None:
     v1 = new_version(client, name, passed=True)
     registry.promote(client, name, v1, reason="good")

@@ -69,6 +69,51 @@ def test_invalid_yaml(tmp_path: Path) -> None:
         load_settings(write(tmp_path, "train: [epochs: 3"))
 
 
+def test_an_empty_params_yaml_is_refused_and_braces_mean_every_default(tmp_path: Path) -> None:
+    """An emptied or cut-short params.yaml ran every stage on defaults without a word."""
+    for text in ("", "\n", "# only a comment\n"):
+        with pytest.raises(ConfigError, match=r"empty \(no settings at all\).*git checkout -- params.yaml"):
+            load_settings(write(tmp_path, text))
+    assert (
+        load_settings(write(tmp_path, "{}\n")).train.epochs
+        == load_settings(write(tmp_path, "train: {}\n")).train.epochs
+    )
+
+
+def test_set_param_never_shows_a_reader_a_half_written_file(tmp_path: Path) -> None:
+    """The monitoring flow reads params.yaml between devices while a drift retraining writes train.weights: the file
+    was truncated, then dumped, and a reader in between read an empty file (every default). Written whole now; an
+    invalid value leaves the file as it was."""
+    import threading
+
+    from conveyor.settings import set_param
+
+    path = write(tmp_path, (REPO / "params.yaml").read_text())
+    seen: list[str] = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            try:
+                seen.append(str(load_settings(path).train.epochs))
+            except ConfigError as exc:
+                seen.append(f"error: {str(exc)[:100]}")
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for epochs in range(1, 101):
+            set_param(path, ("train", "epochs"), epochs)
+    finally:
+        done.set()
+        reader.join()
+    assert seen and not [s for s in seen if s.startswith("error")], sorted(set(seen))[:5]
+    before = path.read_bytes()
+    with pytest.raises(ConfigError, match=r"train\.epochs"):
+        set_param(path, ("train", "epochs"), "many")
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 def test_a_section_or_key_given_twice_is_refused(tmp_path: Path) -> None:
     """A second `train:` block replaced the first whole (PyYAML keeps the last), its values falling back to defaults
     without a word; DVC refuses such a file. Refused here naming both lines, by set_param too."""
@@ -190,3 +235,12 @@ def test_set_param_writes_a_section_left_to_its_defaults(tmp_path: Path) -> None
     settings = load_settings(path)
     assert str(settings.train.weights) == "champion.pt" and settings.validate_.on_error == "skip"
     assert path.read_text().startswith("# the line's settings")
+
+
+def test_a_model_name_is_a_plain_name(tmp_path: Path) -> None:
+    """MLflow registered `acme's-detector`, and registration failed after the whole training: the name is quoted into
+    its search filters (and `models:/NAME@alias` URIs, Triton's URLs, Prefect tags)."""
+    for name in ("acme's-detector", "line@7", "two words", "-leading", "x" * 101):
+        with pytest.raises(ConfigError, match=r"registry\.model_name"):
+            load_settings(write(tmp_path, f'registry:\n  model_name: "{name}"\n'))
+    assert load_settings(write(tmp_path, "registry:\n  model_name: line-7.defects_v2\n")).registry.model_name

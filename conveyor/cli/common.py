@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from conveyor.errors import ConveyorError
+from conveyor.errors import TEMPORARY_FAILURE, ConveyorError
 from conveyor.open_records import StopRequested
 from conveyor.paths import ProjectNotFoundError, ProjectPaths, disk_full_message, find_project_root
 from conveyor.settings import MAX_WINDOW_HOURS, Settings, load_settings
@@ -71,7 +71,7 @@ def friendly_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except EXPECTED_ERRORS as exc:
             print_error(exc)
-            raise typer.Exit(1) from None
+            raise typer.Exit(TEMPORARY_FAILURE if isinstance(exc, ConveyorError) and exc.transient else 1) from None
         except StopRequested as stop:
             err_console.print(f"[bold yellow]stopped:[/] {stop}; what it had open is closed as stopped")
             raise typer.Exit(StopRequested.exit_code) from None

@@ -45,6 +45,7 @@ def deploy() -> None:
             if info.zombie_automation
             else "no zombie detection (orchestration.heartbeat_seconds: 0)\n"
         )
+        + "".join(f"removed deployment {name}: renamed in params.yaml\n" for name in info.removed)
         + "Start a worker: `conveyor worker`",
         highlight=False,
     )

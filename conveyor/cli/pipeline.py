@@ -93,18 +93,20 @@ def run(
     paths = ProjectPaths.discover()
     load_settings(paths.params)  # bad params fail here, before a flow run is created
     use_api()  # PREFECT_API_URL, or the local server that stays up between runs (set before Prefect is imported)
-    from prefect.exceptions import CancelledRun
+    from prefect.exceptions import CancelledRun, ParameterTypeError
 
     from flows.training import training_flow
 
+    refused: tuple[type[BaseException], ...] = (*FLOW_ERRORS, ParameterTypeError)
     started = time.perf_counter()
     try:
         outcome = training_flow(reason=reason, warm_start=warm_start, project_dir=str(paths.root))
     except CancelledRun as exc:
         err_console.print(f"[bold yellow]stopped:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(StopRequested.exit_code) from None
-    except FLOW_ERRORS as exc:
-        # The flow's log above holds the details (a failed stage's own output included).
+    except refused as exc:
+        # The flow's log above holds the details (a failed stage's own output included); a parameter the flow refused
+        # (a --reason too long for the registry's history) is named.
         print_error(exc)
         raise typer.Exit(1) from None
     stages = " + ".join(f"{name} {seconds:.0f}" for name, seconds in outcome["stage_seconds"].items())
