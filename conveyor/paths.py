@@ -146,12 +146,30 @@ class ProjectPaths:
         return self.root / "mlartifacts"
 
 
-def available_cores() -> int:
-    """Cores this process may run on (respects CPU affinity and cgroup-pinned sets)."""
+def available_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """Cores this process may use: those it may run on (CPU affinity, cgroup-pinned sets), and no more than its CPU
+    quota (a container's or Kubernetes pod's CPU limit), rounded down. On a node without the kubelet's static CPU
+    manager a pod may run on every core of the node: OpenVINO and PyTorch then started one thread per node core
+    against a 2-core quota, and were throttled."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+    quota = cpu_quota(cgroup)
+    return cores if quota is None else max(1, min(cores, int(quota)))
+
+
+def cpu_quota(cgroup: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """This process's CPU quota in cores (cgroup v2's `cpu.max`, or v1's CFS quota and period), None without one."""
+    try:
+        if (cgroup / "cpu.max").is_file():
+            limit, period = (cgroup / "cpu.max").read_text().split()[:2]
+            return None if limit == "max" else int(limit) / int(period)
+        v1 = cgroup / "cpu"
+        limit = (v1 / "cpu.cfs_quota_us").read_text().strip()
+        return None if int(limit) <= 0 else int(limit) / int((v1 / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError, ZeroDivisionError):  # no cgroup file system here, or one this does not read
+        return None
 
 
 def tracking_uri(paths: ProjectPaths) -> str:

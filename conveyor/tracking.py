@@ -119,16 +119,21 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     if not uri.startswith(("http://", "https://")):
         return
     shown = without_credentials(uri)
+    status = None
     try:
         with urllib.request.urlopen(_health_request(uri), timeout=timeout) as response:
             if response.status == 200:
                 return
-            problem = f"HTTP {response.status}"
+            problem, status = f"HTTP {response.status}", response.status
+    except urllib.error.HTTPError as exc:
+        problem, status = str(exc.reason), exc.code
     except (urllib.error.URLError, OSError) as exc:
         problem = str(getattr(exc, "reason", exc))
     except (http.client.InvalidURL, ValueError) as exc:  # a port that is not a number (`:5000x`)
         raise TrackingUnavailableError(f"MLFLOW_TRACKING_URI={shown!r} is not a URL: {exc}") from None
-    raise TrackingUnavailableError(f"MLflow tracking server {shown} is unreachable ({problem})", transient=True)
+    # Down, or answering 5xx, it may be back on the next try; a refusal (401: the password) will not change by itself.
+    transient = status is None or status >= 500
+    raise TrackingUnavailableError(f"MLflow tracking server {shown} is unreachable ({problem})", transient=transient)
 
 
 def _health_request(uri: str) -> urllib.request.Request:
@@ -326,7 +331,7 @@ class Tracker:
         if self.paths is not None:
             uri = tracking_uri(self.paths)
             open_records.mark_open(self.paths, open_records.MLFLOW_RUN, self.run_id, uri, f"stage {name}")
-        self.client.set_tag(self.run_id, STAGE_FLOW_RUN_TAG, os.environ.get(FLOW_RUN_ENV) or "-")  # before RUNNING
+        self.set_tags({STAGE_FLOW_RUN_TAG: os.environ.get(FLOW_RUN_ENV) or "-"})  # before it is RUNNING
         self.client.update_run(self.run_id, status="RUNNING")
         started = time.perf_counter()
         try:

@@ -73,7 +73,7 @@ def from_log(
         problem = f"; {len(unreadable)} unreadable files" if unreadable else ""
         present = (
             "; it has records of "
-            + ", ".join(f"{name} ({count})" for name, count in devices.items())
+            + ", ".join(f"{name} ({count})" for name, count in devices.most_common())
             + ": choose one with --device NAME"
             if devices
             else ""
@@ -160,7 +160,8 @@ def _parts(
     if isinstance(directory, Path) and not directory.is_dir():
         raise NoCurrentDataError(
             f"no prediction log at {directory}: start `conveyor serve` (serve.prediction_log.enabled) and send it "
-            f"traffic, or check a folder of images with --source DIR"
+            "traffic, or check a folder of images with --source DIR. A server on another machine (a cluster's pods) "
+            "ships its log where this check can read it with serve.prediction_log.s3"
         )
     since = (now or datetime.now(UTC)) - timedelta(hours=hours)
     return LogParts(directory, since, columns), f"prediction log {directory}, last {hours:g} h"

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 LOG = logging.getLogger("conveyor.serving")
 WARN_EVERY = 60  # failed shipping attempts between two warnings (about 10 minutes at the default flush)
 PART_GLOB = "date=*/hour=*/part-*.parquet"
+LOG_CLOSE_SECONDS = 30  # how long closing waits for the writer's last flush and upload
 # A kept frame's file suffix, from its first bytes. The image checks have their own copy (pipelines/inference.py):
 # this file imports nothing of Conveyor (edge bundles carry it), and the DAG's stages that decode images must not
 # depend on the log's writer.
@@ -104,7 +105,7 @@ class PartLog:
     def close(self) -> None:
         self._closed = True
         self._stop.set()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=LOG_CLOSE_SECONDS)
 
     def _run(self) -> None:
         while not self._stop.is_set():

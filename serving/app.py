@@ -44,7 +44,9 @@ RETRY_AFTER_SECONDS = "1"
 TRITON_VERSION = "1"
 INFER_TIMEOUT_SECONDS = 120.0  # one /predict batch through Triton (queue included)
 TRACEBACK = "Traceback (most recent call last)"
-BACKEND_LOST = "the inference server (Triton) has exited: this server stops, for its supervisor to restart it"
+BACKEND_LOST = (
+    "Triton, the inference server under this API, has exited; this server stops, for its supervisor to restart it"
+)
 # Triton checks restricted gRPC protocols against this metadata key (its prefix + PyTriton's token header).
 GRPC_TOKEN_HEADER = "triton-grpc-protocol-triton-access-token"
 # Headers that describe one hop of a connection, not the message: never passed through a proxy.
@@ -412,7 +414,11 @@ def _failure_status(said: str) -> int:
 
 
 def _client_words(error: str) -> str:
-    """An error as a client may read it: without a Python traceback (the server's files and paths)."""
+    """An error as a client may read it: without a Python traceback (the server's files and paths). A failure of the
+    model is said in Conveyor's words alone (Triton's Python backend wraps them in its own traceback)."""
+    for words in (INFERENCE_FAILED, NOT_READY):
+        if words in error:
+            return error[error.index(words) :].splitlines()[0]
     if TRACEBACK not in error:
         return error
     return error[: error.index(TRACEBACK)].rstrip(" :\n") or "the server failed on this request"
@@ -584,9 +590,13 @@ async def _infer(
             raise ApiError(503, f"server busy: {said}", {"Retry-After": RETRY_AFTER_SECONDS}) from None
         if exc.status() == "StatusCode.DEADLINE_EXCEEDED":
             raise ApiError(504, f"no answer from the model within {INFER_TIMEOUT_SECONDS} s") from None
-        if NOT_READY in said or exc.status() == "StatusCode.UNAVAILABLE":  # no model now, or Triton not answering
+        if said.startswith(NOT_READY):
+            raise ApiError(503, said, {"Retry-After": RETRY_AFTER_SECONDS}) from None
+        if exc.status() == "StatusCode.UNAVAILABLE":  # Triton not answering
             raise ApiError(503, f"not ready: {said}", {"Retry-After": RETRY_AFTER_SECONDS}) from None
-        raise ApiError(500 if INFERENCE_FAILED in said else 502, f"inference failed: {said}") from None
+        if said.startswith(INFERENCE_FAILED):
+            raise ApiError(500, said) from None
+        raise ApiError(502, f"inference failed: {said}") from None
     versions = [v.decode() for v in result.as_numpy("model_version").reshape(-1)]
     errors = [e.decode() for e in result.as_numpy("error").reshape(-1)]
     return result.as_numpy("detections"), result.as_numpy("num_detections"), versions, errors

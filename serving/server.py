@@ -52,11 +52,11 @@ BACKEND_CHECK_SECONDS = 1.0
 
 
 def _stop_when_backend_exits(server: Any, alive: Any, lost: threading.Event) -> None:
-    """Until the API stops: when Triton is gone, the API stops too (exit 1, so that Kubernetes or systemd starts the
-    server again). Its health routes already answer 503 meanwhile."""
+    """Until the API stops: when Triton is gone, the API stops too (exit 75, a temporary failure, so that Kubernetes
+    or systemd starts the server again). Its health routes already answer 503 meanwhile."""
     while not server.should_exit:
         if not alive():
-            LOG.error("Triton exited: stopping the API (the server exits 1, for its supervisor to restart it)")
+            LOG.error("Triton exited: stopping the API (the server exits 75, for its supervisor to restart it)")
             lost.set()
             server.should_exit = True
             return

@@ -27,6 +27,7 @@ LOG = logging.getLogger("conveyor.serving")
 # The start of what a client reads when a batch failed on the server (the API in front maps it to 500, not 400).
 INFERENCE_FAILED = "inference failed on the server"
 NOT_READY = "not ready: no model is loaded (GET /v2/health/ready says why)"
+TRITON_EXIT_SECONDS = 5  # Triton's wait for its requests in flight when it stops
 MAX_QUEUE_SECONDS = 60.0  # a request's sent_at older than this is not the API's: left out of the queue's time
 
 TENSOR_SUFFIX = "_preprocessed"
@@ -80,7 +81,7 @@ def start_triton(
             metrics_address="127.0.0.1",
             metrics_port=ports.metrics,
             allow_cpu_metrics=True,
-            exit_timeout_secs=5,
+            exit_timeout_secs=TRITON_EXIT_SECONDS,
             log_verbose=0,
         ),
         security_config=TritonSecurityConfig(

@@ -315,13 +315,18 @@ def test_a_tracking_uri_with_a_user_and_password_is_checked_with_them_and_never_
             TrackingUnavailableError, match=r"http://\*\*\*@127\.0\.0\.1:\d+ is unreachable \(Unauthorized\)"
         ):
             check_reachable(f"http://alice:wrong@127.0.0.1:{port}")
+        # Refused, the same command would fail again: not the "try again" exit a stage retry looks for.
+        with pytest.raises(TrackingUnavailableError) as refused:
+            check_reachable(f"http://alice:wrong@127.0.0.1:{port}")
+        assert not refused.value.transient
     finally:
         server.shutdown()
     monkeypatch.chdir(project)
     result = runner.invoke(
         app, ["models"], env={"COLUMNS": "300", "MLFLOW_TRACKING_URI": f"http://alice:s3cret@127.0.0.1:{port}"}
     )
-    assert result.exit_code == 1 and "s3cret" not in result.output and "http://***@127.0.0.1" in result.output
+    # The server gone: a temporary failure (sysexits' EX_TEMPFAIL), which a flow's stage retry tries again.
+    assert result.exit_code == 75 and "s3cret" not in result.output and "http://***@127.0.0.1" in result.output
 
 
 def test_messages_are_text_not_markup_and_a_damaged_data_dvc_is_named(

@@ -475,6 +475,10 @@ def test_every_built_manifest_is_valid_against_kubernetes_schemas() -> None:
 
 
 def test_k8s_server_ports_probes_and_secret_match_the_code() -> None:
+    from pipelines.log_parts import LOG_CLOSE_SECONDS
+    from serving.server import GRACEFUL_SHUTDOWN_SECONDS
+    from serving.triton import TRITON_EXIT_SECONDS
+
     serve = params()["serve"]
     routes = app_routes()
     from serving.app import HEALTH_ROUTES
@@ -509,6 +513,12 @@ def test_k8s_server_ports_probes_and_secret_match_the_code() -> None:
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
         assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/app/.conveyor", "/tmp"}
         assert container["readinessProbe"]["timeoutSeconds"] >= 3 and container["livenessProbe"]["timeoutSeconds"] >= 5
+        # The stop fits the grace period: a pause while the Service drops the pod (connections were refused on every
+        # rollout), requests in flight, Triton, then the prediction log's writer (killed, its last records were lost).
+        pause = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+        pod = doc["spec"].get("template", {}).get("spec") or doc["spec"]["predictor"]
+        stop = pause + GRACEFUL_SHUTDOWN_SECONDS + TRITON_EXIT_SECONDS + LOG_CLOSE_SECONDS
+        assert pause >= 3 and stop <= pod["terminationGracePeriodSeconds"], (stop, pod["terminationGracePeriodSeconds"])
     deployment = next(d for d in servers if d["kind"] == "Deployment")
     # The autoscaler sets the replicas: a count in the Deployment would scale it back at every `kubectl apply`.
     assert "replicas" not in deployment["spec"]
@@ -876,3 +886,27 @@ def app_routes() -> set[str]:
     config = ApiConfig("conveyor-defect-detector", TritonPorts(1, 2, 3, "127.0.0.1"), ImageLimits(), 1, 1, None)
     app = create_app(config, ModelSlot(), ServingMetrics())
     return {str(getattr(route, "path", "")) for route in app.routes}
+
+
+def test_thread_counts_follow_a_pods_cpu_limit(tmp_path: Path) -> None:
+    """Without the kubelet's static CPU manager a pod may run on every core of its node: the runtimes started one
+    thread per node core against the pod's 2-core limit and were throttled. The quota caps the count (cgroup v2's
+    cpu.max, v1's CFS files, as a container sees them)."""
+    from conveyor.paths import available_cores, cpu_quota
+
+    affinity = len(os.sched_getaffinity(0))
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    for text, quota in (("max 100000\n", None), ("150000 100000\n", 1.5), ("50000 100000\n", 0.5)):
+        (v2 / "cpu.max").write_text(text)
+        assert cpu_quota(v2) == quota
+    assert available_cores(v2) == 1  # half a core: one thread, never none
+    (v2 / "cpu.max").write_text(f"{(affinity + 8) * 100000} 100000\n")
+    assert available_cores(v2) == affinity  # a quota above the cores it may run on changes nothing
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu_quota(v1) == 2.0 and available_cores(v1) == min(affinity, 2)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")  # no limit
+    assert cpu_quota(v1) is None and cpu_quota(tmp_path / "none") is None

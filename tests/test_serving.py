@@ -345,7 +345,9 @@ def test_bad_v2_request_is_a_4xx(server: RunningServer, test_images: list[Path],
 
 
 def test_v2_body_over_the_limit_is_a_413(server: RunningServer, test_images: list[Path]) -> None:
-    limit = MAX_IMAGE_BYTES * 32  # max_images_per_request's default
+    """One v2 request is one batch at most: max_batch_size images' worth (it was /predict's 32 images' worth, 640 MB
+    by default, held twice when gzipped)."""
+    limit = MAX_IMAGE_BYTES * SERVE_PARAMS["max_batch_size"]  # type: ignore[operator]
     status, answer = post_raw(server, f"/v2/models/{server.name}/infer", b"{" + b" " * limit + b"}", "application/json")
     assert status == 413 and "over the limit" in answer["error"]
     assert post_images(server, test_images[:1])[0] == 200
@@ -974,8 +976,8 @@ def test_full_queue_answers_503_with_retry_after(
 
 def test_a_server_whose_triton_dies_is_not_live_and_exits(tmp_path: Path, mlflow_server: str) -> None:
     """Triton killed under the API (the OOM killer): the API stayed live and ready while every request failed, so
-    Kubernetes' probes never restarted the pod. The server exits 1, saying why, for its supervisor to start it again
-    (its health routes meanwhile: test_serving_units)."""
+    Kubernetes' probes never restarted the pod. The server exits 75 (a temporary failure), saying why, for its
+    supervisor to start it again (its health routes meanwhile: the test below)."""
     import psutil
 
     name = f"lost-{uuid.uuid4().hex[:8]}"
@@ -985,7 +987,7 @@ def test_a_server_whose_triton_dies_is_not_live_and_exits(tmp_path: Path, mlflow
             p for p in psutil.Process(running.process.pid).children(recursive=True) if p.name() == "tritonserver"
         ]
         triton.kill()
-        assert running.process.wait(timeout=60) == 1, running.tail()
+        assert running.process.wait(timeout=60) == 75, running.tail()
         assert "Triton (the inference server under the API) exited" in running.tail(), running.tail()
     finally:
         stop_tree(running.process)
@@ -1035,8 +1037,8 @@ def test_a_failure_on_the_server_is_a_5xx_without_its_traceback(tmp_path: Path) 
     png = io.BytesIO()
     Image.new("RGB", (64, 48)).save(png, format="PNG")
 
-    def leaks(text: str) -> bool:
-        return "Traceback" in text or secret in text or "/serving/" in text
+    def leaks(text: str) -> bool:  # the error's own text, or the server's code and where it runs from
+        return secret in text or "/serving/" in text or "site-packages" in text
 
     try:
         wait_http(f"http://{url}/v2/health/live", 30)
@@ -1046,14 +1048,15 @@ def test_a_failure_on_the_server_is_a_5xx_without_its_traceback(tmp_path: Path) 
         with pytest.raises(urllib.error.HTTPError) as failed:
             urllib.request.urlopen(request, timeout=60)
         said = json.loads(failed.value.read())["error"]
-        assert failed.value.code == 500 and "inference failed on the server (MemoryError)" in said, said
-        assert not leaks(said), said
+        assert failed.value.code == 500 and said.startswith("inference failed on the server (MemoryError)"), said
+        assert not leaks(said) and "Traceback" not in said, said
 
         image = httpclient.InferInput("image", [1, 1], "BYTES")
         image.set_data_from_numpy(np.array([[png.getvalue()]], dtype=object))
         with pytest.raises(InferenceServerException) as over_http:
             httpclient.InferenceServerClient(url).infer("m", [image])
-        assert over_http.value.status() == "500" and not leaks(str(over_http.value)), str(over_http.value)
+        assert over_http.value.status() == "500" and "inference failed on the server" in str(over_http.value)
+        assert not leaks(str(over_http.value)) and "Traceback" not in str(over_http.value), str(over_http.value)
         grpc_image = grpcclient.InferInput("image", [1, 1], "BYTES")
         grpc_image.set_data_from_numpy(np.array([[png.getvalue()]], dtype=object))
         direct = grpcclient.InferenceServerClient(f"127.0.0.1:{ports.grpc}")
@@ -1061,6 +1064,8 @@ def test_a_failure_on_the_server_is_a_5xx_without_its_traceback(tmp_path: Path) 
             direct.infer("m", [grpc_image], parameters={"sent_at": "-inf"})
         assert over_grpc.value.status() == "StatusCode.INTERNAL", over_grpc.value
         assert "inference failed on the server (MemoryError)" in str(over_grpc.value), str(over_grpc.value)
+        # Direct to Triton: its Python backend's stub still adds a traceback of its own `model.py` (PyTriton's, in a
+        # temporary folder), which no code here reaches; what was Conveyor's (files, lines, the error's text) is gone.
         assert not leaks(str(over_grpc.value)), str(over_grpc.value)
         # -inf was not a time: not observed (its inf had made the sum inf for the life of the process)
         # (/predict's own sent_at is the one observed)

@@ -102,7 +102,7 @@ def test_set_param_never_shows_a_reader_a_half_written_file(tmp_path: Path) -> N
     reader = threading.Thread(target=read)
     reader.start()
     try:
-        for epochs in range(1, 101):
+        for epochs in range(1, 31):
             set_param(path, ("train", "epochs"), epochs)
     finally:
         done.set()
