@@ -10,7 +10,6 @@ polls or retrains by itself: the event and the automation are Prefect's.
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -27,7 +26,6 @@ if TYPE_CHECKING:
     from monitoring.check import CheckOutcome
 
 DRIFT_EVENT = "conveyor.drift.detected"
-EVENT_NAMESPACE = uuid.UUID("5f1c0d2e-7b7e-4b8e-9a56-3c0f2f0e1d21")  # of the drift events' ids (`event_id`)
 ACTION_LABEL = "conveyor.drift.action"  # a resource label of the event: "retrain" or "alert"
 PAYLOAD_KEYS = (
     "model_name",
@@ -95,15 +93,11 @@ def drift_check(root: str, hours: float | None, last: int | None, device: str = 
     }
 
 
-def event_id(check_run_id: str) -> uuid.UUID:
-    """The drift event's id, from its check's MLflow run: a retried emit sends the same event, which Prefect's
-    triggers count once (a new id each try had started one retraining per try)."""
-    return uuid.uuid5(EVENT_NAMESPACE, check_run_id)
-
-
 @task(name="emit drift event", retries=2, retry_delay_seconds=2)
 def emit_drift_event(root: str, result: dict[str, Any]) -> str:
     from prefect.events import emit_event
+
+    from monitoring.alerts import event_id
 
     event = emit_event(
         id=event_id(result["mlflow_run_id"]),

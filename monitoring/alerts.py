@@ -25,6 +25,7 @@ Rules:
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -43,6 +44,10 @@ ALERT_TAG = "conveyor.drift.alert"
 # A check by hand decides as the flow would, and sends nothing: the monitoring deployment sends the events.
 NOT_SENT = "not sent (a check by hand: the monitoring deployment sends the events that retrain)"
 EMITTED = "emitted"
+# The monitoring flow's check decided to alert, and its event is being sent: EMITTED once recorded. One that stays
+# pending (the tracking server failed between the two) was sent if Prefect has the retraining it asked for.
+PENDING = "pending"
+EVENT_NAMESPACE = uuid.UUID("5f1c0d2e-7b7e-4b8e-9a56-3c0f2f0e1d21")  # of the drift events' ids (`event_id`)
 ACTION_TAG = "conveyor.drift.action"
 STATUS_TAG = "conveyor.drift.status"
 VERSION_TAG = "conveyor.model_version"
@@ -55,6 +60,12 @@ PERSISTENCE_LOOKBACK = 500  # checks read back to find `retrain_after` windows t
 Action = Literal["retrain", "alert"]
 
 
+def event_id(check_run_id: str) -> uuid.UUID:
+    """The drift event's id, from its check's MLflow run: a retried emit sends the same event, which Prefect's
+    triggers count once (a new id each try had started one retraining per try)."""
+    return uuid.uuid5(EVENT_NAMESPACE, check_run_id)
+
+
 @dataclass(frozen=True)
 class PastAlert:
     at: datetime
@@ -62,6 +73,7 @@ class PastAlert:
     groups: frozenset[str]
     action: str
     event_id: str = ""
+    recorded: bool = True  # False: its check never recorded the event as sent (PENDING)
 
 
 @dataclass(frozen=True)
@@ -72,31 +84,38 @@ class AlertDecision:
 
 
 def past_alerts(client: MlflowClient, experiment: str, model_name: str, since: datetime) -> list[PastAlert]:
-    """Alerts recorded in the monitoring experiment since `since`, newest first."""
+    """Alerts recorded in the monitoring experiment since `since`, newest first: those sent, and those whose
+    sending was never recorded (PENDING: `failed_retrainings` keeps only those Prefect has a retraining for)."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
-    runs = client.search_runs(
-        [found.experiment_id],
-        filter_string=(
-            f"tags.`{ALERT_TAG}` = '{EMITTED}' and tags.`{MODEL_TAG}` = '{model_name}' "
-            f"and attributes.start_time >= {int(since.timestamp() * 1000)}"
-        ),
-        order_by=["attributes.start_time DESC"],
-        max_results=200,
-    )
+    runs = [
+        run
+        for state in (EMITTED, PENDING)
+        for run in client.search_runs(
+            [found.experiment_id],
+            filter_string=(
+                f"tags.`{ALERT_TAG}` = '{state}' and tags.`{MODEL_TAG}` = '{model_name}' "
+                f"and attributes.start_time >= {int(since.timestamp() * 1000)}"
+            ),
+            max_results=200,
+        )
+    ]
+    runs.sort(key=lambda run: run.info.start_time, reverse=True)
     return [
         PastAlert(
             datetime.fromtimestamp(run.info.start_time / 1000, UTC),
             run.data.tags.get(VERSION_TAG, ""),
             frozenset(g for g in run.data.tags.get(GROUPS_TAG, "").split(",") if g),
             run.data.tags.get(ACTION_TAG, "retrain"),
-            run.data.tags.get(EVENT_TAG, ""),
+            run.data.tags.get(EVENT_TAG) or str(event_id(run.info.run_id)),
+            run.data.tags.get(ALERT_TAG) == EMITTED,
         )
         for run in runs
     ]
 
 
+NEVER_RECORDED = "unsent: its check failed while sending it, and no retraining answered it"
 # Prefect's message when a deployment's concurrency limit (orchestration.on_overlap: reject) turns a run away.
 TURNED_AWAY = "Deployment concurrency limit reached."
 
@@ -124,7 +143,8 @@ def failed_retrainings(
     A run that failed after it registered a version (its DVC push refused by a full remote) retrained: it holds
     (`registered(flow run id)`), or every hourly check would start another retraining until the remote had room."""
     asked = {a.event_id for a in history if a.action == "retrain" and a.event_id}
-    if not asked:
+    unrecorded = {a.event_id for a in history if not a.recorded}
+    if not asked and not unrecorded:
         return {}
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
@@ -132,7 +152,7 @@ def failed_retrainings(
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
-        return {}
+        return {event: NEVER_RECORDED for event in unrecorded}  # no Prefect to have sent them to
     try:
         with get_client(sync_client=True) as client:
             runs = client.read_flow_runs(
@@ -140,14 +160,16 @@ def failed_retrainings(
                 sort=FlowRunSort.EXPECTED_START_TIME_DESC,
                 limit=200,
             )
-    except Exception:  # Prefect away or refusing: unknown, so every alert holds (the check itself goes on)
-        return {}
+    except Exception:  # Prefect away or refusing: unknown, so every recorded alert holds (the check goes on)
+        return {event: NEVER_RECORDED for event in unrecorded}
     ended = {str(run.parameters.get("drift_event")): run for run in runs if run.state is not None}
-    return {
+    never = {
         event: how
         for event, run in ended.items()
         if event in asked and (how := _never_retrained(run.state)) and not registered(str(run.id))
     }
+    # A check that failed between sending its event and recording it: sent if a retraining answered it.
+    return never | {event: NEVER_RECORDED for event in unrecorded if event not in ended}
 
 
 def without_failed_retrainings(history: Sequence[PastAlert], failed: dict[str, str]) -> tuple[list[PastAlert], str]:

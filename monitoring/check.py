@@ -287,7 +287,9 @@ def log_check(
         "conveyor.drift.features": ",".join(result.drifted)[:250],
         "conveyor.drift.deciding": "; ".join(g.summary() for g in result.groups if g.drifted)[:5000] or "-",
         alerts.ALERT_TAG: (
-            ("pending" if sends_events else alerts.NOT_SENT) if decision.alert else f"none ({decision.reason})"[:250]
+            (alerts.PENDING if sends_events else alerts.NOT_SENT)
+            if decision.alert
+            else f"none ({decision.reason})"[:250]
         ),
         alerts.ACTION_TAG: decision.action or "-",
         "conveyor.drift.source": outcome.data.source[:250],

@@ -98,6 +98,10 @@ class ImageSample:
     width: int
     height: int
 
+    @property
+    def nbytes(self) -> int:
+        return self.small.nbytes + self.view.nbytes + self.block.nbytes
+
 
 def sample_image(image: np.ndarray, imgsz: int) -> ImageSample:
     """The sample of a BGR (or grey) image as sent; `imgsz` is the model's input size."""

@@ -33,11 +33,21 @@ LOG = logging.getLogger("conveyor.serving")
 WARN_EVERY = 60  # failed shipping attempts between two warnings (about 10 minutes at the default flush)
 PART_GLOB = "date=*/hour=*/part-*.parquet"
 LOG_CLOSE_SECONDS = 30  # how long closing waits for the writer's last flush and upload
+# What the records waiting for the writer may hold in all: a record holds its image's sample (~200 kB at 320 px,
+# ~0.5 MB at 640 px) and, when kept, the image as sent. 10,000 of them were 2 to 5 GB, in a 4 GiB pod, whenever the
+# writer fell behind (a slow disk, a slow store).
+QUEUE_BYTES = 256 * 2**20
 # A kept frame's file suffix, from its first bytes. The image checks have their own copy (pipelines/inference.py):
 # this file imports nothing of Conveyor (edge bundles carry it), and the DAG's stages that decode images must not
 # depend on the log's writer.
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _size_of(item: Any) -> int:
+    """The bytes a waiting record holds: its image sample's arrays and the image kept with it."""
+    sample = getattr(item, "sample", None)
+    return int(getattr(sample, "nbytes", 0)) + len(getattr(item, "frame", None) or b"")
 
 
 def hour_partition(at: datetime) -> str:
@@ -64,8 +74,12 @@ class PartLog:
         on_written: Any = None,
         on_dropped: Any = None,
         shipper: LogShipper | None = None,
+        queue_bytes: int = QUEUE_BYTES,
     ) -> None:
         self.directory = directory
+        self.queue_bytes = queue_bytes
+        self._queued_bytes = 0
+        self._bytes_lock = threading.Lock()
         self.shipper = shipper
         self.flush_seconds = flush_seconds
         self.keep_hours = keep_hours
@@ -90,15 +104,18 @@ class PartLog:
         return self.keep_frames > 0 and random.random() < self.keep_frames
 
     def offer(self, item: Any) -> None:
-        """Hand a record to the writer; never blocks (a full queue drops the record and counts it, as does a log
-        already closed: its writer would never take it)."""
-        if self._closed:
-            self.dropped += 1
-            self._on_dropped(1)
-            return
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
+        """Hand a record to the writer; never blocks. A full queue (by records, or by the bytes they hold) drops the
+        record and counts it, as does a log already closed: its writer would never take it."""
+        size = _size_of(item)
+        with self._bytes_lock:
+            refused = self._closed or self._queued_bytes + size > self.queue_bytes
+            if not refused:
+                try:
+                    self._queue.put_nowait(item)
+                    self._queued_bytes += size
+                except queue.Full:
+                    refused = True
+        if refused:
             self.dropped += 1
             self._on_dropped(1)
 
@@ -122,9 +139,12 @@ class PartLog:
         batch: list[Any] = []
         while True:
             try:
-                batch.append(self._queue.get_nowait())
+                item = self._queue.get_nowait()
             except queue.Empty:
                 break
+            batch.append(item)
+            with self._bytes_lock:
+                self._queued_bytes -= _size_of(item)
         self._expire_logged()
         if not batch:
             return False

@@ -25,7 +25,7 @@ from typing import Any
 
 from pipelines.features import ImageSample, record
 from pipelines.inference import Inference
-from pipelines.log_parts import PART_GLOB, LogShipper, PartLog
+from pipelines.log_parts import PART_GLOB, QUEUE_BYTES, LogShipper, PartLog
 
 DEVICE_COLUMN = "device"  # who wrote a record: an edge runner's --device; the server's records have none
 SERVER_DEVICE = "server"  # what they are read as
@@ -64,9 +64,19 @@ class PredictionLog(PartLog):
         on_written: Any = None,
         on_dropped: Any = None,
         shipper: LogShipper | None = None,
+        queue_bytes: int = QUEUE_BYTES,
     ) -> None:
         super().__init__(
-            directory, queue_size, flush_seconds, keep_hours, to_record, keep_frames, on_written, on_dropped, shipper
+            directory,
+            queue_size,
+            flush_seconds,
+            keep_hours,
+            to_record,
+            keep_frames,
+            on_written,
+            on_dropped,
+            shipper,
+            queue_bytes,
         )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import subprocess
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +194,7 @@ def test_a_redeploy_removes_every_automation_of_its_name_and_a_drift_event_id_is
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.deploy import remove_automation
-    from flows.drift_check import event_id
+    from monitoring.alerts import event_id
 
     name = f"conveyor: duplicated {uuid.uuid4().hex[:8]}"
     with temporary_settings({PREFECT_API_URL: prefect_server}):
@@ -221,7 +222,7 @@ def test_a_retraining_that_failed_holds_neither_the_cooldown_nor_the_deduplicati
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import ConcurrencyLimitStrategy, ConcurrencyOptions, State
     from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
-    from prefect.states import Cancelled, Crashed, Failed, Pending, Running
+    from prefect.states import Cancelled, Completed, Crashed, Failed, Pending, Running
 
     from conveyor.net import free_port
     from conveyor.settings import MonitorSettings
@@ -235,6 +236,8 @@ def test_a_retraining_that_failed_holds_neither_the_cooldown_nor_the_deduplicati
     history = [alert(1, "limit"), alert(1, "busy"), alert(2, "broken")]
     history += [alert(3, "running"), alert(4, "stopped"), alert(5, "lost"), alert(1, "only", "alert")]
     history += [alert(1, "registered")]
+    # Checks that failed between sending their event and recording it: one a retraining answered, one none did.
+    history += [replace(alert(2, "unrecorded-answered"), recorded=False), replace(alert(2, "unsent"), recorded=False)]
     with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
         with get_client(sync_client=True) as client:
             deployment_id = client.create_deployment(
@@ -263,6 +266,7 @@ def test_a_retraining_that_failed_holds_neither_the_cooldown_nor_the_deduplicati
                 "stopped": Cancelled(message="stopped by SIGTERM in stage train"),
                 "only": Failed(),  # not a retrain alert's: never asked about
                 "registered": Failed(message="DVC remote 'team' is full"),
+                "unrecorded-answered": Completed(),
             }
             flow_runs = {}
             for event, state in ends.items():
@@ -273,9 +277,10 @@ def test_a_retraining_that_failed_holds_neither_the_cooldown_nor_the_deduplicati
         "limit": "turned away (the training deployment's concurrency limit)",
         "busy": "failed",
         "broken": "crashed",
+        "unsent": alerts.NEVER_RECORDED,
     }
     kept, note = alerts.without_failed_retrainings(history, failed)
-    assert [a.event_id for a in kept] == ["running", "stopped", "lost", "only", "registered"]
+    assert [a.event_id for a in kept] == ["running", "stopped", "lost", "only", "registered", "unrecorded-answered"]
     assert "ended turned away" in note and "ended failed" in note and "ended crashed" in note
 
     policy = MonitorSettings(cooldown_hours=6, dedupe_hours=24)
@@ -291,8 +296,9 @@ def test_a_retraining_that_failed_holds_neither_the_cooldown_nor_the_deduplicati
         held = alerts.without_failed_retrainings([holding], failed)[0]
         assert not alerts.decide(found, "3", held, [], cost, policy, now).alert
 
+    unsent = {"unrecorded-answered": alerts.NEVER_RECORDED, "unsent": alerts.NEVER_RECORDED}
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
-        assert alerts.failed_retrainings(history, deployment) == {}  # no Prefect to ask: every alert holds
+        assert alerts.failed_retrainings(history, deployment) == unsent  # no Prefect: every recorded alert holds
     nobody = f"http://127.0.0.1:{free_port()}/api"
     with temporary_settings(updates={PREFECT_API_URL: nobody, PREFECT_CLIENT_MAX_RETRIES: 0}):
-        assert alerts.failed_retrainings(history, deployment) == {}  # Prefect does not answer: the same
+        assert alerts.failed_retrainings(history, deployment) == unsent  # Prefect does not answer: the same

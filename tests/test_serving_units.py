@@ -174,6 +174,30 @@ def test_prediction_log_writes_hourly_parquet_and_drops_when_full(tmp_path: Path
     assert len(list((tmp_path / "log").glob("date=*/hour=*/part-*.parquet"))) == 1
 
 
+def test_the_log_queue_is_bounded_by_the_bytes_it_holds_too(tmp_path: Path) -> None:
+    """A waiting record holds its image's sample (~200 kB at 320 px) and, when kept, the image: 10,000 of them were
+    2 to 5 GB, in a 4 GiB pod, whenever the writer fell behind. Past the byte bound they are dropped and counted,
+    and the room comes back as the writer takes them."""
+    from pipelines.features import sample_image
+
+    item = pending()
+    size = item.sample.nbytes
+    assert size == sample_image(np.full((48, 64, 3), 100, np.uint8), 320).nbytes > 50_000  # the view at 320 px
+    log = PredictionLog(tmp_path / "log", queue_size=100, flush_seconds=60, keep_hours=1, queue_bytes=3 * size + 10)
+    log.directory.mkdir()
+    for _ in range(2):
+        log.offer(pending())
+    log.offer(replace(pending(), frame=b"\xff\xd8\xff" + b"\0" * 20))  # room for its sample, not with its image
+    assert log.dropped == 1
+    for _ in range(3):
+        log.offer(pending())
+    assert log.dropped == 3  # one fitted: three waiting
+    log.flush()
+    for _ in range(3):  # the writer took them: room for three again
+        log.offer(pending())
+    assert log.dropped == 3 and log.flush() and log.written == 6
+
+
 def test_a_part_without_detections_keeps_the_windows_statistics_numeric(tmp_path: Path) -> None:
     """An hour in which no image had a detection writes its per-image statistics as all-None columns; read with the
     next hour's, they stay numbers, with no pandas FutureWarning (pandas 3 would make them objects)."""
