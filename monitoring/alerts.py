@@ -162,7 +162,10 @@ def failed_retrainings(
             )
     except Exception:  # Prefect away or refusing: unknown, so every recorded alert holds (the check goes on)
         return {event: NEVER_RECORDED for event in unrecorded}
-    ended = {str(run.parameters.get("drift_event")): run for run in runs if run.state is not None}
+    ended: dict[str, Any] = {}
+    for run in runs:  # newest first: an event's newest run tells how its retraining ended
+        if run.state is not None:
+            ended.setdefault(str(run.parameters.get("drift_event")), run)
     never = {
         event: how
         for event, run in ended.items()

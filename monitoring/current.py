@@ -81,6 +81,11 @@ def from_log(
         raise NoCurrentDataError(f"the {described} holds no records of device {device}{problem}{present}")
     chosen = version or kept.newest_version
     others = {v: n for v, n in kept.counts.items() if v != chosen}
+    if chosen not in kept.counts:  # it was "insufficient data: 0 current rows", exit 0
+        served = ", ".join(f"v{v} ({n})" for v, n in sorted(others.items()))
+        raise NoCurrentDataError(
+            f"version {chosen} served none of the {described} of device {device}: its records are of {served}"
+        )
     frame = kept.frame(chosen)
     held = min(kept.counts.get(chosen, 0), last or kept.counts.get(chosen, 0))
     if len(frame) < held:
@@ -134,10 +139,6 @@ class _VersionSamples:
         return self.newest[1]
 
     def frame(self, version: str) -> Any:
-        import pandas as pd
-
-        if version not in self.held:  # a version asked for by name that served none of the window
-            return next(iter(self.held.values()))[0].iloc[0:0] if self.held else pd.DataFrame()
         frame = self._bounded(self.held[version])
         if self.cap is not None and len(frame) > self.cap:  # the newest `last`, then sampled
             frame = frame.sample(self.cap, random_state=0).sort_values("time", kind="stable")

@@ -307,8 +307,9 @@ def check(profile: Profile, current_records: Any, policy: MonitorSettings, repor
         for batch, size in batches.value_counts().items():
             if size >= policy.min_samples:
                 candidates.append((str(batch), reference_all[(batches == batch).to_numpy()].reset_index(drop=True)))
-    if len(candidates) <= 1:
-        candidates = [("all", reference_all)]
+    # Every batch together is a candidate too: traffic mixing conditions the model was trained on (day and night
+    # shifts in one window) is like none of them alone, and was drift against the nearest.
+    candidates = [("all", reference_all)] if len(candidates) <= 1 else [*candidates, ("all", reference_all)]
     skipped_embedding = None
     if policy.embeddings and not embeddings:
         skipped_embedding = "excluded (monitor.exclude)"
@@ -331,6 +332,7 @@ def check(profile: Profile, current_records: Any, policy: MonitorSettings, repor
         key=lambda r: (
             r.status == "insufficient data",
             len(r.drifted_groups),
+            r.reference_batch == "all" and len(results) > 1,  # a batch of its own, where one is as near
             max((g.strength for g in r.groups), default=0.0),
         ),
     )
@@ -586,7 +588,12 @@ def evidently_report(reference: Any, current: Any, policy: MonitorSettings) -> A
     embedding_columns = [c for c in columns if c.startswith("emb_")]
     plain = [c for c in columns if c not in embedding_columns]
     metrics: list[Any] = [ValueDrift(column=c, method="wasserstein", threshold=thresholds[c]) for c in plain]
-    embedded = len(embedding_columns) >= 2
+    # Evidently's embedding picture takes no missing value: a window joining records with and without an embedding
+    # (an older log, an export without the features output) crashed the whole check here. Their drift is judged by
+    # the check's own test; the report then leaves the picture out.
+    embedded = len(embedding_columns) >= 2 and all(
+        bool(side[embedding_columns].notna().all(axis=None)) for side in (ref, cur)
+    )
     if embedded:
         metrics.append(
             EmbeddingsDrift(
@@ -595,11 +602,13 @@ def evidently_report(reference: Any, current: Any, policy: MonitorSettings) -> A
             )
         )
     definition = DataDefinition(
-        numerical_columns=columns, embeddings={EMBEDDING: embedding_columns} if embedded else None
+        numerical_columns=columns if embedded else plain,
+        embeddings={EMBEDDING: embedding_columns} if embedded else None,
     )
+    shown = columns if embedded else plain
     return Report(metrics, include_tests=False).run(
-        Dataset.from_pandas(cur[columns].dropna(axis=0, how="all"), data_definition=definition),
-        Dataset.from_pandas(ref[columns].dropna(axis=0, how="all"), data_definition=definition),
+        Dataset.from_pandas(cur[shown].dropna(axis=0, how="all"), data_definition=definition),
+        Dataset.from_pandas(ref[shown].dropna(axis=0, how="all"), data_definition=definition),
     )  # Evidently's order: current first
 
 

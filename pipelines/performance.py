@@ -630,6 +630,10 @@ def estimate(
             pool = np.arange(m)
         costs.append(against(resampled, pool[rng.integers(0, len(pool), n)], resampled_rates) + out_of_fold - value)
     tail = (1 - level) / 2 * 100
+    # A draw whose resampled line rate rounds to no object at all (a clean line, a small window) has no mAP: it was
+    # a NaN that made the whole interval NaN, and the estimate was dropped as "no objects to score".
+    maps = [v for v in maps if np.isfinite(v)]
+    costs = [v for v in costs if np.isfinite(v)]
     low, high = (float(v) for v in np.percentile(maps, [tail, 100 - tail])) if maps else (point, point)
     cost_low, cost_high = (
         (float(v) for v in np.percentile(costs, [tail, 100 - tail])) if costs else (base - point, base - point)

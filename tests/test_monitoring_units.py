@@ -127,6 +127,18 @@ def test_embeddings_of_another_width_are_said_once() -> None:
     assert "widths seen: none" in drift.check(reference, window, POLICY, report=False).skipped[EMBEDDING]
 
 
+def test_a_window_where_only_some_records_have_an_embedding_is_checked_and_reported() -> None:
+    """A window joining records with and without an embedding (a log from before the features output, a device
+    logging without it): Evidently's embedding picture took the missing values and raised, before any report, run
+    or gauge was written, every hour for as long as such records stayed in the window."""
+    reference = profile_of(feature_rows(200, seed=1))
+    window = feature_rows(100, seed=2, focus=-6.0)
+    window[EMBEDDING] = [None if i % 2 else v for i, v in enumerate(window[EMBEDDING])]
+    result = drift.check(reference, window, POLICY)  # with Evidently's report
+    assert result.status == "drift" and result.snapshot is not None, result.message
+    assert any(f.name.startswith("emb_") for f in result.features)  # the 50 with one still tested
+
+
 def test_the_predictions_moving_together_are_drift_where_each_alone_is_short() -> None:
     """Defects 1.6x larger moved the demo champion's box areas by 0.78-1.08 standard deviations in windows of 40 and
     its confidences down at the same time: two windows of five had no prediction feature past its threshold. The
@@ -185,6 +197,8 @@ def test_per_feature_effect_size_and_exclusion_come_from_params() -> None:
 
 def test_a_version_trained_on_two_conditions_accepts_both() -> None:
     """After a drift retraining, traffic like either batch the model was trained on is not drift."""
+    import pandas as pd
+
     reference = profile_of(feature_rows(100, seed=1), feature_rows(60, seed=4, exposure=-4.0, batch="add-20261122-x"))
     shifted = drift.check(reference, feature_rows(60, seed=5, exposure=-4.0), POLICY, report=False)
     assert shifted.status == "no drift" and shifted.reference_batch == "add-20261122-x", shifted.message
@@ -192,6 +206,11 @@ def test_a_version_trained_on_two_conditions_accepts_both() -> None:
     assert base.status == "no drift" and base.reference_batch == "base", base.message
     novel = drift.check(reference, feature_rows(60, seed=7, exposure=4.0), POLICY, report=False)
     assert novel.status == "drift", novel.message
+    # A window mixing both (day and night shifts in one window) is like neither batch alone: it was drift against
+    # the nearest. Against every batch together, it is what the model was trained on.
+    mixed = pd.concat([feature_rows(40, seed=8), feature_rows(40, seed=9, exposure=-4.0)], ignore_index=True)
+    both = drift.check(reference, mixed, POLICY, report=False)
+    assert both.status == "no drift" and both.reference_batch == "all", both.message
 
 
 def test_fewer_samples_than_the_minimum_is_insufficient_never_drift() -> None:
@@ -662,6 +681,10 @@ def test_log_window_keeps_one_version_and_names_corrupt_files(tmp_path: Path) ->
     assert list(window.records[SCORE_CONFIDENCE].iloc[0]) == [0.9] and len(window.records[EMBEDDING].iloc[0]) == 8
     older = current.from_log(tmp_path / "log", hours=1, version="1", last=10)
     assert older.model_version == "1" and len(older.records) == 10
+    with pytest.raises(
+        current.NoCurrentDataError, match=r"version 7 served none of the .* records are of v1 \(30\), v2"
+    ):
+        current.from_log(tmp_path / "log", hours=1, version="7")
     assert read_log(tmp_path / "log").unreadable == window.unreadable
 
 
@@ -1060,3 +1083,37 @@ def test_a_source_folder_none_of_whose_images_reads_is_an_error(tmp_path: Path) 
         (tmp_path / name).write_bytes(b"not an image at all")
     with pytest.raises(current.NoCurrentDataError, match=r"none of the 2 images in .* could be read \(e\.g\. a\.jpg\)"):
         current.from_folder(tmp_path, NoImagesExpected())  # type: ignore[arg-type]
+
+
+def test_a_small_window_of_a_clean_line_keeps_its_interval() -> None:
+    """On a line with few defects (0.05 an image), a bootstrap draw of a small window could resample its object
+    rate to nothing: that draw's mAP was NaN, the whole interval NaN, and the estimate was dropped as "no objects to
+    score". A synthetic calibration: one class, detections true with the chance their confidence says."""
+    from pipelines import performance
+    from pipelines.performance import IOU_THRESHOLDS
+
+    rng = np.random.default_rng(0)
+    rows, objects = [], []
+    for image in range(60):
+        found = int(rng.poisson(0.05))
+        objects.append([found])
+        for _ in range(found + int(rng.poisson(1))):
+            confidence = float(rng.uniform(0.01, 1))
+            true = rng.random() < confidence
+            rows.append([image, 0, confidence, *[float(true and t <= 0.5 + 0.5 * confidence) for t in IOU_THRESHOLDS]])
+    table = np.array(rows, dtype=np.float64).reshape(-1, 3 + len(IOU_THRESHOLDS))
+    counted = [[int(rng.random() < 0.05)] for _ in range(300)]
+    calibration = performance.Calibration(
+        ["defect"], 0.01, 60, list(np.mean(counted, axis=0)), performance._fit_curves(table, 1), 0.6,
+        table.tolist(), objects, counted,
+    )  # fmt: skip
+    window = []
+    for _ in range(20):
+        found = int(rng.poisson(1.5))
+        x = rng.uniform(0.1, 0.8, found)
+        window.append(
+            (list(rng.uniform(0.05, 1, found)), [0] * found, [v for c in x for v in (c, c, c + 0.1, c + 0.1)])
+        )
+    estimate = performance.estimate(calibration, window, bootstrap=50)
+    assert np.isfinite([estimate.low, estimate.high, *estimate.cost_interval]).all(), estimate
+    assert estimate.low <= estimate.map50_95 <= estimate.high
