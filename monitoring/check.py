@@ -133,7 +133,8 @@ def run_check(paths: ProjectPaths, settings: Settings, options: CheckOptions, co
     outcome = CheckOutcome(name, str(version.version), result, estimate, data, decision, report_dir, "", None, now)
     write_reports(outcome)
     outcome.mlflow_run_id, outcome.mlflow_run_url = log_check(client, paths, settings, outcome, options.sends_events)
-    write_gauges(paths.drift_gauges, outcome)
+    if data.device != current.FOLDER_DEVICE:  # a folder is no device: its gauges stayed on /metrics for good
+        write_gauges(paths.drift_gauges, outcome)
     return outcome
 
 

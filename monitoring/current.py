@@ -27,6 +27,7 @@ from pipelines.profile import ImageSource, describe_images
 from pipelines.validate import IMAGE_SUFFIXES
 
 DEVICE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+FOLDER_DEVICE = "folder"  # a check of a folder of images: no device's traffic
 
 
 class NoCurrentDataError(ConveyorError, RuntimeError):
@@ -40,7 +41,7 @@ class CurrentData:
     model_version: str | None  # the version that served these rows (None for a folder)
     other_versions: dict[str, int] = field(default_factory=dict)  # rows left out: served by another version
     unreadable: list[str] = field(default_factory=list)  # log files that could not be read
-    device: str = SERVER_DEVICE  # whose records: the server's, an edge runner's, or "folder"
+    device: str = SERVER_DEVICE  # whose records: the server's, an edge runner's, or FOLDER_DEVICE
 
 
 def from_log(
@@ -183,4 +184,4 @@ def from_folder(folder: Path, detector: Detector, console: Console | None = None
             "image its name says"
         )
     unreadable = sorted({p.name for p in files} - set(frame["file"]))
-    return CurrentData(frame, f"{len(files)} images in {folder}", None, {}, unreadable, "folder")
+    return CurrentData(frame, f"{len(files)} images in {folder}", None, {}, unreadable, FOLDER_DEVICE)

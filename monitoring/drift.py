@@ -19,8 +19,9 @@ Rules:
   spread grows with their size, missed defects 0.6x the size in 1 of 5 windows of 40; on the log scale none.
 - The image size, constant in the reference, drifted when `monitor.constant_share` of the current rows differ from
   it. Where the reference hardly varies, effects are measured in units of at least a material amount: 1 % of the
-  image for the shares of clipped pixels, half a detection per image for counts (a clean reference often has no
-  clipped pixels, and a small one may never have shown a class).
+  image for the shares of clipped pixels, one grey level for brightness, contrast, colours and saturation, half a
+  detection per image for counts (a clean reference often has no clipped pixels, a monochrome line no saturation at
+  all, and a small reference may never have shown a class).
 - The embedding is the model's `features` output in the reference's principal components, whitened: it drifted when
   its mean moved at least `monitor.embedding_effect` reference standard deviations and Hotelling's T² test (SciPy's F
   distribution) puts the move below `monitor.p_value`, or when one component drifted as a feature does.
@@ -43,7 +44,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -64,8 +65,14 @@ from pipelines.profile import EmbeddingBasis, Profile
 EMBEDDING_COLUMN = "emb_{:02d}"
 LOG_SCALE = {"sharpness", "noise", "mean_box_area", "max_box_area"}
 # The smallest change of a feature that can matter, where the reference may hardly vary: a share of pixels clipped
-# white or black moves by 1 % before anyone should hear of it (a clean reference often has none at all).
-MIN_SCALE = {"highlights": 0.01, "shadows": 0.01}
+# white or black moves by 1 % before anyone should hear of it (a clean reference often has none at all), a level of
+# brightness, contrast, colour or saturation by one grey level of 255 (a monochrome line's saturation is 0 exactly,
+# and a JPEG's chroma noise, a fraction of a level, measured in Evidently's 0.001 units, was drift at effect 245).
+MIN_SCALE = {
+    "highlights": 0.01,
+    "shadows": 0.01,
+    **dict.fromkeys(("brightness", "contrast", "mean_red", "mean_green", "mean_blue", "saturation"), 1.0),
+}
 # A window needs `monitor.min_samples` rows; a feature of it is then tested on as few as this many values. Prediction
 # features have none where the model found nothing, so the old rule (min_samples values) went blind with the model: a
 # window of 40 images of defects 0.6x the size, 28 with a detection, skipped box areas that had moved 2.1 standard
@@ -327,6 +334,7 @@ def check(profile: Profile, current_records: Any, policy: MonitorSettings, repor
                 "without the features output"
             )
     results = [_compare(batch, reference, current, policy) for batch, reference in candidates]
+    results = [_completed(r, results[-1]) for r in results]  # the last is every batch together
     best = min(
         results,
         key=lambda r: (
@@ -407,6 +415,21 @@ def _check_names(policy: MonitorSettings, columns: Any) -> None:
                 f"monitor.{key}: {', '.join(map(repr, unknown))} not a feature of the drift check; its features are "
                 f"{', '.join(sorted(c for c in known if not c.startswith('emb_')))}"
             )
+
+
+def _completed(result: DriftResult, every: DriftResult) -> DriftResult:
+    """`result` with the features its batch has too few values to test (a batch of few images with detections, for
+    the predictions) tested against every batch together (`every`). Skipped, they counted as unmoved: the batch
+    looked nearest for what it could not see, and a change of the predictions against it went unsaid."""
+    tested = {f.name for f in result.features}
+    missing = [f for f in every.features if f.name not in tested]
+    if result is every or not missing or not result.features:
+        return result
+    features = [*result.features, *(replace(f, method=f"{f.method}, against every batch") for f in missing)]
+    groups = _groups(features)
+    status, message = _verdict(result.reference_batch, features, groups)
+    skipped = {k: v for k, v in result.skipped.items() if k not in {f.name for f in missing}}
+    return replace(result, status=status, message=message, features=features, groups=groups, skipped=skipped)
 
 
 def _compare(batch: str, reference: Any, current: Any, policy: MonitorSettings) -> DriftResult:

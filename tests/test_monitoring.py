@@ -78,6 +78,10 @@ def test_drift_is_detected_retrained_promoted_and_swapped(
     assert missing.returncode == 1 and "run the validate stage first (`conveyor validate`)" in missing.stderr
     conveyor(project, env, "validate")
     conveyor(project, env, "profile", "--model", "1")
+    # A folder of images is no device's traffic: checked, but no gauges (a `device="folder"` series stayed on the
+    # server's /metrics for good).
+    conveyor(project, env, "drift", "--source", str(project / "data/images/test"))
+    assert not (project / ".conveyor/monitoring/gauges").exists()
     assert "monitoring/profile/profile.parquet" in {
         a.path for a in client.list_artifacts(str(client.get_model_version(name, "1").run_id), "monitoring/profile")
     }

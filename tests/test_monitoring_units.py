@@ -195,6 +195,47 @@ def test_per_feature_effect_size_and_exclusion_come_from_params() -> None:
     assert "contrast" in result.drifted  # the rest of the group still sees the change
 
 
+def test_a_batch_too_small_to_test_a_feature_is_not_nearest_for_it() -> None:
+    """A night batch of 40 images, few with a detection: too few values to test the predictions against it, so they
+    counted as unmoved, the batch looked nearest, and night traffic whose boxes had collapsed (areas 20x smaller,
+    confidence 0.3x) was "no drift against 'night'". What a batch cannot test is tested against every batch."""
+    import pandas as pd
+
+    night = feature_rows(40, seed=4, exposure=-4.0, batch="night")
+    few = night.index[5:]  # 5 of 40 images with a detection: under monitor.min_samples (30) values
+    night.loc[few, "detections"] = 0
+    night.loc[few, ["mean_confidence", "min_confidence", "mean_box_area", "max_box_area"]] = None
+    reference = profile_of(pd.concat([feature_rows(300, seed=1), night], ignore_index=True))
+    traffic = feature_rows(80, seed=5, exposure=-4.0, box_scale=0.22)
+    traffic["mean_confidence"] = traffic["mean_confidence"] * 0.3
+    traffic["min_confidence"] = traffic["min_confidence"] * 0.3
+    result = drift.check(reference, traffic, POLICY, report=False)
+    assert result.status == "drift" and result.reference_batch == "night", result.message
+    assert drift.PREDICTIONS in result.drifted_groups, result.message
+    moved = next(f for f in result.features if f.name == "mean_box_area")
+    assert moved.drifted and moved.method.endswith("against every batch")
+    quiet = feature_rows(80, seed=6, exposure=-4.0)  # night as it was trained: few detections, boxes as they were
+    quiet.loc[quiet.index[10:], "detections"] = 0
+    quiet.loc[quiet.index[10:], ["mean_confidence", "min_confidence", "mean_box_area", "max_box_area"]] = None
+    calm = drift.check(reference, quiet, POLICY, report=False)
+    assert calm.status == "no drift" and calm.reference_batch == "night", calm.message
+
+
+def test_a_monochrome_line_is_not_drift_by_a_fraction_of_a_grey_level() -> None:
+    """A monochrome line's saturation is 0 exactly: the JPEG chroma noise of its traffic (under one level of 255) was
+    measured in Evidently's units of 0.001, effect 245, "colours are stronger". A level is the unit now; a real
+    colour still drifts."""
+    reference_rows = feature_rows(200, seed=1)
+    reference_rows["saturation"] = 0.0
+    reference = profile_of(reference_rows)
+    noisy = feature_rows(60, seed=2)
+    noisy["saturation"] = np.random.default_rng(3).uniform(0, 0.5, len(noisy))
+    calm = drift.check(reference, noisy, POLICY, report=False)
+    assert calm.status == "no drift", calm.message
+    coloured = feature_rows(60, seed=4)  # saturation about 30 levels
+    assert "saturation" in drift.check(reference, coloured, POLICY, report=False).drifted
+
+
 def test_a_version_trained_on_two_conditions_accepts_both() -> None:
     """After a drift retraining, traffic like either batch the model was trained on is not drift."""
     import pandas as pd
