@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from conveyor.errors import ConveyorError
 
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# An endpoint, so it may come from the environment (as CONVEYOR_DVC_REMOTE does): where every server ships its
+# prediction log and every drift check reads it. A cluster sets it once, in its ConfigMap, for the server pods and the
+# check's flow-run pods alike; without it the check's pod had no log at all.
+PREDICTION_LOG_S3_ENV = "CONVEYOR_PREDICTION_LOG_S3"
 
 SPLITS = ("train", "val", "test")
 Split = Literal["train", "val", "test"]
@@ -699,6 +704,15 @@ def parse_settings(text: str, source: str) -> Settings:
         )
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    shipped = os.environ.get(PREDICTION_LOG_S3_ENV)
+    if shipped:  # over params.yaml's serve.prediction_log.s3
+        try:
+            PredictionLogSettings(s3=shipped)
+        except ValidationError:
+            raise ConfigError(f"{PREDICTION_LOG_S3_ENV}={shipped!r}: not an s3://bucket/prefix URL") from None
+        serve = dict(raw.get("serve") or {})
+        serve["prediction_log"] = {**(serve.get("prediction_log") or {}), "s3": shipped}
+        raw = {**raw, "serve": serve}
     try:
         return Settings.model_validate(raw)
     except ValidationError as exc:

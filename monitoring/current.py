@@ -163,7 +163,7 @@ def _parts(
         raise NoCurrentDataError(
             f"no prediction log at {directory}: start `conveyor serve` (serve.prediction_log.enabled) and send it "
             "traffic, or check a folder of images with --source DIR. A server on another machine (a cluster's pods) "
-            "ships its log where this check can read it with serve.prediction_log.s3"
+            "ships its log where this check can read it with serve.prediction_log.s3 (or CONVEYOR_PREDICTION_LOG_S3)"
         )
     since = (now or datetime.now(UTC)) - timedelta(hours=hours)
     return LogParts(directory, since, columns), f"prediction log {directory}, last {hours:g} h"

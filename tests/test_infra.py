@@ -610,6 +610,16 @@ def test_the_flow_run_job_template_gets_this_image_and_the_stack_config() -> Non
     refs = {next(iter(ref.values()))["name"] for ref in container["envFrom"]}
     assert refs == {config["metadata"]["name"], "conveyor-secrets"}
     assert "CONVEYOR_DVC_REMOTE" in config["data"] and "MLFLOW_TRACKING_URI" in config["data"]
+    # The drift check's pod reads the log where the server pods ship it: the same variable, from the same ConfigMap,
+    # in the stack's bucket (without it the check's pod had no log at all, and said "insufficient data" every hour).
+    from conveyor.settings import PREDICTION_LOG_S3_ENV
+
+    shipped = config["data"][PREDICTION_LOG_S3_ENV]
+    assert shipped.split("/")[2] == config["data"]["CONVEYOR_DVC_REMOTE"].split("/")[2]
+    servers = [d for d in k8s_documents(K8S / "base") if d["kind"] == "Deployment" and "serve" in str(d)]
+    assert servers and all(
+        {"configMapRef": {"name": config["metadata"]["name"]}} in containers(d)[0]["envFrom"] for d in servers
+    )
 
 
 # --- Grafana and Prometheus ---------------------------------------------------------------------------------------

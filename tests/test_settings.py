@@ -237,6 +237,23 @@ def test_set_param_writes_a_section_left_to_its_defaults(tmp_path: Path) -> None
     assert path.read_text().startswith("# the line's settings")
 
 
+def test_where_the_log_is_shipped_may_come_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An endpoint, as the DVC remote is: a cluster sets it once for its server pods and its drift check's pods."""
+    from conveyor.settings import PREDICTION_LOG_S3_ENV
+
+    path = write(tmp_path, "serve:\n  prediction_log:\n    keep_hours: 24\n")
+    assert load_settings(path).serve.prediction_log.s3 is None
+    monkeypatch.setenv(PREDICTION_LOG_S3_ENV, "s3://conveyor/predictions")
+    log = load_settings(path).serve.prediction_log
+    assert log.s3 == "s3://conveyor/predictions" and log.keep_hours == 24  # the rest of the section as written
+    assert load_settings(write(tmp_path, "{}\n")).serve.prediction_log.s3 == "s3://conveyor/predictions"
+    monkeypatch.setenv(PREDICTION_LOG_S3_ENV, "http://minio:9000/predictions")
+    with pytest.raises(ConfigError, match=r"CONVEYOR_PREDICTION_LOG_S3='http://minio:9000/predictions': not an s3://"):
+        load_settings(path)
+
+
 def test_a_model_name_is_a_plain_name(tmp_path: Path) -> None:
     """MLflow registered `acme's-detector`, and registration failed after the whole training: the name is quoted into
     its search filters (and `models:/NAME@alias` URIs, Triton's URLs, Prefect tags)."""
