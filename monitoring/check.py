@@ -11,9 +11,11 @@ estimate and every score as metrics; the reports as artifacts), and Prometheus g
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
+import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -134,7 +136,7 @@ def run_check(paths: ProjectPaths, settings: Settings, options: CheckOptions, co
     write_reports(outcome)
     outcome.mlflow_run_id, outcome.mlflow_run_url = log_check(client, paths, settings, outcome, options.sends_events)
     if data.device != current.FOLDER_DEVICE:  # a folder is no device: its gauges stayed on /metrics for good
-        write_gauges(paths.drift_gauges, outcome)
+        write_gauges(paths.drift_gauges, outcome, stale_after=timedelta(hours=monitor.window_hours))
     return outcome
 
 
@@ -334,10 +336,12 @@ def mark_alert_emitted(client: MlflowClient, run_id: str, event_id: str) -> None
     client.set_tag(run_id, alerts.EVENT_TAG, event_id)
 
 
-def write_gauges(path: Path, outcome: CheckOutcome) -> None:
+def write_gauges(path: Path, outcome: CheckOutcome, stale_after: timedelta | None = None) -> None:
     """The last check of each device as Prometheus gauges (label `device`), in the text format the server appends
     to its /metrics: this check's gauges replace its device's in `gauges/<device>.prom` beside `path`, and `path`
-    is all devices' merged (one family per metric, as the text format requires)."""
+    is all devices' merged (one family per metric, as the text format requires). A device not checked for
+    `stale_after` (a window: it sent nothing in one) is dropped: a retired camera said "drift" on the dashboard for
+    good."""
     from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
     result, at = outcome.result, outcome.checked_at
@@ -398,6 +402,11 @@ def write_gauges(path: Path, outcome: CheckOutcome) -> None:
     per_device = path.parent / "gauges"
     per_device.mkdir(parents=True, exist_ok=True)
     _write_atomically(per_device / f"{device}.prom", generate_latest(registry))
+    if stale_after is not None:
+        for file in per_device.glob("*.prom"):
+            with contextlib.suppress(FileNotFoundError):  # another check's, removed meanwhile
+                if time.time() - file.stat().st_mtime > stale_after.total_seconds():
+                    file.unlink()
     _write_atomically(path, merged_gauges(sorted(per_device.glob("*.prom"))))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -819,6 +820,13 @@ def test_each_device_is_its_own_window_and_its_own_gauges(tmp_path: Path) -> Non
     strengths = {(s.labels["device"], s.labels["group"]) for s in families["conveyor_drift_group_strength"].samples}
     assert strengths == {("cam-7", "focus & noise"), ("server", "focus & noise")}
     assert gauges.read_text().count("# TYPE conveyor_drift_detected gauge") == 1
+    # A camera not checked for a whole window (retired, or it sent nothing) leaves the dashboard: it said "drift" there
+    # for good.
+    day_old = time.time() - 2 * 86400
+    os.utime(tmp_path / "monitoring" / "gauges" / "cam-7.prom", (day_old, day_old))
+    write_gauges(gauges, outcome_of(calm, "model", "1", tmp_path), stale_after=timedelta(hours=24))
+    assert 'device="cam-7"' not in gauges.read_text() and 'device="server"' in gauges.read_text()
+    assert not (tmp_path / "monitoring" / "gauges" / "cam-7.prom").exists()
 
 
 def test_the_checks_summary_is_strict_json(tmp_path: Path) -> None:
