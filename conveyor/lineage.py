@@ -51,12 +51,17 @@ def dir_md5(folder: Path) -> str:
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
 
 
+def present_md5(data: Path) -> str | None:
+    """The hash of the dataset folder as it is now; None when it is absent or empty."""
+    return dir_md5(data) if data.is_dir() and any(data.iterdir()) else None
+
+
 def data_used(data_dvc: Path, data: Path) -> tuple[str, bool]:
     """The hash of the data a run reads, and whether it is the version data.dvc names. `dvc repro` and `conveyor
     train` on data/ edited since (only the flow's preflight compared them) recorded data.dvc's version: another
     dataset than the one trained on."""
     named = data_version(data_dvc).md5
-    actual = dir_md5(data) if data.is_dir() and any(data.iterdir()) else None
+    actual = present_md5(data)
     return (actual or named), actual is None or actual == named
 
 

@@ -43,6 +43,7 @@ STAGE_FLOW_RUN_TAG = f"{TAG_PREFIX}stage_flow_run_id"
 FLOW_RUN_ENV = "CONVEYOR_FLOW_RUN_ID"  # set by the Prefect flow for its stages
 _ILLEGAL = re.compile(r"[^A-Za-z0-9_\-. /:]")
 TRAIN_STAGE = "train"  # the stage that opens a pipeline run (its `stage_seconds/train` says it finished)
+STAGE_SECONDS = "stage_seconds/{}"  # a stage's time, logged only when it finished
 # A promotion's reason, in characters: the registry history's tag value (MLflow: 5000 on PostgreSQL) holds it and more.
 MAX_REASON = 1000
 _MAX_BATCH = 1000  # MLflow's log_batch limit for metrics per call
@@ -316,7 +317,7 @@ class Tracker:
 
         client = MlflowClient(uri)
         run = client.get_run(record.run_id)  # fails clearly if the run is gone
-        if f"stage_seconds/{TRAIN_STAGE}" not in run.data.metrics:
+        if STAGE_SECONDS.format(TRAIN_STAGE) not in run.data.metrics:
             # run.json is written when training opens its run: after a training that failed or was stopped, the
             # weights on disk are not that run's, and a later stage would record them in it and mark it FINISHED.
             raise UnfinishedTrainingError(
@@ -356,7 +357,7 @@ class Tracker:
                 "closes it; re-run when the server answers",
                 transient=True,
             ) from failure
-        self.log_metrics({f"stage_seconds/{name}": time.perf_counter() - started})
+        self.log_metrics({STAGE_SECONDS.format(name): time.perf_counter() - started})
         self.client.set_terminated(self.run_id, "FINISHED")
         self._closed()
 

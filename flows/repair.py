@@ -106,9 +106,8 @@ def close_runs_of_ended_flow_runs(paths: ProjectPaths, found_by: str, api: str |
     experiment = client.get_experiment_by_name(load_settings(paths.params).tracking.experiment)
     if experiment is None:
         return []
-    tag = FLOW_RUN_TAG
     running = client.search_runs(
-        [experiment.experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{tag}` LIKE '%'"
+        [experiment.experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{FLOW_RUN_TAG}` LIKE '%'"
     )
     if not running:
         return []
@@ -120,7 +119,7 @@ def close_runs_of_ended_flow_runs(paths: ProjectPaths, found_by: str, api: str |
     with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as prefect:
         for run in running:
             # A later flow run's stage (evaluate, export, gate run again) holds a run another flow run trained.
-            owner = run.data.tags.get(STAGE_FLOW_RUN_TAG) or run.data.tags[tag]
+            owner = run.data.tags.get(STAGE_FLOW_RUN_TAG) or run.data.tags[FLOW_RUN_TAG]
             try:
                 state = prefect.read_flow_run(UUID(owner)).state
             except (ObjectNotFound, ValueError):  # "-": a stage run by hand holds it; its marker tells

@@ -146,15 +146,13 @@ def run_stage(root: str, stage: str, flow_run_id: str | None, force: bool = Fals
                 logger.info(line.rstrip())
         return Cancelled(message=f"stage {stage} stopped by SIGTERM")  # type: ignore[return-value]
     if process.returncode != 0:
-        if stage_error and command_status != TEMPORARY_FAILURE:
+        failed = f"stage '{stage}' failed (exit {process.returncode})"
+        said = stage_error.removeprefix("error:").strip()
+        if said and command_status != TEMPORARY_FAILURE:
             # The stage's own words for a failure that is not a server's hiccup (invalid data, a bad parameter):
             # trying it again would fail the same way.
-            said = stage_error.removeprefix("error:").strip()
-            raise StageRefusedError(f"stage '{stage}' failed (exit {process.returncode}): {said}")
-        said = (
-            f": {stage_error.removeprefix('error:').strip()}" if stage_error else "; its output is in this task's log"
-        )
-        raise RuntimeError(f"stage '{stage}' failed (exit {process.returncode}){said}")
+            raise StageRefusedError(f"{failed}: {said}")
+        raise RuntimeError(f"{failed}: {said}" if said else f"{failed}; its output is in this task's log")
     return time.perf_counter() - started
 
 

@@ -88,7 +88,7 @@ def from_log(
             f"version {chosen} served none of the {described} of device {device}: its records are of {served}"
         )
     frame = kept.frame(chosen)
-    held = min(kept.counts.get(chosen, 0), last or kept.counts.get(chosen, 0))
+    held = min(kept.counts[chosen], last or kept.counts[chosen])
     if len(frame) < held:
         described += f", a sample of {len(frame)} of its {held} records (monitor.max_window_records)"
     return CurrentData(

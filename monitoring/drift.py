@@ -624,11 +624,10 @@ def evidently_report(reference: Any, current: Any, policy: MonitorSettings) -> A
                 drift_method=DistanceDriftMethod(dist="euclidean", threshold=embedding_threshold(policy)),
             )
         )
-    definition = DataDefinition(
-        numerical_columns=columns if embedded else plain,
-        embeddings={EMBEDDING: embedding_columns} if embedded else None,
-    )
     shown = columns if embedded else plain
+    definition = DataDefinition(
+        numerical_columns=shown, embeddings={EMBEDDING: embedding_columns} if embedded else None
+    )
     return Report(metrics, include_tests=False).run(
         Dataset.from_pandas(cur[shown].dropna(axis=0, how="all"), data_definition=definition),
         Dataset.from_pandas(ref[shown].dropna(axis=0, how="all"), data_definition=definition),

@@ -19,7 +19,7 @@ import psutil
 from rich.console import Console
 
 from conveyor.errors import ConveyorError
-from conveyor.lineage import data_version, dir_md5
+from conveyor.lineage import data_version, dir_md5, present_md5
 from conveyor.paths import ProjectPaths, exclusive, replace_folder, staged_beside, write_atomically
 from conveyor.settings import SPLITS, SynthSettings, load_settings
 from pipelines import formats, synth
@@ -57,8 +57,7 @@ class DataStatus:
 
 def data_status(paths: ProjectPaths) -> DataStatus:
     expected = data_version(paths.data_dvc).md5
-    actual = dir_md5(paths.data) if paths.data.is_dir() and any(paths.data.iterdir()) else None
-    return DataStatus(expected, actual)
+    return DataStatus(expected, present_md5(paths.data))
 
 
 def ensure_data_version(paths: ProjectPaths, synth_settings: SynthSettings, console: Console | None = None) -> str:

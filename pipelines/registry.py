@@ -101,7 +101,7 @@ def resolve(client: MlflowClient, default_name: str, ref: str) -> ModelVersion:
         if re.fullmatch(r"@[\w-]+", ref):
             alias = ref[1:]
         elif re.fullmatch(r"v?[0-9]+", ref):
-            version = str(int(ref.lstrip("v")))
+            version = ref.lstrip("v")
         else:
             raise ModelRefError(f"'{ref}' is not models:/NAME@alias, models:/NAME/VERSION, @alias or a version")
     if version is not None:

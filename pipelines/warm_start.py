@@ -22,7 +22,7 @@ def _set_by_hand(paths: ProjectPaths) -> Path:
     return _warm_starts(paths) / "set-by-hand.json"
 
 
-def _is_warm_start(paths: ProjectPaths, weights: str | None) -> bool:
+def _is_warm_start(paths: ProjectPaths, weights: str | Path | None) -> bool:
     return weights is not None and (paths.root / weights).resolve().is_relative_to(_warm_starts(paths).resolve())
 
 
@@ -36,9 +36,7 @@ def set_warm_start(paths: ProjectPaths, settings: Settings, warm_start: str) -> 
         champion = registry.current_champion(tracker_client, settings.registry.model_name)
         if champion is None:
             raise FileNotFoundError("warm_start=champion, but there is no champion yet")
-        weights = registry.download_weights(
-            tracker_client, champion, paths.scratch / "warm-start" / str(champion.version)
-        )
+        weights = registry.download_weights(tracker_client, champion, _warm_starts(paths) / str(champion.version))
     else:
         given = Path(warm_start).resolve()
         if not given.is_file():
@@ -46,7 +44,7 @@ def set_warm_start(paths: ProjectPaths, settings: Settings, warm_start: str) -> 
         # Kept under its content's hash: DVC sees train.weights by its value, so a file changed at the same path
         # would otherwise not re-run the train stage (the champion's copy is named by its version for the same reason).
         digest = hashlib.sha256(given.read_bytes()).hexdigest()[:16]
-        weights = paths.scratch / "warm-start" / f"file-{digest}" / given.name
+        weights = _warm_starts(paths) / f"file-{digest}" / given.name
         if not weights.is_file():
             weights.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(given, weights)
@@ -62,8 +60,7 @@ def clear_earlier_warm_start(paths: ProjectPaths, settings: Settings) -> bool:
     committed params.yaml named a file other clones do not have). train.weights goes back to what it was before the
     warm start: train.model (none), or a checkpoint set by hand, which a warm start had deleted from params.yaml for
     good. A checkpoint set by hand since is left alone. Returns whether train.weights was changed."""
-    weights = None if settings.train.weights is None else str(settings.train.weights)
-    if not _is_warm_start(paths, weights):
+    if not _is_warm_start(paths, settings.train.weights):
         return False
     record = _set_by_hand(paths)
     try:

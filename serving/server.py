@@ -172,7 +172,8 @@ def serve(paths: ProjectPaths, settings: Settings, options: ServeOptions) -> Non
             ),
             slot,
             metrics,
-            backend_alive=triton.is_alive,
+            # The watcher's last look, not a look per request: health probes and every inference read it.
+            backend_alive=lambda: not lost.is_set(),
         )
         print(
             f"serving {name} ({slot.state.reason}) on http://{cfg.host}:{cfg.port} (/predict, /v2, /metrics) "
