@@ -550,6 +550,130 @@ def test_k8s_server_ports_probes_and_secret_match_the_code() -> None:
     assert "--overwrite" in args
 
 
+def built_overlays() -> dict[str, list[dict[str, Any]]]:
+    """Each kustomization as kustomize builds it (what `kubectl apply -k` would send), by its folder's name."""
+    out = {}
+    for kustomization in kustomizations():
+        built = subprocess.run(
+            ["kubectl", "kustomize", str(kustomization.parent)], capture_output=True, text=True, check=True
+        ).stdout
+        out[kustomization.parent.name] = [d for d in yaml.safe_load_all(built) if d]
+    return out
+
+
+def pod_templates(doc: dict[str, Any]) -> list[tuple[str, dict[str, str], dict[str, Any]]]:
+    """(name, the pod's labels, its spec) of every pod an object makes. An InferenceService's predictor pods carry
+    its `labels` (KServe's own are added beside them)."""
+    spec = doc.get("spec", {})
+    if doc["kind"] == "InferenceService":
+        predictor = spec["predictor"]
+        return [(doc["metadata"]["name"], predictor.get("labels", {}), predictor)]
+    if "template" in spec:
+        return [(doc["metadata"]["name"], spec["template"]["metadata"].get("labels", {}), spec["template"]["spec"])]
+    return []
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"only matchLabels is read here: {selector}"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def ingress_allowed(policies: list[dict[str, Any]], labels: dict[str, str], port: dict[str, Any]) -> bool:
+    """Whether a NetworkPolicy spec among `policies` lets connections from anywhere into this container port of a pod
+    with these labels (a port named or numbered, TCP unless said)."""
+    for policy in policies:
+        if not selects(policy["podSelector"], labels):
+            continue
+        for rule in policy.get("ingress", []):
+            assert "from" not in rule, "a rule with sources: read them here before trusting this test"
+            for allowed in rule.get("ports", []):
+                same_protocol = allowed.get("protocol", "TCP") == port.get("protocol", "TCP")
+                if same_protocol and allowed["port"] in (port.get("name"), port["containerPort"]):
+                    return True
+    return False
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (its built-in kustomize) is not installed")
+def test_only_the_model_servers_serving_ports_take_connections() -> None:
+    """NetworkPolicy, as Kubernetes reads it: a policy that selects a pod for Ingress makes everything it does not
+    allow refused. Every overlay denies all ingress to the namespace, then lets in a model server's declared ports,
+    from anywhere (clients on the line are rarely pods). A port a server declares but the policy leaves out, or a
+    Service pointing at one, would be an outage only a cluster with an enforcing network plugin shows."""
+    reachable: dict[str, set[tuple[str, str]]] = {}
+    for overlay, docs in built_overlays().items():
+        policies = [d["spec"] for d in docs if d["kind"] == "NetworkPolicy"]
+        deny_all = [p for p in policies if p["podSelector"] == {} and p["policyTypes"] == ["Ingress"]]
+        assert len(deny_all) == 1 and not deny_all[0].get("ingress"), f"{overlay}: no default deny of ingress"
+        assert all("Egress" not in p["policyTypes"] for p in policies)  # the stack is the team's: left open
+
+        pods = [(name, labels, spec) for d in docs for name, labels, spec in pod_templates(d)]
+        assert pods
+        reachable[overlay] = set()
+        for name, labels, spec in pods:
+            for container in spec["containers"]:
+                probed = {
+                    container[probe]["httpGet"]["port"]
+                    for probe in ("startupProbe", "readinessProbe", "livenessProbe")
+                    if probe in container
+                }
+                for port in container.get("ports", []):
+                    label = port.get("name", str(port["containerPort"]))
+                    if labels.get("app.kubernetes.io/component") == "model-server":
+                        # A server's every declared port is let in (KServe makes its own Service to it).
+                        reached = ingress_allowed(policies, labels, port)
+                        assert reached, f"{overlay}: {name} declares {port} and nobody can reach it"
+                        reachable[overlay].add((name, label))
+                    else:
+                        # Any other listener is the kubelet's: its probes come from the node, which a
+                        # NetworkPolicy never blocks (Kubernetes' documentation), and nothing else may connect.
+                        probe_only = {port.get("name"), port["containerPort"]} & probed
+                        assert probe_only and not ingress_allowed(policies, labels, port), (overlay, name, port)
+        for service in (d for d in docs if d["kind"] == "Service"):
+            targets = [(n, s) for n, labels, s in pods if selects({"matchLabels": service["spec"]["selector"]}, labels)]
+            assert targets, f"{overlay}: Service {service['metadata']['name']} selects no pod"
+            for service_port in service["spec"]["ports"]:
+                for name, spec in targets:
+                    declared = [p for c in spec["containers"] for p in c.get("ports", [])]
+                    target = [p for p in declared if service_port["targetPort"] in (p.get("name"), p["containerPort"])]
+                    assert target, f"{overlay}: Service port {service_port['name']} targets nothing on {name}"
+                    assert (name, target[0].get("name", str(target[0]["containerPort"]))) in reachable[overlay]
+    assert reachable == {
+        "base": {("conveyor-model-server", "http"), ("conveyor-model-server", "grpc")},
+        "monitoring": {("conveyor-model-server", "http"), ("conveyor-model-server", "grpc")},
+        "triton": {("conveyor-triton", "http"), ("conveyor-triton", "grpc"), ("conveyor-triton", "metrics")},
+        "kserve": {("conveyor-defect-detector", "http")},
+    }
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (its built-in kustomize) is not installed")
+def test_model_server_replicas_go_to_different_nodes() -> None:
+    """Two replicas on one node are one node's failure, or drain, away from none (the PDB's minAvailable 1 only makes
+    a drain wait). Each overlay's server spreads its own replicas, per revision, one per node, and across zones where
+    the cluster has them."""
+    servers = 0
+    for overlay, docs in built_overlays().items():
+        for doc in docs:
+            for name, labels, spec in pod_templates(doc):
+                if labels.get("app.kubernetes.io/component") != "model-server":
+                    continue
+                servers += 1
+                spread = {c["topologyKey"]: c for c in spec.get("topologySpreadConstraints", [])}
+                assert set(spread) == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}, (overlay, name)
+                assert spread["kubernetes.io/hostname"]["whenUnsatisfiable"] == "DoNotSchedule"
+                assert spread["topology.kubernetes.io/zone"]["whenUnsatisfiable"] == "ScheduleAnyway"
+                for constraint in spread.values():
+                    assert constraint["maxSkew"] == 1
+                    # It counts this server's own pods, and of one revision: a rollout's surge pod is not held back
+                    # by the old pods on the other nodes.
+                    assert selects(constraint["labelSelector"], labels), (overlay, name, constraint)
+                    assert constraint["labelSelector"]["matchLabels"].get("app.kubernetes.io/name") == name
+                    assert constraint["matchLabelKeys"] == ["pod-template-hash"]
+                    # A node the pod may not run on (a control plane's taint) counted with its zero replicas: with
+                    # DoNotSchedule, a second replica would stay pending.
+                    assert constraint["nodeTaintsPolicy"] == "Honor"
+    assert servers == 4  # base, monitoring (the base's), triton, kserve
+
+
 def test_flow_run_pods_send_the_heartbeats_the_zombie_automation_waits_for() -> None:
     """`conveyor worker` turns heartbeats on for its runs; in the cluster the runs are Jobs of Prefect's Kubernetes
     worker, which read the ConfigMap: without the setting there, no run ever sent one."""
