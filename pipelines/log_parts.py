@@ -9,7 +9,9 @@ the standard library, pyarrow when it writes, and the S3 client its caller hands
 Rules: `offer` never blocks (a full queue drops the record and counts it); the writer thread builds the records
 (`to_record`, where the image statistics are computed) and writes part files `date=YYYY-MM-DD/hour=HH/part-*.parquet`
 atomically; hour folders older than `keep_hours` are deleted. With `keep_frames` > 0, that share of images is also
-kept as bytes in the hour's `frames/` folder (written before the record that names it).
+kept as bytes in the hour's `frames/` folder (written before the record that names it). The shipper uploads on a
+thread of its own: a store that hangs (an upload waits out its read timeout, 30 s a try) never holds up the writer,
+whose queue would otherwise fill and drop records.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
 LOG = logging.getLogger("conveyor.serving")
 WARN_EVERY = 60  # failed shipping attempts between two warnings (about 10 minutes at the default flush)
 PART_GLOB = "date=*/hour=*/part-*.parquet"
-LOG_CLOSE_SECONDS = 30  # how long closing waits for the writer's last flush and upload
+LOG_CLOSE_SECONDS = 30  # how long closing waits for the writer's last flush and the shipper's last upload, in all
 # What the records waiting for the writer may hold in all: a record holds its image's sample (~200 kB at 320 px,
 # ~0.5 MB at 640 px) and, when kept, the image as sent. 10,000 of them were 2 to 5 GB, in a 4 GiB pod, whenever the
 # writer fell behind (a slow disk, a slow store).
@@ -97,6 +99,8 @@ class PartLog:
     def start(self) -> Self:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._thread.start()
+        if self.shipper is not None:
+            self.shipper.start(self.directory, self.flush_seconds)
         return self
 
     def wants_frame(self) -> bool:
@@ -120,16 +124,19 @@ class PartLog:
             self._on_dropped(1)
 
     def close(self) -> None:
+        """The last records written, then shipped: within LOG_CLOSE_SECONDS in all (the pod's grace period counts on
+        it). What a hung store could not take stays in the local log, for the next start to ship."""
+        deadline = time.monotonic() + LOG_CLOSE_SECONDS
         self._closed = True
         self._stop.set()
         self._thread.join(timeout=LOG_CLOSE_SECONDS)
+        if self.shipper is not None:
+            self.shipper.close(timeout=max(0.0, deadline - time.monotonic()))
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self._stop.wait(self.flush_seconds)
-            wrote = self.flush()
-            if not wrote and self.shipper is not None and self.shipper.behind:
-                self.shipper.catch_up(self.directory)  # once a cycle: a flush that wrote has shipped (or caught up)
+            self.flush()
         self.flush()
 
     def flush(self) -> bool:
@@ -163,7 +170,7 @@ class PartLog:
             return True
         if self.shipper is not None:  # frames first: a shipped record never names a frame the store lacks
             frames = [row["frame"] for row in records if row["frame"]]
-            self.shipper.ship(self.directory, [*frames, *written])
+            self.shipper.submit([*frames, *written])
         return True
 
     def _expire_logged(self) -> None:
@@ -230,7 +237,10 @@ class LogShipper:
     file stays in the local log and the shipper is `behind`; each flush then compares the local log with the store's
     listing and uploads what is missing, so an outage or a restart loses nothing the local log still keeps
     (`keep_hours`). It starts behind, to carry over what an earlier process left unshipped. Objects in the store
-    expire by the bucket's lifecycle rules, not here. `make_client` returns a boto3 S3 client."""
+    expire by the bucket's lifecycle rules, not here. `make_client` returns a boto3 S3 client.
+
+    Started (`start`, by the log's `start`), it uploads on a thread of its own what the writer `submit`s, and catches
+    up once a cycle while behind; `ship` and `catch_up` are that thread's steps, also called directly."""
 
     def __init__(self, url: str, make_client: Callable[[], Any]) -> None:
         if not url.startswith("s3://") or not url.removeprefix("s3://").partition("/")[0]:
@@ -244,6 +254,51 @@ class LogShipper:
         self._cannot_list = False
         self._make_client = make_client
         self._client: Any = None
+        self._submitted: list[str] = []  # files written and not yet handed to `ship`, oldest first
+        self._submitted_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, directory: Path, every: float) -> None:
+        """Ship from `directory` on a thread: at once for what is submitted, and every `every` seconds while behind."""
+        self._thread = threading.Thread(target=self._run, args=(directory, every), name="log-shipper", daemon=True)
+        self._thread.start()
+
+    def submit(self, relative: list[str]) -> None:
+        """Files just written (relative to the log's folder), to be shipped; never waits on the store."""
+        with self._submitted_lock:
+            self._submitted.extend(relative)
+        self._wake.set()
+
+    @property
+    def waiting(self) -> int:
+        """Files submitted and not yet taken up for shipping."""
+        with self._submitted_lock:
+            return len(self._submitted)
+
+    def close(self, timeout: float) -> None:
+        """A last pass over what was submitted, waited for up to `timeout` seconds (a hung upload is left to its
+        daemon thread: the files stay in the local log)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout)
+
+    def _run(self, directory: Path, every: float) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(every)
+            self._wake.clear()
+            self._pass(directory)
+        self._pass(directory)
+
+    def _pass(self, directory: Path) -> None:
+        with self._submitted_lock:
+            names, self._submitted = self._submitted, []
+        if names:
+            self.ship(directory, names)  # catches up instead while behind (these files included)
+        elif self.behind:
+            self.catch_up(directory)
 
     def key(self, relative: str) -> str:
         return f"{self.prefix}/{relative}" if self.prefix else relative

@@ -324,6 +324,39 @@ def test_shipping_that_never_worked_is_said_and_a_store_that_will_not_list_still
     assert len(uploaded) == 1
 
 
+def test_a_store_that_hangs_never_holds_up_the_writer(tmp_path: Path) -> None:
+    """An S3 endpoint that takes connections and never answers (a store behind a stuck proxy): each request waits out
+    its read timeout, 30 s a try. Shipping ran on the writer's thread, so the writer wrote nothing meanwhile, its
+    queue filled and records were dropped. Here a real boto3 client against a real socket that never answers: the
+    writer keeps writing every flush while the shipper waits; with the store gone, closing takes no longer."""
+    import socket
+    from functools import partial
+
+    from conveyor import storage
+    from conveyor.net import wait_until
+    from pipelines.log_parts import PART_GLOB, LogShipper
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)  # the kernel completes the connections; nobody reads a request or answers one
+    endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    shipper = LogShipper("s3://bucket/log", lambda: storage.client(endpoint, attempts=1, credentials=("key", "secret")))
+    log = PredictionLog(tmp_path / "log", queue_size=10, flush_seconds=0.2, keep_hours=48, shipper=shipper).start()
+    try:
+        for round_ in range(1, 6):
+            for _ in range(5):  # half the queue a round: a writer held up for a round drops records
+                log.offer(pending())
+            wait_until(partial(lambda wanted: log.written == wanted, 5 * round_), 10, f"round {round_} written")
+        assert log.dropped == 0 and shipper.shipped == 0 and shipper.behind
+        assert len(list(log.directory.glob(PART_GLOB))) >= 2
+    finally:
+        silent.close()  # the store gone: the request it held fails at once
+        started = time.monotonic()
+        log.close()
+    assert time.monotonic() - started < 10
+    assert shipper.behind and len(read_log(log.directory).records) == 25  # kept locally, for the next start to ship
+
+
 def test_records_offered_after_the_log_closed_are_counted_and_future_ones_left_out(tmp_path: Path) -> None:
     """The server closed the log before Triton: a request served meanwhile was neither written nor counted. A device
     whose clock ran ahead dated records in the future, and they decided which version every window checked."""

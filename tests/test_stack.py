@@ -296,31 +296,37 @@ def test_prediction_log_ships_to_s3_and_catches_up_after_an_outage(
     url = "s3://conveyor/predictions-test"
 
     def replica(name: str) -> PredictionLog:
-        return PredictionLog(tmp_path / name, 100, 60, 48, shipper=s3_shipper(url))
+        # Flushed by hand below; each log's shipper uploads on its own thread what a flush wrote.
+        return PredictionLog(tmp_path / name, 100, 60, 48, shipper=s3_shipper(url)).start()
 
     def offer(log: PredictionLog, count: int) -> None:
-        log.directory.mkdir(exist_ok=True)
         for _ in range(count):
             item: Pending = pending("7")
             log.offer(item)
         log.flush()
 
     first, second = replica("a"), replica("b")
-    offer(first, 5)
-    offer(second, 4)
-    assert not first.shipper.behind and not second.shipper.behind  # type: ignore[union-attr]
-    assert len(read_log(url).records) == 9
+    try:
+        offer(first, 5)
+        offer(second, 4)
 
-    assert parts.stop(stack.entry("s3")) == "stopped"
-    offer(first, 6)  # no exception: the request path never waits on the store
-    assert first.shipper is not None and first.shipper.behind and first.written == 11
-    assert len(read_log(tmp_path / "a").records) == 11  # kept locally
+        wait_for(lambda: len(read_log(url).records) == 9, 30, "both replicas' records in the store")
+        assert not first.shipper.behind and not second.shipper.behind  # type: ignore[union-attr]
 
-    conveyor(stack.project, base_env(), "stack", "up")  # the store is back
-    first.shipper.catch_up(first.directory)  # what the writer thread does after its next flush
-    assert not first.shipper.behind
-    window = from_log(url, hours=1, version="7")
-    assert len(window.records) == 15 and window.source.startswith(f"prediction log {url}")
+        assert parts.stop(stack.entry("s3")) == "stopped"
+        offer(first, 6)  # no exception: the request path never waits on the store
+        assert first.shipper is not None and first.written == 11
+        wait_for(lambda: first.shipper is not None and first.shipper.behind, 60, "the shipper to find the store gone")
+        assert len(read_log(tmp_path / "a").records) == 11  # kept locally
+
+        conveyor(stack.project, base_env(), "stack", "up")  # the store is back
+        first.shipper.catch_up(first.directory)  # what the shipper's thread does once a cycle while behind
+        assert not first.shipper.behind
+        window = from_log(url, hours=1, version="7")
+        assert len(window.records) == 15 and window.source.startswith(f"prediction log {url}")
+    finally:
+        first.close()
+        second.close()
 
 
 def _run_in_background(stack: RunningStack, log: Path) -> subprocess.Popen[bytes]:
