@@ -28,7 +28,6 @@ from pipelines.validate import DataValidationError
 from tests.formats_support import NAMES, yolo_boxes
 
 ASSET = Path(__file__).parent / "assets" / "yolo11n-defects-320.pt"
-LABEL_STUDIO = "label-studio==1.23.2"  # `make test-label-studio`; measured with this release
 SHIFT = DomainShift(brightness=0.45, blur_sigma=1.6, defect_scale=1.7)  # as the drift scenario's shifted line
 
 
@@ -321,11 +320,17 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Studio]:
     root = Path(__file__).parents[1]
     venv = root / ".tools" / "label-studio"
     program = venv / "bin" / "label-studio"
-    if not program.exists():
+    # Every package pinned (label-studio-requirements.txt, compiled from its .in): installed by name alone, a new
+    # sentry-sdk broke Label Studio at start. Synced again whenever the pins change.
+    pins = Path(__file__).with_name("label-studio-requirements.txt")
+    stamp = venv / ".synced"
+    if not program.exists() or not stamp.is_file() or stamp.read_text() != pins.read_text():
         uv = root / ".tools" / "bin" / "uv"
-        subprocess.run([str(uv), "venv", "-q", str(venv), "--python", sys.executable], check=True, timeout=300)
-        install = [str(uv), "pip", "install", "-q", "--python", str(venv / "bin" / "python"), LABEL_STUDIO]
+        if not venv.is_dir():
+            subprocess.run([str(uv), "venv", "-q", str(venv), "--python", sys.executable], check=True, timeout=300)
+        install = [str(uv), "pip", "sync", "-q", "--python", str(venv / "bin" / "python"), str(pins)]
         subprocess.run(install, check=True, timeout=1200)
+        stamp.write_text(pins.read_text())
     home = tmp_path_factory.mktemp("label-studio")
     files, store = home / "files", home / "data"
     files.mkdir()
