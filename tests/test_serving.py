@@ -811,9 +811,14 @@ def test_edge_bundle_runs_without_conveyor(server: RunningServer, test_images: l
     venv = Path(tempfile.mkdtemp(prefix="edge-venv-", dir=tmp_path))
     uv = REPO / ".tools" / "bin" / "uv"
     run_cmd([str(uv), "venv", "-q", str(venv)], tmp_path, base_env())
-    # The versions this environment has, so uv installs them from its cache.
+    # The versions this environment has (uv.lock's), their dependencies too, so uv installs them from its cache and
+    # a new release of a dependency on PyPI cannot change what this test runs.
     pins = [f"{p}=={metadata.version(p)}" for p in ("numpy", "opencv-python", "onnxruntime", "openvino")]
-    run_cmd([str(uv), "pip", "install", "-q", "--python", str(venv / "bin" / "python"), *pins], tmp_path, base_env())
+    constraints = tmp_path / "constraints.txt"
+    installed = {d.metadata["Name"].lower(): d.version for d in metadata.distributions() if d.metadata["Name"]}
+    constraints.write_text("".join(f"{name}=={version}\n" for name, version in sorted(installed.items())))
+    python = str(venv / "bin" / "python")
+    run_cmd([str(uv), "pip", "install", "-q", "--python", python, "-c", str(constraints), *pins], tmp_path, base_env())
     probe = run_cmd(
         [
             str(venv / "bin" / "python"),
