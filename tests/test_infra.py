@@ -674,6 +674,37 @@ def test_model_server_replicas_go_to_different_nodes() -> None:
     assert servers == 4  # base, monitoring (the base's), triton, kserve
 
 
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (its built-in kustomize) is not installed")
+def test_only_the_pods_that_call_the_kubernetes_api_hold_a_token() -> None:
+    """A pod gets its service account's API token mounted unless it says otherwise. The model servers and the flow-run
+    Jobs never call the Kubernetes API (nothing in Conveyor's packages does): a token there only serves whoever takes
+    the pod. The worker (it creates the flow-run Jobs) and the deploy Job (it reads its own pod's image) call it, as the
+    worker's service account, which the Role binds."""
+    import ast
+
+    with_token: set[str] = set()
+    for overlay, docs in built_overlays().items():
+        for doc in docs:
+            for name, _, spec in pod_templates(doc):
+                if spec.get("automountServiceAccountToken", True):
+                    with_token.add(name)
+                    assert spec.get("serviceAccountName") == "conveyor-prefect-worker", (overlay, name)
+    assert with_token == {"conveyor-prefect-worker", "conveyor-deploy"}
+    template = json.loads((K8S / "base" / "prefect" / "base-job-template.json").read_text())
+    assert (
+        template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["automountServiceAccountToken"]
+        is False
+    )
+    # What the flow-run pods run never reaches for the API: no Kubernetes client, no token, no API URL.
+    for package in ("conveyor", "pipelines", "flows", "monitoring", "serving", "labelling"):
+        for path in (ROOT / package).rglob("*.py"):
+            tree = ast.parse(path.read_text())
+            imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+            imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+            assert not any(m.split(".")[0] in ("kubernetes", "kubernetes_asyncio") for m in imported), path
+            assert "serviceaccount" not in path.read_text().lower(), path
+
+
 def test_flow_run_pods_send_the_heartbeats_the_zombie_automation_waits_for() -> None:
     """`conveyor worker` turns heartbeats on for its runs; in the cluster the runs are Jobs of Prefect's Kubernetes
     worker, which read the ConfigMap: without the setting there, no run ever sent one."""
