@@ -762,8 +762,7 @@ def test_the_flow_run_job_template_gets_this_image_and_the_stack_config() -> Non
     # `args`, not `command`: the image's entrypoint (DVC remote from the environment) still runs in flow-run pods.
     assert "command" not in container
     config = next(d for d in k8s_documents(K8S / "base") if d["kind"] == "ConfigMap")
-    refs = {next(iter(ref.values()))["name"] for ref in container["envFrom"]}
-    assert refs == {config["metadata"]["name"], "conveyor-secrets"}
+    assert container["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}]  # the Secret: by key
     assert "CONVEYOR_DVC_REMOTE" in config["data"] and "MLFLOW_TRACKING_URI" in config["data"]
     # The drift check's pod reads the log where the server pods ship it: the same variable, from the same ConfigMap,
     # in the stack's bucket (without it the check's pod had no log at all, and said "insufficient data" every hour).
@@ -775,6 +774,37 @@ def test_the_flow_run_job_template_gets_this_image_and_the_stack_config() -> Non
     assert servers and all(
         {"configMapRef": {"name": config["metadata"]["name"]}} in containers(d)[0]["envFrom"] for d in servers
     )
+
+
+def test_flow_run_pods_get_the_stores_keys_and_not_the_serving_token() -> None:
+    """The flow-run Job as the Kubernetes worker renders it, by prefect-kubernetes' own code (the release of the
+    worker's image) from the pool's template and a deployment's variables. The pod took the whole Secret
+    (`envFrom`): the model server's bearer token too, which no flow run uses. Now the S3 store's keys, by reference;
+    Prefect's settings and the deployment's own variables still reach the pod."""
+    import asyncio
+    import uuid
+
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    from serving.server import TOKEN_ENV
+
+    template = json.loads((K8S / "base" / "prefect" / "base-job-template.json").read_text())
+    variables = {"env": {"CONVEYOR_FROM_DEPLOYMENT": "1"}, "image": "registry.example/conveyor-worker:1"}
+    with temporary_settings(updates={PREFECT_API_URL: "http://prefect.example:4200/api"}):
+        job = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(template, variables))
+        job.prepare_for_flow_run(FlowRun(id=uuid.uuid4(), name="run", flow_id=uuid.uuid4()))
+    pod = job.job_manifest["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {entry["name"]: entry for entry in container["env"]}
+    assert env["CONVEYOR_FROM_DEPLOYMENT"]["value"] == "1" and "PREFECT__FLOW_RUN_ID" in env
+    assert env["PREFECT_API_URL"]["value"] == "http://prefect.example:4200/api"
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # the names boto3 and DVC read
+        assert env[key] == {"name": key, "valueFrom": {"secretKeyRef": {"name": "conveyor-secrets", "key": key,
+                                                                         "optional": True}}}  # fmt: skip
+    assert TOKEN_ENV not in env and all("secretRef" not in source for source in container["envFrom"])
+    assert pod["automountServiceAccountToken"] is False and container["image"] == variables["image"]
 
 
 # --- Grafana and Prometheus ---------------------------------------------------------------------------------------
