@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 LOG = logging.getLogger("conveyor.serving")
 WARN_EVERY = 60  # failed shipping attempts between two warnings (about 10 minutes at the default flush)
 PART_GLOB = "date=*/hour=*/part-*.parquet"
+WRITING_PREFIX = ".writing-"  # a kept frame's name while it is written (never shipped, never read)
 LOG_CLOSE_SECONDS = 30  # how long closing waits for the writer's last flush and the shipper's last upload, in all
 # What the records waiting for the writer may hold in all: a record holds its image's sample (~200 kB at 320 px,
 # ~0.5 MB at 640 px) and, when kept, the image as sent. 10,000 of them were 2 to 5 GB, in a 4 GiB pod, whenever the
@@ -184,7 +185,11 @@ class PartLog:
         relative = f"{hour_partition(at)}/frames/{uuid.uuid4().hex}{frame_suffix(data)}"
         path = self.directory / relative
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        # Whole or not at all, as the part files: the shipper's thread may list the folder while this writes, and a
+        # half-written frame it uploaded stayed half in the store (a key the store has is never sent again).
+        partial = path.with_name(f"{WRITING_PREFIX}{path.name}")
+        partial.write_bytes(data)
+        partial.replace(path)
         return relative
 
     def _write(self, records: list[dict[str, Any]]) -> list[str]:
@@ -229,6 +234,14 @@ class PartLog:
                 continue
             if hour < cutoff - timedelta(hours=1):
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+def _one_thread() -> Any:
+    """boto3's upload without s3transfer's pool of threads: Python's exit waits for those, so a hung request held the
+    process past the pod's grace period whatever `close` gave up on (one PUT each anyway: these files are small)."""
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(use_threads=False)
 
 
 class LogShipper:
@@ -338,7 +351,7 @@ class LogShipper:
             return
         try:
             for name in relative:
-                self._s3().upload_file(str(directory / name), self.bucket, self.key(name))
+                self._s3().upload_file(str(directory / name), self.bucket, self.key(name), Config=_one_thread())
                 self._remember(self.key(name))
                 self.shipped += 1
         except Exception as exc:  # botocore raises many types; the files wait in the local log
@@ -350,11 +363,15 @@ class LogShipper:
         then uploads the local log again once (the same bytes under the same keys)."""
         try:
             remote = self._listing()
-            local = sorted(directory.glob("date=*/hour=*/frames/*")) + sorted(directory.glob(PART_GLOB))
+            frames = [p for p in directory.glob("date=*/hour=*/frames/*") if not p.name.startswith(WRITING_PREFIX)]
+            local = sorted(frames) + sorted(directory.glob(PART_GLOB))
             keys = [self.key(path.relative_to(directory).as_posix()) for path in local]
             for path, key in zip(local, keys, strict=True):
                 if key not in remote:
-                    self._s3().upload_file(str(path), self.bucket, key)
+                    try:
+                        self._s3().upload_file(str(path), self.bucket, key, Config=_one_thread())
+                    except FileNotFoundError:  # its hour expired while this pass ran (the writer's thread)
+                        continue
                     self._remember(key)
                     self.shipped += 1
             if self._cannot_list:  # what the local log no longer keeps need not be remembered

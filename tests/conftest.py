@@ -44,19 +44,19 @@ _file_seconds: dict[str, float] = {}  # setup + call + teardown of every test, p
 # longest first: a long file started last would leave one worker running it alone at the end. Unlisted files are
 # short; a stale figure only costs balance, never a test.
 FILE_SECONDS = {
-    "test_flow.py": 309,
-    "test_faults.py": 303,
-    "test_stack.py": 256,
-    "test_monitoring.py": 249,
-    "test_edge.py": 183,
-    "test_serving.py": 156,
-    "test_pipeline_e2e.py": 134,
-    "test_monitoring_units.py": 73,
-    "test_gpu_check.py": 69,
+    "test_faults.py": 256,
+    "test_flow.py": 242,
+    "test_stack.py": 209,
+    "test_monitoring.py": 193,
+    "test_edge.py": 130,
+    "test_serving.py": 123,
+    "test_pipeline_e2e.py": 114,
+    "test_gpu_check.py": 66,
+    "test_monitoring_units.py": 64,
     "test_gate.py": 52,
-    "test_data.py": 40,
-    "test_storage_quota.py": 38,
-    "test_registry.py": 34,
+    "test_storage_quota.py": 41,
+    "test_data.py": 41,
+    "test_registry.py": 35,
     "test_local_server.py": 22,
 }
 

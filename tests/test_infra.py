@@ -646,10 +646,10 @@ def test_only_the_model_servers_serving_ports_take_connections() -> None:
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (its built-in kustomize) is not installed")
-def test_model_server_replicas_go_to_different_nodes() -> None:
+def test_model_server_replicas_spread_evenly_over_nodes() -> None:
     """Two replicas on one node are one node's failure, or drain, away from none (the PDB's minAvailable 1 only makes
-    a drain wait). Each overlay's server spreads its own replicas, per revision, one per node, and across zones where
-    the cluster has them."""
+    a drain wait). Each overlay's server spreads its own replicas, per revision, evenly over nodes (at most one more on
+    any node: two share a node only when every node has one), and across zones where the cluster has them."""
     servers = 0
     for overlay, docs in built_overlays().items():
         for doc in docs:

@@ -313,7 +313,7 @@ def test_shipping_that_never_worked_is_said_and_a_store_that_will_not_list_still
             refusal = {"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}
             raise ClientError(refusal, "ListObjectsV2")
 
-        def upload_file(self, path: str, bucket: str, key: str) -> None:
+        def upload_file(self, path: str, bucket: str, key: str, **options: Any) -> None:
             uploaded.append(key)
 
     shipper = LogShipper("s3://bucket/log", lambda: UploadOnly())
@@ -322,6 +322,43 @@ def test_shipping_that_never_worked_is_said_and_a_store_that_will_not_list_still
     shipper.behind = True
     shipper.catch_up(log.directory)  # what it uploaded is not uploaded again
     assert len(uploaded) == 1
+
+
+def test_a_catch_up_skips_a_frame_being_written_and_a_file_expired_under_it(tmp_path: Path) -> None:
+    """The shipper's thread lists the log while the writer's thread writes and expires it. A kept frame is written
+    under a temporary name and renamed whole: listed half-written, it was uploaded half, and a key the store has is
+    never sent again. A file whose hour expired between the listing and its upload ended the whole pass as "cannot
+    ship". A stand-in client records what would be uploaded (what a real store does with it is tested in
+    tests/test_stack.py)."""
+    from pipelines.log_parts import WRITING_PREFIX, LogShipper
+
+    log = PredictionLog(tmp_path / "log", queue_size=10, flush_seconds=60, keep_hours=48, keep_frames=1.0)
+    log.directory.mkdir()
+    item = replace(pending(), frame=b"\xff\xd8\xff" + b"\0" * 64)
+    log.offer(item)
+    log.offer(pending())
+    log.flush()
+    (frame,) = log.directory.glob("date=*/hour=*/frames/*")
+    (frame.parent / f"{WRITING_PREFIX}{frame.name}").write_bytes(b"\xff\xd8")  # a frame the writer is writing
+    (frame.parent / f"{frame.stem}-expired.jpg").write_bytes(b"\xff\xd8\xff")
+    uploaded: list[str] = []
+
+    class Store:
+        def get_paginator(self, name: str) -> Any:
+            return SimpleNamespace(paginate=lambda **kw: [{"Contents": []}])
+
+        def upload_file(self, path: str, bucket: str, key: str, **options: Any) -> None:
+            if "-expired" in path:
+                raise FileNotFoundError(path)  # as boto3 raises for a file gone since the listing
+            assert options["Config"].use_threads is False  # the process's exit never waits on an upload
+            uploaded.append(key)
+
+    shipper = LogShipper("s3://bucket/log", lambda: Store())
+    shipper.catch_up(log.directory)
+    assert not shipper.behind and shipper.failures == 0
+    parts = list(log.directory.glob("date=*/hour=*/part-*.parquet"))
+    wanted = [f"log/{f.relative_to(log.directory).as_posix()}" for f in [frame, *parts]]
+    assert parts and sorted(uploaded) == sorted(wanted)
 
 
 def test_a_store_that_hangs_never_holds_up_the_writer(tmp_path: Path) -> None:
@@ -354,6 +391,7 @@ def test_a_store_that_hangs_never_holds_up_the_writer(tmp_path: Path) -> None:
         started = time.monotonic()
         log.close()
     assert time.monotonic() - started < 10
+    assert shipper.failures >= 1  # its thread did reach for the store (it starts behind whether it ran or not)
     assert shipper.behind and len(read_log(log.directory).records) == 25  # kept locally, for the next start to ship
 
 
