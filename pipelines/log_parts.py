@@ -284,12 +284,6 @@ class LogShipper:
             self._submitted.extend(relative)
         self._wake.set()
 
-    @property
-    def waiting(self) -> int:
-        """Files submitted and not yet taken up for shipping."""
-        with self._submitted_lock:
-            return len(self._submitted)
-
     def close(self, timeout: float) -> None:
         """A last pass over what was submitted, waited for up to `timeout` seconds (a hung upload is left to its
         daemon thread: the files stay in the local log)."""

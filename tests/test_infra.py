@@ -12,6 +12,7 @@ ModelConfig; and the small scripts (DVC remote from the environment, the bucket 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import os
 import re
@@ -209,10 +210,20 @@ def k8s_documents(directory: Path) -> list[dict[str, Any]]:
     return docs
 
 
-def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+def pod_templates(doc: dict[str, Any]) -> list[tuple[str, dict[str, str], dict[str, Any]]]:
+    """(name, the pod's labels, its spec) of every pod an object makes. An InferenceService's predictor pods carry
+    its `labels` (KServe's own are added beside them)."""
     spec = doc.get("spec", {})
-    pod = spec.get("template", {}).get("spec") or spec.get("predictor") or {}
-    return [*pod.get("initContainers", []), *pod.get("containers", [])]
+    if doc["kind"] == "InferenceService":
+        predictor = spec["predictor"]
+        return [(doc["metadata"]["name"], predictor.get("labels", {}), predictor)]
+    if "template" in spec:
+        return [(doc["metadata"]["name"], spec["template"]["metadata"].get("labels", {}), spec["template"]["spec"])]
+    return []
+
+
+def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return [c for _, _, pod in pod_templates(doc) for c in [*pod.get("initContainers", []), *pod.get("containers", [])]]
 
 
 def params() -> dict[str, Any]:
@@ -422,22 +433,31 @@ def test_every_kustomization_lists_files_that_exist() -> None:
             assert (kustomization.parent / entry).exists(), f"{kustomization}: {entry} does not exist"
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (its built-in kustomize) is not installed")
-def test_every_kustomization_builds() -> None:
+@functools.cache
+def built_overlays() -> dict[str, list[dict[str, Any]]]:
+    """Each kustomization as kustomize builds it (what `kubectl apply -k` would send), by its folder's name; built
+    once for every test that reads them."""
+    out = {}
     for kustomization in kustomizations():
         result = subprocess.run(
             ["kubectl", "kustomize", str(kustomization.parent)], capture_output=True, text=True, check=False
         )
         assert result.returncode == 0, f"{kustomization.parent}: {result.stderr}"
-        docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+        out[kustomization.parent.name] = [d for d in yaml.safe_load_all(result.stdout) if d]
+    return out
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (its built-in kustomize) is not installed")
+def test_every_kustomization_builds() -> None:
+    for overlay, docs in built_overlays().items():
         kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
         assert ("Namespace", "conveyor") in kinds
         assert all(d["metadata"].get("namespace") == "conveyor" for d in docs if d["kind"] != "Namespace")
         served = ("Deployment", "conveyor-model-server") in kinds
-        assert served == (kustomization.parent.name in ("base", "monitoring")), kustomization.parent.name
+        assert served == (overlay in ("base", "monitoring")), overlay
         for doc in docs:  # every Conveyor image went through an `images:` entry (a tag is set)
             for container in containers(doc):
-                assert ":" in container["image"], f"{kustomization.parent.name}: {container['image']} has no tag"
+                assert ":" in container["image"], f"{overlay}: {container['image']} has no tag"
 
 
 # Kubernetes' own schemas (kubernetes-validate bundles them, offline), for the oldest minor version still supported
@@ -455,11 +475,8 @@ def test_every_built_manifest_is_valid_against_kubernetes_schemas() -> None:
     import kubernetes_validate
 
     checked: dict[str, int] = {}
-    for kustomization in kustomizations():
-        built = subprocess.run(
-            ["kubectl", "kustomize", str(kustomization.parent)], capture_output=True, text=True, check=True
-        ).stdout
-        for doc in (d for d in yaml.safe_load_all(built) if d):
+    for overlay, docs in built_overlays().items():
+        for doc in docs:
             if doc["kind"] in CUSTOM_KINDS:
                 continue
             for version in KUBERNETES_VERSIONS:
@@ -467,7 +484,7 @@ def test_every_built_manifest_is_valid_against_kubernetes_schemas() -> None:
                     kubernetes_validate.validate(doc, version, strict=True)
                 except kubernetes_validate.ValidationError as exc:
                     raise AssertionError(
-                        f"{kustomization.parent.name}: {doc['kind']}/{doc['metadata']['name']} is not valid "
+                        f"{overlay}: {doc['kind']}/{doc['metadata']['name']} is not valid "
                         f"Kubernetes {version}: {exc.message} at {'.'.join(map(str, exc.path))}"
                     ) from None
             checked[doc["kind"]] = checked.get(doc["kind"], 0) + 1
@@ -516,7 +533,7 @@ def test_k8s_server_ports_probes_and_secret_match_the_code() -> None:
         # The stop fits the grace period: a pause while the Service drops the pod (connections were refused on every
         # rollout), requests in flight, Triton, then the prediction log's writer (killed, its last records were lost).
         pause = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
-        pod = doc["spec"].get("template", {}).get("spec") or doc["spec"]["predictor"]
+        ((_, _, pod),) = pod_templates(doc)
         stop = pause + GRACEFUL_SHUTDOWN_SECONDS + TRITON_EXIT_SECONDS + LOG_CLOSE_SECONDS
         assert pause >= 3 and stop <= pod["terminationGracePeriodSeconds"], (stop, pod["terminationGracePeriodSeconds"])
     deployment = next(d for d in servers if d["kind"] == "Deployment")
@@ -548,29 +565,6 @@ def test_k8s_server_ports_probes_and_secret_match_the_code() -> None:
     # --overwrite: an init container may run again on the same emptyDir, and without it the pod never started.
     assert args[:2] == ["conveyor", "triton-repository"] and args[args.index("--out") + 1] == "/models"
     assert "--overwrite" in args
-
-
-def built_overlays() -> dict[str, list[dict[str, Any]]]:
-    """Each kustomization as kustomize builds it (what `kubectl apply -k` would send), by its folder's name."""
-    out = {}
-    for kustomization in kustomizations():
-        built = subprocess.run(
-            ["kubectl", "kustomize", str(kustomization.parent)], capture_output=True, text=True, check=True
-        ).stdout
-        out[kustomization.parent.name] = [d for d in yaml.safe_load_all(built) if d]
-    return out
-
-
-def pod_templates(doc: dict[str, Any]) -> list[tuple[str, dict[str, str], dict[str, Any]]]:
-    """(name, the pod's labels, its spec) of every pod an object makes. An InferenceService's predictor pods carry
-    its `labels` (KServe's own are added beside them)."""
-    spec = doc.get("spec", {})
-    if doc["kind"] == "InferenceService":
-        predictor = spec["predictor"]
-        return [(doc["metadata"]["name"], predictor.get("labels", {}), predictor)]
-    if "template" in spec:
-        return [(doc["metadata"]["name"], spec["template"]["metadata"].get("labels", {}), spec["template"]["spec"])]
-    return []
 
 
 def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
