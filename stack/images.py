@@ -206,6 +206,27 @@ def build(tag: str, dockerfile: Path, python_image: str, uv_image: str) -> Built
     return Built(tag, dockerfile.relative_to(REPO).as_posix(), round(size / 1e6, 1), round(seconds, 1))
 
 
+def untagged_images() -> set[str]:
+    """The IDs of the images no tag names and no image builds on (what `podman image prune` would remove now)."""
+    listed = podman("images", "--filter", "dangling=true", "--quiet", "--no-trunc", check=False)
+    return set(listed.stdout.split()) if listed.returncode == 0 else set()
+
+
+def remove_untagged_since(before: set[str]) -> list[tuple[str, str]]:
+    """Remove what a build left untagged: the image its tag named before, and its build stage's layers (gigabytes).
+
+    Only images that became untagged since `before`: `podman image prune` would remove every untagged image on the
+    host, other projects' too. A layer is untagged once the image above it is gone, so this repeats until nothing
+    new is left. Returns the images that could not be removed (a container still uses one) and why."""
+    failed: dict[str, str] = {}
+    while left := untagged_images() - before - failed.keys():
+        for image in sorted(left):
+            removed = podman("rmi", image, check=False)
+            if removed.returncode != 0 and image_exists(image):  # gone with an image above it: not a failure
+                failed[image] = removed.stderr.strip() or removed.stdout.strip()
+    return sorted(failed.items())
+
+
 def build_all(only: list[str] | None = None) -> list[Built]:
     python_image, uv_image = python_base(), uv_base(uv_version())
     built = []
@@ -213,12 +234,10 @@ def build_all(only: list[str] | None = None) -> list[Built]:
         if only and not any(name in tag for name in only):
             continue
         print(f"building {tag} from {dockerfile.relative_to(REPO)} on {python_image} ...", flush=True)
+        untagged_before = untagged_images()
         built.append(build(tag, dockerfile, python_image, uv_image))
-        # The image this tag named before, and the build stage: gigabytes, untagged. Not fatal: a container left by
-        # an interrupted build keeps its image, and says so.
-        pruned = podman("image", "prune", "--force", check=False)
-        if pruned.returncode != 0:
-            print(f"  (images not pruned: {pruned.stderr.strip()[:300]})", flush=True)
+        for image, why in remove_untagged_since(untagged_before):  # not fatal: a container may still use one
+            print(f"  (image {image[:19]} left: {why[:300]})", flush=True)
         print(f"  {built[-1].size_mb / 1000:.2f} GB in {built[-1].build_s:.0f} s", flush=True)
     if not only:
         print(f"compose's PostgreSQL for `make test-images`: {postgres_stand_in()}", flush=True)

@@ -476,3 +476,43 @@ def test_compose_brings_the_stack_up_and_a_training_run_reaches_the_model_server
         logs = project.logs()
         project.compose("down", "--volumes", timeout=300)
         (tmp_path / "compose.log").write_text(logs)
+
+
+def test_a_rebuild_removes_what_it_left_untagged_and_no_other_image(tmp_path: Path) -> None:
+    """`make images` removes the image a tag named before and its build stage's layers (gigabytes a rebuild), but no
+    untagged image that was there before it started: another project's build cache is not Conveyor's to prune."""
+    from stack.images import remove_untagged_since, untagged_images
+
+    tag = f"localhost/conveyor-prune-test-{uuid.uuid4().hex[:8]}"
+    other = f"localhost/another-project-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "Dockerfile").write_text(
+        "FROM scratch AS build\nCOPY part /part\nFROM scratch\nCOPY --from=build /part /b\n"
+    )
+
+    def build(name: str, content: str) -> str:
+        (tmp_path / "part").write_text(content)
+        podman("build", "--format", "docker", "--layers", "-t", name, str(tmp_path), timeout=120)
+        return podman("image", "inspect", "--format", "{{.Id}}", name).stdout.strip()
+
+    def exists(image: str) -> bool:
+        return podman("image", "exists", image, check=False).returncode == 0
+
+    as_found = untagged_images()
+    try:
+        others_old = build(other, f"another project's {uuid.uuid4()}")
+        build(other, f"another project's rebuild {uuid.uuid4()}")  # its old image is now untagged: not ours
+        assert exists(others_old)
+        first = build(tag, f"ours {uuid.uuid4()}")
+        before = untagged_images()
+        assert any(others_old in image for image in before)
+        second = build(tag, f"ours, rebuilt {uuid.uuid4()}")
+        left = untagged_images() - before
+        assert any(first in image for image in left), "the rebuild left nothing untagged: nothing was tested"
+
+        assert remove_untagged_since(before) == []
+        assert not exists(first) and exists(second)
+        assert untagged_images() - before == set(), "a layer of the rebuild was left behind"
+        assert exists(others_old), "another project's untagged image was removed"
+    finally:  # the host as found
+        podman("rmi", "--force", tag, other, check=False)
+        remove_untagged_since(as_found)
