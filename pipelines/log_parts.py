@@ -357,6 +357,10 @@ class LogShipper:
         then uploads the local log again once (the same bytes under the same keys)."""
         try:
             remote = self._listing()
+            # What was submitted so far was written before the glob below, which ships it: taken off the queue, it is
+            # not uploaded (and counted) a second time by the next pass. What is submitted from here on stays queued.
+            with self._submitted_lock:
+                self._submitted = []
             frames = [p for p in directory.glob("date=*/hour=*/frames/*") if not p.name.startswith(WRITING_PREFIX)]
             local = sorted(frames) + sorted(directory.glob(PART_GLOB))
             keys = [self.key(path.relative_to(directory).as_posix()) for path in local]

@@ -361,6 +361,41 @@ def test_a_catch_up_skips_a_frame_being_written_and_a_file_expired_under_it(tmp_
     assert parts and sorted(uploaded) == sorted(wanted)
 
 
+def test_a_file_written_during_a_catch_up_is_shipped_and_counted_once(tmp_path: Path) -> None:
+    """The shipper catches up while behind (after an outage) on its own thread, as the writer goes on writing and
+    submitting. A file written and submitted before the catch-up listed the log was uploaded by it, then again by the
+    next pass from the queue, and `log_shipped` counted it twice. A stand-in client records the uploads."""
+    from pipelines.log_parts import LogShipper
+
+    log = PredictionLog(tmp_path / "log", queue_size=10, flush_seconds=60, keep_hours=48)
+    log.directory.mkdir()
+    uploaded: list[str] = []
+
+    class Store:
+        def get_paginator(self, name: str) -> Any:
+            return SimpleNamespace(paginate=lambda **kw: [{"Contents": []}])
+
+        def upload_file(self, path: str, bucket: str, key: str, **options: Any) -> None:
+            uploaded.append(key)
+
+    shipper = LogShipper("s3://bucket/log", lambda: Store())
+    assert shipper.behind  # it starts behind, to carry over what an earlier process left
+    log.offer(pending())
+    log.flush()  # the writer's part file, written before the catch-up lists the log
+    (part,) = log.directory.glob("date=*/hour=*/part-*.parquet")
+    shipper.submit([part.relative_to(log.directory).as_posix()])
+    shipper.catch_up(log.directory)  # the pass that was under way when the file was submitted
+    shipper._pass(log.directory)  # the next pass
+    assert uploaded == [f"log/{part.relative_to(log.directory).as_posix()}"] and shipper.shipped == 1
+
+    log.offer(pending())
+    log.flush()  # a file written once caught up goes from the queue, as before
+    (newer,) = set(log.directory.glob("date=*/hour=*/part-*.parquet")) - {part}
+    shipper.submit([newer.relative_to(log.directory).as_posix()])
+    shipper._pass(log.directory)
+    assert len(uploaded) == 2 and uploaded[1].endswith(newer.name) and shipper.shipped == 2
+
+
 def test_a_store_that_hangs_never_holds_up_the_writer(tmp_path: Path) -> None:
     """An S3 endpoint that takes connections and never answers (a store behind a stuck proxy): each request waits out
     its read timeout, 30 s a try. Shipping ran on the writer's thread, so the writer wrote nothing meanwhile, its
