@@ -277,6 +277,16 @@ class GateSettings(_Section):
             )
         return value
 
+    @model_validator(mode="after")
+    def _the_served_export_is_gated(self) -> GateSettings:
+        # Its parity unchecked, a model would be served from an export nobody compared with the model that was scored.
+        if self.serving_runtime not in self.serving_formats:
+            raise ValueError(
+                f"serving_runtime {self.serving_runtime} is not in serving_formats {self.serving_formats}: the export "
+                "the line is served on must have its parity gated; list it there"
+            )
+        return self
+
 
 class RegistrySettings(_Section):
     model_name: str = Field("conveyor-defect-detector", min_length=1, max_length=100)

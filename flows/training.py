@@ -193,11 +193,7 @@ def register_and_promote(
             raise CancelledRun("stage gate (re-run against the current champion)") from None
         lineage_report.log_run_record(tracker.client, tracker.run_id, paths.root)  # the gate's new lock entry
         report = GateReport.load(paths.gate / "report.json")
-        for key, value in report.tags().items():
-            tracker.client.set_model_version_tag(settings.registry.model_name, str(version.version), key, value)
-        tracker.client.update_model_version(
-            settings.registry.model_name, str(version.version), description=promotion.review_summary(paths, report)
-        )
+        version = promotion.record_verdict(tracker.client, settings.registry.model_name, version, paths, report)
         outcome = promotion.decide(tracker.client, settings, version, new, report, actor, reason)
     get_run_logger().info(outcome.message)
     return {

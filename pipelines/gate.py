@@ -13,6 +13,8 @@ normal outcome with a report that says which gate and by how much, not a crash.
 from __future__ import annotations
 
 import json
+import math
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -107,7 +109,18 @@ def absolute_gates(evaluation: Evaluation, cfg: GateSettings) -> list[GateResult
     # The worst class decides: a detector that never finds one defect class is not saved by a good mean.
     missing = [name for name, cls in evaluation.per_class.items() if cls is None]
     recalls = {name: cls.recall for name, cls in evaluation.per_class.items() if cls is not None}
-    if missing:
+    unscored = [name for name, recall in recalls.items() if not math.isfinite(recall)]
+    if unscored:  # min() over a NaN keeps whichever it met first: the verdict hung on the classes' order
+        results.append(
+            GateResult(
+                "min class recall",
+                f">= {cfg.min_class_recall:.3f}",
+                "unknown",
+                False,
+                f"recall of {', '.join(unscored)} is not a number: cannot check",
+            )
+        )
+    elif missing:
         results.append(
             GateResult(
                 "min class recall",
@@ -143,6 +156,18 @@ def regression_gate(
         f"{challenger:.3f}",
         challenger >= floor,
         f"champion v{champion_version} re-scored on this test split",
+    )
+
+
+def unscored_champion_gate(challenger: float, champion_version: str | None, why: str) -> GateResult:
+    """The regression gate when the champion cannot be re-scored: not passed on trust, with what a person does next."""
+    return GateResult(
+        "no regression vs champion",
+        "the champion re-scored on this test split",
+        f"{challenger:.3f}",
+        False,
+        f"champion v{champion_version} cannot be re-scored ({why}). Review this version and promote it deliberately "
+        "with `conveyor promote VERSION --force --reason ...`, or roll the champion back (`conveyor rollback`)",
     )
 
 
@@ -288,7 +313,7 @@ def latency_gates(
         ]
     target = cfg.latency_target
     if target is not None:
-        here = target.hardware.lower() in host.lower()
+        here = hardware_matches(target.hardware, host)
         if own_p95_ms is None:
             results.append(
                 GateResult(f"latency target ({target.hardware})", f"<= {target.budget_ms:.1f} ms", "not measured",
@@ -318,6 +343,17 @@ def latency_gates(
     return results
 
 
+def hardware_matches(hardware: str, host: str) -> bool:
+    """Whether the budget's hardware names the host's: whole words, so that 'L4' is not an 'L40S' and 'A10' not an
+    'A100' (the host string is the CPU model and the GPU names, comma-separated)."""
+    words = re.findall(r"[a-z0-9]+", hardware.lower())
+    for part in host.lower().split(","):
+        tokens = re.findall(r"[a-z0-9]+", part)
+        if any(tokens[i : i + len(words)] == words for i in range(len(tokens) - len(words) + 1)):
+            return True
+    return False
+
+
 def features_gate(fmt: str, rel_diff: float | None, cfg: GateSettings) -> GateResult:
     """The `features` output (what drift checks compare) must be the PyTorch model's, as the detections are."""
     threshold = f"max |Δ| <= {cfg.features_max_rel_diff:.0%} of max"
@@ -344,9 +380,11 @@ def evaluate_gates(
     champion_is_challenger: bool = False,
     champion_export: Path | None = None,
     champion_export_missing: str = "",
+    champion_weights_missing: str = "",
 ) -> GateReport:
     """Every gate, from this run's evaluation and export reports and (if any) the champion re-scored here, its
-    serving export measured beside this one's."""
+    serving export measured beside this one's. `champion_weights_missing`: why the champion's weights could not be
+    had (it cannot be re-scored, so no regression cannot be shown)."""
     cfg = settings.gates
     evaluation = Evaluation.from_json(read_stage_output(paths.evaluate / "evaluation.json", "evaluate"))
     export = read_stage_output(paths.export / "export.json", "export")
@@ -367,11 +405,15 @@ def evaluate_gates(
             plots=False,
         )
         champion_score = champion_eval.map50_95
+    if champion_weights_missing:
+        regression = unscored_champion_gate(evaluation.map50_95, champion_version, champion_weights_missing)
+    elif champion_names == data_names:
+        regression = regression_gate(evaluation.map50_95, champion_score, champion_version, cfg)
+    else:
+        regression = class_change_gate(champion_names, data_names, champion_version)
     gates = [
         *absolute_gates(evaluation, cfg),
-        regression_gate(evaluation.map50_95, champion_score, champion_version, cfg)
-        if champion_names == data_names
-        else class_change_gate(champion_names, data_names, champion_version),
+        regression,
         *export_gates(export, cfg),
         *side_by_side_latency(paths, settings, export, champion_version, champion_is_challenger, champion_export,
                               champion_export_missing,
@@ -400,16 +442,16 @@ def side_by_side_latency(
     # said: this host's, as the stage ran here then).
     host = export.get("host") or cpu_model()
     comparison = None
-    if champion_version is None:
-        why_not = "no champion yet: nothing to compare with"
-    elif champion_is_challenger:
-        why_not = "this run is the champion's own: the same model"
-    elif mine is None:  # the model would be served on a runtime nobody measured: not passed on trust
+    if mine is None:  # the model would be served on a runtime nobody measured: not passed on trust, first model too
         skipped = export.get("skipped", {}).get(cfg.serving_runtime) or "not in export.formats"
         unmeasured, *budget = latency_gates(
             cfg, None, f"no {cfg.serving_runtime} export of this model to measure: {skipped}", own_p95, host
         )
         return [replace(unmeasured, passed=False), *budget]
+    if champion_version is None:
+        why_not = "no champion yet: nothing to compare with"
+    elif champion_is_challenger:
+        why_not = "this run is the champion's own: the same model"
     elif champion_export is None:
         why_not = f"champion v{champion_version}: {champion_export_missing or 'no serving export to measure'}"
     else:
@@ -448,9 +490,12 @@ def run(paths: ProjectPaths, settings: Settings, console: Console | None = None)
 def _gate(paths: ProjectPaths, settings: Settings, tracker: Tracker, console: Console) -> GateReport:
     champion = registry.current_champion(tracker.client, settings.registry.model_name)
     weights = champion_export = None
-    missing = ""
+    missing = weights_missing = ""
     if champion is not None and champion.run_id != tracker.run_id:
-        weights = registry.download_weights(tracker.client, champion, paths.scratch / "champion")
+        try:
+            weights = registry.download_weights(tracker.client, champion, paths.scratch / "champion")
+        except FileNotFoundError as exc:  # registered by hand, or its run's artifacts deleted: a verdict, not a crash
+            weights_missing = str(exc)
         try:
             champion_export = registry.download_export(
                 tracker.client, champion, settings.gates.serving_runtime, paths.scratch / "champion-export"
@@ -466,6 +511,7 @@ def _gate(paths: ProjectPaths, settings: Settings, tracker: Tracker, console: Co
         champion_is_challenger=champion is not None and champion.run_id == tracker.run_id,
         champion_export=champion_export,
         champion_export_missing=missing,
+        champion_weights_missing=weights_missing,
     )
     write_report(report, paths.gate)
     tracker.log_artifact(paths.gate, "gate")

@@ -10,7 +10,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from conveyor.errors import ConveyorError, without_credentials
@@ -35,13 +37,28 @@ class Lineage:
     rows: list[tuple[str, str]]
 
 
+def _run_of(client: MlflowClient, version: ModelVersion, error: type[Exception], what: str) -> Run:
+    """The version's MLflow run; one deleted and removed by `mlflow gc` is named (it was MLflow's traceback)."""
+    try:
+        return client.get_run(str(version.run_id))
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise  # a server that does not answer
+        raise error(
+            f"{version.name} v{version.version}: its MLflow run {version.run_id} no longer exists (deleted, then "
+            f"removed by `mlflow gc`), and {what} with it. The version's own tags keep its data version "
+            f"({version.tags.get('conveyor.data_md5', 'unknown')}) and commit "
+            f"({version.tags.get('conveyor.git_commit', 'unknown')})"
+        ) from exc
+
+
 def lineage(
     client: MlflowClient, paths: ProjectPaths, default_name: str, ref: str, monitoring_experiment: str | None = None
 ) -> Lineage:
     version = resolve(client, default_name, ref)
     if not version.run_id:
         raise ModelRefError(f"{version.name} v{version.version} was not registered from a run: no lineage")
-    run = client.get_run(version.run_id)
+    run = _run_of(client, version, ModelRefError, "its lineage")
     tags = {**run.data.tags, **version.tags}
     md5 = tags.get("conveyor.data_md5", "unknown")
     params = run.data.params
@@ -147,6 +164,7 @@ def restore_run_record(
     version = resolve(client, default_name, ref)
     if not version.run_id:
         raise RunRecordError(f"{version.name} v{version.version} was not registered from a run: no run record")
+    _run_of(client, version, RunRecordError, "its run record")
     if not client.list_artifacts(version.run_id, RUN_RECORD):
         raise RunRecordError(
             f"{version.name} v{version.version} (run {version.run_id}) has no run record: it was registered "

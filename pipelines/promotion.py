@@ -102,7 +102,9 @@ def register(
         }
         version = log_model_version(client, name, run_id, artifacts, tags)
     elif version.tags.get(REGISTERED) == "true":
-        return version, False
+        # Registered by an earlier pass of this run: the gate may have run again since (new thresholds, or another
+        # champion to compare with), and promote and lineage read the verdict on the version.
+        return record_verdict(client, name, version, paths, report), False
     number = str(version.version)
     client.update_model_version(name, number, description=review_summary(paths, report))
     if not any(m.alias == registry.CHALLENGER and m.to_version == number for m in registry.history(client, name)):
@@ -117,6 +119,25 @@ def register(
         )
     client.set_model_version_tag(name, number, REGISTERED, "true")
     return client.get_model_version(name, number), created
+
+
+def record_verdict(
+    client: MlflowClient, name: str, version: ModelVersion, paths: ProjectPaths, report: GateReport
+) -> ModelVersion:
+    """The gate's report as the version's verdict (tags) and review summary (description), where they differ. The
+    decision already carried out stays (`conveyor.decision`): a champion is not demoted by a re-run gate, and a
+    version rejected before that passes now is promoted by hand (`conveyor promote`), against its new verdict."""
+    number = str(version.version)
+    changed = False
+    for key, value in report.tags().items():
+        if version.tags.get(key) != value:
+            client.set_model_version_tag(name, number, key, value)
+            changed = True
+    description = review_summary(paths, report)
+    if (version.description or "") != description:
+        client.update_model_version(name, number, description=description)
+        changed = True
+    return client.get_model_version(name, number) if changed else version
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -317,7 +317,8 @@ def promote(
         kind=kind,
         reason=reason,
         actor=actor or default_actor(),
-        expected=expected_champion,
+        # The champion the checks above read: one that moved since (a flow promoting) is refused, not replaced.
+        expected=(None if now == "-" else now) if expected_champion == UNSET else expected_champion,
     )
 
 
@@ -335,6 +336,7 @@ def rollback_target(
     for move in (m for m in moves if m.alias == CHAMPION):
         if move.kind != "rollback":
             stack.append(move.to_version)
+            rolled_back.discard(move.to_version)  # promoted again since (fixed, or deliberately): a champion again
             continue
         if move.from_version is not None:
             rolled_back.add(move.from_version)
@@ -416,6 +418,11 @@ def download_weights(client: MlflowClient, version: ModelVersion, dest: Path) ->
     dest.mkdir(parents=True, exist_ok=True)
     if not version.run_id:
         raise FileNotFoundError(f"{version.name} v{version.version} has no MLflow run to take its weights from")
+    # Listed first: a missing file was MLflow's "failed to download artifacts", indistinguishable from a server down.
+    if "weights/best.pt" not in {a.path for a in client.list_artifacts(version.run_id, "weights")}:
+        raise FileNotFoundError(
+            f"{version.name} v{version.version}'s MLflow run {version.run_id} has no weights/best.pt"
+        )
     local = client.download_artifacts(version.run_id, "weights/best.pt", str(dest))
     return Path(local)
 

@@ -196,11 +196,15 @@ def start_logged_server(
     return process
 
 
+MLFLOW_STORES: dict[str, Path] = {}  # the session server's URL -> its folder (mlflow.db), for `mlflow gc`
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     process = start_mlflow_server(root, port)
+    MLFLOW_STORES[f"http://127.0.0.1:{port}"] = root
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

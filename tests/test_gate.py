@@ -37,6 +37,10 @@ def test_the_worst_class_decides_the_recall_gate() -> None:
     absent.per_class["dent"] = None
     unknown = next(g for g in gate.absolute_gates(absent, cfg) if g.gate == "min class recall")
     assert not unknown.passed and "no test instances of dent" in unknown.detail, unknown
+    # A recall that is not a number fails, whichever order the classes come in (min() kept the first it met).
+    for order in ({"dent": 0.9, "scratch": float("nan")}, {"scratch": float("nan"), "dent": 0.9}):
+        nan = next(g for g in gate.absolute_gates(evaluation(order), cfg) if g.gate == "min class recall")
+        assert not nan.passed and "recall of scratch is not a number" in nan.detail, nan
 
 
 def test_parity_fails_an_export_that_scores_or_sees_differently() -> None:
@@ -70,6 +74,11 @@ def test_latency_is_judged_against_the_champion_and_a_declared_target() -> None:
     assert not there.passed and there.value == "40.0 ms"  # on the target, the budget holds
     elsewhere = gate.latency_gates(target, same, "", 40.0, "Intel(R) Xeon(R) Processor, AMX")[1]
     assert elsewhere.passed and elsewhere.value == "not checked" and "the budget is for EPYC 9R14" in elsewhere.detail
+    # Whole words of one part of the host: a budget for an L4 was checked on an L40S, one for an A10 on an A100.
+    assert gate.hardware_matches("L4", "AMD EPYC 7R13, AVX2, NVIDIA L4")
+    assert not gate.hardware_matches("L4", "AMD EPYC 7R13, AVX2, NVIDIA L40S")
+    assert not gate.hardware_matches("A10", "Intel(R) Xeon(R), AVX-512, NVIDIA A100-SXM4-80GB")
+    assert gate.hardware_matches("epyc 9r14", "AMD EPYC 9R14 96-Core Processor, AVX-512")
 
 
 def test_a_model_without_its_serving_export_fails_the_latency_gate(tmp_path: Path) -> None:
@@ -81,8 +90,13 @@ def test_a_model_without_its_serving_export_fails_the_latency_gate(tmp_path: Pat
     export = {"imgsz": 320, "exports": {}, "skipped": {"openvino": "failed to export: disk full"}}
     (row,) = gate.side_by_side_latency(ProjectPaths(tmp_path), Settings(), export, "1", False, None, "")
     assert not row.passed and row.detail == "no openvino export of this model to measure: failed to export: disk full"
+    # The first model too: it passed ("no champion yet") where serving_runtime was not in serving_formats, so that
+    # no parity gate failed it either (refused now: tests/test_settings.py).
     (first,) = gate.side_by_side_latency(ProjectPaths(tmp_path), Settings(), export, None, False, None, "")
-    assert first.passed and first.detail.startswith("no champion yet")  # nothing to compare with: decided elsewhere
+    assert not first.passed and first.detail == row.detail
+    measured = {"imgsz": 320, "exports": {"openvino": {"path": "x", "latency_p95_ms": 9.0}}}
+    (no_champion,) = gate.side_by_side_latency(ProjectPaths(tmp_path), Settings(), measured, None, False, None, "")
+    assert no_champion.passed and no_champion.detail.startswith("no champion yet")
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +181,27 @@ def test_openvino_threads_are_left_unpinned_and_rounds_balance_the_opening_order
     with pytest.raises(ValueError, match="rounds must be even"):
         gate.compare_latency(opened, opened, sample, 0, 1, rounds=3)
     assert gate.compare_latency(opened, opened, sample, 0, 3, rounds=2).pairs == 6
+
+
+def test_a_champion_that_cannot_be_re_scored_fails_the_regression_gate(tmp_path: Path) -> None:
+    """A champion registered by hand (no run) or whose run lost its weights made the gate stage crash, and with it
+    every later training run, where a failed gate says what to do. Without the champion's weights the regression
+    gate fails, naming why and the way out; before, weights of None read as "no champion yet" and passed."""
+    import json
+
+    from conveyor.paths import ProjectPaths
+    from conveyor.settings import Settings
+
+    paths = ProjectPaths(tmp_path)
+    for folder, name, content in (
+        (paths.evaluate, "evaluation.json", evaluation({"scratch": 0.9, "dent": 0.9}).to_json()),
+        (paths.export, "export.json", {"imgsz": 320, "exports": {}}),
+        (paths.validation, "manifest.json", {"names": ["scratch", "dent"]}),
+    ):
+        folder.mkdir(parents=True)
+        (folder / name).write_text(json.dumps(content))
+    why = "conveyor-defect-detector v4's MLflow run abc has no weights/best.pt"
+    report = gate.evaluate_gates(paths, Settings(), None, "4", "run", champion_weights_missing=why)
+    regression = next(g for g in report.gates if g.gate == "no regression vs champion")
+    assert not report.passed and not regression.passed
+    assert why in regression.detail and "--force" in regression.detail and "conveyor rollback" in regression.detail

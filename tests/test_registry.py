@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -209,6 +211,70 @@ def test_a_promotion_made_while_another_moves_the_champion_is_withdrawn_and_both
         registry.promote(client, name, "３", reason="a full-width digit")
 
 
+def test_a_promotion_by_hand_is_refused_when_the_champion_moves_after_its_checks(
+    client: MlflowClient, name: str
+) -> None:
+    """`conveyor promote 2` read v1 as the champion (v2 was gated against it), a flow promoted v3 before the alias
+    moved, and v2 went in over v3 as a plain promotion: the champion it was checked against is expected now."""
+    v1, v2, v3 = (new_version(client, name, passed=True) for _ in range(3))
+    registry.promote(client, name, v1, reason="first")
+    client.set_model_version_tag(name, v2, registry.GATED_AGAINST, v1)
+
+    class Racing(MlflowClient):
+        reads = 0
+
+        def get_model_version_by_alias(self, model: str, alias: str) -> Any:
+            found = super().get_model_version_by_alias(model, alias)
+            Racing.reads += 1
+            if Racing.reads == 1:  # right after promote's own checks read the champion
+                registry.promote(client, name, v3, reason="the flow's promotion")
+            return found
+
+    with pytest.raises(registry.ConcurrentMoveError, match=rf"is v{v3}, not v{v1}"):
+        registry.promote(Racing(client.tracking_uri), name, v2, reason="by hand")
+    champion = registry.current_champion(client, name)
+    assert champion is not None and str(champion.version) == v3
+
+
+def test_a_champion_without_its_weights_is_named_not_a_download_error(
+    client: MlflowClient, name: str, tmp_path: Path
+) -> None:
+    """The gate re-scores the champion from its run's weights: a run without them was MLflow's "failed to download
+    artifacts" (a crash of the gate stage, read like a server that is down); a version without a run the same."""
+    v1 = new_version(client, name, passed=True)
+    with pytest.raises(FileNotFoundError, match=rf"{name} v{v1}'s MLflow run \w+ has no weights/best.pt"):
+        registry.download_weights(client, client.get_model_version(name, v1), tmp_path)
+    by_hand = client.create_model_version(name, source="s3://models/by-hand", run_id=None)  # registered by hand
+    with pytest.raises(FileNotFoundError, match="has no MLflow run to take its weights from"):
+        registry.download_weights(client, by_hand, tmp_path)
+
+
+def test_a_version_whose_run_was_garbage_collected_is_named_not_a_traceback(
+    client: MlflowClient, name: str, tmp_path: Path
+) -> None:
+    """A run deleted in the MLflow UI and removed by `mlflow gc` (as a team's clean-up does) takes the version's
+    lineage and run record with it: `conveyor lineage` and `--restore` were MLflow's RESOURCE_DOES_NOT_EXIST
+    traceback. Real `mlflow gc` on the session server's store."""
+    from pipelines.lineage_report import RunRecordError, lineage, restore_run_record
+    from tests.conftest import MLFLOW_STORES
+
+    v1 = new_version(client, name, passed=True)
+    version = client.get_model_version(name, v1)
+    client.delete_run(str(version.run_id))
+    store = MLFLOW_STORES[client.tracking_uri]
+    gc = subprocess.run(
+        [sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", f"sqlite:///{store}/mlflow.db",
+         "--tracking-uri", client.tracking_uri, "--run-ids", str(version.run_id)],
+        check=False, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert gc.returncode == 0, gc.stderr[-3000:]
+    gone = rf"{name} v{v1}: its MLflow run {version.run_id} no longer exists \(deleted, then removed by `mlflow gc`\)"
+    with pytest.raises(registry.ModelRefError, match=gone + ", and its lineage with it"):
+        lineage(client, ProjectPaths(tmp_path), name, v1)
+    with pytest.raises(RunRecordError, match=gone + ", and its run record with it"):
+        restore_run_record(client, ProjectPaths(tmp_path), name, v1)
+
+
 def test_a_deleted_experiment_is_named_not_a_traceback(client: MlflowClient, tmp_path: Path) -> None:
     """Deleted in the MLflow UI, the experiment keeps its name, and creating a run in it was MLflow's traceback ("must
     be in the 'active' state")."""
@@ -328,6 +394,9 @@ def test_rollback_returns_to_the_previous_champion_after_a_re_promotion() -> Non
     # Rolled back twice, to the first champion: nothing earlier is left.
     twice = [*forced[:3], _move(4, "3", "2", "rollback"), _move(5, "2", "1", "rollback")]
     assert rollback_target(twice, "1") is None
+    # v2 rolled back from, fixed and promoted again, then v3: a rollback from v3 goes to v2, not to the older v1.
+    again = [_move(1, None, "1"), _move(2, "1", "2"), _move(3, "2", "1", "rollback"), _move(4, "1", "2")]
+    assert rollback_target([*again, _move(5, "2", "3")], "3") == "2"
 
 
 class Killed(BaseException):
@@ -430,6 +499,55 @@ def test_a_kill_anywhere_between_registration_and_promotion_leaves_the_registry_
             break
         writes += 1
     assert writes >= 8  # every write of registration and promotion was a kill point
+
+
+def test_a_gate_run_again_is_the_versions_verdict(
+    client: MlflowClient, name: str, project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gate stage run again on a registered run (new thresholds in params.yaml: DVC re-runs only the gate) wrote
+    its new verdict on the run, and the version kept the old one: a version that now fails was promoted by hand
+    without --force, one that now passes was refused. The decision carried out before stays."""
+    from conveyor.settings import load_settings
+    from pipelines import promotion
+    from pipelines.gate import GateReport, GateResult
+
+    (project / "data.dvc").write_text("outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  path: data\n")
+    paths = ProjectPaths(project)
+    base = load_settings(paths.params)
+    settings = base.model_copy(update={"registry": base.registry.model_copy(update={"model_name": name})})
+    monkeypatch.setattr(promotion, "_serving_bundle", lambda *args: {})
+    monkeypatch.setattr(
+        promotion,
+        "log_model_version",
+        lambda c, model, run_id, artifacts, tags: c.get_model_version(
+            model, new_version(c, model, passed=True, run_id=run_id)
+        ),
+    )
+    champion = new_version(client, name, passed=True)
+    registry.promote(client, name, champion, reason="the line's current model")
+    experiment = client.get_experiment_by_name("registry-tests")
+    assert experiment is not None
+    run_id = client.create_run(experiment.experiment_id).info.run_id
+    recall = GateResult("min class recall", ">= 0.300", "0.410", True)
+    passing = GateReport(passed=True, challenger_run_id=run_id, champion_version=champion, gates=[recall])
+    version, new = promotion.register(paths, settings, client, run_id, passing, None, "user:test")
+    assert new and registry.gates_passed(version)
+    number = str(version.version)
+
+    stricter = GateResult("min class recall", ">= 0.500", "0.410", False)
+    failing = GateReport(passed=False, challenger_run_id=run_id, champion_version=champion, gates=[stricter])
+    version, new = promotion.register(paths, settings, client, run_id, failing, None, "user:test")
+    assert not new and not registry.gates_passed(version)
+    assert version.tags["conveyor.gates.failed"] == "min class recall" and ">= 0.500" in (version.description or "")
+    with pytest.raises(PromotionRefusedError, match="did not pass its gates"):
+        registry.promote(client, name, number, reason="by hand")
+    outcome = promotion.decide(client, settings, version, new, failing, "user:test", "test")
+    assert "failed gates: min class recall" in outcome.message
+
+    # Relaxed again: the verdict follows; the rejection carried out stays, and a person may now promote it.
+    version, _ = promotion.register(paths, settings, client, run_id, passing, None, "user:test")
+    assert registry.gates_passed(version) and version.tags[promotion.DECISION] == "rejected"
+    assert registry.promote(client, name, number, reason="thresholds relaxed").kind == "promote"
 
 
 @pytest.mark.parametrize("re_gate", ["passes", "fails", "stopped"], ids=lambda r: f"re-gate-{r}")

@@ -146,6 +146,16 @@ def test_tensorrt_is_gated_for_parity_but_is_not_the_gates_runtime(tmp_path: Pat
     assert gates.serving_formats == ["openvino", "tensorrt"] and gates.serving_runtime == "openvino"
 
 
+def test_the_served_export_must_be_gated_for_parity(tmp_path: Path) -> None:
+    """`serving_formats: [onnx_dynamic]` with `serving_runtime: openvino` (or `serving_formats: []`) was accepted: a
+    first model without an OpenVINO export then passed every gate, and was served on an export nobody checked."""
+    for formats in ("[onnx_dynamic]", "[]"):
+        with pytest.raises(ConfigError, match=r"serving_runtime openvino is not in serving_formats"):
+            load_settings(write(tmp_path, f"gates:\n  serving_formats: {formats}\n"))
+    gates = load_settings(write(tmp_path, "gates:\n  serving_formats: [onnx]\n  serving_runtime: onnx\n")).gates
+    assert gates.serving_formats == ["onnx"]
+
+
 def test_not_a_mapping(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_settings(write(tmp_path, "- 1\n- 2\n"))
