@@ -406,6 +406,58 @@ def test_a_signed_bundle_is_swapped_in_under_a_running_stream_and_bad_ones_refus
         bundle.roll_back_channel(str(tmp_path / "channel"), "line-1", "7")
 
 
+def test_a_rollout_survives_a_damaged_archive_a_failed_record_a_lost_folder_and_an_entry_for_what_runs(
+    model_files: ModelFiles, keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The rollout thread and the swap, in this process, on a folder channel. Four ways they failed:
+    - an archive cut short when it was published raised EOFError, which no refusal caught: it was fetched again (tens
+      of MB) at every poll, forever;
+    - a swap whose record for the next start could not be written (a full disk) raised out of the stream loop, and
+      the runner died with the bundle it had taken;
+    - an entry naming the running bundle's archive, without its manifest hash, deleted the running bundle's folder
+      to fetch it again;
+    - the rollout folder removed under the runner killed the rollout thread for good."""
+    from serving.edge.run import ROLLOUT_STATE, Channel, Model, Rollout
+
+    private, public = keys
+    v1 = _bundle(model_files, tmp_path / "v1", private)
+    v2 = _bundle(model_files, tmp_path / "v2", private, version="2")
+    v3 = _bundle(model_files, tmp_path / "v3", private, version="3")
+    channel = tmp_path / "channel"
+    rollouts = tmp_path / "rollouts"
+    rollout = Rollout(Channel(str(channel), "line-1"), Model("onnx", v1.directory), "onnx", public, 0.1, rollouts)
+
+    v3.archive.write_bytes(v3.archive.read_bytes()[:-4096])  # cut short, then published as it is
+    bundle.publish(v3, str(channel), "line-1")
+    rollout.poll_once()
+    assert len(rollout.refused) == 1 and "v3" in rollout.refused[0], rollout.refused
+    rollout.poll_once()  # the same entry: not fetched again
+    assert len(rollout.refused) == 1 and not [p for p in rollouts.iterdir() if p.is_dir()]
+
+    entry = bundle.publish(v2, str(channel), "line-1")
+    rollout.poll_once()
+    (rollouts / ROLLOUT_STATE).with_suffix(".partial").mkdir()  # where the record is staged: not writable
+    swapped = rollout.swap_if_ready()
+    assert swapped is not None and swapped[0].version == "conveyor-defect-detector v2"
+    assert "could not record it for the next start" in rollout.problems[0]
+    running = rollouts / entry["sha256"][:16]
+    assert swapped[0].root.is_relative_to(running) and any(running.rglob("manifest.json"))
+
+    raw = json.loads((channel / "line-1.json").read_text())
+    (channel / "line-1.json").write_text(json.dumps({k: v for k, v in raw.items() if k != "manifest_sha256"}))
+    rollout.poll_once()
+    assert any(running.rglob("manifest.json")), "the running bundle's folder was deleted"
+    assert rollout._ready.empty() and len(rollout.refused) == 1
+
+    shutil.rmtree(rollouts)
+    rollout.start()
+    try:
+        time.sleep(0.5)  # a few polls over a folder that is gone
+        assert rollout._thread.is_alive(), "the rollout thread died"
+    finally:
+        rollout.close()
+
+
 def test_a_channel_in_a_real_s3_store(model_files: ModelFiles, keys: tuple[Path, Path], tmp_path: Path) -> None:
     saved = dict(os.environ)
     with nanio_store(tmp_path / "s3", "edge-test") as env:
@@ -489,6 +541,24 @@ def test_bad_streams_and_bundles_get_clear_messages(model_files: ModelFiles, lin
     assert refused.returncode == 2, refused.stderr
     assert "manifest does not list (model/openvino_int8/model.xml): added after it was built" in refused.stderr
     shutil.rmtree(planted.parent)
+    # A manifest cut short, or not a manifest, and a damaged edge.json: one line each (they were JSON tracebacks).
+    manifest = built.directory / "manifest.json"
+    edge_json = built.directory / "edge.json"
+    kept = manifest.read_bytes(), edge_json.read_bytes()
+    try:
+        for broken in (kept[0][: len(kept[0]) // 2], b"[]", b'{"sha256": ["model/model.onnx"]}'):
+            manifest.write_bytes(broken)
+            refused = subprocess.run([*run, "--verify"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+            assert refused.returncode == 2 and "is not a readable manifest" in refused.stderr, refused.stderr
+            assert "Traceback" not in refused.stderr
+        manifest.write_bytes(kept[0])
+        edge_json.write_bytes(kept[1][:-10])
+        refused = subprocess.run([*run, "--verify"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert refused.returncode == 2 and "edge.json is not readable" in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
+    finally:
+        manifest.write_bytes(kept[0])
+        edge_json.write_bytes(kept[1])
     # A channel without the team's key: unsigned bundles would be swapped in on checksums alone.
     unsigned = subprocess.run(
         [*run, "--stream", str(line.video), "--channel", str(tmp_path / "channel")],
@@ -547,6 +617,68 @@ def test_a_camera_that_disappears_is_reopened() -> None:
         reader.close()
     assert len(opened) == 2 and reader.reopened == 1 and reader.unreadable >= 5
     assert "reopening 0" in reader.problems[0]
+
+
+def test_a_reader_that_fails_ends_the_stream_with_its_error_and_a_stuck_read_is_not_released_under_it() -> None:
+    """Stand-in captures (no camera here). A backend's error in the reader thread (OpenCV raises cv2.error) killed
+    the thread, and the runner waited for frames forever, alive, deciding nothing: now the stream ends with the
+    error, in both reading modes. And close() released the capture while the thread was still in a read (a stalled
+    RTSP read lasts up to 30 s), which OpenCV's native decoder can crash on: the thread releases it itself."""
+    import cv2
+
+    from serving.edge.run import FrameReader, StreamError
+
+    class Failing:
+        def __init__(self) -> None:
+            self.reads = 0
+
+        def isOpened(self) -> bool:
+            return True
+
+        def get(self, prop: int) -> float:
+            return 0.0
+
+        def read(self) -> tuple[bool, np.ndarray | None]:
+            self.reads += 1
+            if self.reads > 2:
+                raise cv2.error("a backend's failure")
+            return True, np.zeros((8, 8, 3), np.uint8)
+
+        def release(self) -> None:
+            pass
+
+    for every_frame in (False, True):
+        reader = FrameReader("0", every_frame=every_frame, open_capture=lambda source: Failing())
+        seen = 0
+        with pytest.raises(StreamError, match=r"reading 0 failed: error.*a backend's failure"):
+            for _ in reader.frames():
+                seen += 1
+        reader.close()
+        assert 1 <= seen <= 2
+
+    events: list[str] = []
+    in_read = threading.Event()
+
+    class Stalled(Failing):
+        def read(self) -> tuple[bool, np.ndarray | None]:
+            if self.reads:
+                in_read.set()
+                time.sleep(6)  # longer than close() waits
+            self.reads += 1
+            return True, np.zeros((8, 8, 3), np.uint8)
+
+        def release(self) -> None:
+            events.append("released")
+
+    capture = Stalled()
+    reader = FrameReader("0", open_capture=lambda source: capture)
+    next(iter(reader.frames()))
+    assert in_read.wait(5)
+    reader.close()  # waits 5 s, then leaves the read to its thread
+    assert events == [], "released while the thread was in a read"
+    assert reader._thread is not None
+    reader._thread.join(timeout=10)
+    assert events == ["released"] and capture.reads == 2  # by its own thread, once the read returned
 
 
 # --- the edge feeds monitoring --------------------------------------------------------------------------------------

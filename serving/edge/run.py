@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import hashlib
 import json
 import os
@@ -47,6 +48,7 @@ import sys
 import tarfile
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -71,6 +73,10 @@ UNLISTED = {"manifest.json", "manifest.sig"}  # the only files of a bundle its m
 PYTHON_FILES = {".py", ".pyc", ".so", ".pyd"}  # what Python imports a module from
 
 
+class StreamError(RuntimeError):
+    """The stream could not be read on (not its end): the runner exits non-zero, so that its supervisor restarts it."""
+
+
 class BundleError(Exception):
     """A bundle that cannot be trusted or run: damaged, unsigned, for another model, or unloadable."""
 
@@ -81,10 +87,17 @@ def verify(root: Path = HERE, public_key: Path | None = None) -> dict[str, Any]:
     manifest_file = root / "manifest.json"
     if not manifest_file.is_file():
         raise BundleError(f"{root}: no manifest.json: not a Conveyor bundle")
+    signed = manifest_file.read_bytes()  # read once: what is parsed is what the signature was checked on
     if public_key is not None:  # first: nothing an unsigned manifest names is read before the team's key vouches
-        verify_signature(manifest_file.read_bytes(), root / "manifest.sig", public_key)
-    manifest = json.loads(manifest_file.read_text())
-    for rel, expected in manifest["sha256"].items():
+        verify_signature(signed, root / "manifest.sig", public_key)
+    try:
+        manifest = json.loads(signed)
+        listed = manifest["sha256"]
+        if not isinstance(listed, dict) or not all(isinstance(v, str) for v in listed.values()):
+            raise TypeError("sha256 is not a mapping of files to digests")
+    except (ValueError, KeyError, TypeError) as exc:  # cut short, or not a manifest: it was a JSON traceback
+        raise BundleError(f"bundle damaged: {manifest_file} is not a readable manifest ({exc!r})") from None
+    for rel, expected in listed.items():
         path = root / rel
         digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
         if digest != expected:
@@ -92,7 +105,7 @@ def verify(root: Path = HERE, public_key: Path | None = None) -> dict[str, Any]:
     # A file the manifest does not list is covered by no checksum and no signature: a model put beside the signed
     # ones, or a module or package beside run.py (the first place Python imports from), would be loaded all the
     # same. Anything else (the runner's log in edge-log/, a shell's nohup.out) is not loaded, and left alone.
-    unlisted = sorted(rel for rel in _loadable(root) if rel not in manifest["sha256"] and rel not in UNLISTED)
+    unlisted = sorted(rel for rel in _loadable(root) if rel not in listed and rel not in UNLISTED)
     if unlisted:
         raise BundleError(
             f"bundle holds {len(unlisted)} file(s) its manifest does not list ({', '.join(unlisted[:3])}): added "
@@ -437,6 +450,7 @@ class FrameReader:
         self._index = 0
         self._started = time.monotonic()
         self._newest: Frame | None = None
+        self.error: Exception | None = None  # what ended the reader thread, if not the stream's end
         self._ready = threading.Condition()
         self._thread: threading.Thread | None = None
         if not every_frame:
@@ -487,15 +501,22 @@ class FrameReader:
         return frame
 
     def _run(self) -> None:
-        while (frame := self._next()) is not None:
+        try:
+            while (frame := self._next()) is not None:
+                with self._ready:
+                    if self._newest is not None:
+                        self.skipped += 1
+                    self._newest = frame
+                    self._ready.notify()
+        except Exception as exc:  # a backend's error: the consumer waited for frames forever, deciding nothing
+            self.error = exc
+        finally:
+            self.ended.set()
             with self._ready:
-                if self._newest is not None:
-                    self.skipped += 1
-                self._newest = frame
-                self._ready.notify()
-        self.ended.set()
-        with self._ready:
-            self._ready.notify_all()
+                self._ready.notify_all()
+            # This thread owns the capture: released from another thread in the middle of a read (a stalled RTSP
+            # read lasts up to 30 s), OpenCV's native decoder can crash the process.
+            self.capture.release()
 
     def _at_end(self) -> bool:
         # The decoder's position does not count a frame it could not read; the frames' own numbers do.
@@ -506,23 +527,35 @@ class FrameReader:
     def frames(self) -> Iterator[Frame]:
         """The newest frame each time (every frame, with `every_frame`), until the stream ends."""
         if self._thread is None:
-            while (frame := self._next()) is not None:
+            while True:
+                try:
+                    frame = self._next()
+                except Exception as exc:  # as the reader thread's: said, and the runner exits non-zero
+                    raise StreamError(f"reading {self.source} failed: {exc!r}") from exc
+                if frame is None:
+                    return
                 yield frame
-            return
         while True:
             with self._ready:
                 while self._newest is None and not self.ended.is_set():
                     self._ready.wait(0.5)
                 frame, self._newest = self._newest, None
             if frame is None:
+                if self.error is not None:
+                    raise StreamError(f"reading {self.source} failed: {self.error!r}") from self.error
                 return
             yield frame
 
     def close(self) -> None:
+        """Stop reading. The reader thread releases the capture itself, once its read returns; a read still stuck
+        after 5 s is left to it (a daemon thread), and the caller goes on to close the log and the publisher."""
         self.ended.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self.capture.release()
+        if self._thread is None:
+            self.capture.release()
+            return
+        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            print(f"warning: {self.source} is still in a read: left to finish on its own", file=sys.stderr)
 
 
 # --- where decisions go ---------------------------------------------------------------------------------------------
@@ -761,6 +794,7 @@ class Rollout:
         self.running_name = model.manifest.get("model")
         self.refused: list[str] = []
         self.swaps: list[str] = []
+        self.problems: list[str] = []  # what went wrong around a swap that did not stop it
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self._seen: str | None = None
@@ -789,7 +823,10 @@ class Rollout:
                 self.poll_once()
             except Exception as exc:  # a store that is down: the running model goes on; ask again next time
                 print(f"warning: rollout channel {self.channel.location}: {exc}", file=sys.stderr)
-            self._tidy()
+            try:
+                self._tidy()
+            except OSError as exc:  # its folder removed or unreadable: this thread must not die of it
+                print(f"warning: cannot tidy {self.directory}: {exc}", file=sys.stderr)
             self._stop.wait(self.poll_seconds)
 
     def poll_once(self) -> None:
@@ -809,12 +846,18 @@ class Rollout:
         except BundleError as exc:
             self._refuse(raw, seen, exc, None)
             return
-        folder = entry["sha256"][:16]
+        folder = entry["sha256"][:16]  # named by the archive's own hash
+        with self._keep_lock:
+            in_use = folder in (self._running, self._waiting)
+        if in_use:  # the very archive running (or waiting): never deleted to be fetched again
+            self._seen = seen
+            return
         target = self.directory / folder
         shutil.rmtree(target, ignore_errors=True)
         try:
             root = self.channel.fetch(entry, target)
-        except (BundleError, tarfile.TarError) as exc:  # not the archive the channel names, or not an archive
+        except (BundleError, tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            # Not the archive the channel names, not an archive, or one cut short when it was published.
             self._refuse(entry, seen, exc, target)
             return
         # Anything else (the store away, a download cut short) leaves the entry to be fetched again next time.
@@ -860,8 +903,12 @@ class Rollout:
         state = self.directory / ROLLOUT_STATE
         staged = state.with_suffix(".partial")
         root = model.root.resolve().relative_to(self.directory.resolve()).as_posix()
-        staged.write_text(json.dumps({"root": root, "bundle": entry.get("bundle"), "taken": time.time()}))
-        os.replace(staged, state)
+        try:
+            staged.write_text(json.dumps({"root": root, "bundle": entry.get("bundle"), "taken": time.time()}))
+            os.replace(staged, state)
+        except OSError as exc:  # a full disk, a read-only mount: the swap stands; only a restart would not keep it
+            self.problems.append(f"swapped to v{model.version} but could not record it for the next start: {exc}")
+            print(f"warning: {self.problems[-1]}", file=sys.stderr)
         return model, rule
 
     def _tidy(self) -> None:
@@ -1053,6 +1100,8 @@ def run_stream(
             if rollout is not None and (swapped := rollout.swap_if_ready()) is not None:
                 # Between two frames: this frame and every later one on the new bundle (its model and its rule).
                 model, rule = swapped
+                if log is not None:  # its features at the new model's input size, as its profile was made
+                    log.imgsz = int(model.card["imgsz"])
             if log is None:
                 found = model.detect(frame.image, conf)
             else:
@@ -1088,11 +1137,13 @@ def run_stream(
         pass
     finally:
         stats.seconds = time.monotonic() - started
-        reader.close()
-        if log is not None:
-            log.close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        try:
+            reader.close()
+        finally:  # the log's last records are written whatever the reader did
+            if log is not None:
+                log.close()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
     return stats.summary(reader, publisher, rollout, log)
 
 
@@ -1156,7 +1207,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-s3", default=None, help="s3://bucket/prefix the log is shipped to (the server's)")
     parser.add_argument("--no-log", action="store_true", help="write no prediction log")
     args = parser.parse_args(argv)
-    config = json.loads((HERE / "edge.json").read_text()) if (HERE / "edge.json").is_file() else {}
+    try:
+        config = json.loads((HERE / "edge.json").read_text()) if (HERE / "edge.json").is_file() else {}
+        if not isinstance(config, dict):
+            raise TypeError(f"a {type(config).__name__}, not a mapping")
+    except (ValueError, TypeError) as exc:  # a traceback before any check ran
+        print(f"error: bundle damaged: {HERE / 'edge.json'} is not readable ({exc}); use --verify", file=sys.stderr)
+        return 2
     channel = args.channel or config.get("channel") if args.stream is not None else None
     if channel and args.public_key is None:
         # Unsigned bundles from a channel would be swapped in on checksums alone: anyone who can write the channel
@@ -1233,6 +1290,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {unmet}", file=sys.stderr)
     try:
         summary = run_stream(model, reader, rule, publisher, line, args.conf, args.frames, rollout, log, device)
+    except StreamError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     finally:
         publisher.close()
         if rollout is not None:
