@@ -94,8 +94,13 @@ def build(
         _stage(staging, files, conf, edge, key, log_s3)
     replace_folder(staging, out)  # the bundle appears whole or not at all
     archive = out.with_name(out.name + ".tar.gz")
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(out, arcname=out.name)
+    partial = archive.with_name(archive.name + ".partial")  # an interrupted --overwrite left a truncated archive
+    try:
+        with tarfile.open(partial, "w:gz") as tar:
+            tar.add(out, arcname=out.name)
+        os.replace(partial, archive)
+    finally:
+        partial.unlink(missing_ok=True)
     written = [p for p in out.rglob("*") if p.is_file()]
     return Bundle(out, archive, len(written), round(sum(p.stat().st_size for p in written) / 1e6, 2))
 

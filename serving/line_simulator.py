@@ -90,6 +90,7 @@ def simulate(
         partial.unlink(missing_ok=True)
         raise
     writer.release()
+    record.unlink(missing_ok=True)  # never a new video beside the old truth: a failure below leaves no truth at all
     partial.replace(video)
     write_atomically(
         record, json.dumps({"fps": fps, "frames": frame_index, "parts": [asdict(p) for p in truth]}, indent=1)
