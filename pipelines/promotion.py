@@ -3,6 +3,7 @@ gate passed and the champion it was compared with is still the champion."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -84,14 +85,18 @@ def register(
     or its challenger alias gets them now (the `conveyor.registered` tag is written last)."""
     name = settings.registry.model_name
     registry.ensure_registered_model(client, name)
-    version = registry.version_for_run(client, name, run_id)
+    staging = paths.scratch / "pyfunc"
+    shutil.rmtree(staging, ignore_errors=True)
+    artifacts = _serving_bundle(paths, settings, staging)
+    served = served_digest(artifacts)
+    # The version of these very files: export or profile made again into this run (a fix to the export code, a new
+    # serve.conf) is a new version, gated on its own files; the earlier one keeps its files and its verdict.
+    version = registry.version_for_run(client, name, run_id, served)
     created = version is None
     if version is None:
-        staging = paths.scratch / "pyfunc"
-        shutil.rmtree(staging, ignore_errors=True)
-        artifacts = _serving_bundle(paths, settings, staging)
         run = client.get_run(run_id)
         tags = {
+            registry.SERVED_FILES: served,
             **report.tags(),
             # The run's own record of the data it trained on (data.dvc may name another by now).
             "conveyor.data_md5": run.data.tags.get("conveyor.data_md5") or data_version(paths.data_dvc).md5,
@@ -102,8 +107,8 @@ def register(
         }
         version = log_model_version(client, name, run_id, artifacts, tags)
     elif version.tags.get(REGISTERED) == "true":
-        # Registered by an earlier pass of this run: the gate may have run again since (new thresholds, or another
-        # champion to compare with), and promote and lineage read the verdict on the version.
+        # These files registered by an earlier pass of this run: the gate may have run again on them since (new
+        # thresholds, or another champion to compare with), and promote and lineage read the verdict on the version.
         return record_verdict(client, name, version, paths, report), False
     number = str(version.version)
     client.update_model_version(name, number, description=review_summary(paths, report))
@@ -138,6 +143,19 @@ def record_verdict(
         client.update_model_version(name, number, description=description)
         changed = True
     return client.get_model_version(name, number) if changed else version
+
+
+def served_digest(artifacts: dict[str, str]) -> str:
+    """SHA-256 over every file a version would serve (each artifact's files by relative path, then content)."""
+    digest = hashlib.sha256()
+    for name in sorted(artifacts):
+        root = Path(artifacts[name])
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for file in files:
+            digest.update(f"{name}/{file.relative_to(root).as_posix() if file != root else ''}\0".encode())
+            with file.open("rb") as handle:
+                digest.update(hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()
 
 
 def _read_json(path: Path) -> dict[str, Any]:

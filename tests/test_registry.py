@@ -550,6 +550,49 @@ def test_a_gate_run_again_is_the_versions_verdict(
     assert registry.promote(client, name, number, reason="thresholds relaxed").kind == "promote"
 
 
+def test_exports_made_again_into_a_registered_run_are_a_new_version(
+    client: MlflowClient, name: str, project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A version serves the files it was registered with. Export made again into the same run (the export code
+    fixed, then `conveyor run`: export, profile and gate re-run, train does not) must not lend its new verdict to
+    the old files: those are a new version of the run, gated on their own, and the old version keeps its verdict."""
+    from conveyor.settings import load_settings
+    from pipelines import promotion
+    from pipelines.gate import GateReport
+
+    (project / "data.dvc").write_text("outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  path: data\n")
+    paths = ProjectPaths(project)
+    base = load_settings(paths.params)
+    settings = base.model_copy(update={"registry": base.registry.model_copy(update={"model_name": name})})
+    export = project / "model.onnx"
+    monkeypatch.setattr(promotion, "_serving_bundle", lambda *args: {"onnx": str(export)})
+
+    def log_version(c: Any, model: str, run_id: str, artifacts: dict[str, str], tags: dict[str, str]) -> Any:
+        number = new_version(c, model, passed=True, run_id=run_id)
+        for key, value in tags.items():
+            c.set_model_version_tag(model, number, key, value)
+        return c.get_model_version(model, number)
+
+    monkeypatch.setattr(promotion, "log_model_version", log_version)
+    experiment = client.get_experiment_by_name("registry-tests") or client.get_experiment(
+        client.create_experiment("registry-tests")
+    )
+    run_id = client.create_run(experiment.experiment_id).info.run_id
+    export.write_bytes(b"the export with the bug")
+    failing = GateReport(passed=False, challenger_run_id=run_id, champion_version=None)
+    first, created = promotion.register(paths, settings, client, run_id, failing, None, "user:test")
+    assert created and not registry.gates_passed(first)
+    again, created = promotion.register(paths, settings, client, run_id, failing, None, "user:test")
+    assert not created and again.version == first.version  # the same files: the same version
+
+    export.write_bytes(b"the export, fixed")
+    passing = GateReport(passed=True, challenger_run_id=run_id, champion_version=None)
+    fixed, created = promotion.register(paths, settings, client, run_id, passing, None, "user:test")
+    assert created and fixed.version != first.version and registry.gates_passed(fixed)
+    assert not registry.gates_passed(client.get_model_version(name, str(first.version)))  # its files failed
+    assert fixed.tags[registry.SERVED_FILES] != first.tags[registry.SERVED_FILES]
+
+
 @pytest.mark.parametrize("re_gate", ["passes", "fails", "stopped"], ids=lambda r: f"re-gate-{r}")
 def test_a_champion_moved_after_the_gate_is_gated_again_before_the_decision(
     client: MlflowClient, name: str, project: Path, monkeypatch: pytest.MonkeyPatch, re_gate: str
@@ -582,6 +625,7 @@ def test_a_champion_moved_after_the_gate_is_gated_again_before_the_decision(
     assert experiment is not None
     run_id = client.create_run(experiment.experiment_id).info.run_id
     number = new_version(client, name, passed=True, run_id=run_id)  # this run's model (the upload is tested above)
+    monkeypatch.setattr(promotion, "_serving_bundle", lambda *args: {})  # its files: none here, the same each pass
 
     def write_report(champion: str | None, ok: bool) -> GateReport:
         report = GateReport(ok, run_id, champion, [GateResult("no regression vs champion", ">= 0.500", "0.600", ok)])
