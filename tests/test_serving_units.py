@@ -1213,6 +1213,7 @@ class Announcing(threading.Condition):  # says when the loop waits for a frame: 
 reader = object.__new__(edge.FrameReader)  # a camera that never delivers: its reader thread waits for the end
 reader.ended, reader._newest, reader._ready = threading.Event(), None, Announcing()
 reader.skipped = reader.unreadable = reader.reopened = 0
+reader.error = None
 reader.capture = SimpleNamespace(release=lambda: None)
 reader._thread = threading.Thread(target=reader.ended.wait, daemon=True)
 reader._thread.start()
