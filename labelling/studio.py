@@ -108,11 +108,8 @@ def _task_to_coco(
     labelled_by[content] = (task.get("id", n), path.name)
     image: dict[str, Any] = {"id": len(images) + 1, "file_name": path.name}
     found: list[dict[str, Any]] = []
-    for result in annotation.get("result") or []:
-        value = result.get("value") or {}
-        if result.get("type") != "rectanglelabels" or not value.get("rectanglelabels"):
-            continue
-        label = str(value["rectanglelabels"][0])
+    for result, label in _labelled_boxes(annotation.get("result") or []):
+        value = result["value"]
         w, h = float(result.get("original_width") or 0), float(result.get("original_height") or 0)
         if not (w and h):
             w, h = (float(v) for v in (image_size(path) or (0, 0)))
@@ -129,6 +126,45 @@ def _task_to_coco(
     boxes.extend({"id": len(boxes) + i + 1, **box} for i, box in enumerate(found))
     shutil.copy2(path, out / "images" / path.name)
     return 1
+
+
+class LabelShapeError(ValueError):
+    """A labelled result this detector cannot learn from (a polygon, a box with several labels or none)."""
+
+
+OTHER_SHAPES = ("polygon", "brush", "keypoint", "ellipse", "polyline", "vector")
+GEOMETRY = ("x", "y", "width", "height")
+
+
+def _labelled_boxes(results: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]:
+    """Each box of an annotation with its one label: `rectanglelabels` results, and the `rectangle` + `labels` pair
+    (a `<Rectangle>` with a separate `<Labels>`, matched by the results' shared id). A labelled shape other than a
+    rectangle, a box with several labels, or without one is a LabelShapeError: dropped, the frame was added with the
+    defect it shows unlabelled, which teaches the model that it is no defect. Results that label no region (choices,
+    a text field) are not boxes, and are left alone."""
+    regions: dict[str, dict[str, Any]] = {}
+    for index, result in enumerate(results):
+        kind = str(result.get("type") or "")
+        if kind.removesuffix("labels") in OTHER_SHAPES:
+            raise LabelShapeError(f"a {kind} result: this detector learns boxes; draw a rectangle instead")
+        if kind not in ("rectanglelabels", "rectangle", "labels"):
+            continue
+        value = result.get("value") or {}
+        region = regions.setdefault(str(result.get("id", f"#{index}")), {"labels": [], "box": None})
+        region["labels"] += [str(label) for label in value.get(kind, []) if kind != "rectangle"]
+        # A rectanglelabels result is its own box (one missing a coordinate is refused as not Label Studio's shape).
+        if region["box"] is None and (kind == "rectanglelabels" or all(key in value for key in GEOMETRY)):
+            region["box"] = result
+    boxes = []
+    for region_id, region in regions.items():
+        labels = sorted(set(region["labels"]))
+        if region["box"] is None:
+            raise LabelShapeError(f"region {region_id}: labels {labels} on no rectangle")
+        if len(labels) != 1:
+            which = f"several labels ({', '.join(labels)})" if labels else "no label"
+            raise LabelShapeError(f"region {region_id}: a rectangle with {which}; give each box one class")
+        boxes.append((region["box"], labels[0]))
+    return boxes
 
 
 def enclosing_box(box: list[float], degrees: float, image_w: float, image_h: float) -> list[float]:
@@ -165,6 +201,7 @@ def studio_to_coco(export: Path, tasks: list[Any], frames: dict[str, Path], out:
     boxes: list[dict[str, Any]] = []
     unknown: list[str] = []
     malformed: list[str] = []
+    shapes: list[str] = []
     labelled_by: dict[str, tuple[Any, str]] = {}  # image's SHA-256 -> the task that labelled it, and its name
     labelled = 0
     if tasks and all(isinstance(t, dict) and "data" not in t and "image" in t for t in tasks):
@@ -175,6 +212,8 @@ def studio_to_coco(export: Path, tasks: list[Any], frames: dict[str, Path], out:
     for n, task in enumerate(tasks):
         try:
             labelled += _task_to_coco(task, n, frames, names, images, boxes, unknown, labelled_by, out)
+        except LabelShapeError as exc:
+            shapes.append(f"task {task.get('id', n) if isinstance(task, dict) else n}: {exc}")
         except (AttributeError, KeyError, TypeError, ValueError) as exc:  # not the shape Label Studio exports
             malformed.append(f"task {task.get('id', n) if isinstance(task, dict) else n}: {type(exc).__name__}: {exc}")
     _refuse_tasks(
@@ -182,6 +221,12 @@ def studio_to_coco(export: Path, tasks: list[Any], frames: dict[str, Path], out:
         malformed,
         "are not in Label Studio's JSON export format (each task an object with data.image and annotations of "
         "rectanglelabels with x, y, width and height in percent); nothing was added",
+    )
+    _refuse_tasks(
+        export,
+        shapes,
+        "hold labels a box detector cannot learn from: give each defect one rectangle with one label in Label Studio "
+        "(or delete those results) and export again; nothing was added",
     )
     _refuse_tasks(
         export,

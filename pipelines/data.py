@@ -380,7 +380,10 @@ def add_dataset(paths: ProjectPaths, source: Path, *, commit: bool = False, name
     with _no_training(paths):
         _require_dvc(paths)
         batch = batch_id(name or source.stem)
+        recorded = paths.data_dvc.read_bytes()  # put back, with the data, if anything below is interrupted
         staging = Path(tempfile.mkdtemp(dir=paths.root, prefix=".add-"))
+        placed: list[Path] | None = None
+        made: list[Path] = []
         try:
             conversion = formats.convert(
                 source,
@@ -399,14 +402,14 @@ def add_dataset(paths: ProjectPaths, source: Path, *, commit: bool = False, name
                     f"{len(taken)} file(s) of batch {batch} already exist in data/ (e.g. {taken[0]}); nothing was added"
                 )
             placed, made = _place(staging, paths.data)
-        finally:
             shutil.rmtree(staging, ignore_errors=True)
-        recorded = paths.data_dvc.read_bytes()
-        try:
             md5 = record_version(paths)
         except BaseException as exc:
-            # Ctrl-C as `dvc add` ends may leave data.dvc naming the new version: put back the one it named, with
-            # the data, so the two agree.
+            shutil.rmtree(staging, ignore_errors=True)
+            if placed is None:  # nothing was placed in data/
+                raise
+            # Ctrl-C anywhere from the batch's placing to `dvc add`'s end (which may leave data.dvc naming the new
+            # version): the version data.dvc named is put back, with the data, so the two agree.
             write_atomically(paths.data_dvc, recorded)
             _take_back(placed, made)
             if isinstance(exc, DataVersionError):

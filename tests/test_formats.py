@@ -363,6 +363,21 @@ def test_a_portrait_photo_without_a_size_gets_its_boxes_in_the_upright_frame(tmp
     (label,) = (tmp_path / "out" / "labels").rglob("portrait.txt")
     assert [round(float(v), 3) for v in label.read_text().split()] == [0, 0.333, 0.3, 0.333, 0.4]
 
+    # An annotation that gives the stored size (LabelImg writes it) had its boxes divided by the wrong sides, and
+    # they passed every check: now named, as is a size that is no side of the image (resized after labelling).
+    doc_file = source / "annotations" / "instances_train.json"
+    for size, said in (
+        ((100, 60), "as stored; turned upright by its EXIF orientation"),
+        ((50, 30), "but the image is 60x100"),
+    ):
+        doc = json.loads(doc_file.read_text())
+        doc["images"][0].update(width=size[0], height=size[1])
+        doc_file.write_text(json.dumps(doc))
+        with pytest.raises(
+            DataValidationError, match=rf"image portrait\.jpg: gives the image's size as {size[0]}x{size[1]}, {said}"
+        ):
+            formats.convert(source, tmp_path / f"out-{size[0]}", DataSettings(), "fail")
+
 
 def test_a_cut_short_annotation_file_in_a_folder_is_named_not_skipped(yolo: Path, tmp_path: Path) -> None:
     """A COCO folder whose instances_val.json was cut short imported the train split alone, and carved val out of it,
@@ -372,6 +387,48 @@ def test_a_cut_short_annotation_file_in_a_folder_is_named_not_skipped(yolo: Path
     val.write_text(val.read_text()[: len(val.read_text()) // 2])
     with pytest.raises(DataValidationError, match=r"instances_val\.json.*not valid JSON"):
         formats.convert(coco, tmp_path / "out", DataSettings(), "fail")
+    # Under on_error: skip too: which images the file held is unknown, so none can be left out (the val split went,
+    # without a word).
+    with pytest.raises(DataValidationError, match=r"a file that cannot be read holds images nobody can list"):
+        formats.convert(coco, tmp_path / "skip", DataSettings(), "skip")
+
+
+def test_skipped_images_are_listed_with_their_reasons(yolo: Path, tmp_path: Path) -> None:
+    """`on_error: skip` said only how many images it left out; the docs promise it lists them. Each, with why."""
+    coco = to_coco(yolo, tmp_path / "coco", {"train": "instances_train"})
+    doc = _coco_doc(coco)
+    doc["annotations"][0]["category_id"] = 99
+    (coco / "annotations/instances_train.json").write_text(json.dumps(doc))
+    summary = formats.convert(coco, tmp_path / "skip", DataSettings(), "skip")
+    assert len(summary.skipped) == 1 and len(summary.left_out) == 1
+    assert "unknown category id 99" in summary.left_out[0] and "instances_train.json" in summary.left_out[0]
+
+
+def test_the_source_folders_own_name_is_not_a_split(yolo: Path, tmp_path: Path) -> None:
+    """A COCO file at the top of a batch folder called line3-test-run sent every image to test (the folder's name
+    read as a split); a folder inside the source still names one (train/_annotations.coco.json)."""
+    batch = to_coco(yolo, tmp_path / "line3-test-run", {"train": "result"})
+    top = batch / "result.json"
+    (batch / "annotations" / "result.json").rename(top)  # Label Studio's COCO export: result.json at the top
+    summary = formats.convert(batch, tmp_path / "out", DataSettings(), "fail")
+    assert set(summary.images) == {"train", "val", "test"} and summary.images["test"] < 16, summary.images
+
+
+def test_a_yolo_label_without_its_image_is_named(yolo: Path, tmp_path: Path) -> None:
+    """A label whose image is missing, or of a type not read (.gif), was dropped with its boxes, without a word."""
+    source = tmp_path / "yolo"
+    shutil.copytree(yolo, source)
+    labels = source / "labels" / "train"
+    shutil.copy(next(labels.glob("*.txt")), labels / "lost.txt")
+    shutil.copy(next(labels.glob("*.txt")), labels / "animated.txt")
+    (source / "images" / "train" / "animated.gif").write_bytes(b"GIF89a")
+    with pytest.raises(
+        DataValidationError,
+        match=r"labels/train/animated\.txt: a label file without its image: "
+        r"animated\.gif, not an image type read",
+    ) as refused:
+        formats.convert(source, tmp_path / "out", DataSettings(), "fail")
+    assert "labels/train/lost.txt: a label file without its image: no lost.* in images/train" in str(refused.value)
 
 
 def test_a_split_given_as_a_list_and_an_unreadable_classes_file_are_named(yolo: Path, tmp_path: Path) -> None:

@@ -190,6 +190,53 @@ def test_one_image_under_two_names_in_one_export_is_refused(tmp_path: Path) -> N
         studio_to_coco(tmp_path / "export.json", tasks, frames, out)
 
 
+def test_boxes_from_separate_labels_are_read_and_shapes_a_detector_cannot_learn_are_refused(tmp_path: Path) -> None:
+    """Only `rectanglelabels` results were read: a `<Rectangle>` with a separate `<Labels>` (results `rectangle` and
+    `labels`, one id) and a polygon were skipped, and the frame was added without its defects, teaching the model
+    they are none. A box with two labels kept the first. Now the pair is a box; the others refuse the export, naming
+    the task; a result that labels no region (a choice) is left alone."""
+    from PIL import Image
+
+    from labelling.studio import studio_to_coco
+
+    Image.new("RGB", (200, 100)).save(tmp_path / "frame.jpg")
+    geometry = {"x": 10, "y": 20, "width": 40, "height": 10}
+    size = {"original_width": 200, "original_height": 100}
+
+    def export(results: list[Any]) -> Path:
+        tasks = [
+            {"id": 7, "data": {"image": "/data/local-files/?d=images/frame.jpg"}, "annotations": [{"result": results}]}
+        ]
+        out = tmp_path / f"coco-{len(list(tmp_path.glob('coco-*')))}"
+        (out / "images").mkdir(parents=True)
+        studio_to_coco(tmp_path / "export.json", tasks, {"frame.jpg": tmp_path / "frame.jpg"}, out)
+        return out
+
+    paired = [
+        {"id": "r1", "type": "rectangle", "value": geometry, **size},
+        {"id": "r1", "type": "labels", "value": {**geometry, "labels": ["dent"]}, **size},
+        {"id": "c1", "type": "choices", "value": {"choices": ["reviewed"]}},
+    ]
+    coco = json.loads((export(paired) / "annotations.json").read_text())
+    (box,) = coco["annotations"]
+    assert box["bbox"] == pytest.approx([20, 20, 80, 10]) and coco["categories"] == [{"id": 1, "name": "dent"}]
+
+    polygon = {
+        "id": "p1",
+        "type": "polygonlabels",
+        "value": {"points": [[1, 1], [5, 1], [5, 5]], "polygonlabels": ["dent"]},
+    }
+    two = {"id": "r2", "type": "rectanglelabels", "value": {**geometry, "rectanglelabels": ["dent", "scratch"]}, **size}
+    bare = {"id": "r3", "type": "rectangle", "value": geometry, **size}
+    for results, said in (
+        ([polygon], "task 7: a polygonlabels result: this detector learns boxes"),
+        ([two], "task 7: region r2: a rectangle with several labels (dent, scratch)"),
+        ([bare], "task 7: region r3: a rectangle with no label"),
+    ):
+        with pytest.raises(DataValidationError, match=re.escape(said)):
+            export(results)
+
+
 def test_a_source_folder_of_other_formats_is_named_not_dropped(tmp_path: Path) -> None:
     """BMP, TIFF and WebP were listed as frames, then dropped as unreadable by the server's JPEG-or-PNG check."""
     from PIL import Image

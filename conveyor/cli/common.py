@@ -108,6 +108,9 @@ def open_registry() -> tuple[ProjectPaths, Settings, Any]:
     return paths, settings, Tracker.client_for(paths)
 
 
+LISTED = 50  # problems printed one per line; a count for the rest
+
+
 def print_conversion(conversion: Any) -> None:
     """What an import changed on the way in: carved splits, dropped classes, left-out images, warnings."""
     if conversion.carved:
@@ -115,8 +118,15 @@ def print_conversion(conversion: Any) -> None:
         console.print(f"splits the source lacks were carved by content hash (data.split): {carved}")
     if conversion.dropped_boxes:
         console.print(f"boxes dropped by data.class_map: {conversion.dropped_boxes}")
-    if conversion.skipped:
-        console.print(f"[yellow]{len(conversion.skipped)} image(s) left out for errors (validate.on_error: skip)[/]")
+    if conversion.left_out:
+        console.print(
+            f"[yellow]{len(conversion.skipped)} image(s) left out for errors (validate.on_error: skip):[/]",
+            highlight=False,
+        )
+        for problem in conversion.left_out[:LISTED]:
+            console.print(f"  {problem}", highlight=False, markup=False)
+        if len(conversion.left_out) > LISTED:
+            console.print(f"  ... and {len(conversion.left_out) - LISTED} more", highlight=False)
     for warning in conversion.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
 

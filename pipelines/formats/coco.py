@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from conveyor.settings import Split
-from pipelines.formats.common import Item, Source, box_line, image_size, relative_name, split_from_name
+from pipelines.formats.common import (
+    Item,
+    Source,
+    box_line,
+    image_size,
+    relative_name,
+    size_mismatch,
+    split_from_name,
+)
 from pipelines.validate import DataValidationError, Problem
 
 
@@ -83,26 +91,29 @@ def read_coco(source: Path) -> Source:
     names: list[str] = []
     items: list[Item] = []
     problems: list[Problem] = []
+    unreadable: list[Problem] = []  # whole files: their images are not even known
     splits_named = 0
     for file, doc in documents:
         shown = relative_name(file, root)
         if isinstance(doc, Unreadable):
-            problems.append(Problem(shown, f"not a readable COCO file (not valid JSON: {doc.reason})"))
+            unreadable.append(Problem(shown, f"not a readable COCO file (not valid JSON: {doc.reason})"))
             continue
         if not isinstance(doc, dict):
-            problems.append(Problem(shown, "not a readable COCO file (not a JSON object)"))
+            unreadable.append(Problem(shown, "not a readable COCO file (not a JSON object)"))
             continue
         try:
             categories = {_id(c["id"]): str(c["name"]) for c in doc.get("categories", [])}
             images = list(doc["images"])
             annotations = list(doc["annotations"])
         except (ValueError, KeyError, TypeError) as exc:
-            problems.append(Problem(shown, f"not a readable COCO file: {exc}"))
+            unreadable.append(Problem(shown, f"not a readable COCO file: {exc}"))
             continue
         for name in categories.values():
             if name not in names:
                 names.append(name)
-        split = split_from_name(file.stem, file.parent.name)
+        # The folder above names a split (train/_annotations.coco.json); the source's own folder does not (a batch
+        # called line3-test-run sent every image to test).
+        split = split_from_name(file.stem, *([file.parent.name] if file.parent != root else []))
         splits_named += split is not None
         by_id: dict[str, Item] = {}
         sizes: dict[str, tuple[float, float]] = {}
@@ -137,6 +148,8 @@ def read_coco(source: Path) -> Source:
             width, height = _number(image.get("width")), _number(image.get("height"))
             if not (width and height) and path is not None:
                 width, height = image_size(path) or (0, 0)
+            elif path is not None and (mismatch := size_mismatch(float(width), float(height), path)):
+                item.errors.append(Problem(shown, f"image {file_name}: {mismatch}"))
             sizes[image_id] = (float(width), float(height))
         for item_id in repeated:
             by_id[item_id].errors.append(Problem(shown, f"image id {item_id} is used twice"))
@@ -171,4 +184,5 @@ def read_coco(source: Path) -> Source:
             else:
                 item.lines.append(line)
         items += by_id.values()
-    return Source("coco", names, items, problems, has_splits=splits_named == len(documents) and splits_named > 0)
+    has_splits = splits_named == len(documents) and splits_named > 0
+    return Source("coco", names, items, problems, has_splits, unreadable)

@@ -35,8 +35,11 @@ class Source:
     format: Format
     names: list[str]  # the source's classes, by source id
     items: list[Item]
-    problems: list[Problem]  # problems not tied to one image (a file that cannot be read, ...)
+    problems: list[Problem]  # problems not tied to one image (an annotation naming no image, ...)
     has_splits: bool  # the source names splits (missing ones are then carved on import only)
+    # Annotation files that cannot be read at all: which images they held is unknown, so no policy can leave out
+    # just those (a COCO file cut short held a whole split).
+    unreadable: list[Problem] = field(default_factory=list)
 
 
 def relative_name(path: Path, root: Path) -> str:
@@ -89,3 +92,22 @@ def image_size(path: Path) -> tuple[int, int] | None:
             return width, height
     except Exception:  # not an image: OSError, or what Ultralytics' patched Image.open raises once imported
         return None
+
+
+def size_mismatch(width: float, height: float, path: Path) -> str | None:
+    """Why an annotation's own size of its image cannot be trusted for the image (None when it can, or when the image
+    cannot be read: the validate stage names that). Boxes are divided by it: a size that is not the upright image's
+    puts every box on other pixels, and passes every other check."""
+    actual = image_size(path)
+    if actual is None:
+        return None
+    if abs(width - actual[0]) <= 1 and abs(height - actual[1]) <= 1:
+        return None
+    given = f"gives the image's size as {width:g}x{height:g}"
+    if abs(width - actual[1]) <= 1 and abs(height - actual[0]) <= 1:
+        return (
+            f"{given}, as stored; turned upright by its EXIF orientation (as the model sees it) it is "
+            f"{actual[0]}x{actual[1]}, so its boxes would land on other pixels: export from a tool that applies the "
+            "orientation"
+        )
+    return f"{given}, but the image is {actual[0]}x{actual[1]}: its boxes would land on other pixels (resized since?)"

@@ -30,6 +30,7 @@ class ConvertSummary:
     skipped: list[str]  # images left out by the skip policy
     warnings: list[str]
     origin: dict[str, Path] = field(default_factory=dict)  # written file (images/..., labels/...) -> source file
+    left_out: list[str] = field(default_factory=list)  # every problem the skip policy passed over, with its reason
 
 
 def detect_format(source: Path) -> Format:
@@ -140,14 +141,17 @@ def convert(
             item.errors.append(
                 Problem(where, f"image name '{item.name}' leaves the images folder ('..' or an absolute path)")
             )
-    errors = parsed.problems + [p for item in parsed.items for p in item.errors]
+    errors = parsed.unreadable + parsed.problems + [p for item in parsed.items for p in item.errors]
     if errors and on_error == "fail":
         _refuse(source, errors, action)
+    if parsed.unreadable:  # under skip too: not an image to leave out, but images unknown
+        _refuse(source, parsed.unreadable, action, "a file that cannot be read holds images nobody can list")
     skipped = [item.name for item in parsed.items if item.errors]
+    left_out = [str(p) for p in errors]  # under skip: what was left out, and why
     items = [item for item in parsed.items if not item.errors]
     if not items:
-        left_out = f" ({len(skipped)} left out for errors)" if skipped else ""
-        raise DataValidationError(f"{source}: no images to {action}{left_out}")
+        why = f" ({len(skipped)} left out for errors)" if skipped else ""
+        raise DataValidationError(f"{source}: no images to {action}{why}")
     present = {item.split for item in items if item.split}
     lacking = ({"val", "test"} - present) if carve_named else set()
     carved: Counter[str] = Counter()
@@ -202,13 +206,14 @@ def convert(
         skipped,
         warnings,
         origin,
+        left_out,
     )
 
 
-def _refuse(source: Path, problems: list[Problem], action: str) -> None:
+def _refuse(source: Path, problems: list[Problem], action: str, why: str = "") -> None:
     listed = "\n".join(f"  {p}" for p in problems[:50])
     more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-    why = (
+    why = why or (
         "validate.on_error is 'fail'; 'skip' leaves these images out"
         if action == "import"
         else "a batch is refused whole on any error"

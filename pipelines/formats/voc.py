@@ -8,7 +8,7 @@ from pathlib import Path
 from defusedxml import ElementTree
 
 from conveyor.settings import Split
-from pipelines.formats.common import Item, Source, box_line, image_size, relative_name
+from pipelines.formats.common import Item, Source, box_line, image_size, relative_name, size_mismatch
 from pipelines.validate import Problem
 
 VOC_BOX = ("xmin", "ymin", "xmax", "ymax")
@@ -39,7 +39,10 @@ def read_voc(source: Path) -> Source:
         item = Item(image, file_name, listed.get(xml.stem), [], label_source=xml)
         if not image.is_file():
             item.errors.append(Problem(shown, f"names image '{file_name}', which is not in JPEGImages/"))
-        elif not (width and height):
+        elif width and height:
+            if mismatch := size_mismatch(width, height, image):
+                item.errors.append(Problem(shown, mismatch))
+        else:
             width, height = (float(v) for v in (image_size(image) or (0, 0)))
             if not (width and height):  # its boxes were then each "outside the 0x0 image"
                 item.errors.append(Problem(shown, f"gives no <size>, and its image '{file_name}' cannot be read"))

@@ -9,8 +9,8 @@ from pathlib import Path
 import yaml
 
 from conveyor.settings import SPLITS
-from pipelines.formats.common import SPLIT_ALIASES, Item, Source
-from pipelines.validate import IMAGE_SUFFIXES, DataValidationError, read_class_names
+from pipelines.formats.common import SPLIT_ALIASES, Item, Source, relative_name
+from pipelines.validate import IMAGE_SUFFIXES, DataValidationError, Problem, read_class_names
 
 
 def read_yolo(source: Path) -> Source:
@@ -32,14 +32,29 @@ def read_yolo(source: Path) -> Source:
         folders = {None: source / "images"}
         has_splits = False
     items: list[Item] = []
+    problems: list[Problem] = []
     for split, image_dir in folders.items():
         labels = label_dir(image_dir)
+        used: set[Path] = set()
         for path in sorted(p for p in image_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
             rel = path.relative_to(image_dir)
             label = (labels / rel).with_suffix(".txt")
+            used.add(label)
             lines = label.read_text(encoding="utf-8", errors="replace").splitlines() if label.is_file() else None
             items.append(Item(path, rel.as_posix(), split, lines, label_source=label))  # type: ignore[arg-type]
-    return Source("yolo", names, items, [], has_splits)
+        # A label whose image is missing, or of a type not read, was dropped without a word: its boxes are the
+        # labelling's work, so it is named.
+        orphans = sorted(p for p in labels.rglob("*.txt") if p.is_file() and p not in used) if labels.is_dir() else []
+        for label in orphans:
+            beside = (image_dir / label.relative_to(labels)).parent
+            others = sorted(p.name for p in beside.glob(f"{label.stem}.*"))
+            found = (
+                f"{', '.join(others)}, not an image type read ({', '.join(sorted(IMAGE_SUFFIXES))})"
+                if others
+                else f"no {label.stem}.* in {relative_name(beside, source)}"
+            )
+            problems.append(Problem(relative_name(label, source), f"a label file without its image: {found}"))
+    return Source("yolo", names, items, problems, has_splits)
 
 
 def split_dirs(source: Path) -> dict[str, Path]:
