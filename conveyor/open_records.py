@@ -27,6 +27,7 @@ from pathlib import Path
 
 import psutil
 
+from conveyor import processes
 from conveyor.paths import ProjectPaths
 
 MLFLOW_RUN = "mlflow-run"
@@ -40,9 +41,12 @@ class OpenRecord:
     endpoint: str  # the tracking URI or Prefect API URL the record lives on
     host: str
     pid: int
-    pid_started: float  # psutil's create_time: a reused PID is another process
+    pid_started: float  # psutil's create_time (markers before `identity`: read with a second's slack)
     what: str  # what the process was doing ("stage train", "training flow")
     failure: str = ""  # set when the process failed and could not close the record itself (its server was down)
+    # `processes.identity`: boot id and start ticks. create_time is computed from the wall clock's boot time, which
+    # moves when the clock is stepped (NTP, a VM resumed), and a live training then read as gone.
+    identity: str = ""
 
     @property
     def process_text(self) -> str:
@@ -64,7 +68,15 @@ def mark_open(paths: ProjectPaths, kind: str, record_id: str, endpoint: str, wha
     folder = _folder(paths)
     folder.mkdir(parents=True, exist_ok=True)
     record = OpenRecord(
-        kind, record_id, endpoint, socket.gethostname(), os.getpid(), psutil.Process().create_time(), what, failure
+        kind,
+        record_id,
+        endpoint,
+        socket.gethostname(),
+        os.getpid(),
+        psutil.Process().create_time(),
+        what,
+        failure,
+        processes.identity(os.getpid()) or "",
     )
     path = _marker(paths, kind, record_id)
     temporary = path.with_suffix(f".{os.getpid()}.tmp")
@@ -89,6 +101,8 @@ def _read(path: Path) -> OpenRecord | None:
 
 
 def _process_gone(record: OpenRecord) -> bool:
+    if record.identity:
+        return not processes.same_process(record.pid, record.identity)
     try:
         process = psutil.Process(record.pid)
         if process.status() == psutil.STATUS_ZOMBIE:

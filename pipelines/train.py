@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 
 from conveyor.paths import ProjectPaths, available_cores
-from conveyor.settings import Settings
+from conveyor.settings import ConfigError, Settings
 from conveyor.tracking import TRAIN_STAGE, Tracker, flatten
 from conveyor.yolo import load_yolo, resolve_device, use_channels_last
 from pipelines.dataset_view import class_names, load_manifest, materialize
@@ -178,6 +178,26 @@ class EpochReporter:
         )
 
 
+OPTIMIZERS = {"Adam", "Adamax", "AdamW", "NAdam", "RAdam", "RMSprop", "SGD", "MuSGD", "auto"}  # Ultralytics' names
+
+
+def check_extra(extra: dict[str, Any]) -> None:
+    """`train.extra` (and `train.finetune.extra`) as Ultralytics checks them, before a run is opened. A misspelt key
+    or a value of the wrong type was Ultralytics' SyntaxError or TypeError inside `model.train`: a traceback, a
+    FAILED MLflow run, and the flow tried the stage again; an unknown optimizer failed after the first batch."""
+    from ultralytics.cfg import DEFAULT_CFG, get_cfg
+
+    try:
+        get_cfg(DEFAULT_CFG, dict(extra))
+    except (SyntaxError, TypeError, ValueError) as exc:
+        raise ConfigError(f"train.extra (or train.finetune.extra): {str(exc).strip()}") from None
+    optimizer = extra.get("optimizer")
+    if optimizer is not None and str(optimizer).lower() not in {name.lower() for name in OPTIMIZERS}:
+        raise ConfigError(
+            f"train.extra (or train.finetune.extra): optimizer {optimizer!r} is not one of {sorted(OPTIMIZERS)}"
+        )
+
+
 def run(paths: ProjectPaths, settings: Settings, console: Console | None = None) -> TrainResult:
     """The train stage: YOLO from a model YAML (or warm start from a checkpoint) on train/val of the manifest."""
     console = console or Console()
@@ -192,6 +212,7 @@ def run(paths: ProjectPaths, settings: Settings, console: Console | None = None)
     # and run.json as it was.
     device = resolve_device(cfg.device)
     model = load_yolo(str(paths.root / cfg.weights) if cfg.weights else cfg.model)
+    check_extra(cfg.effective_extra)
     paths.train.mkdir(parents=True, exist_ok=True)
     tracker = Tracker.start(paths, settings, run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}")
     with tracker.stage(TRAIN_STAGE):
@@ -229,6 +250,7 @@ def run(paths: ProjectPaths, settings: Settings, console: Console | None = None)
             f"{'CPU x' + str(available_cores()) if device == 'cpu' else 'CUDA:' + device}; MLflow run {tracker.run_id}"
         )
         started = time.perf_counter()
+        begun = time.time() - 1  # files older than this are an earlier training's (`conveyor train` by hand)
         model.train(
             data=str(data_yaml),
             epochs=epochs,
@@ -255,8 +277,14 @@ def run(paths: ProjectPaths, settings: Settings, console: Console | None = None)
 
         epochs_run = len(_read_epochs(paths.train / "results.csv"))  # early stopping may end before cfg.epochs
         tracker.log_metrics({"train/epochs_run": epochs_run})
-        tracker.log_artifact(paths.train / "weights", "weights")
+        # Only what this training wrote: run by hand (`conveyor train`, where DVC has not emptied the folder), an
+        # earlier training's plots and checkpoints were logged into this run as its own.
+        for path in sorted((paths.train / "weights").iterdir()):
+            if path.is_file() and path.stat().st_mtime >= begun:
+                tracker.log_artifact(path, "weights")
         for path in sorted(paths.train.iterdir()):
+            if not path.is_file() or path.stat().st_mtime < begun:
+                continue
             if path.suffix in PLOT_SUFFIXES:
                 tracker.log_artifact(path, "train_plots")
             elif path.name in ("results.csv", "args.yaml"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 from conveyor.paths import ProjectPaths, write_atomically
@@ -43,11 +42,12 @@ def set_warm_start(paths: ProjectPaths, settings: Settings, warm_start: str) -> 
             raise FileNotFoundError(f"warm-start checkpoint {warm_start} not found")
         # Kept under its content's hash: DVC sees train.weights by its value, so a file changed at the same path
         # would otherwise not re-run the train stage (the champion's copy is named by its version for the same reason).
-        digest = hashlib.sha256(given.read_bytes()).hexdigest()[:16]
+        content = given.read_bytes()
+        digest = hashlib.sha256(content).hexdigest()[:16]
         weights = _warm_starts(paths) / f"file-{digest}" / given.name
-        if not weights.is_file():
-            weights.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(given, weights)
+        # Checked, not only found: a copy cut short (a kill, a full disk) was trained from at every later run.
+        if not weights.is_file() or hashlib.sha256(weights.read_bytes()).hexdigest()[:16] != digest:
+            write_atomically(weights, content)
     current = None if settings.train.weights is None else str(settings.train.weights)
     if not _is_warm_start(paths, current):  # the team's own value (or none): kept to be put back
         write_atomically(_set_by_hand(paths), json.dumps({"weights": current}))

@@ -428,6 +428,11 @@ def test_a_warm_start_file_is_kept_by_its_content(paths: ProjectPaths, tmp_path:
     assert (paths.root / first).read_bytes() == b"first weights" and (
         paths.root / second
     ).read_bytes() == b"other weights"
+    # A copy cut short (a kill, a full disk mid-copy) was trained from at every later run: it is made again.
+    (paths.root / second).write_bytes(b"other w")
+    set_warm_start(paths, load_settings(paths.params), str(checkpoint))
+    assert load_settings(paths.params).train.weights == second
+    assert (paths.root / second).read_bytes() == b"other weights"
     with pytest.raises(FileNotFoundError, match="not found"):
         set_warm_start(paths, load_settings(paths.params), str(tmp_path / "gone.pt"))
 

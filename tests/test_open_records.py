@@ -13,7 +13,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conveyor import open_records
+from conveyor import open_records, processes
 from conveyor.paths import ProjectPaths
 from conveyor.scaffold import REPO
 from tests.conftest import base_env, run_cmd
@@ -39,24 +39,29 @@ def test_a_dead_process_marker_is_abandoned_a_live_one_and_our_own_are_not(tmp_p
     try:
         live_marker = tmp_path / ".conveyor/open/mlflow-run-live-run.json"
         record = json.loads((tmp_path / ".conveyor/open/mlflow-run-own-run.json").read_text())
-        live_marker.write_text(json.dumps({**record, "record_id": "live-run", "pid": live.pid, "pid_started": 0.0}))
-        # pid_started 0: the PID now belongs to another process than the one that wrote the marker (reuse).
+        started = psutil.Process(live.pid).create_time()
+        own = {**record, "record_id": "live-run", "pid": live.pid}
+        # The PID now belongs to another process than the one that wrote the marker (reuse): another identity.
+        live_marker.write_text(json.dumps({**own, "pid_started": 0.0, "identity": "another-boot:1"}))
         found = {record.record_id for _, record in open_records.abandoned(paths, open_records.MLFLOW_RUN)}
         assert found == {"dead-run", "live-run"}
 
-        live_marker.write_text(
-            json.dumps(
-                {
-                    **record,
-                    "record_id": "live-run",
-                    "pid": live.pid,
-                    "pid_started": psutil.Process(live.pid).create_time(),
-                }
-            )
-        )
+        # Its own identity, with psutil's start time 5 s off, as after the wall clock was stepped (NTP, a VM
+        # resumed): create_time is computed from the boot time the clock gives. Read by it, a live training was
+        # closed as KILLED.
+        identity = processes.identity(live.pid)
+        assert identity
+        live_marker.write_text(json.dumps({**own, "pid_started": started - 5, "identity": identity}))
         found = {record.record_id for _, record in open_records.abandoned(paths, open_records.MLFLOW_RUN, 0.3)}
         assert found == {"dead-run"}  # alive after the wait: never judged dead
         assert open_records.abandoned(paths, open_records.PREFECT_FLOW_RUN) == []
+
+        # A marker written before identities were kept: its start time, with a second's slack.
+        legacy = {k: v for k, v in own.items() if k != "identity"}
+        live_marker.write_text(json.dumps({**legacy, "pid_started": started}))
+        assert {r.record_id for _, r in open_records.abandoned(paths, open_records.MLFLOW_RUN)} == {"dead-run"}
+        live_marker.write_text(json.dumps({**legacy, "pid_started": started - 5}))
+        assert "live-run" in {r.record_id for _, r in open_records.abandoned(paths, open_records.MLFLOW_RUN)}
     finally:
         live.kill()
         live.wait()

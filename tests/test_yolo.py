@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -121,3 +122,20 @@ def test_a_cuda_device_this_machine_lacks_is_named_before_a_run_opens(monkeypatc
     assert resolve_device("auto") == "0" and resolve_device("0,1") == "0,1"
     with pytest.raises(ConfigError, match=r"this machine has 2 CUDA device\(s\)"):
         resolve_device("2")
+
+
+def test_training_arguments_ultralytics_refuses_are_named_before_a_run_opens() -> None:
+    """`train.extra: {lr0s: 0.003}` (a misspelt key), `{lr0: abc}` and `{optimizer: AdamW2}` passed the settings and
+    failed inside `model.train`: a traceback, a FAILED MLflow run, and the flow tried the stage again (the optimizer
+    after the first batch). Checked as Ultralytics checks them, named as the setting they came from."""
+    from conveyor.settings import ConfigError
+    from pipelines.train import check_extra
+
+    for extra, said in (
+        ({"lr0s": 0.003}, "'lr0s' is not a valid YOLO argument"),
+        ({"lr0": "abc"}, "'lr0=abc' is of invalid type str"),
+        ({"optimizer": "AdamW2"}, "optimizer 'AdamW2' is not one of"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(f"train.extra (or train.finetune.extra): {said}")):
+            check_extra(extra)
+    check_extra({"optimizer": "sgd", "lr0": 0.0001, "warmup_epochs": 0, "mosaic": 0.0})  # the flow tests' own
