@@ -110,32 +110,19 @@ def absolute_gates(evaluation: Evaluation, cfg: GateSettings) -> list[GateResult
     missing = [name for name, cls in evaluation.per_class.items() if cls is None]
     recalls = {name: cls.recall for name, cls in evaluation.per_class.items() if cls is not None}
     unscored = [name for name, recall in recalls.items() if not math.isfinite(recall)]
-    if unscored:  # min() over a NaN keeps whichever it met first: the verdict hung on the classes' order
-        results.append(
-            GateResult(
-                "min class recall",
-                f">= {cfg.min_class_recall:.3f}",
-                "unknown",
-                False,
-                f"recall of {', '.join(unscored)} is not a number: cannot check",
-            )
-        )
-    elif missing:
-        results.append(
-            GateResult(
-                "min class recall",
-                f">= {cfg.min_class_recall:.3f}",
-                "unknown",
-                False,
-                f"no test instances of {', '.join(missing)}: cannot check",
-            )
-        )
+    threshold = f">= {cfg.min_class_recall:.3f}"
+    # min() over a NaN keeps whichever it met first: the verdict hung on the classes' order.
+    unknown = (f"recall of {', '.join(unscored)} is not a number" if unscored else "") or (
+        f"no test instances of {', '.join(missing)}" if missing else ""
+    )
+    if unknown:
+        results.append(GateResult("min class recall", threshold, "unknown", False, f"{unknown}: cannot check"))
     else:
         worst = min(recalls, key=lambda name: recalls[name])
         results.append(
             GateResult(
                 "min class recall",
-                f">= {cfg.min_class_recall:.3f}",
+                threshold,
                 f"{recalls[worst]:.3f}",
                 recalls[worst] >= cfg.min_class_recall,
                 f"worst class: {worst}",

@@ -580,6 +580,26 @@ def test_bad_streams_and_bundles_get_clear_messages(model_files: ModelFiles, lin
     assert bad_line.returncode == 2 and "--line '../x'" in bad_line.stderr
 
 
+class StandInCapture:
+    """What FrameReader asks of cv2.VideoCapture, for a camera no test can attach: a subclass says what `read` does."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def isOpened(self) -> bool:
+        return True
+
+    def get(self, prop: int) -> float:
+        return 0.0
+
+    def read(self) -> tuple[bool, np.ndarray | None]:
+        self.reads += 1
+        return True, np.zeros((8, 8, 3), np.uint8)
+
+    def release(self) -> None:
+        pass
+
+
 def test_a_camera_that_disappears_is_reopened() -> None:
     """Stand-in capture (no camera can be attached here): a live source that stops delivering frames is released
     and opened again, and frames flow once it is back."""
@@ -587,16 +607,10 @@ def test_a_camera_that_disappears_is_reopened() -> None:
 
     opened: list[int] = []
 
-    class Camera:
+    class Camera(StandInCapture):
         def __init__(self) -> None:
+            super().__init__()
             opened.append(1)
-            self.reads = 0
-
-        def isOpened(self) -> bool:
-            return True
-
-        def get(self, prop: int) -> float:
-            return 0.0
 
         def read(self) -> tuple[bool, np.ndarray | None]:
             self.reads += 1
@@ -604,9 +618,6 @@ def test_a_camera_that_disappears_is_reopened() -> None:
                 return False, None
             time.sleep(0.01)
             return True, np.zeros((8, 8, 3), np.uint8)
-
-        def release(self) -> None:
-            pass
 
     reader = FrameReader("0", reopen_after=5, open_capture=lambda source: Camera())
     try:
@@ -628,24 +639,12 @@ def test_a_reader_that_fails_ends_the_stream_with_its_error_and_a_stuck_read_is_
 
     from serving.edge.run import FrameReader, StreamError
 
-    class Failing:
-        def __init__(self) -> None:
-            self.reads = 0
-
-        def isOpened(self) -> bool:
-            return True
-
-        def get(self, prop: int) -> float:
-            return 0.0
-
+    class Failing(StandInCapture):
         def read(self) -> tuple[bool, np.ndarray | None]:
             self.reads += 1
             if self.reads > 2:
                 raise cv2.error("a backend's failure")
             return True, np.zeros((8, 8, 3), np.uint8)
-
-        def release(self) -> None:
-            pass
 
     for every_frame in (False, True):
         reader = FrameReader("0", every_frame=every_frame, open_capture=lambda source: Failing())
@@ -659,7 +658,7 @@ def test_a_reader_that_fails_ends_the_stream_with_its_error_and_a_stuck_read_is_
     events: list[str] = []
     in_read = threading.Event()
 
-    class Stalled(Failing):
+    class Stalled(StandInCapture):
         def read(self) -> tuple[bool, np.ndarray | None]:
             if self.reads:
                 in_read.set()
