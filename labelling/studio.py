@@ -137,11 +137,12 @@ GEOMETRY = ("x", "y", "width", "height")
 
 
 def _labelled_boxes(results: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]:
-    """Each box of an annotation with its one label: `rectanglelabels` results, and the `rectangle` + `labels` pair
-    (a `<Rectangle>` with a separate `<Labels>`, matched by the results' shared id). A labelled shape other than a
-    rectangle, a box with several labels, or without one is a LabelShapeError: dropped, the frame was added with the
-    defect it shows unlabelled, which teaches the model that it is no defect. Results that label no region (choices,
-    a text field) are not boxes, and are left alone."""
+    """Each box of an annotation with its one class: a `rectanglelabels` result (other `<Labels>` on the same region,
+    a severity say, are attributes), or a `<Rectangle>` with a separate `<Labels>` (results `rectangle` and `labels`
+    sharing the region's id). A labelled shape other than a rectangle, and a box with several classes or none, are a
+    LabelShapeError: dropped, the frame was added with the defect it shows unlabelled, which teaches the model that
+    it is no defect. Results that label no box (choices, a text field, a `labels` span of text, relations) are left
+    alone."""
     regions: dict[str, dict[str, Any]] = {}
     for index, result in enumerate(results):
         kind = str(result.get("type") or "")
@@ -150,20 +151,32 @@ def _labelled_boxes(results: list[dict[str, Any]]) -> list[tuple[dict[str, Any],
         if kind not in ("rectanglelabels", "rectangle", "labels"):
             continue
         value = result.get("value") or {}
-        region = regions.setdefault(str(result.get("id", f"#{index}")), {"labels": [], "box": None})
-        region["labels"] += [str(label) for label in value.get(kind, []) if kind != "rectangle"]
+        region = regions.setdefault(str(result.get("id", f"#{index}")), {"classes": [], "labels": {}, "box": None})
+        if kind == "rectanglelabels":
+            region["classes"] += [str(label) for label in value.get(kind, [])]
+        elif kind == "labels":
+            region["labels"].setdefault(str(result.get("from_name", "labels")), []).extend(
+                map(str, value.get(kind, []))
+            )
         # A rectanglelabels result is its own box (one missing a coordinate is refused as not Label Studio's shape).
-        if region["box"] is None and (kind == "rectanglelabels" or all(key in value for key in GEOMETRY)):
+        if region["box"] is None and (kind != "labels" or all(key in value for key in GEOMETRY)):
             region["box"] = result
     boxes = []
     for region_id, region in regions.items():
-        labels = sorted(set(region["labels"]))
         if region["box"] is None:
-            raise LabelShapeError(f"region {region_id}: labels {labels} on no rectangle")
-        if len(labels) != 1:
-            which = f"several labels ({', '.join(labels)})" if labels else "no label"
+            continue  # labels of no box (a span of text)
+        if region["box"]["type"] == "rectanglelabels":
+            classes = sorted(set(region["classes"]))
+        elif len(region["labels"]) > 1:
+            given = "; ".join(f"{name}: {', '.join(sorted(set(v)))}" for name, v in sorted(region["labels"].items()))
+            raise LabelShapeError(f"region {region_id}: a rectangle labelled by several controls ({given}): which is "
+                                  "its class? Use RectangleLabels for the class")  # fmt: skip
+        else:
+            classes = sorted({label for labels in region["labels"].values() for label in labels})
+        if len(classes) != 1:
+            which = f"several classes ({', '.join(classes)})" if classes else "no class"
             raise LabelShapeError(f"region {region_id}: a rectangle with {which}; give each box one class")
-        boxes.append((region["box"], labels[0]))
+        boxes.append((region["box"], classes[0]))
     return boxes
 
 

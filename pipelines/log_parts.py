@@ -357,10 +357,6 @@ class LogShipper:
         then uploads the local log again once (the same bytes under the same keys)."""
         try:
             remote = self._listing()
-            # What was submitted so far was written before the glob below, which ships it: taken off the queue, it is
-            # not uploaded (and counted) a second time by the next pass. What is submitted from here on stays queued.
-            with self._submitted_lock:
-                self._submitted = []
             frames = [p for p in directory.glob("date=*/hour=*/frames/*") if not p.name.startswith(WRITING_PREFIX)]
             local = sorted(frames) + sorted(directory.glob(PART_GLOB))
             keys = [self.key(path.relative_to(directory).as_posix()) for path in local]
@@ -374,6 +370,11 @@ class LogShipper:
                     self.shipped += 1
             if self._cannot_list:  # what the local log no longer keeps need not be remembered
                 self._uploaded &= set(keys)
+            # Every file this pass listed is in the store now (or expired): one submitted meanwhile is taken off the
+            # queue, or the next pass uploaded it (and counted it) a second time. One written after the listing stays.
+            seen = set(keys)
+            with self._submitted_lock:
+                self._submitted = [name for name in self._submitted if self.key(name) not in seen]
         except Exception as exc:
             self._failed(exc)
             return

@@ -250,7 +250,9 @@ def run(paths: ProjectPaths, settings: Settings, console: Console | None = None)
             f"{'CPU x' + str(available_cores()) if device == 'cpu' else 'CUDA:' + device}; MLflow run {tracker.run_id}"
         )
         started = time.perf_counter()
-        begun = time.time() - 1  # files older than this are an earlier training's (`conveyor train` by hand)
+        # What an earlier training left (`conveyor train` by hand, where DVC has not emptied the folder): by content
+        # and identity, not by time, which a stepped clock or a network filesystem's server moves.
+        earlier = _files_of(paths.train)
         model.train(
             data=str(data_yaml),
             epochs=epochs,
@@ -272,24 +274,31 @@ def run(paths: ProjectPaths, settings: Settings, console: Console | None = None)
         )
         seconds = time.perf_counter() - started
         weights = paths.train / "weights" / "best.pt"
-        if not weights.is_file():
-            raise RuntimeError(f"training finished without {weights}")
+        written = sorted(path for path, signature in _files_of(paths.train).items() if earlier.get(path) != signature)
+        if weights not in written:  # an earlier training's best.pt would be evaluated and exported as this one's
+            raise RuntimeError(f"training finished without writing {weights} (train.extra save: false?)")
 
         epochs_run = len(_read_epochs(paths.train / "results.csv"))  # early stopping may end before cfg.epochs
         tracker.log_metrics({"train/epochs_run": epochs_run})
-        # Only what this training wrote: run by hand (`conveyor train`, where DVC has not emptied the folder), an
-        # earlier training's plots and checkpoints were logged into this run as its own.
-        for path in sorted((paths.train / "weights").iterdir()):
-            if path.is_file() and path.stat().st_mtime >= begun:
+        # Only what this training wrote: an earlier training's plots and checkpoints were logged as this run's own.
+        for path in written:
+            if path.parent == paths.train / "weights":
                 tracker.log_artifact(path, "weights")
-        for path in sorted(paths.train.iterdir()):
-            if not path.is_file() or path.stat().st_mtime < begun:
-                continue
-            if path.suffix in PLOT_SUFFIXES:
+            elif path.parent == paths.train and path.suffix in PLOT_SUFFIXES:
                 tracker.log_artifact(path, "train_plots")
-            elif path.name in ("results.csv", "args.yaml"):
+            elif path.parent == paths.train and path.name in ("results.csv", "args.yaml"):
                 tracker.log_artifact(path, "train")
         return TrainResult(tracker.run_id, weights, epochs_run, seconds, reporter.last)
+
+
+def _files_of(folder: Path) -> dict[Path, tuple[int, int, int]]:
+    """Each file under `folder` by its modification time, size and inode: a file written again differs in one."""
+    found = {}
+    for path in folder.rglob("*"):
+        if path.is_file():
+            stat = path.stat()
+            found[path] = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    return found
 
 
 def _read_epochs(results_csv: Path) -> list[str]:

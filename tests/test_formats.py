@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from conveyor.paths import ProjectPaths
 from conveyor.settings import DataSettings, SplitSettings, SynthSettings
 from pipelines import data, formats, gate, splits, synth
-from pipelines.validate import DataValidationError
+from pipelines.validate import IMAGE_SUFFIXES, DataValidationError
 from tests.formats_support import NAMES, to_coco, to_voc
 
 ASSET = Path(__file__).parent / "assets" / "yolo11n-defects-320.pt"
@@ -364,19 +364,29 @@ def test_a_portrait_photo_without_a_size_gets_its_boxes_in_the_upright_frame(tmp
     assert [round(float(v), 3) for v in label.read_text().split()] == [0, 0.333, 0.3, 0.333, 0.4]
 
     # An annotation that gives the stored size (LabelImg writes it) had its boxes divided by the wrong sides, and
-    # they passed every check: now named, as is a size that is no side of the image (resized after labelling).
+    # they passed every check: now named, as is a size of another shape. A size of the upright image's shape is
+    # right whatever its scale (resized in proportion since it was labelled): boxes are divided by it.
     doc_file = source / "annotations" / "instances_train.json"
+
+    def with_size(width: int, height: int) -> None:
+        doc = json.loads(doc_file.read_text())
+        doc["images"][0].update(width=width, height=height)
+        doc_file.write_text(json.dumps(doc))
+
     for size, said in (
         ((100, 60), "as stored; turned upright by its EXIF orientation"),
-        ((50, 30), "but the image is 60x100"),
+        ((50, 30), "as stored; turned upright by its EXIF orientation"),
+        ((80, 80), "but the image is 60x100, another shape"),
     ):
-        doc = json.loads(doc_file.read_text())
-        doc["images"][0].update(width=size[0], height=size[1])
-        doc_file.write_text(json.dumps(doc))
+        with_size(*size)
         with pytest.raises(
             DataValidationError, match=rf"image portrait\.jpg: gives the image's size as {size[0]}x{size[1]}, {said}"
         ):
             formats.convert(source, tmp_path / f"out-{size[0]}", DataSettings(), "fail")
+    with_size(120, 200)  # the upright image at twice its size: its boxes are fractions of that
+    formats.convert(source, tmp_path / "out-resized", DataSettings(), "fail")
+    (label,) = (tmp_path / "out-resized" / "labels").rglob("portrait.txt")
+    assert [round(float(v), 3) for v in label.read_text().split()] == [0, 0.167, 0.15, 0.167, 0.2]
 
 
 def test_a_cut_short_annotation_file_in_a_folder_is_named_not_skipped(yolo: Path, tmp_path: Path) -> None:
@@ -415,20 +425,22 @@ def test_the_source_folders_own_name_is_not_a_split(yolo: Path, tmp_path: Path) 
 
 
 def test_a_yolo_label_without_its_image_is_named(yolo: Path, tmp_path: Path) -> None:
-    """A label whose image is missing, or of a type not read (.gif), was dropped with its boxes, without a word."""
+    """A label whose image is missing, or of a type not read (.gif), was dropped with its boxes, without a word: now
+    said, without refusing the import (a leftover label of a deleted image loses nothing); LabelImg's classes.txt in
+    the labels folder is no label."""
     source = tmp_path / "yolo"
     shutil.copytree(yolo, source)
     labels = source / "labels" / "train"
     shutil.copy(next(labels.glob("*.txt")), labels / "lost.txt")
     shutil.copy(next(labels.glob("*.txt")), labels / "animated.txt")
+    (labels / "classes.txt").write_text("\n".join(NAMES))
     (source / "images" / "train" / "animated.gif").write_bytes(b"GIF89a")
-    with pytest.raises(
-        DataValidationError,
-        match=r"labels/train/animated\.txt: a label file without its image: "
-        r"animated\.gif, not an image type read",
-    ) as refused:
-        formats.convert(source, tmp_path / "out", DataSettings(), "fail")
-    assert "labels/train/lost.txt: a label file without its image: no lost.* in images/train" in str(refused.value)
+    summary = formats.convert(source, tmp_path / "out", DataSettings(), "fail")
+    assert summary.warnings == [
+        "labels/train/animated.txt: a label file without its image (animated.gif, not an image type read "
+        f"({', '.join(sorted(IMAGE_SUFFIXES))})): not imported",
+        "labels/train/lost.txt: a label file without its image (no lost.* in images/train): not imported",
+    ]
 
 
 def test_a_split_given_as_a_list_and_an_unreadable_classes_file_are_named(yolo: Path, tmp_path: Path) -> None:

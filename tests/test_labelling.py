@@ -214,12 +214,23 @@ def test_boxes_from_separate_labels_are_read_and_shapes_a_detector_cannot_learn_
 
     paired = [
         {"id": "r1", "type": "rectangle", "value": geometry, **size},
-        {"id": "r1", "type": "labels", "value": {**geometry, "labels": ["dent"]}, **size},
+        {"id": "r1", "type": "labels", "from_name": "label", "value": {**geometry, "labels": ["dent"]}, **size},
         {"id": "c1", "type": "choices", "value": {"choices": ["reviewed"]}},
     ]
     coco = json.loads((export(paired) / "annotations.json").read_text())
     (box,) = coco["annotations"]
     assert box["bbox"] == pytest.approx([20, 20, 80, 10]) and coco["categories"] == [{"id": 1, "name": "dent"}]
+    # Results that label no box, and attributes of one, are left alone: a span of text, a region's choice and a
+    # second <Labels> (a severity) on a RectangleLabels box, a relation.
+    attributed = [
+        {"id": "r1", "type": "rectanglelabels", "value": {**geometry, "rectanglelabels": ["scratch"]}, **size},
+        {"id": "r1", "type": "labels", "from_name": "severity", "value": {**geometry, "labels": ["high"]}, **size},
+        {"id": "r1", "type": "choices", "value": {"choices": ["checked"]}},
+        {"id": "t1", "type": "labels", "value": {"start": 0, "end": 4, "text": "part", "labels": ["PART"]}},
+        {"type": "relation", "from_id": "r1", "to_id": "t1"},
+    ]
+    coco = json.loads((export(attributed) / "annotations.json").read_text())
+    assert [c["name"] for c in coco["categories"]] == ["scratch"] and len(coco["annotations"]) == 1
 
     polygon = {
         "id": "p1",
@@ -230,8 +241,16 @@ def test_boxes_from_separate_labels_are_read_and_shapes_a_detector_cannot_learn_
     bare = {"id": "r3", "type": "rectangle", "value": geometry, **size}
     for results, said in (
         ([polygon], "task 7: a polygonlabels result: this detector learns boxes"),
-        ([two], "task 7: region r2: a rectangle with several labels (dent, scratch)"),
-        ([bare], "task 7: region r3: a rectangle with no label"),
+        ([two], "task 7: region r2: a rectangle with several classes (dent, scratch)"),
+        ([bare], "task 7: region r3: a rectangle with no class"),
+        (
+            [
+                {**bare, "id": "r4"},
+                {"id": "r4", "type": "labels", "from_name": "defect", "value": {**geometry, "labels": ["dent"]}},
+                {"id": "r4", "type": "labels", "from_name": "severity", "value": {**geometry, "labels": ["high"]}},
+            ],
+            "task 7: region r4: a rectangle labelled by several controls (defect: dent; severity: high)",
+        ),
     ):
         with pytest.raises(DataValidationError, match=re.escape(said)):
             export(results)

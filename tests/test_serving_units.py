@@ -395,6 +395,23 @@ def test_a_file_written_during_a_catch_up_is_shipped_and_counted_once(tmp_path: 
     shipper._pass(log.directory)
     assert len(uploaded) == 2 and uploaded[1].endswith(newer.name) and shipper.shipped == 2
 
+    # Written and submitted while the catch-up lists the store (before it lists the folder): shipped once too.
+    written: list[str] = []
+
+    class Listing(Store):
+        def get_paginator(self, name: str) -> Any:
+            log.offer(pending())
+            log.flush()
+            (late,) = set(log.directory.glob("date=*/hour=*/part-*.parquet")) - {part, newer}
+            written.append(late.relative_to(log.directory).as_posix())
+            shipper.submit(written)
+            return super().get_paginator(name)
+
+    shipper._client, shipper.behind = Listing(), True
+    shipper.catch_up(log.directory)
+    shipper._pass(log.directory)
+    assert [key for key in uploaded if key.endswith(written[0])] == [f"log/{written[0]}"]
+
 
 def test_a_store_that_hangs_never_holds_up_the_writer(tmp_path: Path) -> None:
     """An S3 endpoint that takes connections and never answers (a store behind a stuck proxy): each request waits out

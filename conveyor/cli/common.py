@@ -120,7 +120,8 @@ def print_conversion(conversion: Any) -> None:
         console.print(f"boxes dropped by data.class_map: {conversion.dropped_boxes}")
     if conversion.left_out:
         console.print(
-            f"[yellow]{len(conversion.skipped)} image(s) left out for errors (validate.on_error: skip):[/]",
+            f"[yellow]{len(conversion.skipped)} image(s) left out for errors (validate.on_error: skip); "
+            f"{len(conversion.left_out)} problem(s):[/]",
             highlight=False,
         )
         for problem in conversion.left_out[:LISTED]:

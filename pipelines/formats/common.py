@@ -40,6 +40,7 @@ class Source:
     # Annotation files that cannot be read at all: which images they held is unknown, so no policy can leave out
     # just those (a COCO file cut short held a whole split).
     unreadable: list[Problem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # said, refusing nothing (a label file without its image)
 
 
 def relative_name(path: Path, root: Path) -> str:
@@ -96,18 +97,22 @@ def image_size(path: Path) -> tuple[int, int] | None:
 
 def size_mismatch(width: float, height: float, path: Path) -> str | None:
     """Why an annotation's own size of its image cannot be trusted for the image (None when it can, or when the image
-    cannot be read: the validate stage names that). Boxes are divided by it: a size that is not the upright image's
-    puts every box on other pixels, and passes every other check."""
+    cannot be read: the validate stage names that). Boxes are divided by it, so any size of the image's shape is
+    right (an image resized in proportion since it was labelled keeps its boxes); a size of another shape puts every
+    box on other pixels, and passes every other check."""
     actual = image_size(path)
-    if actual is None:
-        return None
-    if abs(width - actual[0]) <= 1 and abs(height - actual[1]) <= 1:
+    if actual is None or _same_shape((width, height), actual):
         return None
     given = f"gives the image's size as {width:g}x{height:g}"
-    if abs(width - actual[1]) <= 1 and abs(height - actual[0]) <= 1:
+    if _same_shape((height, width), actual):
         return (
             f"{given}, as stored; turned upright by its EXIF orientation (as the model sees it) it is "
             f"{actual[0]}x{actual[1]}, so its boxes would land on other pixels: export from a tool that applies the "
             "orientation"
         )
-    return f"{given}, but the image is {actual[0]}x{actual[1]}: its boxes would land on other pixels (resized since?)"
+    return f"{given}, but the image is {actual[0]}x{actual[1]}, another shape: its boxes would land on other pixels"
+
+
+def _same_shape(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """The same aspect ratio, to a pixel's rounding at the larger of the two sizes."""
+    return abs(a[0] * b[1] - a[1] * b[0]) <= max(*a, *b)

@@ -195,7 +195,10 @@ def convert(
             labels[item.split] += 1
     synth.write_dataset_yaml(staging, names)
     unused = sorted(set(settings.class_map) - set(parsed.names))
-    warnings = [f"data.class_map names {unused}, which this source does not have"] if unused else []
+    warnings = [
+        *parsed.warnings,
+        *([f"data.class_map names {unused}, which this source does not have"] if unused else []),
+    ]
     return ConvertSummary(
         parsed.format,
         names,

@@ -10,7 +10,7 @@ import yaml
 
 from conveyor.settings import SPLITS
 from pipelines.formats.common import SPLIT_ALIASES, Item, Source, relative_name
-from pipelines.validate import IMAGE_SUFFIXES, DataValidationError, Problem, read_class_names
+from pipelines.validate import IMAGE_SUFFIXES, DataValidationError, read_class_names
 
 
 def read_yolo(source: Path) -> Source:
@@ -32,7 +32,7 @@ def read_yolo(source: Path) -> Source:
         folders = {None: source / "images"}
         has_splits = False
     items: list[Item] = []
-    problems: list[Problem] = []
+    warnings: list[str] = []
     for split, image_dir in folders.items():
         labels = label_dir(image_dir)
         used: set[Path] = set()
@@ -44,7 +44,8 @@ def read_yolo(source: Path) -> Source:
             items.append(Item(path, rel.as_posix(), split, lines, label_source=label))  # type: ignore[arg-type]
         # A label whose image is missing, or of a type not read, was dropped without a word: its boxes are the
         # labelling's work, so it is named.
-        orphans = sorted(p for p in labels.rglob("*.txt") if p.is_file() and p not in used) if labels.is_dir() else []
+        found_labels = labels.rglob("*.txt") if labels.is_dir() else iter(())
+        orphans = sorted(p for p in found_labels if p.is_file() and p not in used and p.name != "classes.txt")
         for label in orphans:
             beside = (image_dir / label.relative_to(labels)).parent
             others = sorted(p.name for p in beside.glob(f"{label.stem}.*"))
@@ -53,8 +54,8 @@ def read_yolo(source: Path) -> Source:
                 if others
                 else f"no {label.stem}.* in {relative_name(beside, source)}"
             )
-            problems.append(Problem(relative_name(label, source), f"a label file without its image: {found}"))
-    return Source("yolo", names, items, problems, has_splits)
+            warnings.append(f"{relative_name(label, source)}: a label file without its image ({found}): not imported")
+    return Source("yolo", names, items, [], has_splits, warnings=warnings)
 
 
 def split_dirs(source: Path) -> dict[str, Path]:
