@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -139,3 +140,24 @@ def test_training_arguments_ultralytics_refuses_are_named_before_a_run_opens() -
         with pytest.raises(ConfigError, match=re.escape(f"train.extra (or train.finetune.extra): {said}")):
             check_extra(extra)
     check_extra({"optimizer": "sgd", "lr0": 0.0001, "warmup_epochs": 0, "mosaic": 0.0})  # the flow tests' own
+
+
+def test_what_a_training_wrote_is_told_from_what_an_earlier_one_left(tmp_path: Path) -> None:
+    """`conveyor train` by hand trains into a folder DVC has not emptied: an earlier training's plots and checkpoints
+    were logged into the new run as its own, and an earlier best.pt would have been taken as this training's. A file
+    written again is told by its size, inode or modification time (the same bytes rewritten included), not by the
+    clock, which NTP may step during a training."""
+    from pipelines.train import _files_of
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "epoch5.pt").write_bytes(b"an earlier training's checkpoint")
+    (tmp_path / "confusion_matrix.png").write_bytes(b"an earlier training's plot")
+    best = weights / "best.pt"
+    best.write_bytes(b"weights")
+    earlier = _files_of(tmp_path)
+    time.sleep(0.01)
+    best.write_bytes(b"weights")  # the same bytes, written again
+    (tmp_path / "results.csv").write_text("epoch\n1\n")
+    written = {path for path, signature in _files_of(tmp_path).items() if earlier.get(path) != signature}
+    assert written == {best, tmp_path / "results.csv"}
