@@ -24,6 +24,7 @@ NOT_DEPENDENCIES = {
     "conveyor/settings.py": "typed loading of params.yaml; DVC tracks the values per params key",
     "conveyor/tracking.py": "the MLflow record of a run, not its outputs",
     "conveyor/open_records.py": "closing what a killed run left open in MLflow",
+    "conveyor/processes.py": "whether the process that left a record open still runs",
     "conveyor/lineage.py": "data hash, git commit and host for the record",
     "conveyor/tables.py": "terminal tables",
     "conveyor/offline.py": "network switches and fonts for Ultralytics' plots",
