@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # MLflow takes ~3 s to import: only what talks to the store i
     from mlflow.tracking import MlflowClient
 
 TAG_PREFIX = "conveyor."
+STAGE_COMMIT_TAG = TAG_PREFIX + "stage_commit.{}"  # the git commit each stage last ran at, in the run
 # The Prefect flow run a training ran in: on its MLflow run (from the train stage) and on the version it registered.
 FLOW_RUN_TAG = f"{TAG_PREFIX}prefect_flow_run_id"
 # The flow run whose stage holds the run now ("-": a stage run by hand). Evaluate, export and gate may run in a later
@@ -332,7 +333,11 @@ class Tracker:
         if self.paths is not None:
             uri = tracking_uri(self.paths)
             open_records.mark_open(self.paths, open_records.MLFLOW_RUN, self.run_id, uri, f"stage {name}")
-        self.set_tags({STAGE_FLOW_RUN_TAG: os.environ.get(FLOW_RUN_ENV) or "-"})  # before it is RUNNING
+        stage_tags = {STAGE_FLOW_RUN_TAG: os.environ.get(FLOW_RUN_ENV) or "-"}
+        if self.paths is not None:  # the code this stage ran: later stages may run into the run after a new commit
+            git = git_state(self.paths.root)
+            stage_tags[STAGE_COMMIT_TAG.format(name)] = git.commit + (" (uncommitted changes)" if git.dirty else "")
+        self.set_tags(stage_tags)  # before it is RUNNING
         self.client.update_run(self.run_id, status="RUNNING")
         started = time.perf_counter()
         try:

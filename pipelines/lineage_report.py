@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from conveyor.errors import ConveyorError, without_credentials
 from conveyor.paths import ProjectPaths
-from conveyor.tracking import FLOW_RUN_TAG
+from conveyor.tracking import FLOW_RUN_TAG, STAGE_COMMIT_TAG
 from pipelines import dvc_repo, registry
 from pipelines.registry import ModelRefError, resolve
 
@@ -52,6 +52,20 @@ def _run_of(client: MlflowClient, version: ModelVersion, error: type[Exception],
         ) from exc
 
 
+def _later_commits(tags: dict[str, str]) -> str:
+    """The stages that made the version's files at another commit than its training's (export code fixed and run
+    again into the run, say), by commit; "same" when every stage ran the training's code."""
+    prefix = STAGE_COMMIT_TAG.format("")
+    trained = tags.get(STAGE_COMMIT_TAG.format("train"), tags.get("conveyor.git_commit", ""))
+    by_commit: dict[str, list[str]] = {}
+    for key, commit in tags.items():
+        if key.startswith(prefix) and commit != trained:
+            by_commit.setdefault(commit, []).append(key.removeprefix(prefix))
+    if not by_commit:
+        return "same as training" if any(key.startswith(prefix) for key in tags) else "-"
+    return "; ".join(f"{', '.join(sorted(stages))} at {commit}" for commit, stages in sorted(by_commit.items()))
+
+
 def lineage(
     client: MlflowClient, paths: ProjectPaths, default_name: str, ref: str, monitoring_experiment: str | None = None
 ) -> Lineage:
@@ -84,6 +98,7 @@ def lineage(
             f"{tags.get('conveyor.git_commit', 'unknown')}"
             f"{' (uncommitted changes)' if tags.get('conveyor.git_dirty') == 'true' else ''}",
         ),
+        ("later stages' commit", _later_commits(tags)),
         ("params hash", tags.get("conveyor.params_hash", "-")),
         ("train params", train_params or "-"),
         (

@@ -18,7 +18,7 @@ from conveyor.lineage import data_version
 from conveyor.paths import ProjectPaths, read_stage_output
 from conveyor.scaffold import REPO
 from conveyor.settings import Settings
-from conveyor.tracking import FLOW_RUN_TAG
+from conveyor.tracking import FLOW_RUN_TAG, STAGE_COMMIT_TAG
 from pipelines import registry
 from pipelines.gate import GateReport
 
@@ -102,6 +102,8 @@ def register(
             "conveyor.data_md5": run.data.tags.get("conveyor.data_md5") or data_version(paths.data_dvc).md5,
             "conveyor.data_recorded": run.data.tags.get("conveyor.data_recorded", "true"),
             "conveyor.git_commit": run.data.tags.get("conveyor.git_commit", "unknown"),
+            # Each stage's commit as it made these files: the run's tags move on when a stage runs into it again.
+            **{k: v for k, v in run.data.tags.items() if k.startswith(STAGE_COMMIT_TAG.format(""))},
             FLOW_RUN_TAG: flow_run_id or "-",
             "conveyor.run_id": run_id,
         }

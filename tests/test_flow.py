@@ -61,6 +61,11 @@ def test_promote_reject_force_rollback(flow_project: tuple[Path, str], mlflow_se
     assert v1.tags["conveyor.gates.passed"] == "true"
     assert v1.tags["conveyor.prefect_flow_run_id"] not in ("", "-")
     score_v1 = client.get_run(v1.run_id).data.metrics["test/mAP50-95"]
+    # The commit each stage ran at, on the version its files became (a stage run again later is told apart).
+    stage_commits = {k: v for k, v in v1.tags.items() if k.startswith("conveyor.stage_commit.")}
+    stages = {"train", "evaluate", "export", "gate"}  # the stages that log into the run
+    assert {k.removeprefix("conveyor.stage_commit.") for k in stage_commits} == stages, v1.tags
+    assert all(c.startswith(v1.tags["conveyor.git_commit"]) for c in stage_commits.values()), stage_commits
     assert score_v1 > 0.1, "the warm-started model should detect defects"
 
     # The champion predicts through the registry's pyfunc.

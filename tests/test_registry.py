@@ -275,6 +275,27 @@ def test_a_version_whose_run_was_garbage_collected_is_named_not_a_traceback(
         restore_run_record(client, ProjectPaths(tmp_path), name, v1)
 
 
+def test_lineage_names_the_commit_of_stages_that_ran_after_the_training(
+    client: MlflowClient, name: str, tmp_path: Path
+) -> None:
+    """Export fixed and run again into a trained run (a new commit; train does not re-run): lineage named only the
+    training's commit, clean, for files the later code made. Each stage's commit is a tag of the run, copied to the
+    version its files became."""
+    from conveyor.tracking import STAGE_COMMIT_TAG
+    from pipelines.lineage_report import lineage
+
+    v1 = new_version(client, name, passed=True)
+    run_id = str(client.get_model_version(name, v1).run_id)
+    for stage, commit in (("train", "aaa111"), ("evaluate", "aaa111"), ("export", "bbb222"), ("gate", "bbb222")):
+        client.set_model_version_tag(name, v1, STAGE_COMMIT_TAG.format(stage), commit)
+    client.set_tag(run_id, "conveyor.git_commit", "aaa111")
+    rows = dict(lineage(client, ProjectPaths(tmp_path), name, v1).rows)
+    assert rows["git commit"] == "aaa111" and rows["later stages' commit"] == "export, gate at bbb222"
+    client.set_model_version_tag(name, v1, STAGE_COMMIT_TAG.format("export"), "aaa111")
+    client.set_model_version_tag(name, v1, STAGE_COMMIT_TAG.format("gate"), "aaa111")
+    assert dict(lineage(client, ProjectPaths(tmp_path), name, v1).rows)["later stages' commit"] == "same as training"
+
+
 def test_a_deleted_experiment_is_named_not_a_traceback(client: MlflowClient, tmp_path: Path) -> None:
     """Deleted in the MLflow UI, the experiment keeps its name, and creating a run in it was MLflow's traceback ("must
     be in the 'active' state")."""
