@@ -330,11 +330,11 @@ class Tracker:
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """A stage's work in this run: timed (`stage_seconds/<name>`), and the run's status says how it ended."""
+        stage_tags = {STAGE_FLOW_RUN_TAG: os.environ.get(FLOW_RUN_ENV) or "-"}
         if self.paths is not None:
             uri = tracking_uri(self.paths)
             open_records.mark_open(self.paths, open_records.MLFLOW_RUN, self.run_id, uri, f"stage {name}")
-        stage_tags = {STAGE_FLOW_RUN_TAG: os.environ.get(FLOW_RUN_ENV) or "-"}
-        if self.paths is not None:  # the code this stage ran: later stages may run into the run after a new commit
+            # The code this stage ran: later stages may run into the run after a new commit.
             git = git_state(self.paths.root)
             stage_tags[STAGE_COMMIT_TAG.format(name)] = git.commit + (" (uncommitted changes)" if git.dirty else "")
         self.set_tags(stage_tags)  # before it is RUNNING

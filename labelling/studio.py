@@ -128,6 +128,10 @@ def _task_to_coco(
     return 1
 
 
+def _task_id(task: Any, n: int) -> Any:
+    return task.get("id", n) if isinstance(task, dict) else n
+
+
 class LabelShapeError(ValueError):
     """A labelled result this detector cannot learn from (a polygon, a box with several labels or none)."""
 
@@ -226,9 +230,9 @@ def studio_to_coco(export: Path, tasks: list[Any], frames: dict[str, Path], out:
         try:
             labelled += _task_to_coco(task, n, frames, names, images, boxes, unknown, labelled_by, out)
         except LabelShapeError as exc:
-            shapes.append(f"task {task.get('id', n) if isinstance(task, dict) else n}: {exc}")
+            shapes.append(f"task {_task_id(task, n)}: {exc}")
         except (AttributeError, KeyError, TypeError, ValueError) as exc:  # not the shape Label Studio exports
-            malformed.append(f"task {task.get('id', n) if isinstance(task, dict) else n}: {type(exc).__name__}: {exc}")
+            malformed.append(f"task {_task_id(task, n)}: {type(exc).__name__}: {exc}")
     _refuse_tasks(
         export,
         malformed,

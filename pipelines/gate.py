@@ -111,10 +111,11 @@ def absolute_gates(evaluation: Evaluation, cfg: GateSettings) -> list[GateResult
     recalls = {name: cls.recall for name, cls in evaluation.per_class.items() if cls is not None}
     unscored = [name for name, recall in recalls.items() if not math.isfinite(recall)]
     threshold = f">= {cfg.min_class_recall:.3f}"
-    # min() over a NaN keeps whichever it met first: the verdict hung on the classes' order.
-    unknown = (f"recall of {', '.join(unscored)} is not a number" if unscored else "") or (
-        f"no test instances of {', '.join(missing)}" if missing else ""
-    )
+    unknown = ""
+    if unscored:  # min() over a NaN keeps whichever it met first: the verdict hung on the classes' order
+        unknown = f"recall of {', '.join(unscored)} is not a number"
+    elif missing:
+        unknown = f"no test instances of {', '.join(missing)}"
     if unknown:
         results.append(GateResult("min class recall", threshold, "unknown", False, f"{unknown}: cannot check"))
     else:

@@ -54,7 +54,8 @@ def _run_of(client: MlflowClient, version: ModelVersion, error: type[Exception],
 
 def _later_commits(tags: dict[str, str]) -> str:
     """The stages that made the version's files at another commit than its training's (export code fixed and run
-    again into the run, say), by commit; "same" when every stage ran the training's code."""
+    again into the run, say), by commit; "same as training" when every stage ran the training's code, "-" for a run
+    from before stages recorded their commits."""
     prefix = STAGE_COMMIT_TAG.format("")
     trained = tags.get(STAGE_COMMIT_TAG.format("train"), tags.get("conveyor.git_commit", ""))
     by_commit: dict[str, list[str]] = {}

@@ -412,16 +412,12 @@ def registered_by_flow_run(client: MlflowClient, name: str, flow_run_id: str) ->
 SERVED_FILES = "conveyor.served_files"  # a digest of the files a version serves, as it was registered with them
 
 
-def version_for_run(client: MlflowClient, name: str, run_id: str, served: str | None = None) -> ModelVersion | None:
+def version_for_run(client: MlflowClient, name: str, run_id: str, served: str) -> ModelVersion | None:
     """The version registered from `run_id` with the files whose digest is `served`. A run's exports or profile made
     again (export, profile re-run into the same run) are other files: another version. A version registered before
     digests were kept is its run's, whatever its files."""
     return next(
-        (
-            v
-            for v in versions(client, name)
-            if v.run_id == run_id and (served is None or v.tags.get(SERVED_FILES, served) == served)
-        ),
+        (v for v in versions(client, name) if v.run_id == run_id and v.tags.get(SERVED_FILES, served) == served),
         None,
     )
 
